@@ -1,0 +1,229 @@
+//! Shape and dtype rules of every op: `infer(op, input types) → output type`.
+
+use super::dim::{fmt_shape, same_numel, Dim};
+use super::op::{BinaryOp, DType, Op};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Element type and symbolic shape of a value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TensorType {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape, outermost first.
+    pub shape: Vec<Dim>,
+}
+
+impl TensorType {
+    /// Builds a type.
+    pub fn new(dtype: DType, shape: Vec<Dim>) -> TensorType {
+        TensorType { dtype, shape }
+    }
+    /// Number of axes.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.dtype.name(), fmt_shape(&self.shape))
+    }
+}
+
+/// Numpy broadcasting of two shapes (right-aligned; a dimension of 1 stretches).
+pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>, String> {
+    let n = a.len().max(b.len());
+    let one = Dim::c(1);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let da = if i + a.len() >= n { &a[i + a.len() - n] } else { &one };
+        let db = if i + b.len() >= n { &b[i + b.len() - n] } else { &one };
+        out.push(if da == db || *db == one {
+            da.clone()
+        } else if *da == one {
+            db.clone()
+        } else {
+            return Err(format!("cannot broadcast {} with {}", fmt_shape(a), fmt_shape(b)));
+        });
+    }
+    Ok(out)
+}
+
+fn arity(op: &Op, n: usize) -> Result<(), String> {
+    let want = match op {
+        Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. } => 0,
+        Op::Unary(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::Reshape { .. } => 1,
+        Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
+        Op::Binary(_) | Op::MatMul | Op::Gather => 2,
+        Op::Where => 3,
+        Op::Concat { .. } => return if n >= 1 { Ok(()) } else { Err("Concat needs at least one input".into()) },
+    };
+    if n == want {
+        Ok(())
+    } else {
+        Err(format!("{} takes {want} input(s), got {n}", op.name()))
+    }
+}
+
+fn check_axis(axis: usize, rank: usize) -> Result<(), String> {
+    if axis < rank {
+        Ok(())
+    } else {
+        Err(format!("axis {axis} out of range for rank {rank}"))
+    }
+}
+
+fn same_float(op: &Op, a: &TensorType, b: &TensorType) -> Result<DType, String> {
+    if a.dtype != b.dtype {
+        return Err(format!("{} of {} and {}: dtypes differ", op.name(), a, b));
+    }
+    Ok(a.dtype)
+}
+
+/// The output type of `op` applied to inputs of types `ins`, or a message saying what is wrong.
+/// Leaf ops (`Input`, `Weight`) have declared types and are not inferred here.
+pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
+    arity(op, ins.len())?;
+    let t = |dtype, shape| Ok(TensorType::new(dtype, shape));
+    match op {
+        Op::Input { .. } | Op::Weight { .. } => Err("leaf types are declared, not inferred".into()),
+        Op::Constant { .. } => t(DType::F32, vec![]),
+        Op::Iota { len } => t(DType::I32, vec![len.clone()]),
+        Op::Unary(_) => {
+            if !ins[0].dtype.is_float() {
+                return Err(format!("{} needs a float input, got {}", op.name(), ins[0]));
+            }
+            Ok(ins[0].clone())
+        }
+        Op::Binary(b) => {
+            let dtype = same_float(op, ins[0], ins[1])?;
+            let shape = broadcast(&ins[0].shape, &ins[1].shape)?;
+            t(if *b == BinaryOp::Greater { DType::Bool } else { dtype }, shape)
+        }
+        Op::Where => {
+            if ins[0].dtype != DType::Bool {
+                return Err(format!("Where condition must be bool, got {}", ins[0]));
+            }
+            let dtype = same_float(op, ins[1], ins[2])?;
+            let shape = broadcast(&broadcast(&ins[0].shape, &ins[1].shape)?, &ins[2].shape)?;
+            t(dtype, shape)
+        }
+        Op::Reduce { axis, keep_dim, .. } => {
+            check_axis(*axis, ins[0].rank())?;
+            let mut shape = ins[0].shape.clone();
+            if *keep_dim {
+                shape[*axis] = Dim::c(1);
+            } else {
+                shape.remove(*axis);
+            }
+            t(ins[0].dtype, shape)
+        }
+        Op::Softmax { axis } => {
+            check_axis(*axis, ins[0].rank())?;
+            Ok(ins[0].clone())
+        }
+        Op::MatMul => {
+            let (a, b) = (ins[0], ins[1]);
+            let dtype = same_float(op, a, b)?;
+            if a.rank() < 2 || b.rank() < 2 {
+                return Err(format!("MatMul needs rank ≥ 2, got {a} and {b}"));
+            }
+            let (ra, rb) = (a.rank(), b.rank());
+            if a.shape[ra - 1] != b.shape[rb - 2] {
+                return Err(format!("MatMul inner dimensions differ: {a} · {b}"));
+            }
+            let mut shape = broadcast(&a.shape[..ra - 2], &b.shape[..rb - 2])?;
+            shape.push(a.shape[ra - 2].clone());
+            shape.push(b.shape[rb - 1].clone());
+            t(dtype, shape)
+        }
+        Op::Reshape { shape } => {
+            if !same_numel(&ins[0].shape, shape) {
+                return Err(format!("cannot reshape {} to {}", ins[0], fmt_shape(shape)));
+            }
+            t(ins[0].dtype, shape.clone())
+        }
+        Op::Transpose { perm } => {
+            let mut seen = vec![false; ins[0].rank()];
+            for &p in perm {
+                if p >= seen.len() || std::mem::replace(&mut seen[p], true) {
+                    return Err(format!("{perm:?} is not a permutation of {} axes", seen.len()));
+                }
+            }
+            if perm.len() != seen.len() {
+                return Err(format!("{perm:?} is not a permutation of {} axes", seen.len()));
+            }
+            t(ins[0].dtype, perm.iter().map(|&p| ins[0].shape[p].clone()).collect())
+        }
+        Op::Gather => {
+            let (table, ids) = (ins[0], ins[1]);
+            if ids.dtype != DType::I32 || table.rank() < 1 {
+                return Err(format!("Gather needs a table and i32 ids, got {table} and {ids}"));
+            }
+            let mut shape = ids.shape.clone();
+            shape.extend(table.shape[1..].iter().cloned());
+            t(table.dtype, shape)
+        }
+        Op::Concat { axis } => {
+            let first = ins[0];
+            check_axis(*axis, first.rank())?;
+            let mut total = Dim::c(0);
+            for x in ins {
+                let compatible = x.dtype == first.dtype
+                    && x.rank() == first.rank()
+                    && (0..x.rank()).all(|i| i == *axis || x.shape[i] == first.shape[i]);
+                if !compatible {
+                    return Err(format!("Concat along axis {axis} of {first} and {x}: shapes differ"));
+                }
+                total = total.add(&x.shape[*axis]);
+            }
+            let mut shape = first.shape.clone();
+            shape[*axis] = total;
+            t(first.dtype, shape)
+        }
+        Op::Slice { axis, start, end } => {
+            check_axis(*axis, ins[0].rank())?;
+            let mut shape = ins[0].shape.clone();
+            shape[*axis] = end.sub(start);
+            t(ins[0].dtype, shape)
+        }
+        Op::Cast { dtype } => t(*dtype, ins[0].shape.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::dim::Sym;
+
+    fn ty(shape: &[Dim]) -> TensorType {
+        TensorType::new(DType::F32, shape.to_vec())
+    }
+
+    #[test]
+    fn matmul_broadcasts_batch_dims() {
+        let b = Dim::sym(Sym::Batch);
+        let s = Dim::sym(Sym::Seq);
+        let x = ty(&[b.clone(), s.clone(), Dim::c(576)]);
+        let w = ty(&[Dim::c(576), Dim::c(192)]);
+        let out = infer(&Op::MatMul, &[&x, &w]).unwrap();
+        assert_eq!(out.shape, vec![b, s, Dim::c(192)]);
+        let bad = ty(&[Dim::c(575), Dim::c(192)]);
+        assert!(infer(&Op::MatMul, &[&x, &bad]).unwrap_err().contains("inner dimensions"));
+    }
+
+    #[test]
+    fn concat_adds_symbolic_lengths() {
+        let past = ty(&[Dim::c(3), Dim::sym(Sym::Past), Dim::c(64)]);
+        let new = ty(&[Dim::c(3), Dim::sym(Sym::Seq), Dim::c(64)]);
+        let out = infer(&Op::Concat { axis: 1 }, &[&past, &new]).unwrap();
+        assert_eq!(out.shape[1].to_string(), "seq+past");
+    }
+
+    #[test]
+    fn broadcast_errors_name_both_shapes() {
+        let e = broadcast(&[Dim::c(3)], &[Dim::c(4)]).unwrap_err();
+        assert!(e.contains("[3]") && e.contains("[4]"));
+    }
+}

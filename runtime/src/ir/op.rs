@@ -1,0 +1,212 @@
+//! The primitive op set of a kiln graph. Every model family is written with these; fused ops
+//! found by the rewriter are added beside them. Shape rules live in `infer.rs`.
+
+use super::dim::Dim;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 32-bit signed integer (token ids, positions).
+    I32,
+    /// Boolean (results of comparisons).
+    Bool,
+}
+
+impl DType {
+    /// True for the floating-point types.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+    /// Lower-case name (`f32`, `bf16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+            DType::Bool => "bool",
+        }
+    }
+}
+
+/// What a graph input carries; the executor fills each kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum InputKind {
+    /// Token ids of the new tokens, `[batch, seq]` i32.
+    Tokens,
+    /// Absolute positions of the new tokens, `[seq]` i32 (`past .. past+seq`).
+    Positions,
+    /// A recurrent state (a KV cache); its next value is the graph's `State::update` node.
+    State,
+}
+
+/// Element-wise functions of one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum UnaryOp {
+    /// `-x`
+    Neg,
+    /// `e^x`
+    Exp,
+    /// `√x`
+    Sqrt,
+    /// `1/√x`
+    Rsqrt,
+    /// `1/x`
+    Recip,
+    /// `sin x`
+    Sin,
+    /// `cos x`
+    Cos,
+}
+
+/// Element-wise functions of two tensors, with numpy broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BinaryOp {
+    /// `a + b`
+    Add,
+    /// `a - b`
+    Sub,
+    /// `a · b`
+    Mul,
+    /// `a / b`
+    Div,
+    /// `a ^ b`
+    Pow,
+    /// `max(a, b)`
+    Max,
+    /// `a > b` (bool)
+    Greater,
+}
+
+/// Reductions along one axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReduceOp {
+    /// Σ
+    Sum,
+    /// arithmetic mean
+    Mean,
+    /// maximum
+    Max,
+}
+
+/// One operation of the graph. Inputs are the node's `inputs`, in the order documented here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A value supplied per step (no inputs).
+    Input {
+        /// What it carries.
+        kind: InputKind,
+    },
+    /// A checkpoint tensor, by its checkpoint name (no inputs).
+    Weight {
+        /// Checkpoint name, e.g. `model.layers.3.self_attn.q_proj.weight`.
+        name: String,
+    },
+    /// A scalar constant of shape `[]` (no inputs).
+    Constant {
+        /// The value.
+        value: f32,
+    },
+    /// `[0, 1, …, len-1]` as i32 (no inputs).
+    Iota {
+        /// The length.
+        len: Dim,
+    },
+    /// Element-wise unary function of `[x]`.
+    Unary(UnaryOp),
+    /// Element-wise binary function of `[a, b]`, broadcasting.
+    Binary(BinaryOp),
+    /// `[cond, a, b]` → `cond ? a : b`, broadcasting.
+    Where,
+    /// Reduction of `[x]` along `axis`, keeping it as size 1 when `keep_dim`.
+    Reduce {
+        /// Which reduction.
+        op: ReduceOp,
+        /// Axis (non-negative).
+        axis: usize,
+        /// Keep the reduced axis with size 1.
+        keep_dim: bool,
+    },
+    /// Softmax of `[x]` along `axis`.
+    Softmax {
+        /// Axis (non-negative).
+        axis: usize,
+    },
+    /// `[a, b]`: `a[…, m, k] · b[…, k, n]`, leading dims broadcast.
+    MatMul,
+    /// Reshape of `[x]` to `shape` (same element count).
+    Reshape {
+        /// Target shape.
+        shape: Vec<Dim>,
+    },
+    /// Axis permutation of `[x]`: output axis `i` is input axis `perm[i]`.
+    Transpose {
+        /// The permutation.
+        perm: Vec<usize>,
+    },
+    /// `[table, ids]`: rows of `table` (axis 0) picked by integer `ids` → `ids.shape ++ table.shape[1..]`.
+    Gather,
+    /// Concatenation of all inputs along `axis`.
+    Concat {
+        /// Axis (non-negative).
+        axis: usize,
+    },
+    /// `[x]` restricted to `start..end` along `axis`.
+    Slice {
+        /// Axis (non-negative).
+        axis: usize,
+        /// First index kept.
+        start: Dim,
+        /// One past the last index kept.
+        end: Dim,
+    },
+    /// Conversion of `[x]` to `dtype`.
+    Cast {
+        /// Target type.
+        dtype: DType,
+    },
+}
+
+impl Op {
+    /// The op's name as written in model files (`MatMul`, `Add`, ...).
+    pub fn name(&self) -> String {
+        match self {
+            Op::Unary(u) => format!("{u:?}"),
+            Op::Binary(b) => format!("{b:?}"),
+            Op::Reduce { op, .. } => format!("{op:?}"),
+            other => {
+                let s = format!("{other:?}");
+                s.split([' ', '(', '{']).next().unwrap_or_default().to_string()
+            }
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Input { kind } => write!(f, "Input({kind:?})"),
+            Op::Weight { name } => write!(f, "Weight({name})"),
+            Op::Constant { value } => write!(f, "Constant({value})"),
+            Op::Iota { len } => write!(f, "Iota({len})"),
+            Op::Reduce { op, axis, keep_dim } => {
+                write!(f, "{op:?}(axis={axis}{})", if *keep_dim { ", keep" } else { "" })
+            }
+            Op::Softmax { axis } => write!(f, "Softmax(axis={axis})"),
+            Op::Reshape { shape } => write!(f, "Reshape({})", super::dim::fmt_shape(shape)),
+            Op::Transpose { perm } => write!(f, "Transpose({perm:?})"),
+            Op::Concat { axis } => write!(f, "Concat(axis={axis})"),
+            Op::Slice { axis, start, end } => write!(f, "Slice(axis={axis}, {start}..{end})"),
+            Op::Cast { dtype } => write!(f, "Cast({})", dtype.name()),
+            other => write!(f, "{}", other.name()),
+        }
+    }
+}
