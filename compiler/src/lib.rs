@@ -1,1 +1,9 @@
-pub fn x(){}
+//! kiln compiler: model description (RON) + checkpoint → typed graph → engine file.
+
+pub mod build;
+pub mod engine_writer;
+pub mod graph;
+pub mod loader;
+pub mod model;
+
+pub use build::{build, BuildError, BuildOptions};

@@ -2,3 +2,7 @@
 //! CPU executor (the numerical oracle), sampling, and the tokenizer with its chat template.
 
 pub mod ir;
+pub mod tokenizer;
+pub mod chat;
+pub mod sampling;
+pub mod engine;

@@ -255,7 +255,9 @@ pub enum GgufError {
         found: String,
     },
     /// No tensor of this (HF) name.
-    #[error("GGUF file {path}: no tensor named '{name}' (names are HF names, see GgufFile::tensors)")]
+    #[error(
+        "GGUF file {path}: no tensor named '{name}' (names are HF names, see GgufFile::tensors)"
+    )]
     TensorNotFound {
         /// The file.
         path: PathBuf,
@@ -302,7 +304,6 @@ pub enum GgufError {
 #[derive(Debug, Clone)]
 struct TensorInfo {
     gguf_name: String,
-    hf_name: String,
     /// GGUF dims, innermost (contiguous) first.
     dims: Vec<usize>,
     ty: GgmlType,
@@ -433,7 +434,12 @@ impl<'a> Cursor<'a> {
     }
 
     /// A metadata value of GGUF type `ty`.
-    fn value(&mut self, ty: u32, what: &dyn fmt::Display, depth: usize) -> Result<GgufValue, GgufError> {
+    fn value(
+        &mut self,
+        ty: u32,
+        what: &dyn fmt::Display,
+        depth: usize,
+    ) -> Result<GgufValue, GgufError> {
         Ok(match ty {
             0 => GgufValue::U8(u8::from_le_bytes(self.array(what)?)),
             1 => GgufValue::I8(i8::from_le_bytes(self.array(what)?)),
@@ -659,23 +665,35 @@ impl GgufFile {
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 let d = c.u64(&what)?;
-                let d = usize::try_from(d)
-                    .map_err(|_| c.corrupt(&what, "a dimension that fits in memory".into(), d.to_string()))?;
+                let d = usize::try_from(d).map_err(|_| {
+                    c.corrupt(
+                        &what,
+                        "a dimension that fits in memory".into(),
+                        d.to_string(),
+                    )
+                })?;
                 dims.push(d);
             }
             let type_id = c.u32(&what)?;
             let offset = c.u64(&what)?;
-            let ty = gguf_quant::ggml_type(type_id).ok_or_else(|| GgufError::UnknownTensorType {
-                path: path.clone(),
-                tensor: name.clone(),
-                type_id,
-            })?;
+            let ty =
+                gguf_quant::ggml_type(type_id).ok_or_else(|| GgufError::UnknownTensorType {
+                    path: path.clone(),
+                    tensor: name.clone(),
+                    type_id,
+                })?;
             infos.push((name, dims, ty, offset));
         }
 
         let data_offset = (c.pos as u64)
             .checked_next_multiple_of(alignment)
-            .ok_or_else(|| c.corrupt(&"the data section offset", "a 64-bit offset".into(), "overflow".into()))?;
+            .ok_or_else(|| {
+                c.corrupt(
+                    &"the data section offset",
+                    "a 64-bit offset".into(),
+                    "overflow".into(),
+                )
+            })?;
 
         let architecture = meta_index
             .get("general.architecture")
@@ -696,23 +714,31 @@ impl GgufFile {
             let n_elements = dims
                 .iter()
                 .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| shape_err("an element count that fits in memory".into(), format!("dims {dims:?}")))?;
-            if dims[0] % ty.block != 0 {
+                .ok_or_else(|| {
+                    shape_err(
+                        "an element count that fits in memory".into(),
+                        format!("dims {dims:?}"),
+                    )
+                })?;
+            if !dims[0].is_multiple_of(ty.block) {
                 return Err(shape_err(
-                    format!("a row length (dims[0]) that is a multiple of the {} block size {}", ty.name, ty.block),
+                    format!(
+                        "a row length (dims[0]) that is a multiple of the {} block size {}",
+                        ty.name, ty.block
+                    ),
                     format!("dims {dims:?}"),
                 ));
             }
-            if offset % alignment != 0 {
+            if !offset.is_multiple_of(alignment) {
                 return Err(c.corrupt(
                     &What(|f| write!(f, "offset of tensor '{gguf_name}'")),
                     format!("a multiple of the alignment {alignment}"),
                     offset.to_string(),
                 ));
             }
-            let n_bytes = (n_elements / ty.block) as u64 * ty.bytes as u64;
+            let n_bytes = ((n_elements / ty.block) as u64).checked_mul(ty.bytes as u64);
             let start = data_offset.checked_add(offset);
-            let end = start.and_then(|s| s.checked_add(n_bytes));
+            let end = start.zip(n_bytes).and_then(|(s, n)| s.checked_add(n));
             let (start, end) = match (start, end) {
                 (Some(s), Some(e)) if e <= file_len => (s as usize, e as usize),
                 _ => {
@@ -720,7 +746,9 @@ impl GgufFile {
                         path: path.clone(),
                         tensor: gguf_name.clone(),
                         start: data_offset.saturating_add(offset),
-                        end: data_offset.saturating_add(offset).saturating_add(n_bytes),
+                        end: data_offset
+                            .saturating_add(offset)
+                            .saturating_add(n_bytes.unwrap_or(u64::MAX)),
                         file_len,
                     })
                 }
@@ -745,10 +773,9 @@ impl GgufFile {
                     format!("it is also the name of tensor '{}'", other.gguf_name),
                 ));
             }
-            by_hf_name.insert(hf_name.clone(), tensors.len());
+            by_hf_name.insert(hf_name, tensors.len());
             tensors.push(TensorInfo {
                 gguf_name,
-                hf_name,
                 dims,
                 ty,
                 n_elements,
@@ -801,7 +828,11 @@ impl GgufFile {
     }
 
     /// A required metadata key.
-    pub(crate) fn require(&self, key: &str, expected: &'static str) -> Result<&GgufValue, GgufError> {
+    pub(crate) fn require(
+        &self,
+        key: &str,
+        expected: &'static str,
+    ) -> Result<&GgufValue, GgufError> {
         self.metadata(key).ok_or_else(|| GgufError::MissingKey {
             path: self.path.clone(),
             key: key.into(),
@@ -810,10 +841,18 @@ impl GgufFile {
     }
 
     /// The error for a key holding the wrong kind of value.
-    pub(crate) fn bad_key(&self, key: &str, expected: impl Into<String>, found: &GgufValue) -> GgufError {
+    pub(crate) fn bad_key(
+        &self,
+        key: &str,
+        expected: impl Into<String>,
+        found: &GgufValue,
+    ) -> GgufError {
         let mut found = format!("{} {found:?}", found.type_name());
         if found.len() > 200 {
-            let cut = (0..=200).rev().find(|&i| found.is_char_boundary(i)).unwrap_or(0);
+            let cut = (0..=200)
+                .rev()
+                .find(|&i| found.is_char_boundary(i))
+                .unwrap_or(0);
             found.truncate(cut);
             found.push('…');
         }
@@ -828,14 +867,18 @@ impl GgufFile {
     /// A metadata key as a non-negative integer, if present.
     pub(crate) fn opt_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
         self.metadata(key)
-            .map(|v| v.as_u64().ok_or_else(|| self.bad_key(key, "a non-negative integer", v)))
+            .map(|v| {
+                v.as_u64()
+                    .ok_or_else(|| self.bad_key(key, "a non-negative integer", v))
+            })
             .transpose()
     }
 
     /// A required metadata key as a non-negative integer.
     fn req_u64(&self, key: &str) -> Result<u64, GgufError> {
         let v = self.require(key, "a non-negative integer")?;
-        v.as_u64().ok_or_else(|| self.bad_key(key, "a non-negative integer", v))
+        v.as_u64()
+            .ok_or_else(|| self.bad_key(key, "a non-negative integer", v))
     }
 
     /// A metadata key as a number, if present.
@@ -848,7 +891,8 @@ impl GgufFile {
     /// The architecture string ("general.architecture").
     pub fn architecture(&self) -> Result<&str, GgufError> {
         let v = self.require("general.architecture", "the architecture name, a string")?;
-        v.as_str().ok_or_else(|| self.bad_key("general.architecture", "a string", v))
+        v.as_str()
+            .ok_or_else(|| self.bad_key("general.architecture", "a string", v))
     }
 
     /// HuggingFace-style config.json synthesized from `{arch}.*` metadata, for arch "llama"
@@ -880,10 +924,12 @@ impl GgufFile {
             let v = self.require("llama.attention.head_count", "")?;
             return Err(self.bad_key("llama.attention.head_count", "a positive integer", v));
         }
-        let kv_heads = self.opt_u64("llama.attention.head_count_kv")?.unwrap_or(heads);
+        let kv_heads = self
+            .opt_u64("llama.attention.head_count_kv")?
+            .unwrap_or(heads);
         let head_dim = match self.opt_u64("llama.attention.key_length")? {
             Some(d) => d,
-            None if hidden % heads == 0 => hidden / heads,
+            None if hidden.is_multiple_of(heads) => hidden / heads,
             None => {
                 let v = self.require("llama.embedding_length", "")?;
                 return Err(self.bad_key(
@@ -895,7 +941,9 @@ impl GgufFile {
         };
         let eps_key = "llama.attention.layer_norm_rms_epsilon";
         let eps = self.require(eps_key, "the RMSNorm epsilon, a float")?;
-        let eps = eps.as_f64().ok_or_else(|| self.bad_key(eps_key, "a number", eps))?;
+        let eps = eps
+            .as_f64()
+            .ok_or_else(|| self.bad_key(eps_key, "a number", eps))?;
         let rope_theta = self.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
         let context = self.req_u64("llama.context_length")?;
         let vocab = match self.opt_u64("llama.vocab_size")? {
@@ -915,26 +963,45 @@ impl GgufFile {
             },
         };
         let has = |pred: &dyn Fn(&str) -> bool| self.tensors.iter().any(|t| pred(&t.gguf_name));
-        let mut cfg = json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_act": "silu",
-            "hidden_size": hidden,
-            "intermediate_size": intermediate,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "head_dim": head_dim,
-            "rms_norm_eps": eps,
-            "rope_theta": rope_theta,
-            "rope_parameters": { "rope_theta": rope_theta, "rope_type": "default" },
-            "max_position_embeddings": context,
-            "vocab_size": vocab,
-            "tie_word_embeddings": !has(&|n| n == "output.weight"),
-            "attention_bias": has(&|n| n.starts_with("blk.") && n.ends_with(".attn_q.bias")),
-            "mlp_bias": has(&|n| n.starts_with("blk.") && n.ends_with(".ffn_up.bias")),
-        });
-        let obj = cfg.as_object_mut().expect("json! object literal");
+        let mut obj = serde_json::Map::new();
+        let fields = [
+            ("architectures", json!(["LlamaForCausalLM"])),
+            ("model_type", json!("llama")),
+            ("hidden_act", json!("silu")),
+            ("hidden_size", json!(hidden)),
+            ("intermediate_size", json!(intermediate)),
+            ("num_hidden_layers", json!(layers)),
+            ("num_attention_heads", json!(heads)),
+            ("num_key_value_heads", json!(kv_heads)),
+            ("head_dim", json!(head_dim)),
+            ("rms_norm_eps", json!(eps)),
+            ("rope_theta", json!(rope_theta)),
+            (
+                "rope_parameters",
+                json!({ "rope_theta": rope_theta, "rope_type": "default" }),
+            ),
+            ("max_position_embeddings", json!(context)),
+            ("vocab_size", json!(vocab)),
+            (
+                "tie_word_embeddings",
+                json!(!has(&|n| n == "output.weight")),
+            ),
+            (
+                "attention_bias",
+                json!(has(
+                    &|n| n.starts_with("blk.") && n.ends_with(".attn_q.bias")
+                )),
+            ),
+            (
+                "mlp_bias",
+                json!(has(
+                    &|n| n.starts_with("blk.") && n.ends_with(".ffn_up.bias")
+                )),
+            ),
+        ];
+        for (k, v) in fields {
+            obj.insert(k.into(), v);
+        }
         if let Some(v) = self.metadata("llama.rope.scaling.type") {
             let kind = v
                 .as_str()
@@ -957,7 +1024,7 @@ impl GgufFile {
                 obj.insert(hf_key.into(), json!(id));
             }
         }
-        Ok(cfg)
+        Ok(Value::Object(obj))
     }
 
     fn tensor_info(&self, hf_name: &str) -> Option<&TensorInfo> {
@@ -986,18 +1053,23 @@ impl GgufFile {
     /// Reads one tensor by its HF name, dequantized to f32, in HF layout (row-major in the shape
     /// [`GgufFile::tensors`] reports; for llama, the Q/K row permutation of llama.cpp undone).
     pub fn read_f32(&self, hf_name: &str) -> Result<Vec<f32>, GgufError> {
-        let t = self.tensor_info(hf_name).ok_or_else(|| GgufError::TensorNotFound {
-            path: self.path.clone(),
-            name: hf_name.into(),
-        })?;
+        let t = self
+            .tensor_info(hf_name)
+            .ok_or_else(|| GgufError::TensorNotFound {
+                path: self.path.clone(),
+                name: hf_name.into(),
+            })?;
         // Bounds were validated at open; `get` keeps this panic-free regardless.
-        let bytes = self.mmap.get(t.start..t.end).ok_or_else(|| GgufError::TensorOutOfBounds {
-            path: self.path.clone(),
-            tensor: t.gguf_name.clone(),
-            start: t.start as u64,
-            end: t.end as u64,
-            file_len: self.mmap.len() as u64,
-        })?;
+        let bytes = self
+            .mmap
+            .get(t.start..t.end)
+            .ok_or_else(|| GgufError::TensorOutOfBounds {
+                path: self.path.clone(),
+                tensor: t.gguf_name.clone(),
+                start: t.start as u64,
+                end: t.end as u64,
+                file_len: self.mmap.len() as u64,
+            })?;
         let values = gguf_quant::dequantize(t.ty, bytes, t.n_elements).ok_or_else(|| {
             GgufError::UnsupportedTensorType {
                 path: self.path.clone(),

@@ -168,11 +168,9 @@ fn reorder_rows(w: &[f32], cols: usize, src: impl Fn(usize) -> usize + Sync) -> 
 /// even number of rows; returns the rows per head.
 fn head_rows(len: usize, rows: usize, cols: usize, n_head: usize) -> Result<usize, String> {
     if rows.checked_mul(cols) != Some(len) {
-        return Err(format!(
-            "expected {rows}×{cols} elements, found {len}"
-        ));
+        return Err(format!("expected {rows}×{cols} elements, found {len}"));
     }
-    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
         return Err(format!(
             "expected the row count {rows} to be a multiple of 2 × n_head (n_head = {n_head})"
         ));
@@ -180,6 +178,7 @@ fn head_rows(len: usize, rows: usize, cols: usize, n_head: usize) -> Result<usiz
     Ok(rows / n_head)
 }
 
+#[cfg(test)]
 /// llama.cpp's convert permutation of Q/K projection rows (HF → GGUF):
 /// `w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2).reshape(rows, cols)`.
 pub fn permute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>, String> {

@@ -1,0 +1,141 @@
+//! `kiln build`: checkpoint + model file → graph → checked weights → engine file.
+
+use crate::engine_writer::{write_engine, EngineContents};
+use crate::graph::expand;
+use crate::loader::{Checkpoint, LoadError};
+use crate::model::{builtin_for, params::bind, ModelError, ModelFile};
+use kiln_runtime::engine::GenerationConfig;
+use kiln_runtime::ir::{Graph, NodeId};
+use kiln_runtime::tokenizer::Tokenizer;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The checkpoint could not be read.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The model file is wrong or does not fit the config.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A weight the graph needs is missing or mis-shaped.
+    #[error("weight `{name}`: {message}")]
+    Weight {
+        /// Checkpoint name.
+        name: String,
+        /// Expected vs found.
+        message: String,
+    },
+    /// Anything else, with its message.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Options of `kiln build`.
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    /// A model file to use instead of the built-in one for the config's `model_type`.
+    pub model_file: Option<PathBuf>,
+}
+
+/// The model file for a checkpoint: the given one, or kiln's built-in file for its `model_type`.
+pub fn model_for(config: &serde_json::Value, explicit: Option<&Path>) -> Result<ModelFile, BuildError> {
+    if let Some(p) = explicit {
+        return Ok(ModelFile::load(p)?);
+    }
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let (name, text) = builtin_for(model_type)
+        .ok_or_else(|| BuildError::Other(format!("no built-in model file for model_type `{model_type}`; pass --model <file.ron>")))?;
+    Ok(ModelFile::parse(text, name)?)
+}
+
+/// Expands the model file for a config into a graph.
+pub fn graph_for(model: &ModelFile, config: &serde_json::Value) -> Result<Graph, BuildError> {
+    let params = bind(&model.params, config)?;
+    Ok(expand(model, &params)?)
+}
+
+/// Checks that the checkpoint has every weight of the graph with the declared shape.
+pub fn check_weights(graph: &Graph, available: &[(String, Vec<usize>)]) -> Result<(), BuildError> {
+    let shapes: HashMap<&str, &Vec<usize>> = available.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    for (id, name) in graph.weights() {
+        let want: Vec<usize> = graph.nodes[id].ty.shape.iter().map(|d| d.as_const().unwrap_or(-1) as usize).collect();
+        match shapes.get(name) {
+            None => return Err(BuildError::Weight { name: name.into(), message: format!("missing from the checkpoint (expected shape {want:?})") }),
+            Some(found) if **found != want => {
+                return Err(BuildError::Weight { name: name.into(), message: format!("expected shape {want:?}, checkpoint has {found:?}") })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn stop_ids(config: &serde_json::Value, tokenizer: Option<&Tokenizer>, eos_text: Option<&str>) -> Vec<u32> {
+    let mut ids: Vec<u32> = match config.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        _ => vec![],
+    };
+    if let (Some(t), Some(e)) = (tokenizer, eos_text) {
+        ids.extend(t.token_id(e));
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// What a build produced.
+pub struct BuildReport {
+    /// Nodes in the graph.
+    pub nodes: usize,
+    /// Weight tensors written.
+    pub weights: usize,
+    /// Parameters (elements) written.
+    pub parameters: usize,
+}
+
+/// Builds an engine from a checkpoint. `progress(done, total)` is called as weights are read.
+pub fn build(checkpoint: &Path, out: &Path, opts: &BuildOptions, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<BuildReport, BuildError> {
+    let ckpt = Checkpoint::open(checkpoint)?;
+    let model = model_for(&ckpt.config, opts.model_file.as_deref())?;
+    let graph = graph_for(&model, &ckpt.config)?;
+    check_weights(&graph, &ckpt.tensors())?;
+    let tokenizer = match &ckpt.tokenizer_json {
+        Some(t) => Some(Tokenizer::from_json(t).map_err(|e| BuildError::Other(format!("tokenizer: {e}")))?),
+        None => None,
+    };
+    let generation = GenerationConfig {
+        chat_template: ckpt.chat_template.clone(),
+        bos_token: ckpt.bos_token.clone(),
+        eos_token: ckpt.eos_token.clone(),
+        stop_token_ids: stop_ids(&ckpt.config, tokenizer.as_ref(), ckpt.eos_token.as_deref()),
+        max_context: ckpt.config.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize),
+    };
+    let wanted: Vec<(NodeId, &str)> = graph.weights().collect();
+    let total = wanted.len();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let weights = wanted
+        .par_iter()
+        .map(|&(id, name)| {
+            let shape: Vec<usize> = graph.nodes[id].ty.shape.iter().map(|d| d.constant as usize).collect();
+            let data = ckpt.read_f32(name)?;
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1, total);
+            Ok((name.to_string(), shape, bytes))
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    let parameters = weights.iter().map(|(_, _, b)| b.len() / 4).sum();
+    let contents = EngineContents {
+        family: &model.family,
+        config: &ckpt.config,
+        graph: &graph,
+        tokenizer_json: ckpt.tokenizer_json.as_deref(),
+        generation: &generation,
+        weights,
+    };
+    write_engine(out, &contents).map_err(BuildError::Other)?;
+    Ok(BuildReport { nodes: graph.nodes.len(), weights: total, parameters })
+}

@@ -1,0 +1,6 @@
+//! The typed graph of a model: expansion from the model language, binding to a checkpoint's
+//! tensors, and petgraph views for analyses.
+
+pub mod expand;
+
+pub use expand::expand;

@@ -1,0 +1,123 @@
+//! A checkpoint, whatever its format: config, tensors by HF name, tokenizer and chat template.
+
+use super::gguf::GgufFile;
+use super::safetensors_dir::SafetensorsDir;
+use super::LoadError;
+use serde_json::Value;
+use std::path::Path;
+
+enum Store {
+    Safetensors(SafetensorsDir),
+    Gguf(Box<GgufFile>),
+}
+
+/// An opened checkpoint: a HF folder or a GGUF file.
+pub struct Checkpoint {
+    /// HF-style `config.json`.
+    pub config: Value,
+    /// HF `tokenizer.json` text, if the checkpoint has a tokenizer.
+    pub tokenizer_json: Option<String>,
+    /// Jinja chat template, if any.
+    pub chat_template: Option<String>,
+    /// Text of the BOS and EOS tokens for chat templates (`tokenizer_config.json`), if known.
+    pub bos_token: Option<String>,
+    /// See `bos_token`.
+    pub eos_token: Option<String>,
+    store: Store,
+}
+
+fn read_json(path: &Path) -> Result<Value, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| LoadError::Corrupt {
+        file: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Checkpoint {
+    /// Opens a HF checkpoint folder or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Checkpoint, LoadError> {
+        if path.is_dir() {
+            Self::open_hf(path)
+        } else if path.is_file() {
+            let gguf = GgufFile::open(path)?;
+            let config = gguf.hf_config()?;
+            let tokenizer_json = Some(gguf.tokenizer_json()?);
+            let id_text = |key: &str| {
+                let id = config.get(key)?.as_u64()? as usize;
+                let tokens = gguf.metadata("tokenizer.ggml.tokens")?.as_array()?;
+                tokens.get(id)?.as_str().map(str::to_string)
+            };
+            Ok(Checkpoint {
+                bos_token: id_text("bos_token_id"),
+                eos_token: id_text("eos_token_id"),
+                chat_template: gguf.chat_template().map(str::to_string),
+                tokenizer_json,
+                config,
+                store: Store::Gguf(Box::new(gguf)),
+            })
+        } else {
+            Err(LoadError::NotFound(format!(
+                "{}: no such file or folder",
+                path.display()
+            )))
+        }
+    }
+
+    fn open_hf(dir: &Path) -> Result<Checkpoint, LoadError> {
+        let config = read_json(&dir.join("config.json"))?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer_json = if tok_path.exists() {
+            Some(std::fs::read_to_string(&tok_path).map_err(|e| LoadError::io(&tok_path, e))?)
+        } else {
+            None
+        };
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc = if tc_path.exists() {
+            Some(read_json(&tc_path)?)
+        } else {
+            None
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.exists() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| LoadError::io(&jinja, e))?)
+        } else {
+            tc.as_ref()
+                .and_then(|t| t.get("chat_template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+        };
+        Ok(Checkpoint {
+            bos_token: token_text(tc.as_ref().and_then(|t| t.get("bos_token"))),
+            eos_token: token_text(tc.as_ref().and_then(|t| t.get("eos_token"))),
+            chat_template,
+            tokenizer_json,
+            config,
+            store: Store::Safetensors(SafetensorsDir::open(dir)?),
+        })
+    }
+
+    /// Tensor names (HF naming) and shapes.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        match &self.store {
+            Store::Safetensors(s) => s.tensors(),
+            Store::Gguf(g) => g.tensors(),
+        }
+    }
+
+    /// Reads a tensor as f32 in HF layout.
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        match &self.store {
+            Store::Safetensors(s) => s.read_f32(name),
+            Store::Gguf(g) => Ok(g.read_f32(name)?),
+        }
+    }
+}

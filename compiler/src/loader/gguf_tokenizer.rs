@@ -1,0 +1,279 @@
+//! Rebuilds a HuggingFace `tokenizer.json` from a GGUF file's `tokenizer.ggml.*` metadata.
+//!
+//! Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported. The output has the
+//! structure, key order and pretty-printing of the file transformers writes for the same GGUF
+//! (tokenizers' serde layout): BPE model with the vocabulary in id order and merges as pairs,
+//! ByteLevel pre-tokenizer and decoder, no normalizer, a TemplateProcessing post-processor, and
+//! the control tokens (`token_type` 3) as special added tokens. User-defined tokens
+//! (`token_type` 4) become non-special added tokens. If `tokenizer.ggml.add_bos_token` is true,
+//! the post-processor prepends the BOS token (as transformers' GPT-2 converter does).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::{json, Value};
+
+use super::gguf::{GgufError, GgufFile, GgufValue};
+
+/// GGUF token type of control tokens (`<|im_start|>` …).
+const TOKEN_CONTROL: i64 = 3;
+/// GGUF token type of user-defined tokens.
+const TOKEN_USER_DEFINED: i64 = 4;
+
+#[derive(serde::Serialize)]
+struct TokenizerJson<'a> {
+    version: &'static str,
+    truncation: Option<()>,
+    padding: Option<()>,
+    added_tokens: Vec<AddedToken<'a>>,
+    normalizer: Option<()>,
+    pre_tokenizer: ByteLevel,
+    post_processor: TemplateProcessing,
+    decoder: ByteLevel,
+    model: Bpe<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct AddedToken<'a> {
+    id: u32,
+    content: &'a str,
+    single_word: bool,
+    lstrip: bool,
+    rstrip: bool,
+    normalized: bool,
+    special: bool,
+}
+
+#[derive(serde::Serialize)]
+struct ByteLevel {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    add_prefix_space: bool,
+    trim_offsets: bool,
+    use_regex: bool,
+}
+
+#[derive(serde::Serialize)]
+struct TemplateProcessing {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    single: Vec<Value>,
+    pair: Vec<Value>,
+    special_tokens: BTreeMap<String, Value>,
+}
+
+#[derive(serde::Serialize)]
+struct Bpe<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    dropout: Option<f32>,
+    unk_token: Option<&'a str>,
+    continuing_subword_prefix: &'static str,
+    end_of_word_suffix: &'static str,
+    fuse_unk: bool,
+    byte_fallback: bool,
+    ignore_merges: bool,
+    vocab: Vocab<'a>,
+    merges: Vec<[&'a str; 2]>,
+}
+
+/// The vocabulary, serialized as a JSON object in id order. When a token string occurs more
+/// than once, the last id wins (as in transformers' `{tok: i for i, tok in enumerate(tokens)}`)
+/// and the earlier ids are left out.
+struct Vocab<'a> {
+    tokens: &'a [&'a str],
+    ids: HashMap<&'a str, u32>,
+}
+
+impl Serialize for Vocab<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.ids.len()))?;
+        for (id, tok) in self.tokens.iter().enumerate() {
+            if self.ids.get(tok).is_some_and(|&i| i as usize == id) {
+                map.serialize_entry(tok, &id)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// A string array under `key`, borrowed.
+fn string_array<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, GgufError> {
+    let v = f.require(key, "an array of strings")?;
+    let items = v
+        .as_array()
+        .ok_or_else(|| f.bad_key(key, "an array of strings", v))?;
+    items
+        .iter()
+        .map(|item| {
+            item.as_str()
+                .ok_or_else(|| f.bad_key(key, "an array of strings", v))
+        })
+        .collect()
+}
+
+/// See the module documentation.
+pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
+    let model_key = "tokenizer.ggml.model";
+    let model = f.require(model_key, "the tokenizer model name, a string")?;
+    let model = model
+        .as_str()
+        .ok_or_else(|| f.bad_key(model_key, "a string", model))?;
+    if model != "gpt2" {
+        return Err(GgufError::Unsupported {
+            path: f.path().to_path_buf(),
+            what: "tokenizer model (tokenizer.ggml.model)",
+            expected: "\"gpt2\" (byte-level BPE)",
+            found: model.into(),
+        });
+    }
+
+    let tokens = string_array(f, "tokenizer.ggml.tokens")?;
+    if u32::try_from(tokens.len()).is_err() {
+        let v = f.require("tokenizer.ggml.tokens", "")?;
+        return Err(f.bad_key("tokenizer.ggml.tokens", "at most 2^32 tokens", v));
+    }
+    let merges_key = "tokenizer.ggml.merges";
+    let merges = string_array(f, merges_key)?
+        .into_iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) if !b.contains(' ') => Ok([a, b]),
+            _ => Err(f.bad_key(
+                merges_key,
+                "merges of the form \"left right\" (one space)",
+                &GgufValue::String(m.into()),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let token_id = |key: &str| -> Result<Option<u32>, GgufError> {
+        match f.opt_u64(key)? {
+            None => Ok(None),
+            Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
+            Some(_) => Err(f.bad_key(
+                key,
+                format!("a token id below the vocabulary size {}", tokens.len()),
+                f.require(key, "")?,
+            )),
+        }
+    };
+    let bos = token_id("tokenizer.ggml.bos_token_id")?;
+
+    // Token types: 3 (control) → special added token, 4 (user-defined) → plain added token.
+    // Without types, the BOS/EOS/UNK/PAD tokens are the special ones.
+    let type_key = "tokenizer.ggml.token_type";
+    let mut added: BTreeMap<u32, bool> = BTreeMap::new();
+    match f.metadata(type_key) {
+        Some(v) => {
+            let types = v
+                .as_array()
+                .ok_or_else(|| f.bad_key(type_key, "an array of integers", v))?;
+            if types.len() != tokens.len() {
+                return Err(f.bad_key(
+                    type_key,
+                    format!("one type per token ({} tokens)", tokens.len()),
+                    &GgufValue::String(format!("{} types", types.len())),
+                ));
+            }
+            for (id, ty) in types.iter().enumerate() {
+                match ty.as_i64() {
+                    Some(TOKEN_CONTROL) => {
+                        added.insert(id as u32, true);
+                    }
+                    Some(TOKEN_USER_DEFINED) => {
+                        added.insert(id as u32, false);
+                    }
+                    Some(_) => {}
+                    None => return Err(f.bad_key(type_key, "an array of integers", v)),
+                }
+            }
+        }
+        None => {
+            for key in [
+                "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.unknown_token_id",
+                "tokenizer.ggml.padding_token_id",
+            ] {
+                if let Some(id) = token_id(key)? {
+                    added.insert(id, true);
+                }
+            }
+        }
+    }
+    let added_tokens = added
+        .into_iter()
+        .map(|(id, special)| AddedToken {
+            id,
+            content: tokens[id as usize],
+            single_word: false,
+            lstrip: false,
+            rstrip: false,
+            normalized: false,
+            special,
+        })
+        .collect();
+
+    let seq = |id: &str, type_id: u32| json!({ "Sequence": { "id": id, "type_id": type_id } });
+    let mut single = vec![seq("A", 0)];
+    let mut pair = vec![seq("A", 0), seq("B", 1)];
+    let mut special_tokens = BTreeMap::new();
+    let add_bos = f.metadata("tokenizer.ggml.add_bos_token");
+    if let (Some(GgufValue::Bool(true)), Some(bos)) = (add_bos, bos) {
+        let content = tokens[bos as usize];
+        let sp = |type_id: u32| json!({ "SpecialToken": { "id": content, "type_id": type_id } });
+        single.insert(0, sp(0));
+        pair = vec![sp(0), seq("A", 0), sp(1), seq("B", 1)];
+        special_tokens.insert(
+            content.to_owned(),
+            json!({ "id": content, "ids": [bos], "tokens": [content] }),
+        );
+    }
+
+    let mut ids = HashMap::with_capacity(tokens.len());
+    for (id, tok) in tokens.iter().enumerate() {
+        ids.insert(*tok, id as u32);
+    }
+    let doc = TokenizerJson {
+        version: "1.0",
+        truncation: None,
+        padding: None,
+        added_tokens,
+        normalizer: None,
+        pre_tokenizer: ByteLevel {
+            kind: "ByteLevel",
+            add_prefix_space: false,
+            trim_offsets: true,
+            use_regex: true,
+        },
+        post_processor: TemplateProcessing {
+            kind: "TemplateProcessing",
+            single,
+            pair,
+            special_tokens,
+        },
+        decoder: ByteLevel {
+            kind: "ByteLevel",
+            add_prefix_space: true,
+            trim_offsets: true,
+            use_regex: true,
+        },
+        model: Bpe {
+            kind: "BPE",
+            dropout: None,
+            unk_token: None,
+            continuing_subword_prefix: "",
+            end_of_word_suffix: "",
+            fuse_unk: false,
+            byte_fallback: false,
+            ignore_merges: false,
+            vocab: Vocab {
+                tokens: &tokens,
+                ids,
+            },
+            merges,
+        },
+    };
+    // Serializing these plain structs and strings cannot fail.
+    Ok(serde_json::to_string_pretty(&doc).unwrap_or_default())
+}

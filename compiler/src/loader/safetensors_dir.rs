@@ -1,0 +1,123 @@
+//! A HuggingFace checkpoint folder: `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`, memory-mapped; tensors converted to f32 on read.
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::LoadError;
+
+/// The safetensors files of a checkpoint folder.
+pub struct SafetensorsDir {
+    shards: Vec<(PathBuf, Mmap)>,
+    /// Tensor name → (shard index, shape).
+    index: BTreeMap<String, (usize, Vec<usize>)>,
+}
+
+fn open_shard(path: &Path) -> Result<Mmap, LoadError> {
+    let file = File::open(path).map_err(|e| LoadError::io(path, e))?;
+    // SAFETY: the mapping is read-only; a checkpoint modified while kiln reads it is not supported.
+    unsafe { Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Vec<usize>)>, LoadError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| LoadError::Corrupt {
+        file: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect())
+}
+
+impl SafetensorsDir {
+    /// Opens `model.safetensors` or the shards named by `model.safetensors.index.json` in `dir`.
+    pub fn open(dir: &Path) -> Result<SafetensorsDir, LoadError> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| LoadError::io(&index_path, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LoadError::Corrupt {
+                    file: index_path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| LoadError::Corrupt {
+                    file: index_path.display().to_string(),
+                    message: "no `weight_map` object".into(),
+                })?;
+            let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            return Err(LoadError::NotFound(format!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            )));
+        };
+        let mut shards = Vec::new();
+        let mut index = BTreeMap::new();
+        for path in files {
+            let mmap = open_shard(&path)?;
+            for (name, shape) in parse(&path, &mmap)? {
+                index.insert(name, (shards.len(), shape));
+            }
+            shards.push((path, mmap));
+        }
+        Ok(SafetensorsDir { shards, index })
+    }
+
+    /// Tensor names and shapes.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        self.index
+            .iter()
+            .map(|(n, (_, s))| (n.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Reads a tensor as f32 (from F32, F16 or BF16).
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        let (shard, _) = self
+            .index
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
+        let (path, mmap) = &self.shards[*shard];
+        let corrupt = |message: String| LoadError::Corrupt {
+            file: path.display().to_string(),
+            message,
+        };
+        let st = SafeTensors::deserialize(mmap).map_err(|e| corrupt(e.to_string()))?;
+        let view = st.tensor(name).map_err(|e| corrupt(e.to_string()))?;
+        let bytes = view.data();
+        Ok(match view.dtype() {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(corrupt(format!(
+                    "tensor `{name}` has unsupported dtype {other:?}"
+                )))
+            }
+        })
+    }
+}

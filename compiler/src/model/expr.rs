@@ -1,0 +1,264 @@
+//! Size and scalar expressions of the model language: `heads * head_dim`, `hidden / heads`,
+//! `past + seq`, `1 / sqrt(head_dim)`, `-inf`. Parsed once, evaluated either as a symbolic
+//! dimension (integers and the run-time symbols, exact division) or as a float (parameters only).
+
+use kiln_runtime::ir::{Dim, Sym};
+use std::collections::HashMap;
+
+/// A bound model parameter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ParamValue {
+    /// An integer (booleans bind as 0/1).
+    Int(i64),
+    /// A real number.
+    Float(f64),
+}
+
+/// Parameters in scope, by name.
+pub type Params = HashMap<String, ParamValue>;
+
+#[derive(Clone, Debug, PartialEq)]
+enum Ast {
+    Num(f64, bool),
+    Name(String),
+    Neg(Box<Ast>),
+    Bin(char, Box<Ast>, Box<Ast>),
+    Call(String, Vec<Ast>),
+}
+
+struct Parser<'a> {
+    src: &'a str,
+    pos: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn peek(&mut self) -> Option<char> {
+        self.src[self.pos..].chars().find(|c| !c.is_whitespace())
+    }
+    fn bump(&mut self) -> Option<char> {
+        let rest = &self.src[self.pos..];
+        let skip = rest.len() - rest.trim_start().len();
+        self.pos += skip;
+        let c = self.src[self.pos..].chars().next()?;
+        self.pos += c.len_utf8();
+        Some(c)
+    }
+    fn expr(&mut self) -> Result<Ast, String> {
+        let mut lhs = self.term()?;
+        while let Some(op @ ('+' | '-')) = self.peek() {
+            self.bump();
+            lhs = Ast::Bin(op, Box::new(lhs), Box::new(self.term()?));
+        }
+        Ok(lhs)
+    }
+    fn term(&mut self) -> Result<Ast, String> {
+        let mut lhs = self.unary()?;
+        while let Some(op @ ('*' | '/')) = self.peek() {
+            self.bump();
+            lhs = Ast::Bin(op, Box::new(lhs), Box::new(self.unary()?));
+        }
+        Ok(lhs)
+    }
+    fn unary(&mut self) -> Result<Ast, String> {
+        if self.peek() == Some('-') {
+            self.bump();
+            return Ok(Ast::Neg(Box::new(self.unary()?)));
+        }
+        self.atom()
+    }
+    fn atom(&mut self) -> Result<Ast, String> {
+        match self.peek() {
+            Some('(') => {
+                self.bump();
+                let e = self.expr()?;
+                match self.bump() {
+                    Some(')') => Ok(e),
+                    _ => Err("expected `)`".into()),
+                }
+            }
+            Some(c) if c.is_ascii_digit() || c == '.' => {
+                self.bump();
+                let start = self.pos - 1;
+                let bytes = self.src.as_bytes();
+                while self.pos < bytes.len() {
+                    let b = bytes[self.pos];
+                    let exp_sign = (b == b'-' || b == b'+') && matches!(bytes[self.pos - 1], b'e' | b'E');
+                    if b.is_ascii_digit() || b == b'.' || b == b'e' || b == b'E' || exp_sign {
+                        self.pos += 1;
+                    } else {
+                        break;
+                    }
+                }
+                let text = &self.src[start..self.pos];
+                let v: f64 = text.parse().map_err(|_| format!("bad number `{text}`"))?;
+                Ok(Ast::Num(v, !text.contains(['.', 'e', 'E'])))
+            }
+            Some(c) if c.is_alphabetic() || c == '_' => {
+                self.bump();
+                let start = self.pos - c.len_utf8();
+                while let Some(c) = self.src[self.pos..].chars().next() {
+                    if c.is_alphanumeric() || c == '_' {
+                        self.pos += c.len_utf8();
+                    } else {
+                        break;
+                    }
+                }
+                let name = self.src[start..self.pos].to_string();
+                if self.peek() == Some('(') {
+                    self.bump();
+                    let mut args = vec![self.expr()?];
+                    while self.peek() == Some(',') {
+                        self.bump();
+                        args.push(self.expr()?);
+                    }
+                    if self.bump() != Some(')') {
+                        return Err(format!("expected `)` after arguments of `{name}`"));
+                    }
+                    return Ok(Ast::Call(name, args));
+                }
+                Ok(Ast::Name(name))
+            }
+            Some(c) => Err(format!("unexpected `{c}`")),
+            None => Err("unexpected end of expression".into()),
+        }
+    }
+}
+
+/// A parsed expression.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Expr {
+    text: String,
+    ast: Ast,
+}
+
+fn sym_of(name: &str) -> Option<Sym> {
+    match name {
+        "batch" => Some(Sym::Batch),
+        "seq" => Some(Sym::Seq),
+        "past" => Some(Sym::Past),
+        _ => None,
+    }
+}
+
+impl Expr {
+    /// Parses an expression; the error says what was unexpected.
+    pub fn parse(text: &str) -> Result<Expr, String> {
+        let mut p = Parser { src: text, pos: 0 };
+        let ast = p.expr().map_err(|e| format!("in expression `{text}`: {e}"))?;
+        if p.peek().is_some() {
+            return Err(format!("in expression `{text}`: unexpected `{}`", &text[p.pos..].trim()));
+        }
+        Ok(Expr { text: text.to_string(), ast })
+    }
+
+    /// The source text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Evaluates as a dimension: integer parameters, integer literals and the symbols
+    /// `batch`, `seq`, `past`; `+ - *` and exact `/`.
+    pub fn eval_dim(&self, params: &Params) -> Result<Dim, String> {
+        eval_dim(&self.ast, params).map_err(|e| format!("in `{}`: {e}", self.text))
+    }
+
+    /// Evaluates as a real number: parameters, literals, `inf`, `sqrt`, `exp`, `ln`, `pow`.
+    pub fn eval_f64(&self, params: &Params) -> Result<f64, String> {
+        eval_f64(&self.ast, params).map_err(|e| format!("in `{}`: {e}", self.text))
+    }
+}
+
+fn eval_dim(ast: &Ast, params: &Params) -> Result<Dim, String> {
+    match ast {
+        Ast::Num(v, true) => Ok(Dim::c(*v as i64)),
+        Ast::Num(v, false) => Err(format!("{v} is not an integer size")),
+        Ast::Name(n) => match (sym_of(n), params.get(n)) {
+            (Some(s), _) => Ok(Dim::sym(s)),
+            (None, Some(ParamValue::Int(i))) => Ok(Dim::c(*i)),
+            (None, Some(ParamValue::Float(f))) => Err(format!("`{n}` = {f} is not an integer size")),
+            (None, None) => Err(format!("unknown name `{n}`")),
+        },
+        Ast::Neg(a) => Ok(eval_dim(a, params)?.scale(-1)),
+        Ast::Bin(op, a, b) => {
+            let (a, b) = (eval_dim(a, params)?, eval_dim(b, params)?);
+            match op {
+                '+' => Ok(a.add(&b)),
+                '-' => Ok(a.sub(&b)),
+                '*' => a.mul(&b).ok_or_else(|| format!("{a} * {b} is not affine in the symbols")),
+                _ => match b.as_const() {
+                    Some(k) => a.div(k).ok_or_else(|| format!("{a} is not divisible by {k}")),
+                    None => Err(format!("cannot divide by the symbolic size {b}")),
+                },
+            }
+        }
+        Ast::Call(f, _) => Err(format!("function `{f}` is not allowed in a size")),
+    }
+}
+
+fn eval_f64(ast: &Ast, params: &Params) -> Result<f64, String> {
+    match ast {
+        Ast::Num(v, _) => Ok(*v),
+        Ast::Name(n) if n == "inf" => Ok(f64::INFINITY),
+        Ast::Name(n) => match params.get(n) {
+            Some(ParamValue::Int(i)) => Ok(*i as f64),
+            Some(ParamValue::Float(f)) => Ok(*f),
+            None if sym_of(n).is_some() => Err(format!("run-time size `{n}` is not allowed in a constant")),
+            None => Err(format!("unknown name `{n}`")),
+        },
+        Ast::Neg(a) => Ok(-eval_f64(a, params)?),
+        Ast::Bin(op, a, b) => {
+            let (a, b) = (eval_f64(a, params)?, eval_f64(b, params)?);
+            Ok(match op {
+                '+' => a + b,
+                '-' => a - b,
+                '*' => a * b,
+                _ => a / b,
+            })
+        }
+        Ast::Call(f, args) => {
+            let v: Vec<f64> = args.iter().map(|a| eval_f64(a, params)).collect::<Result<_, _>>()?;
+            match (f.as_str(), v.as_slice()) {
+                ("sqrt", [x]) => Ok(x.sqrt()),
+                ("exp", [x]) => Ok(x.exp()),
+                ("ln", [x]) => Ok(x.ln()),
+                ("pow", [x, y]) => Ok(x.powf(*y)),
+                _ => Err(format!("unknown function `{f}` with {} argument(s)", v.len())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Params {
+        [("heads", ParamValue::Int(9)), ("hidden", ParamValue::Int(576)), ("eps", ParamValue::Float(1e-5))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+
+    #[test]
+    fn sizes_are_exact_and_symbolic() {
+        let p = params();
+        assert_eq!(Expr::parse("hidden / heads").unwrap().eval_dim(&p).unwrap(), Dim::c(64));
+        assert_eq!(Expr::parse("past + seq").unwrap().eval_dim(&p).unwrap().to_string(), "seq+past");
+        assert_eq!(Expr::parse("seq - 1").unwrap().eval_dim(&p).unwrap().to_string(), "seq-1");
+        assert!(Expr::parse("hidden / 5").unwrap().eval_dim(&p).unwrap_err().contains("divisible"));
+        assert!(Expr::parse("eps").unwrap().eval_dim(&p).is_err());
+        assert!(Expr::parse("seq * seq").unwrap().eval_dim(&p).is_err());
+    }
+
+    #[test]
+    fn scalars() {
+        let p = params();
+        let v = Expr::parse("1 / sqrt(hidden / heads)").unwrap().eval_f64(&p).unwrap();
+        assert!((v - 0.125).abs() < 1e-12);
+        assert_eq!(Expr::parse("-inf").unwrap().eval_f64(&p).unwrap(), f64::NEG_INFINITY);
+        assert_eq!(Expr::parse("2.5e-1").unwrap().eval_f64(&p).unwrap(), 0.25);
+        assert!(Expr::parse("1 +").is_err());
+        assert!(Expr::parse("(1").is_err());
+        assert!(Expr::parse("foo(1)").unwrap().eval_f64(&p).is_err());
+    }
+}

@@ -1,0 +1,448 @@
+//! The CPU executor: runs a [`Graph`] in `f32` on the host. It is the numerical oracle for every
+//! rewrite and kernel of the project, and the fallback where no GPU exists.
+//!
+//! - Values are strided views over shared buffers (`tensor.rs`): Transpose, Slice and the Reshape
+//!   of a contiguous value copy nothing. Floats (`f32`, `f16`, `bf16`) are computed in `f32`;
+//!   `Cast` to `f16`/`bf16` rounds to that precision. `i32` and `bool` values are stored as `i32`,
+//!   so integers are exact.
+//! - Weight-only subgraphs (weights, constants and any node computed only from them, e.g. the
+//!   transpose or concatenation of weights) are evaluated once by [`CpuExecutor::new`]; only the
+//!   values that step-time nodes read are kept.
+//! - A step evaluates the other nodes in order and frees each intermediate value once its last
+//!   reader has run, except outputs, state updates and tapped nodes.
+//! - State inputs (KV caches) start empty (their shape with `past = 0`; zeros if that is not
+//!   empty) and take the value of their update node after each step. A failed step leaves the
+//!   session as it was.
+
+mod elementwise;
+mod matmul;
+mod movement;
+mod reduce;
+mod tensor;
+#[cfg(test)]
+mod tests;
+
+use crate::ir::dim::eval_shape;
+use crate::ir::{DType, Graph, GraphError, InputKind, NodeId, Op, SymValues, TensorType};
+use std::collections::BTreeMap;
+use std::fmt;
+use tensor::{is_int_storage, Tensor};
+
+/// A host tensor in `f32`, row-major. Integer and bool values are converted to `f32` (exact for
+/// magnitudes up to 2^24; bools are 0 and 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Extent of each axis.
+    pub shape: Vec<usize>,
+    /// The elements, row-major; `len = Π shape`.
+    pub data: Vec<f32>,
+}
+
+/// What a step returns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepOutput {
+    /// The graph outputs by name (e.g. `logits` `[batch, seq, vocab]`).
+    pub outputs: BTreeMap<String, HostTensor>,
+    /// The values of the tapped nodes, by node name.
+    pub taps: BTreeMap<String, HostTensor>,
+}
+
+/// An error of construction or of a step; messages name the weight, node or input at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The graph does not validate.
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    /// The graph uses something this executor cannot run.
+    #[error("unsupported graph: {0}")]
+    Unsupported(String),
+    /// A weight could not be loaded (returned by loaders, or for unusable weight data).
+    #[error("weight `{name}`: {message}")]
+    Weight {
+        /// Checkpoint name.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The loader returned the wrong number of values for a weight.
+    #[error("weight `{name}`: expected shape {expected:?} ({} values), the loader returned {found} values", expected.iter().product::<usize>())]
+    WeightShape {
+        /// Checkpoint name.
+        name: String,
+        /// The shape the graph declares.
+        expected: Vec<usize>,
+        /// Number of values returned.
+        found: usize,
+    },
+    /// A tap names no node of the graph.
+    #[error("unknown tap `{0}`: the graph has no node of that name")]
+    UnknownTap(String),
+    /// A tap names a weight-only node whose value was not kept after construction.
+    #[error("tap `{0}` is a weight-only node, evaluated once at load time and not kept; tap a node that reads it")]
+    FoldedTap(String),
+    /// The step's arguments do not fit the session or the graph.
+    #[error("bad step input: {0}")]
+    Input(String),
+    /// A node failed while running.
+    #[error("node `{node}` ({op}): {message}")]
+    Node {
+        /// Node name.
+        node: String,
+        /// The op, as printed in graphs.
+        op: String,
+        /// What went wrong, with shapes.
+        message: String,
+    },
+}
+
+/// Runs a graph on the CPU in `f32`. Shareable between threads; each sequence batch has its own
+/// [`CpuSession`].
+pub struct CpuExecutor {
+    graph: Graph,
+    /// Weight-only nodes (evaluated at construction).
+    is_const: Vec<bool>,
+    /// Kept values of weight-only nodes that step-time nodes, outputs or states read.
+    consts: Vec<Option<Tensor>>,
+    /// For step-time nodes: readers, plus one per output and state binding naming the node.
+    uses: Vec<usize>,
+    /// Nodes whose value survives the step: outputs and state updates.
+    pinned: Vec<bool>,
+    /// For each `State` input node, the index of its binding in `graph.states`.
+    state_index: Vec<Option<usize>>,
+}
+
+/// The per-sequence-batch state of a run: the KV caches and the number of tokens they hold.
+pub struct CpuSession {
+    batch: usize,
+    past: usize,
+    /// Value of each state binding, `None` before the first step.
+    states: Vec<Option<Tensor>>,
+}
+
+impl CpuSession {
+    /// Tokens already processed per sequence (the `past` symbol of the next step).
+    pub fn past(&self) -> usize {
+        self.past
+    }
+    /// Number of sequences.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+}
+
+impl fmt::Debug for CpuSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CpuSession").field("batch", &self.batch).field("past", &self.past).finish()
+    }
+}
+
+impl fmt::Debug for CpuExecutor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kept = self.consts.iter().flatten().count();
+        f.debug_struct("CpuExecutor").field("nodes", &self.graph.nodes.len()).field("kept_constants", &kept).finish()
+    }
+}
+
+/// True if the op's result depends on no run-time symbol (given inputs that do not).
+fn op_is_static(op: &Op) -> bool {
+    match op {
+        Op::Input { .. } => false,
+        Op::Iota { len } => len.as_const().is_some(),
+        Op::Reshape { shape } => shape.iter().all(|d| d.as_const().is_some()),
+        Op::Slice { start, end, .. } => start.as_const().is_some() && end.as_const().is_some(),
+        _ => true,
+    }
+}
+
+/// Evaluates one non-leaf op on its input values.
+fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result<Tensor, String> {
+    let dim = |d: &crate::ir::Dim| -> Result<usize, String> {
+        let v = d.eval(syms);
+        usize::try_from(v).map_err(|_| format!("{d} evaluates to {v} (batch={}, seq={}, past={})", syms.batch, syms.seq, syms.past))
+    };
+    let one = |ins: &mut Vec<Tensor>| ins.pop().expect("arity checked by validation");
+    Ok(match op {
+        Op::Input { .. } | Op::Weight { .. } => return Err("leaf values are supplied, not computed".into()),
+        Op::Constant { value } => Tensor::new(DType::F32, vec![], vec![*value]),
+        Op::Iota { len } => {
+            let n = dim(len)?;
+            let n32 = i32::try_from(n).map_err(|_| format!("Iota length {n} exceeds i32"))?;
+            Tensor::new(DType::I32, vec![n], (0..n32).collect())
+        }
+        Op::Unary(u) => elementwise::unary(*u, one(&mut ins))?,
+        Op::Binary(b) => {
+            let y = one(&mut ins);
+            elementwise::binary(*b, one(&mut ins), y)?
+        }
+        Op::Where => {
+            let (b, a) = (one(&mut ins), one(&mut ins));
+            elementwise::where_(one(&mut ins), a, b)?
+        }
+        Op::Reduce { op, axis, keep_dim } => reduce::reduce(*op, one(&mut ins), *axis, *keep_dim)?,
+        Op::Softmax { axis } => reduce::softmax(one(&mut ins), *axis)?,
+        Op::MatMul => {
+            let b = one(&mut ins);
+            matmul::matmul(one(&mut ins), b)?
+        }
+        Op::Reshape { shape } => {
+            let x = one(&mut ins);
+            let shape = shape.iter().map(dim).collect::<Result<Vec<_>, _>>()?;
+            if shape.iter().product::<usize>() != x.numel() {
+                return Err(format!("cannot reshape {:?} to {shape:?}", x.shape));
+            }
+            x.reshape(shape)
+        }
+        Op::Transpose { perm } => {
+            let x = one(&mut ins);
+            if perm.len() != x.rank() {
+                return Err(format!("{perm:?} does not permute the {} axes of {:?}", x.rank(), x.shape));
+            }
+            x.permute(perm)
+        }
+        Op::Gather => {
+            let ids = one(&mut ins);
+            movement::gather(one(&mut ins), ids)?
+        }
+        Op::Concat { axis } => movement::concat(ins, *axis)?,
+        Op::Slice { axis, start, end } => {
+            let x = one(&mut ins);
+            let (s, e) = (dim(start)?, dim(end)?);
+            if *axis >= x.rank() || s > e || e > x.shape[*axis] {
+                return Err(format!("slice {s}..{e} of axis {axis} is out of range for {:?}", x.shape));
+            }
+            x.slice_axis(*axis, s, e)
+        }
+        Op::Cast { dtype } => elementwise::cast(one(&mut ins), *dtype),
+    })
+}
+
+/// Checks a computed value against the node's declared type.
+fn check_type(value: &Tensor, ty: &TensorType, syms: &SymValues) -> Result<(), String> {
+    let want = eval_shape(&ty.shape, syms);
+    if value.dtype != ty.dtype || value.shape != want {
+        return Err(format!(
+            "computed {}{:?} but the node is typed {ty} = {}{want:?}",
+            value.dtype.name(),
+            value.shape,
+            ty.dtype.name()
+        ));
+    }
+    Ok(())
+}
+
+/// Converts a weight's loaded `f32` data to its declared dtype.
+fn weight_tensor(name: &str, ty: &TensorType, shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor, ExecError> {
+    let n: usize = shape.iter().product();
+    if data.len() != n {
+        return Err(ExecError::WeightShape { name: name.into(), expected: shape, found: data.len() });
+    }
+    Ok(match ty.dtype {
+        DType::F32 => Tensor::new(DType::F32, shape, data),
+        DType::F16 | DType::BF16 => {
+            let v = data.into_iter().map(|x| elementwise::round_to(ty.dtype, x)).collect();
+            Tensor::new(ty.dtype, shape, v)
+        }
+        DType::I32 | DType::Bool => {
+            let mut v = Vec::with_capacity(n);
+            for x in data {
+                if x.fract() != 0.0 || !(i32::MIN as f32..=i32::MAX as f32).contains(&x) {
+                    let message = format!("declared {} but holds the value {x}", ty.dtype.name());
+                    return Err(ExecError::Weight { name: name.into(), message });
+                }
+                v.push(if ty.dtype == DType::Bool { (x != 0.0) as i32 } else { x as i32 });
+            }
+            Tensor::new(ty.dtype, shape, v)
+        }
+    })
+}
+
+/// Converts a value to a host tensor.
+fn to_host(t: &Tensor) -> HostTensor {
+    let data = if is_int_storage(t.dtype) { t.values::<i32>().iter().map(|&x| x as f32).collect() } else { t.to_vec::<f32>() };
+    HostTensor { shape: t.shape.clone(), data }
+}
+
+impl CpuExecutor {
+    /// Validates the graph, loads every weight with `load(name, expected_shape)` (row-major `f32`
+    /// data, `len = Π shape`) and evaluates the weight-only subgraphs once.
+    pub fn new(graph: Graph, mut load: impl FnMut(&str, &[usize]) -> Result<Vec<f32>, ExecError>) -> Result<CpuExecutor, ExecError> {
+        graph.validate()?;
+        let n = graph.nodes.len();
+        let mut state_index = vec![None; n];
+        for (j, s) in graph.states.iter().enumerate() {
+            if state_index[s.input].replace(j).is_some() {
+                return Err(ExecError::Unsupported(format!("state `{}` has two bindings", graph.nodes[s.input].name)));
+            }
+        }
+        let mut is_const = vec![false; n];
+        for (id, node) in graph.nodes.iter().enumerate() {
+            if node.op == (Op::Input { kind: InputKind::State }) && state_index[id].is_none() {
+                return Err(ExecError::Unsupported(format!("state input `{}` has no binding (no update node)", node.name)));
+            }
+            is_const[id] = op_is_static(&node.op) && node.inputs.iter().all(|&i| is_const[i]);
+        }
+        // Readers of each node among step-time nodes (plus outputs and states), and among
+        // weight-only nodes.
+        let mut uses = vec![0usize; n];
+        let mut const_uses = vec![0usize; n];
+        for (id, node) in graph.nodes.iter().enumerate() {
+            for &i in &node.inputs {
+                if is_const[id] {
+                    const_uses[i] += 1;
+                } else {
+                    uses[i] += 1;
+                }
+            }
+        }
+        let mut pinned = vec![false; n];
+        for &id in graph.outputs.iter().map(|(_, id)| id).chain(graph.states.iter().map(|s| &s.update)) {
+            uses[id] += 1;
+            pinned[id] = true;
+        }
+        let no_syms = SymValues { batch: 0, seq: 0, past: 0 };
+        let mut consts: Vec<Option<Tensor>> = vec![None; n];
+        for (id, node) in graph.nodes.iter().enumerate() {
+            if !is_const[id] {
+                continue;
+            }
+            let value = if let Op::Weight { name } = &node.op {
+                let Some(shape) = node.ty.shape.iter().map(|d| d.as_const().and_then(|c| usize::try_from(c).ok())).collect::<Option<Vec<usize>>>()
+                else {
+                    return Err(ExecError::Unsupported(format!("weight `{name}` has the symbolic type {}", node.ty)));
+                };
+                let data = load(name, &shape)?;
+                weight_tensor(name, &node.ty, shape, data)?
+            } else {
+                let ins = node.inputs.iter().map(|&i| consts[i].clone().expect("weight-only inputs are kept until read")).collect();
+                let err = |message| ExecError::Node { node: node.name.clone(), op: node.op.to_string(), message };
+                let v = eval_op(&node.op, ins, &no_syms).map_err(err)?;
+                check_type(&v, &node.ty, &no_syms).map_err(err)?;
+                v
+            };
+            consts[id] = Some(value);
+            for &i in node.inputs.iter().chain([&id]) {
+                if i == id {
+                    continue;
+                }
+                const_uses[i] -= 1;
+                if const_uses[i] == 0 && uses[i] == 0 {
+                    consts[i] = None;
+                }
+            }
+            if const_uses[id] == 0 && uses[id] == 0 {
+                consts[id] = None;
+            }
+        }
+        Ok(CpuExecutor { graph, is_const, consts, uses, pinned, state_index })
+    }
+
+    /// The graph this executor runs.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// A fresh session (empty KV caches) for `batch` sequences.
+    pub fn session(&self, batch: usize) -> CpuSession {
+        CpuSession { batch, past: 0, states: vec![None; self.graph.states.len()] }
+    }
+
+    /// Runs one step: `tokens` is `[batch, seq]` row-major (`batch` from the session, `seq =
+    /// tokens.len() / batch`), at positions `past .. past+seq` where `past = session.past()`.
+    /// Appends to the states and advances `past` by `seq`. Returns the graph outputs by name and
+    /// the values of the nodes named in `taps`. On error the session is unchanged.
+    pub fn step(&self, session: &mut CpuSession, tokens: &[i32], taps: &[&str]) -> Result<StepOutput, ExecError> {
+        let batch = session.batch;
+        if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
+            return Err(ExecError::Input(format!("{} tokens do not form [batch={batch}, seq ≥ 1]", tokens.len())));
+        }
+        let seq = tokens.len() / batch;
+        let past = session.past;
+        if i32::try_from(past + seq).is_err() {
+            return Err(ExecError::Input(format!("position {} exceeds i32", past + seq)));
+        }
+        let syms = SymValues { batch, seq, past };
+        let mut pinned = self.pinned.clone();
+        let mut tap_ids = Vec::with_capacity(taps.len());
+        for &name in taps {
+            let id = self.graph.find(name).ok_or_else(|| ExecError::UnknownTap(name.into()))?;
+            if self.is_const[id] && self.consts[id].is_none() {
+                return Err(ExecError::FoldedTap(name.into()));
+            }
+            pinned[id] = true;
+            tap_ids.push((name, id));
+        }
+
+        let n = self.graph.nodes.len();
+        let mut remaining = self.uses.clone();
+        let mut vals: Vec<Option<Tensor>> = vec![None; n];
+        for (id, node) in self.graph.nodes.iter().enumerate() {
+            if self.is_const[id] {
+                continue;
+            }
+            let err = |message| ExecError::Node { node: node.name.clone(), op: node.op.to_string(), message };
+            let value = match &node.op {
+                Op::Input { kind: InputKind::Tokens } => Tensor::new(DType::I32, vec![batch, seq], tokens.to_vec()),
+                Op::Input { kind: InputKind::Positions } => {
+                    Tensor::new(DType::I32, vec![seq], (past as i32..(past + seq) as i32).collect())
+                }
+                Op::Input { kind: InputKind::State } => {
+                    let j = self.state_index[id].expect("checked at construction");
+                    match &session.states[j] {
+                        Some(t) => t.clone(),
+                        None => {
+                            let shape = eval_shape(&node.ty.shape, &SymValues { past: 0, ..syms });
+                            let numel = shape.iter().product();
+                            if is_int_storage(node.ty.dtype) {
+                                Tensor::new(node.ty.dtype, shape, vec![0i32; numel])
+                            } else {
+                                Tensor::new(node.ty.dtype, shape, vec![0f32; numel])
+                            }
+                        }
+                    }
+                }
+                op => {
+                    let ins = node
+                        .inputs
+                        .iter()
+                        .map(|&i| {
+                            if self.is_const[i] {
+                                self.consts[i].clone().expect("weight-only values read at step time are kept")
+                            } else {
+                                vals[i].clone().expect("inputs are evaluated before their readers")
+                            }
+                        })
+                        .collect();
+                    for &i in &node.inputs {
+                        if !self.is_const[i] {
+                            remaining[i] -= 1;
+                            if remaining[i] == 0 && !pinned[i] {
+                                vals[i] = None;
+                            }
+                        }
+                    }
+                    eval_op(op, ins, &syms).map_err(err)?
+                }
+            };
+            check_type(&value, &node.ty, &syms).map_err(err)?;
+            vals[id] = Some(value);
+        }
+
+        let value = |id: NodeId| -> &Tensor {
+            if self.is_const[id] {
+                self.consts[id].as_ref().expect("kept")
+            } else {
+                vals[id].as_ref().expect("pinned values survive the step")
+            }
+        };
+        let mut out = StepOutput::default();
+        for (name, id) in &self.graph.outputs {
+            out.outputs.insert(name.clone(), to_host(value(*id)));
+        }
+        for (name, id) in tap_ids {
+            out.taps.insert(name.to_string(), to_host(value(id)));
+        }
+        session.states = self.graph.states.iter().map(|s| Some(value(s.update).clone())).collect();
+        session.past += seq;
+        Ok(out)
+    }
+}

@@ -1,0 +1,164 @@
+//! The engine file (`.kiln`): a safetensors container. Its tensors are the weights (f32 in
+//! format v1); its metadata holds the format version, the target, the model config, the graph
+//! (RON), the tokenizer and chat template, and a checksum over every tensor's name and bytes.
+//! Any safetensors tool can read it.
+
+use crate::ir::Graph;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The engine format this runtime reads and the compiler writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Metadata keys of an engine file.
+pub mod keys {
+    /// Format version (decimal).
+    pub const FORMAT: &str = "kiln.format_version";
+    /// Execution target (`cpu` in v1).
+    pub const TARGET: &str = "kiln.target";
+    /// Model family (`llama`).
+    pub const FAMILY: &str = "kiln.family";
+    /// HF-style config JSON.
+    pub const CONFIG: &str = "kiln.config";
+    /// The graph, RON.
+    pub const GRAPH: &str = "kiln.graph";
+    /// HF tokenizer.json text.
+    pub const TOKENIZER: &str = "kiln.tokenizer";
+    /// JSON: `{chat_template, bos_token, eos_token, stop_token_ids}`.
+    pub const GENERATION: &str = "kiln.generation";
+    /// xxh3-64 (hex) over the tensors, sorted by name: name bytes then data bytes.
+    pub const CHECKSUM: &str = "kiln.checksum";
+}
+
+/// Generation settings stored in the engine.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct GenerationConfig {
+    /// Jinja chat template.
+    pub chat_template: Option<String>,
+    /// BOS token text, for templates.
+    pub bos_token: Option<String>,
+    /// EOS token text, for templates.
+    pub eos_token: Option<String>,
+    /// Token ids that end generation.
+    pub stop_token_ids: Vec<u32>,
+    /// Context window (max positions), if the config gives one.
+    pub max_context: Option<usize>,
+}
+
+/// An engine file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// I/O error.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Not an engine, truncated or corrupt.
+    #[error("{file}: not a valid kiln engine ({message})")]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Built by another version of kiln or for another target.
+    #[error("{file}: {message}; rebuild it with `kiln build`")]
+    Incompatible {
+        /// The file.
+        file: String,
+        /// What differs.
+        message: String,
+    },
+}
+
+/// Checksum of named tensor bytes, in name order.
+pub fn checksum<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut items: Vec<(&str, &[u8])> = tensors.into_iter().collect();
+    items.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for (name, data) in items {
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&(data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    format!("{:016x}", h.digest())
+}
+
+/// An opened, verified engine file (memory-mapped).
+pub struct Engine {
+    path: PathBuf,
+    mmap: Mmap,
+    meta: HashMap<String, String>,
+    /// The graph to execute.
+    pub graph: Graph,
+    /// HF-style model config.
+    pub config: serde_json::Value,
+    /// Tokenizer JSON, if the engine has one.
+    pub tokenizer_json: Option<String>,
+    /// Generation settings.
+    pub generation: GenerationConfig,
+}
+
+impl Engine {
+    /// Opens an engine: checks format, target and checksum, parses the graph.
+    pub fn open(path: &Path) -> Result<Engine, EngineError> {
+        let file_name = path.display().to_string();
+        let corrupt = |message: String| EngineError::Corrupt { file: file_name.clone(), message };
+        let file = File::open(path).map_err(|source| EngineError::Io { file: file_name.clone(), source })?;
+        // SAFETY: read-only mapping; an engine modified while running is not supported.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io { file: file_name.clone(), source })?;
+        let (_, header) = SafeTensors::read_metadata(&mmap).map_err(|e| corrupt(e.to_string()))?;
+        let meta = header.metadata().clone().ok_or_else(|| corrupt("no kiln metadata".into()))?;
+        let get = |key: &str| meta.get(key).ok_or_else(|| corrupt(format!("metadata `{key}` missing")));
+        let version: u32 = get(keys::FORMAT)?.parse().map_err(|_| corrupt("bad format version".into()))?;
+        if version != FORMAT_VERSION {
+            return Err(EngineError::Incompatible {
+                file: file_name,
+                message: format!("engine format v{version}, this kiln reads v{FORMAT_VERSION}"),
+            });
+        }
+        let target = get(keys::TARGET)?;
+        if target != "cpu" {
+            return Err(EngineError::Incompatible { file: file_name, message: format!("engine built for target `{target}`, this kiln runs `cpu`") });
+        }
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| corrupt(e.to_string()))?;
+        let tensors = st.tensors();
+        let sum = checksum(tensors.iter().map(|(n, v)| (n.as_str(), v.data())));
+        if &sum != get(keys::CHECKSUM)? {
+            return Err(corrupt(format!("checksum mismatch (stored {}, computed {sum}): the file is damaged", get(keys::CHECKSUM)?)));
+        }
+        let graph = Graph::from_ron(get(keys::GRAPH)?).map_err(|e| corrupt(e.to_string()))?;
+        let config = serde_json::from_str(get(keys::CONFIG)?).map_err(|e| corrupt(format!("config: {e}")))?;
+        let generation = match meta.get(keys::GENERATION) {
+            Some(g) => serde_json::from_str(g).map_err(|e| corrupt(format!("generation config: {e}")))?,
+            None => GenerationConfig::default(),
+        };
+        let tokenizer_json = meta.get(keys::TOKENIZER).cloned();
+        drop(tensors);
+        drop(st);
+        Ok(Engine { path: path.to_path_buf(), mmap, meta, graph, config, tokenizer_json, generation })
+    }
+
+    /// A metadata value.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.meta.get(key).map(String::as_str)
+    }
+
+    /// Reads a weight as f32, checking its shape.
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
+        let corrupt = |message: String| EngineError::Corrupt { file: self.path.display().to_string(), message };
+        let st = SafeTensors::deserialize(&self.mmap).map_err(|e| corrupt(e.to_string()))?;
+        let view = st.tensor(name).map_err(|_| corrupt(format!("weight `{name}` missing")))?;
+        if view.dtype() != Dtype::F32 || view.shape() != shape {
+            return Err(corrupt(format!("weight `{name}` is {:?}{:?}, expected F32{shape:?}", view.dtype(), view.shape())));
+        }
+        Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+}

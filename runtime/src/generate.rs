@@ -1,0 +1,164 @@
+//! Text generation on the CPU executor: prefill the prompt, then decode one token a step,
+//! sampling each from the last position's logits, until a stop token, a stop string, the
+//! token budget or the context window ends it.
+
+use crate::cpu::{CpuExecutor, ExecError};
+use crate::sampling::{Sampler, SamplingParams, StopCriteria};
+use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
+use std::time::Instant;
+
+/// A generation request.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    /// Prompt token ids.
+    pub prompt_ids: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_new_tokens: usize,
+    /// Sampling settings (temperature 0 is greedy).
+    pub sampling: SamplingParams,
+    /// Token ids that end generation (ignored when `ignore_eos`).
+    pub stop_ids: Vec<u32>,
+    /// Strings that end generation; the text is cut before them.
+    pub stop_strings: Vec<String>,
+    /// Keep generating past stop tokens (for benchmarks).
+    pub ignore_eos: bool,
+    /// Context window: prompt plus generated tokens may not exceed it.
+    pub max_context: Option<usize>,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token was generated.
+    Stop,
+    /// A stop string appeared in the text.
+    StopString,
+    /// `max_new_tokens` reached.
+    Length,
+    /// The context window is full.
+    Context,
+}
+
+/// Timings of one generation.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    /// Prefill wall time (ms) = time to first token.
+    pub prefill_ms: f64,
+    /// Decode wall time (ms), all steps after the first token.
+    pub decode_ms: f64,
+    /// Prompt tokens per second.
+    pub prefill_tokens_per_s: f64,
+    /// Generated tokens per second during decode.
+    pub decode_tokens_per_s: f64,
+}
+
+/// The result of a generation.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Generation {
+    /// Prompt token ids.
+    pub prompt_ids: Vec<u32>,
+    /// Generated token ids (including a final stop token, if any).
+    pub generated_ids: Vec<u32>,
+    /// Generated text (cut before a stop string; a stop token's text is not included).
+    pub text: String,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Timings.
+    pub timings: Timings,
+}
+
+/// A generation that could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The prompt does not fit the context window.
+    #[error("the prompt has {prompt} tokens but the context window is {context} tokens")]
+    PromptTooLong {
+        /// Prompt length.
+        prompt: usize,
+        /// Context window.
+        context: usize,
+    },
+    /// An empty prompt.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// Executor failure.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// Tokenizer failure.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+fn last_row(logits: &crate::cpu::HostTensor) -> &[f32] {
+    let vocab = *logits.shape.last().expect("logits have a vocab axis");
+    &logits.data[logits.data.len() - vocab..]
+}
+
+/// Generates from `req`, calling `on_text` with each newly final piece of text.
+pub fn generate(exec: &CpuExecutor, tok: &Tokenizer, req: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<Generation, GenerateError> {
+    let prompt = &req.prompt_ids;
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if let Some(context) = req.max_context {
+        if prompt.len() > context {
+            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context });
+        }
+    }
+    let stop = StopCriteria::new(if req.ignore_eos { vec![] } else { req.stop_ids.clone() }, req.stop_strings.clone());
+    let mut sampler = Sampler::new(req.sampling.clone());
+    let mut session = exec.session(1);
+    let mut decoder = StreamDecoder::new(tok);
+    let mut emitted = 0usize;
+    let mut generated = Vec::new();
+    let mut timings = Timings::default();
+
+    let t0 = Instant::now();
+    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    let out = exec.step(&mut session, &ids, &[])?;
+    let mut next = sampler.sample(last_row(&out.outputs["logits"]));
+    timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+    let finish = loop {
+        generated.push(next);
+        if stop.check_token(next) {
+            break FinishReason::Stop;
+        }
+        decoder.push(next)?;
+        let text = decoder.text();
+        if let Some(cut) = stop.find_stop_string(text) {
+            on_text(&text[emitted.min(cut)..cut]);
+            emitted = cut;
+            break FinishReason::StopString;
+        }
+        let safe = stop.safe_prefix_len(text);
+        if safe > emitted {
+            on_text(&text[emitted..safe]);
+            emitted = safe;
+        }
+        if generated.len() >= req.max_new_tokens {
+            break FinishReason::Length;
+        }
+        if req.max_context.is_some_and(|c| session.past() >= c) {
+            break FinishReason::Context;
+        }
+        let out = exec.step(&mut session, &[next as i32], &[])?;
+        next = sampler.sample(last_row(&out.outputs["logits"]));
+    };
+    timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let text = if finish == FinishReason::StopString {
+        decoder.text()[..emitted].to_string()
+    } else {
+        decoder.finish()?;
+        let text = decoder.text();
+        if text.len() > emitted {
+            on_text(&text[emitted..]);
+        }
+        text.to_string()
+    };
+    timings.prefill_tokens_per_s = prompt.len() as f64 / (timings.prefill_ms / 1e3);
+    let decode_steps = generated.len().saturating_sub(1);
+    timings.decode_tokens_per_s = if decode_steps > 0 { decode_steps as f64 / (timings.decode_ms / 1e3) } else { 0.0 };
+    Ok(Generation { prompt_ids: prompt.clone(), generated_ids: generated, text, finish_reason: finish, timings })
+}
