@@ -1,1 +1,277 @@
-fn main(){}
+//! The `kiln` command line: build, run, inspect, tokenize.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln::compiler::build::{check_weights, graph_for, model_for};
+use kiln::compiler::{build, BuildOptions};
+use kiln::runtime::chat::{ChatMessage, ChatTemplate};
+use kiln::runtime::cpu::CpuExecutor;
+use kiln::runtime::engine::Engine;
+use kiln::runtime::generate::{generate, GenerateRequest};
+use kiln::runtime::sampling::SamplingParams;
+use kiln::runtime::tokenizer::Tokenizer;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "kiln: compile LLMs declared in RON into engines, and run them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile a checkpoint (HF folder or .gguf file) into an engine file.
+    Build {
+        /// HF checkpoint folder (config.json + safetensors) or a .gguf file.
+        checkpoint: PathBuf,
+        /// Output engine file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Model description to use instead of the built-in one for the config's model_type.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Generate text with an engine, streaming tokens to stdout.
+    Run(RunArgs),
+    /// Print the graph of an engine, or of a model file bound to a config.
+    Inspect {
+        /// An engine file, or a model file (.ron) with --config.
+        target: PathBuf,
+        /// config.json for a model file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the token ids of a text.
+    Tokenize {
+        /// Engine file.
+        engine: PathBuf,
+        /// Text to tokenize.
+        text: String,
+        /// Print a JSON list.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Engine file.
+    engine: PathBuf,
+    /// Prompt text (special-token text such as <|im_start|> becomes special tokens).
+    #[arg(short, long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep the smallest set of tokens with this much probability (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Stop when this string appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object (ids, text, timings) instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}
+
+fn load_engine(path: &Path) -> Result<(Engine, CpuExecutor)> {
+    let pb = spinner("loading engine");
+    let engine = Engine::open(path)?;
+    let exec = engine.cpu_executor()?;
+    pb.finish_and_clear();
+    Ok((engine, exec))
+}
+
+fn tokenizer_of(engine: &Engine) -> Result<Tokenizer> {
+    let json = engine
+        .tokenizer_json
+        .as_deref()
+        .context("this engine has no tokenizer")?;
+    Ok(Tokenizer::from_json(json)?)
+}
+
+fn cmd_build(checkpoint: &Path, output: &Path, model: Option<PathBuf>) -> Result<()> {
+    let t0 = Instant::now();
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} weights")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message("reading weights");
+    let report = build(
+        checkpoint,
+        output,
+        &BuildOptions { model_file: model },
+        &|done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    )?;
+    pb.finish_and_clear();
+    eprintln!(
+        "built {} in {:.1}s: {} nodes, {} weights, {:.1}M parameters",
+        output.display(),
+        t0.elapsed().as_secs_f64(),
+        report.nodes,
+        report.weights,
+        report.parameters as f64 / 1e6
+    );
+    Ok(())
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let (engine, exec) = load_engine(&a.engine)?;
+    let tok = tokenizer_of(&engine)?;
+    let gen = &engine.generation;
+    let prompt = if a.chat {
+        let template = gen
+            .chat_template
+            .as_deref()
+            .context("this engine has no chat template; run without --chat")?;
+        let t = ChatTemplate::new(
+            template,
+            gen.bos_token.as_deref().unwrap_or(""),
+            gen.eos_token.as_deref().unwrap_or(""),
+        )?;
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        t.render(&messages, true)?
+    } else {
+        a.prompt.clone()
+    };
+    let req = GenerateRequest {
+        prompt_ids: tok.encode(&prompt)?,
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop_ids: gen.stop_token_ids.clone(),
+        stop_strings: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        max_context: gen.max_context,
+    };
+    let mut stdout = std::io::stdout();
+    let result = generate(&exec, &tok, &req, |piece| {
+        if !a.json {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!();
+        let t = &result.timings;
+        eprintln!(
+            "[{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s; {:?}]",
+            result.prompt_ids.len(),
+            result.generated_ids.len(),
+            t.prefill_tokens_per_s,
+            t.decode_tokens_per_s,
+            result.finish_reason
+        );
+    }
+    Ok(())
+}
+
+fn cmd_inspect(target: &Path, config: Option<&Path>) -> Result<()> {
+    let graph = if target.extension().is_some_and(|e| e == "ron") {
+        let config_path = config.context("a model file needs --config <config.json>")?;
+        let text = std::fs::read_to_string(config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", config_path.display()))?;
+        let model = model_for(&cfg, Some(target))?;
+        graph_for(&model, &cfg)?
+    } else if target.is_dir() || target.extension().is_some_and(|e| e == "gguf") {
+        let ckpt = kiln::compiler::loader::Checkpoint::open(target)?;
+        let model = model_for(&ckpt.config, None)?;
+        let g = graph_for(&model, &ckpt.config)?;
+        check_weights(&g, &ckpt.tensors())?;
+        g
+    } else {
+        Engine::open(target)?.graph
+    };
+    print!("{graph}");
+    Ok(())
+}
+
+fn cmd_tokenize(engine: &Path, text: &str, json: bool) -> Result<()> {
+    let engine = Engine::open(engine)?;
+    let ids = tokenizer_of(&engine)?.encode(text)?;
+    if json {
+        println!("{}", serde_json::to_string(&ids)?);
+    } else {
+        let parts: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        println!("{}", parts.join(" "));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build {
+            checkpoint,
+            output,
+            model,
+        } => cmd_build(&checkpoint, &output, model),
+        Command::Run(args) => cmd_run(args),
+        Command::Inspect { target, config } => cmd_inspect(&target, config.as_deref()),
+        Command::Tokenize { engine, text, json } => cmd_tokenize(&engine, &text, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -41,13 +41,22 @@ pub struct BuildOptions {
 }
 
 /// The model file for a checkpoint: the given one, or kiln's built-in file for its `model_type`.
-pub fn model_for(config: &serde_json::Value, explicit: Option<&Path>) -> Result<ModelFile, BuildError> {
+pub fn model_for(
+    config: &serde_json::Value,
+    explicit: Option<&Path>,
+) -> Result<ModelFile, BuildError> {
     if let Some(p) = explicit {
         return Ok(ModelFile::load(p)?);
     }
-    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    let (name, text) = builtin_for(model_type)
-        .ok_or_else(|| BuildError::Other(format!("no built-in model file for model_type `{model_type}`; pass --model <file.ron>")))?;
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let (name, text) = builtin_for(model_type).ok_or_else(|| {
+        BuildError::Other(format!(
+            "no built-in model file for model_type `{model_type}`; pass --model <file.ron>"
+        ))
+    })?;
     Ok(ModelFile::parse(text, name)?)
 }
 
@@ -59,13 +68,27 @@ pub fn graph_for(model: &ModelFile, config: &serde_json::Value) -> Result<Graph,
 
 /// Checks that the checkpoint has every weight of the graph with the declared shape.
 pub fn check_weights(graph: &Graph, available: &[(String, Vec<usize>)]) -> Result<(), BuildError> {
-    let shapes: HashMap<&str, &Vec<usize>> = available.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let shapes: HashMap<&str, &Vec<usize>> =
+        available.iter().map(|(n, s)| (n.as_str(), s)).collect();
     for (id, name) in graph.weights() {
-        let want: Vec<usize> = graph.nodes[id].ty.shape.iter().map(|d| d.as_const().unwrap_or(-1) as usize).collect();
+        let want: Vec<usize> = graph.nodes[id]
+            .ty
+            .shape
+            .iter()
+            .map(|d| d.as_const().unwrap_or(-1) as usize)
+            .collect();
         match shapes.get(name) {
-            None => return Err(BuildError::Weight { name: name.into(), message: format!("missing from the checkpoint (expected shape {want:?})") }),
+            None => {
+                return Err(BuildError::Weight {
+                    name: name.into(),
+                    message: format!("missing from the checkpoint (expected shape {want:?})"),
+                })
+            }
             Some(found) if **found != want => {
-                return Err(BuildError::Weight { name: name.into(), message: format!("expected shape {want:?}, checkpoint has {found:?}") })
+                return Err(BuildError::Weight {
+                    name: name.into(),
+                    message: format!("expected shape {want:?}, checkpoint has {found:?}"),
+                })
             }
             _ => {}
         }
@@ -73,10 +96,20 @@ pub fn check_weights(graph: &Graph, available: &[(String, Vec<usize>)]) -> Resul
     Ok(())
 }
 
-fn stop_ids(config: &serde_json::Value, tokenizer: Option<&Tokenizer>, eos_text: Option<&str>) -> Vec<u32> {
+fn stop_ids(
+    config: &serde_json::Value,
+    tokenizer: Option<&Tokenizer>,
+    eos_text: Option<&str>,
+) -> Vec<u32> {
     let mut ids: Vec<u32> = match config.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
         _ => vec![],
     };
     if let (Some(t), Some(e)) = (tokenizer, eos_text) {
@@ -98,13 +131,20 @@ pub struct BuildReport {
 }
 
 /// Builds an engine from a checkpoint. `progress(done, total)` is called as weights are read.
-pub fn build(checkpoint: &Path, out: &Path, opts: &BuildOptions, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<BuildReport, BuildError> {
+pub fn build(
+    checkpoint: &Path,
+    out: &Path,
+    opts: &BuildOptions,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<BuildReport, BuildError> {
     let ckpt = Checkpoint::open(checkpoint)?;
     let model = model_for(&ckpt.config, opts.model_file.as_deref())?;
     let graph = graph_for(&model, &ckpt.config)?;
     check_weights(&graph, &ckpt.tensors())?;
     let tokenizer = match &ckpt.tokenizer_json {
-        Some(t) => Some(Tokenizer::from_json(t).map_err(|e| BuildError::Other(format!("tokenizer: {e}")))?),
+        Some(t) => Some(
+            Tokenizer::from_json(t).map_err(|e| BuildError::Other(format!("tokenizer: {e}")))?,
+        ),
         None => None,
     };
     let generation = GenerationConfig {
@@ -112,7 +152,11 @@ pub fn build(checkpoint: &Path, out: &Path, opts: &BuildOptions, progress: &(dyn
         bos_token: ckpt.bos_token.clone(),
         eos_token: ckpt.eos_token.clone(),
         stop_token_ids: stop_ids(&ckpt.config, tokenizer.as_ref(), ckpt.eos_token.as_deref()),
-        max_context: ckpt.config.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize),
+        max_context: ckpt
+            .config
+            .get("max_position_embeddings")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize),
     };
     let wanted: Vec<(NodeId, &str)> = graph.weights().collect();
     let total = wanted.len();
@@ -120,10 +164,18 @@ pub fn build(checkpoint: &Path, out: &Path, opts: &BuildOptions, progress: &(dyn
     let weights = wanted
         .par_iter()
         .map(|&(id, name)| {
-            let shape: Vec<usize> = graph.nodes[id].ty.shape.iter().map(|d| d.constant as usize).collect();
+            let shape: Vec<usize> = graph.nodes[id]
+                .ty
+                .shape
+                .iter()
+                .map(|d| d.constant as usize)
+                .collect();
             let data = ckpt.read_f32(name)?;
             let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1, total);
+            progress(
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+                total,
+            );
             Ok((name.to_string(), shape, bytes))
         })
         .collect::<Result<Vec<_>, BuildError>>()?;
@@ -137,5 +189,9 @@ pub fn build(checkpoint: &Path, out: &Path, opts: &BuildOptions, progress: &(dyn
         weights,
     };
     write_engine(out, &contents).map_err(BuildError::Other)?;
-    Ok(BuildReport { nodes: graph.nodes.len(), weights: total, parameters })
+    Ok(BuildReport {
+        nodes: graph.nodes.len(),
+        weights: total,
+        parameters,
+    })
 }

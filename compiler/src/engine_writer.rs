@@ -35,15 +35,24 @@ pub fn write_engine(path: &Path, c: &EngineContents) -> Result<(), String> {
     if let Some(t) = c.tokenizer_json {
         meta.insert(keys::TOKENIZER.to_string(), t.to_string());
     }
-    meta.insert(keys::GENERATION.to_string(), serde_json::to_string(c.generation).map_err(|e| e.to_string())?);
-    meta.insert(keys::CHECKSUM.to_string(), checksum(c.weights.iter().map(|(n, _, d)| (n.as_str(), d.as_slice()))));
+    meta.insert(
+        keys::GENERATION.to_string(),
+        serde_json::to_string(c.generation).map_err(|e| e.to_string())?,
+    );
+    meta.insert(
+        keys::CHECKSUM.to_string(),
+        checksum(c.weights.iter().map(|(n, _, d)| (n.as_str(), d.as_slice()))),
+    );
     let views = c
         .weights
         .iter()
-        .map(|(name, shape, data)| TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (name.as_str(), v)))
+        .map(|(name, shape, data)| {
+            TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (name.as_str(), v))
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let tmp = path.with_extension("kiln.partial");
-    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }

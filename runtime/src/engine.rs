@@ -110,14 +110,31 @@ impl Engine {
     /// Opens an engine: checks format, target and checksum, parses the graph.
     pub fn open(path: &Path) -> Result<Engine, EngineError> {
         let file_name = path.display().to_string();
-        let corrupt = |message: String| EngineError::Corrupt { file: file_name.clone(), message };
-        let file = File::open(path).map_err(|source| EngineError::Io { file: file_name.clone(), source })?;
+        let corrupt = |message: String| EngineError::Corrupt {
+            file: file_name.clone(),
+            message,
+        };
+        let file = File::open(path).map_err(|source| EngineError::Io {
+            file: file_name.clone(),
+            source,
+        })?;
         // SAFETY: read-only mapping; an engine modified while running is not supported.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io { file: file_name.clone(), source })?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
+            file: file_name.clone(),
+            source,
+        })?;
         let (_, header) = SafeTensors::read_metadata(&mmap).map_err(|e| corrupt(e.to_string()))?;
-        let meta = header.metadata().clone().ok_or_else(|| corrupt("no kiln metadata".into()))?;
-        let get = |key: &str| meta.get(key).ok_or_else(|| corrupt(format!("metadata `{key}` missing")));
-        let version: u32 = get(keys::FORMAT)?.parse().map_err(|_| corrupt("bad format version".into()))?;
+        let meta = header
+            .metadata()
+            .clone()
+            .ok_or_else(|| corrupt("no kiln metadata".into()))?;
+        let get = |key: &str| {
+            meta.get(key)
+                .ok_or_else(|| corrupt(format!("metadata `{key}` missing")))
+        };
+        let version: u32 = get(keys::FORMAT)?
+            .parse()
+            .map_err(|_| corrupt("bad format version".into()))?;
         if version != FORMAT_VERSION {
             return Err(EngineError::Incompatible {
                 file: file_name,
@@ -126,24 +143,41 @@ impl Engine {
         }
         let target = get(keys::TARGET)?;
         if target != "cpu" {
-            return Err(EngineError::Incompatible { file: file_name, message: format!("engine built for target `{target}`, this kiln runs `cpu`") });
+            return Err(EngineError::Incompatible {
+                file: file_name,
+                message: format!("engine built for target `{target}`, this kiln runs `cpu`"),
+            });
         }
         let st = SafeTensors::deserialize(&mmap).map_err(|e| corrupt(e.to_string()))?;
         let tensors = st.tensors();
         let sum = checksum(tensors.iter().map(|(n, v)| (n.as_str(), v.data())));
         if &sum != get(keys::CHECKSUM)? {
-            return Err(corrupt(format!("checksum mismatch (stored {}, computed {sum}): the file is damaged", get(keys::CHECKSUM)?)));
+            return Err(corrupt(format!(
+                "checksum mismatch (stored {}, computed {sum}): the file is damaged",
+                get(keys::CHECKSUM)?
+            )));
         }
         let graph = Graph::from_ron(get(keys::GRAPH)?).map_err(|e| corrupt(e.to_string()))?;
-        let config = serde_json::from_str(get(keys::CONFIG)?).map_err(|e| corrupt(format!("config: {e}")))?;
+        let config = serde_json::from_str(get(keys::CONFIG)?)
+            .map_err(|e| corrupt(format!("config: {e}")))?;
         let generation = match meta.get(keys::GENERATION) {
-            Some(g) => serde_json::from_str(g).map_err(|e| corrupt(format!("generation config: {e}")))?,
+            Some(g) => {
+                serde_json::from_str(g).map_err(|e| corrupt(format!("generation config: {e}")))?
+            }
             None => GenerationConfig::default(),
         };
         let tokenizer_json = meta.get(keys::TOKENIZER).cloned();
         drop(tensors);
         drop(st);
-        Ok(Engine { path: path.to_path_buf(), mmap, meta, graph, config, tokenizer_json, generation })
+        Ok(Engine {
+            path: path.to_path_buf(),
+            mmap,
+            meta,
+            graph,
+            config,
+            tokenizer_json,
+            generation,
+        })
     }
 
     /// A metadata value.
@@ -153,12 +187,38 @@ impl Engine {
 
     /// Reads a weight as f32, checking its shape.
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
-        let corrupt = |message: String| EngineError::Corrupt { file: self.path.display().to_string(), message };
+        let corrupt = |message: String| EngineError::Corrupt {
+            file: self.path.display().to_string(),
+            message,
+        };
         let st = SafeTensors::deserialize(&self.mmap).map_err(|e| corrupt(e.to_string()))?;
-        let view = st.tensor(name).map_err(|_| corrupt(format!("weight `{name}` missing")))?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| corrupt(format!("weight `{name}` missing")))?;
         if view.dtype() != Dtype::F32 || view.shape() != shape {
-            return Err(corrupt(format!("weight `{name}` is {:?}{:?}, expected F32{shape:?}", view.dtype(), view.shape())));
+            return Err(corrupt(format!(
+                "weight `{name}` is {:?}{:?}, expected F32{shape:?}",
+                view.dtype(),
+                view.shape()
+            )));
         }
-        Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+}
+
+impl Engine {
+    /// A CPU executor over this engine's graph and weights.
+    pub fn cpu_executor(&self) -> Result<crate::cpu::CpuExecutor, crate::cpu::ExecError> {
+        crate::cpu::CpuExecutor::new(self.graph.clone(), |name, shape| {
+            self.read_f32(name, shape)
+                .map_err(|e| crate::cpu::ExecError::Weight {
+                    name: name.to_string(),
+                    message: e.to_string(),
+                })
+        })
     }
 }

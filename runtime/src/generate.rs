@@ -96,17 +96,32 @@ fn last_row(logits: &crate::cpu::HostTensor) -> &[f32] {
 }
 
 /// Generates from `req`, calling `on_text` with each newly final piece of text.
-pub fn generate(exec: &CpuExecutor, tok: &Tokenizer, req: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<Generation, GenerateError> {
+pub fn generate(
+    exec: &CpuExecutor,
+    tok: &Tokenizer,
+    req: &GenerateRequest,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation, GenerateError> {
     let prompt = &req.prompt_ids;
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
     if let Some(context) = req.max_context {
         if prompt.len() > context {
-            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context });
+            return Err(GenerateError::PromptTooLong {
+                prompt: prompt.len(),
+                context,
+            });
         }
     }
-    let stop = StopCriteria::new(if req.ignore_eos { vec![] } else { req.stop_ids.clone() }, req.stop_strings.clone());
+    let stop = StopCriteria::new(
+        if req.ignore_eos {
+            vec![]
+        } else {
+            req.stop_ids.clone()
+        },
+        req.stop_strings.clone(),
+    );
     let mut sampler = Sampler::new(req.sampling.clone());
     let mut session = exec.session(1);
     let mut decoder = StreamDecoder::new(tok);
@@ -159,6 +174,16 @@ pub fn generate(exec: &CpuExecutor, tok: &Tokenizer, req: &GenerateRequest, mut 
     };
     timings.prefill_tokens_per_s = prompt.len() as f64 / (timings.prefill_ms / 1e3);
     let decode_steps = generated.len().saturating_sub(1);
-    timings.decode_tokens_per_s = if decode_steps > 0 { decode_steps as f64 / (timings.decode_ms / 1e3) } else { 0.0 };
-    Ok(Generation { prompt_ids: prompt.clone(), generated_ids: generated, text, finish_reason: finish, timings })
+    timings.decode_tokens_per_s = if decode_steps > 0 {
+        decode_steps as f64 / (timings.decode_ms / 1e3)
+    } else {
+        0.0
+    };
+    Ok(Generation {
+        prompt_ids: prompt.clone(),
+        generated_ids: generated,
+        text,
+        finish_reason: finish,
+        timings,
+    })
 }

@@ -4,7 +4,9 @@
 use crate::model::ast::{Function, ModelFile, OpExpr, Stmt};
 use crate::model::expr::{Expr, ParamValue, Params};
 use crate::model::ModelError;
-use kiln_runtime::ir::{BinaryOp, DType, Dim, Graph, InputKind, NodeId, Op, ReduceOp, StateBinding, TensorType, UnaryOp};
+use kiln_runtime::ir::{
+    BinaryOp, DType, Dim, Graph, InputKind, NodeId, Op, ReduceOp, StateBinding, TensorType, UnaryOp,
+};
 use std::collections::HashMap;
 
 struct Expander<'m> {
@@ -28,12 +30,20 @@ impl Scope {
 pub fn expand(model: &ModelFile, params: &Params) -> Result<Graph, ModelError> {
     let mut ex = Expander {
         family: &model.family,
-        functions: model.functions.iter().map(|f| (f.name.as_str(), f)).collect(),
+        functions: model
+            .functions
+            .iter()
+            .map(|f| (f.name.as_str(), f))
+            .collect(),
         graph: Graph::default(),
     };
-    let mut scope = Scope { frames: vec![HashMap::new()] };
+    let mut scope = Scope {
+        frames: vec![HashMap::new()],
+    };
     ex.stmts(&model.body, &mut scope, params, "", 0)?;
-    ex.graph.validate().map_err(|e| ex.err("graph", e.to_string()))?;
+    ex.graph
+        .validate()
+        .map_err(|e| ex.err("graph", e.to_string()))?;
     if ex.graph.outputs.is_empty() {
         return Err(ex.err("model", "declares no Output".into()));
     }
@@ -54,11 +64,18 @@ fn substitute(template: &str, params: &Params) -> Result<String, String> {
     let mut rest = template;
     while let Some(open) = rest.find('{') {
         out.push_str(&rest[..open]);
-        let close = rest[open..].find('}').ok_or_else(|| format!("unclosed `{{` in `{template}`"))? + open;
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed `{{` in `{template}`"))?
+            + open;
         let key = &rest[open + 1..close];
         match params.get(key) {
             Some(ParamValue::Int(i)) => out.push_str(&i.to_string()),
-            _ => return Err(format!("`{{{key}}}` in `{template}` is not an integer parameter")),
+            _ => {
+                return Err(format!(
+                    "`{{{key}}}` in `{template}` is not an integer parameter"
+                ))
+            }
         }
         rest = &rest[close + 1..];
     }
@@ -68,10 +85,21 @@ fn substitute(template: &str, params: &Params) -> Result<String, String> {
 
 impl<'m> Expander<'m> {
     fn err(&self, context: &str, message: String) -> ModelError {
-        ModelError::Expand { family: self.family.to_string(), context: context.to_string(), message }
+        ModelError::Expand {
+            family: self.family.to_string(),
+            context: context.to_string(),
+            message,
+        }
     }
 
-    fn stmts(&mut self, stmts: &'m [Stmt], scope: &mut Scope, params: &Params, prefix: &str, depth: usize) -> Result<(), ModelError> {
+    fn stmts(
+        &mut self,
+        stmts: &'m [Stmt],
+        scope: &mut Scope,
+        params: &Params,
+        prefix: &str,
+        depth: usize,
+    ) -> Result<(), ModelError> {
         for stmt in stmts {
             self.stmt(stmt, scope, params, prefix, depth)?;
         }
@@ -79,42 +107,90 @@ impl<'m> Expander<'m> {
     }
 
     fn lookup(&self, scope: &Scope, name: &str, ctx: &str) -> Result<NodeId, ModelError> {
-        scope.get(name).ok_or_else(|| self.err(ctx, format!("`{name}` is not defined")))
+        scope
+            .get(name)
+            .ok_or_else(|| self.err(ctx, format!("`{name}` is not defined")))
     }
 
-    fn stmt(&mut self, stmt: &'m Stmt, scope: &mut Scope, params: &Params, prefix: &str, depth: usize) -> Result<(), ModelError> {
+    fn stmt(
+        &mut self,
+        stmt: &'m Stmt,
+        scope: &mut Scope,
+        params: &Params,
+        prefix: &str,
+        depth: usize,
+    ) -> Result<(), ModelError> {
         match stmt {
             Stmt::Let(name, op) => {
                 let ctx = format!("{prefix}{name}");
                 if scope.frames.last().is_some_and(|f| f.contains_key(name)) {
-                    return Err(self.err(&ctx, format!("`{name}` is already defined in this scope")));
+                    return Err(
+                        self.err(&ctx, format!("`{name}` is already defined in this scope"))
+                    );
                 }
                 let id = self.op(&ctx, op, scope, params, depth)?;
-                scope.frames.last_mut().expect("a frame").insert(name.clone(), id);
+                scope
+                    .frames
+                    .last_mut()
+                    .expect("a frame")
+                    .insert(name.clone(), id);
             }
-            Stmt::Repeat { count, index, scope: scope_name, body } => {
+            Stmt::Repeat {
+                count,
+                index,
+                scope: scope_name,
+                body,
+            } => {
                 let n = Expr::parse(count)
                     .and_then(|e| e.eval_dim(params))
                     .map_err(|m| self.err(scope_name, m))?
                     .as_const()
-                    .ok_or_else(|| self.err(scope_name, format!("repeat count `{count}` is not a constant")))?;
+                    .ok_or_else(|| {
+                        self.err(
+                            scope_name,
+                            format!("repeat count `{count}` is not a constant"),
+                        )
+                    })?;
                 for i in 0..n {
                     let mut p = params.clone();
                     p.insert(index.clone(), ParamValue::Int(i));
                     scope.frames.push(HashMap::new());
-                    self.stmts(body, scope, &p, &format!("{prefix}{scope_name}.{i}."), depth)?;
+                    self.stmts(
+                        body,
+                        scope,
+                        &p,
+                        &format!("{prefix}{scope_name}.{i}."),
+                        depth,
+                    )?;
                     let frame = scope.frames.pop().expect("pushed");
                     // Names that existed outside are loop-carried: the iteration's value replaces them.
                     for (name, id) in frame {
-                        if let Some(f) = scope.frames.iter_mut().rev().find(|f| f.contains_key(&name)) {
+                        if let Some(f) = scope
+                            .frames
+                            .iter_mut()
+                            .rev()
+                            .find(|f| f.contains_key(&name))
+                        {
                             f.insert(name, id);
                         }
                     }
                 }
             }
-            Stmt::If { cond, then, otherwise } => {
-                let c = Expr::parse(cond).and_then(|e| e.eval_f64(params)).map_err(|m| self.err("If", m))?;
-                self.stmts(if c != 0.0 { then } else { otherwise }, scope, params, prefix, depth)?;
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+            } => {
+                let c = Expr::parse(cond)
+                    .and_then(|e| e.eval_f64(params))
+                    .map_err(|m| self.err("If", m))?;
+                self.stmts(
+                    if c != 0.0 { then } else { otherwise },
+                    scope,
+                    params,
+                    prefix,
+                    depth,
+                )?;
             }
             Stmt::Output(name, value) => {
                 let id = self.lookup(scope, value, &format!("Output {name}"))?;
@@ -124,7 +200,11 @@ impl<'m> Expander<'m> {
                 let ctx = format!("Update {state}");
                 let input = self.lookup(scope, state, &ctx)?;
                 let update = self.lookup(scope, value, &ctx)?;
-                if self.graph.nodes[input].op != (Op::Input { kind: InputKind::State }) {
+                if self.graph.nodes[input].op
+                    != (Op::Input {
+                        kind: InputKind::State,
+                    })
+                {
                     return Err(self.err(&ctx, format!("`{state}` is not a State")));
                 }
                 self.graph.states.push(StateBinding { input, update });
@@ -134,10 +214,24 @@ impl<'m> Expander<'m> {
     }
 
     fn dims(&self, ctx: &str, exprs: &[String], params: &Params) -> Result<Vec<Dim>, ModelError> {
-        exprs.iter().map(|e| Expr::parse(e).and_then(|e| e.eval_dim(params)).map_err(|m| self.err(ctx, m))).collect()
+        exprs
+            .iter()
+            .map(|e| {
+                Expr::parse(e)
+                    .and_then(|e| e.eval_dim(params))
+                    .map_err(|m| self.err(ctx, m))
+            })
+            .collect()
     }
 
-    fn op(&mut self, ctx: &str, op: &'m OpExpr, scope: &Scope, params: &Params, depth: usize) -> Result<NodeId, ModelError> {
+    fn op(
+        &mut self,
+        ctx: &str,
+        op: &'m OpExpr,
+        scope: &Scope,
+        params: &Params,
+        depth: usize,
+    ) -> Result<NodeId, ModelError> {
         use OpExpr as E;
         let arg = |name: &String| self.lookup(scope, name, ctx);
         let rank = |g: &Graph, id: NodeId| g.nodes[id].ty.rank();
@@ -145,22 +239,44 @@ impl<'m> Expander<'m> {
             E::Tokens | E::Positions | E::State(_) | E::Weight(..) => {
                 let (op, ty) = match op {
                     E::Tokens => (
-                        Op::Input { kind: InputKind::Tokens },
-                        TensorType::new(DType::I32, self.dims(ctx, &["batch".into(), "seq".into()], params)?),
+                        Op::Input {
+                            kind: InputKind::Tokens,
+                        },
+                        TensorType::new(
+                            DType::I32,
+                            self.dims(ctx, &["batch".into(), "seq".into()], params)?,
+                        ),
                     ),
-                    E::Positions => (Op::Input { kind: InputKind::Positions }, TensorType::new(DType::I32, self.dims(ctx, &["seq".into()], params)?)),
-                    E::State(shape) => (Op::Input { kind: InputKind::State }, TensorType::new(DType::F32, self.dims(ctx, shape, params)?)),
+                    E::Positions => (
+                        Op::Input {
+                            kind: InputKind::Positions,
+                        },
+                        TensorType::new(DType::I32, self.dims(ctx, &["seq".into()], params)?),
+                    ),
+                    E::State(shape) => (
+                        Op::Input {
+                            kind: InputKind::State,
+                        },
+                        TensorType::new(DType::F32, self.dims(ctx, shape, params)?),
+                    ),
                     E::Weight(name, shape) => {
                         let name = substitute(name, params).map_err(|m| self.err(ctx, m))?;
                         let dims = self.dims(ctx, shape, params)?;
                         if let Some(d) = dims.iter().find(|d| d.as_const().is_none()) {
-                            return Err(self.err(ctx, format!("weight `{name}` has run-time size {d}")));
+                            return Err(
+                                self.err(ctx, format!("weight `{name}` has run-time size {d}"))
+                            );
                         }
                         (Op::Weight { name }, TensorType::new(DType::F32, dims))
                     }
                     _ => unreachable!(),
                 };
-                if matches!(op, Op::Input { kind: InputKind::Tokens | InputKind::Positions }) {
+                if matches!(
+                    op,
+                    Op::Input {
+                        kind: InputKind::Tokens | InputKind::Positions
+                    }
+                ) {
                     if let Some(existing) = self.graph.nodes.iter().position(|n| n.op == op) {
                         return Ok(existing);
                     }
@@ -168,10 +284,17 @@ impl<'m> Expander<'m> {
                 return Ok(self.graph.add_leaf(ctx, op, ty));
             }
             E::Const(e) => {
-                let v = Expr::parse(e).and_then(|e| e.eval_f64(params)).map_err(|m| self.err(ctx, m))?;
+                let v = Expr::parse(e)
+                    .and_then(|e| e.eval_f64(params))
+                    .map_err(|m| self.err(ctx, m))?;
                 (Op::Constant { value: v as f32 }, vec![])
             }
-            E::Iota(len) => (Op::Iota { len: self.dims(ctx, std::slice::from_ref(len), params)?.remove(0) }, vec![]),
+            E::Iota(len) => (
+                Op::Iota {
+                    len: self.dims(ctx, std::slice::from_ref(len), params)?.remove(0),
+                },
+                vec![],
+            ),
             E::Neg(x) => (Op::Unary(UnaryOp::Neg), vec![arg(x)?]),
             E::Exp(x) => (Op::Unary(UnaryOp::Exp), vec![arg(x)?]),
             E::Sqrt(x) => (Op::Unary(UnaryOp::Sqrt), vec![arg(x)?]),
@@ -187,7 +310,9 @@ impl<'m> Expander<'m> {
             E::Max(a, b) => (Op::Binary(BinaryOp::Max), vec![arg(a)?, arg(b)?]),
             E::Greater(a, b) => (Op::Binary(BinaryOp::Greater), vec![arg(a)?, arg(b)?]),
             E::Where(c, a, b) => (Op::Where, vec![arg(c)?, arg(a)?, arg(b)?]),
-            E::Sum { x, axis: a, keep } | E::Mean { x, axis: a, keep } | E::ReduceMax { x, axis: a, keep } => {
+            E::Sum { x, axis: a, keep }
+            | E::Mean { x, axis: a, keep }
+            | E::ReduceMax { x, axis: a, keep } => {
                 let id = arg(x)?;
                 let reduce = match op {
                     E::Sum { .. } => ReduceOp::Sum,
@@ -195,48 +320,106 @@ impl<'m> Expander<'m> {
                     _ => ReduceOp::Max,
                 };
                 let axis = axis(*a, rank(&self.graph, id)).map_err(|m| self.err(ctx, m))?;
-                (Op::Reduce { op: reduce, axis, keep_dim: *keep }, vec![id])
+                (
+                    Op::Reduce {
+                        op: reduce,
+                        axis,
+                        keep_dim: *keep,
+                    },
+                    vec![id],
+                )
             }
             E::Softmax { x, axis: a } => {
                 let id = arg(x)?;
-                (Op::Softmax { axis: axis(*a, rank(&self.graph, id)).map_err(|m| self.err(ctx, m))? }, vec![id])
+                (
+                    Op::Softmax {
+                        axis: axis(*a, rank(&self.graph, id)).map_err(|m| self.err(ctx, m))?,
+                    },
+                    vec![id],
+                )
             }
             E::MatMul(a, b) => (Op::MatMul, vec![arg(a)?, arg(b)?]),
-            E::Reshape { x, shape } => (Op::Reshape { shape: self.dims(ctx, shape, params)? }, vec![arg(x)?]),
+            E::Reshape { x, shape } => (
+                Op::Reshape {
+                    shape: self.dims(ctx, shape, params)?,
+                },
+                vec![arg(x)?],
+            ),
             E::Transpose { x, perm } => (Op::Transpose { perm: perm.clone() }, vec![arg(x)?]),
             E::Gather(table, ids) => (Op::Gather, vec![arg(table)?, arg(ids)?]),
             E::Concat { xs, axis: a } => {
                 let ids: Vec<NodeId> = xs.iter().map(arg).collect::<Result<_, _>>()?;
-                let first = *ids.first().ok_or_else(|| self.err(ctx, "Concat of nothing".into()))?;
-                (Op::Concat { axis: axis(*a, rank(&self.graph, first)).map_err(|m| self.err(ctx, m))? }, ids)
+                let first = *ids
+                    .first()
+                    .ok_or_else(|| self.err(ctx, "Concat of nothing".into()))?;
+                (
+                    Op::Concat {
+                        axis: axis(*a, rank(&self.graph, first)).map_err(|m| self.err(ctx, m))?,
+                    },
+                    ids,
+                )
             }
-            E::Slice { x, axis: a, start, end } => {
+            E::Slice {
+                x,
+                axis: a,
+                start,
+                end,
+            } => {
                 let id = arg(x)?;
                 let axis = axis(*a, rank(&self.graph, id)).map_err(|m| self.err(ctx, m))?;
                 let mut se = self.dims(ctx, &[start.clone(), end.clone()], params)?;
                 let end = se.pop().expect("two");
-                (Op::Slice { axis, start: se.pop().expect("two"), end }, vec![id])
+                (
+                    Op::Slice {
+                        axis,
+                        start: se.pop().expect("two"),
+                        end,
+                    },
+                    vec![id],
+                )
             }
             E::Cast { x, dtype } => (Op::Cast { dtype: *dtype }, vec![arg(x)?]),
             E::Call(name, args) => return self.call(ctx, name, args, scope, params, depth),
         };
-        self.graph.add(ctx, op, inputs).map_err(|e| self.err(ctx, e.to_string()))
+        self.graph
+            .add(ctx, op, inputs)
+            .map_err(|e| self.err(ctx, e.to_string()))
     }
 
-    fn call(&mut self, ctx: &str, name: &str, args: &[String], scope: &Scope, params: &Params, depth: usize) -> Result<NodeId, ModelError> {
-        let f = *self.functions.get(name).ok_or_else(|| self.err(ctx, format!("unknown function `{name}`")))?;
+    fn call(
+        &mut self,
+        ctx: &str,
+        name: &str,
+        args: &[String],
+        scope: &Scope,
+        params: &Params,
+        depth: usize,
+    ) -> Result<NodeId, ModelError> {
+        let f = *self
+            .functions
+            .get(name)
+            .ok_or_else(|| self.err(ctx, format!("unknown function `{name}`")))?;
         if depth > 32 {
             return Err(self.err(ctx, format!("function `{name}` recurses too deeply")));
         }
         if f.args.len() != args.len() {
-            return Err(self.err(ctx, format!("`{name}` takes {} argument(s), got {}", f.args.len(), args.len())));
+            return Err(self.err(
+                ctx,
+                format!(
+                    "`{name}` takes {} argument(s), got {}",
+                    f.args.len(),
+                    args.len()
+                ),
+            ));
         }
         let mut frame = HashMap::new();
         for (param, a) in f.args.iter().zip(args) {
             frame.insert(param.clone(), self.lookup(scope, a, ctx)?);
         }
         let first_new = self.graph.nodes.len();
-        let mut inner = Scope { frames: vec![frame] };
+        let mut inner = Scope {
+            frames: vec![frame],
+        };
         self.stmts(&f.body, &mut inner, params, &format!("{ctx}."), depth + 1)?;
         let result = self.lookup(&inner, &f.result, &format!("{ctx} (result of `{name}`)"))?;
         if result >= first_new {
@@ -252,7 +435,11 @@ mod tests {
     use crate::model::{params::bind, ModelFile, LLAMA_RON};
 
     fn smollm_config() -> serde_json::Value {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/smollm2-135m/config.json")).unwrap();
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/smollm2-135m/config.json"
+        ))
+        .unwrap();
         serde_json::from_str(&text).unwrap()
     }
 
@@ -278,7 +465,9 @@ mod tests {
             Output("y", "y"),
         ])"#;
         let m = ModelFile::parse(text, "t.ron").unwrap();
-        let err = expand(&m, &bind(&m.params, &serde_json::json!({})).unwrap()).unwrap_err().to_string();
+        let err = expand(&m, &bind(&m.params, &serde_json::json!({})).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`nope` is not defined"), "{err}");
         let text = r#"Model(family: "t", params: [("n", Expr("4"))], body: [
             Let("w", Weight("w", ["n", "n"])),
@@ -287,7 +476,12 @@ mod tests {
             Output("y", "y"),
         ])"#;
         let m = ModelFile::parse(text, "t.ron").unwrap();
-        let err = expand(&m, &bind(&m.params, &serde_json::json!({})).unwrap()).unwrap_err().to_string();
-        assert!(err.contains("node `y` (MatMul)") && err.contains("[4, 4]") && err.contains("[3, 4]"), "{err}");
+        let err = expand(&m, &bind(&m.params, &serde_json::json!({})).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("node `y` (MatMul)") && err.contains("[4, 4]") && err.contains("[3, 4]"),
+            "{err}"
+        );
     }
 }

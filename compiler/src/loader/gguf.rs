@@ -21,9 +21,12 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use super::gguf_llama::{llama_hf_name, llama_qk};
+use super::gguf_parse::{Cursor, What};
 use super::gguf_quant::{self, GgmlType};
+pub use super::gguf_value::{GgufError, GgufValue};
 
 /// The four bytes every GGUF file starts with.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -31,274 +34,6 @@ const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// ggml's `GGML_MAX_DIMS`.
 const MAX_DIMS: u32 = 4;
-/// Deepest nesting of metadata arrays accepted (guards the recursive parser's stack).
-const MAX_ARRAY_DEPTH: usize = 8;
-
-/// A metadata value of a GGUF file.
-#[derive(Debug, Clone, PartialEq)]
-pub enum GgufValue {
-    /// Type 0.
-    U8(u8),
-    /// Type 1.
-    I8(i8),
-    /// Type 2.
-    U16(u16),
-    /// Type 3.
-    I16(i16),
-    /// Type 4.
-    U32(u32),
-    /// Type 5.
-    I32(i32),
-    /// Type 6.
-    F32(f32),
-    /// Type 7 (one byte, 0 or 1).
-    Bool(bool),
-    /// Type 8 (`u64` length + UTF-8 bytes).
-    String(String),
-    /// Type 9 (`u32` element type + `u64` count + elements, all of that one type).
-    Array(Vec<GgufValue>),
-    /// Type 10.
-    U64(u64),
-    /// Type 11.
-    I64(i64),
-    /// Type 12.
-    F64(f64),
-}
-
-impl GgufValue {
-    /// The GGUF name of this value's type (`"u32"`, `"string"`, `"array"`, …).
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            GgufValue::U8(_) => "u8",
-            GgufValue::I8(_) => "i8",
-            GgufValue::U16(_) => "u16",
-            GgufValue::I16(_) => "i16",
-            GgufValue::U32(_) => "u32",
-            GgufValue::I32(_) => "i32",
-            GgufValue::F32(_) => "f32",
-            GgufValue::Bool(_) => "bool",
-            GgufValue::String(_) => "string",
-            GgufValue::Array(_) => "array",
-            GgufValue::U64(_) => "u64",
-            GgufValue::I64(_) => "i64",
-            GgufValue::F64(_) => "f64",
-        }
-    }
-
-    /// The value as a `u64` if it is an integer of any width that is not negative.
-    pub fn as_u64(&self) -> Option<u64> {
-        match *self {
-            GgufValue::U8(v) => Some(v.into()),
-            GgufValue::U16(v) => Some(v.into()),
-            GgufValue::U32(v) => Some(v.into()),
-            GgufValue::U64(v) => Some(v),
-            GgufValue::I8(v) => u64::try_from(v).ok(),
-            GgufValue::I16(v) => u64::try_from(v).ok(),
-            GgufValue::I32(v) => u64::try_from(v).ok(),
-            GgufValue::I64(v) => u64::try_from(v).ok(),
-            _ => None,
-        }
-    }
-
-    /// The value as an `i64` if it is an integer of any width that fits.
-    pub fn as_i64(&self) -> Option<i64> {
-        match *self {
-            GgufValue::I8(v) => Some(v.into()),
-            GgufValue::I16(v) => Some(v.into()),
-            GgufValue::I32(v) => Some(v.into()),
-            GgufValue::I64(v) => Some(v),
-            _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
-        }
-    }
-
-    /// The value as an `f64` if it is a float (f32 values are widened exactly) or an integer.
-    pub fn as_f64(&self) -> Option<f64> {
-        match *self {
-            GgufValue::F32(v) => Some(v.into()),
-            GgufValue::F64(v) => Some(v),
-            _ => self.as_i64().map(|v| v as f64),
-        }
-    }
-
-    /// The value as a string slice if it is a string.
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            GgufValue::String(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// The elements if the value is an array.
-    pub fn as_array(&self) -> Option<&[GgufValue]> {
-        match self {
-            GgufValue::Array(a) => Some(a),
-            _ => None,
-        }
-    }
-
-    /// The value as a bool if it is a bool.
-    pub fn as_bool(&self) -> Option<bool> {
-        match *self {
-            GgufValue::Bool(b) => Some(b),
-            _ => None,
-        }
-    }
-}
-
-/// Everything that can go wrong reading a GGUF file. Each message names the file and the key
-/// or tensor concerned, and says what was expected and what was found.
-#[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    /// The file could not be opened, inspected or memory-mapped.
-    #[error("GGUF file {path}: cannot read it: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file does not start with `GGUF`.
-    #[error("GGUF file {path}: bad magic: expected the bytes \"GGUF\", found {found:?}")]
-    BadMagic {
-        /// The file.
-        path: PathBuf,
-        /// The first bytes of the file (fewer than 4 if it is shorter).
-        found: Vec<u8>,
-    },
-    /// The header's version is not one this reader understands.
-    #[error("GGUF file {path}: unsupported version {found}: expected 2 or 3 (little-endian)")]
-    UnsupportedVersion {
-        /// The file.
-        path: PathBuf,
-        /// The version read (as little-endian).
-        found: u32,
-    },
-    /// The file ends before something it declares.
-    #[error(
-        "GGUF file {path}: truncated: {what} needs bytes {start}..{end}, but the file is {file_len} bytes long"
-    )]
-    Truncated {
-        /// The file.
-        path: PathBuf,
-        /// What was being read (names the metadata key or tensor).
-        what: String,
-        /// First byte needed.
-        start: u64,
-        /// One past the last byte needed.
-        end: u64,
-        /// The file size.
-        file_len: u64,
-    },
-    /// A structurally invalid value (absurd count, unknown value type, invalid UTF-8, …).
-    #[error("GGUF file {path}: corrupt {what}: expected {expected}, found {found}")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// Where (names the metadata key or tensor).
-        what: String,
-        /// What a valid file has there.
-        expected: String,
-        /// What this file has.
-        found: String,
-    },
-    /// A tensor info's type id is not any GGML type.
-    #[error("GGUF file {path}: tensor '{tensor}' has unknown GGML type id {type_id}")]
-    UnknownTensorType {
-        /// The file.
-        path: PathBuf,
-        /// The tensor (GGUF name).
-        tensor: String,
-        /// The type id found.
-        type_id: u32,
-    },
-    /// A tensor's GGML type is valid but cannot be dequantized by this reader.
-    #[error(
-        "GGUF file {path}: tensor '{tensor}' has GGML type {type_name}, which cannot be converted to f32 (supported: {supported})"
-    )]
-    UnsupportedTensorType {
-        /// The file.
-        path: PathBuf,
-        /// The tensor (HF name).
-        tensor: String,
-        /// The type's ggml name.
-        type_name: &'static str,
-        /// The supported type names.
-        supported: &'static str,
-    },
-    /// A tensor's data lies (partly) outside the file.
-    #[error(
-        "GGUF file {path}: tensor '{tensor}' data at bytes {start}..{end} runs past the end of the file ({file_len} bytes)"
-    )]
-    TensorOutOfBounds {
-        /// The file.
-        path: PathBuf,
-        /// The tensor (GGUF name).
-        tensor: String,
-        /// First byte of its data.
-        start: u64,
-        /// One past its last byte.
-        end: u64,
-        /// The file size.
-        file_len: u64,
-    },
-    /// A tensor's shape does not fit its type or its use.
-    #[error("GGUF file {path}: tensor '{tensor}': bad shape: expected {expected}, found {found}")]
-    BadTensorShape {
-        /// The file.
-        path: PathBuf,
-        /// The tensor.
-        tensor: String,
-        /// What was required.
-        expected: String,
-        /// What the file has.
-        found: String,
-    },
-    /// No tensor of this (HF) name.
-    #[error(
-        "GGUF file {path}: no tensor named '{name}' (names are HF names, see GgufFile::tensors)"
-    )]
-    TensorNotFound {
-        /// The file.
-        path: PathBuf,
-        /// The name asked for.
-        name: String,
-    },
-    /// A required metadata key is absent.
-    #[error("GGUF file {path}: missing metadata key '{key}' (expected {expected})")]
-    MissingKey {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-        /// What it should hold.
-        expected: &'static str,
-    },
-    /// A metadata key holds a value of the wrong type or range.
-    #[error("GGUF file {path}: metadata key '{key}': expected {expected}, found {found}")]
-    BadKey {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-        /// What it should hold.
-        expected: String,
-        /// What it holds.
-        found: String,
-    },
-    /// The operation does not support this file's architecture or tokenizer model.
-    #[error("GGUF file {path}: unsupported {what} '{found}' (expected {expected})")]
-    Unsupported {
-        /// The file.
-        path: PathBuf,
-        /// What is unsupported (e.g. "architecture for hf_config").
-        what: &'static str,
-        /// What is supported.
-        expected: &'static str,
-        /// What the file has.
-        found: String,
-    },
-}
 
 /// One tensor info, validated against the file.
 #[derive(Debug, Clone)]
@@ -338,234 +73,6 @@ impl fmt::Debug for GgufFile {
     }
 }
 
-/// A bounds-checked little-endian reader over the file bytes.
-struct Cursor<'a> {
-    data: &'a [u8],
-    pos: usize,
-    path: &'a Path,
-}
-
-impl<'a> Cursor<'a> {
-    fn truncated(&self, what: &dyn fmt::Display, n: u64) -> GgufError {
-        GgufError::Truncated {
-            path: self.path.to_path_buf(),
-            what: what.to_string(),
-            start: self.pos as u64,
-            end: (self.pos as u64).saturating_add(n),
-            file_len: self.data.len() as u64,
-        }
-    }
-
-    fn corrupt(&self, what: &dyn fmt::Display, expected: String, found: String) -> GgufError {
-        GgufError::Corrupt {
-            path: self.path.to_path_buf(),
-            what: what.to_string(),
-            expected,
-            found,
-        }
-    }
-
-    fn remaining(&self) -> usize {
-        self.data.len() - self.pos
-    }
-
-    fn take(&mut self, n: u64, what: &dyn fmt::Display) -> Result<&'a [u8], GgufError> {
-        match usize::try_from(n) {
-            Ok(n) if n <= self.remaining() => {
-                let s = &self.data[self.pos..self.pos + n];
-                self.pos += n;
-                Ok(s)
-            }
-            _ => Err(self.truncated(what, n)),
-        }
-    }
-
-    fn array<const N: usize>(&mut self, what: &dyn fmt::Display) -> Result<[u8; N], GgufError> {
-        let s = self.take(N as u64, what)?;
-        let mut a = [0u8; N];
-        a.copy_from_slice(s);
-        Ok(a)
-    }
-
-    fn u32(&mut self, what: &dyn fmt::Display) -> Result<u32, GgufError> {
-        Ok(u32::from_le_bytes(self.array(what)?))
-    }
-
-    fn u64(&mut self, what: &dyn fmt::Display) -> Result<u64, GgufError> {
-        Ok(u64::from_le_bytes(self.array(what)?))
-    }
-
-    /// A GGUF string: `u64` length, then that many UTF-8 bytes.
-    fn string(&mut self, what: &dyn fmt::Display) -> Result<String, GgufError> {
-        let len = self.u64(what)?;
-        let bytes = self.take(len, what)?;
-        match std::str::from_utf8(bytes) {
-            Ok(s) => Ok(s.to_owned()),
-            Err(e) => Err(self.corrupt(
-                what,
-                "a UTF-8 string".into(),
-                format!("invalid UTF-8 ({e})"),
-            )),
-        }
-    }
-
-    /// Checks that `count` items of at least `min_size` bytes each can fit in the rest of the
-    /// file, so that a corrupt count fails here instead of driving a huge loop or allocation.
-    fn check_count(
-        &self,
-        count: u64,
-        min_size: u64,
-        what: &dyn fmt::Display,
-    ) -> Result<usize, GgufError> {
-        let fits = count
-            .checked_mul(min_size)
-            .is_some_and(|need| need <= self.remaining() as u64);
-        match usize::try_from(count) {
-            Ok(c) if fits => Ok(c),
-            _ => Err(self.corrupt(
-                what,
-                format!(
-                    "a count that fits in the {} bytes left (each item takes at least {min_size})",
-                    self.remaining()
-                ),
-                count.to_string(),
-            )),
-        }
-    }
-
-    /// A metadata value of GGUF type `ty`.
-    fn value(
-        &mut self,
-        ty: u32,
-        what: &dyn fmt::Display,
-        depth: usize,
-    ) -> Result<GgufValue, GgufError> {
-        Ok(match ty {
-            0 => GgufValue::U8(u8::from_le_bytes(self.array(what)?)),
-            1 => GgufValue::I8(i8::from_le_bytes(self.array(what)?)),
-            2 => GgufValue::U16(u16::from_le_bytes(self.array(what)?)),
-            3 => GgufValue::I16(i16::from_le_bytes(self.array(what)?)),
-            4 => GgufValue::U32(self.u32(what)?),
-            5 => GgufValue::I32(i32::from_le_bytes(self.array(what)?)),
-            6 => GgufValue::F32(f32::from_le_bytes(self.array(what)?)),
-            7 => {
-                let [b] = self.array(what)?;
-                match b {
-                    0 => GgufValue::Bool(false),
-                    1 => GgufValue::Bool(true),
-                    _ => {
-                        return Err(self.corrupt(what, "a bool byte 0 or 1".into(), b.to_string()))
-                    }
-                }
-            }
-            8 => GgufValue::String(self.string(what)?),
-            9 => {
-                if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.corrupt(
-                        what,
-                        format!("arrays nested at most {MAX_ARRAY_DEPTH} deep"),
-                        "deeper nesting".into(),
-                    ));
-                }
-                let elem_ty = self.u32(what)?;
-                let min_size = value_min_size(elem_ty).ok_or_else(|| {
-                    self.corrupt(
-                        what,
-                        "an array element type 0..=12".into(),
-                        elem_ty.to_string(),
-                    )
-                })?;
-                let count = self.u64(what)?;
-                let count = self.check_count(count, min_size, what)?;
-                let mut items = Vec::with_capacity(count.min(1 << 16));
-                for _ in 0..count {
-                    items.push(self.value(elem_ty, what, depth + 1)?);
-                }
-                GgufValue::Array(items)
-            }
-            10 => GgufValue::U64(self.u64(what)?),
-            11 => GgufValue::I64(i64::from_le_bytes(self.array(what)?)),
-            12 => GgufValue::F64(f64::from_le_bytes(self.array(what)?)),
-            _ => {
-                return Err(self.corrupt(what, "a value type 0..=12".into(), ty.to_string()));
-            }
-        })
-    }
-}
-
-/// The fewest bytes a value of GGUF type `ty` occupies, or `None` for an unknown type.
-fn value_min_size(ty: u32) -> Option<u64> {
-    Some(match ty {
-        0 | 1 | 7 => 1,
-        2 | 3 => 2,
-        4..=6 => 4,
-        8 | 10..=12 => 8,
-        9 => 12,
-        _ => return None,
-    })
-}
-
-/// Lazily formatted "what" descriptions for error messages, so the hot parse loop formats
-/// nothing unless it fails.
-struct What<F: Fn(&mut fmt::Formatter<'_>) -> fmt::Result>(F);
-
-impl<F: Fn(&mut fmt::Formatter<'_>) -> fmt::Result> fmt::Display for What<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        (self.0)(f)
-    }
-}
-
-/// Maps a llama-architecture GGUF tensor name to its HF name; unknown names are kept as they are.
-fn llama_hf_name(gguf: &str) -> String {
-    let (stem, suffix) = match gguf.rsplit_once('.') {
-        Some((stem, s @ ("weight" | "bias"))) => (stem, s),
-        _ => return gguf.to_owned(),
-    };
-    let fixed = match stem {
-        "token_embd" => Some("model.embed_tokens"),
-        "output_norm" => Some("model.norm"),
-        "output" => Some("lm_head"),
-        _ => None,
-    };
-    if let Some(hf) = fixed {
-        return format!("{hf}.{suffix}");
-    }
-    let Some(rest) = stem.strip_prefix("blk.") else {
-        return gguf.to_owned();
-    };
-    let Some((layer, part)) = rest.split_once('.') else {
-        return gguf.to_owned();
-    };
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return gguf.to_owned();
-    }
-    let hf_part = match part {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return gguf.to_owned(),
-    };
-    format!("model.layers.{layer}.{hf_part}.{suffix}")
-}
-
-/// Whether a llama GGUF tensor had its rows permuted by llama.cpp's converter, and with which
-/// head-count key: Some(true) for Q (`head_count`), Some(false) for K (`head_count_kv`).
-fn llama_qk(gguf: &str) -> Option<bool> {
-    let rest = gguf.strip_prefix("blk.")?;
-    let (_, part) = rest.split_once('.')?;
-    match part {
-        "attn_q.weight" | "attn_q.bias" => Some(true),
-        "attn_k.weight" | "attn_k.bias" => Some(false),
-        _ => None,
-    }
-}
-
 impl GgufFile {
     /// Opens and validates a GGUF file: parses the header, all metadata and all tensor infos, and
     /// checks that every tensor's data lies inside the file. Tensor data is not read until
@@ -582,7 +89,7 @@ impl GgufFile {
             std::io::Read::read_to_end(&mut &file, &mut found).map_err(io)?;
             return Err(GgufError::BadMagic {
                 path: path.to_path_buf(),
-                found,
+                found: found.escape_ascii().to_string(),
             });
         }
         // SAFETY: the map is read-only and private to this struct; as with every mmap-based
@@ -602,7 +109,7 @@ impl GgufFile {
         if magic != MAGIC {
             return Err(GgufError::BadMagic {
                 path: path.clone(),
-                found: magic.to_vec(),
+                found: magic.escape_ascii().to_string(),
             });
         }
         let version = c.u32(&"the version")?;
@@ -641,7 +148,7 @@ impl GgufFile {
                             path: path.clone(),
                             key: "general.alignment".into(),
                             expected: "a power of two".into(),
-                            found: format!("{v:?}"),
+                            found: v.describe(),
                         })
                     }
                 }
@@ -847,20 +354,11 @@ impl GgufFile {
         expected: impl Into<String>,
         found: &GgufValue,
     ) -> GgufError {
-        let mut found = format!("{} {found:?}", found.type_name());
-        if found.len() > 200 {
-            let cut = (0..=200)
-                .rev()
-                .find(|&i| found.is_char_boundary(i))
-                .unwrap_or(0);
-            found.truncate(cut);
-            found.push('…');
-        }
         GgufError::BadKey {
             path: self.path.clone(),
             key: key.into(),
             expected: expected.into(),
-            found,
+            found: found.describe(),
         }
     }
 
@@ -875,14 +373,14 @@ impl GgufFile {
     }
 
     /// A required metadata key as a non-negative integer.
-    fn req_u64(&self, key: &str) -> Result<u64, GgufError> {
+    pub(crate) fn req_u64(&self, key: &str) -> Result<u64, GgufError> {
         let v = self.require(key, "a non-negative integer")?;
         v.as_u64()
             .ok_or_else(|| self.bad_key(key, "a non-negative integer", v))
     }
 
     /// A metadata key as a number, if present.
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>, GgufError> {
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>, GgufError> {
         self.metadata(key)
             .map(|v| v.as_f64().ok_or_else(|| self.bad_key(key, "a number", v)))
             .transpose()
@@ -907,124 +405,17 @@ impl GgufFile {
     /// `attention_bias` / `mlp_bias` (whether such bias tensors exist), and `bos_token_id`,
     /// `eos_token_id`, `pad_token_id`, `unk_token_id` from `tokenizer.ggml.*` when present.
     pub fn hf_config(&self) -> Result<Value, GgufError> {
-        let arch = self.architecture()?;
-        if arch != "llama" {
-            return Err(GgufError::Unsupported {
-                path: self.path.clone(),
-                what: "architecture for hf_config",
-                expected: "\"llama\"",
-                found: arch.into(),
-            });
-        }
-        let hidden = self.req_u64("llama.embedding_length")?;
-        let intermediate = self.req_u64("llama.feed_forward_length")?;
-        let layers = self.req_u64("llama.block_count")?;
-        let heads = self.req_u64("llama.attention.head_count")?;
-        if heads == 0 {
-            let v = self.require("llama.attention.head_count", "")?;
-            return Err(self.bad_key("llama.attention.head_count", "a positive integer", v));
-        }
-        let kv_heads = self
-            .opt_u64("llama.attention.head_count_kv")?
-            .unwrap_or(heads);
-        let head_dim = match self.opt_u64("llama.attention.key_length")? {
-            Some(d) => d,
-            None if hidden.is_multiple_of(heads) => hidden / heads,
-            None => {
-                let v = self.require("llama.embedding_length", "")?;
-                return Err(self.bad_key(
-                    "llama.embedding_length",
-                    format!("a multiple of llama.attention.head_count ({heads}) when llama.attention.key_length is absent"),
-                    v,
-                ));
-            }
-        };
-        let eps_key = "llama.attention.layer_norm_rms_epsilon";
-        let eps = self.require(eps_key, "the RMSNorm epsilon, a float")?;
-        let eps = eps
-            .as_f64()
-            .ok_or_else(|| self.bad_key(eps_key, "a number", eps))?;
-        let rope_theta = self.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
-        let context = self.req_u64("llama.context_length")?;
-        let vocab = match self.opt_u64("llama.vocab_size")? {
-            Some(v) => v,
-            None => match self.metadata("tokenizer.ggml.tokens").and_then(GgufValue::as_array) {
-                Some(tokens) => tokens.len() as u64,
-                None => match self.tensor_info("model.embed_tokens.weight") {
-                    Some(t) if t.dims.len() == 2 => t.dims[1] as u64,
-                    _ => {
-                        return Err(GgufError::MissingKey {
-                            path: self.path.clone(),
-                            key: "llama.vocab_size".into(),
-                            expected: "the vocabulary size (or a tokenizer.ggml.tokens list or a 2-D token_embd.weight)",
-                        })
-                    }
-                },
-            },
-        };
-        let has = |pred: &dyn Fn(&str) -> bool| self.tensors.iter().any(|t| pred(&t.gguf_name));
-        let mut obj = serde_json::Map::new();
-        let fields = [
-            ("architectures", json!(["LlamaForCausalLM"])),
-            ("model_type", json!("llama")),
-            ("hidden_act", json!("silu")),
-            ("hidden_size", json!(hidden)),
-            ("intermediate_size", json!(intermediate)),
-            ("num_hidden_layers", json!(layers)),
-            ("num_attention_heads", json!(heads)),
-            ("num_key_value_heads", json!(kv_heads)),
-            ("head_dim", json!(head_dim)),
-            ("rms_norm_eps", json!(eps)),
-            ("rope_theta", json!(rope_theta)),
-            (
-                "rope_parameters",
-                json!({ "rope_theta": rope_theta, "rope_type": "default" }),
-            ),
-            ("max_position_embeddings", json!(context)),
-            ("vocab_size", json!(vocab)),
-            (
-                "tie_word_embeddings",
-                json!(!has(&|n| n == "output.weight")),
-            ),
-            (
-                "attention_bias",
-                json!(has(
-                    &|n| n.starts_with("blk.") && n.ends_with(".attn_q.bias")
-                )),
-            ),
-            (
-                "mlp_bias",
-                json!(has(
-                    &|n| n.starts_with("blk.") && n.ends_with(".ffn_up.bias")
-                )),
-            ),
-        ];
-        for (k, v) in fields {
-            obj.insert(k.into(), v);
-        }
-        if let Some(v) = self.metadata("llama.rope.scaling.type") {
-            let kind = v
-                .as_str()
-                .ok_or_else(|| self.bad_key("llama.rope.scaling.type", "a string", v))?;
-            if kind != "none" {
-                let factor = self.opt_f64("llama.rope.scaling.factor")?.unwrap_or(1.0);
-                obj.insert(
-                    "rope_scaling".into(),
-                    json!({ "rope_type": kind, "type": kind, "factor": factor }),
-                );
-            }
-        }
-        for (gguf_key, hf_key) in [
-            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-            ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-            ("tokenizer.ggml.unknown_token_id", "unk_token_id"),
-        ] {
-            if let Some(id) = self.opt_u64(gguf_key)? {
-                obj.insert(hf_key.into(), json!(id));
-            }
-        }
-        Ok(Value::Object(obj))
+        super::gguf_llama::hf_config(self)
+    }
+
+    /// Whether the GGUF name of some tensor satisfies `pred`.
+    pub(crate) fn any_gguf_tensor(&self, pred: &dyn Fn(&str) -> bool) -> bool {
+        self.tensors.iter().any(|t| pred(&t.gguf_name))
+    }
+
+    /// The GGUF dims (innermost first) of the tensor with this HF name.
+    pub(crate) fn gguf_dims(&self, hf_name: &str) -> Option<&[usize]> {
+        self.tensor_info(hf_name).map(|t| t.dims.as_slice())
     }
 
     fn tensor_info(&self, hf_name: &str) -> Option<&TensorInfo> {

@@ -5,6 +5,7 @@
 use super::*;
 use crate::loader::gguf_quant::{permute_qk, unpermute_qk};
 use half::{bf16, f16};
+use serde_json::json;
 use std::str::FromStr;
 use std::time::Instant;
 
@@ -1150,5 +1151,32 @@ fn gguf_demo_embeddings_and_layer0_match_transformers() {
     assert!(
         max_err <= 1e-4 * max_ref.max(1.0),
         "max error {max_err} (max |ref| {max_ref})"
+    );
+}
+
+#[test]
+fn gguf_error_messages_are_specific() {
+    let good = sample_file().bytes();
+    let msg = |b: &[u8]| open_bytes(b).unwrap_err().to_string();
+    let m = msg(&good[..2]);
+    assert!(m.contains("test.gguf") && m.contains("found \"GG\""), "{m}");
+    let m = msg(&good[..good.len() - 1]);
+    assert!(
+        m.contains("'blk.0.attn_k.weight'") && m.contains("(807 bytes)"),
+        "{m}"
+    );
+    let f = open_writer(&Writer::new().tensor("k", &[256], 12, vec![0; 144]));
+    let m = f.hf_config().unwrap_err().to_string();
+    assert!(m.contains("'general.architecture'"), "{m}");
+    let wrong = llama_meta(Writer::new()).kv("llama.rope.freq_base", GgufValue::String("x".into()));
+    let m = open_writer(&wrong).hf_config().unwrap_err().to_string();
+    assert!(
+        m.ends_with("'llama.rope.freq_base': expected a number, found string \"x\""),
+        "{m}"
+    );
+    let m = msg(&Writer::new().tensor("q", &[16], 8, vec![0; 34]).bytes());
+    assert!(
+        m.contains("tensor 'q'") && m.contains("Q8_0 block size 32") && m.contains("[16]"),
+        "{m}"
     );
 }

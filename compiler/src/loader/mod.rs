@@ -2,8 +2,11 @@
 
 pub mod checkpoint;
 pub mod gguf;
+mod gguf_llama;
+mod gguf_parse;
 mod gguf_quant;
 mod gguf_tokenizer;
+mod gguf_value;
 pub mod safetensors_dir;
 
 pub use checkpoint::Checkpoint;

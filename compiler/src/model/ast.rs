@@ -108,17 +108,52 @@ pub enum OpExpr {
     Max(String, String),
     Greater(String, String),
     Where(String, String, String),
-    Sum { x: String, axis: i64, #[serde(default = "yes")] keep: bool },
-    Mean { x: String, axis: i64, #[serde(default = "yes")] keep: bool },
-    ReduceMax { x: String, axis: i64, #[serde(default = "yes")] keep: bool },
-    Softmax { x: String, axis: i64 },
+    Sum {
+        x: String,
+        axis: i64,
+        #[serde(default = "yes")]
+        keep: bool,
+    },
+    Mean {
+        x: String,
+        axis: i64,
+        #[serde(default = "yes")]
+        keep: bool,
+    },
+    ReduceMax {
+        x: String,
+        axis: i64,
+        #[serde(default = "yes")]
+        keep: bool,
+    },
+    Softmax {
+        x: String,
+        axis: i64,
+    },
     MatMul(String, String),
-    Reshape { x: String, shape: Vec<String> },
-    Transpose { x: String, perm: Vec<usize> },
+    Reshape {
+        x: String,
+        shape: Vec<String>,
+    },
+    Transpose {
+        x: String,
+        perm: Vec<usize>,
+    },
     Gather(String, String),
-    Concat { xs: Vec<String>, axis: i64 },
-    Slice { x: String, axis: i64, start: String, end: String },
-    Cast { x: String, dtype: DType },
+    Concat {
+        xs: Vec<String>,
+        axis: i64,
+    },
+    Slice {
+        x: String,
+        axis: i64,
+        start: String,
+        end: String,
+    },
+    Cast {
+        x: String,
+        dtype: DType,
+    },
     /// Inlines a function with the given arguments.
     Call(String, Vec<String>),
 }

@@ -82,7 +82,8 @@ impl<'a> Parser<'a> {
                 let bytes = self.src.as_bytes();
                 while self.pos < bytes.len() {
                     let b = bytes[self.pos];
-                    let exp_sign = (b == b'-' || b == b'+') && matches!(bytes[self.pos - 1], b'e' | b'E');
+                    let exp_sign =
+                        (b == b'-' || b == b'+') && matches!(bytes[self.pos - 1], b'e' | b'E');
                     if b.is_ascii_digit() || b == b'.' || b == b'e' || b == b'E' || exp_sign {
                         self.pos += 1;
                     } else {
@@ -144,11 +145,19 @@ impl Expr {
     /// Parses an expression; the error says what was unexpected.
     pub fn parse(text: &str) -> Result<Expr, String> {
         let mut p = Parser { src: text, pos: 0 };
-        let ast = p.expr().map_err(|e| format!("in expression `{text}`: {e}"))?;
+        let ast = p
+            .expr()
+            .map_err(|e| format!("in expression `{text}`: {e}"))?;
         if p.peek().is_some() {
-            return Err(format!("in expression `{text}`: unexpected `{}`", &text[p.pos..].trim()));
+            return Err(format!(
+                "in expression `{text}`: unexpected `{}`",
+                &text[p.pos..].trim()
+            ));
         }
-        Ok(Expr { text: text.to_string(), ast })
+        Ok(Expr {
+            text: text.to_string(),
+            ast,
+        })
     }
 
     /// The source text.
@@ -175,7 +184,9 @@ fn eval_dim(ast: &Ast, params: &Params) -> Result<Dim, String> {
         Ast::Name(n) => match (sym_of(n), params.get(n)) {
             (Some(s), _) => Ok(Dim::sym(s)),
             (None, Some(ParamValue::Int(i))) => Ok(Dim::c(*i)),
-            (None, Some(ParamValue::Float(f))) => Err(format!("`{n}` = {f} is not an integer size")),
+            (None, Some(ParamValue::Float(f))) => {
+                Err(format!("`{n}` = {f} is not an integer size"))
+            }
             (None, None) => Err(format!("unknown name `{n}`")),
         },
         Ast::Neg(a) => Ok(eval_dim(a, params)?.scale(-1)),
@@ -184,9 +195,13 @@ fn eval_dim(ast: &Ast, params: &Params) -> Result<Dim, String> {
             match op {
                 '+' => Ok(a.add(&b)),
                 '-' => Ok(a.sub(&b)),
-                '*' => a.mul(&b).ok_or_else(|| format!("{a} * {b} is not affine in the symbols")),
+                '*' => a
+                    .mul(&b)
+                    .ok_or_else(|| format!("{a} * {b} is not affine in the symbols")),
                 _ => match b.as_const() {
-                    Some(k) => a.div(k).ok_or_else(|| format!("{a} is not divisible by {k}")),
+                    Some(k) => a
+                        .div(k)
+                        .ok_or_else(|| format!("{a} is not divisible by {k}")),
                     None => Err(format!("cannot divide by the symbolic size {b}")),
                 },
             }
@@ -202,7 +217,9 @@ fn eval_f64(ast: &Ast, params: &Params) -> Result<f64, String> {
         Ast::Name(n) => match params.get(n) {
             Some(ParamValue::Int(i)) => Ok(*i as f64),
             Some(ParamValue::Float(f)) => Ok(*f),
-            None if sym_of(n).is_some() => Err(format!("run-time size `{n}` is not allowed in a constant")),
+            None if sym_of(n).is_some() => {
+                Err(format!("run-time size `{n}` is not allowed in a constant"))
+            }
             None => Err(format!("unknown name `{n}`")),
         },
         Ast::Neg(a) => Ok(-eval_f64(a, params)?),
@@ -216,13 +233,19 @@ fn eval_f64(ast: &Ast, params: &Params) -> Result<f64, String> {
             })
         }
         Ast::Call(f, args) => {
-            let v: Vec<f64> = args.iter().map(|a| eval_f64(a, params)).collect::<Result<_, _>>()?;
+            let v: Vec<f64> = args
+                .iter()
+                .map(|a| eval_f64(a, params))
+                .collect::<Result<_, _>>()?;
             match (f.as_str(), v.as_slice()) {
                 ("sqrt", [x]) => Ok(x.sqrt()),
                 ("exp", [x]) => Ok(x.exp()),
                 ("ln", [x]) => Ok(x.ln()),
                 ("pow", [x, y]) => Ok(x.powf(*y)),
-                _ => Err(format!("unknown function `{f}` with {} argument(s)", v.len())),
+                _ => Err(format!(
+                    "unknown function `{f}` with {} argument(s)",
+                    v.len()
+                )),
             }
         }
     }
@@ -233,19 +256,44 @@ mod tests {
     use super::*;
 
     fn params() -> Params {
-        [("heads", ParamValue::Int(9)), ("hidden", ParamValue::Int(576)), ("eps", ParamValue::Float(1e-5))]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
+        [
+            ("heads", ParamValue::Int(9)),
+            ("hidden", ParamValue::Int(576)),
+            ("eps", ParamValue::Float(1e-5)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 
     #[test]
     fn sizes_are_exact_and_symbolic() {
         let p = params();
-        assert_eq!(Expr::parse("hidden / heads").unwrap().eval_dim(&p).unwrap(), Dim::c(64));
-        assert_eq!(Expr::parse("past + seq").unwrap().eval_dim(&p).unwrap().to_string(), "seq+past");
-        assert_eq!(Expr::parse("seq - 1").unwrap().eval_dim(&p).unwrap().to_string(), "seq-1");
-        assert!(Expr::parse("hidden / 5").unwrap().eval_dim(&p).unwrap_err().contains("divisible"));
+        assert_eq!(
+            Expr::parse("hidden / heads").unwrap().eval_dim(&p).unwrap(),
+            Dim::c(64)
+        );
+        assert_eq!(
+            Expr::parse("past + seq")
+                .unwrap()
+                .eval_dim(&p)
+                .unwrap()
+                .to_string(),
+            "seq+past"
+        );
+        assert_eq!(
+            Expr::parse("seq - 1")
+                .unwrap()
+                .eval_dim(&p)
+                .unwrap()
+                .to_string(),
+            "seq-1"
+        );
+        assert!(Expr::parse("hidden / 5")
+            .unwrap()
+            .eval_dim(&p)
+            .unwrap_err()
+            .contains("divisible"));
         assert!(Expr::parse("eps").unwrap().eval_dim(&p).is_err());
         assert!(Expr::parse("seq * seq").unwrap().eval_dim(&p).is_err());
     }
@@ -253,9 +301,15 @@ mod tests {
     #[test]
     fn scalars() {
         let p = params();
-        let v = Expr::parse("1 / sqrt(hidden / heads)").unwrap().eval_f64(&p).unwrap();
+        let v = Expr::parse("1 / sqrt(hidden / heads)")
+            .unwrap()
+            .eval_f64(&p)
+            .unwrap();
         assert!((v - 0.125).abs() < 1e-12);
-        assert_eq!(Expr::parse("-inf").unwrap().eval_f64(&p).unwrap(), f64::NEG_INFINITY);
+        assert_eq!(
+            Expr::parse("-inf").unwrap().eval_f64(&p).unwrap(),
+            f64::NEG_INFINITY
+        );
         assert_eq!(Expr::parse("2.5e-1").unwrap().eval_f64(&p).unwrap(), 0.25);
         assert!(Expr::parse("1 +").is_err());
         assert!(Expr::parse("(1").is_err());

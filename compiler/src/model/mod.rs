@@ -67,7 +67,10 @@ impl ModelFile {
     /// Reads and parses a model file.
     pub fn load(path: &Path) -> Result<ModelFile, ModelError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { file: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            file: file.clone(),
+            source,
+        })?;
         ModelFile::parse(&text, &file)
     }
 }
@@ -89,7 +92,8 @@ mod tests {
 
     #[test]
     fn syntax_errors_have_line_and_column() {
-        let text = "Model(\n  family: \"x\",\n  params: [],\n  body: [Let(\"a\", Frobnicate(\"b\"))],\n)";
+        let text =
+            "Model(\n  family: \"x\",\n  params: [],\n  body: [Let(\"a\", Frobnicate(\"b\"))],\n)";
         let err = ModelFile::parse(text, "bad.ron").unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("bad.ron:4:"), "{msg}");

@@ -6,11 +6,16 @@ use super::ModelError;
 use serde_json::Value;
 
 fn lookup<'a>(config: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(config, |v, key| v.get(key)).filter(|v| !v.is_null())
+    path.split('.')
+        .try_fold(config, |v, key| v.get(key))
+        .filter(|v| !v.is_null())
 }
 
 fn from_json(name: &str, key: &str, v: &Value) -> Result<ParamValue, ModelError> {
-    let bad = || ModelError::Param { name: name.into(), message: format!("config key `{key}` is {v}, not a number or boolean") };
+    let bad = || ModelError::Param {
+        name: name.into(),
+        message: format!("config key `{key}` is {v}, not a number or boolean"),
+    };
     match v {
         Value::Bool(b) => Ok(ParamValue::Int(*b as i64)),
         Value::Number(n) => Ok(match n.as_i64() {
@@ -22,7 +27,10 @@ fn from_json(name: &str, key: &str, v: &Value) -> Result<ParamValue, ModelError>
 }
 
 fn eval(name: &str, text: &str, params: &Params) -> Result<ParamValue, ModelError> {
-    let err = |message| ModelError::Param { name: name.into(), message };
+    let err = |message| ModelError::Param {
+        name: name.into(),
+        message,
+    };
     let e = Expr::parse(text).map_err(err)?;
     match e.eval_dim(params) {
         Ok(d) if d.as_const().is_some() => Ok(ParamValue::Int(d.constant)),
@@ -34,12 +42,18 @@ fn eval(name: &str, text: &str, params: &Params) -> Result<ParamValue, ModelErro
 pub fn bind(decls: &[(String, Param)], config: &Value) -> Result<Params, ModelError> {
     let mut params = Params::new();
     for (name, decl) in decls {
-        let found = |keys: &str| keys.split('|').find_map(|k| lookup(config, k).map(|v| (k.to_string(), v)));
+        let found = |keys: &str| {
+            keys.split('|')
+                .find_map(|k| lookup(config, k).map(|v| (k.to_string(), v)))
+        };
         let value = match decl {
             Param::Config(keys) => match found(keys) {
                 Some((k, v)) => from_json(name, &k, v)?,
                 None => {
-                    return Err(ModelError::Param { name: name.clone(), message: format!("config.json has no `{keys}`") })
+                    return Err(ModelError::Param {
+                        name: name.clone(),
+                        message: format!("config.json has no `{keys}`"),
+                    })
                 }
             },
             Param::ConfigOr(keys, default) => match found(keys) {
@@ -61,11 +75,26 @@ mod tests {
     fn binds_config_defaults_and_expressions() {
         let decls = vec![
             ("hidden".to_string(), Param::Config("hidden_size".into())),
-            ("heads".to_string(), Param::Config("num_attention_heads".into())),
-            ("kv".to_string(), Param::ConfigOr("num_key_value_heads".into(), "heads".into())),
-            ("theta".to_string(), Param::ConfigOr("rope_theta|rope_parameters.rope_theta".into(), "10000".into())),
+            (
+                "heads".to_string(),
+                Param::Config("num_attention_heads".into()),
+            ),
+            (
+                "kv".to_string(),
+                Param::ConfigOr("num_key_value_heads".into(), "heads".into()),
+            ),
+            (
+                "theta".to_string(),
+                Param::ConfigOr(
+                    "rope_theta|rope_parameters.rope_theta".into(),
+                    "10000".into(),
+                ),
+            ),
             ("hd".to_string(), Param::Expr("hidden / heads".into())),
-            ("tied".to_string(), Param::ConfigOr("tie_word_embeddings".into(), "0".into())),
+            (
+                "tied".to_string(),
+                Param::ConfigOr("tie_word_embeddings".into(), "0".into()),
+            ),
         ];
         let cfg: Value = serde_json::json!({"hidden_size": 64, "num_attention_heads": 4,
             "rope_parameters": {"rope_theta": 100000.0}, "tie_word_embeddings": true});

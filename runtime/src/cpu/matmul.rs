@@ -75,7 +75,13 @@ fn nt_rows_body(x: &[&[f32]], w: Mat, k: usize, rows: std::ops::Range<usize>, ds
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn nt_rows_avx2(x: &[&[f32]], w: Mat, k: usize, rows: std::ops::Range<usize>, dst: &mut [f32]) {
+unsafe fn nt_rows_avx2(
+    x: &[&[f32]],
+    w: Mat,
+    k: usize,
+    rows: std::ops::Range<usize>,
+    dst: &mut [f32],
+) {
     nt_rows_body(x, w, k, rows, dst)
 }
 
@@ -101,11 +107,14 @@ fn task_len(n: usize, k: usize, par: bool) -> usize {
 /// `out[i, c] = Σ_k a[i, k]·b[k, c]` where `b[k, c] = w.data[w.off + c·w.rs + k]`: the weight is
 /// `[n, k]` row-major and each of its rows is read once. `a` rows must be contiguous (`a.cs == 1`).
 fn gemv_nt(m: usize, k: usize, n: usize, a: Mat, w: Mat, out: &mut [f32], par: bool) {
-    let x: Vec<&[f32]> = (0..m).map(|i| &a.data[a.off + i * a.rs..a.off + i * a.rs + k]).collect();
+    let x: Vec<&[f32]> = (0..m)
+        .map(|i| &a.data[a.off + i * a.rs..a.off + i * a.rs + k])
+        .collect();
     let rows = task_len(n, k, par);
     if m == 1 {
         // The output row is the transposed output: write it directly.
-        let job = |(t, dst): (usize, &mut [f32])| nt_rows(&x, w, k, t * rows..t * rows + dst.len(), dst);
+        let job =
+            |(t, dst): (usize, &mut [f32])| nt_rows(&x, w, k, t * rows..t * rows + dst.len(), dst);
         if par && n > rows {
             out.par_chunks_mut(rows).enumerate().for_each(job);
         } else {
@@ -114,7 +123,8 @@ fn gemv_nt(m: usize, k: usize, n: usize, a: Mat, w: Mat, out: &mut [f32], par: b
         return;
     }
     let mut out_t = vec![0f32; n * m];
-    let job = |(t, dst): (usize, &mut [f32])| nt_rows(&x, w, k, t * rows..t * rows + dst.len() / m, dst);
+    let job =
+        |(t, dst): (usize, &mut [f32])| nt_rows(&x, w, k, t * rows..t * rows + dst.len() / m, dst);
     if par && n > rows {
         out_t.par_chunks_mut(rows * m).enumerate().for_each(job);
     } else {
@@ -145,11 +155,19 @@ fn nn_block(m: usize, k: usize, a: Mat, b: Mat, c0: usize, width: usize) -> Vec<
 
 /// `a · b` for small `m` and a row-major `b`, over column blocks of `b`.
 fn gemv_nn(m: usize, k: usize, n: usize, a: Mat, b: Mat, out: &mut [f32], par: bool) {
-    let width = if par { task_len(n, k, true).div_ceil(NN_BLOCK) * NN_BLOCK } else { NN_BLOCK }.min(n.max(1));
+    let width = if par {
+        task_len(n, k, true).div_ceil(NN_BLOCK) * NN_BLOCK
+    } else {
+        NN_BLOCK
+    }
+    .min(n.max(1));
     let blocks: Vec<usize> = (0..n).step_by(width).collect();
     let run = |&c0: &usize| (c0, nn_block(m, k, a, b, c0, width.min(n - c0)));
-    let parts: Vec<(usize, Vec<f32>)> =
-        if par && blocks.len() > 1 { blocks.par_iter().map(run).collect() } else { blocks.iter().map(run).collect() };
+    let parts: Vec<(usize, Vec<f32>)> = if par && blocks.len() > 1 {
+        blocks.par_iter().map(run).collect()
+    } else {
+        blocks.iter().map(run).collect()
+    };
     for (c0, part) in parts {
         let w = part.len() / m.max(1);
         for i in 0..m {
@@ -175,7 +193,11 @@ fn product(m: usize, k: usize, n: usize, a: Mat, b: Mat, out: &mut [f32], par: b
         return gemv_nn(m, k, n, a, b, out, par);
     }
     let big = m * n * k >= 1 << 18;
-    let parallelism = if par && big { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    let parallelism = if par && big {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: every (row, col) the strides reach lies inside the slices: the tensor views were
     // built from in-bounds shapes, strides and offsets, and `out` holds m·n elements.
     unsafe {
@@ -206,11 +228,18 @@ fn product(m: usize, k: usize, n: usize, a: Mat, b: Mat, out: &mut [f32], par: b
 /// `a[…, m, k] · b[…, k, n]`, leading axes broadcast.
 pub(crate) fn matmul(a: Tensor, b: Tensor) -> Result<Tensor, String> {
     if a.dtype != b.dtype || !a.dtype.is_float() {
-        return Err(format!("MatMul needs two float inputs of one dtype, got {} and {}", a.dtype.name(), b.dtype.name()));
+        return Err(format!(
+            "MatMul needs two float inputs of one dtype, got {} and {}",
+            a.dtype.name(),
+            b.dtype.name()
+        ));
     }
     let (ra, rb) = (a.rank(), b.rank());
     if ra < 2 || rb < 2 || a.shape[ra - 1] != b.shape[rb - 2] {
-        return Err(format!("MatMul of {:?} and {:?}: inner dimensions differ", a.shape, b.shape));
+        return Err(format!(
+            "MatMul of {:?} and {:?}: inner dimensions differ",
+            a.shape, b.shape
+        ));
     }
     let (m, k, n) = (a.shape[ra - 2], a.shape[ra - 1], b.shape[rb - 1]);
     let batch = super::elementwise::broadcast_shape(&a.shape[..ra - 2], &b.shape[..rb - 2])?;
@@ -219,7 +248,11 @@ pub(crate) fn matmul(a: Tensor, b: Tensor) -> Result<Tensor, String> {
     let dtype = a.dtype;
     let b_is_2d = b.shape[..rb - 2].iter().all(|&d| d == 1);
     // Against a shared 2-D matrix, rows of `a` are worth making contiguous (cheap next to `b`).
-    let a = if b_is_2d && k > 1 && a.strides[ra - 1] != 1 { a.contiguous() } else { a };
+    let a = if b_is_2d && k > 1 && a.strides[ra - 1] != 1 {
+        a.contiguous()
+    } else {
+        a
+    };
 
     // Fold the innermost batch axes along which b is broadcast into m.
     let fold = |a: &Tensor| {
@@ -266,8 +299,18 @@ pub(crate) fn matmul(a: Tensor, b: Tensor) -> Result<Tensor, String> {
             ao += i * sa[d];
             bo += i * sb[d];
         }
-        let am = Mat { data: ad, off: ao, rs: sam, cs: sak };
-        let bm = Mat { data: bd, off: bo, rs: sbk, cs: sbn };
+        let am = Mat {
+            data: ad,
+            off: ao,
+            rs: sam,
+            cs: sak,
+        };
+        let bm = Mat {
+            data: bd,
+            off: bo,
+            rs: sbk,
+            cs: sbn,
+        };
         product(mf, k, n, am, bm, dst, par);
     };
     if block > 0 {
@@ -276,7 +319,9 @@ pub(crate) fn matmul(a: Tensor, b: Tensor) -> Result<Tensor, String> {
             // Few large products: parallelize inside each one.
             out.chunks_mut(block).enumerate().for_each(|x| run(x, true));
         } else {
-            out.par_chunks_mut(block).enumerate().for_each(|x| run(x, false));
+            out.par_chunks_mut(block)
+                .enumerate()
+                .for_each(|x| run(x, false));
         }
     }
     Ok(Tensor::new(dtype, out_shape, out))

@@ -132,14 +132,20 @@ impl CpuSession {
 
 impl fmt::Debug for CpuSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CpuSession").field("batch", &self.batch).field("past", &self.past).finish()
+        f.debug_struct("CpuSession")
+            .field("batch", &self.batch)
+            .field("past", &self.past)
+            .finish()
     }
 }
 
 impl fmt::Debug for CpuExecutor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kept = self.consts.iter().flatten().count();
-        f.debug_struct("CpuExecutor").field("nodes", &self.graph.nodes.len()).field("kept_constants", &kept).finish()
+        f.debug_struct("CpuExecutor")
+            .field("nodes", &self.graph.nodes.len())
+            .field("kept_constants", &kept)
+            .finish()
     }
 }
 
@@ -158,11 +164,18 @@ fn op_is_static(op: &Op) -> bool {
 fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result<Tensor, String> {
     let dim = |d: &crate::ir::Dim| -> Result<usize, String> {
         let v = d.eval(syms);
-        usize::try_from(v).map_err(|_| format!("{d} evaluates to {v} (batch={}, seq={}, past={})", syms.batch, syms.seq, syms.past))
+        usize::try_from(v).map_err(|_| {
+            format!(
+                "{d} evaluates to {v} (batch={}, seq={}, past={})",
+                syms.batch, syms.seq, syms.past
+            )
+        })
     };
     let one = |ins: &mut Vec<Tensor>| ins.pop().expect("arity checked by validation");
     Ok(match op {
-        Op::Input { .. } | Op::Weight { .. } => return Err("leaf values are supplied, not computed".into()),
+        Op::Input { .. } | Op::Weight { .. } => {
+            return Err("leaf values are supplied, not computed".into())
+        }
         Op::Constant { value } => Tensor::new(DType::F32, vec![], vec![*value]),
         Op::Iota { len } => {
             let n = dim(len)?;
@@ -195,7 +208,11 @@ fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result<Tensor, St
         Op::Transpose { perm } => {
             let x = one(&mut ins);
             if perm.len() != x.rank() {
-                return Err(format!("{perm:?} does not permute the {} axes of {:?}", x.rank(), x.shape));
+                return Err(format!(
+                    "{perm:?} does not permute the {} axes of {:?}",
+                    x.rank(),
+                    x.shape
+                ));
             }
             x.permute(perm)
         }
@@ -208,7 +225,10 @@ fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result<Tensor, St
             let x = one(&mut ins);
             let (s, e) = (dim(start)?, dim(end)?);
             if *axis >= x.rank() || s > e || e > x.shape[*axis] {
-                return Err(format!("slice {s}..{e} of axis {axis} is out of range for {:?}", x.shape));
+                return Err(format!(
+                    "slice {s}..{e} of axis {axis} is out of range for {:?}",
+                    x.shape
+                ));
             }
             x.slice_axis(*axis, s, e)
         }
@@ -231,15 +251,27 @@ fn check_type(value: &Tensor, ty: &TensorType, syms: &SymValues) -> Result<(), S
 }
 
 /// Converts a weight's loaded `f32` data to its declared dtype.
-fn weight_tensor(name: &str, ty: &TensorType, shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor, ExecError> {
+fn weight_tensor(
+    name: &str,
+    ty: &TensorType,
+    shape: Vec<usize>,
+    data: Vec<f32>,
+) -> Result<Tensor, ExecError> {
     let n: usize = shape.iter().product();
     if data.len() != n {
-        return Err(ExecError::WeightShape { name: name.into(), expected: shape, found: data.len() });
+        return Err(ExecError::WeightShape {
+            name: name.into(),
+            expected: shape,
+            found: data.len(),
+        });
     }
     Ok(match ty.dtype {
         DType::F32 => Tensor::new(DType::F32, shape, data),
         DType::F16 | DType::BF16 => {
-            let v = data.into_iter().map(|x| elementwise::round_to(ty.dtype, x)).collect();
+            let v = data
+                .into_iter()
+                .map(|x| elementwise::round_to(ty.dtype, x))
+                .collect();
             Tensor::new(ty.dtype, shape, v)
         }
         DType::I32 | DType::Bool => {
@@ -247,9 +279,16 @@ fn weight_tensor(name: &str, ty: &TensorType, shape: Vec<usize>, data: Vec<f32>)
             for x in data {
                 if x.fract() != 0.0 || !(i32::MIN as f32..=i32::MAX as f32).contains(&x) {
                     let message = format!("declared {} but holds the value {x}", ty.dtype.name());
-                    return Err(ExecError::Weight { name: name.into(), message });
+                    return Err(ExecError::Weight {
+                        name: name.into(),
+                        message,
+                    });
                 }
-                v.push(if ty.dtype == DType::Bool { (x != 0.0) as i32 } else { x as i32 });
+                v.push(if ty.dtype == DType::Bool {
+                    (x != 0.0) as i32
+                } else {
+                    x as i32
+                });
             }
             Tensor::new(ty.dtype, shape, v)
         }
@@ -258,26 +297,47 @@ fn weight_tensor(name: &str, ty: &TensorType, shape: Vec<usize>, data: Vec<f32>)
 
 /// Converts a value to a host tensor.
 fn to_host(t: &Tensor) -> HostTensor {
-    let data = if is_int_storage(t.dtype) { t.values::<i32>().iter().map(|&x| x as f32).collect() } else { t.to_vec::<f32>() };
-    HostTensor { shape: t.shape.clone(), data }
+    let data = if is_int_storage(t.dtype) {
+        t.values::<i32>().iter().map(|&x| x as f32).collect()
+    } else {
+        t.to_vec::<f32>()
+    };
+    HostTensor {
+        shape: t.shape.clone(),
+        data,
+    }
 }
 
 impl CpuExecutor {
     /// Validates the graph, loads every weight with `load(name, expected_shape)` (row-major `f32`
     /// data, `len = Π shape`) and evaluates the weight-only subgraphs once.
-    pub fn new(graph: Graph, mut load: impl FnMut(&str, &[usize]) -> Result<Vec<f32>, ExecError>) -> Result<CpuExecutor, ExecError> {
+    pub fn new(
+        graph: Graph,
+        mut load: impl FnMut(&str, &[usize]) -> Result<Vec<f32>, ExecError>,
+    ) -> Result<CpuExecutor, ExecError> {
         graph.validate()?;
         let n = graph.nodes.len();
         let mut state_index = vec![None; n];
         for (j, s) in graph.states.iter().enumerate() {
             if state_index[s.input].replace(j).is_some() {
-                return Err(ExecError::Unsupported(format!("state `{}` has two bindings", graph.nodes[s.input].name)));
+                return Err(ExecError::Unsupported(format!(
+                    "state `{}` has two bindings",
+                    graph.nodes[s.input].name
+                )));
             }
         }
         let mut is_const = vec![false; n];
         for (id, node) in graph.nodes.iter().enumerate() {
-            if node.op == (Op::Input { kind: InputKind::State }) && state_index[id].is_none() {
-                return Err(ExecError::Unsupported(format!("state input `{}` has no binding (no update node)", node.name)));
+            if node.op
+                == (Op::Input {
+                    kind: InputKind::State,
+                })
+                && state_index[id].is_none()
+            {
+                return Err(ExecError::Unsupported(format!(
+                    "state input `{}` has no binding (no update node)",
+                    node.name
+                )));
             }
             is_const[id] = op_is_static(&node.op) && node.inputs.iter().all(|&i| is_const[i]);
         }
@@ -295,35 +355,61 @@ impl CpuExecutor {
             }
         }
         let mut pinned = vec![false; n];
-        for &id in graph.outputs.iter().map(|(_, id)| id).chain(graph.states.iter().map(|s| &s.update)) {
+        for &id in graph
+            .outputs
+            .iter()
+            .map(|(_, id)| id)
+            .chain(graph.states.iter().map(|s| &s.update))
+        {
             uses[id] += 1;
             pinned[id] = true;
         }
-        let no_syms = SymValues { batch: 0, seq: 0, past: 0 };
+        let no_syms = SymValues {
+            batch: 0,
+            seq: 0,
+            past: 0,
+        };
         let mut consts: Vec<Option<Tensor>> = vec![None; n];
         for (id, node) in graph.nodes.iter().enumerate() {
             if !is_const[id] {
                 continue;
             }
             let value = if let Op::Weight { name } = &node.op {
-                let Some(shape) = node.ty.shape.iter().map(|d| d.as_const().and_then(|c| usize::try_from(c).ok())).collect::<Option<Vec<usize>>>()
+                let Some(shape) = node
+                    .ty
+                    .shape
+                    .iter()
+                    .map(|d| d.as_const().and_then(|c| usize::try_from(c).ok()))
+                    .collect::<Option<Vec<usize>>>()
                 else {
-                    return Err(ExecError::Unsupported(format!("weight `{name}` has the symbolic type {}", node.ty)));
+                    return Err(ExecError::Unsupported(format!(
+                        "weight `{name}` has the symbolic type {}",
+                        node.ty
+                    )));
                 };
                 let data = load(name, &shape)?;
                 weight_tensor(name, &node.ty, shape, data)?
             } else {
-                let ins = node.inputs.iter().map(|&i| consts[i].clone().expect("weight-only inputs are kept until read")).collect();
-                let err = |message| ExecError::Node { node: node.name.clone(), op: node.op.to_string(), message };
+                let ins = node
+                    .inputs
+                    .iter()
+                    .map(|&i| {
+                        consts[i]
+                            .clone()
+                            .expect("weight-only inputs are kept until read")
+                    })
+                    .collect();
+                let err = |message| ExecError::Node {
+                    node: node.name.clone(),
+                    op: node.op.to_string(),
+                    message,
+                };
                 let v = eval_op(&node.op, ins, &no_syms).map_err(err)?;
                 check_type(&v, &node.ty, &no_syms).map_err(err)?;
                 v
             };
             consts[id] = Some(value);
-            for &i in node.inputs.iter().chain([&id]) {
-                if i == id {
-                    continue;
-                }
+            for &i in &node.inputs {
                 const_uses[i] -= 1;
                 if const_uses[i] == 0 && uses[i] == 0 {
                     consts[i] = None;
@@ -333,7 +419,14 @@ impl CpuExecutor {
                 consts[id] = None;
             }
         }
-        Ok(CpuExecutor { graph, is_const, consts, uses, pinned, state_index })
+        Ok(CpuExecutor {
+            graph,
+            is_const,
+            consts,
+            uses,
+            pinned,
+            state_index,
+        })
     }
 
     /// The graph this executor runs.
@@ -343,28 +436,46 @@ impl CpuExecutor {
 
     /// A fresh session (empty KV caches) for `batch` sequences.
     pub fn session(&self, batch: usize) -> CpuSession {
-        CpuSession { batch, past: 0, states: vec![None; self.graph.states.len()] }
+        CpuSession {
+            batch,
+            past: 0,
+            states: vec![None; self.graph.states.len()],
+        }
     }
 
     /// Runs one step: `tokens` is `[batch, seq]` row-major (`batch` from the session, `seq =
     /// tokens.len() / batch`), at positions `past .. past+seq` where `past = session.past()`.
     /// Appends to the states and advances `past` by `seq`. Returns the graph outputs by name and
     /// the values of the nodes named in `taps`. On error the session is unchanged.
-    pub fn step(&self, session: &mut CpuSession, tokens: &[i32], taps: &[&str]) -> Result<StepOutput, ExecError> {
+    pub fn step(
+        &self,
+        session: &mut CpuSession,
+        tokens: &[i32],
+        taps: &[&str],
+    ) -> Result<StepOutput, ExecError> {
         let batch = session.batch;
         if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
-            return Err(ExecError::Input(format!("{} tokens do not form [batch={batch}, seq ≥ 1]", tokens.len())));
+            return Err(ExecError::Input(format!(
+                "{} tokens do not form [batch={batch}, seq ≥ 1]",
+                tokens.len()
+            )));
         }
         let seq = tokens.len() / batch;
         let past = session.past;
         if i32::try_from(past + seq).is_err() {
-            return Err(ExecError::Input(format!("position {} exceeds i32", past + seq)));
+            return Err(ExecError::Input(format!(
+                "position {} exceeds i32",
+                past + seq
+            )));
         }
         let syms = SymValues { batch, seq, past };
         let mut pinned = self.pinned.clone();
         let mut tap_ids = Vec::with_capacity(taps.len());
         for &name in taps {
-            let id = self.graph.find(name).ok_or_else(|| ExecError::UnknownTap(name.into()))?;
+            let id = self
+                .graph
+                .find(name)
+                .ok_or_else(|| ExecError::UnknownTap(name.into()))?;
             if self.is_const[id] && self.consts[id].is_none() {
                 return Err(ExecError::FoldedTap(name.into()));
             }
@@ -379,13 +490,25 @@ impl CpuExecutor {
             if self.is_const[id] {
                 continue;
             }
-            let err = |message| ExecError::Node { node: node.name.clone(), op: node.op.to_string(), message };
+            let err = |message| ExecError::Node {
+                node: node.name.clone(),
+                op: node.op.to_string(),
+                message,
+            };
             let value = match &node.op {
-                Op::Input { kind: InputKind::Tokens } => Tensor::new(DType::I32, vec![batch, seq], tokens.to_vec()),
-                Op::Input { kind: InputKind::Positions } => {
-                    Tensor::new(DType::I32, vec![seq], (past as i32..(past + seq) as i32).collect())
-                }
-                Op::Input { kind: InputKind::State } => {
+                Op::Input {
+                    kind: InputKind::Tokens,
+                } => Tensor::new(DType::I32, vec![batch, seq], tokens.to_vec()),
+                Op::Input {
+                    kind: InputKind::Positions,
+                } => Tensor::new(
+                    DType::I32,
+                    vec![seq],
+                    (past as i32..(past + seq) as i32).collect(),
+                ),
+                Op::Input {
+                    kind: InputKind::State,
+                } => {
                     let j = self.state_index[id].expect("checked at construction");
                     match &session.states[j] {
                         Some(t) => t.clone(),
@@ -406,9 +529,13 @@ impl CpuExecutor {
                         .iter()
                         .map(|&i| {
                             if self.is_const[i] {
-                                self.consts[i].clone().expect("weight-only values read at step time are kept")
+                                self.consts[i]
+                                    .clone()
+                                    .expect("weight-only values read at step time are kept")
                             } else {
-                                vals[i].clone().expect("inputs are evaluated before their readers")
+                                vals[i]
+                                    .clone()
+                                    .expect("inputs are evaluated before their readers")
                             }
                         })
                         .collect();
@@ -441,7 +568,12 @@ impl CpuExecutor {
         for (name, id) in tap_ids {
             out.taps.insert(name.to_string(), to_host(value(id)));
         }
-        session.states = self.graph.states.iter().map(|s| Some(value(s.update).clone())).collect();
+        session.states = self
+            .graph
+            .states
+            .iter()
+            .map(|s| Some(value(s.update).clone()))
+            .collect();
         session.past += seq;
         Ok(out)
     }

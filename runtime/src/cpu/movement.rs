@@ -6,7 +6,11 @@ use super::tensor::{is_int_storage, Elem, Tensor};
 /// Rows of `table` (axis 0) picked by the `i32` `ids`: shape `ids.shape ++ table.shape[1..]`.
 pub(crate) fn gather(table: Tensor, ids: Tensor) -> Result<Tensor, String> {
     if ids.dtype != crate::ir::DType::I32 || table.rank() < 1 {
-        return Err(format!("Gather needs a table and i32 ids, got {:?} and {}", table.shape, ids.dtype.name()));
+        return Err(format!(
+            "Gather needs a table and i32 ids, got {:?} and {}",
+            table.shape,
+            ids.dtype.name()
+        ));
     }
     let rows = table.shape[0];
     let ids_v = ids.values::<i32>();
@@ -37,14 +41,20 @@ pub(crate) fn gather(table: Tensor, ids: Tensor) -> Result<Tensor, String> {
 pub(crate) fn concat(xs: Vec<Tensor>, axis: usize) -> Result<Tensor, String> {
     let first = xs.first().ok_or("Concat needs at least one input")?;
     if axis >= first.rank() {
-        return Err(format!("axis {axis} out of range for rank {}", first.rank()));
+        return Err(format!(
+            "axis {axis} out of range for rank {}",
+            first.rank()
+        ));
     }
     for x in &xs {
         let same = x.dtype == first.dtype
             && x.rank() == first.rank()
             && (0..x.rank()).all(|i| i == axis || x.shape[i] == first.shape[i]);
         if !same {
-            return Err(format!("Concat along axis {axis} of {:?} and {:?}: shapes differ", first.shape, x.shape));
+            return Err(format!(
+                "Concat along axis {axis} of {:?} and {:?}: shapes differ",
+                first.shape, x.shape
+            ));
         }
     }
     let mut shape = first.shape.clone();
@@ -53,7 +63,10 @@ pub(crate) fn concat(xs: Vec<Tensor>, axis: usize) -> Result<Tensor, String> {
     let dtype = first.dtype;
     fn join<T: Elem>(xs: &[Tensor], axis: usize, outer: usize, total: usize) -> Vec<T> {
         let parts: Vec<_> = xs.iter().map(|x| x.values::<T>()).collect();
-        let blocks: Vec<usize> = xs.iter().map(|x| x.shape[axis..].iter().product()).collect();
+        let blocks: Vec<usize> = xs
+            .iter()
+            .map(|x| x.shape[axis..].iter().product())
+            .collect();
         let mut out = Vec::with_capacity(total);
         for o in 0..outer {
             for (p, &b) in parts.iter().zip(&blocks) {
@@ -81,9 +94,14 @@ mod tests {
         let ids = Tensor::new(DType::I32, vec![2, 2], vec![2, 0, 1, 1]);
         let g = gather(table.clone(), ids).unwrap();
         assert_eq!(g.shape, vec![2, 2, 2]);
-        assert_eq!(g.to_vec::<f32>(), vec![20., 21., 0., 1., 10., 11., 10., 11.]);
+        assert_eq!(
+            g.to_vec::<f32>(),
+            vec![20., 21., 0., 1., 10., 11., 10., 11.]
+        );
         let bad = Tensor::new(DType::I32, vec![1], vec![3]);
-        assert!(gather(table, bad).unwrap_err().contains("id 3 out of range"));
+        assert!(gather(table, bad)
+            .unwrap_err()
+            .contains("id 3 out of range"));
     }
 
     #[test]

@@ -51,12 +51,23 @@ fn reduce_row_f32(op: ReduceOp, row: &[f32]) -> f32 {
                 s as f32
             }
         }
-        ReduceOp::Max => row.iter().fold(f32::NEG_INFINITY, |m, &x| if x.is_nan() || m.is_nan() { f32::NAN } else { m.max(x) }),
+        ReduceOp::Max => row.iter().fold(f32::NEG_INFINITY, |m, &x| {
+            if x.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(x)
+            }
+        }),
     }
 }
 
 /// `Sum`, `Mean` or `Max` of `x` along `axis`. Integer `Sum` wraps; integer `Mean` is refused.
-pub(crate) fn reduce(op: ReduceOp, x: Tensor, axis: usize, keep_dim: bool) -> Result<Tensor, String> {
+pub(crate) fn reduce(
+    op: ReduceOp,
+    x: Tensor,
+    axis: usize,
+    keep_dim: bool,
+) -> Result<Tensor, String> {
     if axis >= x.rank() {
         return Err(format!("axis {axis} out of range for rank {}", x.rank()));
     }
@@ -76,7 +87,11 @@ pub(crate) fn reduce(op: ReduceOp, x: Tensor, axis: usize, keep_dim: bool) -> Re
         if op == ReduceOp::Mean {
             return Err(format!("Mean of {} values is not defined", x.dtype.name()));
         }
-        let mut out: Vec<i32> = if len == 0 { vec![f(&[]); out_shape.iter().product()] } else { v.chunks(len).map(f).collect() };
+        let mut out: Vec<i32> = if len == 0 {
+            vec![f(&[]); out_shape.iter().product()]
+        } else {
+            v.chunks(len).map(f).collect()
+        };
         if x.dtype == DType::Bool {
             out.iter_mut().for_each(|e| *e = (*e != 0) as i32);
         }
@@ -86,7 +101,10 @@ pub(crate) fn reduce(op: ReduceOp, x: Tensor, axis: usize, keep_dim: bool) -> Re
     let out: Vec<f32> = if len == 0 {
         vec![reduce_row_f32(op, &[]); out_shape.iter().product()]
     } else if v.len() >= 2 * PAR_GRAIN {
-        v.par_chunks(len).with_min_len(PAR_GRAIN.div_ceil(len)).map(|r| reduce_row_f32(op, r)).collect()
+        v.par_chunks(len)
+            .with_min_len(PAR_GRAIN.div_ceil(len))
+            .map(|r| reduce_row_f32(op, r))
+            .collect()
     } else {
         v.chunks(len).map(|r| reduce_row_f32(op, r)).collect()
     };
@@ -94,7 +112,13 @@ pub(crate) fn reduce(op: ReduceOp, x: Tensor, axis: usize, keep_dim: bool) -> Re
 }
 
 fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| if x.is_nan() || m.is_nan() { f32::NAN } else { m.max(x) });
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| {
+        if x.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(x)
+        }
+    });
     let mut sum = 0f64;
     for x in row.iter_mut() {
         *x = (*x - max).exp();
@@ -108,7 +132,10 @@ fn softmax_row(row: &mut [f32]) {
 /// is laid out with `axis` last).
 pub(crate) fn softmax(x: Tensor, axis: usize) -> Result<Tensor, String> {
     if !x.dtype.is_float() {
-        return Err(format!("Softmax needs a float input, got {}", x.dtype.name()));
+        return Err(format!(
+            "Softmax needs a float input, got {}",
+            x.dtype.name()
+        ));
     }
     if axis >= x.rank() {
         return Err(format!("axis {axis} out of range for rank {}", x.rank()));
@@ -122,7 +149,9 @@ pub(crate) fn softmax(x: Tensor, axis: usize) -> Result<Tensor, String> {
     let mut v = moved.into_vec::<f32>();
     if len > 0 {
         if v.len() >= 2 * PAR_GRAIN {
-            v.par_chunks_mut(len).with_min_len(PAR_GRAIN.div_ceil(len)).for_each(softmax_row);
+            v.par_chunks_mut(len)
+                .with_min_len(PAR_GRAIN.div_ceil(len))
+                .for_each(softmax_row);
         } else {
             v.chunks_mut(len).for_each(softmax_row);
         }
@@ -137,10 +166,17 @@ mod tests {
     #[test]
     fn softmax_handles_neg_infinity() {
         let ninf = f32::NEG_INFINITY;
-        let x = Tensor::new(DType::F32, vec![2, 3], vec![1.0, ninf, 1.0, ninf, ninf, ninf]);
+        let x = Tensor::new(
+            DType::F32,
+            vec![2, 3],
+            vec![1.0, ninf, 1.0, ninf, ninf, ninf],
+        );
         let y = softmax(x, 1).unwrap().to_vec::<f32>();
         assert_eq!(&y[..3], &[0.5, 0.0, 0.5]);
-        assert!(y[3..].iter().all(|v| v.is_nan()), "a fully masked row is NaN, as in PyTorch");
+        assert!(
+            y[3..].iter().all(|v| v.is_nan()),
+            "a fully masked row is NaN, as in PyTorch"
+        );
         // Large values do not overflow.
         let x = Tensor::new(DType::F32, vec![2], vec![1000.0, 1000.0]);
         assert_eq!(softmax(x, 0).unwrap().to_vec::<f32>(), vec![0.5, 0.5]);
@@ -149,12 +185,28 @@ mod tests {
     #[test]
     fn reductions_along_inner_and_outer_axes() {
         let x = Tensor::new(DType::F32, vec![2, 3], vec![1., 2., 3., 4., 5., 6.]);
-        assert_eq!(reduce(ReduceOp::Sum, x.clone(), 0, false).unwrap().to_vec::<f32>(), vec![5., 7., 9.]);
+        assert_eq!(
+            reduce(ReduceOp::Sum, x.clone(), 0, false)
+                .unwrap()
+                .to_vec::<f32>(),
+            vec![5., 7., 9.]
+        );
         let m = reduce(ReduceOp::Mean, x.clone(), 1, true).unwrap();
-        assert_eq!((m.shape.clone(), m.to_vec::<f32>()), (vec![2, 1], vec![2., 5.]));
-        assert_eq!(reduce(ReduceOp::Max, x, 0, false).unwrap().to_vec::<f32>(), vec![4., 5., 6.]);
+        assert_eq!(
+            (m.shape.clone(), m.to_vec::<f32>()),
+            (vec![2, 1], vec![2., 5.])
+        );
+        assert_eq!(
+            reduce(ReduceOp::Max, x, 0, false).unwrap().to_vec::<f32>(),
+            vec![4., 5., 6.]
+        );
         let i = Tensor::new(DType::I32, vec![3], vec![16_777_217, 1, -3]);
-        assert_eq!(reduce(ReduceOp::Sum, i.clone(), 0, false).unwrap().to_vec::<i32>(), vec![16_777_215]);
+        assert_eq!(
+            reduce(ReduceOp::Sum, i.clone(), 0, false)
+                .unwrap()
+                .to_vec::<i32>(),
+            vec![16_777_215]
+        );
         assert!(reduce(ReduceOp::Mean, i, 0, false).is_err());
     }
 }

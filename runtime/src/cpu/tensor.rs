@@ -99,7 +99,13 @@ impl Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         debug_assert_eq!(is_int_storage(dtype), T::of(&Buffer::I32(vec![])).is_some());
         let strides = contiguous_strides(&shape);
-        Tensor { dtype, shape, strides, offset: 0, buf: Arc::new(T::wrap(data)) }
+        Tensor {
+            dtype,
+            shape,
+            strides,
+            offset: 0,
+            buf: Arc::new(T::wrap(data)),
+        }
     }
 
     /// Number of elements.
@@ -131,7 +137,8 @@ impl Tensor {
 
     /// The elements as a slice, if the view is contiguous.
     pub fn as_slice<T: Elem>(&self) -> Option<&[T]> {
-        self.is_contiguous().then(|| &self.raw::<T>()[self.offset..self.offset + self.numel()])
+        self.is_contiguous()
+            .then(|| &self.raw::<T>()[self.offset..self.offset + self.numel()])
     }
 
     /// The elements in row-major order, borrowed when contiguous and copied otherwise.
@@ -149,13 +156,18 @@ impl Tensor {
         }
         let src = self.raw::<T>();
         let mut out = Vec::with_capacity(self.numel());
-        for_each_run(&self.shape, [&self.strides], [self.offset], |[o], len, [s]| {
-            if s == 1 {
-                out.extend_from_slice(&src[o..o + len]);
-            } else {
-                out.extend((0..len).map(|i| src[o + i * s]));
-            }
-        });
+        for_each_run(
+            &self.shape,
+            [&self.strides],
+            [self.offset],
+            |[o], len, [s]| {
+                if s == 1 {
+                    out.extend_from_slice(&src[o..o + len]);
+                } else {
+                    out.extend((0..len).map(|i| src[o + i * s]));
+                }
+            },
+        );
         out
     }
 
@@ -165,7 +177,9 @@ impl Tensor {
         let n = self.numel();
         if self.offset == 0 && self.is_contiguous() && self.raw::<T>().len() == n {
             match Arc::try_unwrap(self.buf) {
-                Ok(mut b) => return std::mem::take(T::of_mut(&mut b).expect("storage matches dtype")),
+                Ok(mut b) => {
+                    return std::mem::take(T::of_mut(&mut b).expect("storage matches dtype"))
+                }
                 Err(buf) => return T::of(&buf).expect("storage matches dtype").to_vec(),
             }
         }
@@ -223,7 +237,13 @@ impl Tensor {
     pub fn broadcast_strides(&self, out: &[usize]) -> Vec<usize> {
         let lead = out.len() - self.rank();
         (0..out.len())
-            .map(|i| if i < lead || self.shape[i - lead] == 1 { 0 } else { self.strides[i - lead] })
+            .map(|i| {
+                if i < lead || self.shape[i - lead] == 1 {
+                    0
+                } else {
+                    self.strides[i - lead]
+                }
+            })
             .collect()
     }
 }
@@ -295,7 +315,11 @@ mod tests {
 
     fn iota(shape: &[usize]) -> Tensor {
         let n = shape.iter().product::<usize>();
-        Tensor::new(DType::F32, shape.to_vec(), (0..n).map(|i| i as f32).collect())
+        Tensor::new(
+            DType::F32,
+            shape.to_vec(),
+            (0..n).map(|i| i as f32).collect(),
+        )
     }
 
     #[test]
@@ -313,9 +337,15 @@ mod tests {
             }
         }
         let s = t.slice_axis(1, 1, 3); // [2, 2, 4]
-        assert_eq!(s.to_vec::<f32>(), vec![4., 5., 6., 7., 8., 9., 10., 11., 16., 17., 18., 19., 20., 21., 22., 23.]);
+        assert_eq!(
+            s.to_vec::<f32>(),
+            vec![4., 5., 6., 7., 8., 9., 10., 11., 16., 17., 18., 19., 20., 21., 22., 23.]
+        );
         let r = t.clone().reshape(vec![6, 4]);
-        assert!(Arc::ptr_eq(&r.buf, &t.buf), "reshape of a contiguous view is free");
+        assert!(
+            Arc::ptr_eq(&r.buf, &t.buf),
+            "reshape of a contiguous view is free"
+        );
         let rp = p.reshape(vec![24]);
         assert_eq!(rp.to_vec::<f32>(), v);
         let e = t.slice_axis(1, 2, 2);

@@ -60,11 +60,17 @@ pub struct Dim {
 impl Dim {
     /// A constant dimension.
     pub fn c(n: i64) -> Dim {
-        Dim { constant: n, terms: vec![] }
+        Dim {
+            constant: n,
+            terms: vec![],
+        }
     }
     /// A dimension equal to one symbol.
     pub fn sym(s: Sym) -> Dim {
-        Dim { constant: 0, terms: vec![(s, 1)] }
+        Dim {
+            constant: 0,
+            terms: vec![(s, 1)],
+        }
     }
     /// The constant value, if the dimension has no symbols.
     pub fn as_const(&self) -> Option<i64> {
@@ -91,13 +97,20 @@ impl Dim {
             }
         }
         out.retain(|(_, c)| *c != 0);
-        Dim { constant: self.constant, terms: out }
+        Dim {
+            constant: self.constant,
+            terms: out,
+        }
     }
     /// `self + other`.
     pub fn add(&self, other: &Dim) -> Dim {
         let mut terms = self.terms.clone();
         terms.extend(other.terms.iter().cloned());
-        Dim { constant: self.constant + other.constant, terms }.normalized()
+        Dim {
+            constant: self.constant + other.constant,
+            terms,
+        }
+        .normalized()
     }
     /// `self - other`.
     pub fn sub(&self, other: &Dim) -> Dim {
@@ -141,7 +154,13 @@ impl fmt::Display for Dim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut first = true;
         for (s, c) in &self.terms {
-            let sign = if *c < 0 { "-" } else if first { "" } else { "+" };
+            let sign = if *c < 0 {
+                "-"
+            } else if first {
+                ""
+            } else {
+                "+"
+            };
             let mag = c.abs();
             if mag == 1 {
                 write!(f, "{sign}{}", s.name())?;
@@ -153,7 +172,12 @@ impl fmt::Display for Dim {
         if first {
             write!(f, "{}", self.constant)
         } else if self.constant != 0 {
-            write!(f, "{}{}", if self.constant < 0 { "-" } else { "+" }, self.constant.abs())
+            write!(
+                f,
+                "{}{}",
+                if self.constant < 0 { "-" } else { "+" },
+                self.constant.abs()
+            )
         } else {
             Ok(())
         }
@@ -203,7 +227,11 @@ mod tests {
         let last = Dim::sym(Sym::Seq).sub(&Dim::c(1));
         assert_eq!(last.to_string(), "seq-1");
         assert_eq!(kv.sub(&Dim::sym(Sym::Seq)), Dim::sym(Sym::Past));
-        let v = SymValues { batch: 2, seq: 5, past: 7 };
+        let v = SymValues {
+            batch: 2,
+            seq: 5,
+            past: 7,
+        };
         assert_eq!(kv.eval(&v), 12);
         assert_eq!(Dim::c(576).div(9), Some(Dim::c(64)));
         assert_eq!(Dim::c(10).div(3), None);
@@ -214,7 +242,10 @@ mod tests {
     fn numel_equality() {
         let b = Dim::sym(Sym::Batch);
         let s = Dim::sym(Sym::Seq);
-        assert!(same_numel(&[b.clone(), s.clone(), Dim::c(576)], &[b.clone(), s.clone(), Dim::c(9), Dim::c(64)]));
+        assert!(same_numel(
+            &[b.clone(), s.clone(), Dim::c(576)],
+            &[b.clone(), s.clone(), Dim::c(9), Dim::c(64)]
+        ));
         assert!(!same_numel(&[b.clone(), Dim::c(576)], &[s, Dim::c(576)]));
     }
 }

@@ -64,22 +64,46 @@ pub enum GraphError {
 
 impl Graph {
     /// Adds a node whose type is inferred from its inputs.
-    pub fn add(&mut self, name: impl Into<String>, op: Op, inputs: Vec<NodeId>) -> Result<NodeId, GraphError> {
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        op: Op,
+        inputs: Vec<NodeId>,
+    ) -> Result<NodeId, GraphError> {
         let name = name.into();
         if let Some(&bad) = inputs.iter().find(|&&i| i >= self.nodes.len()) {
-            return Err(GraphError::Invalid(format!("node `{name}` reads missing node #{bad}")));
+            return Err(GraphError::Invalid(format!(
+                "node `{name}` reads missing node #{bad}"
+            )));
         }
         let tys: Vec<&TensorType> = inputs.iter().map(|&i| &self.nodes[i].ty).collect();
         let ty = infer(&op, &tys).map_err(|message| {
-            let ins: Vec<String> = inputs.iter().map(|&i| format!("{} {}", self.nodes[i].name, self.nodes[i].ty)).collect();
-            GraphError::Shape { node: name.clone(), op: op.name(), message: format!("{message} (inputs: {})", ins.join(", ")) }
+            let ins: Vec<String> = inputs
+                .iter()
+                .map(|&i| format!("{} {}", self.nodes[i].name, self.nodes[i].ty))
+                .collect();
+            GraphError::Shape {
+                node: name.clone(),
+                op: op.name(),
+                message: format!("{message} (inputs: {})", ins.join(", ")),
+            }
         })?;
-        Ok(self.push(Node { name, op, inputs, ty }))
+        Ok(self.push(Node {
+            name,
+            op,
+            inputs,
+            ty,
+        }))
     }
 
     /// Adds a leaf (`Input` or `Weight`) with a declared type.
     pub fn add_leaf(&mut self, name: impl Into<String>, op: Op, ty: TensorType) -> NodeId {
-        self.push(Node { name: name.into(), op, inputs: vec![], ty })
+        self.push(Node {
+            name: name.into(),
+            op,
+            inputs: vec![],
+            ty,
+        })
     }
 
     fn push(&mut self, node: Node) -> NodeId {
@@ -94,7 +118,10 @@ impl Graph {
 
     /// The output with this name.
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
 
     /// The input node of the given kind (`Tokens` or `Positions`), if the graph has one.
@@ -104,10 +131,13 @@ impl Graph {
 
     /// Weight nodes: (node id, checkpoint name).
     pub fn weights(&self) -> impl Iterator<Item = (NodeId, &str)> {
-        self.nodes.iter().enumerate().filter_map(|(i, n)| match &n.op {
-            Op::Weight { name } => Some((i, name.as_str())),
-            _ => None,
-        })
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match &n.op {
+                Op::Weight { name } => Some((i, name.as_str())),
+                _ => None,
+            })
     }
 
     /// Number of nodes that read each node (outputs and state updates count as readers).
@@ -133,34 +163,61 @@ impl Graph {
         let mut names: HashMap<&str, NodeId> = HashMap::new();
         for (id, n) in self.nodes.iter().enumerate() {
             if let Some(prev) = names.insert(&n.name, id) {
-                return Err(GraphError::Invalid(format!("duplicate node name `{}` (#{prev} and #{id})", n.name)));
+                return Err(GraphError::Invalid(format!(
+                    "duplicate node name `{}` (#{prev} and #{id})",
+                    n.name
+                )));
             }
             if let Some(&bad) = n.inputs.iter().find(|&&i| i >= id) {
-                return Err(GraphError::Invalid(format!("node `{}` reads #{bad}, which is not before it", n.name)));
+                return Err(GraphError::Invalid(format!(
+                    "node `{}` reads #{bad}, which is not before it",
+                    n.name
+                )));
             }
             if matches!(n.op, Op::Input { .. } | Op::Weight { .. }) {
                 continue;
             }
             let tys: Vec<&TensorType> = n.inputs.iter().map(|&i| &self.nodes[i].ty).collect();
-            let ty = infer(&n.op, &tys).map_err(|message| GraphError::Shape { node: n.name.clone(), op: n.op.name(), message })?;
+            let ty = infer(&n.op, &tys).map_err(|message| GraphError::Shape {
+                node: n.name.clone(),
+                op: n.op.name(),
+                message,
+            })?;
             if ty != n.ty {
-                return Err(GraphError::Invalid(format!("node `{}` is typed {} but its op gives {ty}", n.name, n.ty)));
+                return Err(GraphError::Invalid(format!(
+                    "node `{}` is typed {} but its op gives {ty}",
+                    n.name, n.ty
+                )));
             }
         }
         let len = self.nodes.len();
         if let Some((name, _)) = self.outputs.iter().find(|(_, o)| *o >= len) {
-            return Err(GraphError::Invalid(format!("output `{name}` points past the graph")));
+            return Err(GraphError::Invalid(format!(
+                "output `{name}` points past the graph"
+            )));
         }
         for s in &self.states {
             if s.input >= len || s.update >= len {
-                return Err(GraphError::Invalid("state binding points past the graph".into()));
+                return Err(GraphError::Invalid(
+                    "state binding points past the graph".into(),
+                ));
             }
             let (i, u) = (&self.nodes[s.input], &self.nodes[s.update]);
-            if i.op != (Op::Input { kind: InputKind::State }) {
-                return Err(GraphError::Invalid(format!("state `{}` is not a state input", i.name)));
+            if i.op
+                != (Op::Input {
+                    kind: InputKind::State,
+                })
+            {
+                return Err(GraphError::Invalid(format!(
+                    "state `{}` is not a state input",
+                    i.name
+                )));
             }
             if i.ty.dtype != u.ty.dtype || i.ty.rank() != u.ty.rank() {
-                return Err(GraphError::Invalid(format!("state `{}` {} is updated by `{}` {}", i.name, i.ty, u.name, u.ty)));
+                return Err(GraphError::Invalid(format!(
+                    "state `{}` {} is updated by `{}` {}",
+                    i.name, i.ty, u.name, u.ty
+                )));
             }
         }
         Ok(())
@@ -173,7 +230,8 @@ impl Graph {
 
     /// Parses a graph from RON and validates it.
     pub fn from_ron(text: &str) -> Result<Graph, GraphError> {
-        let g: Graph = ron::from_str(text).map_err(|e| GraphError::Invalid(format!("graph RON: {e}")))?;
+        let g: Graph =
+            ron::from_str(text).map_err(|e| GraphError::Invalid(format!("graph RON: {e}")))?;
         g.validate()?;
         Ok(g)
     }
@@ -207,10 +265,19 @@ mod tests {
     #[test]
     fn ron_round_trip_and_validation() {
         let mut g = Graph::default();
-        let x = g.add_leaf("x", Op::Input { kind: InputKind::State }, TensorType::new(DType::F32, vec![Dim::sym(Sym::Past), Dim::c(4)]));
+        let x = g.add_leaf(
+            "x",
+            Op::Input {
+                kind: InputKind::State,
+            },
+            TensorType::new(DType::F32, vec![Dim::sym(Sym::Past), Dim::c(4)]),
+        );
         let y = g.add("y", Op::Unary(UnaryOp::Exp), vec![x]).unwrap();
         g.outputs.push(("y".into(), y));
-        g.states.push(StateBinding { input: x, update: y });
+        g.states.push(StateBinding {
+            input: x,
+            update: y,
+        });
         let back = Graph::from_ron(&g.to_ron()).unwrap();
         assert_eq!(back, g);
         let mut bad = g.clone();

@@ -37,14 +37,26 @@ pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>, String> {
     let one = Dim::c(1);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let da = if i + a.len() >= n { &a[i + a.len() - n] } else { &one };
-        let db = if i + b.len() >= n { &b[i + b.len() - n] } else { &one };
+        let da = if i + a.len() >= n {
+            &a[i + a.len() - n]
+        } else {
+            &one
+        };
+        let db = if i + b.len() >= n {
+            &b[i + b.len() - n]
+        } else {
+            &one
+        };
         out.push(if da == db || *db == one {
             da.clone()
         } else if *da == one {
             db.clone()
         } else {
-            return Err(format!("cannot broadcast {} with {}", fmt_shape(a), fmt_shape(b)));
+            return Err(format!(
+                "cannot broadcast {} with {}",
+                fmt_shape(a),
+                fmt_shape(b)
+            ));
         });
     }
     Ok(out)
@@ -57,7 +69,13 @@ fn arity(op: &Op, n: usize) -> Result<(), String> {
         Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
         Op::Binary(_) | Op::MatMul | Op::Gather => 2,
         Op::Where => 3,
-        Op::Concat { .. } => return if n >= 1 { Ok(()) } else { Err("Concat needs at least one input".into()) },
+        Op::Concat { .. } => {
+            return if n >= 1 {
+                Ok(())
+            } else {
+                Err("Concat needs at least one input".into())
+            }
+        }
     };
     if n == want {
         Ok(())
@@ -99,7 +117,14 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
         Op::Binary(b) => {
             let dtype = same_float(op, ins[0], ins[1])?;
             let shape = broadcast(&ins[0].shape, &ins[1].shape)?;
-            t(if *b == BinaryOp::Greater { DType::Bool } else { dtype }, shape)
+            t(
+                if *b == BinaryOp::Greater {
+                    DType::Bool
+                } else {
+                    dtype
+                },
+                shape,
+            )
         }
         Op::Where => {
             if ins[0].dtype != DType::Bool {
@@ -148,18 +173,29 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             let mut seen = vec![false; ins[0].rank()];
             for &p in perm {
                 if p >= seen.len() || std::mem::replace(&mut seen[p], true) {
-                    return Err(format!("{perm:?} is not a permutation of {} axes", seen.len()));
+                    return Err(format!(
+                        "{perm:?} is not a permutation of {} axes",
+                        seen.len()
+                    ));
                 }
             }
             if perm.len() != seen.len() {
-                return Err(format!("{perm:?} is not a permutation of {} axes", seen.len()));
+                return Err(format!(
+                    "{perm:?} is not a permutation of {} axes",
+                    seen.len()
+                ));
             }
-            t(ins[0].dtype, perm.iter().map(|&p| ins[0].shape[p].clone()).collect())
+            t(
+                ins[0].dtype,
+                perm.iter().map(|&p| ins[0].shape[p].clone()).collect(),
+            )
         }
         Op::Gather => {
             let (table, ids) = (ins[0], ins[1]);
             if ids.dtype != DType::I32 || table.rank() < 1 {
-                return Err(format!("Gather needs a table and i32 ids, got {table} and {ids}"));
+                return Err(format!(
+                    "Gather needs a table and i32 ids, got {table} and {ids}"
+                ));
             }
             let mut shape = ids.shape.clone();
             shape.extend(table.shape[1..].iter().cloned());
@@ -174,7 +210,9 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
                     && x.rank() == first.rank()
                     && (0..x.rank()).all(|i| i == *axis || x.shape[i] == first.shape[i]);
                 if !compatible {
-                    return Err(format!("Concat along axis {axis} of {first} and {x}: shapes differ"));
+                    return Err(format!(
+                        "Concat along axis {axis} of {first} and {x}: shapes differ"
+                    ));
                 }
                 total = total.add(&x.shape[*axis]);
             }
@@ -210,7 +248,9 @@ mod tests {
         let out = infer(&Op::MatMul, &[&x, &w]).unwrap();
         assert_eq!(out.shape, vec![b, s, Dim::c(192)]);
         let bad = ty(&[Dim::c(575), Dim::c(192)]);
-        assert!(infer(&Op::MatMul, &[&x, &bad]).unwrap_err().contains("inner dimensions"));
+        assert!(infer(&Op::MatMul, &[&x, &bad])
+            .unwrap_err()
+            .contains("inner dimensions"));
     }
 
     #[test]

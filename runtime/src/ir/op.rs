@@ -184,7 +184,10 @@ impl Op {
             Op::Reduce { op, .. } => format!("{op:?}"),
             other => {
                 let s = format!("{other:?}");
-                s.split([' ', '(', '{']).next().unwrap_or_default().to_string()
+                s.split([' ', '(', '{'])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
             }
         }
     }
@@ -198,7 +201,11 @@ impl fmt::Display for Op {
             Op::Constant { value } => write!(f, "Constant({value})"),
             Op::Iota { len } => write!(f, "Iota({len})"),
             Op::Reduce { op, axis, keep_dim } => {
-                write!(f, "{op:?}(axis={axis}{})", if *keep_dim { ", keep" } else { "" })
+                write!(
+                    f,
+                    "{op:?}(axis={axis}{})",
+                    if *keep_dim { ", keep" } else { "" }
+                )
             }
             Op::Softmax { axis } => write!(f, "Softmax(axis={axis})"),
             Op::Reshape { shape } => write!(f, "Reshape({})", super::dim::fmt_shape(shape)),

@@ -1,0 +1,178 @@
+//! llama specifics of GGUF files: tensor names (GGUF → HF), which tensors carry llama.cpp's Q/K
+//! row permutation, and the HF `config.json` synthesized from `llama.*` metadata.
+
+use serde_json::{json, Value};
+
+use super::gguf::GgufFile;
+use super::gguf_value::{GgufError, GgufValue};
+
+/// Maps a llama-architecture GGUF tensor name to its HF name; unknown names are kept as they are.
+pub(super) fn llama_hf_name(gguf: &str) -> String {
+    let (stem, suffix) = match gguf.rsplit_once('.') {
+        Some((stem, s @ ("weight" | "bias"))) => (stem, s),
+        _ => return gguf.to_owned(),
+    };
+    let fixed = match stem {
+        "token_embd" => Some("model.embed_tokens"),
+        "output_norm" => Some("model.norm"),
+        "output" => Some("lm_head"),
+        _ => None,
+    };
+    if let Some(hf) = fixed {
+        return format!("{hf}.{suffix}");
+    }
+    let Some(rest) = stem.strip_prefix("blk.") else {
+        return gguf.to_owned();
+    };
+    let Some((layer, part)) = rest.split_once('.') else {
+        return gguf.to_owned();
+    };
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return gguf.to_owned();
+    }
+    let hf_part = match part {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return gguf.to_owned(),
+    };
+    format!("model.layers.{layer}.{hf_part}.{suffix}")
+}
+
+/// Whether a llama GGUF tensor had its rows permuted by llama.cpp's converter, and with which
+/// head-count key: Some(true) for Q (`head_count`), Some(false) for K (`head_count_kv`).
+pub(super) fn llama_qk(gguf: &str) -> Option<bool> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (_, part) = rest.split_once('.')?;
+    match part {
+        "attn_q.weight" | "attn_q.bias" => Some(true),
+        "attn_k.weight" | "attn_k.bias" => Some(false),
+        _ => None,
+    }
+}
+
+/// See [`GgufFile::hf_config`].
+pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
+    let arch = f.architecture()?;
+    if arch != "llama" {
+        return Err(GgufError::Unsupported {
+            path: f.path().to_path_buf(),
+            what: "architecture for hf_config",
+            expected: "\"llama\"",
+            found: arch.into(),
+        });
+    }
+    let hidden = f.req_u64("llama.embedding_length")?;
+    let intermediate = f.req_u64("llama.feed_forward_length")?;
+    let layers = f.req_u64("llama.block_count")?;
+    let heads = f.req_u64("llama.attention.head_count")?;
+    if heads == 0 {
+        let v = f.require("llama.attention.head_count", "")?;
+        return Err(f.bad_key("llama.attention.head_count", "a positive integer", v));
+    }
+    let kv_heads = f.opt_u64("llama.attention.head_count_kv")?.unwrap_or(heads);
+    let head_dim = match f.opt_u64("llama.attention.key_length")? {
+        Some(d) => d,
+        None if hidden.is_multiple_of(heads) => hidden / heads,
+        None => {
+            let v = f.require("llama.embedding_length", "")?;
+            return Err(f.bad_key(
+                "llama.embedding_length",
+                format!("a multiple of llama.attention.head_count ({heads}) when llama.attention.key_length is absent"),
+                v,
+            ));
+        }
+    };
+    let eps_key = "llama.attention.layer_norm_rms_epsilon";
+    let eps = f.require(eps_key, "the RMSNorm epsilon, a float")?;
+    let eps = eps
+        .as_f64()
+        .ok_or_else(|| f.bad_key(eps_key, "a number", eps))?;
+    let rope_theta = f.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
+    let context = f.req_u64("llama.context_length")?;
+    let vocab = match f.opt_u64("llama.vocab_size")? {
+        Some(v) => v,
+        None => match f.metadata("tokenizer.ggml.tokens").and_then(GgufValue::as_array) {
+            Some(tokens) => tokens.len() as u64,
+            None => match f.gguf_dims("model.embed_tokens.weight") {
+                Some(&[_, rows]) => rows as u64,
+                _ => {
+                    return Err(GgufError::MissingKey {
+                        path: f.path().to_path_buf(),
+                        key: "llama.vocab_size".into(),
+                        expected: "the vocabulary size (or a tokenizer.ggml.tokens list or a 2-D token_embd.weight)",
+                    })
+                }
+            },
+        },
+    };
+    let has = |pred: &dyn Fn(&str) -> bool| f.any_gguf_tensor(pred);
+    let mut obj = serde_json::Map::new();
+    let fields = [
+        ("architectures", json!(["LlamaForCausalLM"])),
+        ("model_type", json!("llama")),
+        ("hidden_act", json!("silu")),
+        ("hidden_size", json!(hidden)),
+        ("intermediate_size", json!(intermediate)),
+        ("num_hidden_layers", json!(layers)),
+        ("num_attention_heads", json!(heads)),
+        ("num_key_value_heads", json!(kv_heads)),
+        ("head_dim", json!(head_dim)),
+        ("rms_norm_eps", json!(eps)),
+        ("rope_theta", json!(rope_theta)),
+        (
+            "rope_parameters",
+            json!({ "rope_theta": rope_theta, "rope_type": "default" }),
+        ),
+        ("max_position_embeddings", json!(context)),
+        ("vocab_size", json!(vocab)),
+        (
+            "tie_word_embeddings",
+            json!(!has(&|n| n == "output.weight")),
+        ),
+        (
+            "attention_bias",
+            json!(has(
+                &|n| n.starts_with("blk.") && n.ends_with(".attn_q.bias")
+            )),
+        ),
+        (
+            "mlp_bias",
+            json!(has(
+                &|n| n.starts_with("blk.") && n.ends_with(".ffn_up.bias")
+            )),
+        ),
+    ];
+    for (k, v) in fields {
+        obj.insert(k.into(), v);
+    }
+    if let Some(v) = f.metadata("llama.rope.scaling.type") {
+        let kind = v
+            .as_str()
+            .ok_or_else(|| f.bad_key("llama.rope.scaling.type", "a string", v))?;
+        if kind != "none" {
+            let factor = f.opt_f64("llama.rope.scaling.factor")?.unwrap_or(1.0);
+            obj.insert(
+                "rope_scaling".into(),
+                json!({ "rope_type": kind, "type": kind, "factor": factor }),
+            );
+        }
+    }
+    for (gguf_key, hf_key) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token_id"),
+    ] {
+        if let Some(id) = f.opt_u64(gguf_key)? {
+            obj.insert(hf_key.into(), json!(id));
+        }
+    }
+    Ok(Value::Object(obj))
+}

@@ -1,0 +1,78 @@
+//! Micro-benchmark of the CPU executor's decode hot path: `x[1, m, k] · W[n, k]ᵀ` through a graph
+//! (`Gather` of a row, then `MatMul` with a transposed weight), reporting GB/s of weight reads.
+//!
+//! `cargo run --release -p kiln-runtime --example cpu_gemv`
+
+use kiln_runtime::cpu::CpuExecutor;
+use kiln_runtime::ir::{DType, Dim, Graph, InputKind, Op, Sym, TensorType};
+use std::time::Instant;
+
+fn bench(m: usize, k: usize, n: usize) {
+    let mut g = Graph::default();
+    let toks = TensorType::new(DType::I32, vec![Dim::sym(Sym::Batch), Dim::sym(Sym::Seq)]);
+    let tok = g.add_leaf(
+        "tokens",
+        Op::Input {
+            kind: InputKind::Tokens,
+        },
+        toks,
+    );
+    let f32_ty =
+        |s: &[usize]| TensorType::new(DType::F32, s.iter().map(|&d| Dim::c(d as i64)).collect());
+    let table = g.add_leaf(
+        "table",
+        Op::Weight {
+            name: "table".into(),
+        },
+        f32_ty(&[16, k]),
+    );
+    let w = g.add_leaf("w", Op::Weight { name: "w".into() }, f32_ty(&[n, k]));
+    let x = g.add("x", Op::Gather, vec![table, tok]).unwrap();
+    let wt = g
+        .add("wt", Op::Transpose { perm: vec![1, 0] }, vec![w])
+        .unwrap();
+    let y = g.add("y", Op::MatMul, vec![x, wt]).unwrap();
+    g.outputs.push(("y".into(), y));
+    let exec = CpuExecutor::new(g, |_, shape| {
+        let len: usize = shape.iter().product();
+        Ok((0..len)
+            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+            .collect())
+    })
+    .unwrap();
+    let tokens: Vec<i32> = (0..m as i32).map(|i| i % 16).collect();
+    let mut session = exec.session(1);
+    for _ in 0..3 {
+        exec.step(&mut session, &tokens, &[]).unwrap();
+    }
+    let bytes = (n * k * 4) as f64;
+    // About 2 GB of weight reads per shape.
+    let iters = ((2e9 / bytes) as usize).clamp(5, 20_000);
+    let t = Instant::now();
+    for _ in 0..iters {
+        let mut s = exec.session(1);
+        std::hint::black_box(exec.step(&mut s, &tokens, &[]).unwrap());
+    }
+    let dt = t.elapsed().as_secs_f64() / iters as f64;
+    println!(
+        "[{m}, {k}] · [{n}, {k}]ᵀ: {:8.1} µs/step, {:6.2} GB/s of weight reads ({:.1} MB)",
+        dt * 1e6,
+        bytes / dt / 1e9,
+        bytes / 1e6
+    );
+}
+
+fn main() {
+    println!("rayon threads: {}", rayon::current_num_threads());
+    for (m, k, n) in [
+        (1, 576, 49152),
+        (1, 576, 1536),
+        (1, 1536, 576),
+        (1, 576, 576),
+        (1, 576, 192),
+        (4, 576, 49152),
+        (8, 576, 1536),
+    ] {
+        bench(m, k, n);
+    }
+}

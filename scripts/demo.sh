@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job: fetch SmolLM2-135M-Instruct (GGUF), build a kiln engine from it, and answer a
+# chat prompt on the CPU. Extra arguments go to `kiln run` (e.g. --prompt "...").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gguf=$(scripts/fetch-demo-model.sh)
+cargo build --release --quiet
+mkdir -p .cache/engines
+engine=.cache/engines/smollm2-135m-instruct.kiln
+if [ ! -f "$engine" ] || [ "$gguf" -nt "$engine" ] || [ target/release/kiln -nt "$engine" ]; then
+  target/release/kiln build "$gguf" -o "$engine"
+fi
+if [ $# -eq 0 ]; then
+  set -- --prompt "What is the capital of France? Answer in one sentence."
+fi
+target/release/kiln run "$engine" --chat --max-new-tokens 96 "$@"
