@@ -62,8 +62,39 @@ fn bench(m: usize, k: usize, n: usize) {
     );
 }
 
+/// Reference: how fast the threads can just read memory (a sum over 512 MB).
+fn read_bandwidth() {
+    use rayon::prelude::*;
+    let v: Vec<f32> = (0..128 << 20).map(|i| (i % 7) as f32).collect();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s: f32 = v
+            .par_chunks(1 << 16)
+            .map(|c| {
+                c.chunks_exact(16)
+                    .fold([0f32; 16], |mut a, x| {
+                        for j in 0..16 {
+                            a[j] += x[j];
+                        }
+                        a
+                    })
+                    .iter()
+                    .sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "plain parallel read of 512 MB: {:.2} GB/s",
+        (v.len() * 4) as f64 / best / 1e9
+    );
+}
+
 fn main() {
     println!("rayon threads: {}", rayon::current_num_threads());
+    read_bandwidth();
     for (m, k, n) in [
         (1, 576, 49152),
         (1, 576, 1536),

@@ -31,67 +31,8 @@ struct Mat<'a> {
     cs: usize,
 }
 
-/// Dot product with independent accumulators, so that it vectorizes.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 32;
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; L];
-    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for j in 0..L {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ar.iter().zip(br) {
-        tail += x * y;
-    }
-    // Pairwise sum of the accumulators.
-    let mut w = L;
-    while w > 1 {
-        w /= 2;
-        for j in 0..w {
-            acc[j] += acc[j + w];
-        }
-    }
-    acc[0] + tail
-}
-
-/// `dst[r·m + i] = x_i · w_r` for the weight rows `rows` (row `r` at `w.off + r·w.rs`, contiguous).
-#[inline(always)]
-fn nt_rows_body(x: &[&[f32]], w: Mat, k: usize, rows: std::ops::Range<usize>, dst: &mut [f32]) {
-    let m = x.len();
-    for (j, r) in rows.enumerate() {
-        let start = w.off + r * w.rs;
-        let row = &w.data[start..start + k];
-        for (i, xi) in x.iter().enumerate() {
-            dst[j * m + i] = dot(xi, row);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn nt_rows_avx2(
-    x: &[&[f32]],
-    w: Mat,
-    k: usize,
-    rows: std::ops::Range<usize>,
-    dst: &mut [f32],
-) {
-    nt_rows_body(x, w, k, rows, dst)
-}
-
 fn nt_rows(x: &[&[f32]], w: Mat, k: usize, rows: std::ops::Range<usize>, dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { nt_rows_avx2(x, w, k, rows, dst) };
-    }
-    nt_rows_body(x, w, k, rows, dst)
+    super::simd::nt_rows(x, w.data, w.off, w.rs, k, rows, dst)
 }
 
 /// Rows (or columns) per parallel task for `n` of them, each `k` elements long.

@@ -18,6 +18,7 @@ mod elementwise;
 mod matmul;
 mod movement;
 mod reduce;
+mod simd;
 mod tensor;
 #[cfg(test)]
 mod tests;

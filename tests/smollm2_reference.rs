@@ -1,0 +1,287 @@
+//! The real model against HuggingFace transformers: SmolLM2-135M-Instruct (GGUF Q4_1), built
+//! into an engine once per test binary, must reproduce the reference fixtures
+//! (`tests/fixtures/smollm2-135m`, made by transformers in f32 on CPU).
+
+mod common;
+
+use common::*;
+use kiln::compiler::build::{graph_for, model_for};
+use kiln::compiler::loader::Checkpoint;
+use kiln::compiler::{build, BuildOptions};
+use kiln::runtime::cpu::CpuExecutor;
+use kiln::runtime::engine::Engine;
+use kiln::runtime::generate::{generate, GenerateRequest};
+use kiln::runtime::sampling::SamplingParams;
+use kiln::runtime::tokenizer::Tokenizer;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+struct Built {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    engine: Engine,
+    exec: CpuExecutor,
+    tok: Tokenizer,
+}
+
+fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smollm2.kiln");
+        build(&demo_gguf(), &path, &BuildOptions::default(), &|_, _| {}).unwrap();
+        let engine = Engine::open(&path).unwrap();
+        let exec = engine.cpu_executor().unwrap();
+        let tok = Tokenizer::from_json(engine.tokenizer_json.as_deref().unwrap()).unwrap();
+        Built {
+            _dir: dir,
+            path,
+            engine,
+            exec,
+            tok,
+        }
+    })
+}
+
+fn greedy(exec: &CpuExecutor, tok: &Tokenizer, prompt_ids: &[u32], n: usize) -> Vec<u32> {
+    let req = GenerateRequest {
+        prompt_ids: prompt_ids.to_vec(),
+        max_new_tokens: n,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+        stop_strings: vec![],
+        ignore_eos: true,
+        max_context: None,
+    };
+    generate(exec, tok, &req, |_| {}).unwrap().generated_ids
+}
+
+#[test]
+fn engine_tokenizer_matches_transformers() {
+    let b = built();
+    let public = public_json();
+    for case in public["tokenizer_cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            b.tok.encode(text).unwrap(),
+            ids(&case["ids"]),
+            "tokenizing {text:?}"
+        );
+    }
+    for g in public["generations"].as_array().unwrap() {
+        assert_eq!(
+            b.tok.encode(g["prompt"].as_str().unwrap()).unwrap(),
+            ids(&g["input_ids"])
+        );
+    }
+}
+
+#[test]
+fn hidden_states_and_all_logits_of_prompt_0() {
+    let b = built();
+    let public = public_json();
+    let prompt: Vec<i32> = ids(&public["generations"][0]["input_ids"])
+        .iter()
+        .map(|&t| t as i32)
+        .collect();
+    // transformers' hidden_states[k]: 0 = embeddings, k = output of layer k-1, 30 = final norm.
+    let taps = [
+        ("x", 0),
+        ("layers.0.x", 1),
+        ("layers.1.x", 2),
+        ("layers.14.x", 15),
+        ("final", 30),
+    ];
+    let names: Vec<&str> = taps.iter().map(|t| t.0).collect();
+    let mut session = b.exec.session(1);
+    let out = b.exec.step(&mut session, &prompt, &names).unwrap();
+    let reference = fixture("public_logits.safetensors");
+    for (name, k) in taps {
+        let (shape, want) = read_tensor(&reference, &format!("p0.hidden_state_{k}"));
+        let got = &out.taps[name];
+        assert_eq!(got.shape, [1, shape[0], shape[1]]);
+        let err = rel_l2(&got.data, &want);
+        eprintln!("hidden state {k}: relative L2 error {err:.3e}");
+        assert!(
+            err <= 1e-4,
+            "hidden state {k} ({name}): relative L2 error {err:.3e}"
+        );
+    }
+    let (_, want) = read_tensor(&reference, "p0.all_logits");
+    let err = rel_l2(&out.outputs["logits"].data, &want);
+    assert!(
+        err <= 1e-4,
+        "all logits of prompt 0: relative L2 error {err:.3e}"
+    );
+}
+
+#[test]
+fn last_logits_of_all_prompts() {
+    let b = built();
+    let public = public_json();
+    for (i, g) in public["generations"].as_array().unwrap().iter().enumerate() {
+        let prompt: Vec<i32> = ids(&g["input_ids"]).iter().map(|&t| t as i32).collect();
+        let mut session = b.exec.session(1);
+        let out = b.exec.step(&mut session, &prompt, &[]).unwrap();
+        let logits = &out.outputs["logits"];
+        let vocab = logits.shape[2];
+        let last = &logits.data[logits.data.len() - vocab..];
+        let (_, want) = read_tensor(
+            &fixture("public_logits.safetensors"),
+            &format!("p{i}.last_logits"),
+        );
+        let err = rel_l2(last, &want);
+        eprintln!("prompt {i}: last-position logits relative L2 error {err:.3e}");
+        assert!(
+            err <= 1e-4,
+            "prompt {i}: last-position logits relative L2 error {err:.3e}"
+        );
+    }
+}
+
+#[test]
+fn greedy_tokens_of_all_prompts() {
+    let b = built();
+    for (i, g) in public_json()["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let want = ids(&g["greedy_new_ids"]);
+        let got = greedy(&b.exec, &b.tok, &ids(&g["input_ids"]), want.len());
+        assert_eq!(got, want, "prompt {i}: greedy tokens differ");
+        assert_eq!(
+            b.tok.decode(&got).unwrap(),
+            g["greedy_text"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn engine_runs_like_the_graph_run_directly() {
+    let b = built();
+    let ckpt = Checkpoint::open(&demo_gguf()).unwrap();
+    let graph = graph_for(&model_for(&ckpt.config, None).unwrap(), &ckpt.config).unwrap();
+    assert_eq!(graph, b.engine.graph);
+    let direct = CpuExecutor::new(graph, |name, _| {
+        ckpt.read_f32(name)
+            .map_err(|e| kiln::runtime::cpu::ExecError::Weight {
+                name: name.into(),
+                message: e.to_string(),
+            })
+    })
+    .unwrap();
+    let prompt = ids(&public_json()["generations"][3]["input_ids"]);
+    assert_eq!(
+        greedy(&direct, &b.tok, &prompt, 24),
+        greedy(&b.exec, &b.tok, &prompt, 24)
+    );
+}
+
+#[test]
+fn cli_run_json_and_tokenize() {
+    let b = built();
+    let out = kiln()
+        .args([
+            "run",
+            b.path.to_str().unwrap(),
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&v["prompt_ids"]), vec![504, 3575, 282, 4649, 314]);
+    assert_eq!(
+        ids(&v["generated_ids"]),
+        ids(&public_json()["generations"][0]["greedy_new_ids"])[..8]
+    );
+    assert!(v["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+
+    let out = kiln()
+        .args([
+            "tokenize",
+            b.path.to_str().unwrap(),
+            "<|im_start|>user\nhi<|im_end|>",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&v), vec![1, 4093, 198, 6004, 2]);
+}
+
+#[test]
+fn chat_run_stops_at_end_of_turn() {
+    let b = built();
+    let out = kiln()
+        .args([
+            "run",
+            b.path.to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            "What is the boiling point of water in Celsius?",
+            "--max-new-tokens",
+            "64",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let public = public_json();
+    assert_eq!(
+        ids(&v["prompt_ids"]),
+        ids(&public["generations"][2]["input_ids"])
+    );
+    let want = ids(&public["generations"][2]["greedy_new_ids"]);
+    let got = ids(&v["generated_ids"]);
+    // Greedy decoding stops at <|im_end|> (id 2), which the reference (run without stopping) also reaches.
+    let end = want
+        .iter()
+        .position(|&t| t == 2)
+        .map(|p| p + 1)
+        .unwrap_or(want.len());
+    assert_eq!(got, want[..end.min(64)]);
+    assert_eq!(
+        v["finish_reason"],
+        if end <= 64 { "stop" } else { "length" }
+    );
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    let b = built();
+    let context = b.engine.generation.max_context.unwrap();
+    let long = "hello ".repeat(context + 10);
+    let out = kiln()
+        .args([
+            "run",
+            b.path.to_str().unwrap(),
+            "--prompt",
+            &long,
+            "--max-new-tokens",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("context window is 8192 tokens"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
