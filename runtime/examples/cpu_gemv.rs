@@ -7,7 +7,7 @@ use kiln_runtime::cpu::CpuExecutor;
 use kiln_runtime::ir::{DType, Dim, Graph, InputKind, Op, Sym, TensorType};
 use std::time::Instant;
 
-fn bench(m: usize, k: usize, n: usize) {
+fn bench(m: usize, k: usize, n: usize, transposed: bool) {
     let mut g = Graph::default();
     let toks = TensorType::new(DType::I32, vec![Dim::sym(Sym::Batch), Dim::sym(Sym::Seq)]);
     let tok = g.add_leaf(
@@ -26,11 +26,15 @@ fn bench(m: usize, k: usize, n: usize) {
         },
         f32_ty(&[16, k]),
     );
-    let w = g.add_leaf("w", Op::Weight { name: "w".into() }, f32_ty(&[n, k]));
+    let w_shape = if transposed { [n, k] } else { [k, n] };
+    let w = g.add_leaf("w", Op::Weight { name: "w".into() }, f32_ty(&w_shape));
     let x = g.add("x", Op::Gather, vec![table, tok]).unwrap();
-    let wt = g
-        .add("wt", Op::Transpose { perm: vec![1, 0] }, vec![w])
-        .unwrap();
+    let wt = if transposed {
+        g.add("wt", Op::Transpose { perm: vec![1, 0] }, vec![w])
+            .unwrap()
+    } else {
+        w
+    };
     let y = g.add("y", Op::MatMul, vec![x, wt]).unwrap();
     g.outputs.push(("y".into(), y));
     let exec = CpuExecutor::new(g, |_, shape| {
@@ -54,8 +58,13 @@ fn bench(m: usize, k: usize, n: usize) {
         std::hint::black_box(exec.step(&mut s, &tokens, &[]).unwrap());
     }
     let dt = t.elapsed().as_secs_f64() / iters as f64;
+    let rhs = if transposed {
+        format!("[{n}, {k}]ᵀ")
+    } else {
+        format!("[{k}, {n}] ")
+    };
     println!(
-        "[{m}, {k}] · [{n}, {k}]ᵀ: {:8.1} µs/step, {:6.2} GB/s of weight reads ({:.1} MB)",
+        "[{m}, {k}] · {rhs}: {:8.1} µs/step, {:6.2} GB/s of weight reads ({:.1} MB)",
         dt * 1e6,
         bytes / dt / 1e9,
         bytes / 1e6
@@ -95,7 +104,8 @@ fn read_bandwidth() {
 fn main() {
     println!("rayon threads: {}", rayon::current_num_threads());
     read_bandwidth();
-    for (m, k, n) in [
+    println!("weights stored [out, in] and used transposed (the decode hot path):");
+    let nt = [
         (1, 576, 49152),
         (1, 576, 1536),
         (1, 1536, 576),
@@ -103,7 +113,19 @@ fn main() {
         (1, 576, 192),
         (4, 576, 49152),
         (8, 576, 1536),
+        (9, 576, 1536),
+        (16, 576, 1536),
+    ];
+    for (m, k, n) in nt {
+        bench(m, k, n, true);
+    }
+    println!("weights stored [in, out]:");
+    for (m, k, n) in [
+        (1, 576, 49152),
+        (4, 576, 49152),
+        (8, 576, 1536),
+        (9, 576, 1536),
     ] {
-        bench(m, k, n);
+        bench(m, k, n, false);
     }
 }

@@ -19,8 +19,8 @@ use rayon::prelude::*;
 pub(crate) const SMALL_M: usize = 8;
 /// Elements of `b` read per parallel task, at least (keeps rayon's per-task cost negligible).
 const TASK_ELEMS: usize = 1 << 15;
-/// Column block of [`gemv_nn`] (its accumulators stay in L1).
-const NN_BLOCK: usize = 256;
+/// Accumulators of one [`gemv_nn`] block (they stay in L1).
+const NN_ACC: usize = 4096;
 
 /// A strided matrix inside a slice: element `(r, c)` is `data[off + r·rs + c·cs]`.
 #[derive(Clone, Copy)]
@@ -81,27 +81,27 @@ fn gemv_nt(m: usize, k: usize, n: usize, a: Mat, w: Mat, out: &mut [f32], par: b
 /// Columns `c0..c0+width` of `a · b` for a row-major `b` (`b.cs == 1`), as `[m, width]`.
 fn nn_block(m: usize, k: usize, a: Mat, b: Mat, c0: usize, width: usize) -> Vec<f32> {
     let mut acc = vec![0f32; m * width];
-    for kk in 0..k {
-        let start = b.off + kk * b.rs + c0;
-        let brow = &b.data[start..start + width];
-        for i in 0..m {
-            let s = a.data[a.off + i * a.rs + kk * a.cs];
-            for (d, &v) in acc[i * width..(i + 1) * width].iter_mut().zip(brow) {
-                *d += s * v;
-            }
-        }
-    }
+    super::simd::axpy_block(
+        m,
+        k,
+        (a.data, a.off, a.rs, a.cs),
+        (b.data, b.off + c0, b.rs),
+        width,
+        &mut acc,
+    );
     acc
 }
 
-/// `a · b` for small `m` and a row-major `b`, over column blocks of `b`.
+/// `a · b` for small `m` and a row-major `b`, over column blocks of `b` whose accumulators stay
+/// in L1 (`m·width ≤ NN_ACC` values).
 fn gemv_nn(m: usize, k: usize, n: usize, a: Mat, b: Mat, out: &mut [f32], par: bool) {
-    let width = if par {
-        task_len(n, k, true).div_ceil(NN_BLOCK) * NN_BLOCK
-    } else {
-        NN_BLOCK
+    let mut width = (NN_ACC / m.max(1)).max(16);
+    if par {
+        // At least two blocks per thread.
+        let threads = rayon::current_num_threads().max(1);
+        width = width.min(n.div_ceil(2 * threads).div_ceil(16) * 16);
     }
-    .min(n.max(1));
+    let width = width.min(n).max(1);
     let blocks: Vec<usize> = (0..n).step_by(width).collect();
     let run = |&c0: &usize| (c0, nn_block(m, k, a, b, c0, width.min(n - c0)));
     let parts: Vec<(usize, Vec<f32>)> = if par && blocks.len() > 1 {

@@ -234,6 +234,17 @@ fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result<Tensor, St
             x.slice_axis(*axis, s, e)
         }
         Op::Cast { dtype } => elementwise::cast(one(&mut ins), *dtype),
+        Op::RmsNorm { .. }
+        | Op::Linear
+        | Op::LinearAdd
+        | Op::GatedMlp
+        | Op::Rope { .. }
+        | Op::FusedAttention { .. } => {
+            return Err(format!(
+                "fused op {} has no CPU implementation yet",
+                op.name()
+            ))
+        }
     })
 }
 

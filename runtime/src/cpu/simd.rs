@@ -64,10 +64,80 @@ fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// A row-major right operand's block: `acc[i·width + c] += Σ_kk a[a_off + i·a_rs + kk·a_cs] ·
+/// b[b_off + kk·b_rs + c]` for `i < m`, `c < width`, where `acc` holds `m·width` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn axpy_block(
+    m: usize,
+    k: usize,
+    a: (&[f32], usize, usize, usize),
+    b: (&[f32], usize, usize),
+    width: usize,
+    acc: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the kernel is compiled for; all accesses are checked.
+        return unsafe { avx2::axpy_block(m, k, a, b, width, acc) };
+    }
+    axpy_block_body(m, k, a, b, width, acc)
+}
+
+/// The body of [`axpy_block`]: four rows of `b` per pass over the accumulators, so that each
+/// accumulator is loaded and stored once per four products.
+#[inline(always)]
+fn axpy_block_body(
+    m: usize,
+    k: usize,
+    a: (&[f32], usize, usize, usize),
+    b: (&[f32], usize, usize),
+    width: usize,
+    acc: &mut [f32],
+) {
+    let (ad, ao, ars, acs) = a;
+    let (bd, bo, brs) = b;
+    let row = |kk: usize| &bd[bo + kk * brs..bo + kk * brs + width];
+    let mut kk = 0;
+    while kk + 4 <= k {
+        let (b0, b1, b2, b3) = (row(kk), row(kk + 1), row(kk + 2), row(kk + 3));
+        for i in 0..m {
+            let at = |t: usize| ad[ao + i * ars + (kk + t) * acs];
+            let (s0, s1, s2, s3) = (at(0), at(1), at(2), at(3));
+            let dst = &mut acc[i * width..(i + 1) * width];
+            for c in 0..width {
+                dst[c] += s0 * b0[c] + s1 * b1[c] + s2 * b2[c] + s3 * b3[c];
+            }
+        }
+        kk += 4;
+    }
+    while kk < k {
+        let b0 = row(kk);
+        for i in 0..m {
+            let s0 = ad[ao + i * ars + kk * acs];
+            for (d, &v) in acc[i * width..(i + 1) * width].iter_mut().zip(b0) {
+                *d += s0 * v;
+            }
+        }
+        kk += 1;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_block(
+        m: usize,
+        k: usize,
+        a: (&[f32], usize, usize, usize),
+        b: (&[f32], usize, usize),
+        width: usize,
+        acc: &mut [f32],
+    ) {
+        super::axpy_block_body(m, k, a, b, width, acc)
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn nt_rows(
@@ -98,23 +168,29 @@ mod avx2 {
         }
     }
 
+    /// Eight lanes of `s` from `j`, as one unaligned load. (Written as an array copy rather than
+    /// `_mm256_loadu_ps`, whose debug-build pointer checks would slow test builds several times.)
+    #[inline(always)]
+    fn load(s: &[f32], j: usize) -> __m256 {
+        let a: [f32; 8] = s[j..j + 8].try_into().expect("eight lanes");
+        // SAFETY: `__m256` is eight `f32` lanes; every bit pattern is valid.
+        unsafe { std::mem::transmute::<[f32; 8], __m256>(a) }
+    }
+
     /// `[x_r · w]` for `R` rows, `U` 8-lane accumulators per row.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dots<const R: usize, const U: usize>(x: [&[f32]; R], w: &[f32]) -> [f32; R] {
         let k = w.len();
-        let wp = w.as_ptr();
-        let xp: [*const f32; R] = std::array::from_fn(|r| x[r].as_ptr());
+        let x: [&[f32]; R] = std::array::from_fn(|r| &x[r][..k]);
         let mut acc = [[_mm256_setzero_ps(); U]; R];
         let step = 8 * U;
         let mut j = 0;
         while j + step <= k {
             for u in 0..U {
-                // SAFETY: j + 8u + 8 ≤ k ≤ the length of w and of every x row.
-                let wv = _mm256_loadu_ps(wp.add(j + 8 * u));
+                let wv = load(w, j + 8 * u);
                 for r in 0..R {
-                    acc[r][u] =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(xp[r].add(j + 8 * u)), wv, acc[r][u]);
+                    acc[r][u] = _mm256_fmadd_ps(load(x[r], j + 8 * u), wv, acc[r][u]);
                 }
             }
             j += step;

@@ -68,7 +68,8 @@ fn arity(op: &Op, n: usize) -> Result<(), String> {
         Op::Unary(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::Reshape { .. } => 1,
         Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
         Op::Binary(_) | Op::MatMul | Op::Gather => 2,
-        Op::Where => 3,
+        Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp | Op::Rope { .. } => 2,
+        Op::Where | Op::LinearAdd | Op::FusedAttention { .. } => 3,
         Op::Concat { .. } => {
             return if n >= 1 {
                 Ok(())
@@ -227,6 +228,59 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             t(ins[0].dtype, shape)
         }
         Op::Cast { dtype } => t(*dtype, ins[0].shape.clone()),
+        Op::RmsNorm { .. } => {
+            let (x, w) = (ins[0], ins[1]);
+            same_float(op, x, w)?;
+            if w.rank() != 1 || x.shape.last() != w.shape.last() {
+                return Err(format!("RmsNorm weight {w} does not match the last axis of {x}"));
+            }
+            Ok(x.clone())
+        }
+        Op::Linear | Op::LinearAdd | Op::GatedMlp => {
+            let (x, w) = (ins[0], ins[1]);
+            let dtype = same_float(op, x, w)?;
+            if w.rank() != 2 || x.rank() < 1 || x.shape.last() != Some(&w.shape[1]) {
+                return Err(format!("{} of {x} by weight {w}: needs w [n, k] with k the last axis of x", op.name()));
+            }
+            let mut shape = x.shape.clone();
+            let n = w.shape[0].clone();
+            *shape.last_mut().expect("rank ≥ 1") = match op {
+                Op::GatedMlp => n.div(2).ok_or_else(|| format!("GatedMlp weight {w} has an odd number of rows"))?,
+                _ => n,
+            };
+            if let Op::LinearAdd = op {
+                if ins[2].shape != shape || ins[2].dtype != dtype {
+                    return Err(format!("LinearAdd residual {} does not match the product {}", ins[2], TensorType::new(dtype, shape)));
+                }
+            }
+            t(dtype, shape)
+        }
+        Op::Rope { seq_axis, .. } => {
+            let (x, pos) = (ins[0], ins[1]);
+            check_axis(*seq_axis, x.rank())?;
+            if pos.dtype != DType::I32 || pos.rank() != 1 || pos.shape[0] != x.shape[*seq_axis] {
+                return Err(format!("Rope positions {pos} do not index axis {seq_axis} of {x}"));
+            }
+            if x.shape.last().and_then(|d| d.as_const()).is_none_or(|d| d % 2 != 0) {
+                return Err(format!("Rope needs an even, constant last axis, got {x}"));
+            }
+            Ok(x.clone())
+        }
+        Op::FusedAttention { .. } => {
+            let (q, k, v) = (ins[0], ins[1], ins[2]);
+            same_float(op, q, k)?;
+            same_float(op, q, v)?;
+            let ok = q.rank() == 4
+                && k.shape == v.shape
+                && k.rank() == 4
+                && q.shape[0] == k.shape[0]
+                && q.shape[3] == k.shape[3]
+                && matches!((q.shape[1].as_const(), k.shape[1].as_const()), (Some(h), Some(kh)) if kh > 0 && h % kh == 0);
+            if !ok {
+                return Err(format!("FusedAttention needs q [b, h, s, d], k = v [b, kh, t, d] with kh dividing h; got {q}, {k}, {v}"));
+            }
+            Ok(q.clone())
+        }
     }
 }
 

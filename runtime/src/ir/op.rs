@@ -173,6 +173,36 @@ pub enum Op {
         /// Target type.
         dtype: DType,
     },
+
+    // ---- Fused ops: introduced by the rewriter, never written in model files. ----
+    /// `[x[…, h], w[h]]` → `x / √(mean(x², last axis) + eps) · w`; statistics in f32.
+    RmsNorm {
+        /// Added to the mean square.
+        eps: f32,
+    },
+    /// `[x[…, k], w[n, k]]` → `x · wᵀ` (`w` in checkpoint layout, `[out, in]`).
+    Linear,
+    /// `[x[…, k], w[n, k], r[…, n]]` → `x · wᵀ + r` (a GEMM with a residual-add epilogue).
+    LinearAdd,
+    /// `[x[…, k], w[2f, k]]` → `silu(x · w[0..f]ᵀ) ⊙ (x · w[f..2f]ᵀ)`: gate and up projections
+    /// as one GEMM over the stacked weight, with a SiLU·mul epilogue.
+    GatedMlp,
+    /// `[x[…, d], pos[s]]` → rotary embedding of `x` over its last axis (HF "rotate_half"
+    /// pairing `(i, i + d/2)`), angle `pos · theta^(-2i/d)`; axis `seq_axis` of `x` has length
+    /// `s` and is indexed by `pos`.
+    Rope {
+        /// Base of the inverse frequencies.
+        theta: f32,
+        /// The axis of `x` that `pos` indexes.
+        seq_axis: usize,
+    },
+    /// `[q[b, h, s, d], k[b, kh, t, d], v[b, kh, t, d]]` → `softmax(q·kᵀ·scale + causal)·v`,
+    /// `[b, h, s, d]`. Query `i` sits at absolute position `t - s + i` and sees keys `0..=t-s+i`.
+    /// Grouped-query: query head `j` reads KV head `j / (h / kh)`.
+    FusedAttention {
+        /// Multiplies the scores (usually `1/√d`).
+        scale: f32,
+    },
 }
 
 impl Op {
@@ -213,6 +243,9 @@ impl fmt::Display for Op {
             Op::Concat { axis } => write!(f, "Concat(axis={axis})"),
             Op::Slice { axis, start, end } => write!(f, "Slice(axis={axis}, {start}..{end})"),
             Op::Cast { dtype } => write!(f, "Cast({})", dtype.name()),
+            Op::RmsNorm { eps } => write!(f, "RmsNorm(eps={eps:e})"),
+            Op::Rope { theta, seq_axis } => write!(f, "Rope(theta={theta}, seq_axis={seq_axis})"),
+            Op::FusedAttention { scale } => write!(f, "FusedAttention(scale={scale})"),
             other => write!(f, "{}", other.name()),
         }
     }
