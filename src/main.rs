@@ -1,16 +1,19 @@
 //! The `kiln` command line: build, run, inspect, tokenize.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::compiler::build::{check_weights, graph_for, model_for};
 use kiln::compiler::{build, BuildOptions};
 use kiln::runtime::chat::{ChatMessage, ChatTemplate};
 use kiln::runtime::cpu::CpuExecutor;
+use kiln::runtime::cuda::{CudaExecutor, CudaOptions};
 use kiln::runtime::engine::Engine;
-use kiln::runtime::generate::{generate, GenerateRequest};
+use kiln::runtime::generate::{generate_with, CpuDecoder, CudaDecoder, GenerateRequest};
 use kiln::runtime::sampling::SamplingParams;
 use kiln::runtime::tokenizer::Tokenizer;
+mod cli;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,6 +52,37 @@ enum Command {
         /// config.json for a model file.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Measure latency and throughput over batch sizes and input:output lengths.
+    Bench {
+        /// Engine file.
+        engine: PathBuf,
+        /// Comma-separated batch sizes.
+        #[arg(long, default_value = "1")]
+        batch: String,
+        /// Comma-separated input:output token counts.
+        #[arg(long, default_value = "128:128")]
+        io: String,
+        /// `cuda` or `cpu` (default: the engine's target).
+        #[arg(long)]
+        device: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Feed given token sequences and record logits and greedy predictions (for checks).
+    TeacherForce {
+        /// Engine file.
+        engine: PathBuf,
+        /// JSON: {"sequences": [{"prompt": [...], "continuation": [...]}]}.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output JSON (predictions, last_logits).
+        #[arg(long)]
+        output: PathBuf,
+        /// `cuda` or `cpu` (default: the engine's target).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Print the token ids of a text.
     Tokenize {
@@ -99,6 +133,9 @@ struct RunArgs {
     /// Print one JSON object (ids, text, timings) instead of streaming.
     #[arg(long)]
     json: bool,
+    /// `cpu` or `cuda` (default: the engine's target).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 fn spinner(msg: &str) -> ProgressBar {
@@ -108,10 +145,26 @@ fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
-fn load_engine(path: &Path) -> Result<(Engine, CpuExecutor)> {
+/// An executor for `kiln run`: the CPU oracle or the GPU.
+enum Executor {
+    Cpu(Box<CpuExecutor>),
+    Cuda(Box<CudaExecutor>),
+}
+
+fn load_engine(path: &Path, device: Option<&str>) -> Result<(Engine, Executor)> {
     let pb = spinner("loading engine");
     let engine = Engine::open(path)?;
-    let exec = engine.cpu_executor()?;
+    let exec = match device.unwrap_or(engine.target()) {
+        "cpu" => Executor::Cpu(Box::new(engine.cpu_executor()?)),
+        "cuda" => {
+            let opts = CudaOptions {
+                max_seq_len: engine.generation.max_context.unwrap_or(8192),
+                ..CudaOptions::default()
+            };
+            Executor::Cuda(Box::new(CudaExecutor::new(&engine, opts)?))
+        }
+        other => bail!("unknown device `{other}` (cpu or cuda)"),
+    };
     pb.finish_and_clear();
     Ok((engine, exec))
 }
@@ -155,7 +208,7 @@ fn cmd_build(checkpoint: &Path, output: &Path, model: Option<PathBuf>) -> Result
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
-    let (engine, exec) = load_engine(&a.engine)?;
+    let (engine, mut exec) = load_engine(&a.engine, a.device.as_deref())?;
     let tok = tokenizer_of(&engine)?;
     let gen = &engine.generation;
     let prompt = if a.chat {
@@ -198,12 +251,16 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         max_context: gen.max_context,
     };
     let mut stdout = std::io::stdout();
-    let result = generate(&exec, &tok, &req, |piece| {
+    let on_text = |piece: &str| {
         if !a.json {
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
         }
-    })?;
+    };
+    let result = match &mut exec {
+        Executor::Cpu(e) => generate_with(&mut CpuDecoder::new(e), &tok, &req, on_text)?,
+        Executor::Cuda(e) => generate_with(&mut CudaDecoder::new(e), &tok, &req, on_text)?,
+    };
     if a.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
@@ -255,6 +312,14 @@ fn cmd_tokenize(engine: &Path, text: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The device to run an engine on: the one asked for, else the engine's target.
+fn device_of(engine: &Path, asked: Option<String>) -> Result<String> {
+    match asked {
+        Some(d) => Ok(d),
+        None => Ok(Engine::open(engine)?.target().to_string()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -266,6 +331,22 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd_run(args),
         Command::Inspect { target, config } => cmd_inspect(&target, config.as_deref()),
         Command::Tokenize { engine, text, json } => cmd_tokenize(&engine, &text, json),
+        Command::Bench {
+            engine,
+            batch,
+            io,
+            device,
+            json,
+        } => {
+            device_of(&engine, device).and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json))
+        }
+        Command::TeacherForce {
+            engine,
+            input,
+            output,
+            device,
+        } => device_of(&engine, device)
+            .and_then(|d| cli::teacher_force::run(&engine, &input, &output, &d)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

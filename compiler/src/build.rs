@@ -1,6 +1,6 @@
 //! `kiln build`: checkpoint + model file → graph → checked weights → engine file.
 
-use crate::engine_writer::{write_engine, EngineContents};
+use crate::engine_writer::{write_engine, EngineContents, EngineTensor};
 use crate::graph::expand;
 use crate::loader::{Checkpoint, LoadError};
 use crate::model::{builtin_for, params::bind, ModelError, ModelFile};
@@ -171,22 +171,27 @@ pub fn build(
                 .map(|d| d.constant as usize)
                 .collect();
             let data = ckpt.read_f32(name)?;
-            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let tensor = EngineTensor::weight(name, shape, &data, safetensors::Dtype::F32);
             progress(
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                 total,
             );
-            Ok((name.to_string(), shape, bytes))
+            Ok(tensor)
         })
         .collect::<Result<Vec<_>, BuildError>>()?;
-    let parameters = weights.iter().map(|(_, _, b)| b.len() / 4).sum();
+    let parameters = weights
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     let contents = EngineContents {
         family: &model.family,
         config: &ckpt.config,
         graph: &graph,
         tokenizer_json: ckpt.tokenizer_json.as_deref(),
         generation: &generation,
-        weights,
+        tensors: weights,
+        target: "cpu",
+        extra_metadata: vec![],
     };
     write_engine(out, &contents).map_err(BuildError::Other)?;
     Ok(BuildReport {

@@ -19,8 +19,48 @@ pub struct EngineContents<'a> {
     pub tokenizer_json: Option<&'a str>,
     /// Generation settings.
     pub generation: &'a GenerationConfig,
-    /// Weights: (name, shape, little-endian f32 bytes).
-    pub weights: Vec<(String, Vec<usize>, Vec<u8>)>,
+    /// Tensors: weights (f32 for CPU engines, bf16 for GPU engines) and kernel binaries.
+    pub tensors: Vec<EngineTensor>,
+    /// `cpu` or `cuda`.
+    pub target: &'a str,
+    /// Further metadata (GPU engines: arch, CUDA version, launch plan, kernel table).
+    pub extra_metadata: Vec<(String, String)>,
+}
+
+/// One tensor of an engine file.
+pub struct EngineTensor {
+    /// Name (checkpoint name for weights, `kernels.<module>` for CUBINs).
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Little-endian bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl EngineTensor {
+    /// A weight from f32 values, stored as `dtype` (F32 or BF16).
+    pub fn weight(name: &str, shape: Vec<usize>, data: &[f32], dtype: Dtype) -> EngineTensor {
+        let bytes = match dtype {
+            Dtype::BF16 => data
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        let dtype = if dtype == Dtype::BF16 {
+            Dtype::BF16
+        } else {
+            Dtype::F32
+        };
+        EngineTensor {
+            name: name.to_string(),
+            dtype,
+            shape,
+            bytes,
+        }
+    }
 }
 
 /// Writes the engine to `path` (through a temporary file, renamed at the end, so a failed build
@@ -28,7 +68,8 @@ pub struct EngineContents<'a> {
 pub fn write_engine(path: &Path, c: &EngineContents) -> Result<(), String> {
     let mut meta = HashMap::new();
     meta.insert(keys::FORMAT.to_string(), FORMAT_VERSION.to_string());
-    meta.insert(keys::TARGET.to_string(), "cpu".to_string());
+    meta.insert(keys::TARGET.to_string(), c.target.to_string());
+    meta.extend(c.extra_metadata.iter().cloned());
     meta.insert(keys::FAMILY.to_string(), c.family.to_string());
     meta.insert(keys::CONFIG.to_string(), c.config.to_string());
     meta.insert(keys::GRAPH.to_string(), c.graph.to_ron());
@@ -41,14 +82,16 @@ pub fn write_engine(path: &Path, c: &EngineContents) -> Result<(), String> {
     );
     meta.insert(
         keys::CHECKSUM.to_string(),
-        checksum(c.weights.iter().map(|(n, _, d)| (n.as_str(), d.as_slice()))),
+        checksum(
+            c.tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.bytes.as_slice())),
+        ),
     );
     let views = c
-        .weights
+        .tensors
         .iter()
-        .map(|(name, shape, data)| {
-            TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (name.as_str(), v))
-        })
+        .map(|t| TensorView::new(t.dtype, t.shape.clone(), &t.bytes).map(|v| (t.name.as_str(), v)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let tmp = path.with_extension("kiln.partial");

@@ -51,7 +51,8 @@ fn bench(m: usize, k: usize, n: usize, transposed: bool) {
     }
     let bytes = (n * k * 4) as f64;
     // About 2 GB of weight reads per shape.
-    let iters = ((2e9 / bytes) as usize).clamp(5, 20_000);
+    let flops = (2 * m * n * k) as f64;
+    let iters = ((2e9 / bytes).min(2e10 / flops) as usize).clamp(3, 20_000);
     let t = Instant::now();
     for _ in 0..iters {
         let mut s = exec.session(1);
@@ -64,10 +65,11 @@ fn bench(m: usize, k: usize, n: usize, transposed: bool) {
         format!("[{k}, {n}] ")
     };
     println!(
-        "[{m}, {k}] · {rhs}: {:8.1} µs/step, {:6.2} GB/s of weight reads ({:.1} MB)",
+        "[{m}, {k}] · {rhs}: {:8.1} µs/step, {:6.2} GB/s of weight reads ({:.1} MB), {:6.1} GFLOP/s",
         dt * 1e6,
         bytes / dt / 1e9,
-        bytes / 1e6
+        bytes / 1e6,
+        flops / dt / 1e9
     );
 }
 
@@ -117,6 +119,10 @@ fn main() {
         (16, 576, 1536),
     ];
     for (m, k, n) in nt {
+        bench(m, k, n, true);
+    }
+    println!("prefill shapes:");
+    for (m, k, n) in [(1340, 576, 1536), (1340, 1536, 576), (128, 576, 576)] {
         bench(m, k, n, true);
     }
     println!("weights stored [in, out]:");

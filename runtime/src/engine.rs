@@ -29,6 +29,15 @@ pub mod keys {
     pub const TOKENIZER: &str = "kiln.tokenizer";
     /// JSON: `{chat_template, bos_token, eos_token, stop_token_ids}`.
     pub const GENERATION: &str = "kiln.generation";
+    /// GPU engines: the launch plan (RON, `crate::plan::Plan`).
+    pub const PLAN: &str = "kiln.plan";
+    /// GPU engines: the architecture the kernels were compiled for (`sm_90`).
+    pub const ARCH: &str = "kiln.arch";
+    /// GPU engines: the NVRTC version that compiled the kernels.
+    pub const CUDA_VERSION: &str = "kiln.cuda_version";
+    /// GPU engines: JSON list of kernels `{module, name, lowered}`; module `m` is the U8 tensor
+    /// `kernels.m` (a CUBIN).
+    pub const KERNELS: &str = "kiln.kernels";
     /// xxh3-64 (hex) over the tensors, sorted by name: name bytes then data bytes.
     pub const CHECKSUM: &str = "kiln.checksum";
 }
@@ -52,7 +61,7 @@ pub struct GenerationConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// I/O error.
-    #[error("{file}: {source}")]
+    #[error("{file}")]
     Io {
         /// The file.
         file: String,
@@ -91,11 +100,23 @@ pub fn checksum<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> S
     format!("{:016x}", h.digest())
 }
 
+/// Where a tensor lies in the engine file.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Byte range in the file.
+    pub range: std::ops::Range<usize>,
+}
+
 /// An opened, verified engine file (memory-mapped).
 pub struct Engine {
     path: PathBuf,
     mmap: Mmap,
     meta: HashMap<String, String>,
+    index: HashMap<String, TensorEntry>,
     /// The graph to execute.
     pub graph: Graph,
     /// HF-style model config.
@@ -142,10 +163,10 @@ impl Engine {
             });
         }
         let target = get(keys::TARGET)?;
-        if target != "cpu" {
+        if target != "cpu" && target != "cuda" {
             return Err(EngineError::Incompatible {
                 file: file_name,
-                message: format!("engine built for target `{target}`, this kiln runs `cpu`"),
+                message: format!("unknown engine target `{target}`"),
             });
         }
         let st = SafeTensors::deserialize(&mmap).map_err(|e| corrupt(e.to_string()))?;
@@ -167,12 +188,26 @@ impl Engine {
             None => GenerationConfig::default(),
         };
         let tokenizer_json = meta.get(keys::TOKENIZER).cloned();
+        let base = mmap.as_ptr() as usize;
+        let index = tensors
+            .iter()
+            .map(|(name, v)| {
+                let start = v.data().as_ptr() as usize - base;
+                let entry = TensorEntry {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    range: start..start + v.data().len(),
+                };
+                (name.clone(), entry)
+            })
+            .collect();
         drop(tensors);
         drop(st);
         Ok(Engine {
             path: path.to_path_buf(),
             mmap,
             meta,
+            index,
             graph,
             config,
             tokenizer_json,
@@ -185,28 +220,49 @@ impl Engine {
         self.meta.get(key).map(String::as_str)
     }
 
-    /// Reads a weight as f32, checking its shape.
-    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
-        let corrupt = |message: String| EngineError::Corrupt {
+    /// The execution target the engine was built for (`cpu` or `cuda`).
+    pub fn target(&self) -> &str {
+        self.metadata(keys::TARGET).unwrap_or("cpu")
+    }
+
+    /// A tensor's entry and bytes.
+    pub fn tensor(&self, name: &str) -> Result<(&TensorEntry, &[u8]), EngineError> {
+        let e = self.index.get(name).ok_or_else(|| EngineError::Corrupt {
             file: self.path.display().to_string(),
-            message,
+            message: format!("tensor `{name}` missing"),
+        })?;
+        Ok((e, &self.mmap[e.range.clone()]))
+    }
+
+    /// Names of all tensors.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Reads a weight as f32 (stored as F32 or BF16), checking its shape.
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
+        let (e, bytes) = self.tensor(name)?;
+        let bad = || EngineError::Corrupt {
+            file: self.path.display().to_string(),
+            message: format!(
+                "weight `{name}` is {:?}{:?}, expected {shape:?}",
+                e.dtype, e.shape
+            ),
         };
-        let st = SafeTensors::deserialize(&self.mmap).map_err(|e| corrupt(e.to_string()))?;
-        let view = st
-            .tensor(name)
-            .map_err(|_| corrupt(format!("weight `{name}` missing")))?;
-        if view.dtype() != Dtype::F32 || view.shape() != shape {
-            return Err(corrupt(format!(
-                "weight `{name}` is {:?}{:?}, expected F32{shape:?}",
-                view.dtype(),
-                view.shape()
-            )));
+        if e.shape != shape {
+            return Err(bad());
         }
-        Ok(view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        match e.dtype {
+            Dtype::F32 => Ok(bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()),
+            Dtype::BF16 => Ok(bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect()),
+            _ => Err(bad()),
+        }
     }
 }
 

@@ -88,6 +88,77 @@ pub enum GenerateError {
     /// Tokenizer failure.
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    /// GPU failure.
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
+}
+
+/// Something that turns fed tokens into next-token logits: one sequence on some executor.
+pub trait Decoder {
+    /// Feeds tokens (the prompt, then one at a time) and returns the last token's logits.
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError>;
+    /// Tokens fed so far.
+    fn past(&self) -> usize;
+}
+
+/// One sequence on the CPU executor.
+pub struct CpuDecoder<'e> {
+    exec: &'e CpuExecutor,
+    session: crate::cpu::CpuSession,
+}
+
+impl<'e> CpuDecoder<'e> {
+    /// A fresh sequence.
+    pub fn new(exec: &'e CpuExecutor) -> Self {
+        CpuDecoder {
+            exec,
+            session: exec.session(1),
+        }
+    }
+}
+
+impl Decoder for CpuDecoder<'_> {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let out = self.exec.step(&mut self.session, &ids, &[])?;
+        Ok(last_row(&out.outputs["logits"]).to_vec())
+    }
+    fn past(&self) -> usize {
+        self.session.past()
+    }
+}
+
+/// One sequence on the CUDA executor.
+pub struct CudaDecoder<'e> {
+    exec: &'e mut crate::cuda::CudaExecutor,
+    seq: crate::cuda::SeqId,
+}
+
+impl<'e> CudaDecoder<'e> {
+    /// A fresh sequence.
+    pub fn new(exec: &'e mut crate::cuda::CudaExecutor) -> Self {
+        let seq = exec.add_sequence();
+        CudaDecoder { exec, seq }
+    }
+}
+
+impl Drop for CudaDecoder<'_> {
+    fn drop(&mut self) {
+        self.exec.remove_sequence(self.seq);
+    }
+}
+
+impl Decoder for CudaDecoder<'_> {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        let step = [crate::cuda::StepSeq {
+            seq: self.seq,
+            tokens: tokens.to_vec(),
+        }];
+        Ok(self.exec.step_logits(&step)?)
+    }
+    fn past(&self) -> usize {
+        self.exec.seq_len(self.seq)
+    }
 }
 
 fn last_row(logits: &crate::cpu::HostTensor) -> &[f32] {
@@ -95,9 +166,19 @@ fn last_row(logits: &crate::cpu::HostTensor) -> &[f32] {
     &logits.data[logits.data.len() - vocab..]
 }
 
-/// Generates from `req`, calling `on_text` with each newly final piece of text.
+/// Generates from `req` on the CPU executor, calling `on_text` with each newly final piece of text.
 pub fn generate(
     exec: &CpuExecutor,
+    tok: &Tokenizer,
+    req: &GenerateRequest,
+    on_text: impl FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    generate_with(&mut CpuDecoder::new(exec), tok, req, on_text)
+}
+
+/// Generates from `req` with any decoder, calling `on_text` with each newly final piece of text.
+pub fn generate_with(
+    dec: &mut dyn Decoder,
     tok: &Tokenizer,
     req: &GenerateRequest,
     mut on_text: impl FnMut(&str),
@@ -123,16 +204,13 @@ pub fn generate(
         req.stop_strings.clone(),
     );
     let mut sampler = Sampler::new(req.sampling.clone());
-    let mut session = exec.session(1);
     let mut decoder = StreamDecoder::new(tok);
     let mut emitted = 0usize;
     let mut generated = Vec::new();
     let mut timings = Timings::default();
 
     let t0 = Instant::now();
-    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
-    let out = exec.step(&mut session, &ids, &[])?;
-    let mut next = sampler.sample(last_row(&out.outputs["logits"]));
+    let mut next = sampler.sample(&dec.feed(prompt)?);
     timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let finish = loop {
@@ -155,11 +233,10 @@ pub fn generate(
         if generated.len() >= req.max_new_tokens {
             break FinishReason::Length;
         }
-        if req.max_context.is_some_and(|c| session.past() >= c) {
+        if req.max_context.is_some_and(|c| dec.past() >= c) {
             break FinishReason::Context;
         }
-        let out = exec.step(&mut session, &[next as i32], &[])?;
-        next = sampler.sample(last_row(&out.outputs["logits"]));
+        next = sampler.sample(&dec.feed(&[next])?);
     };
     timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
     let text = if finish == FinishReason::StopString {

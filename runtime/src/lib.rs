@@ -3,8 +3,10 @@
 
 pub mod chat;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 pub mod generate;
 pub mod ir;
+pub mod plan;
 pub mod sampling;
 pub mod tokenizer;

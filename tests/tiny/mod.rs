@@ -149,7 +149,8 @@ impl TinyConfig {
             "torch_dtype": "float32",
         });
         if self.nested_theta {
-            c["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": self.theta});
+            c["rope_parameters"] =
+                serde_json::json!({"rope_type": "default", "rope_theta": self.theta});
         } else {
             c["rope_theta"] = serde_json::json!(self.theta);
         }
@@ -170,18 +171,63 @@ impl TinyConfig {
             let data = (0..n).map(|_| offset + rng.weight(scale)).collect();
             w.insert(name, (shape, data));
         };
-        put("model.embed_tokens.weight".into(), vec![self.vocab, h], 0.5, 0.0);
+        put(
+            "model.embed_tokens.weight".into(),
+            vec![self.vocab, h],
+            0.5,
+            0.0,
+        );
         for i in 0..self.layers {
             let p = format!("model.layers.{i}");
             put(format!("{p}.input_layernorm.weight"), vec![h], 0.3, 1.0);
-            put(format!("{p}.self_attn.q_proj.weight"), vec![self.heads * d, h], 0.25, 0.0);
-            put(format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * d, h], 0.25, 0.0);
-            put(format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * d, h], 0.25, 0.0);
-            put(format!("{p}.self_attn.o_proj.weight"), vec![h, self.heads * d], 0.25, 0.0);
-            put(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.3, 1.0);
-            put(format!("{p}.mlp.gate_proj.weight"), vec![self.ffn, h], 0.25, 0.0);
-            put(format!("{p}.mlp.up_proj.weight"), vec![self.ffn, h], 0.25, 0.0);
-            put(format!("{p}.mlp.down_proj.weight"), vec![h, self.ffn], 0.25, 0.0);
+            put(
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![self.heads * d, h],
+                0.25,
+                0.0,
+            );
+            put(
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![self.kv_heads * d, h],
+                0.25,
+                0.0,
+            );
+            put(
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![self.kv_heads * d, h],
+                0.25,
+                0.0,
+            );
+            put(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, self.heads * d],
+                0.25,
+                0.0,
+            );
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                0.3,
+                1.0,
+            );
+            put(
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![self.ffn, h],
+                0.25,
+                0.0,
+            );
+            put(
+                format!("{p}.mlp.up_proj.weight"),
+                vec![self.ffn, h],
+                0.25,
+                0.0,
+            );
+            put(
+                format!("{p}.mlp.down_proj.weight"),
+                vec![h, self.ffn],
+                0.25,
+                0.0,
+            );
         }
         put("model.norm.weight".into(), vec![h], 0.3, 1.0);
         if !self.tied {
@@ -214,13 +260,19 @@ pub fn bf16_round(x: f32) -> f32 {
 }
 
 /// Serializes tensors (F32 or BF16) to safetensors bytes.
-pub fn safetensors_bytes<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a (Vec<usize>, Vec<f32>))>, dtype: Dtype) -> Vec<u8> {
+pub fn safetensors_bytes<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a (Vec<usize>, Vec<f32>))>,
+    dtype: Dtype,
+) -> Vec<u8> {
     let raw: Vec<(&str, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(name, (shape, data))| {
             let bytes = match dtype {
                 Dtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                Dtype::BF16 => data.iter().flat_map(|v| bf16_bits(*v).to_le_bytes()).collect(),
+                Dtype::BF16 => data
+                    .iter()
+                    .flat_map(|v| bf16_bits(*v).to_le_bytes())
+                    .collect(),
                 other => panic!("unsupported test dtype {other:?}"),
             };
             (name, shape.clone(), bytes)
@@ -235,19 +287,41 @@ pub fn safetensors_bytes<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a (Ve
 
 /// Writes `config.json` and the weights into `dir`. Returns the weights as the checkpoint holds
 /// them (BF16-rounded for [`Storage::Bf16`]), which is what the model computes with.
-pub fn write_checkpoint(dir: &Path, cfg: &TinyConfig, weights: &Weights, storage: Storage) -> Weights {
+pub fn write_checkpoint(
+    dir: &Path,
+    cfg: &TinyConfig,
+    weights: &Weights,
+    storage: Storage,
+) -> Weights {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg.config_json()).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg.config_json()).unwrap(),
+    )
+    .unwrap();
     match storage {
         Storage::F32 => {
-            std::fs::write(dir.join("model.safetensors"), safetensors_bytes(weights.iter().map(|(n, t)| (n.as_str(), t)), Dtype::F32)).unwrap();
+            std::fs::write(
+                dir.join("model.safetensors"),
+                safetensors_bytes(weights.iter().map(|(n, t)| (n.as_str(), t)), Dtype::F32),
+            )
+            .unwrap();
             weights.clone()
         }
         Storage::Bf16 => {
-            std::fs::write(dir.join("model.safetensors"), safetensors_bytes(weights.iter().map(|(n, t)| (n.as_str(), t)), Dtype::BF16)).unwrap();
+            std::fs::write(
+                dir.join("model.safetensors"),
+                safetensors_bytes(weights.iter().map(|(n, t)| (n.as_str(), t)), Dtype::BF16),
+            )
+            .unwrap();
             weights
                 .iter()
-                .map(|(n, (s, d))| (n.clone(), (s.clone(), d.iter().map(|&v| bf16_round(v)).collect())))
+                .map(|(n, (s, d))| {
+                    (
+                        n.clone(),
+                        (s.clone(), d.iter().map(|&v| bf16_round(v)).collect()),
+                    )
+                })
                 .collect()
         }
         Storage::Sharded => {
@@ -264,8 +338,13 @@ pub fn write_checkpoint(dir: &Path, cfg: &TinyConfig, weights: &Weights, storage
                     total += weights[*n].1.len() * 4;
                 }
             }
-            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-            std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap()).unwrap();
+            let index =
+                serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            std::fs::write(
+                dir.join("model.safetensors.index.json"),
+                serde_json::to_string_pretty(&index).unwrap(),
+            )
+            .unwrap();
             weights.clone()
         }
     }
@@ -291,10 +370,17 @@ pub fn write_tokenizer(dir: &Path, vocab: usize) {
         "decoder": null,
         "model": {"type": "WordLevel", "vocab": words, "unk_token": "<unk>"},
     });
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string(&tok).unwrap(),
+    )
+    .unwrap();
 }
 
 /// A prompt of `n` words `w…` (ids in `1..vocab`), as text.
 pub fn words(ids: &[usize]) -> String {
-    ids.iter().map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ")
+    ids.iter()
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -146,7 +146,7 @@ impl GgufValue {
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     /// The file could not be opened, inspected or memory-mapped.
-    #[error("GGUF file {path}: cannot read it: {source}")]
+    #[error("GGUF file {path}: cannot read it")]
     Io {
         /// The file.
         path: PathBuf,

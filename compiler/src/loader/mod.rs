@@ -17,7 +17,7 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// An I/O error on a named file.
-    #[error("{file}: {source}")]
+    #[error("{file}")]
     Io {
         /// The file.
         file: String,

@@ -180,18 +180,23 @@ impl Expr {
 fn eval_dim(ast: &Ast, params: &Params) -> Result<Dim, String> {
     match ast {
         Ast::Num(v, true) => Ok(Dim::c(*v as i64)),
-        Ast::Num(v, false) => Err(format!("{v} is not an integer size")),
+        Ast::Num(v, false) => Err(format!("{v:?} is not an integer size")),
         Ast::Name(n) => match (sym_of(n), params.get(n)) {
             (Some(s), _) => Ok(Dim::sym(s)),
             (None, Some(ParamValue::Int(i))) => Ok(Dim::c(*i)),
             (None, Some(ParamValue::Float(f))) => {
-                Err(format!("`{n}` = {f} is not an integer size"))
+                Err(format!("`{n}` = {f:?} is not an integer size"))
             }
             (None, None) => Err(format!("unknown name `{n}`")),
         },
-        Ast::Neg(a) => Ok(eval_dim(a, params)?.scale(-1)),
+        Ast::Neg(a) => {
+            let a = eval_dim(a, params)?;
+            check_range('*', &a, &Dim::c(-1))?;
+            Ok(a.scale(-1))
+        }
         Ast::Bin(op, a, b) => {
             let (a, b) = (eval_dim(a, params)?, eval_dim(b, params)?);
+            check_range(*op, &a, &b)?;
             match op {
                 '+' => Ok(a.add(&b)),
                 '-' => Ok(a.sub(&b)),
@@ -207,6 +212,38 @@ fn eval_dim(ast: &Ast, params: &Params) -> Result<Dim, String> {
             }
         }
         Ast::Call(f, _) => Err(format!("function `{f}` is not allowed in a size")),
+    }
+}
+
+/// Checks that `a op b` stays within `i64` (the representation of sizes): an absurd config value
+/// is an error, not an arithmetic overflow.
+fn check_range(op: char, a: &Dim, b: &Dim) -> Result<(), String> {
+    let fits = |v: i128| i64::try_from(v).is_ok();
+    let coef = |d: &Dim, s: Sym| d.terms.iter().find(|t| t.0 == s).map_or(0, |t| t.1) as i128;
+    let syms = [Sym::Batch, Sym::Seq, Sym::Past];
+    let ok = match op {
+        '+' | '-' => {
+            let sign = if op == '+' { 1 } else { -1 };
+            fits(a.constant as i128 + sign * b.constant as i128)
+                && syms.iter().all(|&s| fits(coef(a, s) + sign * coef(b, s)))
+        }
+        '*' => {
+            let scaled = |d: &Dim, k: i64| {
+                fits(d.constant as i128 * k as i128)
+                    && d.terms.iter().all(|t| fits(t.1 as i128 * k as i128))
+            };
+            match (a.as_const(), b.as_const()) {
+                (Some(k), _) => scaled(b, k),
+                (_, Some(k)) => scaled(a, k),
+                _ => true,
+            }
+        }
+        _ => b.as_const() != Some(-1) || check_range('*', a, b).is_ok(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{a} {op} {b} overflows a 64-bit size"))
     }
 }
 
@@ -296,6 +333,11 @@ mod tests {
             .contains("divisible"));
         assert!(Expr::parse("eps").unwrap().eval_dim(&p).is_err());
         assert!(Expr::parse("seq * seq").unwrap().eval_dim(&p).is_err());
+        assert!(Expr::parse("hidden * 4611686018427387904")
+            .unwrap()
+            .eval_dim(&p)
+            .unwrap_err()
+            .contains("overflows"));
     }
 
     #[test]

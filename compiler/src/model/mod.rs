@@ -26,7 +26,7 @@ pub enum ModelError {
         message: String,
     },
     /// The file could not be read.
-    #[error("cannot read model file {file}: {source}")]
+    #[error("cannot read model file {file}")]
     Io {
         /// File name.
         file: String,

@@ -1,34 +1,30 @@
 //! Element-wise ops: unary functions, broadcasting binary ops, `Where`, and `Cast`.
 //!
-//! Each op has a fast path for contiguous operands (a plain loop the compiler vectorizes; it works
-//! in place when the input's buffer is not shared) and a strided path that walks broadcast views
-//! run by run ([`for_each_run`]), with the common inner-stride patterns (both 1, one 0)
-//! specialized.
+//! Every op walks its (possibly strided, broadcast) operands run by run with
+//! [`write_runs`], which also spreads large tensors over threads; the inner loops are specialized
+//! for the common stride patterns (contiguous, or one operand a repeated value) and each op's
+//! function is a distinct closure, so they compile to straight vectorized loops. Unary and binary
+//! float ops write into their (first) input's buffer when nothing else shares it.
 
-use super::tensor::{for_each_run, is_int_storage, Elem, Tensor};
+use super::tensor::{contiguous_strides, is_int_storage, write_runs, Elem, Tensor};
 use crate::ir::{BinaryOp, DType, UnaryOp};
 use std::sync::Arc;
 
 /// Numpy broadcast of two concrete shapes.
 pub(crate) fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
     let n = a.len().max(b.len());
+    let at = |s: &[usize], i: usize| {
+        if i + s.len() >= n {
+            s[i + s.len() - n]
+        } else {
+            1
+        }
+    };
     (0..n)
-        .map(|i| {
-            let da = if i + a.len() >= n {
-                a[i + a.len() - n]
-            } else {
-                1
-            };
-            let db = if i + b.len() >= n {
-                b[i + b.len() - n]
-            } else {
-                1
-            };
-            match (da, db) {
-                _ if da == db || db == 1 => Ok(da),
-                (1, _) => Ok(db),
-                _ => Err(format!("cannot broadcast {a:?} with {b:?}")),
-            }
+        .map(|i| match (at(a, i), at(b, i)) {
+            (da, db) if da == db || db == 1 => Ok(da),
+            (1, db) => Ok(db),
+            _ => Err(format!("cannot broadcast {a:?} with {b:?}")),
         })
         .collect()
 }
@@ -47,15 +43,42 @@ fn take_unique<T: Elem>(t: Tensor) -> Result<(Vec<usize>, Vec<T>), Tensor> {
     Ok((shape, t.into_vec()))
 }
 
-fn unary_fn(op: UnaryOp) -> fn(f32) -> f32 {
-    match op {
-        UnaryOp::Neg => |x| -x,
-        UnaryOp::Exp => f32::exp,
-        UnaryOp::Sqrt => f32::sqrt,
-        UnaryOp::Rsqrt => |x| 1.0 / x.sqrt(),
-        UnaryOp::Recip => |x| 1.0 / x,
-        UnaryOp::Sin => f32::sin,
-        UnaryOp::Cos => f32::cos,
+/// `f` of each element of `x`, in row-major order.
+fn map_new<A: Elem, O: Elem>(x: &Tensor, f: impl Fn(A) -> O + Sync) -> Vec<O> {
+    let mut out = vec![O::default(); x.numel()];
+    let rx = x.raw::<A>();
+    write_runs(
+        &mut out,
+        &x.shape,
+        [&x.strides],
+        [x.offset],
+        |d, [o], [i]| {
+            let n = d.len();
+            if i == 1 {
+                for (e, &v) in d.iter_mut().zip(&rx[o..o + n]) {
+                    *e = f(v);
+                }
+            } else {
+                for (j, e) in d.iter_mut().enumerate() {
+                    *e = f(rx[o + j * i]);
+                }
+            }
+        },
+    );
+    out
+}
+
+/// `f` applied to a float tensor, in place when its buffer is unshared.
+fn map_f32(x: Tensor, dtype: DType, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
+    match take_unique::<f32>(x) {
+        Ok((shape, mut v)) => {
+            let st = contiguous_strides(&shape);
+            write_runs(&mut v, &shape, [&st], [0], |d, _, _| {
+                d.iter_mut().for_each(|e| *e = f(*e))
+            });
+            Tensor::new(dtype, shape, v)
+        }
+        Err(x) => Tensor::new(dtype, x.shape.clone(), map_new(&x, f)),
     }
 }
 
@@ -67,17 +90,15 @@ pub(crate) fn unary(op: UnaryOp, x: Tensor) -> Result<Tensor, String> {
             x.dtype.name()
         ));
     }
-    let f = unary_fn(op);
     let dtype = x.dtype;
-    Ok(match take_unique::<f32>(x) {
-        Ok((shape, mut v)) => {
-            v.iter_mut().for_each(|e| *e = f(*e));
-            Tensor::new(dtype, shape, v)
-        }
-        Err(x) => {
-            let v: Vec<f32> = x.values::<f32>().iter().map(|&e| f(e)).collect();
-            Tensor::new(dtype, x.shape.clone(), v)
-        }
+    Ok(match op {
+        UnaryOp::Neg => map_f32(x, dtype, |v| -v),
+        UnaryOp::Exp => map_f32(x, dtype, f32::exp),
+        UnaryOp::Sqrt => map_f32(x, dtype, f32::sqrt),
+        UnaryOp::Rsqrt => map_f32(x, dtype, |v| 1.0 / v.sqrt()),
+        UnaryOp::Recip => map_f32(x, dtype, |v| 1.0 / v),
+        UnaryOp::Sin => map_f32(x, dtype, f32::sin),
+        UnaryOp::Cos => map_f32(x, dtype, f32::cos),
     })
 }
 
@@ -90,97 +111,111 @@ fn max_f32(a: f32, b: f32) -> f32 {
     }
 }
 
-/// Applies `f` to `a` and `b` broadcast to `out_shape`, in row-major order.
-fn zip_broadcast<A: Elem, O: Elem>(
-    a: &Tensor,
-    b: &Tensor,
-    out_shape: &[usize],
-    f: impl Fn(A, A) -> O,
-) -> Vec<O> {
-    let n: usize = out_shape.iter().product();
-    // Both contiguous with the same shape, or one a single value: straight loops.
-    if let (Some(x), Some(y)) = (a.as_slice::<A>(), b.as_slice::<A>()) {
-        if x.len() == n && y.len() == n {
-            return x.iter().zip(y).map(|(&p, &q)| f(p, q)).collect();
+/// One run of a binary op: `d[j] = f(a[oa + j·ia], b[ob + j·ib])`.
+#[inline(always)]
+fn zip_run<A: Copy, O>(
+    d: &mut [O],
+    a: &[A],
+    oa: usize,
+    ia: usize,
+    b: &[A],
+    ob: usize,
+    ib: usize,
+    f: &impl Fn(A, A) -> O,
+) {
+    let n = d.len();
+    match (ia, ib) {
+        (1, 1) => {
+            for ((e, &p), &q) in d.iter_mut().zip(&a[oa..oa + n]).zip(&b[ob..ob + n]) {
+                *e = f(p, q);
+            }
         }
-        if y.len() == 1 && x.len() == n {
-            let q = y[0];
-            return x.iter().map(|&p| f(p, q)).collect();
+        (1, 0) => {
+            let q = b[ob];
+            for (e, &p) in d.iter_mut().zip(&a[oa..oa + n]) {
+                *e = f(p, q);
+            }
         }
-        if x.len() == 1 && y.len() == n {
-            let p = x[0];
-            return y.iter().map(|&q| f(p, q)).collect();
+        (0, 1) => {
+            let p = a[oa];
+            for (e, &q) in d.iter_mut().zip(&b[ob..ob + n]) {
+                *e = f(p, q);
+            }
+        }
+        _ => {
+            for (j, e) in d.iter_mut().enumerate() {
+                *e = f(a[oa + j * ia], b[ob + j * ib]);
+            }
         }
     }
+}
+
+/// `f(a, b)` with `a` and `b` broadcast to `shape`, in row-major order.
+fn zip_new<A: Elem, O: Elem>(
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+    f: impl Fn(A, A) -> O + Sync,
+) -> Vec<O> {
+    let mut out = vec![O::default(); shape.iter().product()];
     let (ra, rb) = (a.raw::<A>(), b.raw::<A>());
-    let (sa, sb) = (
-        a.broadcast_strides(out_shape),
-        b.broadcast_strides(out_shape),
-    );
-    let mut out = Vec::with_capacity(n);
-    for_each_run(
-        out_shape,
+    let (sa, sb) = (a.broadcast_strides(shape), b.broadcast_strides(shape));
+    write_runs(
+        &mut out,
+        shape,
         [&sa, &sb],
         [a.offset, b.offset],
-        |[oa, ob], len, [ia, ib]| match (ia, ib) {
-            (1, 1) => out.extend(
-                ra[oa..oa + len]
-                    .iter()
-                    .zip(&rb[ob..ob + len])
-                    .map(|(&p, &q)| f(p, q)),
-            ),
-            (1, 0) => {
-                let q = rb[ob];
-                out.extend(ra[oa..oa + len].iter().map(|&p| f(p, q)))
-            }
-            (0, 1) => {
-                let p = ra[oa];
-                out.extend(rb[ob..ob + len].iter().map(|&q| f(p, q)))
-            }
-            _ => out.extend((0..len).map(|i| f(ra[oa + i * ia], rb[ob + i * ib]))),
-        },
+        |d, [oa, ob], [ia, ib]| zip_run(d, ra, oa, ia, rb, ob, ib, &f),
     );
     out
 }
 
-/// Like [`zip_broadcast`] for a float result, writing into `a`'s buffer when it is unshared and
-/// already has the output's shape.
+/// A float binary op, written into `a`'s buffer when it is unshared and already has the output's
+/// shape (`b` may broadcast).
 fn zip_f32(
     a: Tensor,
     b: &Tensor,
-    out_shape: &[usize],
+    shape: &[usize],
     dtype: DType,
-    f: impl Fn(f32, f32) -> f32,
+    f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Tensor {
-    if a.shape == out_shape {
-        if let Some(y) = b.as_slice::<f32>() {
-            if y.len() == a.numel() || y.len() == 1 {
-                match take_unique::<f32>(a) {
-                    Ok((shape, mut v)) => {
-                        if y.len() == 1 {
-                            let q = y[0];
-                            v.iter_mut().for_each(|p| *p = f(*p, q));
-                        } else {
-                            v.iter_mut().zip(y).for_each(|(p, &q)| *p = f(*p, q));
-                        }
-                        return Tensor::new(dtype, shape, v);
-                    }
-                    Err(a) => {
-                        return Tensor::new(
-                            dtype,
-                            out_shape.to_vec(),
-                            zip_broadcast(&a, b, out_shape, f),
-                        )
-                    }
-                }
-            }
-        }
+    if a.shape != shape {
+        return Tensor::new(dtype, shape.to_vec(), zip_new(&a, b, shape, f));
     }
-    Tensor::new(
-        dtype,
-        out_shape.to_vec(),
-        zip_broadcast(&a, b, out_shape, f),
-    )
+    match take_unique::<f32>(a) {
+        Ok((shape, mut v)) => {
+            let (st, sb, rb) = (
+                contiguous_strides(&shape),
+                b.broadcast_strides(&shape),
+                b.raw::<f32>(),
+            );
+            write_runs(
+                &mut v,
+                &shape,
+                [&st, &sb],
+                [0, b.offset],
+                |d, [_, ob], [_, ib]| {
+                    let n = d.len();
+                    match ib {
+                        1 => d
+                            .iter_mut()
+                            .zip(&rb[ob..ob + n])
+                            .for_each(|(p, &q)| *p = f(*p, q)),
+                        0 => {
+                            let q = rb[ob];
+                            d.iter_mut().for_each(|p| *p = f(*p, q))
+                        }
+                        _ => d
+                            .iter_mut()
+                            .enumerate()
+                            .for_each(|(j, p)| *p = f(*p, rb[ob + j * ib])),
+                    }
+                },
+            );
+            Tensor::new(dtype, shape, v)
+        }
+        Err(a) => Tensor::new(dtype, shape.to_vec(), zip_new(&a, b, shape, f)),
+    }
 }
 
 /// A broadcasting binary op. Float ops compute in `f32`; `i32` ops are exact (wrapping on
@@ -188,50 +223,44 @@ fn zip_f32(
 /// exponent). `Greater` gives a bool (0/1); arithmetic on bools gives 0/1 again.
 pub(crate) fn binary(op: BinaryOp, a: Tensor, b: Tensor) -> Result<Tensor, String> {
     if a.dtype != b.dtype {
-        return Err(format!(
-            "{op:?} of {} and {}: dtypes differ",
-            a.dtype.name(),
-            b.dtype.name()
-        ));
+        let (x, y) = (a.dtype.name(), b.dtype.name());
+        return Err(format!("{op:?} of {x} and {y}: dtypes differ"));
     }
     let shape = broadcast_shape(&a.shape, &b.shape)?;
     let dtype = a.dtype;
     if !is_int_storage(dtype) {
-        let f: fn(f32, f32) -> f32 = match op {
-            BinaryOp::Add => |p, q| p + q,
-            BinaryOp::Sub => |p, q| p - q,
-            BinaryOp::Mul => |p, q| p * q,
-            BinaryOp::Div => |p, q| p / q,
-            BinaryOp::Pow => f32::powf,
-            BinaryOp::Max => max_f32,
+        return Ok(match op {
+            BinaryOp::Add => zip_f32(a, &b, &shape, dtype, |p, q| p + q),
+            BinaryOp::Sub => zip_f32(a, &b, &shape, dtype, |p, q| p - q),
+            BinaryOp::Mul => zip_f32(a, &b, &shape, dtype, |p, q| p * q),
+            BinaryOp::Div => zip_f32(a, &b, &shape, dtype, |p, q| p / q),
+            BinaryOp::Pow => zip_f32(a, &b, &shape, dtype, f32::powf),
+            BinaryOp::Max => zip_f32(a, &b, &shape, dtype, max_f32),
             BinaryOp::Greater => {
-                let v = zip_broadcast(&a, &b, &shape, |p: f32, q: f32| (p > q) as i32);
-                return Ok(Tensor::new(DType::Bool, shape, v));
+                let v = zip_new(&a, &b, &shape, |p: f32, q: f32| (p > q) as i32);
+                Tensor::new(DType::Bool, shape, v)
             }
-        };
-        return Ok(zip_f32(a, &b, &shape, dtype, f));
+        });
     }
     if matches!(op, BinaryOp::Div | BinaryOp::Pow) {
         let bad = |q: i32| if op == BinaryOp::Div { q == 0 } else { q < 0 };
         if b.values::<i32>().iter().any(|&q| bad(q)) {
-            let what = if op == BinaryOp::Div {
-                "integer division by zero"
+            return Err(if op == BinaryOp::Div {
+                "integer division by zero".to_string()
             } else {
-                "integer power with a negative exponent"
-            };
-            return Err(what.to_string());
+                "integer power with a negative exponent".to_string()
+            });
         }
     }
-    let f: fn(i32, i32) -> i32 = match op {
-        BinaryOp::Add => i32::wrapping_add,
-        BinaryOp::Sub => i32::wrapping_sub,
-        BinaryOp::Mul => i32::wrapping_mul,
-        BinaryOp::Div => i32::wrapping_div,
-        BinaryOp::Pow => |p, q| p.wrapping_pow(q as u32),
-        BinaryOp::Max => i32::max,
-        BinaryOp::Greater => |p, q| (p > q) as i32,
+    let mut v = match op {
+        BinaryOp::Add => zip_new(&a, &b, &shape, i32::wrapping_add),
+        BinaryOp::Sub => zip_new(&a, &b, &shape, i32::wrapping_sub),
+        BinaryOp::Mul => zip_new(&a, &b, &shape, i32::wrapping_mul),
+        BinaryOp::Div => zip_new(&a, &b, &shape, i32::wrapping_div),
+        BinaryOp::Pow => zip_new(&a, &b, &shape, |p: i32, q: i32| p.wrapping_pow(q as u32)),
+        BinaryOp::Max => zip_new(&a, &b, &shape, i32::max),
+        BinaryOp::Greater => zip_new(&a, &b, &shape, |p: i32, q: i32| (p > q) as i32),
     };
-    let mut v = zip_broadcast(&a, &b, &shape, f);
     let out_dtype = if op == BinaryOp::Greater {
         DType::Bool
     } else {
@@ -252,33 +281,29 @@ pub(crate) fn where_(cond: Tensor, a: Tensor, b: Tensor) -> Result<Tensor, Strin
         ));
     }
     if a.dtype != b.dtype {
-        return Err(format!(
-            "Where of {} and {}: dtypes differ",
-            a.dtype.name(),
-            b.dtype.name()
-        ));
+        let (x, y) = (a.dtype.name(), b.dtype.name());
+        return Err(format!("Where of {x} and {y}: dtypes differ"));
     }
     let shape = broadcast_shape(&broadcast_shape(&cond.shape, &a.shape)?, &b.shape)?;
     fn run<T: Elem>(c: &Tensor, a: &Tensor, b: &Tensor, shape: &[usize]) -> Vec<T> {
         let (rc, ra, rb) = (c.raw::<i32>(), a.raw::<T>(), b.raw::<T>());
-        let st = [
-            c.broadcast_strides(shape),
-            a.broadcast_strides(shape),
-            b.broadcast_strides(shape),
-        ];
-        let mut out = Vec::with_capacity(shape.iter().product());
-        for_each_run(
+        let sc = c.broadcast_strides(shape);
+        let (sa, sb) = (a.broadcast_strides(shape), b.broadcast_strides(shape));
+        let mut out = vec![T::default(); shape.iter().product()];
+        let base = [c.offset, a.offset, b.offset];
+        write_runs(
+            &mut out,
             shape,
-            [&st[0], &st[1], &st[2]],
-            [c.offset, a.offset, b.offset],
-            |[oc, oa, ob], len, [ic, ia, ib]| {
-                out.extend((0..len).map(|i| {
-                    if rc[oc + i * ic] != 0 {
-                        ra[oa + i * ia]
+            [&sc, &sa, &sb],
+            base,
+            |d, [oc, oa, ob], [ic, ia, ib]| {
+                for (j, e) in d.iter_mut().enumerate() {
+                    *e = if rc[oc + j * ic] != 0 {
+                        ra[oa + j * ia]
                     } else {
-                        rb[ob + i * ib]
-                    }
-                }))
+                        rb[ob + j * ib]
+                    };
+                }
             },
         );
         out
@@ -304,41 +329,25 @@ pub(crate) fn round_to(dtype: DType, x: f32) -> f32 {
 /// Float to `i32` truncates toward zero (saturating; NaN gives 0); anything to `bool` tests ≠ 0.
 pub(crate) fn cast(x: Tensor, to: DType) -> Tensor {
     let from = x.dtype;
+    let shape = x.shape.clone();
     match (is_int_storage(from), is_int_storage(to)) {
-        (false, false) => {
-            if matches!(to, DType::F16 | DType::BF16) {
-                let v: Vec<f32> = x.values::<f32>().iter().map(|&e| round_to(to, e)).collect();
-                Tensor::new(to, x.shape.clone(), v)
-            } else {
-                x.with_dtype(to)
-            }
-        }
+        (false, false) => match to {
+            DType::F16 => map_f32(x, to, |e| half::f16::from_f32(e).to_f32()),
+            DType::BF16 => map_f32(x, to, |e| half::bf16::from_f32(e).to_f32()),
+            _ => x.with_dtype(to),
+        },
         (false, true) => {
-            let v: Vec<i32> = x
-                .values::<f32>()
-                .iter()
-                .map(|&e| {
-                    if to == DType::Bool {
-                        (e != 0.0) as i32
-                    } else {
-                        e as i32
-                    }
-                })
-                .collect();
-            Tensor::new(to, x.shape.clone(), v)
+            let v = if to == DType::Bool {
+                map_new(&x, |e: f32| (e != 0.0) as i32)
+            } else {
+                map_new(&x, |e: f32| e as i32)
+            };
+            Tensor::new(to, shape, v)
         }
-        (true, false) => {
-            let v: Vec<f32> = x
-                .values::<i32>()
-                .iter()
-                .map(|&e| round_to(to, e as f32))
-                .collect();
-            Tensor::new(to, x.shape.clone(), v)
-        }
+        (true, false) => Tensor::new(to, shape, map_new(&x, |e: i32| round_to(to, e as f32))),
         (true, true) => {
             if to == DType::Bool && from != DType::Bool {
-                let v: Vec<i32> = x.values::<i32>().iter().map(|&e| (e != 0) as i32).collect();
-                Tensor::new(to, x.shape.clone(), v)
+                Tensor::new(to, shape, map_new(&x, |e: i32| (e != 0) as i32))
             } else {
                 x.with_dtype(to)
             }

@@ -15,6 +15,7 @@
 //!   session as it was.
 
 mod elementwise;
+mod fused;
 mod matmul;
 mod movement;
 mod reduce;
@@ -25,7 +26,7 @@ mod tests;
 
 use crate::ir::dim::eval_shape;
 use crate::ir::{DType, Graph, GraphError, InputKind, NodeId, Op, SymValues, TensorType};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use tensor::{is_int_storage, Tensor};
 
@@ -96,6 +97,11 @@ pub enum ExecError {
     },
 }
 
+thread_local! {
+    static PROF: std::cell::RefCell<Option<std::collections::HashMap<String, (f64, usize)>>> =
+        std::cell::RefCell::new(std::env::var("KILN_CPU_PROFILE").ok().map(|_| Default::default()));
+}
+
 /// Runs a graph on the CPU in `f32`. Shareable between threads; each sequence batch has its own
 /// [`CpuSession`].
 pub struct CpuExecutor {
@@ -110,6 +116,9 @@ pub struct CpuExecutor {
     pinned: Vec<bool>,
     /// For each `State` input node, the index of its binding in `graph.states`.
     state_index: Vec<Option<usize>>,
+    /// For each state update that concatenates new entries to its state (a KV-cache append):
+    /// the binding and the axis.
+    appends: Vec<Option<(usize, usize)>>,
 }
 
 /// The per-sequence-batch state of a run: the KV caches and the number of tokens they hold.
@@ -239,12 +248,7 @@ fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result<Tensor, St
         | Op::LinearAdd
         | Op::GatedMlp
         | Op::Rope { .. }
-        | Op::FusedAttention { .. } => {
-            return Err(format!(
-                "fused op {} has no CPU implementation yet",
-                op.name()
-            ))
-        }
+        | Op::FusedAttention { .. } => fused::eval(op, ins)?,
     })
 }
 
@@ -307,17 +311,15 @@ fn weight_tensor(
     })
 }
 
-/// Converts a value to a host tensor.
-fn to_host(t: &Tensor) -> HostTensor {
+/// Converts a value to a host tensor (without a copy when it owns its contiguous buffer).
+fn into_host(t: Tensor) -> HostTensor {
+    let shape = t.shape.clone();
     let data = if is_int_storage(t.dtype) {
         t.values::<i32>().iter().map(|&x| x as f32).collect()
     } else {
-        t.to_vec::<f32>()
+        t.into_vec::<f32>()
     };
-    HostTensor {
-        shape: t.shape.clone(),
-        data,
-    }
+    HostTensor { shape, data }
 }
 
 impl CpuExecutor {
@@ -431,6 +433,15 @@ impl CpuExecutor {
                 consts[id] = None;
             }
         }
+        let mut appends = vec![None; n];
+        for (j, s) in graph.states.iter().enumerate() {
+            let u = &graph.nodes[s.update];
+            if let Op::Concat { axis } = u.op {
+                if u.inputs.first() == Some(&s.input) && appends[s.update].is_none() {
+                    appends[s.update] = Some((j, axis));
+                }
+            }
+        }
         Ok(CpuExecutor {
             graph,
             is_const,
@@ -438,6 +449,7 @@ impl CpuExecutor {
             uses,
             pinned,
             state_index,
+            appends,
         })
     }
 
@@ -495,9 +507,79 @@ impl CpuExecutor {
             tap_ids.push((name, id));
         }
 
-        let n = self.graph.nodes.len();
+        let mut vals: Vec<Option<Tensor>> = vec![None; self.graph.nodes.len()];
+        // States appended in place: (binding, update node, axis, length before the step).
+        let mut appended = Vec::new();
+        let ran = self.run_nodes(session, tokens, syms, &pinned, &mut vals, &mut appended);
+        profile_report(seq, past);
+        if let Err(e) = ran {
+            // Give back the states whose buffers the step took: their old entries are intact.
+            for (j, update, axis, len) in appended {
+                let t: &Tensor = vals[update].as_ref().expect("state updates are pinned");
+                session.states[j] = Some(t.slice_axis(axis, 0, len));
+            }
+            return Err(e);
+        }
+
+        let value = |vals: &mut Vec<Option<Tensor>>, id: NodeId| -> Tensor {
+            if self.is_const[id] {
+                self.consts[id].clone().expect("kept")
+            } else {
+                vals[id].clone().expect("pinned values survive the step")
+            }
+        };
+        session.states = self
+            .graph
+            .states
+            .iter()
+            .map(|s| Some(value(&mut vals, s.update)))
+            .collect();
+        session.past += seq;
+        // Outputs and taps, handing buffers over without a copy at their last use.
+        let mut reads: HashMap<NodeId, usize> = HashMap::new();
+        let named: Vec<(String, NodeId, bool)> = (self.graph.outputs.iter())
+            .map(|(name, id)| (name.clone(), *id, true))
+            .chain(
+                tap_ids
+                    .iter()
+                    .map(|(name, id)| (name.to_string(), *id, false)),
+            )
+            .collect();
+        for (_, id, _) in &named {
+            *reads.entry(*id).or_default() += 1;
+        }
+        let mut out = StepOutput::default();
+        for (name, id, is_output) in named {
+            let left = reads.get_mut(&id).expect("counted");
+            *left -= 1;
+            let t = if *left == 0 && !self.is_const[id] {
+                vals[id].take().expect("pinned values survive the step")
+            } else {
+                value(&mut vals, id)
+            };
+            let map = if is_output {
+                &mut out.outputs
+            } else {
+                &mut out.taps
+            };
+            map.insert(name, into_host(t));
+        }
+        Ok(out)
+    }
+
+    /// Evaluates the step-time nodes in order into `vals`, freeing each value after its last
+    /// reader unless it is `pinned`.
+    fn run_nodes(
+        &self,
+        session: &mut CpuSession,
+        tokens: &[i32],
+        syms: SymValues,
+        pinned: &[bool],
+        vals: &mut [Option<Tensor>],
+        appended: &mut Vec<(usize, NodeId, usize, usize)>,
+    ) -> Result<(), ExecError> {
+        let SymValues { batch, seq, past } = syms;
         let mut remaining = self.uses.clone();
-        let mut vals: Vec<Option<Tensor>> = vec![None; n];
         for (id, node) in self.graph.nodes.iter().enumerate() {
             if self.is_const[id] {
                 continue;
@@ -513,11 +595,10 @@ impl CpuExecutor {
                 } => Tensor::new(DType::I32, vec![batch, seq], tokens.to_vec()),
                 Op::Input {
                     kind: InputKind::Positions,
-                } => Tensor::new(
-                    DType::I32,
-                    vec![seq],
-                    (past as i32..(past + seq) as i32).collect(),
-                ),
+                } => {
+                    let pos = (past as i32..(past + seq) as i32).collect();
+                    Tensor::new(DType::I32, vec![seq], pos)
+                }
                 Op::Input {
                     kind: InputKind::State,
                 } => {
@@ -536,7 +617,7 @@ impl CpuExecutor {
                     }
                 }
                 op => {
-                    let ins = node
+                    let ins: Vec<Tensor> = node
                         .inputs
                         .iter()
                         .map(|&i| {
@@ -559,34 +640,59 @@ impl CpuExecutor {
                             }
                         }
                     }
-                    eval_op(op, ins, &syms).map_err(err)?
+                    if let Some((j, axis)) = self.appends[id] {
+                        // A state's own update: append to its buffer, in place if the session's
+                        // reference was the only other one.
+                        let shape = movement::concat_shape(&ins, axis).map_err(err)?;
+                        appended.push((j, id, axis, ins[0].shape[axis]));
+                        session.states[j] = None;
+                        movement::append(ins, axis, shape)
+                    } else {
+                        profiled(op, ins, |ins| eval_op(op, ins, &syms)).map_err(err)?
+                    }
                 }
             };
             check_type(&value, &node.ty, &syms).map_err(err)?;
             vals[id] = Some(value);
         }
-
-        let value = |id: NodeId| -> &Tensor {
-            if self.is_const[id] {
-                self.consts[id].as_ref().expect("kept")
-            } else {
-                vals[id].as_ref().expect("pinned values survive the step")
-            }
-        };
-        let mut out = StepOutput::default();
-        for (name, id) in &self.graph.outputs {
-            out.outputs.insert(name.clone(), to_host(value(*id)));
-        }
-        for (name, id) in tap_ids {
-            out.taps.insert(name.to_string(), to_host(value(id)));
-        }
-        session.states = self
-            .graph
-            .states
-            .iter()
-            .map(|s| Some(value(s.update).clone()))
-            .collect();
-        session.past += seq;
-        Ok(out)
+        Ok(())
     }
+}
+
+/// Temporary profiling hook (KILN_CPU_PROFILE).
+fn profiled(
+    op: &Op,
+    ins: Vec<Tensor>,
+    f: impl FnOnce(Vec<Tensor>) -> Result<Tensor, String>,
+) -> Result<Tensor, String> {
+    let t0 = std::time::Instant::now();
+    let shapes: Vec<Vec<usize>> = if PROF.with(|p| p.borrow().is_some()) {
+        ins.iter().map(|t: &Tensor| t.shape.clone()).collect()
+    } else {
+        vec![]
+    };
+    let r = f(ins);
+    PROF.with(|p| {
+        if let Some(m) = p.borrow_mut().as_mut() {
+            let key = format!("{} {:?}", op.name(), shapes);
+            let e = m.entry(key).or_insert((0.0, 0));
+            e.0 += t0.elapsed().as_secs_f64();
+            e.1 += 1;
+        }
+    });
+    r
+}
+
+fn profile_report(seq: usize, past: usize) {
+    PROF.with(|p| {
+        if let Some(m) = p.borrow_mut().as_mut() {
+            let mut v: Vec<_> = m.iter().collect();
+            v.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap());
+            eprintln!("--- step seq={seq} past={past}");
+            for (k, (t, c)) in v.iter().take(22) {
+                eprintln!("{:9.2} ms {:5} {}", t * 1e3, c, k);
+            }
+            m.clear();
+        }
+    });
 }

@@ -33,31 +33,46 @@ fn reduced_shape(shape: &[usize], axis: usize, keep_dim: bool) -> Vec<usize> {
     s
 }
 
+/// Σ of a row in `f64`, with independent accumulators so that the loop vectorizes.
+fn sum_f64(row: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] += c[j] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Maximum of a row; NaN if the row holds a NaN, `-inf` if it is empty.
+fn max_f32(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] = acc[j].max(c[j]);
+        }
+    }
+    // `f32::max` skips NaN; look for one only when the answer could hide it.
+    let m = acc.iter().fold(tail, |m, &x| m.max(x));
+    if row.iter().any(|x| x.is_nan()) {
+        f32::NAN
+    } else {
+        m
+    }
+}
+
 fn reduce_row_f32(op: ReduceOp, row: &[f32]) -> f32 {
     match op {
-        ReduceOp::Sum | ReduceOp::Mean => {
-            let mut acc = [0f64; 4];
-            let chunks = row.chunks_exact(4);
-            let tail = chunks.remainder();
-            for c in chunks {
-                for j in 0..4 {
-                    acc[j] += c[j] as f64;
-                }
-            }
-            let s = acc.iter().sum::<f64>() + tail.iter().map(|&x| x as f64).sum::<f64>();
-            if op == ReduceOp::Mean {
-                (s / row.len() as f64) as f32
-            } else {
-                s as f32
-            }
-        }
-        ReduceOp::Max => row.iter().fold(f32::NEG_INFINITY, |m, &x| {
-            if x.is_nan() || m.is_nan() {
-                f32::NAN
-            } else {
-                m.max(x)
-            }
-        }),
+        ReduceOp::Sum => sum_f64(row) as f32,
+        ReduceOp::Mean => (sum_f64(row) / row.len() as f64) as f32,
+        ReduceOp::Max => max_f32(row),
     }
 }
 
@@ -111,21 +126,13 @@ pub(crate) fn reduce(
     Ok(Tensor::new(x.dtype, out_shape, out))
 }
 
+/// `exp(x - max) / Σ exp(x - max)` over a row. A NaN anywhere makes the row NaN; a row of only
+/// `-inf` is NaN (`-inf - -inf`).
 fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| {
-        if x.is_nan() || m.is_nan() {
-            f32::NAN
-        } else {
-            m.max(x)
-        }
-    });
-    let mut sum = 0f64;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    row.iter_mut().for_each(|x| *x *= inv);
+    let max = max_f32(row);
+    row.iter_mut().for_each(|x| *x = (*x - max).exp());
+    let sum = sum_f64(row) as f32;
+    row.iter_mut().for_each(|x| *x /= sum);
 }
 
 /// Softmax of a float tensor along `axis`. The result is a view with `x`'s axis order (its data

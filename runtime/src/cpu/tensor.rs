@@ -7,7 +7,11 @@
 //! and `bool` are stored as `i32` (bools as 0 and 1), so integers stay exact.
 
 use crate::ir::DType;
+use rayon::prelude::*;
 use std::sync::Arc;
+
+/// Elements per parallel task of element-wise work; below twice this, work stays on one thread.
+pub(crate) const PAR_ELEMS: usize = 1 << 15;
 
 /// The storage of one or more views.
 #[derive(Debug)]
@@ -214,9 +218,18 @@ impl Tensor {
         t
     }
 
-    /// Reshape; free for a contiguous view, a copy otherwise.
+    /// Reshape; free when the view's strides allow it (always for a contiguous view; also for
+    /// splitting an axis, adding or removing size-1 axes, and merging axes that are laid out
+    /// one inside the other), a copy otherwise.
     pub fn reshape(self, shape: Vec<usize>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), self.numel());
+        if let Some(strides) = view_strides(&self.shape, &self.strides, &shape) {
+            return Tensor {
+                shape,
+                strides,
+                ..self
+            };
+        }
         let mut t = self.contiguous();
         t.strides = contiguous_strides(&shape);
         t.shape = shape;
@@ -246,6 +259,47 @@ impl Tensor {
             })
             .collect()
     }
+}
+
+/// Strides that show data laid out as (`shape`, `strides`) with the shape `new` without moving
+/// it, if they exist (numpy's no-copy reshape rule).
+fn view_strides(shape: &[usize], strides: &[usize], new: &[usize]) -> Option<Vec<usize>> {
+    if shape.contains(&0) {
+        return Some(contiguous_strides(new));
+    }
+    let (od, os): (Vec<usize>, Vec<usize>) = shape
+        .iter()
+        .zip(strides)
+        .filter(|(&n, _)| n != 1)
+        .map(|(&n, &s)| (n, s))
+        .unzip();
+    let mut ns = vec![1; new.len()];
+    let (mut oi, mut ni) = (0, 0);
+    while ni < new.len() && oi < od.len() {
+        // The smallest groups of old axes [oi, oj) and new axes [ni, nj) of equal size.
+        let (mut oj, mut nj) = (oi + 1, ni + 1);
+        let (mut op, mut np) = (od[oi], new[ni]);
+        while np != op {
+            if np < op {
+                np *= new[nj];
+                nj += 1;
+            } else {
+                op *= od[oj];
+                oj += 1;
+            }
+        }
+        // The old axes of the group must nest (C order) to be seen as one.
+        if (oi..oj - 1).any(|k| os[k] != od[k + 1] * os[k + 1]) {
+            return None;
+        }
+        ns[nj - 1] = os[oj - 1];
+        for k in (ni + 1..nj).rev() {
+            ns[k - 1] = ns[k] * new[k];
+        }
+        (oi, ni) = (oj, nj);
+    }
+    // Remaining new axes have size 1; any stride does.
+    Some(ns)
 }
 
 /// Walks `shape` in row-major order for `N` operands, each read with its own strides from its base
@@ -309,6 +363,46 @@ pub(crate) fn for_each_run<const N: usize>(
     }
 }
 
+/// Fills `dst`, row-major over `shape`, run by run: `f(piece, offsets, inner_strides)` gets
+/// consecutive pieces of `dst` and where the `N` operands' elements for them are (as in
+/// [`for_each_run`]). Large work is cut into pieces of at most [`PAR_ELEMS`] elements that run in
+/// parallel.
+pub(crate) fn write_runs<O: Send, const N: usize>(
+    dst: &mut [O],
+    shape: &[usize],
+    strides: [&[usize]; N],
+    base: [usize; N],
+    f: impl Fn(&mut [O], [usize; N], [usize; N]) + Sync,
+) {
+    debug_assert_eq!(dst.len(), shape.iter().product::<usize>());
+    if dst.len() < 2 * PAR_ELEMS {
+        let mut pos = 0;
+        for_each_run(shape, strides, base, |o, len, st| {
+            f(&mut dst[pos..pos + len], o, st);
+            pos += len;
+        });
+        return;
+    }
+    let total = dst.len();
+    let mut pieces = Vec::new();
+    let mut rest = dst;
+    for_each_run(shape, strides, base, |o, len, st| {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PAR_ELEMS);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            pieces.push((head, std::array::from_fn(|j| o[j] + done * st[j]), st));
+            rest = tail;
+            done += n;
+        }
+    });
+    let per_task = (PAR_ELEMS * pieces.len() / total).max(1);
+    pieces
+        .into_par_iter()
+        .with_min_len(per_task)
+        .for_each(|(d, o, st)| f(d, o, st));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,6 +445,31 @@ mod tests {
         let e = t.slice_axis(1, 2, 2);
         assert_eq!(e.numel(), 0);
         assert!(e.to_vec::<f32>().is_empty());
+    }
+
+    #[test]
+    fn reshape_keeps_strided_views_when_it_can() {
+        // A [2, 3 of capacity 5, 2] buffer seen as [2, 3, 2].
+        let buf = iota(&[2, 5, 2]);
+        let view = buf.slice_axis(1, 0, 3);
+        let want = view.to_vec::<f32>();
+        for (shape, free) in [
+            (vec![2, 1, 3, 2], true),
+            (vec![2, 3, 2, 1], true),
+            (vec![1, 2, 3, 1, 2], true),
+            (vec![2, 6], true),
+            (vec![12], false),
+            (vec![6, 2], false),
+        ] {
+            let r = view.clone().reshape(shape.clone());
+            assert_eq!(Arc::ptr_eq(&r.buf, &buf.buf), free, "{shape:?}");
+            assert_eq!(r.to_vec::<f32>(), want, "{shape:?}");
+        }
+        // Splitting and merging nested axes of a transposed view.
+        let t = iota(&[4, 6]).permute(&[1, 0]); // [6, 4]
+        let r = t.clone().reshape(vec![2, 3, 4]);
+        assert!(Arc::ptr_eq(&r.buf, &t.buf));
+        assert_eq!(r.to_vec::<f32>(), t.to_vec::<f32>());
     }
 
     #[test]

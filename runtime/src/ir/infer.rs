@@ -232,7 +232,9 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             let (x, w) = (ins[0], ins[1]);
             same_float(op, x, w)?;
             if w.rank() != 1 || x.shape.last() != w.shape.last() {
-                return Err(format!("RmsNorm weight {w} does not match the last axis of {x}"));
+                return Err(format!(
+                    "RmsNorm weight {w} does not match the last axis of {x}"
+                ));
             }
             Ok(x.clone())
         }
@@ -240,17 +242,26 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             let (x, w) = (ins[0], ins[1]);
             let dtype = same_float(op, x, w)?;
             if w.rank() != 2 || x.rank() < 1 || x.shape.last() != Some(&w.shape[1]) {
-                return Err(format!("{} of {x} by weight {w}: needs w [n, k] with k the last axis of x", op.name()));
+                return Err(format!(
+                    "{} of {x} by weight {w}: needs w [n, k] with k the last axis of x",
+                    op.name()
+                ));
             }
             let mut shape = x.shape.clone();
             let n = w.shape[0].clone();
             *shape.last_mut().expect("rank ≥ 1") = match op {
-                Op::GatedMlp => n.div(2).ok_or_else(|| format!("GatedMlp weight {w} has an odd number of rows"))?,
+                Op::GatedMlp => n
+                    .div(2)
+                    .ok_or_else(|| format!("GatedMlp weight {w} has an odd number of rows"))?,
                 _ => n,
             };
             if let Op::LinearAdd = op {
                 if ins[2].shape != shape || ins[2].dtype != dtype {
-                    return Err(format!("LinearAdd residual {} does not match the product {}", ins[2], TensorType::new(dtype, shape)));
+                    return Err(format!(
+                        "LinearAdd residual {} does not match the product {}",
+                        ins[2],
+                        TensorType::new(dtype, shape)
+                    ));
                 }
             }
             t(dtype, shape)
@@ -259,9 +270,15 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             let (x, pos) = (ins[0], ins[1]);
             check_axis(*seq_axis, x.rank())?;
             if pos.dtype != DType::I32 || pos.rank() != 1 || pos.shape[0] != x.shape[*seq_axis] {
-                return Err(format!("Rope positions {pos} do not index axis {seq_axis} of {x}"));
+                return Err(format!(
+                    "Rope positions {pos} do not index axis {seq_axis} of {x}"
+                ));
             }
-            if x.shape.last().and_then(|d| d.as_const()).is_none_or(|d| d % 2 != 0) {
+            if x.shape
+                .last()
+                .and_then(|d| d.as_const())
+                .is_none_or(|d| d % 2 != 0)
+            {
                 return Err(format!("Rope needs an even, constant last axis, got {x}"));
             }
             Ok(x.clone())

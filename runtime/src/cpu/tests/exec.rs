@@ -147,6 +147,10 @@ fn attention_model() -> (Builder, [Vec<f32>; 4]) {
     let et = b.add("emb.t", Op::Transpose { perm: vec![1, 0] }, vec![emb]);
     let logits = b.add("logits", Op::MatMul, vec![o, et]);
     b.output("logits", logits);
+    // A late node that fails for token 9, after the caches were appended to.
+    let (late, _) = b.weight("late_table", &[9, 1]);
+    let late = b.add("late", Op::Gather, vec![late, tok]);
+    b.output("late", late);
     (b, [embv, wqv, wkv, wvv])
 }
 
@@ -200,7 +204,7 @@ fn reference_logits(w: &[Vec<f32>; 4], tokens: &[i32]) -> Vec<f32> {
 fn attention_matches_reference_and_caches_compose() {
     let (b, w) = attention_model();
     let exec = b.build();
-    let seqs: [[i32; 5]; 2] = [[1, 7, 3, 3, 9], [0, 2, 8, 5, 4]];
+    let seqs: [[i32; 5]; 2] = [[1, 7, 3, 3, 6], [0, 2, 8, 5, 4]];
     // One step over all five tokens.
     let mut one = exec.session(2);
     let all: Vec<i32> = seqs.concat();
@@ -299,7 +303,7 @@ fn weights_load_once_and_errors_are_clear() {
         Ok(weights[name].clone())
     })
     .unwrap();
-    assert_eq!(calls.get(), 4);
+    assert_eq!(calls.get(), 5);
     assert_eq!(exec.graph().nodes.len(), b.g.nodes.len());
 
     // A weight of the wrong length.
@@ -383,4 +387,28 @@ fn fixed_size_state_starts_at_zero() {
         .map(|j| embv[3 + j] + embv[6 + j] + embv[9 + j])
         .collect();
     assert_close(&out.outputs["acc"].data, &want, "running sum");
+}
+
+#[test]
+fn failed_step_after_cache_append_keeps_the_session() {
+    let (b, w) = attention_model();
+    let exec = b.build();
+    let seq = [3, 1, 4, 1, 5, 2, 6];
+    let mut s = exec.session(1);
+    exec.step(&mut s, &seq[..4], &[]).unwrap();
+    exec.step(&mut s, &seq[4..5], &[]).unwrap();
+    // Fails at `late`, after both caches were appended to in place.
+    let e = exec.step(&mut s, &[9], &[]).unwrap_err();
+    assert!(e.to_string().contains("node `late`"), "{e}");
+    assert_eq!(s.past(), 5);
+    let e = exec.step(&mut s, &[9, 9, 9], &[]).unwrap_err();
+    assert!(e.to_string().contains("node `late`"), "{e}");
+    let out = exec.step(&mut s, &seq[5..], &["kcat"]).unwrap();
+    assert_eq!(out.taps["kcat"].shape, vec![1, KVH, 7, HD]);
+    let want = reference_logits(&w, &seq);
+    assert_close(
+        &out.outputs["logits"].data,
+        &want[5 * VOCAB..],
+        "after failed steps",
+    );
 }

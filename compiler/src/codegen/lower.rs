@@ -1,0 +1,223 @@
+//! Lowering for the GPU: the optimized graph → a launch plan (`kiln_runtime::plan::Plan`).
+//!
+//! Activations become packed `[tokens, columns]` buffers. View ops (`Reshape`, `Transpose`,
+//! `Slice` of the last axis, `Cast`) cost nothing: they change how later kernels index a buffer,
+//! not its bytes. A Llama attention block — q/k/v as column ranges of one fused projection,
+//! `Rope` on q and k, `Concat(State, ·)` cache appends, `FusedAttention` — lowers to two
+//! launches: `RopeAppend` (RoPE in place, k/v written into the paged cache) and `Attention`.
+//! Logits are computed for each sequence's last token only. Any op with no GPU lowering is an
+//! error that names the node, so an unfused graph fails the build instead of running slowly.
+
+use kiln_runtime::ir::{DType, Graph, InputKind, NodeId, Op};
+use kiln_runtime::plan::{AttentionDims, BufId, BufType, Buffer, Epilogue, Launch, Plan, Rows};
+use std::collections::HashMap;
+
+/// What a graph node is, seen from the GPU.
+#[derive(Clone, Debug, PartialEq)]
+enum Val {
+    /// A run-time input of no interest to kernels (positions: kernels read them from metadata).
+    Positions,
+    /// Token ids.
+    Tokens,
+    /// A weight.
+    Weight(String),
+    /// A KV-cache state input.
+    State,
+    /// A scalar or weight-only constant the lowering does not need.
+    Const,
+    /// Columns `off..off+len` of an activation buffer.
+    Cols { buf: BufId, off: usize, len: usize },
+    /// `Rope` applied to columns of a buffer.
+    Roped { buf: BufId, off: usize, len: usize, theta: f32 },
+    /// A state extended by new keys or values (columns of a buffer, possibly roped).
+    CacheAppend { buf: BufId, off: usize, theta: Option<f32> },
+}
+
+struct Lowering<'g> {
+    g: &'g Graph,
+    vals: Vec<Val>,
+    buffers: Vec<Buffer>,
+    launches: Vec<Launch>,
+    attention: Option<AttentionDims>,
+    layers: usize,
+}
+
+fn last_cols(g: &Graph, id: NodeId) -> Result<usize, String> {
+    let ty = &g.nodes[id].ty;
+    ty.shape.last().and_then(|d| d.as_const()).map(|c| c as usize).ok_or_else(|| format!("node `{}` {ty} has no constant last axis", g.nodes[id].name))
+}
+
+impl<'g> Lowering<'g> {
+    fn err(&self, id: NodeId, msg: &str) -> String {
+        let n = &self.g.nodes[id];
+        format!("GPU lowering: node `{}` ({}): {msg}", n.name, n.op)
+    }
+
+    fn new_buf(&mut self, id: NodeId, rows: Rows, dtype: BufType) -> Result<BufId, String> {
+        let cols = last_cols(self.g, id)?;
+        self.buffers.push(Buffer { name: self.g.nodes[id].name.clone(), rows, cols, dtype, slot: 0 });
+        Ok(self.buffers.len() - 1)
+    }
+
+    fn whole(&self, id: NodeId, input: NodeId) -> Result<BufId, String> {
+        match &self.vals[input] {
+            Val::Cols { buf, off: 0, len } if *len == self.buffers[*buf].cols => Ok(*buf),
+            other => Err(self.err(id, &format!("needs a whole activation buffer as input, got {other:?}"))),
+        }
+    }
+
+    fn weight(&self, id: NodeId, input: NodeId) -> Result<String, String> {
+        match &self.vals[input] {
+            Val::Weight(w) => Ok(w.clone()),
+            other => Err(self.err(id, &format!("needs a weight, got {other:?}"))),
+        }
+    }
+
+    fn node(&mut self, id: NodeId) -> Result<Val, String> {
+        let n = &self.g.nodes[id];
+        let ins = &n.inputs;
+        let input = |k: usize| self.vals[ins[k]].clone();
+        Ok(match &n.op {
+            Op::Input { kind: InputKind::Tokens } => Val::Tokens,
+            Op::Input { kind: InputKind::Positions } => Val::Positions,
+            Op::Input { kind: InputKind::State } => Val::State,
+            Op::Weight { name } => Val::Weight(name.clone()),
+            Op::Constant { .. } | Op::Iota { .. } => Val::Const,
+            _ if ins.iter().all(|&i| matches!(self.vals[i], Val::Const | Val::Weight(_) | Val::Positions)) => {
+                // Weight-only or position-only subgraphs (RoPE tables, masks): kernels compute
+                // what they need from metadata; only weights read by kernels matter.
+                Val::Const
+            }
+            Op::Gather => {
+                let (Val::Weight(table), Val::Tokens) = (input(0), input(1)) else {
+                    return Err(self.err(id, "only an embedding lookup of token ids is supported"));
+                };
+                let out = self.new_buf(id, Rows::Tokens, BufType::Bf16)?;
+                self.launches.push(Launch::Embedding { table, out });
+                Val::Cols { buf: out, off: 0, len: self.buffers[out].cols }
+            }
+            Op::RmsNorm { eps } => {
+                let x = self.whole(id, ins[0])?;
+                let w = self.weight(id, ins[1])?;
+                let out = self.new_buf(id, self.buffers[x].rows, BufType::Bf16)?;
+                self.launches.push(Launch::RmsNorm { x, w, eps: *eps, out });
+                Val::Cols { buf: out, off: 0, len: self.buffers[out].cols }
+            }
+            Op::Linear | Op::LinearAdd | Op::GatedMlp => {
+                let x = self.whole(id, ins[0])?;
+                let w = self.weight(id, ins[1])?;
+                let epilogue = match n.op {
+                    Op::LinearAdd => Epilogue::Residual(self.whole(id, ins[2])?),
+                    Op::GatedMlp => Epilogue::Gated,
+                    _ => Epilogue::None,
+                };
+                let out = self.new_buf(id, self.buffers[x].rows, BufType::Bf16)?;
+                self.launches.push(Launch::Linear { x, w, epilogue, out });
+                Val::Cols { buf: out, off: 0, len: self.buffers[out].cols }
+            }
+            Op::Reshape { .. } | Op::Transpose { .. } | Op::Cast { .. } => match input(0) {
+                v @ (Val::Cols { .. } | Val::Roped { .. } | Val::CacheAppend { .. }) => v,
+                _ => return Err(self.err(id, "is a view of something that is not an activation")),
+            },
+            Op::Slice { axis, start, end } => {
+                let rank = self.g.nodes[ins[0]].ty.rank();
+                let (Val::Cols { buf, off, .. }, Some(s), Some(e)) = (input(0), start.as_const(), end.as_const()) else {
+                    return Err(self.err(id, "only constant slices of activations are supported"));
+                };
+                if *axis != rank - 1 {
+                    return Err(self.err(id, "only slices of the last (column) axis are supported"));
+                }
+                Val::Cols { buf, off: off + s as usize, len: (e - s) as usize }
+            }
+            Op::Rope { theta, .. } => match input(0) {
+                Val::Cols { buf, off, len } => Val::Roped { buf, off, len, theta: *theta },
+                _ => return Err(self.err(id, "RoPE of something that is not a column range")),
+            },
+            Op::Concat { .. } => match (ins.len(), input(0), ins.get(1).map(|&i| self.vals[i].clone())) {
+                (2, Val::State, Some(Val::Cols { buf, off, .. })) => Val::CacheAppend { buf, off, theta: None },
+                (2, Val::State, Some(Val::Roped { buf, off, theta, .. })) => Val::CacheAppend { buf, off, theta: Some(theta) },
+                _ => return Err(self.err(id, "only KV-cache appends (Concat(State, new)) are supported")),
+            },
+            Op::FusedAttention { scale } => self.attention(id, *scale)?,
+            _ => return Err(self.err(id, "has no GPU kernel; build with the rewriter enabled (no --no-optimize)")),
+        })
+    }
+
+    fn attention(&mut self, id: NodeId, scale: f32) -> Result<Val, String> {
+        let ins = self.g.nodes[id].inputs.clone();
+        let (q, k, v) = (self.vals[ins[0]].clone(), self.vals[ins[1]].clone(), self.vals[ins[2]].clone());
+        let qt = &self.g.nodes[ins[0]].ty;
+        let kt = &self.g.nodes[ins[1]].ty;
+        let dims = AttentionDims {
+            heads: qt.shape[1].as_const().unwrap_or(0) as usize,
+            kv_heads: kt.shape[1].as_const().unwrap_or(0) as usize,
+            head_dim: qt.shape[3].as_const().unwrap_or(0) as usize,
+        };
+        let (hd, kd) = (dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim);
+        let ok = matches!((&q, &k, &v),
+            (Val::Roped { buf: qb, off: 0, theta: qt, .. },
+             Val::CacheAppend { buf: kb, off: ko, theta: Some(kt) },
+             Val::CacheAppend { buf: vb, off: vo, theta: None })
+            if qb == kb && kb == vb && *ko == hd && *vo == hd + kd && qt == kt && self.buffers[*qb].cols == hd + 2 * kd);
+        if !ok {
+            return Err(self.err(id, &format!("needs q, k, v as column ranges 0, {hd}, {} of one fused QKV projection with RoPE on q and k; got {q:?}, {k:?}, {v:?}", hd + kd)));
+        }
+        if *self.attention.get_or_insert(dims) != dims {
+            return Err(self.err(id, "attention geometry differs between layers"));
+        }
+        let (Val::Roped { buf: qkv, theta, .. }) = q else { unreachable!() };
+        let layer = self.layers;
+        self.layers += 1;
+        self.launches.push(Launch::RopeAppend { qkv, layer, theta });
+        let out = self.buffers.len();
+        self.buffers.push(Buffer { name: self.g.nodes[id].name.clone(), rows: Rows::Tokens, cols: hd, dtype: BufType::Bf16, slot: 0 });
+        self.launches.push(Launch::Attention { qkv, layer, scale, out });
+        Ok(Val::Cols { buf: out, off: 0, len: hd })
+    }
+}
+
+/// Lowers an optimized graph with a `logits` output to a launch plan.
+pub fn lower(g: &Graph) -> Result<Plan, String> {
+    let logits_id = g.output("logits").ok_or("GPU lowering: the graph has no `logits` output")?;
+    let mut l = Lowering { g, vals: Vec::with_capacity(g.nodes.len()), buffers: vec![], launches: vec![], attention: None, layers: 0 };
+    // Only nodes that the logits depend on are lowered (other outputs are CPU diagnostics).
+    let mut needed = vec![false; g.nodes.len()];
+    needed[logits_id] = true;
+    for i in (0..g.nodes.len()).rev() {
+        if needed[i] {
+            for &j in &g.nodes[i].inputs {
+                needed[j] = true;
+            }
+        }
+    }
+    for id in 0..g.nodes.len() {
+        let v = if !needed[id] {
+            Val::Const
+        } else if id == logits_id {
+            // Logits: only each sequence's last token, in f32.
+            let n = &g.nodes[id];
+            if n.op != Op::Linear {
+                return Err(l.err(id, "the logits must come from a Linear"));
+            }
+            let x = l.whole(id, n.inputs[0])?;
+            let w = l.weight(id, n.inputs[1])?;
+            let last = l.buffers.len();
+            l.buffers.push(Buffer { name: format!("{}.last", l.buffers[x].name), rows: Rows::Sequences, cols: l.buffers[x].cols, dtype: BufType::Bf16, slot: 0 });
+            l.launches.push(Launch::GatherLast { x, out: last });
+            let out = l.new_buf(id, Rows::Sequences, BufType::F32)?;
+            l.launches.push(Launch::Linear { x: last, w, epilogue: Epilogue::None, out });
+            Val::Cols { buf: out, off: 0, len: l.buffers[out].cols }
+        } else {
+            l.node(id)?
+        };
+        l.vals.push(v);
+    }
+    let Val::Cols { buf: logits, .. } = l.vals[logits_id] else { unreachable!() };
+    let attention = l.attention.ok_or("GPU lowering: the graph has no FusedAttention (was the rewriter run?)")?;
+    if g.nodes.iter().any(|n| n.ty.dtype == DType::F16) {
+        return Err("GPU lowering: f16 graphs are not supported yet; use --dtype bf16".into());
+    }
+    let mut plan = Plan { attention, layers: l.layers, vocab: l.buffers[logits].cols, buffers: l.buffers, launches: l.launches, logits };
+    plan.assign_slots();
+    Ok(plan)
+}

@@ -1,0 +1,234 @@
+//! The correspondence between graph ops and e-nodes: [`lower`] reads an e-node back as an
+//! [`Op`] with its tensor inputs (attributes come from the attribute children's e-classes),
+//! [`raise`] adds the e-node of an op (and its attribute leaves) to an e-graph.
+
+use super::analysis::{Data, KilnGraph};
+use super::lang::{Attr, ConstValue, Node};
+use egg::Id;
+use kiln_runtime::ir::{BinaryOp, Op, ReduceOp, UnaryOp};
+
+/// What an e-node is, seen from the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Lowered {
+    /// A graph op and the e-classes of its tensor inputs, in the op's input order.
+    Op(Op, Vec<Id>),
+    /// A weight, step input or constant leaf (emitted by the converter from the leaf tables).
+    Leaf,
+    /// A helper node: it exists only inside the e-graph.
+    Helper,
+    /// An attribute leaf.
+    Attr,
+}
+
+fn attr(data: &dyn Fn(Id) -> Data, id: Id) -> Result<Attr, String> {
+    data(id)
+        .attr()
+        .cloned()
+        .ok_or_else(|| "a tensor where an attribute belongs".to_string())
+}
+
+fn axis(data: &dyn Fn(Id) -> Data, id: Id) -> Result<usize, String> {
+    match attr(data, id)? {
+        Attr::Axis(a) => Ok(a),
+        other => Err(format!("expected an axis, got {other}")),
+    }
+}
+
+fn dim(data: &dyn Fn(Id) -> Data, id: Id) -> Result<kiln_runtime::ir::Dim, String> {
+    match attr(data, id)? {
+        Attr::Dim(d) => Ok(d),
+        other => Err(format!("expected a dim, got {other}")),
+    }
+}
+
+fn scalar(data: &dyn Fn(Id) -> Data, id: Id) -> Result<f32, String> {
+    data(id)
+        .scalar()
+        .ok_or_else(|| "expected a scalar constant".to_string())
+}
+
+/// The graph op of an e-node; `data` gives the analysis data of an e-class.
+pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> {
+    use Node as N;
+    let op = |op: Op, ins: &[Id]| Ok(Lowered::Op(op, ins.to_vec()));
+    let reduce = |r: ReduceOp, [x, a, k]: [Id; 3]| {
+        let Attr::Keep(keep_dim) = attr(data, k)? else {
+            return Err("expected keep/drop".to_string());
+        };
+        let axis = axis(data, a)?;
+        op(
+            Op::Reduce {
+                op: r,
+                axis,
+                keep_dim,
+            },
+            &[x],
+        )
+    };
+    match node {
+        N::Const(_) | N::Weight(_) | N::Input(_) => Ok(Lowered::Leaf),
+        N::Attr(_) => Ok(Lowered::Attr),
+        N::Silu(_) | N::RopeAngles(_) | N::CausalMask(_) => Ok(Lowered::Helper),
+        N::Neg(x) => op(Op::Unary(UnaryOp::Neg), &[*x]),
+        N::Exp(x) => op(Op::Unary(UnaryOp::Exp), &[*x]),
+        N::Sqrt(x) => op(Op::Unary(UnaryOp::Sqrt), &[*x]),
+        N::Rsqrt(x) => op(Op::Unary(UnaryOp::Rsqrt), &[*x]),
+        N::Recip(x) => op(Op::Unary(UnaryOp::Recip), &[*x]),
+        N::Sin(x) => op(Op::Unary(UnaryOp::Sin), &[*x]),
+        N::Cos(x) => op(Op::Unary(UnaryOp::Cos), &[*x]),
+        N::Add(xs) => op(Op::Binary(BinaryOp::Add), xs),
+        N::Sub(xs) => op(Op::Binary(BinaryOp::Sub), xs),
+        N::Mul(xs) => op(Op::Binary(BinaryOp::Mul), xs),
+        N::Div(xs) => op(Op::Binary(BinaryOp::Div), xs),
+        N::Pow(xs) => op(Op::Binary(BinaryOp::Pow), xs),
+        N::Max(xs) => op(Op::Binary(BinaryOp::Max), xs),
+        N::Greater(xs) => op(Op::Binary(BinaryOp::Greater), xs),
+        N::Where(xs) => op(Op::Where, xs),
+        N::Sum(xs) => reduce(ReduceOp::Sum, *xs),
+        N::Mean(xs) => reduce(ReduceOp::Mean, *xs),
+        N::ReduceMax(xs) => reduce(ReduceOp::Max, *xs),
+        N::Softmax([x, a]) => op(
+            Op::Softmax {
+                axis: axis(data, *a)?,
+            },
+            &[*x],
+        ),
+        N::MatMul(xs) => op(Op::MatMul, xs),
+        N::Reshape([x, s]) => match attr(data, *s)? {
+            Attr::Shape(shape) => op(Op::Reshape { shape }, &[*x]),
+            other => Err(format!("expected a shape, got {other}")),
+        },
+        N::Transpose([x, p]) => match attr(data, *p)? {
+            Attr::Perm(perm) => op(Op::Transpose { perm }, &[*x]),
+            other => Err(format!("expected a permutation, got {other}")),
+        },
+        N::Gather(xs) => op(Op::Gather, xs),
+        N::Concat(xs) => {
+            let (a, ins) = xs.split_first().ok_or("concat without an axis")?;
+            op(
+                Op::Concat {
+                    axis: axis(data, *a)?,
+                },
+                ins,
+            )
+        }
+        N::Slice([x, a, s, e]) => op(
+            Op::Slice {
+                axis: axis(data, *a)?,
+                start: dim(data, *s)?,
+                end: dim(data, *e)?,
+            },
+            &[*x],
+        ),
+        N::Cast([x, d]) => match attr(data, *d)? {
+            Attr::DType(dtype) => op(Op::Cast { dtype }, &[*x]),
+            other => Err(format!("expected a dtype, got {other}")),
+        },
+        N::Iota(len) => op(
+            Op::Iota {
+                len: dim(data, *len)?,
+            },
+            &[],
+        ),
+        N::RmsNorm([x, w, eps]) => op(
+            Op::RmsNorm {
+                eps: scalar(data, *eps)?,
+            },
+            &[*x, *w],
+        ),
+        N::Linear(xs) => op(Op::Linear, xs),
+        N::LinearAdd(xs) => op(Op::LinearAdd, xs),
+        N::GatedMlp(xs) => op(Op::GatedMlp, xs),
+        N::Rope([x, pos, theta, a]) => op(
+            Op::Rope {
+                theta: scalar(data, *theta)?,
+                seq_axis: axis(data, *a)?,
+            },
+            &[*x, *pos],
+        ),
+        N::Attention([q, k, v, s]) => op(
+            Op::FusedAttention {
+                scale: scalar(data, *s)?,
+            },
+            &[*q, *k, *v],
+        ),
+    }
+}
+
+/// Adds the e-node of `op` over the tensor-input e-classes `ins` (adding its attribute leaves)
+/// and returns its e-class. Leaves (`Input`, `Weight`, `Constant`) are added by the caller.
+pub fn raise(eg: &mut KilnGraph, op: &Op, ins: &[Id]) -> Id {
+    let mut a = |x: Attr| eg.add(Node::Attr(x));
+    let n = match op {
+        Op::Input { .. } | Op::Weight { .. } => unreachable!("leaves are added by the converter"),
+        Op::Constant { value } => Node::Const(ConstValue::new(*value)),
+        Op::Iota { len } => Node::Iota(a(Attr::Dim(len.clone()))),
+        Op::Unary(u) => {
+            let x = ins[0];
+            match u {
+                UnaryOp::Neg => Node::Neg(x),
+                UnaryOp::Exp => Node::Exp(x),
+                UnaryOp::Sqrt => Node::Sqrt(x),
+                UnaryOp::Rsqrt => Node::Rsqrt(x),
+                UnaryOp::Recip => Node::Recip(x),
+                UnaryOp::Sin => Node::Sin(x),
+                UnaryOp::Cos => Node::Cos(x),
+            }
+        }
+        Op::Binary(b) => {
+            let xs = [ins[0], ins[1]];
+            match b {
+                BinaryOp::Add => Node::Add(xs),
+                BinaryOp::Sub => Node::Sub(xs),
+                BinaryOp::Mul => Node::Mul(xs),
+                BinaryOp::Div => Node::Div(xs),
+                BinaryOp::Pow => Node::Pow(xs),
+                BinaryOp::Max => Node::Max(xs),
+                BinaryOp::Greater => Node::Greater(xs),
+            }
+        }
+        Op::Where => Node::Where([ins[0], ins[1], ins[2]]),
+        Op::Reduce { op, axis, keep_dim } => {
+            let xs = [ins[0], a(Attr::Axis(*axis)), a(Attr::Keep(*keep_dim))];
+            match op {
+                ReduceOp::Sum => Node::Sum(xs),
+                ReduceOp::Mean => Node::Mean(xs),
+                ReduceOp::Max => Node::ReduceMax(xs),
+            }
+        }
+        Op::Softmax { axis } => Node::Softmax([ins[0], a(Attr::Axis(*axis))]),
+        Op::MatMul => Node::MatMul([ins[0], ins[1]]),
+        Op::Reshape { shape } => Node::Reshape([ins[0], a(Attr::Shape(shape.clone()))]),
+        Op::Transpose { perm } => Node::Transpose([ins[0], a(Attr::Perm(perm.clone()))]),
+        Op::Gather => Node::Gather([ins[0], ins[1]]),
+        Op::Concat { axis } => {
+            let mut xs = vec![a(Attr::Axis(*axis))];
+            xs.extend_from_slice(ins);
+            Node::Concat(xs.into_boxed_slice())
+        }
+        Op::Slice { axis, start, end } => Node::Slice([
+            ins[0],
+            a(Attr::Axis(*axis)),
+            a(Attr::Dim(start.clone())),
+            a(Attr::Dim(end.clone())),
+        ]),
+        Op::Cast { dtype } => Node::Cast([ins[0], a(Attr::DType(*dtype))]),
+        Op::RmsNorm { eps } => {
+            let e = eg.add(Node::Const(ConstValue::new(*eps)));
+            Node::RmsNorm([ins[0], ins[1], e])
+        }
+        Op::Linear => Node::Linear([ins[0], ins[1]]),
+        Op::LinearAdd => Node::LinearAdd([ins[0], ins[1], ins[2]]),
+        Op::GatedMlp => Node::GatedMlp([ins[0], ins[1]]),
+        Op::Rope { theta, seq_axis } => {
+            let t = eg.add(Node::Const(ConstValue::new(*theta)));
+            let s = eg.add(Node::Attr(Attr::Axis(*seq_axis)));
+            Node::Rope([ins[0], ins[1], t, s])
+        }
+        Op::FusedAttention { scale } => {
+            let s = eg.add(Node::Const(ConstValue::new(*scale)));
+            Node::Attention([ins[0], ins[1], ins[2], s])
+        }
+    };
+    eg.add(n)
+}

@@ -1,0 +1,101 @@
+//! Attention fusion: scores, scale, causal mask, softmax and the value product, with the
+//! grouped-query head broadcast, become one `FusedAttention{scale}[q, k, v]`. The KV-cache append
+//! (`Concat(state, k_new)`) stays outside, feeding `k` and `v`, so the state bindings still point
+//! at it (the CUDA backend lowers it to an in-place paged-cache append).
+//!
+//! - `causal-mask` (helper): `where(iota(t) > reshape(pos, [s, 1]), -inf, 0)` is
+//!   `causal_mask(pos, t)`: `-inf` where key `j` comes after query position `pos[i]`.
+//! - `fuse-attention`: with `q [b, h, s, d]`, `k = v [b, kh, t, d]`, query heads grouped as
+//!   `[b, kh, h/kh, s, d]` against keys and values reshaped to `[b, kh, 1, t, d]` (query head `j`
+//!   meets KV head `j / (h/kh)`: GQA, MHA when `kh = h`, MQA when `kh = 1`),
+//!   `reshape(softmax(q·kᵀ·scale + causal_mask(pos, t), last)·v, [b, h, s, d])` is
+//!   `FusedAttention` by definition — *provided* the mask is the op's implicit one: query `i` sees
+//!   keys `0..=t-s+i`. That holds when `pos` is the step's positions input (`past + i`, filled by
+//!   the executor) and `t = past + seq`, `s = seq`; the guards check exactly that, symbolically.
+
+use super::guards::{attr, input, scalar, ty};
+use super::{var, Rule};
+use crate::rewrite::analysis::KilnGraph;
+use crate::rewrite::lang::Attr;
+use crate::rule;
+use egg::Subst;
+use kiln_runtime::ir::{Dim, InputKind, Sym};
+
+/// `col` is `[len(pos), 1]`.
+fn column_of(col: &str, pos: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
+    let (col, pos) = (var(col), var(pos));
+    move |eg, s| match ty(eg, s, pos) {
+        Some(p) if p.rank() == 1 => {
+            attr(eg, s, col) == Some(&Attr::Shape(vec![p.shape[0].clone(), Dim::c(1)]))
+        }
+        _ => false,
+    }
+}
+
+/// The shapes of grouped-query attention over a cache of `past + seq` keys (see the module doc).
+fn grouped_shapes(
+    [q, k, v, qs, ks, vs, os, t]: [&str; 8],
+) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
+    let [q, k, v, qs, ks, vs, os, t] = [q, k, v, qs, ks, vs, os, t].map(var);
+    move |eg, s| {
+        let (Some(q), Some(k), Some(v)) = (ty(eg, s, q), ty(eg, s, k), ty(eg, s, v)) else {
+            return false;
+        };
+        if q.rank() != 4 || k.rank() != 4 || k != v {
+            return false;
+        }
+        let [b, h, sq, d] = [0, 1, 2, 3].map(|i| q.shape[i].clone());
+        let [kb, kh, kt, kd] = [0, 1, 2, 3].map(|i| k.shape[i].clone());
+        let (Some(hn), Some(khn)) = (h.as_const(), kh.as_const()) else {
+            return false;
+        };
+        let seq = Dim::sym(Sym::Seq);
+        let kv_len = seq.add(&Dim::sym(Sym::Past));
+        let is = |var, dims: Vec<Dim>| attr(eg, s, var) == Some(&Attr::Shape(dims));
+        khn > 0
+            && hn % khn == 0
+            && kb == b
+            && kd == d
+            && sq == seq
+            && kt == kv_len
+            && attr(eg, s, t) == Some(&Attr::Dim(kv_len.clone()))
+            && is(
+                qs,
+                vec![
+                    b.clone(),
+                    kh.clone(),
+                    Dim::c(hn / khn),
+                    sq.clone(),
+                    d.clone(),
+                ],
+            )
+            && is(
+                ks,
+                vec![b.clone(), kh.clone(), Dim::c(1), kt.clone(), d.clone()],
+            )
+            && attr(eg, s, vs) == attr(eg, s, ks)
+            && is(os, vec![b, h, sq, d])
+    }
+}
+
+/// The rules of this set.
+#[rustfmt::skip]
+pub fn rules() -> Vec<Rule> {
+    vec![
+        rule!("causal-mask";
+            "(where (gt (iota ?t) (reshape ?pos ?col)) -inf 0)" => "(causal_mask ?pos ?t)"
+            if input("?pos", InputKind::Positions) if column_of("?col", "?pos")),
+        rule!("fuse-attention";
+            "(reshape
+               (matmul
+                 (softmax
+                   (add (mul (matmul (reshape ?q ?qs) (transpose (reshape ?k ?ks) perm:[0,1,2,4,3])) ?scale)
+                        (causal_mask ?pos ?t))
+                   axis:4)
+                 (reshape ?v ?vs))
+               ?os)"
+            => "(attention ?q ?k ?v ?scale)"
+            if scalar("?scale") if input("?pos", InputKind::Positions)
+            if grouped_shapes(["?q", "?k", "?v", "?qs", "?ks", "?vs", "?os", "?t"])),
+    ]
+}

@@ -1,0 +1,23 @@
+//! GEMM recognition: a product against a transposed weight is a `Linear`, and a residual add of
+//! a `Linear` is a `LinearAdd` (the add runs in the GEMM's epilogue, as TensorRT-LLM does; kiln
+//! has no two-output `AddRmsNorm`, so this is where residual adds fuse).
+//!
+//! - `linear-from-matmul`: `x · Transpose(w, [1, 0])` with `w` a weight `[n, k]` is by definition
+//!   `Linear[x, w] = x · wᵀ`.
+//! - `linear-add-residual-right` / `-left`: `r + x·wᵀ` (either operand order; addition commutes
+//!   exactly in IEEE arithmetic) is `LinearAdd[x, w, r]`. The shape rule of `LinearAdd` requires
+//!   `r` to have exactly the product's shape, so a broadcasting add is never fused.
+
+use super::guards::konst;
+use super::Rule;
+use crate::rule;
+
+/// The rules of this set.
+#[rustfmt::skip]
+pub fn rules() -> Vec<Rule> {
+    vec![
+        rule!("linear-from-matmul";        "(matmul ?x (transpose ?w perm:[1,0]))" => "(linear ?x ?w)" if konst("?w")),
+        rule!("linear-add-residual-right"; "(add ?r (linear ?x ?w))"                => "(linear_add ?x ?w ?r)"),
+        rule!("linear-add-residual-left";  "(add (linear ?x ?w) ?r)"                => "(linear_add ?x ?w ?r)"),
+    ]
+}

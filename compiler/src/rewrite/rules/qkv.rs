@@ -1,0 +1,126 @@
+//! QKV fusion, a horizontal fusion: the three projections `x·Wqᵀ`, `x·Wkᵀ`, `x·Wvᵀ` of one input
+//! become one `Linear[x, concat(Wq, Wk, Wv)]` followed by three slices of its last axis (views).
+//! The concatenation is weight-only: the build folds it into one derived weight.
+//!
+//! It is a multi-pattern — `?q = (linear ?x ?wq), ?k = (linear ?x ?wk), ?v = (linear ?x ?wv)` —
+//! matched only where the three results are distinct e-classes in e-class order (one match per
+//! triple instead of six permutations, and none where two sides are already one class), the
+//! weights are build-time constants, and `x` does not depend on any of the three results (a
+//! fused node reading its own output would be a cycle).
+//!
+//! Sound because row block `i` of the concatenated weight is `W_i`, so columns
+//! `o_i .. o_i + n_i` of `x·concat(W)ᵀ` are exactly `x·W_iᵀ` (each output column is one dot
+//! product of `x` with one weight row).
+
+use super::guards::ty;
+use super::{try_add, union_typed, var, Rule};
+use crate::rewrite::analysis::{KilnGraph, TypeAnalysis};
+use crate::rewrite::lang::{Attr, Node};
+use egg::{Applier, Id, Language, MultiPattern, PatternAst, Rewrite, Subst, Symbol, Var};
+use kiln_runtime::ir::Dim;
+use std::collections::HashSet;
+
+/// Fuses the projections bound to `outs` (by weights `weights`) of one input `x`.
+pub struct Horizontal {
+    x: Var,
+    outs: Vec<Var>,
+    weights: Vec<Var>,
+}
+
+/// True if e-class `from` depends on any of `targets` (through any node of any class).
+fn depends_on(eg: &KilnGraph, from: Id, targets: &[Id]) -> bool {
+    let mut seen = HashSet::new();
+    let mut stack = vec![eg.find(from)];
+    while let Some(c) = stack.pop() {
+        if targets.contains(&c) {
+            return true;
+        }
+        if !seen.insert(c) {
+            continue;
+        }
+        for n in &eg[c].nodes {
+            stack.extend(n.children().iter().map(|&ch| eg.find(ch)));
+        }
+    }
+    false
+}
+
+impl Applier<Node, TypeAnalysis> for Horizontal {
+    fn apply_one(
+        &self,
+        eg: &mut KilnGraph,
+        _eclass: Id,
+        s: &Subst,
+        _ast: Option<&PatternAst<Node>>,
+        rule: Symbol,
+    ) -> Vec<Id> {
+        let outs: Vec<Id> = self.outs.iter().map(|&v| eg.find(s[v])).collect();
+        if outs.windows(2).any(|w| w[0] >= w[1]) {
+            return vec![];
+        }
+        let weights: Vec<Id> = self.weights.iter().map(|&w| s[w]).collect();
+        let all_const = self.weights.iter().all(|&w| {
+            eg[s[w]].data.tensor().is_some_and(|t| t.konst)
+                && ty(eg, s, w).is_some_and(|t| t.rank() == 2)
+        });
+        if !all_const || depends_on(eg, s[self.x], &outs) {
+            return vec![];
+        }
+        let Some(x_rank) = ty(eg, s, self.x).map(|t| t.rank()) else {
+            return vec![];
+        };
+        let mut rows = Vec::new();
+        for &w in &self.weights {
+            match ty(eg, s, w).and_then(|t| t.shape[0].as_const()) {
+                Some(n) => rows.push(n),
+                None => return vec![],
+            }
+        }
+        let axis0 = eg.add(Node::Attr(Attr::Axis(0)));
+        let mut cat = vec![axis0];
+        cat.extend(&weights);
+        let Some(cat) = try_add(eg, Node::Concat(cat.into_boxed_slice())) else {
+            return vec![];
+        };
+        let Some(lin) = try_add(eg, Node::Linear([s[self.x], cat])) else {
+            return vec![];
+        };
+        let last = eg.add(Node::Attr(Attr::Axis(x_rank - 1)));
+        let mut start = 0;
+        let mut changed = vec![];
+        for (&out, &n) in outs.iter().zip(&rows) {
+            let a = eg.add(Node::Attr(Attr::Dim(Dim::c(start))));
+            let b = eg.add(Node::Attr(Attr::Dim(Dim::c(start + n))));
+            start += n;
+            let Some(slice) = try_add(eg, Node::Slice([lin, last, a, b])) else {
+                return changed;
+            };
+            if union_typed(eg, out, slice, rule) {
+                changed.push(out);
+            }
+        }
+        if let Some(&first) = changed.first() {
+            eg.analysis.applied.push((rule, first));
+        }
+        changed
+    }
+}
+
+/// The rules of this set.
+#[rustfmt::skip]
+pub fn rules() -> Vec<Rule> {
+    let proj = |w: &str| -> PatternAst<Node> {
+        format!("(linear ?x {w})").parse().expect("a valid pattern")
+    };
+    let searcher = MultiPattern::new(vec![
+        (var("?q"), proj("?wq")),
+        (var("?k"), proj("?wk")),
+        (var("?v"), proj("?wv")),
+    ]);
+    let applier = Horizontal {
+        x: var("?x"),
+        outs: vec![var("?q"), var("?k"), var("?v")],
+        weights: vec![var("?wq"), var("?wk"), var("?wv")],
+    };
+    vec![Rewrite::new("fuse-qkv", searcher, applier).expect("a valid rule")]
+}

@@ -1,0 +1,266 @@
+// attention_prefill.cu — causal prefill attention over the paged KV cache on tensor cores
+// (FlashAttention-2 scheme: mma.sync m16n8k16 bf16 -> f32, ldmatrix, cp.async, online softmax).
+//
+//   attention_prefill<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(qkv, k_cache, v_cache, block_tables,
+//       max_blocks, seq_lens, query_start, out, B, scale)
+//     Sequence b < B owns packed query rows [query_start[b], query_start[b+1]) of qkv; with
+//     q_len = query_start[b+1] - query_start[b] and L = seq_lens[b] (KV length after this step's
+//     append, keys already in the cache via rope_append), query i sits at position L - q_len + i
+//     and attends to keys 0 ..= that position (so earlier chunks of a long prompt are seen too):
+//       out[query_start[b] + i, h, :] = softmax_j(scale * q_i·k_j) · v_j
+//     GQA: q head h reads kv head h / (HEADS / KV_HEADS).
+//
+// Layouts: qkv [T, (HEADS+2*KV_HEADS)*HEAD_DIM] bf16 (q already rotated); k_cache, v_cache
+// [num_blocks, BLOCK, KV_HEADS, HEAD_DIM] bf16; block_tables [B, max_blocks] int32; seq_lens [B],
+// query_start [B+1] int32; out [T, HEADS*HEAD_DIM] bf16. HEAD_DIM is 64 or 128; all rows 16-byte
+// aligned.
+// Work split: a CTA of 4 warps owns PF_BR = 64 query rows of one (sequence, q head), 16 per warp;
+// it walks key tiles of PF_BC = 64 up to its last row's position. Q, K, V tiles live in swizzled
+// shared memory (3 * 64 * HEAD_DIM bf16: 48 KB at HEAD_DIM 128, static); the V load of a tile
+// overlaps S = QK^T and the next K load overlaps O += PV. P stays in registers (the m16n8
+// accumulator layout is the A-operand layout). Masking only on tiles that cross the diagonal or
+// the end of the keys. Rows and keys out of range are zero-filled by cp.async and never stored.
+// Launch: grid (ceil(T / 64), HEADS, B) — the x index counts tiles from the longest one down;
+// tiles past a sequence's q_len exit at once — block PF_THREADS (128), no dynamic shared memory.
+#include "common.cuh"
+
+#define PF_THREADS 128
+#define PF_BR 64
+#define PF_BC 64
+
+namespace pf {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; when !valid the destination is zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// d += a · b  (m16n8k16, bf16 inputs, f32 accumulators)
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Swizzled tile of R rows x D bf16: 16-byte chunk c of row r sits at chunk r*(D/8) + (c ^ (r & 7)),
+// so the 8 rows an ldmatrix reads at one chunk column fall in 8 different bank groups.
+template <int D>
+__device__ __forceinline__ bf16* tile_at(bf16* base, int r, int c) {
+  return base + (r * (D / 8) + (c ^ (r & 7))) * 8;
+}
+
+}  // namespace pf
+
+template <int HEADS, int KV_HEADS, int HEAD_DIM, int BLOCK>
+__global__ void __launch_bounds__(PF_THREADS)
+attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
+                  const bf16* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
+                  const int* __restrict__ seq_lens, const int* __restrict__ query_start,
+                  bf16* __restrict__ out, int B, float scale) {
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "attention_prefill: HEAD_DIM must be 64 or 128");
+  static_assert(HEADS % KV_HEADS == 0, "attention_prefill: HEADS must be a multiple of KV_HEADS");
+  constexpr int D = HEAD_DIM;
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  constexpr int STRIDE = (HEADS + 2 * KV_HEADS) * D;
+  constexpr int KVROW = KV_HEADS * D;
+  constexpr int KS = D / 16;       // k-steps of S = Q K^T
+  constexpr int NT = PF_BC / 8;    // n-tiles of S
+  constexpr int DT = D / 8;        // n-tiles of O
+  constexpr float LOG2E = 1.4426950408889634f;
+
+  __shared__ __align__(128) bf16 sQ[PF_BR * D];
+  __shared__ __align__(128) bf16 sK[PF_BC * D];
+  __shared__ __align__(128) bf16 sV[PF_BC * D];
+
+  const int b = blockIdx.z, h = blockIdx.y;
+  if (b >= B) return;
+  const int qs = query_start[b];
+  const int q_len = query_start[b + 1] - qs;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * PF_BR;
+  if (q0 >= q_len) return;
+  const int L = seq_lens[b];
+  const int past = L - q_len;  // position of query row 0
+  const int kvh = h / (HEADS / KV_HEADS);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int* bt = block_tables + (long long)b * max_blocks;
+
+  // Keys this CTA needs: up to the position of its last row (and never past L).
+  const int kv_end = min(L, past + min(q0 + PF_BR, q_len));
+  const int ntiles = (kv_end + PF_BC - 1) / PF_BC;
+
+  auto load_kv = [&](bf16* dst, const bf16* cache, int kt) {
+#pragma unroll
+    for (int i = 0; i < PF_BC * CH / PF_THREADS; ++i) {
+      const int idx = tid + i * PF_THREADS;
+      const int r = idx / CH, c = idx % CH;
+      const int pos = kt * PF_BC + r;
+      const bool valid = pos < kv_end;
+      const bf16* src = cache;
+      if (valid) src = cache + ((long long)bt[pos / BLOCK] * BLOCK + pos % BLOCK) * KVROW + kvh * D + c * 8;
+      pf::cp_async16(pf::tile_at<D>(dst, r, c), src, valid);
+    }
+  };
+
+  // Q tile and the first K tile.
+#pragma unroll
+  for (int i = 0; i < PF_BR * CH / PF_THREADS; ++i) {
+    const int idx = tid + i * PF_THREADS;
+    const int r = idx / CH, c = idx % CH;
+    const bool valid = q0 + r < q_len;
+    const bf16* src = valid ? qkv + (long long)(qs + q0 + r) * STRIDE + h * D + c * 8 : qkv;
+    pf::cp_async16(pf::tile_at<D>(sQ, r, c), src, valid);
+  }
+  if (ntiles > 0) load_kv(sK, k_cache, 0);
+  pf::cp_async_commit();
+  pf::cp_async_wait_all();
+  __syncthreads();
+
+  // Q fragments of this warp's 16 rows (A operand, row-major).
+  unsigned qf[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+    pf::ldsm_x4(qf[ks], pf::tile_at<D>(sQ, warp * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {kiln::neg_inf(), kiln::neg_inf()};
+  float l_run[2] = {0.f, 0.f};  // this thread's partial row sums (reduced over the quad at the end)
+  const float sl2 = scale * LOG2E;
+  // Positions of the two rows this thread holds (rows g and g + 8 of the warp's 16).
+  const int row_pos0 = past + q0 + warp * 16 + (lane >> 2);
+  const int row_pos1 = row_pos0 + 8;
+  const int cta_first_pos = past + q0;
+
+  for (int kt = 0; kt < ntiles; ++kt) {
+    load_kv(sV, v_cache, kt);
+    pf::cp_async_commit();
+
+    // S = Q K^T for 16 rows x 64 keys.
+    float s[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        unsigned kb[4];
+        pf::ldsm_x4(kb, pf::tile_at<D>(sK, np * 16 + (lane >> 4) * 8 + (lane & 7), ks * 2 + ((lane >> 3) & 1)));
+        pf::mma16816(s[2 * np], qf[ks], kb[0], kb[1]);
+        pf::mma16816(s[2 * np + 1], qf[ks], kb[2], kb[3]);
+      }
+    }
+
+    // Scale, mask, online softmax.
+    const int key0 = kt * PF_BC;
+    const bool need_mask = key0 + PF_BC - 1 > cta_first_pos || key0 + PF_BC > kv_end;
+    float mx[2] = {kiln::neg_inf(), kiln::neg_inf()};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = s[nt][e] * sl2;
+        if (need_mask) {
+          const int key = key0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          const int rp = e < 2 ? row_pos0 : row_pos1;
+          if (key > rp || key >= kv_end) v = kiln::neg_inf();
+        }
+        s[nt][e] = v;
+        mx[e >> 1] = fmaxf(mx[e >> 1], v);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m_run[r], mx[r]);
+      const float m_use = m_new == kiln::neg_inf() ? 0.f : m_new;  // a fully masked row so far
+      alpha[r] = exp2f(m_run[r] - m_use);
+      m_run[r] = m_new;
+      mx[r] = m_use;
+    }
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(s[nt][e] - mx[e >> 1]);
+        s[nt][e] = p;
+        rs[e >> 1] += p;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) {
+      o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
+    }
+
+    pf::cp_async_wait_all();  // V(kt) landed
+    __syncthreads();          // ... for every thread; and every warp is done with K(kt)
+    if (kt + 1 < ntiles) load_kv(sK, k_cache, kt + 1);
+    pf::cp_async_commit();
+
+    // O += P V: P (bf16) from the S accumulators, V through ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < PF_BC / 16; ++kk) {
+      unsigned pa[4];
+      pa[0] = kiln::f2_to_bf2(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = kiln::f2_to_bf2(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = kiln::f2_to_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = kiln::f2_to_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        unsigned vb[4];
+        pf::ldsm_x4_t(vb, pf::tile_at<D>(sV, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
+        pf::mma16816(o[2 * dp], pa, vb[0], vb[1]);
+        pf::mma16816(o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
+    pf::cp_async_wait_all();  // K(kt+1) landed
+    __syncthreads();          // ... for every thread; and every warp is done with V(kt)
+  }
+
+  // Normalize and store the valid rows.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    l_run[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+  }
+  const int row0 = q0 + warp * 16 + (lane >> 2);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + r * 8;
+    if (row < q_len) {
+      bf16* dst = out + (long long)(qs + row) * (HEADS * D) + h * D + (lane & 3) * 2;
+#pragma unroll
+      for (int i = 0; i < DT; ++i) {
+        *reinterpret_cast<unsigned*>(dst + i * 8) =
+            kiln::f2_to_bf2(o[i][2 * r] * l_run[r], o[i][2 * r + 1] * l_run[r]);
+      }
+    }
+  }
+}

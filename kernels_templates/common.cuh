@@ -1,0 +1,118 @@
+// common.cuh — helpers shared by every kiln kernel template (included as "common.cuh"; the
+// codegen hands it to NVRTC as an in-memory header, so no file lookup happens at build time).
+//
+// Contents: the bf16 type alias, 16-byte vector loads (read-only, no L1 allocation for streamed
+// weights), bf16x8 <-> float conversions, warp and block reductions, and the ordered-key mapping of
+// floats used by the samplers. Everything is __device__ and header-only; nothing here is a kernel.
+// Conventions of all templates: activations and weights are bf16 row-major, accumulation is f32,
+// compile-time dimensions are template parameters, runtime sizes are arguments, and every kernel
+// bounds-checks its runtime sizes so any T/B/length is valid (CUDA-graph capturable: no host
+// synchronization, no allocation).
+#pragma once
+#include <cuda_bf16.h>
+
+typedef __nv_bfloat16 bf16;
+typedef __nv_bfloat162 bf162;
+
+namespace kiln {
+
+// -infinity without <cmath> (NVRTC has no standard headers).
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// 16-byte read-only load that does not allocate in L1: for weights streamed exactly once.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// 16-byte read-only load through L1 (activations that many warps re-read).
+__device__ __forceinline__ uint4 ld_cached16(const void* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+__device__ __forceinline__ float2 bf2_to_f2(unsigned int v) {
+  bf162 h = *reinterpret_cast<bf162*>(&v);
+  return __bfloat1622float2(h);
+}
+
+__device__ __forceinline__ unsigned int f2_to_bf2(float a, float b) {
+  bf162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<unsigned int*>(&h);
+}
+
+// Unpack 8 bf16 (one uint4) into floats.
+__device__ __forceinline__ void unpack8(uint4 v, float* f) {
+  float2 a = bf2_to_f2(v.x), b = bf2_to_f2(v.y), c = bf2_to_f2(v.z), d = bf2_to_f2(v.w);
+  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+  f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+}
+
+// Pack 8 floats into 8 bf16 (round to nearest even).
+__device__ __forceinline__ uint4 pack8(const float* f) {
+  uint4 v;
+  v.x = f2_to_bf2(f[0], f[1]);
+  v.y = f2_to_bf2(f[2], f[3]);
+  v.z = f2_to_bf2(f[4], f[5]);
+  v.w = f2_to_bf2(f[6], f[7]);
+  return v;
+}
+
+// Dot product of 8 bf16 pairs, accumulated in f32.
+__device__ __forceinline__ float dot8(uint4 a, uint4 b, float acc) {
+  float2 a0 = bf2_to_f2(a.x), b0 = bf2_to_f2(b.x);
+  float2 a1 = bf2_to_f2(a.y), b1 = bf2_to_f2(b.y);
+  float2 a2 = bf2_to_f2(a.z), b2 = bf2_to_f2(b.z);
+  float2 a3 = bf2_to_f2(a.w), b3 = bf2_to_f2(b.w);
+  acc = fmaf(a0.x, b0.x, acc); acc = fmaf(a0.y, b0.y, acc);
+  acc = fmaf(a1.x, b1.x, acc); acc = fmaf(a1.y, b1.y, acc);
+  acc = fmaf(a2.x, b2.x, acc); acc = fmaf(a2.y, b2.y, acc);
+  acc = fmaf(a3.x, b3.x, acc); acc = fmaf(a3.y, b3.y, acc);
+  return acc;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024). `scratch` holds 32
+// floats of shared memory. Every thread gets the result. Contains __syncthreads().
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : 0.f;
+  return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : neg_inf();
+  return warp_max(v);
+}
+
+// Monotone map of a float to an unsigned key: a < b  <=>  key(a) < key(b) (NaN sorts last).
+__device__ __forceinline__ unsigned int float_key(float f) {
+  unsigned int u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+}  // namespace kiln

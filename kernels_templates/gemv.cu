@@ -1,0 +1,122 @@
+// gemv.cu — decode-path matrix-vector products for M <= MMAX rows (batch-1..8 decode).
+//
+//   gemv<K, MMAX, EPI, OutT>(x, M, w, N, residual, out):
+//     acc[m,n] = sum_k x[m,k] * w[n,k]           (f32 accumulation)
+//     EPI 0: out[m,n] = acc[m,n]
+//     EPI 1: out[m,n] = acc[m,n] + residual[m,n]  (residual: [M,N] bf16; may alias out)
+//     EPI 2: gated MLP, w has 2N rows (gate rows 0..N, then up rows N..2N):
+//            out[m,n] = silu(x·w[n]) * (x·w[N+n])
+//   One rounding to OutT (bf16, or float for logits) at the end.
+//
+// Layouts: x [M, K] bf16 row-major; w [N, K] (or [2N, K]) bf16 row-major (nn.Linear's layout, no
+// transpose); out [M, N] OutT. K % 8 == 0, x and w 16-byte aligned, 1 <= M <= MMAX (M is a runtime
+// argument; rows m >= M are neither read nor written), any N >= 1.
+// Scheme: one warp per GemvCfg::ROWS output columns; every lane streams 16-byte weight vectors with
+// ld.global.nc.L1::no_allocate, UNROLL of them in flight per weight row before any use; x is
+// read through L1 (__ldg), shared by all warps; warp shuffle reduction; lanes write the outputs.
+// Launch: grid (ceil(N / (GEMV_WARPS * ROWS))), block GEMV_WARPS*32 = 256, no dynamic shared memory.
+#include "common.cuh"
+
+#define GEMV_WARPS 8
+
+template <int K, int MMAX, int EPI>
+struct GemvCfg {
+  static_assert(K % 8 == 0, "gemv: K must be a multiple of 8");
+  static_assert(MMAX >= 1 && MMAX <= 16, "gemv: 1 <= MMAX <= 16");
+  static_assert(EPI >= 0 && EPI <= 2, "gemv: EPI is 0 (plain), 1 (+residual) or 2 (gated)");
+  static constexpr int ROWS = (MMAX >= 4 && EPI != 2) ? 2 : 1;  // output columns per warp
+  static constexpr int NW = EPI == 2 ? 2 : 1;                   // weight rows per output column
+  static constexpr int WR = ROWS * NW;                          // weight rows per warp
+  static constexpr int UNROLL = 8 / WR;                         // vectors in flight per row
+  static constexpr int CHUNK = 32 * 8;                          // elements per warp step
+  static constexpr int STEPS = (K + CHUNK - 1) / CHUNK;
+  static constexpr int FULL = STEPS / UNROLL;                   // unguarded groups of steps
+  static constexpr int TAIL = STEPS % UNROLL;
+};
+
+template <typename T> __device__ __forceinline__ T gemv_out(float v);
+template <> __device__ __forceinline__ float gemv_out<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 gemv_out<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+// Loads UN weight vectors per row at steps s0.. and accumulates them against the x rows.
+template <int K, int MMAX, int EPI, int UN, bool GUARD>
+__device__ __forceinline__ void gemv_steps(int s0, int lane, const bf16* const (&wr)[GemvCfg<K, MMAX, EPI>::WR],
+                                           const bf16* __restrict__ x, int M,
+                                           float (&acc)[MMAX][GemvCfg<K, MMAX, EPI>::WR]) {
+  typedef GemvCfg<K, MMAX, EPI> C;
+  uint4 wv[UN][C::WR];
+#pragma unroll
+  for (int u = 0; u < UN; ++u) {
+    const int k = (s0 + u) * C::CHUNK + lane * 8;
+#pragma unroll
+    for (int j = 0; j < C::WR; ++j) {
+      if (!GUARD || k < K) wv[u][j] = kiln::ld_stream16(wr[j] + k);
+      else wv[u][j] = make_uint4(0, 0, 0, 0);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < UN; ++u) {
+    const int k = (s0 + u) * C::CHUNK + lane * 8;
+    if (GUARD && k >= K) continue;
+#pragma unroll
+    for (int m = 0; m < MMAX; ++m) {
+      if (m < M) {
+        const uint4 xv = kiln::ld_cached16(x + (long long)m * K + k);
+#pragma unroll
+        for (int j = 0; j < C::WR; ++j) acc[m][j] = kiln::dot8(wv[u][j], xv, acc[m][j]);
+      }
+    }
+  }
+}
+
+template <int K, int MMAX, int EPI, typename OutT>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const bf16* residual, OutT* out) {
+  typedef GemvCfg<K, MMAX, EPI> C;
+  const int lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * C::ROWS;
+  if (n0 >= N) return;
+  const bf16* wr[C::WR];
+#pragma unroll
+  for (int r = 0; r < C::ROWS; ++r) {
+    const int n = min(n0 + r, N - 1);  // a missing last column re-reads a valid row, unused
+#pragma unroll
+    for (int q = 0; q < C::NW; ++q) wr[r * C::NW + q] = w + ((long long)q * N + n) * K;
+  }
+  float acc[MMAX][C::WR];
+#pragma unroll
+  for (int m = 0; m < MMAX; ++m)
+#pragma unroll
+    for (int j = 0; j < C::WR; ++j) acc[m][j] = 0.f;
+
+#pragma unroll 1
+  for (int g = 0; g < C::FULL; ++g)
+    gemv_steps<K, MMAX, EPI, C::UNROLL, (C::FULL * C::UNROLL * C::CHUNK > K)>(g * C::UNROLL, lane, wr, x, M, acc);
+  if (C::TAIL > 0)
+    gemv_steps<K, MMAX, EPI, (C::TAIL > 0 ? C::TAIL : 1), (K % C::CHUNK != 0)>(C::FULL * C::UNROLL, lane, wr, x, M, acc);
+
+  // Reduce: after the xor-butterfly every lane holds every sum; lane i writes output i.
+#pragma unroll
+  for (int m = 0; m < MMAX; ++m)
+#pragma unroll
+    for (int j = 0; j < C::WR; ++j) acc[m][j] = kiln::warp_sum(acc[m][j]);
+#pragma unroll
+  for (int m = 0; m < MMAX; ++m) {
+#pragma unroll
+    for (int r = 0; r < C::ROWS; ++r) {
+      const int i = m * C::ROWS + r;
+      if (lane == (i & 31) && m < M && n0 + r < N) {
+        const int n = n0 + r;
+        float v;
+        if (EPI == 2) {
+          const float g = acc[m][r * 2], u = acc[m][r * 2 + 1];
+          v = g / (1.f + __expf(-g)) * u;
+        } else {
+          v = acc[m][r];
+          if (EPI == 1) v += __bfloat162float(residual[(long long)m * N + n]);
+        }
+        out[(long long)m * N + n] = gemv_out<OutT>(v);
+      }
+    }
+  }
+}

@@ -1,0 +1,259 @@
+//! Each fused op against the chain of primitive ops it replaces (as `models/llama.ron` writes
+//! them), on random non-zero data, over several shapes including odd ones.
+
+use super::super::elementwise::{binary, unary};
+use super::super::matmul::matmul;
+use super::super::movement::concat;
+use super::super::reduce::{reduce, softmax};
+use super::super::tensor::Tensor;
+use super::eval;
+use crate::ir::{BinaryOp, DType, Op, ReduceOp, UnaryOp};
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Magnitude in `[0.1, 1)`, random sign: never zero.
+    fn value(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let u = (self.0 >> 40) as f32 / (1u64 << 24) as f32;
+        if self.0 & 1 == 0 {
+            0.1 + 0.9 * u
+        } else {
+            -0.1 - 0.9 * u
+        }
+    }
+    fn tensor(&mut self, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::new(
+            DType::F32,
+            shape.to_vec(),
+            (0..n).map(|_| self.value()).collect(),
+        )
+    }
+}
+
+fn scalar(v: f32) -> Tensor {
+    Tensor::new(DType::F32, vec![], vec![v])
+}
+
+fn bin(op: BinaryOp, a: &Tensor, b: &Tensor) -> Tensor {
+    binary(op, a.clone(), b.clone()).unwrap()
+}
+
+#[track_caller]
+fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    assert_eq!(got.shape, want.shape, "{what}: shapes differ");
+    assert_eq!(got.dtype, want.dtype, "{what}: dtypes differ");
+    let (g, w) = (got.to_vec::<f32>(), want.to_vec::<f32>());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in g.iter().zip(&w) {
+        num += (*a as f64 - *b as f64).powi(2);
+        den += (*b as f64).powi(2);
+    }
+    let e = (num / den.max(1e-30)).sqrt();
+    assert!(e <= tol, "{what}: relative L2 error {e:e}");
+}
+
+/// `x · wᵀ` as the model file writes it: `MatMul(x, Transpose(w, [1, 0]))`.
+fn primitive_linear(x: &Tensor, w: &Tensor) -> Tensor {
+    matmul(x.clone(), w.permute(&[1, 0])).unwrap()
+}
+
+#[test]
+fn rms_norm_matches_its_primitive_chain() {
+    let mut rng = Rng::new(1);
+    for shape in [
+        vec![1, 1, 8],
+        vec![2, 3, 576],
+        vec![5, 7],
+        vec![3, 1, 2, 13],
+    ] {
+        let x = rng.tensor(&shape);
+        let w = rng.tensor(&[*shape.last().unwrap()]);
+        let eps = 1e-5;
+        let sq = bin(BinaryOp::Mul, &x, &x);
+        let ms = reduce(ReduceOp::Mean, sq, shape.len() - 1, true).unwrap();
+        let inv = unary(UnaryOp::Rsqrt, bin(BinaryOp::Add, &ms, &scalar(eps))).unwrap();
+        let want = bin(BinaryOp::Mul, &bin(BinaryOp::Mul, &x, &inv), &w);
+        let got = eval(&Op::RmsNorm { eps }, vec![x, w]).unwrap();
+        assert_close(&got, &want, 1e-7, &format!("RmsNorm {shape:?}"));
+    }
+}
+
+#[test]
+fn linear_and_linear_add_match_matmul_of_the_transposed_weight() {
+    let mut rng = Rng::new(2);
+    for (lead, k, n) in [
+        (vec![1, 1], 8, 5),
+        (vec![2, 9], 33, 17),
+        (vec![1, 40], 64, 96),
+    ] {
+        let mut xs = lead.clone();
+        xs.push(k);
+        let x = rng.tensor(&xs);
+        let w = rng.tensor(&[n, k]);
+        let want = primitive_linear(&x, &w);
+        let got = eval(&Op::Linear, vec![x.clone(), w.clone()]).unwrap();
+        assert_close(&got, &want, 1e-6, &format!("Linear {xs:?}·[{n}, {k}]ᵀ"));
+        let r = rng.tensor(&want.shape);
+        let want = bin(BinaryOp::Add, &r, &want);
+        let got = eval(&Op::LinearAdd, vec![x, w, r]).unwrap();
+        assert_close(&got, &want, 1e-6, "LinearAdd");
+    }
+    // A transposed (strided) activation.
+    let x = rng.tensor(&[6, 2, 3]).permute(&[1, 0, 2]);
+    let w = rng.tensor(&[4, 3]);
+    let want = primitive_linear(&x, &w);
+    assert_close(
+        &eval(&Op::Linear, vec![x, w]).unwrap(),
+        &want,
+        1e-6,
+        "strided x",
+    );
+}
+
+#[test]
+fn gated_mlp_matches_silu_gate_times_up() {
+    let mut rng = Rng::new(3);
+    for (lead, k, f) in [
+        (vec![1, 1], 8, 12),
+        (vec![2, 5], 24, 7),
+        (vec![1, 33], 64, 160),
+    ] {
+        let mut xs = lead.clone();
+        xs.push(k);
+        let x = rng.tensor(&xs);
+        let wg = rng.tensor(&[f, k]);
+        let wu = rng.tensor(&[f, k]);
+        let g = primitive_linear(&x, &wg);
+        let u = primitive_linear(&x, &wu);
+        let e = unary(UnaryOp::Exp, unary(UnaryOp::Neg, g.clone()).unwrap()).unwrap();
+        let sig = unary(UnaryOp::Recip, bin(BinaryOp::Add, &e, &scalar(1.0))).unwrap();
+        let want = bin(BinaryOp::Mul, &bin(BinaryOp::Mul, &g, &sig), &u);
+        let w = concat(vec![wg, wu], 0).unwrap();
+        let got = eval(&Op::GatedMlp, vec![x, w]).unwrap();
+        assert_close(&got, &want, 1e-6, &format!("GatedMlp {xs:?} f={f}"));
+    }
+}
+
+/// The RoPE of `models/llama.ron`: tables from `pos`, then `x·cos + rotate_half(x)·sin`.
+fn primitive_rope(x: &Tensor, pos: &[i32], theta: f32) -> Tensor {
+    let d = *x.shape.last().unwrap();
+    let half = d / 2;
+    let s = pos.len();
+    let iota = Tensor::new(DType::I32, vec![half], (0..half as i32).collect());
+    let idx = super::super::elementwise::cast(iota, DType::F32);
+    let even = bin(BinaryOp::Mul, &idx, &scalar(2.0));
+    let expo = bin(BinaryOp::Div, &even, &scalar(d as f32));
+    let inv = unary(UnaryOp::Recip, bin(BinaryOp::Pow, &scalar(theta), &expo)).unwrap();
+    let p = Tensor::new(DType::I32, vec![s], pos.to_vec());
+    let pf = super::super::elementwise::cast(p, DType::F32).reshape(vec![s, 1]);
+    let freqs = bin(BinaryOp::Mul, &pf, &inv);
+    let angles = concat(vec![freqs.clone(), freqs], 1).unwrap();
+    let cos = unary(UnaryOp::Cos, angles.clone()).unwrap();
+    let sin = unary(UnaryOp::Sin, angles).unwrap();
+    let r = x.rank() - 1;
+    let x1 = x.slice_axis(r, 0, half);
+    let x2 = x.slice_axis(r, half, d);
+    let rot = concat(vec![unary(UnaryOp::Neg, x2).unwrap(), x1], r).unwrap();
+    bin(
+        BinaryOp::Add,
+        &bin(BinaryOp::Mul, x, &cos),
+        &bin(BinaryOp::Mul, &rot, &sin),
+    )
+}
+
+#[test]
+fn rope_matches_the_model_file_tables() {
+    let mut rng = Rng::new(4);
+    for (b, h, s, d, past) in [(1, 1, 1, 2, 0), (2, 3, 5, 8, 7), (1, 9, 4, 64, 1000)] {
+        let x = rng.tensor(&[b, h, s, d]);
+        let pos: Vec<i32> = (past..past + s as i32).collect();
+        let want = primitive_rope(&x, &pos, 10000.0);
+        let p = Tensor::new(DType::I32, vec![s], pos);
+        let op = Op::Rope {
+            theta: 10000.0,
+            seq_axis: 2,
+        };
+        let got = eval(&op, vec![x, p]).unwrap();
+        assert_close(
+            &got,
+            &want,
+            1e-7,
+            &format!("Rope [{b}, {h}, {s}, {d}] past {past}"),
+        );
+    }
+}
+
+/// Attention as `models/llama.ron` writes it: grouped reshapes, scores, causal mask, softmax.
+fn primitive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Tensor {
+    let (b, h, s, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (kh, t) = (k.shape[1], k.shape[2]);
+    let qg = q.clone().reshape(vec![b, kh, h / kh, s, d]);
+    let kg = k.clone().reshape(vec![b, kh, 1, t, d]);
+    let vg = v.clone().reshape(vec![b, kh, 1, t, d]);
+    let raw = matmul(qg, kg.permute(&[0, 1, 2, 4, 3])).unwrap();
+    let scaled = bin(BinaryOp::Mul, &raw, &scalar(scale));
+    let past = t - s;
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| (0..t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let scores = bin(
+        BinaryOp::Add,
+        &scaled,
+        &Tensor::new(DType::F32, vec![s, t], mask),
+    );
+    let probs = softmax(scores, 4).unwrap();
+    matmul(probs, vg).unwrap().reshape(vec![b, h, s, d])
+}
+
+#[test]
+fn attention_matches_the_primitive_chain_for_mha_gqa_mqa() {
+    let mut rng = Rng::new(5);
+    // (batch, heads, kv heads, new tokens, cached tokens, head dim)
+    for (b, h, kh, s, past, d) in [
+        (1, 4, 4, 3, 0, 8),
+        (2, 6, 2, 5, 4, 16),
+        (1, 9, 3, 1, 11, 64),
+        (2, 4, 1, 7, 0, 6),
+    ] {
+        let t = past + s;
+        let q = rng.tensor(&[b, h, s, d]);
+        let k = rng.tensor(&[b, kh, t, d]);
+        let v = rng.tensor(&[b, kh, t, d]);
+        let scale = 1.0 / (d as f32).sqrt();
+        let want = primitive_attention(&q, &k, &v, scale);
+        let got = eval(&Op::FusedAttention { scale }, vec![q, k, v]).unwrap();
+        assert_close(
+            &got,
+            &want,
+            1e-6,
+            &format!("attention h={h} kh={kh} s={s} past={past}"),
+        );
+    }
+}
+
+#[test]
+fn fused_ops_refuse_bad_shapes_with_a_message() {
+    let mut rng = Rng::new(6);
+    let x = rng.tensor(&[2, 3]);
+    let err = eval(
+        &Op::RmsNorm { eps: 1e-5 },
+        vec![x.clone(), rng.tensor(&[4])],
+    )
+    .unwrap_err();
+    assert!(err.contains("[4]"), "{err}");
+    let err = eval(&Op::Linear, vec![x.clone(), rng.tensor(&[4, 5])]).unwrap_err();
+    assert!(err.contains("[4, 5]"), "{err}");
+    let err = eval(&Op::GatedMlp, vec![x, rng.tensor(&[5, 3])]).unwrap_err();
+    assert!(err.contains("odd"), "{err}");
+    let q = rng.tensor(&[1, 3, 2, 4]);
+    let k = rng.tensor(&[1, 2, 2, 4]);
+    let err = eval(&Op::FusedAttention { scale: 1.0 }, vec![q, k.clone(), k]).unwrap_err();
+    assert!(err.contains("kh dividing h"), "{err}");
+}

@@ -1,0 +1,408 @@
+//! The CUDA executor: device memory, sequences and steps.
+
+use super::kv_cache::{slot, BlockAllocator, SeqCache, BLOCK};
+use super::launch::{Kernels, Ptrs};
+use super::CudaError;
+use crate::engine::{keys, Engine};
+use crate::plan::{Plan, Rows};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Sizing of the executor's device memory.
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    /// Most sequences in one step.
+    pub max_batch: usize,
+    /// Most tokens (all sequences together) in one step.
+    pub max_step_tokens: usize,
+    /// KV-cache capacity in tokens; `None` uses `kv_memory_fraction` of the memory left free.
+    pub max_kv_tokens: Option<usize>,
+    /// Fraction of free GPU memory (after weights and arena) given to the KV cache.
+    pub kv_memory_fraction: f64,
+    /// Most tokens one sequence may hold (sizes the block tables).
+    pub max_seq_len: usize,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            max_batch: 8,
+            max_step_tokens: 4096,
+            max_kv_tokens: None,
+            kv_memory_fraction: 0.9,
+            max_seq_len: 8192,
+        }
+    }
+}
+
+/// A sequence handle.
+pub type SeqId = usize;
+
+/// One sequence's part of a step: the new tokens to feed.
+#[derive(Clone, Debug)]
+pub struct StepSeq {
+    /// Which sequence.
+    pub seq: SeqId,
+    /// Its new tokens (the prompt at prefill, one token at decode).
+    pub tokens: Vec<u32>,
+}
+
+/// Device-side per-step metadata (int32 arrays), written before each step.
+struct Meta {
+    buf: CudaSlice<i32>,
+    /// Offsets (in i32 elements) of each array inside `buf`.
+    tokens: usize,
+    positions: usize,
+    slots: usize,
+    seq_lens: usize,
+    query_start: usize,
+    block_tables: usize,
+    last_index: usize,
+    out_tokens: usize,
+    max_blocks: usize,
+}
+
+/// Runs a GPU engine.
+pub struct CudaExecutor {
+    stream: Arc<CudaStream>,
+    plan: Plan,
+    kernels: Kernels,
+    _weights: CudaSlice<u8>,
+    weight_ptrs: HashMap<String, u64>,
+    _arena: CudaSlice<u8>,
+    slot_base: Vec<u64>,
+    slot_row_bytes: Vec<usize>,
+    _kv: CudaSlice<u8>,
+    kv_layer_bytes: usize,
+    kv_base: u64,
+    meta: Meta,
+    host_meta: Vec<i32>,
+    allocator: BlockAllocator,
+    seqs: HashMap<SeqId, SeqCache>,
+    next_seq: SeqId,
+    opts: CudaOptions,
+    /// Peak device memory in use by this executor (weights + arena + KV + metadata), bytes.
+    pub device_bytes: usize,
+}
+
+fn align(n: usize) -> usize {
+    n.div_ceil(256) * 256
+}
+
+fn mib(b: usize) -> usize {
+    b.div_ceil(1 << 20)
+}
+
+impl CudaExecutor {
+    /// Loads an engine onto GPU 0: checks the architecture, loads the kernels, uploads the
+    /// weights, allocates the arena and the paged KV cache.
+    pub fn new(engine: &Engine, opts: CudaOptions) -> Result<CudaExecutor, CudaError> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoDevice(
+                "the CUDA driver library (libcuda) was not found".into(),
+            ));
+        }
+        if engine.target() != "cuda" {
+            return Err(CudaError::Engine(format!(
+                "built for `{}`; build a GPU engine with `kiln build --target cuda`",
+                engine.target()
+            )));
+        }
+        let plan = Plan::from_ron(
+            engine
+                .metadata(keys::PLAN)
+                .ok_or_else(|| CudaError::Engine("no launch plan".into()))?,
+        )
+        .map_err(CudaError::Engine)?;
+        let ctx = CudaContext::new(0).map_err(|e| CudaError::NoDevice(e.to_string()))?;
+        // SAFETY: called before any allocation, as cudarc requires; kiln orders work on one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability()?;
+        let device_arch = format!("sm_{major}{minor}");
+        let engine_arch = engine.metadata(keys::ARCH).unwrap_or("unknown").to_string();
+        if engine_arch != device_arch {
+            return Err(CudaError::ArchMismatch {
+                engine: engine_arch,
+                device: device_arch,
+            });
+        }
+        let stream = ctx.new_stream()?;
+        let mut kernels = Kernels::load(&ctx, &stream, engine, &plan)?;
+
+        // Weights: one allocation, each tensor 256-byte aligned.
+        let mut layout = Vec::new();
+        let mut total = 0usize;
+        for name in engine.tensor_names().filter(|n| !n.starts_with("kernels.")) {
+            let (_, bytes) = engine
+                .tensor(name)
+                .map_err(|e| CudaError::Engine(e.to_string()))?;
+            layout.push((name.to_string(), total, bytes.len()));
+            total = align(total + bytes.len());
+        }
+        let (free, _) = ctx.mem_get_info()?;
+        if total > free {
+            return Err(CudaError::OutOfMemory {
+                what: "the weights".into(),
+                need_mib: mib(total),
+                free_mib: mib(free),
+            });
+        }
+        let mut weights = stream.alloc_zeros::<u8>(total.max(1))?;
+        let mut host = vec![0u8; total.max(1)];
+        for (name, off, len) in &layout {
+            let (_, bytes) = engine
+                .tensor(name)
+                .map_err(|e| CudaError::Engine(e.to_string()))?;
+            host[*off..off + len].copy_from_slice(bytes);
+        }
+        stream.memcpy_htod(&host, &mut weights)?;
+        drop(host);
+        let wbase = weights.device_ptr(&stream).0;
+        let weight_ptrs = layout
+            .iter()
+            .map(|(n, off, _)| (n.clone(), wbase + *off as u64))
+            .collect();
+
+        // Activation arena: one region per liveness slot, sized for the largest step.
+        let slot_row_bytes = plan.slot_row_bytes();
+        let slot_rows = |s: usize| {
+            let rows = plan
+                .buffers
+                .iter()
+                .find(|b| b.slot == s)
+                .map(|b| b.rows)
+                .unwrap_or(Rows::Tokens);
+            match rows {
+                Rows::Tokens => opts.max_step_tokens,
+                Rows::Sequences => opts.max_batch,
+            }
+        };
+        let scratch = kernels.scratch_bytes(&plan, &opts);
+        let mut arena_total = align(scratch);
+        let mut slot_off = Vec::new();
+        for (s, row) in slot_row_bytes.iter().enumerate() {
+            slot_off.push(arena_total);
+            arena_total = align(arena_total + row * slot_rows(s));
+        }
+        let (free, _) = ctx.mem_get_info()?;
+        if arena_total > free {
+            return Err(CudaError::OutOfMemory {
+                what: "the activation arena".into(),
+                need_mib: mib(arena_total),
+                free_mib: mib(free),
+            });
+        }
+        let arena = stream.alloc_zeros::<u8>(arena_total)?;
+        let abase = arena.device_ptr(&stream).0;
+        kernels.set_scratch(abase);
+        let slot_base = slot_off.iter().map(|o| abase + *o as u64).collect();
+
+        // Paged KV cache: per layer, K then V, each [blocks, BLOCK, kv_heads, head_dim] bf16.
+        let a = plan.attention;
+        let block_bytes = BLOCK * a.kv_heads * a.head_dim * 2;
+        let (free, _) = ctx.mem_get_info()?;
+        let blocks = match opts.max_kv_tokens {
+            Some(t) => t.div_ceil(BLOCK),
+            None => {
+                ((free as f64 * opts.kv_memory_fraction) as usize)
+                    / (2 * plan.layers * block_bytes).max(1)
+            }
+        };
+        let kv_layer_bytes = blocks * block_bytes;
+        let kv_total = 2 * plan.layers * kv_layer_bytes;
+        if blocks == 0 || kv_total > free {
+            return Err(CudaError::OutOfMemory {
+                what: format!("a KV cache of {} tokens", blocks * BLOCK),
+                need_mib: mib(kv_total.max(2 * plan.layers * block_bytes)),
+                free_mib: mib(free),
+            });
+        }
+        let kv = stream.alloc_zeros::<u8>(kv_total)?;
+        let kv_base = kv.device_ptr(&stream).0;
+
+        let max_blocks = opts.max_seq_len.div_ceil(BLOCK);
+        let (t, b) = (opts.max_step_tokens, opts.max_batch);
+        let sizes = [t, t, t, b, b + 1, b * max_blocks, b, b];
+        let mut offs = [0usize; 8];
+        let mut n = 0;
+        for (o, s) in offs.iter_mut().zip(sizes) {
+            *o = n;
+            n += s;
+        }
+        let meta = Meta {
+            buf: stream.alloc_zeros::<i32>(n)?,
+            tokens: offs[0],
+            positions: offs[1],
+            slots: offs[2],
+            seq_lens: offs[3],
+            query_start: offs[4],
+            block_tables: offs[5],
+            last_index: offs[6],
+            out_tokens: offs[7],
+            max_blocks,
+        };
+        let device_bytes = total + arena_total + kv_total + n * 4;
+        Ok(CudaExecutor {
+            stream,
+            plan,
+            kernels,
+            _weights: weights,
+            weight_ptrs,
+            _arena: arena,
+            slot_base,
+            slot_row_bytes,
+            _kv: kv,
+            kv_layer_bytes,
+            kv_base,
+            host_meta: vec![0; n],
+            meta,
+            allocator: BlockAllocator::new(blocks),
+            seqs: HashMap::new(),
+            next_seq: 0,
+            opts,
+            device_bytes,
+        })
+    }
+
+    /// KV-cache capacity in tokens.
+    pub fn kv_capacity(&self) -> usize {
+        self.allocator.total_blocks() * BLOCK
+    }
+
+    /// Starts a new, empty sequence.
+    pub fn add_sequence(&mut self) -> SeqId {
+        self.next_seq += 1;
+        self.seqs.insert(self.next_seq, SeqCache::default());
+        self.next_seq
+    }
+
+    /// Ends a sequence and frees its cache blocks.
+    pub fn remove_sequence(&mut self, id: SeqId) {
+        if let Some(mut s) = self.seqs.remove(&id) {
+            self.allocator.release(&mut s);
+        }
+    }
+
+    /// Tokens cached for a sequence.
+    pub fn seq_len(&self, id: SeqId) -> usize {
+        self.seqs.get(&id).map_or(0, |s| s.len)
+    }
+
+    /// Writes the step's metadata, reserving cache blocks. Returns (tokens, sequences).
+    fn prepare(&mut self, batch: &[StepSeq]) -> Result<(usize, usize), CudaError> {
+        let t: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let b = batch.len();
+        if b == 0
+            || b > self.opts.max_batch
+            || t > self.opts.max_step_tokens
+            || batch.iter().any(|s| s.tokens.is_empty())
+        {
+            return Err(CudaError::Request(format!(
+                "a step takes 1..={} sequences of ≥ 1 token and ≤ {} tokens in all; got {b} sequences, {t} tokens",
+                self.opts.max_batch, self.opts.max_step_tokens
+            )));
+        }
+        let m = &self.meta;
+        let h = &mut self.host_meta;
+        let mut row = 0usize;
+        h[m.query_start] = 0;
+        for (i, s) in batch.iter().enumerate() {
+            let cache = self
+                .seqs
+                .get_mut(&s.seq)
+                .ok_or_else(|| CudaError::Request(format!("unknown sequence {}", s.seq)))?;
+            let new_len = cache.len + s.tokens.len();
+            if new_len > self.opts.max_seq_len {
+                return Err(CudaError::Request(format!(
+                    "sequence would hold {new_len} tokens, more than --max-seq-len {}",
+                    self.opts.max_seq_len
+                )));
+            }
+            self.allocator
+                .reserve(cache, new_len)
+                .map_err(CudaError::Request)?;
+            for (j, &tok) in s.tokens.iter().enumerate() {
+                let pos = cache.len + j;
+                h[m.tokens + row] = tok as i32;
+                h[m.positions + row] = pos as i32;
+                h[m.slots + row] = slot(cache, pos);
+                row += 1;
+            }
+            cache.len = new_len;
+            h[m.seq_lens + i] = new_len as i32;
+            h[m.query_start + i + 1] = row as i32;
+            h[m.last_index + i] = row as i32 - 1;
+            for (k, blk) in cache.blocks.iter().enumerate() {
+                h[m.block_tables + i * m.max_blocks + k] = *blk as i32;
+            }
+        }
+        let upto = m.out_tokens;
+        let mut dst = self.meta.buf.slice_mut(0..upto);
+        self.stream.memcpy_htod(&self.host_meta[..upto], &mut dst)?;
+        Ok((t, b))
+    }
+
+    fn ptrs(&self, t: usize, b: usize) -> Ptrs<'_> {
+        let base = self.meta.buf.device_ptr(&self.stream).0;
+        let at = |off: usize| base + (off * 4) as u64;
+        Ptrs {
+            plan: &self.plan,
+            weights: &self.weight_ptrs,
+            slot_base: &self.slot_base,
+            kv_base: self.kv_base,
+            kv_layer_bytes: self.kv_layer_bytes as u64,
+            tokens: at(self.meta.tokens),
+            positions: at(self.meta.positions),
+            slots: at(self.meta.slots),
+            seq_lens: at(self.meta.seq_lens),
+            query_start: at(self.meta.query_start),
+            block_tables: at(self.meta.block_tables),
+            max_blocks: self.meta.max_blocks as i32,
+            last_index: at(self.meta.last_index),
+            out_tokens: at(self.meta.out_tokens),
+            t,
+            b,
+        }
+    }
+
+    /// Runs one step and returns the `[B, vocab]` logits of each sequence's last token.
+    pub fn step_logits(&mut self, batch: &[StepSeq]) -> Result<Vec<f32>, CudaError> {
+        let (t, b) = self.prepare(batch)?;
+        let p = self.ptrs(t, b);
+        self.kernels.run_plan(&self.stream, &p)?;
+        let logits = p.buf(self.plan.logits);
+        let mut host = vec![0f32; b * self.plan.vocab];
+        // SAFETY: the logits buffer holds at least b·vocab f32 (arena slot sized for max_batch rows).
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut host, logits, self.stream.cu_stream())?;
+        }
+        self.stream.synchronize()?;
+        Ok(host)
+    }
+
+    /// Runs one step and returns the greedy next token of each sequence (argmax on the device).
+    pub fn step_greedy(&mut self, batch: &[StepSeq]) -> Result<Vec<u32>, CudaError> {
+        let (t, b) = self.prepare(batch)?;
+        let p = self.ptrs(t, b);
+        self.kernels.run_plan(&self.stream, &p)?;
+        self.kernels.argmax(&self.stream, &p)?;
+        let mut out = vec![0i32; b];
+        // SAFETY: out_tokens holds max_batch ≥ b i32.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut out,
+                p.out_tokens,
+                self.stream.cu_stream(),
+            )?;
+        }
+        self.stream.synchronize()?;
+        Ok(out.into_iter().map(|v| v as u32).collect())
+    }
+
+    /// Bytes per row of each arena slot (for inspection).
+    pub fn slot_row_bytes(&self) -> &[usize] {
+        &self.slot_row_bytes
+    }
+}

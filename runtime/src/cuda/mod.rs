@@ -1,0 +1,60 @@
+//! The CUDA executor: runs a GPU engine's launch plan (`crate::plan`) with the engine's CUBIN
+//! kernels, bf16 weights in device memory, one activation arena sized from the plan's liveness
+//! slots, and a paged KV cache. Steps allocate nothing and never synchronize with the host
+//! until their sampled tokens are read back, so a decode step can be captured as a CUDA graph.
+//!
+//! cudarc is loaded dynamically: where no CUDA driver exists, `CudaExecutor::new` returns
+//! `CudaError::NoDevice` and the rest of kiln (the CPU path) works as before.
+
+mod executor;
+pub mod kv_cache;
+mod launch;
+
+pub use executor::{CudaExecutor, CudaOptions, SeqId, StepSeq};
+
+/// A GPU failure, with what to do about it where there is something to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// No CUDA driver or no GPU.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    /// The engine was compiled for another GPU architecture.
+    #[error("engine built for {engine}, but this GPU is {device}; rebuild it with `kiln build --arch {device}`")]
+    ArchMismatch {
+        /// The engine's arch.
+        engine: String,
+        /// The GPU's arch.
+        device: String,
+    },
+    /// The engine is not a GPU engine or lacks something.
+    #[error("engine: {0}")]
+    Engine(String),
+    /// Not enough device memory.
+    #[error("not enough GPU memory: {what} needs {need_mib} MiB, {free_mib} MiB free")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+        /// MiB needed.
+        need_mib: usize,
+        /// MiB free.
+        free_mib: usize,
+    },
+    /// A step's request does not fit (batch, tokens, KV cache).
+    #[error("{0}")]
+    Request(String),
+    /// A driver or cuBLAS call failed.
+    #[error("CUDA: {0}")]
+    Driver(String),
+}
+
+impl From<cudarc::driver::DriverError> for CudaError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        CudaError::Driver(e.to_string())
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for CudaError {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        CudaError::Driver(format!("cuBLAS: {e}"))
+    }
+}

@@ -1,0 +1,234 @@
+//! The launch schedule of a GPU engine: the lowered graph as a list of kernel launches over
+//! activation buffers, with the arena layout decided at build time from buffer liveness.
+//!
+//! Every activation buffer is a row-major `[rows, cols]` matrix whose rows are the step's packed
+//! tokens (`T`, sequences of different lengths one after another) or its sequences (`B`).
+//! The KV cache is not a buffer: `RopeAppend` writes a layer's cache, `Attention` reads it.
+
+use serde::{Deserialize, Serialize};
+
+/// Index into `Plan::buffers`.
+pub type BufId = usize;
+
+/// Element type of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BufType {
+    /// bfloat16 activations.
+    Bf16,
+    /// f32 (logits).
+    F32,
+}
+
+impl BufType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            BufType::Bf16 => 2,
+            BufType::F32 => 4,
+        }
+    }
+}
+
+/// What a buffer's rows are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rows {
+    /// One row per token of the step.
+    Tokens,
+    /// One row per sequence of the step (e.g. last-token logits).
+    Sequences,
+}
+
+/// An activation buffer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    /// Name of the graph node it holds (for messages and inspection).
+    pub name: String,
+    /// Row kind.
+    pub rows: Rows,
+    /// Columns.
+    pub cols: usize,
+    /// Element type.
+    pub dtype: BufType,
+    /// Arena slot (buffers whose lifetimes do not overlap share a slot).
+    pub slot: usize,
+}
+
+/// What a `Linear` does after the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Epilogue {
+    /// `y = x·wᵀ`
+    None,
+    /// `y = x·wᵀ + r`
+    Residual(BufId),
+    /// `w` stacks gate over up rows: `y = silu(x·gᵀ) ⊙ (x·uᵀ)`.
+    Gated,
+}
+
+/// One kernel launch (or, for prefill GEMMs, a cuBLAS call plus its epilogue kernel).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Launch {
+    /// `out[t] = table[tokens[t]]`.
+    Embedding {
+        /// Embedding table (weight name).
+        table: String,
+        /// Output buffer.
+        out: BufId,
+    },
+    /// `out[b] = x[last token of sequence b]`.
+    GatherLast {
+        /// Token rows.
+        x: BufId,
+        /// Sequence rows.
+        out: BufId,
+    },
+    /// Row-wise RMSNorm.
+    RmsNorm {
+        /// Input.
+        x: BufId,
+        /// Weight name.
+        w: String,
+        /// Epsilon.
+        eps: f32,
+        /// Output.
+        out: BufId,
+    },
+    /// `out = epilogue(x · wᵀ)`, `w` `[n, k]`.
+    Linear {
+        /// Input `[rows, k]`.
+        x: BufId,
+        /// Weight name.
+        w: String,
+        /// Epilogue.
+        epilogue: Epilogue,
+        /// Output `[rows, n]` (or `n/2` when gated).
+        out: BufId,
+    },
+    /// RoPE on the q and k parts of a fused `qkv` buffer (q in place), writing k and v into
+    /// layer `layer`'s KV cache at each token's slot.
+    RopeAppend {
+        /// The fused projection `[T, (h + 2·kh)·d]`.
+        qkv: BufId,
+        /// KV-cache layer.
+        layer: usize,
+        /// RoPE base.
+        theta: f32,
+    },
+    /// Causal attention of the q part of `qkv` over layer `layer`'s cache → `[T, h·d]`.
+    Attention {
+        /// The fused projection (q read from it).
+        qkv: BufId,
+        /// KV-cache layer.
+        layer: usize,
+        /// Score scale.
+        scale: f32,
+        /// Output.
+        out: BufId,
+    },
+}
+
+/// Attention geometry shared by every layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttentionDims {
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// The lowered graph of a GPU engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Attention geometry.
+    pub attention: AttentionDims,
+    /// Number of KV-cache layers.
+    pub layers: usize,
+    /// Activation buffers.
+    pub buffers: Vec<Buffer>,
+    /// Launches in order.
+    pub launches: Vec<Launch>,
+    /// The `[B, vocab]` f32 logits buffer.
+    pub logits: BufId,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl Plan {
+    /// Bytes of one row of each arena slot (the widest buffer assigned to it).
+    pub fn slot_row_bytes(&self) -> Vec<usize> {
+        let n = self.buffers.iter().map(|b| b.slot + 1).max().unwrap_or(0);
+        let mut sizes = vec![0; n];
+        for b in &self.buffers {
+            sizes[b.slot] = sizes[b.slot].max(b.cols * b.dtype.size());
+        }
+        sizes
+    }
+
+    /// Serializes as RON.
+    pub fn to_ron(&self) -> String {
+        ron::ser::to_string(self).expect("plan serializes")
+    }
+
+    /// Parses RON.
+    pub fn from_ron(text: &str) -> Result<Plan, String> {
+        ron::from_str(text).map_err(|e| format!("launch plan: {e}"))
+    }
+
+    /// Reads of each launch (buffers it consumes) and its write.
+    pub fn reads_writes(l: &Launch) -> (Vec<BufId>, Option<BufId>) {
+        match l {
+            Launch::Embedding { out, .. } => (vec![], Some(*out)),
+            Launch::GatherLast { x, out } | Launch::RmsNorm { x, out, .. } => {
+                (vec![*x], Some(*out))
+            }
+            Launch::Linear {
+                x, epilogue, out, ..
+            } => match epilogue {
+                Epilogue::Residual(r) => (vec![*x, *r], Some(*out)),
+                _ => (vec![*x], Some(*out)),
+            },
+            Launch::RopeAppend { qkv, .. } => (vec![*qkv], None),
+            Launch::Attention { qkv, out, .. } => (vec![*qkv], Some(*out)),
+        }
+    }
+
+    /// Assigns arena slots by liveness: a buffer's slot is free again after its last reader, so
+    /// buffers whose lifetimes do not overlap (and whose row kinds match) share memory.
+    pub fn assign_slots(&mut self) {
+        let n = self.buffers.len();
+        let mut last_use = vec![0usize; n];
+        let mut first_def = vec![usize::MAX; n];
+        for (i, l) in self.launches.iter().enumerate() {
+            let (reads, write) = Self::reads_writes(l);
+            for r in reads {
+                last_use[r] = last_use[r].max(i);
+            }
+            if let Some(w) = write {
+                first_def[w] = first_def[w].min(i);
+                last_use[w] = last_use[w].max(i);
+            }
+        }
+        last_use[self.logits] = usize::MAX;
+        // Slots: (rows kind, busy-until launch index).
+        let mut slots: Vec<(Rows, usize)> = Vec::new();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&b| first_def[b]);
+        for b in order {
+            let rows = self.buffers[b].rows;
+            let start = first_def[b];
+            let free = slots
+                .iter()
+                .position(|&(r, until)| r == rows && until < start);
+            let slot = match free {
+                Some(s) => s,
+                None => {
+                    slots.push((rows, 0));
+                    slots.len() - 1
+                }
+            };
+            slots[slot] = (rows, last_use[b]);
+            self.buffers[b].slot = slot;
+        }
+    }
+}

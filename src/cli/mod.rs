@@ -1,0 +1,4 @@
+//! Subcommands of the `kiln` CLI that live outside `main.rs`.
+
+pub mod bench;
+pub mod teacher_force;
