@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""GPU check (run on the H100 machine): kiln against HF transformers on the same random-weight
+checkpoints.
+
+For each config (SmolLM2-135M, Llama-2-7B, Llama-3-8B shapes, bf16) it makes a random-weight
+checkpoint with transformers, builds a kiln GPU engine from it, and runs both on the same
+prompts: batch 1, and batch 4 with unequal prompt lengths. It prints per model and batch:
+relative L2 error of the last-prompt-token logits, teacher-forced top-1 agreement over a
+transformers greedy continuation, and decode speed of both. With --cpu-agree it also checks that
+the GPU engine agrees with kiln's CPU executor on the smallest model.
+
+Usage: python3 bench/gpu_check.py [--kiln .dev/bin/kiln] [--models smollm2,llama2-7b,llama3-8b]
+"""
+import argparse, json, os, shutil, subprocess, sys, tempfile, time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+CONFIGS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, max_position_embeddings=8192),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, max_position_embeddings=8192),
+}
+
+
+def rel_l2(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm())
+
+
+def hf_greedy(model, prompt, n):
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_teacher(model, prompt, cont):
+    """Last-prompt logits and argmax predictions at each continuation position (one forward)."""
+    ids = torch.tensor([prompt + cont], device="cuda")
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    last = logits[len(prompt) - 1]
+    preds = logits[len(prompt) - 1: len(prompt) + len(cont) - 1].argmax(-1).tolist()
+    return last.cpu(), preds
+
+
+def hf_decode_speed(model, prompt, n=64):
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def run(cmd):
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{p.stdout}\n{p.stderr}")
+    return p.stdout, time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kiln", default=".dev/bin/kiln")
+    ap.add_argument("--models", default="smollm2-135m,llama2-7b,llama3-8b")
+    ap.add_argument("--cont", type=int, default=32)
+    ap.add_argument("--cpu-agree", action="store_true")
+    ap.add_argument("--work", default=tempfile.gettempdir())
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models.split(","):
+        cfg = LlamaConfig(**CONFIGS[name], torch_dtype="bfloat16", initializer_range=0.02)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        ckpt = os.path.join(args.work, f"ckpt-{name}")
+        engine = os.path.join(args.work, f"{name}.kiln")
+        model.save_pretrained(ckpt, safe_serialization=True)
+        _, build_s = run([args.kiln, "build", ckpt, "-o", engine, "--target", "cuda"])
+        shutil.rmtree(ckpt)
+        g = torch.Generator().manual_seed(1)
+        vocab = cfg.vocab_size
+        lengths = [[97], [31, 64, 100, 128]]
+        for lens in lengths:
+            prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+            conts = [hf_greedy(model, p, args.cont) for p in prompts]
+            ref = [hf_teacher(model, p, c) for p, c in zip(prompts, conts)]
+            inp = os.path.join(args.work, "tf_in.json")
+            out = os.path.join(args.work, "tf_out.json")
+            json.dump({"sequences": [{"prompt": p, "continuation": c} for p, c in zip(prompts, conts)]}, open(inp, "w"))
+            run([args.kiln, "teacher-force", engine, "--input", inp, "--output", out, "--device", "cuda"])
+            got = json.load(open(out))
+            errs = [rel_l2(got["last_logits"][i], ref[i][0]) for i in range(len(prompts))]
+            agree = sum(a == b for i in range(len(prompts)) for a, b in zip(got["predictions"][i], ref[i][1]))
+            total = sum(len(ref[i][1]) for i in range(len(prompts)))
+            row = dict(model=name, batch=len(lens), logits_rel_l2=max(errs), top1_agreement=agree / total)
+            if args.cpu_agree and name == "smollm2-135m" and len(lens) == 1:
+                out_cpu = os.path.join(args.work, "tf_cpu.json")
+                run([args.kiln, "teacher-force", engine, "--input", inp, "--output", out_cpu, "--device", "cpu"])
+                cpu = json.load(open(out_cpu))
+                row["gpu_vs_cpu_rel_l2"] = rel_l2(got["last_logits"][0], cpu["last_logits"][0])
+                row["gpu_vs_cpu_top1"] = sum(a == b for a, b in zip(got["predictions"][0], cpu["predictions"][0])) / len(cpu["predictions"][0])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        bench, _ = run([args.kiln, "bench", engine, "--batch", "1", "--io", "128:128", "--json"])
+        kiln_step = json.loads(bench)[0]["decode_step_ms"]
+        hf_tps = hf_decode_speed(model, torch.randint(0, vocab, (128,), generator=g).tolist())
+        rows.append(dict(model=name, build_s=round(build_s, 1), kiln_decode_tok_s=round(1000 / kiln_step, 1),
+                         hf_eager_decode_tok_s=round(hf_tps, 1)))
+        print(json.dumps(rows[-1]), flush=True)
+        os.remove(engine)
+        del model
+        torch.cuda.empty_cache()
+    print("\n| model | batch | logits rel L2 | top-1 agreement | GPU vs CPU |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        if "batch" in r:
+            cpu = f"{r['gpu_vs_cpu_rel_l2']:.2e} / {r['gpu_vs_cpu_top1']:.1%}" if "gpu_vs_cpu_rel_l2" in r else ""
+            print(f"| {r['model']} | {r['batch']} | {r['logits_rel_l2']:.2e} | {r['top1_agreement']:.1%} | {cpu} |")
+    print("\n| model | build s | kiln decode tok/s (b=1) | HF eager decode tok/s (b=1) |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        if "build_s" in r:
+            print(f"| {r['model']} | {r['build_s']} | {r['kiln_decode_tok_s']} | {r['hf_eager_decode_tok_s']} |")
+
+
+if __name__ == "__main__":
+    main()
