@@ -17,7 +17,10 @@
 // (K/V read once per group, the FlashInfer layout) over the token range
 // [split * chunk, min(L, (split + 1) * chunk)), chunk = decode_chunk(L, max_splits) (a multiple of
 // DEC_TILE = 64); CTAs whose range is empty exit at once, so size max_splits for the longest
-// context and let short sequences use fewer splits.
+// context and let short sequences use fewer splits. Inside a CTA each of the 4 warps walks its own
+// warp tiles (8 passes of 32/(HEAD_DIM/8) token rows, HEAD_DIM/8 lanes per row, 16-byte K/V
+// loads) with its own online-softmax state and no block-wide barrier; the warps' states are
+// merged through shared memory at the end.
 //   max_splits == 1: the kernel writes out directly; partial_o/partial_ml are not touched (may be null).
 //   max_splits  > 1: the kernel writes f32 workspace, then attention_decode_merge writes out:
 //     partial_o  [B, HEADS, max_splits, HEAD_DIM]  unnormalized sum_j p_j v_j of the split
@@ -47,35 +50,36 @@ attention_decode(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
   static_assert(HEAD_DIM % 8 == 0 && 32 % (HEAD_DIM / 8) == 0 && HEAD_DIM <= 256,
                 "attention_decode: HEAD_DIM / 8 must divide 32");
   constexpr int GROUP = HEADS / KV_HEADS;
-  constexpr int VPR = HEAD_DIM / 8;         // 16-byte vectors per K/V row
-  constexpr int TPR = DEC_THREADS / VPR;    // token rows per pass
-  constexpr int PASSES = DEC_TILE / TPR;    // passes per tile
+  constexpr int NWARPS = DEC_THREADS / 32;
+  constexpr int VPR = HEAD_DIM / 8;        // lanes per token row (16 bytes of K/V each)
+  constexpr int TPP = 32 / VPR;            // token rows per warp pass
+  constexpr int PASSES = 8;
+  constexpr int WTILE = TPP * PASSES;      // tokens per warp tile
   constexpr int STRIDE = (HEADS + 2 * KV_HEADS) * HEAD_DIM;
   constexpr int KVROW = KV_HEADS * HEAD_DIM;
   constexpr float LOG2E = 1.4426950408889634f;
 
-  __shared__ float s_p[GROUP][DEC_TILE];    // scores, then probabilities
-  __shared__ float s_alpha[GROUP];
-  __shared__ float s_red[TPR][HEAD_DIM + 4];
+  __shared__ float s_o[NWARPS][GROUP][HEAD_DIM];
+  __shared__ float s_m[NWARPS][GROUP], s_l[NWARPS][GROUP];
 
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   if (b >= B) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int dv = tid % VPR, tl = tid / VPR;
+  const int dv = lane % VPR, tr = lane / VPR;
   const int L = seq_lens[b];
   const int chunk = decode_chunk(L, max_splits);
   const int start = split * chunk;
   const int end = min(L, start + chunk);
 
   if (start >= end) {
-    if (max_splits == 1 && split == 0) {  // L == 0: a zero row
+    if (L == 0 && split == 0) {  // a zero row
       for (int e = tid; e < GROUP * HEAD_DIM; e += DEC_THREADS)
         out[(long long)b * HEADS * HEAD_DIM + kvh * GROUP * HEAD_DIM + e] = __float2bfloat16_rn(0.f);
     }
     return;
   }
 
-  // This thread's slice of every q head of the group, pre-scaled into log2 units.
+  // This lane's 8 dims of every q head of the group, pre-scaled into log2 units.
   float q[GROUP][8];
   {
     const bf16* qrow = qkv + (long long)b * STRIDE + kvh * GROUP * HEAD_DIM + dv * 8;
@@ -87,25 +91,26 @@ attention_decode(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
       for (int e = 0; e < 8; ++e) q[g][e] *= qs;
     }
   }
-  float o[GROUP][8];
+  // Per-warp online-softmax state (identical in every lane): running max (log2 units), sum, and
+  // this lane's 8 dims of the unnormalized output of its token rows.
+  float m[GROUP], l[GROUP], o[GROUP][8];
 #pragma unroll
-  for (int g = 0; g < GROUP; ++g)
+  for (int g = 0; g < GROUP; ++g) {
+    m[g] = kiln::neg_inf();
+    l[g] = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[g][e] = 0.f;
-  // Running max (log2 units) and sum of each head: updated by the warp that owns the head.
-  __shared__ float s_m[GROUP], s_l[GROUP];
-  if (tid < GROUP) { s_m[tid] = kiln::neg_inf(); s_l[tid] = 0.f; }
-  __syncthreads();
+  }
 
   const int* bt = block_tables + (long long)b * max_blocks;
   const long long head_off = (long long)kvh * HEAD_DIM + dv * 8;
 
-  for (int ts = start; ts < end; ts += DEC_TILE) {
-    // Issue every K and V load of the tile before using any.
+  // Warps take warp tiles of WTILE tokens in turn; no block-wide barrier inside the loop.
+  for (int ts = start + warp * WTILE; ts < end; ts += NWARPS * WTILE) {
     uint4 kv[PASSES], vv[PASSES];
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) {
-      const int pos = ts + p * TPR + tl;
+      const int pos = ts + p * TPP + tr;
       if (pos < end) {
         const long long slot = (long long)bt[pos / BLOCK] * BLOCK + pos % BLOCK;
         kv[p] = kiln::ld_cached16(k_cache + slot * KVROW + head_off);
@@ -115,91 +120,96 @@ attention_decode(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
         vv[p] = make_uint4(0, 0, 0, 0);
       }
     }
-    // Scores: the VPR lanes of a token row reduce their partial dot products.
+    // Scores of this lane's token row in each pass, reduced over the row's VPR lanes.
+    float s[PASSES][GROUP];
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) {
       float kf[8];
       kiln::unpack8(kv[p], kf);
+      const bool valid = ts + p * TPP + tr < end;
 #pragma unroll
       for (int g = 0; g < GROUP; ++g) {
-        float s = 0.f;
+        float d = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) s = fmaf(q[g][e], kf[e], s);
+        for (int e = 0; e < 8; ++e) d = fmaf(q[g][e], kf[e], d);
 #pragma unroll
-        for (int off = VPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        const int j = p * TPR + tl;
-        if (dv == 0) s_p[g][j] = (ts + j < end) ? s : kiln::neg_inf();
+        for (int off = VPR / 2; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+        s[p][g] = valid ? d : kiln::neg_inf();
       }
     }
-    __syncthreads();
-    // Online softmax: warp w owns heads w, w+4, ...; each lane holds DEC_TILE/32 scores.
-    for (int g = warp; g < GROUP; g += DEC_THREADS / 32) {
-      float sv[DEC_TILE / 32];
-      float mx = kiln::neg_inf();
-#pragma unroll
-      for (int i = 0; i < DEC_TILE / 32; ++i) { sv[i] = s_p[g][lane + 32 * i]; mx = fmaxf(mx, sv[i]); }
-      const float m_old = s_m[g];
-      mx = kiln::warp_max(mx);
-      const float m_new = fmaxf(m_old, mx);
-      const float alpha = exp2f(m_old - m_new);  // 0 on the first tile (m_old = -inf)
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < DEC_TILE / 32; ++i) {
-        const float pr = exp2f(sv[i] - m_new);
-        s_p[g][lane + 32 * i] = pr;
-        sum += pr;
-      }
-      sum = kiln::warp_sum(sum);
-      if (lane == 0) {
-        s_l[g] = s_l[g] * alpha + sum;
-        s_m[g] = m_new;
-        s_alpha[g] = alpha;
-      }
-    }
-    __syncthreads();
-    // O = O * alpha + P · V over this thread's token rows and 8 dims.
+    // Online softmax over the warp tile (token 0 of the tile is always valid).
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
-      const float a = s_alpha[g];
+      float mx = s[0][g];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) o[g][e] *= a;
+      for (int p = 1; p < PASSES; ++p) mx = fmaxf(mx, s[p][g]);
+#pragma unroll
+      for (int off = VPR; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m[g], mx);
+      const float alpha = exp2f(m[g] - m_new);  // 0 on the warp's first tile
+      float sum = 0.f;
+#pragma unroll
+      for (int p = 0; p < PASSES; ++p) {
+        s[p][g] = exp2f(s[p][g] - m_new);
+        sum += s[p][g];
+      }
+#pragma unroll
+      for (int off = VPR; off < 32; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      l[g] = l[g] * alpha + sum;
+      m[g] = m_new;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[g][e] *= alpha;
     }
+    // O += P · V for this lane's token rows and dims.
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) {
       float vf[8];
       kiln::unpack8(vv[p], vf);
-      const int j = p * TPR + tl;
 #pragma unroll
-      for (int g = 0; g < GROUP; ++g) {
-        const float pr = s_p[g][j];
+      for (int g = 0; g < GROUP; ++g)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) o[g][e] = fmaf(pr, vf[e], o[g][e]);
-      }
+        for (int e = 0; e < 8; ++e) o[g][e] = fmaf(s[p][g], vf[e], o[g][e]);
     }
-    __syncthreads();
   }
 
-  // Reduce O over the TPR token rows, one head at a time.
+  // Sum O over the token rows of the warp, then merge the warps' states through shared memory.
 #pragma unroll
-  for (int g = 0; g < GROUP; ++g) {
+  for (int g = 0; g < GROUP; ++g)
 #pragma unroll
-    for (int e = 0; e < 8; ++e) s_red[tl][dv * 8 + e] = o[g][e];
-    __syncthreads();
-    for (int d = tid; d < HEAD_DIM; d += DEC_THREADS) {
-      float acc = 0.f;
+    for (int e = 0; e < 8; ++e)
 #pragma unroll
-      for (int r = 0; r < TPR; ++r) acc += s_red[r][d];
-      const int h = kvh * GROUP + g;
-      if (max_splits == 1) {
-        const float l = s_l[g];
-        out[((long long)b * HEADS + h) * HEAD_DIM + d] = __float2bfloat16_rn(l > 0.f ? acc / l : 0.f);
-      } else {
-        const long long ps = ((long long)b * HEADS + h) * max_splits + split;
-        partial_o[ps * HEAD_DIM + d] = acc;
-        if (d == 0) { partial_ml[ps * 2] = s_m[g]; partial_ml[ps * 2 + 1] = s_l[g]; }
-      }
+      for (int off = VPR; off < 32; off <<= 1) o[g][e] += __shfl_xor_sync(0xffffffffu, o[g][e], off);
+  if (lane < VPR) {
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s_o[warp][g][dv * 8 + e] = o[g][e];
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < GROUP * HEAD_DIM; idx += DEC_THREADS) {
+    const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
+    float mt = kiln::neg_inf();
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) mt = fmaxf(mt, s_m[w][g]);
+    float acc = 0.f, lt = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+      const float f = s_m[w][g] == kiln::neg_inf() ? 0.f : exp2f(s_m[w][g] - mt);  // idle warps add 0
+      acc = fmaf(s_o[w][g][d], f, acc);
+      lt = fmaf(s_l[w][g], f, lt);
     }
-    __syncthreads();
+    const int h = kvh * GROUP + g;
+    if (max_splits == 1) {
+      out[((long long)b * HEADS + h) * HEAD_DIM + d] = __float2bfloat16_rn(lt > 0.f ? acc / lt : 0.f);
+    } else {
+      const long long ps = ((long long)b * HEADS + h) * max_splits + split;
+      partial_o[ps * HEAD_DIM + d] = acc;
+      if (d == 0) { partial_ml[ps * 2] = mt; partial_ml[ps * 2 + 1] = lt; }
+    }
   }
 }
 

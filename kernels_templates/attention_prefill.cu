@@ -15,18 +15,21 @@
 // query_start [B+1] int32; out [T, HEADS*HEAD_DIM] bf16. HEAD_DIM is 64 or 128; all rows 16-byte
 // aligned.
 // Work split: a CTA of 4 warps owns PF_BR = 64 query rows of one (sequence, q head), 16 per warp;
-// it walks key tiles of PF_BC = 64 up to its last row's position. Q, K, V tiles live in swizzled
-// shared memory (3 * 64 * HEAD_DIM bf16: 48 KB at HEAD_DIM 128, static); the V load of a tile
-// overlaps S = QK^T and the next K load overlaps O += PV. P stays in registers (the m16n8
-// accumulator layout is the A-operand layout). Masking only on tiles that cross the diagonal or
-// the end of the keys. Rows and keys out of range are zero-filled by cp.async and never stored.
+// it walks key tiles of PF_BC = 32 up to its last row's position through a PF_STAGES = 3 deep
+// cp.async pipeline (tile j+2 loads while tile j computes; one barrier per tile). K and V tiles
+// live in swizzled shared memory (3 stages * 2 * 32 * HEAD_DIM bf16: 48 KB at HEAD_DIM 128,
+// static); the Q tile is staged once through the last stage's buffers and then held in
+// registers. P stays in registers (the m16n8 accumulator layout is the A-operand layout).
+// Masking only on tiles that cross the diagonal or the end of the keys. Rows and keys out of
+// range are zero-filled by cp.async and never stored.
 // Launch: grid (ceil(T / 64), HEADS, B) — the x index counts tiles from the longest one down;
 // tiles past a sequence's q_len exit at once — block PF_THREADS (128), no dynamic shared memory.
 #include "common.cuh"
 
 #define PF_THREADS 128
 #define PF_BR 64
-#define PF_BC 64
+#define PF_BC 32
+#define PF_STAGES 3
 
 namespace pf {
 
@@ -41,6 +44,8 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Wait until at most one committed group is still in flight.
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
 __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -88,9 +93,11 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
   constexpr int DT = D / 8;        // n-tiles of O
   constexpr float LOG2E = 1.4426950408889634f;
 
-  __shared__ __align__(128) bf16 sQ[PF_BR * D];
-  __shared__ __align__(128) bf16 sK[PF_BC * D];
-  __shared__ __align__(128) bf16 sV[PF_BC * D];
+  // Stage s holds K at smem[s][0] and V at smem[s][1]; the Q tile (PF_BR = 2 * PF_BC rows) is
+  // staged first in the last stage's K and V buffers, which are contiguous.
+  static_assert(PF_BR == 2 * PF_BC, "attention_prefill: the Q tile must fill one stage");
+  __shared__ __align__(128) bf16 smem[PF_STAGES][2][PF_BC * D];
+  bf16* sQ = &smem[PF_STAGES - 1][0][0];
 
   const int b = blockIdx.z, h = blockIdx.y;
   if (b >= B) return;
@@ -108,20 +115,32 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
   const int kv_end = min(L, past + min(q0 + PF_BR, q_len));
   const int ntiles = (kv_end + PF_BC - 1) / PF_BC;
 
-  auto load_kv = [&](bf16* dst, const bf16* cache, int kt) {
+  // This thread's share of a K/V tile copy: rows lr0 + i * RPP, chunk lc (loop invariants).
+  constexpr int RPP = PF_THREADS / CH;          // rows per pass of the CTA
+  constexpr int LPT = PF_BC * CH / PF_THREADS;  // 16-byte copies per thread per K (or V) tile
+  const int lr0 = tid / CH, lc = tid % CH;
+  int soff[LPT];  // element offsets inside a stage buffer (swizzled)
 #pragma unroll
-    for (int i = 0; i < PF_BC * CH / PF_THREADS; ++i) {
-      const int idx = tid + i * PF_THREADS;
-      const int r = idx / CH, c = idx % CH;
-      const int pos = kt * PF_BC + r;
-      const bool valid = pos < kv_end;
-      const bf16* src = cache;
-      if (valid) src = cache + ((long long)bt[pos / BLOCK] * BLOCK + pos % BLOCK) * KVROW + kvh * D + c * 8;
-      pf::cp_async16(pf::tile_at<D>(dst, r, c), src, valid);
+  for (int i = 0; i < LPT; ++i) {
+    const int r = lr0 + i * RPP;
+    soff[i] = (r * CH + (lc ^ (r & 7))) * 8;
+  }
+  const bf16* kbase = k_cache + kvh * D + lc * 8;
+  const bf16* vbase = v_cache + kvh * D + lc * 8;
+  // Issues the cp.async copies of key tile kt (K and V) into stage `st`.
+  auto load_tile = [&](int st, int kt) {
+#pragma unroll
+    for (int i = 0; i < LPT; ++i) {
+      const unsigned pos = (unsigned)(kt * PF_BC + lr0 + i * RPP);
+      const bool valid = (int)pos < kv_end;
+      long long off = 0;
+      if (valid) off = ((long long)bt[pos / BLOCK] * BLOCK + pos % BLOCK) * KVROW;
+      pf::cp_async16(&smem[st][0][0] + soff[i], kbase + off, valid);
+      pf::cp_async16(&smem[st][1][0] + soff[i], vbase + off, valid);
     }
   };
 
-  // Q tile and the first K tile.
+  // Prologue: Q and tile 0 (group 0), tile 1 (group 1).
 #pragma unroll
   for (int i = 0; i < PF_BR * CH / PF_THREADS; ++i) {
     const int idx = tid + i * PF_THREADS;
@@ -130,9 +149,11 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
     const bf16* src = valid ? qkv + (long long)(qs + q0 + r) * STRIDE + h * D + c * 8 : qkv;
     pf::cp_async16(pf::tile_at<D>(sQ, r, c), src, valid);
   }
-  if (ntiles > 0) load_kv(sK, k_cache, 0);
+  load_tile(0, 0);
   pf::cp_async_commit();
-  pf::cp_async_wait_all();
+  if (ntiles > 1) load_tile(1, 1);
+  pf::cp_async_commit();
+  pf::cp_async_wait_1();
   __syncthreads();
 
   // Q fragments of this warp's 16 rows (A operand, row-major).
@@ -152,26 +173,34 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
   const int row_pos1 = row_pos0 + 8;
   const int cta_first_pos = past + q0;
 
+  int st = 0, st_next2 = 2;  // stages of tile kt and of tile kt + 2
   for (int kt = 0; kt < ntiles; ++kt) {
-    load_kv(sV, v_cache, kt);
-    pf::cp_async_commit();
+    pf::cp_async_wait_1();  // tile kt landed (only tile kt+1 may still be in flight)
+    __syncthreads();        // ... for every thread; every warp is done with tile kt-1 (and Q)
+    if (kt + 2 < ntiles) load_tile(st_next2, kt + 2);
+    pf::cp_async_commit();  // possibly empty: keeps one group per tile
+    const bf16* sK = &smem[st][0][0];
+    const bf16* sV = &smem[st][1][0];
+    st = st == PF_STAGES - 1 ? 0 : st + 1;
+    st_next2 = st_next2 == PF_STAGES - 1 ? 0 : st_next2 + 1;
 
-    // S = Q K^T for 16 rows x 64 keys.
+    // S = Q K^T for 16 rows x PF_BC keys.
     float s[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    // k-steps outermost: the NT accumulators form independent MMA chains.
 #pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
+    for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
+      for (int np = 0; np < NT / 2; ++np) {
         unsigned kb[4];
-        pf::ldsm_x4(kb, pf::tile_at<D>(sK, np * 16 + (lane >> 4) * 8 + (lane & 7), ks * 2 + ((lane >> 3) & 1)));
+        pf::ldsm_x4(kb, pf::tile_at<D>(const_cast<bf16*>(sK), np * 16 + (lane >> 4) * 8 + (lane & 7), ks * 2 + ((lane >> 3) & 1)));
         pf::mma16816(s[2 * np], qf[ks], kb[0], kb[1]);
         pf::mma16816(s[2 * np + 1], qf[ks], kb[2], kb[3]);
       }
     }
 
-    // Scale, mask, online softmax.
+    // Mask, online softmax (running max in raw score units; the scale folds into one FFMA).
     const int key0 = kt * PF_BC;
     const bool need_mask = key0 + PF_BC - 1 > cta_first_pos || key0 + PF_BC > kv_end;
     float mx[2] = {kiln::neg_inf(), kiln::neg_inf()};
@@ -179,49 +208,45 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float v = s[nt][e] * sl2;
         if (need_mask) {
           const int key = key0 + nt * 8 + (lane & 3) * 2 + (e & 1);
           const int rp = e < 2 ? row_pos0 : row_pos1;
-          if (key > rp || key >= kv_end) v = kiln::neg_inf();
+          if (key > rp || key >= kv_end) s[nt][e] = kiln::neg_inf();
         }
-        s[nt][e] = v;
-        mx[e >> 1] = fmaxf(mx[e >> 1], v);
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
       }
     }
-    float alpha[2];
+    float alpha[2], msc[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       const float m_new = fmaxf(m_run[r], mx[r]);
       const float m_use = m_new == kiln::neg_inf() ? 0.f : m_new;  // a fully masked row so far
-      alpha[r] = exp2f(m_run[r] - m_use);
+      alpha[r] = exp2f((m_run[r] - m_use) * sl2);
       m_run[r] = m_new;
-      mx[r] = m_use;
+      msc[r] = -m_use * sl2;
     }
     float rs[2] = {0.f, 0.f};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(s[nt][e] - mx[e >> 1]);
+        const float p = exp2f(fmaf(s[nt][e], sl2, msc[e >> 1]));
         s[nt][e] = p;
         rs[e >> 1] += p;
       }
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+    // Rescale O only when some row's max moved (warp-uniform branch).
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
+      for (int i = 0; i < DT; ++i) {
+        o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
+        o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
+      }
     }
-
-    pf::cp_async_wait_all();  // V(kt) landed
-    __syncthreads();          // ... for every thread; and every warp is done with K(kt)
-    if (kt + 1 < ntiles) load_kv(sK, k_cache, kt + 1);
-    pf::cp_async_commit();
 
     // O += P V: P (bf16) from the S accumulators, V through ldmatrix.trans.
 #pragma unroll
@@ -234,14 +259,13 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
 #pragma unroll
       for (int dp = 0; dp < DT / 2; ++dp) {
         unsigned vb[4];
-        pf::ldsm_x4_t(vb, pf::tile_at<D>(sV, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
+        pf::ldsm_x4_t(vb, pf::tile_at<D>(const_cast<bf16*>(sV), kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
         pf::mma16816(o[2 * dp], pa, vb[0], vb[1]);
         pf::mma16816(o[2 * dp + 1], pa, vb[2], vb[3]);
       }
     }
-    pf::cp_async_wait_all();  // K(kt+1) landed
-    __syncthreads();          // ... for every thread; and every warp is done with V(kt)
   }
+  pf::cp_async_wait_all();
 
   // Normalize and store the valid rows.
 #pragma unroll

@@ -17,7 +17,14 @@
 // Launch: grid (ceil(N / (GEMV_WARPS * ROWS))), block GEMV_WARPS*32 = 256, no dynamic shared memory.
 #include "common.cuh"
 
+// Tuning knobs (the launch code assumes the defaults): warps per CTA, and 16-byte weight loads in
+// flight per lane (split over the warp's weight rows).
+#ifndef GEMV_WARPS
 #define GEMV_WARPS 8
+#endif
+#ifndef GEMV_LOADS
+#define GEMV_LOADS 8
+#endif
 
 template <int K, int MMAX, int EPI>
 struct GemvCfg {
@@ -27,7 +34,7 @@ struct GemvCfg {
   static constexpr int ROWS = (MMAX >= 4 && EPI != 2) ? 2 : 1;  // output columns per warp
   static constexpr int NW = EPI == 2 ? 2 : 1;                   // weight rows per output column
   static constexpr int WR = ROWS * NW;                          // weight rows per warp
-  static constexpr int UNROLL = 8 / WR;                         // vectors in flight per row
+  static constexpr int UNROLL = GEMV_LOADS / WR > 0 ? GEMV_LOADS / WR : 1;  // vectors in flight per row
   static constexpr int CHUNK = 32 * 8;                          // elements per warp step
   static constexpr int STEPS = (K + CHUNK - 1) / CHUNK;
   static constexpr int FULL = STEPS / UNROLL;                   // unguarded groups of steps

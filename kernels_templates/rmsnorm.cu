@@ -8,7 +8,7 @@
 //     (the decoder layer's `hidden = residual + hidden; normed = norm(hidden)` in one pass)
 //
 // x, residual, out: [T, H] bf16 row-major, 16-byte aligned; w: [H] bf16. H % 8 == 0.
-// out may alias x (each thread reads its elements before writing them).
+// out may alias x (each thread reads its elements before writing them), not residual.
 // Launch: grid (T), block RmsCfg<H>::THREADS = min(256, roundup(H/8, 32)). Any T >= 0.
 #include "common.cuh"
 

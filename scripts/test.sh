@@ -5,4 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN_DEMO_GGUF=$(scripts/fetch-demo-model.sh)
 export KILN_DEMO_GGUF
+# NVRTC 13.0 and the CUDA headers from PyPI (no GPU needed): the kernel-compile tests use them and
+# must not be skipped here (KILN_REQUIRE_NVRTC=1).
+nvrtc_env=$(scripts/install-nvrtc.sh)
+KILN_NVRTC_LIB=$(sed -n 's/^lib=//p' <<<"$nvrtc_env")
+KILN_CUDA_INCLUDE=$(sed -n 's/^include=//p' <<<"$nvrtc_env")
+export KILN_NVRTC_LIB KILN_CUDA_INCLUDE KILN_REQUIRE_NVRTC=1
+export LD_LIBRARY_PATH="$KILN_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --workspace "$@"

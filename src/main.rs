@@ -3,7 +3,6 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln::compiler::build::{check_weights, graph_for, model_for};
 use kiln::compiler::{build, BuildOptions};
 use kiln::runtime::chat::{ChatMessage, ChatTemplate};
 use kiln::runtime::cpu::CpuExecutor;
@@ -42,17 +41,18 @@ enum Command {
         /// Model description to use instead of the built-in one for the config's model_type.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Build the graph as written, without the rewriter (to compare the two engines).
+        #[arg(long)]
+        no_optimize: bool,
+        /// Compute precision: f32, or bf16/f16 through precision lowering.
+        #[arg(long, default_value = "f32", value_parser = cli::inspect::parse_dtype)]
+        dtype: kiln::runtime::ir::DType,
     },
     /// Generate text with an engine, streaming tokens to stdout.
     Run(RunArgs),
-    /// Print the graph of an engine, or of a model file bound to a config.
-    Inspect {
-        /// An engine file, or a model file (.ron) with --config.
-        target: PathBuf,
-        /// config.json for a model file.
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
+    /// Print a graph at a stage of the compiler (parsed, optimized, lowered), explain the
+    /// rewriter, or summarize it as JSON.
+    Inspect(cli::inspect::InspectArgs),
     /// Measure latency and throughput over batch sizes and input:output lengths.
     Bench {
         /// Engine file.
@@ -177,7 +177,7 @@ fn tokenizer_of(engine: &Engine) -> Result<Tokenizer> {
     Ok(Tokenizer::from_json(json)?)
 }
 
-fn cmd_build(checkpoint: &Path, output: &Path, model: Option<PathBuf>) -> Result<()> {
+fn cmd_build(checkpoint: &Path, output: &Path, opts: BuildOptions) -> Result<()> {
     let t0 = Instant::now();
     let pb = ProgressBar::new(0);
     pb.set_style(
@@ -189,7 +189,7 @@ fn cmd_build(checkpoint: &Path, output: &Path, model: Option<PathBuf>) -> Result
     let report = build(
         checkpoint,
         output,
-        &BuildOptions { model_file: model },
+        &opts,
         &|done, total| {
             pb.set_length(total as u64);
             pb.set_position(done as u64);
@@ -204,6 +204,24 @@ fn cmd_build(checkpoint: &Path, output: &Path, model: Option<PathBuf>) -> Result
         report.weights,
         report.parameters as f64 / 1e6
     );
+    if let Some(r) = &report.rewrite {
+        eprintln!(
+            "rewriter: {:.0} ms; estimated decode step {:.1} → {:.1} µs, {} → {} kernels \
+             (kiln inspect --explain for details)",
+            r.total_ms,
+            r.cost_before.time_ns / 1e3,
+            r.cost_after.time_ns / 1e3,
+            r.cost_before.kernels,
+            r.cost_after.kernels
+        );
+        for p in r.phases.iter().filter(|p| !p.saturated) {
+            eprintln!(
+                "warning: rewrite phase `{}` stopped at its {} before saturating; \
+                 the engine is valid but may miss fusions",
+                p.name, p.stop
+            );
+        }
+    }
     Ok(())
 }
 
@@ -278,28 +296,6 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_inspect(target: &Path, config: Option<&Path>) -> Result<()> {
-    let graph = if target.extension().is_some_and(|e| e == "ron") {
-        let config_path = config.context("a model file needs --config <config.json>")?;
-        let text = std::fs::read_to_string(config_path)
-            .with_context(|| format!("reading {}", config_path.display()))?;
-        let cfg: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", config_path.display()))?;
-        let model = model_for(&cfg, Some(target))?;
-        graph_for(&model, &cfg)?
-    } else if target.is_dir() || target.extension().is_some_and(|e| e == "gguf") {
-        let ckpt = kiln::compiler::loader::Checkpoint::open(target)?;
-        let model = model_for(&ckpt.config, None)?;
-        let g = graph_for(&model, &ckpt.config)?;
-        check_weights(&g, &ckpt.tensors())?;
-        g
-    } else {
-        Engine::open(target)?.graph
-    };
-    print!("{graph}");
-    Ok(())
-}
-
 fn cmd_tokenize(engine: &Path, text: &str, json: bool) -> Result<()> {
     let engine = Engine::open(engine)?;
     let ids = tokenizer_of(&engine)?.encode(text)?;
@@ -327,9 +323,19 @@ fn main() -> ExitCode {
             checkpoint,
             output,
             model,
-        } => cmd_build(&checkpoint, &output, model),
+            no_optimize,
+            dtype,
+        } => cmd_build(
+            &checkpoint,
+            &output,
+            BuildOptions {
+                model_file: model,
+                no_optimize,
+                dtype,
+            },
+        ),
         Command::Run(args) => cmd_run(args),
-        Command::Inspect { target, config } => cmd_inspect(&target, config.as_deref()),
+        Command::Inspect(args) => cli::inspect::run(&args),
         Command::Tokenize { engine, text, json } => cmd_tokenize(&engine, &text, json),
         Command::Bench {
             engine,

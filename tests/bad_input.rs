@@ -423,7 +423,7 @@ fn small_gguf() -> Vec<u8> {
     out.extend(16u64.to_le_bytes());
     out.extend(0u32.to_le_bytes());
     out.extend(0u64.to_le_bytes());
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     for i in 0..8 * 16 {
@@ -654,6 +654,33 @@ fn prompt_longer_than_the_context_window() {
         }
         other => panic!("expected PromptTooLong, got {other:?}"),
     }
+}
+
+/// A model file without an output named `logits` builds, but `kiln run` cannot sample from it.
+#[test]
+fn model_without_logits_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write(
+        dir.path(),
+        "scores.ron",
+        r#"Model(family: "toy", params: [("hidden", Config("hidden_size")), ("vocab", Config("vocab_size"))], body: [
+            Let("tokens", Tokens),
+            Let("embed", Weight("model.embed_tokens.weight", ["vocab", "hidden"])),
+            Let("x", Gather("embed", "tokens")),
+            Output("scores", "x"),
+        ])"#,
+    );
+    let engine = dir.path().join("scores.kiln");
+    succeeds(&[
+        "build".as_ref(),
+        p(&shared().ckpt()),
+        "-o".as_ref(),
+        p(&engine),
+        "--model".as_ref(),
+        p(&model),
+    ]);
+    let msg = fails(&run_args(&engine));
+    assert!(msg.contains("no output named `logits`"), "{msg}");
 }
 
 #[test]

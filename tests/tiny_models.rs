@@ -381,7 +381,7 @@ fn cli_build_inspect_and_missing_tokenizer() {
 }
 
 /// The worked example of `docs/model-language.md` (a toy family with a ReLU MLP per layer) is
-/// taken from the page, built with `--model` semantics on a checkpoint written here, and run:
+/// taken from the page, built with `kiln build --model` on a checkpoint written here, and run:
 /// its logits match a direct computation, so the documented example stays true.
 #[test]
 fn documented_toy_family_builds_and_runs() {
@@ -424,11 +424,20 @@ fn documented_toy_family_builds_and_runs() {
     )
     .unwrap();
     let out = dir.path().join("toy.kiln");
-    let opts = BuildOptions {
-        model_file: Some(model),
-        ..Default::default()
-    };
-    build(&ckpt, &out, &opts, &|_, _| {}).unwrap();
+    let status = kiln()
+        .arg("build")
+        .arg(&ckpt)
+        .arg("-o")
+        .arg(&out)
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "kiln build --model toy.ron: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let engine = Engine::open(&out).unwrap();
     assert_eq!(engine.graph.find("blocks.1.x"), Some(19));
     let exec = engine.cpu_executor().unwrap();

@@ -5,7 +5,11 @@ use crate::graph::expand;
 use crate::loader::{Checkpoint, LoadError};
 use crate::model::{builtin_for, params::bind, ModelError, ModelFile};
 use kiln_runtime::engine::GenerationConfig;
-use kiln_runtime::ir::{Graph, NodeId};
+use crate::rewrite::derive::{evaluate, DerivedWeight};
+use crate::rewrite::report::RewriteReport;
+use crate::rewrite::{optimize, RewriteOptions};
+use kiln_runtime::cpu::ExecError;
+use kiln_runtime::ir::{DType, Graph, NodeId};
 use kiln_runtime::tokenizer::Tokenizer;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -34,10 +38,48 @@ pub enum BuildError {
 }
 
 /// Options of `kiln build`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct BuildOptions {
     /// A model file to use instead of the built-in one for the config's `model_type`.
     pub model_file: Option<PathBuf>,
+    /// Build the graph as written, without the rewriter (`kiln build --no-optimize`).
+    pub no_optimize: bool,
+    /// Compute precision (`--dtype`): `F32`, or `BF16`/`F16` through precision lowering.
+    pub dtype: DType,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            model_file: None,
+            no_optimize: false,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// The graph a build compiles: the expanded model, rewritten unless `no_optimize`. Returns the
+/// graph, its derived weights, and the rewrite report (`None` without the rewriter).
+pub fn compile_graph(
+    graph: &Graph,
+    opts: &BuildOptions,
+) -> Result<(Graph, Vec<DerivedWeight>, Option<RewriteReport>), BuildError> {
+    if opts.no_optimize {
+        if opts.dtype != DType::F32 {
+            return Err(BuildError::Other(format!(
+                "--dtype {} needs the rewriter (precision lowering is a rewrite); drop --no-optimize",
+                opts.dtype.name()
+            )));
+        }
+        return Ok((graph.clone(), vec![], None));
+    }
+    let rewrite = RewriteOptions {
+        dtype: opts.dtype,
+        // A rule bug panics in tests and debug builds; a release build reports it as an error.
+        permissive: !cfg!(debug_assertions),
+    };
+    let out = optimize(graph, &rewrite).map_err(|e| BuildError::Other(e.to_string()))?;
+    Ok((out.graph, out.derived, Some(out.report)))
 }
 
 /// The model file for a checkpoint: the given one, or kiln's built-in file for its `model_type`.
@@ -128,6 +170,8 @@ pub struct BuildReport {
     pub weights: usize,
     /// Parameters (elements) written.
     pub parameters: usize,
+    /// What the rewriter did (`None` with `--no-optimize`).
+    pub rewrite: Option<RewriteReport>,
 }
 
 /// Builds an engine from a checkpoint. `progress(done, total)` is called as weights are read.
@@ -141,6 +185,9 @@ pub fn build(
     let model = model_for(&ckpt.config, opts.model_file.as_deref())?;
     let graph = graph_for(&model, &ckpt.config)?;
     check_weights(&graph, &ckpt.tensors())?;
+    let (graph, derived, rewrite) = compile_graph(&graph, opts)?;
+    let recipes: HashMap<&str, &DerivedWeight> =
+        derived.iter().map(|d| (d.name.as_str(), d)).collect();
     let tokenizer = match &ckpt.tokenizer_json {
         Some(t) => Some(
             Tokenizer::from_json(t).map_err(|e| BuildError::Other(format!("tokenizer: {e}")))?,
@@ -170,7 +217,19 @@ pub fn build(
                 .iter()
                 .map(|d| d.constant as usize)
                 .collect();
-            let data = ckpt.read_f32(name)?;
+            let data = match recipes.get(name) {
+                None => ckpt.read_f32(name)?,
+                Some(d) => evaluate(d, |source, _| {
+                    ckpt.read_f32(source).map_err(|e| ExecError::Weight {
+                        name: source.into(),
+                        message: e.to_string(),
+                    })
+                })
+                .map_err(|e| BuildError::Weight {
+                    name: name.into(),
+                    message: format!("evaluating the derived weight: {e}"),
+                })?,
+            };
             let tensor = EngineTensor::weight(name, shape, &data, safetensors::Dtype::F32);
             progress(
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
@@ -198,5 +257,6 @@ pub fn build(
         nodes: graph.nodes.len(),
         weights: total,
         parameters,
+        rewrite,
     })
 }

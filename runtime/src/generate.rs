@@ -91,6 +91,9 @@ pub enum GenerateError {
     /// GPU failure.
     #[error(transparent)]
     Cuda(#[from] crate::cuda::CudaError),
+    /// The model has no `logits` output to sample the next token from.
+    #[error("the model cannot generate text: {0}")]
+    NoLogits(String),
 }
 
 /// Something that turns fed tokens into next-token logits: one sequence on some executor.
@@ -121,7 +124,18 @@ impl Decoder for CpuDecoder<'_> {
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let out = self.exec.step(&mut self.session, &ids, &[])?;
-        Ok(last_row(&out.outputs["logits"]).to_vec())
+        let logits = out.outputs.get("logits").ok_or_else(|| {
+            GenerateError::NoLogits(
+                "its graph has no output named `logits` (declare one with `Output(\"logits\", …)`)"
+                    .into(),
+            )
+        })?;
+        if logits.shape.is_empty() {
+            return Err(GenerateError::NoLogits(
+                "its `logits` output is a scalar, not [batch, seq, vocab]".into(),
+            ));
+        }
+        Ok(last_row(logits).to_vec())
     }
     fn past(&self) -> usize {
         self.session.past()

@@ -1,4 +1,5 @@
 //! Subcommands of the `kiln` CLI that live outside `main.rs`.
 
 pub mod bench;
+pub mod inspect;
 pub mod teacher_force;

@@ -30,6 +30,8 @@ pub enum TemplateFile {
     RmsNorm,
     /// `gemv.cu`
     Gemv,
+    /// `gemv_tc.cu`
+    GemvTc,
     /// `elementwise.cu`
     Elementwise,
     /// `rope.cu`
@@ -46,10 +48,11 @@ pub enum TemplateFile {
 
 impl TemplateFile {
     /// Every template file.
-    pub const ALL: [TemplateFile; 9] = [
+    pub const ALL: [TemplateFile; 10] = [
         TemplateFile::Embedding,
         TemplateFile::RmsNorm,
         TemplateFile::Gemv,
+        TemplateFile::GemvTc,
         TemplateFile::Elementwise,
         TemplateFile::Rope,
         TemplateFile::AttentionDecode,
@@ -64,6 +67,7 @@ impl TemplateFile {
             TemplateFile::Embedding => "embedding.cu",
             TemplateFile::RmsNorm => "rmsnorm.cu",
             TemplateFile::Gemv => "gemv.cu",
+            TemplateFile::GemvTc => "gemv_tc.cu",
             TemplateFile::Elementwise => "elementwise.cu",
             TemplateFile::Rope => "rope.cu",
             TemplateFile::AttentionDecode => "attention_decode.cu",
@@ -79,6 +83,7 @@ impl TemplateFile {
             TemplateFile::Embedding => include_str!("../../../kernels_templates/embedding.cu"),
             TemplateFile::RmsNorm => include_str!("../../../kernels_templates/rmsnorm.cu"),
             TemplateFile::Gemv => include_str!("../../../kernels_templates/gemv.cu"),
+            TemplateFile::GemvTc => include_str!("../../../kernels_templates/gemv_tc.cu"),
             TemplateFile::Elementwise => include_str!("../../../kernels_templates/elementwise.cu"),
             TemplateFile::Rope => include_str!("../../../kernels_templates/rope.cu"),
             TemplateFile::AttentionDecode => {
@@ -104,8 +109,10 @@ pub enum KernelFamily {
     RmsNorm,
     /// `add_rmsnorm<H>`
     AddRmsNorm,
-    /// `gemv<K, MMAX, EPI, OutT>`
+    /// `gemv<K, MMAX, EPI, OutT>` (CUDA cores)
     Gemv,
+    /// `gemv_tc<K, MMAX, EPI, OutT>` (tensor cores; same arguments as `gemv`)
+    GemvTc,
     /// `add_inplace` (not a template)
     AddInplace,
     /// `silu_mul<F>`
@@ -134,6 +141,7 @@ impl KernelFamily {
             KernelFamily::RmsNorm => "rmsnorm",
             KernelFamily::AddRmsNorm => "add_rmsnorm",
             KernelFamily::Gemv => "gemv",
+            KernelFamily::GemvTc => "gemv_tc",
             KernelFamily::AddInplace => "add_inplace",
             KernelFamily::SiluMul => "silu_mul",
             KernelFamily::RopeAppend => "rope_append",
@@ -152,6 +160,7 @@ impl KernelFamily {
             KernelFamily::Embedding => TemplateFile::Embedding,
             KernelFamily::RmsNorm | KernelFamily::AddRmsNorm => TemplateFile::RmsNorm,
             KernelFamily::Gemv => TemplateFile::Gemv,
+            KernelFamily::GemvTc => TemplateFile::GemvTc,
             KernelFamily::AddInplace | KernelFamily::SiluMul => TemplateFile::Elementwise,
             KernelFamily::RopeAppend => TemplateFile::Rope,
             KernelFamily::AttentionDecode | KernelFamily::AttentionDecodeMerge => {
@@ -327,10 +336,26 @@ impl KernelInstance {
     }
 
     /// `gemv<K, MMAX, EPI, OutT>(const bf16* x, int M, const bf16* w, int N,
-    /// const bf16* residual, OutT* out)` for `M <= mmax` rows.
+    /// const bf16* residual, OutT* out)` for `M <= mmax` rows, on CUDA cores. The fastest choice
+    /// at M = 1 (use `mmax = 1`); from M = 2 it becomes ALU-bound: use
+    /// [`KernelInstance::gemv_tc`] there (measured in `bench/RESULTS.md`).
     pub fn gemv(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
         Self::new(
             KernelFamily::Gemv,
+            vec![
+                TemplateArg::Int(k as i64),
+                TemplateArg::Int(mmax as i64),
+                TemplateArg::Int(epi as i64),
+                TemplateArg::Type(out),
+            ],
+        )
+    }
+
+    /// `gemv_tc<K, MMAX, EPI, OutT>`: the [`KernelInstance::gemv`] contract on tensor cores
+    /// (`K % 32 == 0`, `mmax <= 8`; its cost does not depend on M).
+    pub fn gemv_tc(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
+        Self::new(
+            KernelFamily::GemvTc,
             vec![
                 TemplateArg::Int(k as i64),
                 TemplateArg::Int(mmax as i64),
@@ -426,7 +451,7 @@ impl KernelInstance {
 
     /// Launch shape for these runtime sizes:
     /// - embedding, rmsnorm, add_rmsnorm, rope_append: grid `tokens`;
-    /// - gemv: grid from `n` (output columns);
+    /// - gemv, gemv_tc: grid from `n` (output columns);
     /// - add_inplace: from `elements`; silu_mul: from `tokens`;
     /// - attention_decode: (`max_splits`, kv heads, `batch`); the merge: (heads, `batch`);
     /// - attention_prefill(_simple): (from `tokens`, heads, `batch`);
@@ -455,6 +480,7 @@ impl KernelInstance {
                 let per_cta = threads::GEMV_WARPS as usize * self.gemv_cols_per_warp();
                 one((rt.n.div_ceil(per_cta), 1, 1), threads::GEMV_WARPS * 32)
             }
+            KernelFamily::GemvTc => one((rt.n.div_ceil(16), 1, 1), threads::GEMV_WARPS * 32),
             KernelFamily::AddInplace => {
                 let work = rt.elements.div_ceil(8);
                 one(
@@ -580,8 +606,8 @@ impl LlamaDims {
 
 /// Every kernel instance the compiler can emit for a Llama-family model, without duplicates:
 /// embedding; rmsnorm and add_rmsnorm; the decode GEMVs (QKV, O + residual, gate_up gated,
-/// down + residual, lm_head in f32, and plain bf16 forms of each K) for MMAX buckets 1 and
-/// `max_gemv_rows`; the prefill GEMM epilogues (add_inplace, silu_mul); rope_append; decode
+/// down + residual, lm_head in f32, and plain bf16 forms of each K) on CUDA cores for MMAX
+/// buckets 1 and `max_gemv_rows`, and on tensor cores for `max_gemv_rows`; the prefill GEMM epilogues (add_inplace, silu_mul); rope_append; decode
 /// attention and its merge; prefill attention (tensor-core when the head size allows, and the
 /// CUDA-core fallback); argmax and sample.
 pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
@@ -598,17 +624,28 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
         KernelInstance::rmsnorm(h),
         KernelInstance::add_rmsnorm(h),
     ];
-    let mut buckets = vec![1, cfg.max_gemv_rows.clamp(1, 8)];
+    let mmax = cfg.max_gemv_rows.clamp(1, 8);
+    let mut buckets = vec![1, mmax];
     buckets.dedup();
+    use GemvEpilogue::*;
+    let gemvs = [
+        (h, Plain, OutType::Bf16),          // QKV
+        (attn, Residual, OutType::Bf16),    // O + residual
+        (h, Gated, OutType::Bf16),          // gate_up -> silu·mul
+        (cfg.ffn, Residual, OutType::Bf16), // down + residual
+        (h, Plain, OutType::F32),           // lm_head
+        (attn, Plain, OutType::Bf16),       // unfused O
+        (cfg.ffn, Plain, OutType::Bf16),    // unfused down
+    ];
     for &m in &buckets {
-        use GemvEpilogue::*;
-        out.push(KernelInstance::gemv(h, m, Plain, OutType::Bf16)); // QKV
-        out.push(KernelInstance::gemv(attn, m, Residual, OutType::Bf16)); // O + residual
-        out.push(KernelInstance::gemv(h, m, Gated, OutType::Bf16)); // gate_up -> silu·mul
-        out.push(KernelInstance::gemv(cfg.ffn, m, Residual, OutType::Bf16)); // down + residual
-        out.push(KernelInstance::gemv(h, m, Plain, OutType::F32)); // lm_head
-        out.push(KernelInstance::gemv(attn, m, Plain, OutType::Bf16)); // unfused O
-        out.push(KernelInstance::gemv(cfg.ffn, m, Plain, OutType::Bf16)); // unfused down
+        for &(k, epi, ty) in &gemvs {
+            out.push(KernelInstance::gemv(k, m, epi, ty));
+        }
+    }
+    for &(k, epi, ty) in &gemvs {
+        if k % 32 == 0 {
+            out.push(KernelInstance::gemv_tc(k, mmax, epi, ty));
+        }
     }
     out.extend([
         KernelInstance::add_inplace(),
@@ -697,4 +734,131 @@ pub fn compile_with(
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_expressions_render_template_arguments() {
+        assert_eq!(KernelInstance::rmsnorm(4096).name_expr, "rmsnorm<4096>");
+        assert_eq!(
+            KernelInstance::gemv(4096, 1, GemvEpilogue::Gated, OutType::Bf16).name_expr,
+            "gemv<4096, 1, 2, __nv_bfloat16>"
+        );
+        assert_eq!(
+            KernelInstance::gemv_tc(14336, 8, GemvEpilogue::Residual, OutType::F32).name_expr,
+            "gemv_tc<14336, 8, 1, float>"
+        );
+        assert_eq!(
+            KernelInstance::rope_append(32, 8, 128, 16).name_expr,
+            "rope_append<32, 8, 128, 16>"
+        );
+        assert_eq!(
+            KernelInstance::attention_decode_merge(32, 128).name_expr,
+            "attention_decode_merge<32, 128>"
+        );
+        assert_eq!(KernelInstance::argmax().name_expr, "argmax");
+        assert_eq!(
+            KernelInstance::add_inplace().family.file(),
+            TemplateFile::Elementwise
+        );
+    }
+
+    #[test]
+    fn prefill_uses_tensor_cores_only_for_supported_head_sizes() {
+        assert_eq!(
+            KernelInstance::attention_prefill_for(32, 8, 128, 16).family,
+            KernelFamily::AttentionPrefill
+        );
+        assert_eq!(
+            KernelInstance::attention_prefill_for(8, 8, 96, 16).family,
+            KernelFamily::AttentionPrefillSimple
+        );
+    }
+
+    #[test]
+    fn llama_kernel_lists_have_no_duplicates_and_cover_every_family() {
+        for cfg in [
+            LlamaDims::smollm2_135m(),
+            LlamaDims::llama2_7b(),
+            LlamaDims::llama3_8b(),
+        ] {
+            let ks = llama_kernels(&cfg);
+            let names: std::collections::HashSet<_> = ks.iter().map(|k| &k.name_expr).collect();
+            assert_eq!(names.len(), ks.len());
+            let families: std::collections::HashSet<_> = ks.iter().map(|k| k.family).collect();
+            for f in [
+                KernelFamily::Embedding,
+                KernelFamily::RmsNorm,
+                KernelFamily::AddRmsNorm,
+                KernelFamily::Gemv,
+                KernelFamily::GemvTc,
+                KernelFamily::AddInplace,
+                KernelFamily::SiluMul,
+                KernelFamily::RopeAppend,
+                KernelFamily::AttentionDecode,
+                KernelFamily::AttentionDecodeMerge,
+                KernelFamily::AttentionPrefill,
+                KernelFamily::AttentionPrefillSimple,
+                KernelFamily::Argmax,
+                KernelFamily::Sample,
+            ] {
+                assert!(families.contains(&f), "{f:?} missing for {cfg:?}");
+            }
+            // Every template file's source is embedded and declares what the instances name.
+            for k in &ks {
+                assert!(
+                    k.family.file().source().contains(k.family.function()),
+                    "{}",
+                    k.name_expr
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn launch_dims_follow_the_template_headers() {
+        let rt = RuntimeSizes {
+            tokens: 2048,
+            batch: 3,
+            n: 4096,
+            elements: 1_000_003,
+            max_splits: 32,
+        };
+        let d = KernelInstance::rmsnorm(576).launch_dims(&rt);
+        assert_eq!((d.grid, d.block), ((2048, 1, 1), (96, 1, 1)));
+        assert_eq!(
+            KernelInstance::rmsnorm(4096).launch_dims(&rt).block,
+            (256, 1, 1)
+        );
+        let g1 = KernelInstance::gemv(4096, 1, GemvEpilogue::Plain, OutType::Bf16).launch_dims(&rt);
+        assert_eq!((g1.grid, g1.block), ((512, 1, 1), (256, 1, 1)));
+        let g8 =
+            KernelInstance::gemv(4096, 8, GemvEpilogue::Residual, OutType::Bf16).launch_dims(&rt);
+        assert_eq!(g8.grid, (256, 1, 1)); // two columns per warp
+        let tc =
+            KernelInstance::gemv_tc(4096, 8, GemvEpilogue::Gated, OutType::Bf16).launch_dims(&rt);
+        assert_eq!(tc.grid, (256, 1, 1));
+        let dec = KernelInstance::attention_decode(32, 8, 128, 16).launch_dims(&rt);
+        assert_eq!((dec.grid, dec.block), ((32, 8, 3), (128, 1, 1)));
+        let merge = KernelInstance::attention_decode_merge(32, 128).launch_dims(&rt);
+        assert_eq!((merge.grid, merge.block), ((32, 3, 1), (128, 1, 1)));
+        let pf = KernelInstance::attention_prefill(32, 8, 128, 16).launch_dims(&rt);
+        assert_eq!((pf.grid, pf.shared_bytes), ((32, 32, 3), 0));
+        let add = KernelInstance::add_inplace().launch_dims(&rt);
+        assert_eq!(add.grid, (489, 1, 1));
+        // No work still gives a valid (non-zero) grid.
+        let empty = KernelInstance::embedding(576).launch_dims(&RuntimeSizes::default());
+        assert_eq!(empty.grid, (1, 1, 1));
+    }
+
+    #[test]
+    fn decode_splits_fill_the_gpu_without_tiny_chunks() {
+        assert_eq!(decode_splits(1, 8, 8192, 132), 33);
+        assert_eq!(decode_splits(1, 8, 256, 132), 4); // no split shorter than a 64-token tile
+        assert_eq!(decode_splits(8, 8, 2048, 132), 5);
+        assert_eq!(decode_splits(64, 32, 4096, 132), 1);
+    }
 }

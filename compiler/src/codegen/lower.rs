@@ -10,7 +10,6 @@
 
 use kiln_runtime::ir::{DType, Graph, InputKind, NodeId, Op};
 use kiln_runtime::plan::{AttentionDims, BufId, BufType, Buffer, Epilogue, Launch, Plan, Rows};
-use std::collections::HashMap;
 
 /// What a graph node is, seen from the GPU.
 #[derive(Clone, Debug, PartialEq)]
@@ -165,7 +164,7 @@ impl<'g> Lowering<'g> {
         if *self.attention.get_or_insert(dims) != dims {
             return Err(self.err(id, "attention geometry differs between layers"));
         }
-        let (Val::Roped { buf: qkv, theta, .. }) = q else { unreachable!() };
+        let Val::Roped { buf: qkv, theta, .. } = q else { unreachable!() };
         let layer = self.layers;
         self.layers += 1;
         self.launches.push(Launch::RopeAppend { qkv, layer, theta });

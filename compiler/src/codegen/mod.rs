@@ -6,6 +6,8 @@
 //! - [`nvrtc`]: the NVRTC driver (library and header discovery, CUBIN output, lowered names).
 
 pub mod kernels;
+pub mod gpu;
+pub mod lower;
 pub mod nvrtc;
 
 pub use kernels::{

@@ -2,5 +2,6 @@
 //! tensors, and petgraph views for analyses.
 
 pub mod expand;
+pub mod print;
 
 pub use expand::expand;

@@ -218,7 +218,16 @@ impl Analysis<Node> for TypeAnalysis {
         let child = |id: Id| egraph[id].data.clone();
         match node_data(enode, &child, &egraph.analysis.leaves) {
             Ok(d) => d,
-            Err(e) => panic!("ill-typed e-node {enode}: {e}"),
+            Err(e) => {
+                // Only reachable after an unsound merge (appliers type-check what they add).
+                egraph.analysis.conflict(format!("ill-typed e-node {enode}: {e}"));
+                Data::Tensor(TensorInfo {
+                    ty: TensorType::new(DType::F32, vec![]),
+                    konst: false,
+                    scalar: None,
+                    input: None,
+                })
+            }
         }
     }
 

@@ -181,6 +181,30 @@ fn names_from_readers(
         .collect()
 }
 
+/// The name of a new node of op `op` that nobody named: after its inputs, `layers.0.wq.cast` for
+/// one input, `layers.0.wq+wk+wv` for several sharing the prefix `layers.0`.
+fn fallback_name(g: &Graph, inputs: &[NodeId], op: &str) -> String {
+    let names: Vec<&str> = inputs.iter().map(|&i| g.nodes[i].name.as_str()).collect();
+    match names.as_slice() {
+        [] => op.to_string(),
+        [one] => format!("{one}.{op}"),
+        many => {
+            let prefix = common_prefix(many.iter().copied());
+            let rests: Vec<&str> = many
+                .iter()
+                .map(|n| n[prefix.len()..].trim_start_matches('.'))
+                .collect();
+            if prefix.is_empty() {
+                op.to_string()
+            } else if rests.iter().any(|r| r.is_empty()) {
+                format!("{prefix}.{op}")
+            } else {
+                format!("{prefix}.{}", rests.join("+"))
+            }
+        }
+    }
+}
+
 /// Builds the graph of the extracted nodes. `names` names the classes of source-graph nodes.
 pub fn to_graph(
     eg: &KilnGraph,
@@ -235,16 +259,11 @@ pub fn to_graph(
             let base = match (names.get(&c), derived.get(&c)) {
                 (Some(n), _) | (None, Some(n)) => n.clone(),
                 _ => {
-                    let prefix = common_prefix(inputs.iter().map(|&i| g.nodes[i].name.as_str()));
                     let op = match &lowered {
                         Lowered::Op(op, _) => op.name().to_lowercase(),
                         _ => node.to_string(),
                     };
-                    if prefix.is_empty() {
-                        op
-                    } else {
-                        format!("{prefix}.{op}")
-                    }
+                    fallback_name(&g, &inputs, &op)
                 }
             };
             let name = unique(base);

@@ -241,3 +241,28 @@ pub fn layer_stats(graph: &Graph, prefix: &str) -> LayerStats {
     }
     s
 }
+
+/// The machine-readable summary of `kiln inspect --json`: the decoder layer `prefix` before and
+/// after rewriting, the rules fired, costs and phases.
+pub fn summary(parsed: &Graph, out: &super::Optimized, prefix: &str) -> serde_json::Value {
+    let (before, after) = (layer_stats(parsed, prefix), layer_stats(&out.graph, prefix));
+    let r = &out.report;
+    serde_json::json!({
+        "layer": prefix.trim_end_matches('.'),
+        "ops_per_layer_before": before.ops,
+        "kernels_per_layer_before": before.kernels,
+        "kernels_per_layer_after": after.kernels,
+        "layer_before": before,
+        "layer_after": after,
+        "rules_fired": r.rules_fired(),
+        "cost_before": r.cost_before.time_ns,
+        "cost_after": r.cost_after.time_ns,
+        "cost_before_detail": r.cost_before,
+        "cost_after_detail": r.cost_after,
+        "nodes_before": parsed.nodes.len(),
+        "nodes_after": out.graph.nodes.len(),
+        "derived_weights": r.derived_weights.len(),
+        "phases": r.phases,
+        "rewrite_ms": r.total_ms,
+    })
+}

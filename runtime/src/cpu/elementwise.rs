@@ -6,8 +6,11 @@
 //! function is a distinct closure, so they compile to straight vectorized loops. Unary and binary
 //! float ops write into their (first) input's buffer when nothing else shares it.
 
-use super::tensor::{contiguous_strides, is_int_storage, write_runs, Elem, Tensor};
+use super::math;
+use super::pool;
+use super::tensor::{contiguous_strides, is_int_storage, write_runs, Elem, Tensor, PAR_ELEMS};
 use crate::ir::{BinaryOp, DType, UnaryOp};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Numpy broadcast of two concrete shapes.
@@ -45,7 +48,7 @@ fn take_unique<T: Elem>(t: Tensor) -> Result<(Vec<usize>, Vec<T>), Tensor> {
 
 /// `f` of each element of `x`, in row-major order.
 fn map_new<A: Elem, O: Elem>(x: &Tensor, f: impl Fn(A) -> O + Sync) -> Vec<O> {
-    let mut out = vec![O::default(); x.numel()];
+    let mut out = pool::buffer(x.numel());
     let rx = x.raw::<A>();
     write_runs(
         &mut out,
@@ -93,7 +96,19 @@ pub(crate) fn unary(op: UnaryOp, x: Tensor) -> Result<Tensor, String> {
     let dtype = x.dtype;
     Ok(match op {
         UnaryOp::Neg => map_f32(x, dtype, |v| -v),
-        UnaryOp::Exp => map_f32(x, dtype, f32::exp),
+        UnaryOp::Exp => {
+            let (shape, mut v) = match take_unique::<f32>(x) {
+                Ok(owned) => owned,
+                Err(x) => (x.shape.clone(), x.to_vec()),
+            };
+            if v.len() >= 2 * PAR_ELEMS {
+                let exp = |c: &mut [f32]| math::exp_in_place(c, false);
+                v.par_chunks_mut(PAR_ELEMS).for_each(exp);
+            } else {
+                math::exp_in_place(&mut v, false);
+            }
+            Tensor::new(dtype, shape, v)
+        }
         UnaryOp::Sqrt => map_f32(x, dtype, f32::sqrt),
         UnaryOp::Rsqrt => map_f32(x, dtype, |v| 1.0 / v.sqrt()),
         UnaryOp::Recip => map_f32(x, dtype, |v| 1.0 / v),
@@ -157,7 +172,7 @@ fn zip_new<A: Elem, O: Elem>(
     shape: &[usize],
     f: impl Fn(A, A) -> O + Sync,
 ) -> Vec<O> {
-    let mut out = vec![O::default(); shape.iter().product()];
+    let mut out = pool::buffer(shape.iter().product());
     let (ra, rb) = (a.raw::<A>(), b.raw::<A>());
     let (sa, sb) = (a.broadcast_strides(shape), b.broadcast_strides(shape));
     write_runs(
@@ -289,7 +304,7 @@ pub(crate) fn where_(cond: Tensor, a: Tensor, b: Tensor) -> Result<Tensor, Strin
         let (rc, ra, rb) = (c.raw::<i32>(), a.raw::<T>(), b.raw::<T>());
         let sc = c.broadcast_strides(shape);
         let (sa, sb) = (a.broadcast_strides(shape), b.broadcast_strides(shape));
-        let mut out = vec![T::default(); shape.iter().product()];
+        let mut out = pool::buffer(shape.iter().product());
         let base = [c.offset, a.offset, b.offset];
         write_runs(
             &mut out,

@@ -17,6 +17,8 @@ use rayon::prelude::*;
 
 /// Largest `m` handled by the streaming kernels; above it `gemm`'s packing pays for itself.
 pub(crate) const SMALL_M: usize = 8;
+/// Multiply-adds below which a batch of products runs on one thread.
+const PAR_WORK: usize = 1 << 17;
 /// Elements of `b` read per parallel task, at least (keeps rayon's per-task cost negligible).
 const TASK_ELEMS: usize = 1 << 15;
 /// Accumulators of one [`gemv_nn`] block (they stay in L1).
@@ -228,7 +230,8 @@ pub(crate) fn matmul(a: Tensor, b: Tensor) -> Result<Tensor, String> {
         }
     };
     let items: usize = batch[..nb].iter().product();
-    let mut out = vec![0f32; items * mf * n];
+    // Every element is written below.
+    let mut out = super::pool::buffer::<f32>(items * mf * n);
     let (ad, bd) = (a.raw::<f32>(), b.raw::<f32>());
     let (sak, sbk, sbn) = (a.strides[ra - 1], b.strides[rb - 2], b.strides[rb - 1]);
     let block = mf * n;
@@ -256,9 +259,13 @@ pub(crate) fn matmul(a: Tensor, b: Tensor) -> Result<Tensor, String> {
     };
     if block > 0 {
         let threads = rayon::current_num_threads();
+        let work = items * block * k;
         if items == 1 || (items < 2 * threads && block * k >= 1 << 20) {
             // Few large products: parallelize inside each one.
             out.chunks_mut(block).enumerate().for_each(|x| run(x, true));
+        } else if work < PAR_WORK {
+            // Too little work to be worth waking other threads.
+            out.chunks_mut(block).enumerate().for_each(|x| run(x, false));
         } else {
             out.par_chunks_mut(block)
                 .enumerate()

@@ -1,23 +1,34 @@
 //! The CPU executor: runs a [`Graph`] in `f32` on the host. It is the numerical oracle for every
 //! rewrite and kernel of the project, and the fallback where no GPU exists.
 //!
-//! - Values are strided views over shared buffers (`tensor.rs`): Transpose, Slice and the Reshape
-//!   of a contiguous value copy nothing. Floats (`f32`, `f16`, `bf16`) are computed in `f32`;
+//! - Values are strided views over shared buffers (`tensor.rs`): Transpose, Slice and Reshape
+//!   (wherever the strides allow, always for contiguous data) copy nothing; an op that needs
+//!   contiguous data makes a copy itself. Floats (`f32`, `f16`, `bf16`) are computed in `f32`;
 //!   `Cast` to `f16`/`bf16` rounds to that precision. `i32` and `bool` values are stored as `i32`,
 //!   so integers are exact.
 //! - Weight-only subgraphs (weights, constants and any node computed only from them, e.g. the
 //!   transpose or concatenation of weights) are evaluated once by [`CpuExecutor::new`]; only the
-//!   values that step-time nodes read are kept.
+//!   values that step-time nodes read are kept (a tap of another one is refused).
 //! - A step evaluates the other nodes in order and frees each intermediate value once its last
-//!   reader has run, except outputs, state updates and tapped nodes.
+//!   reader has run, except outputs, state updates and tapped nodes. Element-wise ops write into
+//!   their input's buffer when nothing else holds it, and large freed buffers are reused within
+//!   the step (`pool.rs`).
+//! - Kernels: `matmul.rs` (batched products; the streaming `x · Wᵀ` kernel of `simd.rs` for the
+//!   few rows of a decode step, `gemm` otherwise), `elementwise.rs`, `reduce.rs` (reductions and
+//!   softmax, with the `exp` of `math.rs`), `movement.rs` (gather, concat, KV append), `fused.rs`
+//!   (the rewriter's fused ops). Large work is spread over rayon's threads.
 //! - State inputs (KV caches) start empty (their shape with `past = 0`; zeros if that is not
-//!   empty) and take the value of their update node after each step. A failed step leaves the
-//!   session as it was.
+//!   empty) and take the value of their update node after each step. An update that is a
+//!   `Concat` of the state with new entries appends in place into spare room of the state's
+//!   buffer (which grows by doubling), so a decode step does not copy the cache. A failed step
+//!   leaves the session as it was.
 
 mod elementwise;
 mod fused;
+mod math;
 mod matmul;
 mod movement;
+mod pool;
 mod reduce;
 mod simd;
 mod tensor;
@@ -95,11 +106,6 @@ pub enum ExecError {
         /// What went wrong, with shapes.
         message: String,
     },
-}
-
-thread_local! {
-    static PROF: std::cell::RefCell<Option<std::collections::HashMap<String, (f64, usize)>>> =
-        std::cell::RefCell::new(std::env::var("KILN_CPU_PROFILE").ok().map(|_| Default::default()));
 }
 
 /// Runs a graph on the CPU in `f32`. Shareable between threads; each sequence batch has its own
@@ -477,6 +483,16 @@ impl CpuExecutor {
         tokens: &[i32],
         taps: &[&str],
     ) -> Result<StepOutput, ExecError> {
+        pool::with_pool(|| self.step_pooled(session, tokens, taps))
+    }
+
+    /// [`CpuExecutor::step`], with large buffers recycled through the step's pool.
+    fn step_pooled(
+        &self,
+        session: &mut CpuSession,
+        tokens: &[i32],
+        taps: &[&str],
+    ) -> Result<StepOutput, ExecError> {
         let batch = session.batch;
         if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
             return Err(ExecError::Input(format!(
@@ -511,7 +527,6 @@ impl CpuExecutor {
         // States appended in place: (binding, update node, axis, length before the step).
         let mut appended = Vec::new();
         let ran = self.run_nodes(session, tokens, syms, &pinned, &mut vals, &mut appended);
-        profile_report(seq, past);
         if let Err(e) = ran {
             // Give back the states whose buffers the step took: their old entries are intact.
             for (j, update, axis, len) in appended {
@@ -521,7 +536,7 @@ impl CpuExecutor {
             return Err(e);
         }
 
-        let value = |vals: &mut Vec<Option<Tensor>>, id: NodeId| -> Tensor {
+        let value = |vals: &[Option<Tensor>], id: NodeId| -> Tensor {
             if self.is_const[id] {
                 self.consts[id].clone().expect("kept")
             } else {
@@ -532,7 +547,7 @@ impl CpuExecutor {
             .graph
             .states
             .iter()
-            .map(|s| Some(value(&mut vals, s.update)))
+            .map(|s| Some(value(&vals, s.update)))
             .collect();
         session.past += seq;
         // Outputs and taps, handing buffers over without a copy at their last use.
@@ -555,7 +570,7 @@ impl CpuExecutor {
             let t = if *left == 0 && !self.is_const[id] {
                 vals[id].take().expect("pinned values survive the step")
             } else {
-                value(&mut vals, id)
+                value(&vals, id)
             };
             let map = if is_output {
                 &mut out.outputs
@@ -648,51 +663,15 @@ impl CpuExecutor {
                         session.states[j] = None;
                         movement::append(ins, axis, shape)
                     } else {
-                        profiled(op, ins, |ins| eval_op(op, ins, &syms)).map_err(err)?
+                        eval_op(op, ins, &syms).map_err(err)?
                     }
                 }
             };
-            check_type(&value, &node.ty, &syms).map_err(err)?;
+            let checked = check_type(&value, &node.ty, &syms);
+            // Stored even when mistyped: a state update's buffer may hold the session's state.
             vals[id] = Some(value);
+            checked.map_err(err)?;
         }
         Ok(())
     }
-}
-
-/// Temporary profiling hook (KILN_CPU_PROFILE).
-fn profiled(
-    op: &Op,
-    ins: Vec<Tensor>,
-    f: impl FnOnce(Vec<Tensor>) -> Result<Tensor, String>,
-) -> Result<Tensor, String> {
-    let t0 = std::time::Instant::now();
-    let shapes: Vec<Vec<usize>> = if PROF.with(|p| p.borrow().is_some()) {
-        ins.iter().map(|t: &Tensor| t.shape.clone()).collect()
-    } else {
-        vec![]
-    };
-    let r = f(ins);
-    PROF.with(|p| {
-        if let Some(m) = p.borrow_mut().as_mut() {
-            let key = format!("{} {:?}", op.name(), shapes);
-            let e = m.entry(key).or_insert((0.0, 0));
-            e.0 += t0.elapsed().as_secs_f64();
-            e.1 += 1;
-        }
-    });
-    r
-}
-
-fn profile_report(seq: usize, past: usize) {
-    PROF.with(|p| {
-        if let Some(m) = p.borrow_mut().as_mut() {
-            let mut v: Vec<_> = m.iter().collect();
-            v.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap());
-            eprintln!("--- step seq={seq} past={past}");
-            for (k, (t, c)) in v.iter().take(22) {
-                eprintln!("{:9.2} ms {:5} {}", t * 1e3, c, k);
-            }
-            m.clear();
-        }
-    });
 }

@@ -1,6 +1,7 @@
 //! Ops that move data without arithmetic: `Gather` (rows of a table by id) and `Concat`.
 //! (Transpose, Slice and the Reshape of a contiguous view are free views: see `tensor.rs`.)
 
+use super::pool;
 use super::tensor::{contiguous_strides, is_int_storage, Elem, Tensor};
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ pub(crate) fn gather(table: Tensor, ids: Tensor) -> Result<Tensor, String> {
     fn pick<T: Elem>(table: &Tensor, ids: &[i32]) -> Vec<T> {
         let row_len: usize = table.shape[1..].iter().product();
         let data = table.values::<T>();
-        let mut out = Vec::with_capacity(ids.len() * row_len);
+        let mut out = pool::with_capacity(ids.len() * row_len);
         for &i in ids {
             let s = i as usize * row_len;
             out.extend_from_slice(&data[s..s + row_len]);
@@ -74,7 +75,7 @@ pub(crate) fn concat(xs: Vec<Tensor>, axis: usize) -> Result<Tensor, String> {
             .iter()
             .map(|x| x.shape[axis..].iter().product())
             .collect();
-        let mut out = Vec::with_capacity(total);
+        let mut out = pool::with_capacity(total);
         for o in 0..outer {
             for (p, &b) in parts.iter().zip(&blocks) {
                 out.extend_from_slice(&p[o * b..(o + 1) * b]);
@@ -133,7 +134,7 @@ pub(crate) fn append(xs: Vec<Tensor>, axis: usize, shape: Vec<usize>) -> Tensor 
             Some(cap) if Arc::get_mut(&mut state.buf).is_some() => (state.buf, cap),
             _ => {
                 let cap = total.max(2 * len).max(16);
-                let mut v = vec![T::default(); outer * cap * inner];
+                let mut v = pool::buffer(outer * cap * inner);
                 let old = state.values::<T>();
                 let row = len * inner;
                 for o in 0..outer {

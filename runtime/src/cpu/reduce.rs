@@ -34,6 +34,7 @@ fn reduced_shape(shape: &[usize], axis: usize, keep_dim: bool) -> Vec<usize> {
 }
 
 /// Σ of a row in `f64`, with independent accumulators so that the loop vectorizes.
+#[inline(always)]
 fn sum_f64(row: &[f32]) -> f64 {
     let mut acc = [0f64; 8];
     let chunks = row.chunks_exact(8);
@@ -47,6 +48,7 @@ fn sum_f64(row: &[f32]) -> f64 {
 }
 
 /// Maximum of a row; NaN if the row holds a NaN, `-inf` if it is empty.
+#[inline(always)]
 fn max_f32(row: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = row.chunks_exact(8);
@@ -59,9 +61,9 @@ fn max_f32(row: &[f32]) -> f32 {
             acc[j] = acc[j].max(c[j]);
         }
     }
-    // `f32::max` skips NaN; look for one only when the answer could hide it.
+    // `f32::max` skips NaN: look for one (without early exit, so that the loop vectorizes).
     let m = acc.iter().fold(tail, |m, &x| m.max(x));
-    if row.iter().any(|x| x.is_nan()) {
+    if row.iter().fold(false, |nan, x| nan | x.is_nan()) {
         f32::NAN
     } else {
         m
@@ -128,11 +130,34 @@ pub(crate) fn reduce(
 
 /// `exp(x - max) / Σ exp(x - max)` over a row. A NaN anywhere makes the row NaN; a row of only
 /// `-inf` is NaN (`-inf - -inf`).
-fn softmax_row(row: &mut [f32]) {
+#[inline(always)]
+fn softmax_row_body(row: &mut [f32]) {
     let max = max_f32(row);
-    row.iter_mut().for_each(|x| *x = (*x - max).exp());
+    if max.is_finite() {
+        row.iter_mut().for_each(|x| *x -= max);
+        // Entries below e^-87 (e.g. masked ones) are 0 whatever their sum is.
+        super::math::exp_in_place(row, true);
+    } else {
+        row.iter_mut().for_each(|x| *x = (*x - max).exp());
+    }
     let sum = sum_f64(row) as f32;
     row.iter_mut().for_each(|x| *x /= sum);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32]) {
+    softmax_row_body(row)
+}
+
+/// [`softmax_row_body`], compiled for AVX2 where the CPU has it.
+fn softmax_row(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { softmax_row_avx2(row) };
+    }
+    softmax_row_body(row)
 }
 
 /// Softmax of a float tensor along `axis`. The result is a view with `x`'s axis order (its data

@@ -6,6 +6,7 @@
 //! are stored as `f32` (the narrow types hold values already rounded to their precision); `i32`
 //! and `bool` are stored as `i32` (bools as 0 and 1), so integers stay exact.
 
+use super::pool::{self, Pool};
 use crate::ir::DType;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -30,6 +31,18 @@ pub(crate) trait Elem: Copy + Default + PartialEq + Send + Sync + 'static {
     fn of_mut(buf: &mut Buffer) -> Option<&mut Vec<Self>>;
     /// Wraps data in a buffer.
     fn wrap(v: Vec<Self>) -> Buffer;
+    /// The pool's free buffers of this type.
+    fn pooled(pool: &mut Pool) -> &mut Vec<Vec<Self>>;
+}
+
+impl Drop for Buffer {
+    /// Hands large buffers to the step's pool, if one is active.
+    fn drop(&mut self) {
+        match self {
+            Buffer::F32(v) => pool::recycle(std::mem::take(v)),
+            Buffer::I32(v) => pool::recycle(std::mem::take(v)),
+        }
+    }
 }
 
 impl Elem for f32 {
@@ -48,6 +61,9 @@ impl Elem for f32 {
     fn wrap(v: Vec<f32>) -> Buffer {
         Buffer::F32(v)
     }
+    fn pooled(pool: &mut Pool) -> &mut Vec<Vec<f32>> {
+        &mut pool.f32s
+    }
 }
 
 impl Elem for i32 {
@@ -65,6 +81,9 @@ impl Elem for i32 {
     }
     fn wrap(v: Vec<i32>) -> Buffer {
         Buffer::I32(v)
+    }
+    fn pooled(pool: &mut Pool) -> &mut Vec<Vec<i32>> {
+        &mut pool.i32s
     }
 }
 
@@ -159,7 +178,7 @@ impl Tensor {
             return s.to_vec();
         }
         let src = self.raw::<T>();
-        let mut out = Vec::with_capacity(self.numel());
+        let mut out = pool::with_capacity(self.numel());
         for_each_run(
             &self.shape,
             [&self.strides],

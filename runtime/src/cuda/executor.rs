@@ -362,6 +362,7 @@ impl CudaExecutor {
             max_blocks: self.meta.max_blocks as i32,
             last_index: at(self.meta.last_index),
             out_tokens: at(self.meta.out_tokens),
+            max_seq_len: self.opts.max_seq_len,
             t,
             b,
         }

@@ -15,8 +15,39 @@ use std::sync::Arc;
 /// Rows up to which a `Linear` runs as a GEMV kernel rather than a cuBLAS GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// Most KV splits of the decode attention (flash-decoding).
-pub const MAX_SPLITS: usize = 32;
+/// Tokens per split tile of the decode attention (`DEC_TILE` in attention_decode.cu).
+const DECODE_TILE: usize = 64;
+/// Streaming multiprocessors to fill (H100 SXM).
+const SM_COUNT: usize = 132;
+
+/// Split-KV count of decode attention: enough (kv head, split) CTAs to cover the GPU twice,
+/// at most one split per tile of the longest context.
+pub fn decode_splits(batch: usize, kv_heads: usize, max_context: usize) -> usize {
+    let want = (2 * SM_COUNT).div_ceil(batch.max(1) * kv_heads.max(1));
+    want.clamp(1, max_context.div_ceil(DECODE_TILE).max(1))
+}
+
+/// Threads of `rmsnorm<H>` (`RmsCfg<H>::THREADS`).
+fn rmsnorm_threads(h: usize) -> u32 {
+    let vec = h / 8;
+    (if vec >= 256 { 256 } else { vec.div_ceil(32) * 32 }).max(32) as u32
+}
+
+/// The decode GEMV for `rows` rows and its output columns per CTA: the CUDA-core `gemv<K, 1>`
+/// (8 warps, one column each) for one row, the tensor-core `gemv_tc<K, 8>` (16 columns per CTA,
+/// cost nearly independent of the rows) for 2..=8 rows.
+fn gemv_instance(rows: usize, k: usize, epi: u32, ty: &str) -> (String, usize) {
+    if rows == 1 {
+        (format!("gemv<{k}, 1, {epi}, {ty}>"), 8)
+    } else {
+        (format!("gemv_tc<{k}, {GEMV_MAX_ROWS}, {epi}, {ty}>"), 16)
+    }
+}
+
+/// Whether the tensor-core prefill attention supports this head dimension.
+fn prefill_tc(head_dim: usize) -> bool {
+    head_dim == 64 || head_dim == 128
+}
 
 /// Device pointers and sizes of one step.
 pub struct Ptrs<'a> {
@@ -34,6 +65,8 @@ pub struct Ptrs<'a> {
     pub max_blocks: i32,
     pub last_index: u64,
     pub out_tokens: u64,
+    /// Longest context a sequence may reach (sizes the decode splits).
+    pub max_seq_len: usize,
     /// Tokens in the step.
     pub t: usize,
     /// Sequences in the step.
@@ -82,7 +115,7 @@ pub fn instance_names(plan: &Plan) -> Vec<String> {
         format!("rope_append<{h}, {kh}, {d}, {BLOCK}>"),
         format!("attention_decode<{h}, {kh}, {d}, {BLOCK}>"),
         format!("attention_decode_merge<{h}, {d}>"),
-        format!("attention_prefill<{h}, {kh}, {d}, {BLOCK}>"),
+        if prefill_tc(d) { format!("attention_prefill<{h}, {kh}, {d}, {BLOCK}>") } else { format!("attention_prefill_simple<{h}, {kh}, {d}, {BLOCK}>") },
         "argmax".to_string(),
         "add_inplace".to_string(),
     ];
@@ -99,7 +132,8 @@ pub fn instance_names(plan: &Plan) -> Vec<String> {
             } => {
                 let k = plan.buffers[*x].cols;
                 let (epi, out_t) = gemv_kind(*epilogue, plan.buffers[*out].dtype);
-                names.push(format!("gemv<{k}, {GEMV_MAX_ROWS}, {epi}, {out_t}>"));
+                names.push(format!("gemv<{k}, 1, {epi}, {out_t}>"));
+                names.push(format!("gemv_tc<{k}, {GEMV_MAX_ROWS}, {epi}, {out_t}>"));
                 if *epilogue == Epilogue::Gated {
                     names.push(format!("silu_mul<{}>", plan.buffers[*out].cols));
                 }
@@ -204,8 +238,9 @@ impl Kernels {
         });
         let gu = gated.max().unwrap_or(0) * 2 * opts.max_step_tokens;
         let a = plan.attention;
-        let partials = opts.max_batch * a.heads * MAX_SPLITS * (a.head_dim + 2) * 4;
-        gu.max(0) + partials + 1024
+        let splits = decode_splits(1, a.kv_heads, opts.max_seq_len);
+        let partials = opts.max_batch * a.heads * splits * (a.head_dim + 2) * 4;
+        gu.max(partials) + 1024
     }
 
     /// Sets where the scratch space starts.
@@ -266,7 +301,7 @@ impl Kernels {
                 let mut l = stream.launch_builder(self.f(&format!("rmsnorm<{cols}>"))?);
                 l.arg(&xp).arg(&wp).arg(&o).arg(&rows).arg(eps);
                 // SAFETY: matches `rmsnorm<H>(const bf16*, const bf16*, bf16*, int, float)`.
-                unsafe { l.launch(cfg((rows as u32, 1, 1), 256, 0)) }?;
+                unsafe { l.launch(cfg((rows.max(1) as u32, 1, 1), rmsnorm_threads(cols), 0)) }?;
             }
             Launch::Linear {
                 x,
@@ -304,70 +339,29 @@ impl Kernels {
                     p.buf(*out),
                 );
                 if p.t == p.b {
-                    let name = format!(
-                        "attention_decode<{}, {}, {}, {BLOCK}>",
-                        a.heads, a.kv_heads, a.head_dim
-                    );
-                    let (po, pml) = (
-                        self.scratch,
-                        self.scratch + (p.b * a.heads * MAX_SPLITS * a.head_dim * 4) as u64,
-                    );
-                    let splits = MAX_SPLITS as i32;
+                    let splits = decode_splits(p.b, a.kv_heads, p.max_seq_len);
+                    let name = format!("attention_decode<{}, {}, {}, {BLOCK}>", a.heads, a.kv_heads, a.head_dim);
+                    let po = self.scratch;
+                    let pml = po + (p.b * a.heads * splits * a.head_dim * 4) as u64;
+                    let ns = splits as i32;
                     let mut l = stream.launch_builder(self.f(&name)?);
-                    l.arg(&q)
-                        .arg(&kc)
-                        .arg(&vc)
-                        .arg(&p.block_tables)
-                        .arg(&p.max_blocks)
-                        .arg(&p.seq_lens)
-                        .arg(&o)
-                        .arg(&b)
-                        .arg(scale)
-                        .arg(&po)
-                        .arg(&pml)
-                        .arg(&splits);
-                    // SAFETY: matches the attention_decode signature in kernels_templates/attention_decode.cu.
-                    unsafe {
-                        l.launch(cfg(
-                            (a.kv_heads as u32, MAX_SPLITS as u32, p.b as u32),
-                            128,
-                            0,
-                        ))
-                    }?;
-                    let name = format!("attention_decode_merge<{}, {}>", a.heads, a.head_dim);
-                    let mut l = stream.launch_builder(self.f(&name)?);
-                    l.arg(&po)
-                        .arg(&pml)
-                        .arg(&p.seq_lens)
-                        .arg(&o)
-                        .arg(&b)
-                        .arg(&splits);
-                    // SAFETY: matches attention_decode_merge.
-                    unsafe { l.launch(cfg((a.heads as u32, p.b as u32, 1), 128, 0)) }?;
+                    l.arg(&q).arg(&kc).arg(&vc).arg(&p.block_tables).arg(&p.max_blocks).arg(&p.seq_lens).arg(&o).arg(&b).arg(scale).arg(&po).arg(&pml).arg(&ns);
+                    // SAFETY: matches attention_decode in kernels_templates/attention_decode.cu.
+                    unsafe { l.launch(cfg((splits as u32, a.kv_heads as u32, p.b as u32), 128, 0)) }?;
+                    if splits > 1 {
+                        let name = format!("attention_decode_merge<{}, {}>", a.heads, a.head_dim);
+                        let mut l = stream.launch_builder(self.f(&name)?);
+                        l.arg(&po).arg(&pml).arg(&p.seq_lens).arg(&o).arg(&b).arg(&ns);
+                        // SAFETY: matches attention_decode_merge.
+                        unsafe { l.launch(cfg((a.heads as u32, p.b as u32, 1), a.head_dim as u32, 0)) }?;
+                    }
                 } else {
-                    let name = format!(
-                        "attention_prefill<{}, {}, {}, {BLOCK}>",
-                        a.heads, a.kv_heads, a.head_dim
-                    );
+                    let (family, rows) = if prefill_tc(a.head_dim) { ("attention_prefill", 64) } else { ("attention_prefill_simple", 32) };
+                    let name = format!("{family}<{}, {}, {}, {BLOCK}>", a.heads, a.kv_heads, a.head_dim);
                     let mut l = stream.launch_builder(self.f(&name)?);
-                    l.arg(&q)
-                        .arg(&kc)
-                        .arg(&vc)
-                        .arg(&p.block_tables)
-                        .arg(&p.max_blocks)
-                        .arg(&p.seq_lens)
-                        .arg(&p.query_start)
-                        .arg(&o)
-                        .arg(&b)
-                        .arg(scale);
-                    // SAFETY: matches the attention_prefill signature.
-                    unsafe {
-                        l.launch(cfg(
-                            (p.t.div_ceil(64) as u32, a.heads as u32, p.b as u32),
-                            128,
-                            0,
-                        ))
-                    }?;
+                    l.arg(&q).arg(&kc).arg(&vc).arg(&p.block_tables).arg(&p.max_blocks).arg(&p.seq_lens).arg(&p.query_start).arg(&o).arg(&b).arg(scale);
+                    // SAFETY: matches attention_prefill(_simple) (same signature).
+                    unsafe { l.launch(cfg((p.t.div_ceil(rows) as u32, a.heads as u32, p.b as u32), 128, 0)) }?;
                 }
             }
         }
@@ -400,11 +394,12 @@ impl Kernels {
                 _ => 0,
             };
             let m = rows as i32;
-            let mut l =
-                stream.launch_builder(self.f(&format!("gemv<{k}, {GEMV_MAX_ROWS}, {e}, {ty}>"))?);
+            let (name, cols_per_cta) = gemv_instance(rows, k, e, ty);
+            let mut l = stream.launch_builder(self.f(&name)?);
             l.arg(&xp).arg(&m).arg(&wp).arg(&n).arg(&r).arg(&o);
+            let grid = (n as usize).div_ceil(cols_per_cta) as u32;
             // SAFETY: matches `gemv<K, MMAX, EPI, OutT>(const bf16*, int, const bf16*, int, const bf16*, OutT*)`.
-            unsafe { l.launch(cfg((n as u32, 1, 1), 32, 0)) }?;
+            unsafe { l.launch(cfg((grid, 1, 1), 256, 0)) }?;
             return Ok(());
         }
         // cuBLAS: row-major C[rows, n] = X[rows, k] · W[n, k]ᵀ  ⇔  column-major Cᵀ = W · Xᵀ ("TN").
@@ -444,15 +439,17 @@ impl Kernels {
                 let (src, r) = (dst, rows as i32);
                 let mut l = stream.launch_builder(self.f(&format!("silu_mul<{f}>"))?);
                 l.arg(&src).arg(&o).arg(&r);
+                let grid = (rows * f / 8).div_ceil(256).clamp(1, 8192) as u32;
                 // SAFETY: matches `silu_mul<F>(const bf16*, bf16*, int)`.
-                unsafe { l.launch(cfg((rows as u32, 1, 1), 256, 0)) }?;
+                unsafe { l.launch(cfg((grid, 1, 1), 256, 0)) }?;
             }
             Epilogue::Residual(r) => {
                 let (rp, n) = (p.buf(r), (rows * plan.buffers[out].cols) as i64);
                 let mut l = stream.launch_builder(self.f("add_inplace")?);
                 l.arg(&o).arg(&rp).arg(&n);
-                // SAFETY: matches `add_inplace(bf16*, const bf16*, long)`.
-                unsafe { l.launch(cfg(((n as u64).div_ceil(2048) as u32, 1, 1), 256, 0)) }?;
+                let grid = (n as usize).div_ceil(8).div_ceil(256).clamp(1, 8192) as u32;
+                // SAFETY: matches `add_inplace(bf16*, const bf16*, long long)`.
+                unsafe { l.launch(cfg((grid, 1, 1), 256, 0)) }?;
             }
             Epilogue::None => {}
         }

@@ -5,8 +5,9 @@
 //! It is a multi-pattern — `?q = (linear ?x ?wq), ?k = (linear ?x ?wk), ?v = (linear ?x ?wv)` —
 //! matched only where the three results are distinct e-classes in e-class order (one match per
 //! triple instead of six permutations, and none where two sides are already one class), the
-//! weights are build-time constants, and `x` does not depend on any of the three results (a
-//! fused node reading its own output would be a cycle).
+//! weights are checkpoint weights (so the fused product, whose weight is a concatenation, is not
+//! fused again), and `x` does not depend on any of the three results (a fused node reading its
+//! own output would be a cycle).
 //!
 //! Sound because row block `i` of the concatenated weight is `W_i`, so columns
 //! `o_i .. o_i + n_i` of `x·concat(W)ᵀ` are exactly `x·W_iᵀ` (each output column is one dot
@@ -59,11 +60,13 @@ impl Applier<Node, TypeAnalysis> for Horizontal {
             return vec![];
         }
         let weights: Vec<Id> = self.weights.iter().map(|&w| s[w]).collect();
-        let all_const = self.weights.iter().all(|&w| {
-            eg[s[w]].data.tensor().is_some_and(|t| t.konst)
+        // Checkpoint weights only: a product over an already concatenated weight is not fused
+        // again (that would nest concatenations without end).
+        let plain = self.weights.iter().all(|&w| {
+            eg[s[w]].nodes.iter().any(|n| matches!(n, Node::Weight(_)))
                 && ty(eg, s, w).is_some_and(|t| t.rank() == 2)
         });
-        if !all_const || depends_on(eg, s[self.x], &outs) {
+        if !plain || depends_on(eg, s[self.x], &outs) {
             return vec![];
         }
         let Some(x_rank) = ty(eg, s, self.x).map(|t| t.rank()) else {

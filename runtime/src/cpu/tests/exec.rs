@@ -412,3 +412,25 @@ fn failed_step_after_cache_append_keeps_the_session() {
         "after failed steps",
     );
 }
+
+#[test]
+fn sessions_run_concurrently_on_one_executor() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<CpuExecutor>();
+    send_sync::<super::super::CpuSession>();
+    let (b, w) = attention_model();
+    let exec = b.build();
+    let seqs = [[1, 7, 3, 3, 6], [0, 2, 8, 5, 4]];
+    std::thread::scope(|scope| {
+        for s in &seqs {
+            let (exec, w) = (&exec, &w);
+            scope.spawn(move || {
+                let mut session = exec.session(1);
+                exec.step(&mut session, &s[..2], &[]).unwrap();
+                let out = exec.step(&mut session, &s[2..], &[]).unwrap();
+                let want = reference_logits(w, s);
+                assert_close(&out.outputs["logits"].data, &want[2 * VOCAB..], "threaded");
+            });
+        }
+    });
+}

@@ -449,3 +449,76 @@ fn data_movement_ops() {
     assert_eq!(out.outputs["back"].data, bw);
     assert_ne!(hw, rw, "rounding happened");
 }
+
+/// Tensors large enough to be split across threads and to have their buffers recycled within
+/// the step (a recycled buffer holds old values, so every kernel must write all of its output).
+#[test]
+fn large_tensors_take_the_parallel_and_pooled_paths() {
+    let (a, s, d) = (4, 150, 128);
+    let mut b = Builder::new(77);
+    let (x, xv) = b.input("x", &[a, s, d], true);
+    let (r, rv) = b.input("r", &[s, 1], true);
+    let e = b.add("e", Op::Unary(UnaryOp::Exp), vec![x]); // x is read again: a new buffer
+    let y = b.add("y", Op::Binary(BinaryOp::Add), vec![e, r]); // in place, r broadcast
+    let xt = b.add(
+        "xt",
+        Op::Transpose {
+            perm: vec![0, 2, 1],
+        },
+        vec![x],
+    ); // [a, d, s]
+    let half = b.add("half", Op::Constant { value: 0.5 }, vec![]);
+    let z = b.add("z", Op::Binary(BinaryOp::Mul), vec![xt, half]); // strided input
+    let zt = b.add(
+        "zt",
+        Op::Transpose {
+            perm: vec![0, 2, 1],
+        },
+        vec![z],
+    ); // back to [a, s, d]
+    let w = b.add("w", Op::Binary(BinaryOp::Sub), vec![y, zt]);
+    let c = b.add("c", Op::Binary(BinaryOp::Greater), vec![w, x]);
+    let sel = b.add("sel", Op::Where, vec![c, x, w]);
+    let sm = b.add("sm", Op::Softmax { axis: 1 }, vec![sel]);
+    let cat = b.add("cat", Op::Concat { axis: 2 }, vec![sm, y]);
+    let back = b.add("back", Op::Cast { dtype: DType::BF16 }, vec![cat]);
+    b.output("back", back);
+    b.output("sm", sm);
+    let out = run_once(&b.build(), &[]);
+    let at = |i: usize, j: usize, k: usize| (i * s + j) * d + k;
+    let yv: Vec<f32> = indices(&[a, s, d])
+        .iter()
+        .map(|ix| xv[at(ix[0], ix[1], ix[2])].exp() + rv[ix[1]])
+        .collect();
+    let wv: Vec<f32> = (0..a * s * d).map(|i| yv[i] - xv[i] * 0.5).collect();
+    let selv: Vec<f32> = (0..a * s * d)
+        .map(|i| if wv[i] > xv[i] { xv[i] } else { wv[i] })
+        .collect();
+    let mut smv = vec![0f32; a * s * d];
+    for i in 0..a {
+        for k in 0..d {
+            let col: Vec<f64> = (0..s).map(|j| selv[at(i, j, k)] as f64).collect();
+            let m = col.iter().copied().fold(f64::MIN, f64::max);
+            let den: f64 = col.iter().map(|v| (v - m).exp()).sum();
+            for j in 0..s {
+                smv[at(i, j, k)] = ((col[j] - m).exp() / den) as f32;
+            }
+        }
+    }
+    assert_close(&out.outputs["sm"].data, &smv, "softmax of the chain");
+    let catv: Vec<f32> = indices(&[a, s, 2 * d])
+        .iter()
+        .map(|ix| {
+            if ix[2] < d {
+                smv[at(ix[0], ix[1], ix[2])]
+            } else {
+                yv[at(ix[0], ix[1], ix[2] - d)]
+            }
+        })
+        .map(|v| half::bf16::from_f32(v).to_f32())
+        .collect();
+    assert_eq!(out.outputs["back"].shape, vec![a, s, 2 * d]);
+    // Rounding to bf16 may flip for values within f32 rounding of a tie.
+    let e = rel_l2(&out.outputs["back"].data, &catv);
+    assert!(e < 1e-4, "bf16 of the concatenation: {e:e}");
+}

@@ -1,0 +1,1800 @@
+//! GPU check and benchmark of the kernel templates (`kernels_templates/`).
+//!
+//! Compiles every kernel instance of the SmolLM2-135M, Llama-2-7B and Llama-3-8B configurations
+//! with NVRTC to CUBIN, runs each family on fresh random inputs against a CPU f64 reference
+//! computed from the same bf16 inputs (relative L2 error; outputs are poisoned with NaN before
+//! every launch, so an unwritten element fails), then times the decode GEMVs (weight GB/s, with
+//! rotating weight copies so L2 does not serve them), decode and prefill attention, and sampling.
+//!
+//! Needs an NVIDIA GPU (arch `sm_90` unless `KILN_ARCH` says otherwise) and the CUDA headers
+//! (found as `codegen::nvrtc` describes). Run it through `bench/kernels/run.sh`. Prints Markdown
+//! tables; exits with status 1 if any check fails.
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+use kiln_compiler::codegen::kernels::{
+    compile, decode_splits, llama_kernels, CompiledKernel, GemvEpilogue, KernelFamily,
+    KernelInstance, LaunchDims, LlamaDims, OutType, RuntimeSizes, TemplateArg, TemplateFile,
+};
+use kiln_compiler::codegen::nvrtc;
+use rayon::prelude::*;
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// Tolerance on the relative L2 error of bf16-output kernels.
+const TOL: f64 = 1e-2;
+const BLOCK: usize = 16;
+const SMS: usize = 132;
+
+// ---------------------------------------------------------------------------------------------
+// Random numbers and bf16 helpers
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / 16_777_216.0
+    }
+    fn sym(&mut self, a: f32) -> f32 {
+        (self.uniform() * 2.0 - 1.0) * a
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+    }
+    fn bf_vec(&mut self, n: usize, a: f32) -> Vec<f32> {
+        (0..n).map(|_| bfr(self.sym(a))).collect()
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}
+
+fn bfr(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+fn to_bf(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn from_bf(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// ‖out − ref‖ / ‖ref‖; infinite when an output is not finite (unwritten NaN poison).
+fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&o, &r) in out.iter().zip(reference) {
+        if !o.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (o as f64 - r).powi(2);
+        den += r * r;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU plumbing
+
+#[derive(Clone, Copy)]
+enum Arg {
+    P(u64),
+    I(i32),
+    L(i64),
+    F(f32),
+}
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    funcs: HashMap<String, CudaFunction>,
+}
+
+const FILL_SRC: &str = r#"
+#include <cuda_bf16.h>
+extern "C" __global__ void fill_bf16(__nv_bfloat16* p, long long n, unsigned long long seed, float scale) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    unsigned long long x = (unsigned long long)i * 0x9E3779B97F4A7C15ull + seed;
+    x ^= x >> 31; x *= 0xBF58476D1CE4E5B9ull; x ^= x >> 29; x *= 0x94D049BB133111EBull; x ^= x >> 32;
+    float u = (float)(x >> 40) * (1.0f / 16777216.0f) * 2.f - 1.f;
+    p[i] = __float2bfloat16(u * scale);
+  }
+}
+"#;
+
+/// `compile`, with the CUBINs kept in `$KILN_KERNEL_CACHE` (when set) so the per-step
+/// processes of `bench/kernels/run.sh` compile only once.
+fn compile_cached(instances: &[KernelInstance], arch: &str) -> Res<Vec<CompiledKernel>> {
+    let dir = std::env::var("KILN_KERNEL_CACHE")
+        .ok()
+        .map(std::path::PathBuf::from);
+    if let Some(dir) = &dir {
+        if let Ok(index) = std::fs::read_to_string(dir.join(format!("index-{arch}.tsv"))) {
+            let mut images: HashMap<String, Arc<[u8]>> = HashMap::new();
+            let mut by_expr = HashMap::new();
+            for line in index.lines() {
+                let f: Vec<&str> = line.split('\t').collect();
+                if f.len() != 3 {
+                    continue;
+                }
+                if !images.contains_key(f[2]) {
+                    images.insert(
+                        f[2].to_string(),
+                        Arc::from(std::fs::read(dir.join(format!("{}-{arch}.cubin", f[2])))?),
+                    );
+                }
+                let file = TemplateFile::ALL
+                    .into_iter()
+                    .find(|t| t.file_name() == f[2])
+                    .ok_or("bad cache index")?;
+                by_expr.insert(
+                    f[0].to_string(),
+                    CompiledKernel {
+                        name_expr: f[0].into(),
+                        lowered_name: f[1].into(),
+                        file,
+                        cubin: images[f[2]].clone(),
+                    },
+                );
+            }
+            if instances.iter().all(|k| by_expr.contains_key(&k.name_expr)) {
+                return Ok(instances
+                    .iter()
+                    .map(|k| by_expr[&k.name_expr].clone())
+                    .collect());
+            }
+        }
+    }
+    let t = std::time::Instant::now();
+    let compiled = compile(instances, arch)?;
+    println!(
+        "NVRTC: {} kernel instances compiled for {arch} in {:.2?}",
+        compiled.len(),
+        t.elapsed()
+    );
+    if let Some(dir) = &dir {
+        std::fs::create_dir_all(dir)?;
+        let mut index = String::new();
+        for c in &compiled {
+            std::fs::write(
+                dir.join(format!("{}-{arch}.cubin", c.file.file_name())),
+                &c.cubin[..],
+            )?;
+            index.push_str(&format!(
+                "{}\t{}\t{}\n",
+                c.name_expr,
+                c.lowered_name,
+                c.file.file_name()
+            ));
+        }
+        std::fs::write(dir.join(format!("index-{arch}.tsv")), index)?;
+    }
+    Ok(compiled)
+}
+
+impl Gpu {
+    fn new(instances: &[KernelInstance], arch: &str) -> Res<Self> {
+        let ctx = CudaContext::new(0)?;
+        // SAFETY: raw pointers are used throughout; nothing relies on cudarc's event tracking.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let compiled = compile_cached(instances, arch)?;
+        let mut modules: HashMap<*const u8, Arc<cudarc::driver::CudaModule>> = HashMap::new();
+        let mut funcs = HashMap::new();
+        for c in &compiled {
+            let key = c.cubin.as_ptr();
+            if let std::collections::hash_map::Entry::Vacant(e) = modules.entry(key) {
+                e.insert(ctx.load_module(Ptx::from_binary(c.cubin.to_vec()))?);
+            }
+            funcs.insert(
+                c.name_expr.clone(),
+                modules[&key].load_function(&c.lowered_name)?,
+            );
+        }
+        let opts = nvrtc::CompileOptions::for_arch(arch)?;
+        let fill = nvrtc::compile_cubin("fill.cu", FILL_SRC, &[], &[], &opts)?;
+        let m = ctx.load_module(Ptx::from_binary(fill.image))?;
+        funcs.insert("fill_bf16".to_string(), m.load_function("fill_bf16")?);
+        Ok(Self { ctx, stream, funcs })
+    }
+
+    fn up<T: DeviceRepr>(&self, v: &[T]) -> Res<CudaSlice<T>> {
+        Ok(self.stream.clone_htod(v)?)
+    }
+    fn up_bf(&self, v: &[f32]) -> Res<CudaSlice<bf16>> {
+        self.up(&to_bf(v))
+    }
+    fn down<T: DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>) -> Res<Vec<T>> {
+        Ok(self.stream.clone_dtoh(s)?)
+    }
+    fn down_bf(&self, s: &CudaSlice<bf16>) -> Res<Vec<f32>> {
+        Ok(from_bf(&self.down(s)?))
+    }
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _g) = s.device_ptr(&self.stream);
+        p
+    }
+    fn poison_bf(&self, n: usize) -> Res<CudaSlice<bf16>> {
+        self.up(&vec![bf16::NAN; n])
+    }
+    fn poison_f32(&self, n: usize) -> Res<CudaSlice<f32>> {
+        self.up(&vec![f32::NAN; n])
+    }
+    fn sync(&self) -> Res<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    fn launch_raw(&self, name: &str, dims: LaunchDims, args: &[Arg]) -> Res<()> {
+        let f = self
+            .funcs
+            .get(name)
+            .ok_or_else(|| format!("kernel {name} not compiled"))?;
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(p) => b.arg(p),
+                Arg::I(i) => b.arg(i),
+                Arg::L(l) => b.arg(l),
+                Arg::F(x) => b.arg(x),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: dims.grid,
+            block_dim: dims.block,
+            shared_mem_bytes: dims.shared_bytes,
+        };
+        // SAFETY: the argument lists follow the template signatures documented in kernels.rs.
+        unsafe { b.launch(cfg) }.map_err(|e| format!("launch {name}: {e:?}"))?;
+        Ok(())
+    }
+
+    fn launch(&self, k: &KernelInstance, rt: RuntimeSizes, args: &[Arg]) -> Res<()> {
+        self.launch_raw(&k.name_expr, k.launch_dims(&rt), args)
+    }
+
+    /// Random bf16 in [-scale, scale) on the device (for the large benchmark buffers).
+    fn random_bf(&self, n: usize, seed: u64, scale: f32) -> Res<CudaSlice<bf16>> {
+        let s = self.stream.alloc_zeros::<bf16>(n)?;
+        let dims = LaunchDims {
+            grid: (4096, 1, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        };
+        self.launch_raw(
+            "fill_bf16",
+            dims,
+            &[
+                Arg::P(self.ptr(&s)),
+                Arg::L(n as i64),
+                Arg::P(seed),
+                Arg::F(scale),
+            ],
+        )?;
+        Ok(s)
+    }
+
+    /// Time in µs of one `run(i)` when `iters` of them run back to back (as in a decode step):
+    /// the median over 5 batches, after `warm` untimed calls.
+    fn time_us(
+        &self,
+        warm: usize,
+        iters: usize,
+        mut run: impl FnMut(usize) -> Res<()>,
+    ) -> Res<f64> {
+        for i in 0..warm {
+            run(i)?;
+        }
+        self.sync()?;
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::new();
+        let mut i = warm;
+        for _ in 0..5 {
+            let a = self.ctx.new_event(flags)?;
+            let b = self.ctx.new_event(flags)?;
+            a.record(&self.stream)?;
+            for _ in 0..iters {
+                run(i)?;
+                i += 1;
+            }
+            b.record(&self.stream)?;
+            times.push(a.elapsed_ms(&b)? as f64 * 1000.0 / iters as f64);
+        }
+        Ok(median(times))
+    }
+
+    /// Compiles `file` again with extra `-D` options and registers its kernels as
+    /// `<name_expr>@<tag>` (tuning variants of a template).
+    fn add_variant(
+        &mut self,
+        file: TemplateFile,
+        exprs: &[String],
+        defines: &[&str],
+        tag: &str,
+        arch: &str,
+    ) -> Res<()> {
+        let mut opts = nvrtc::CompileOptions::for_arch(arch)?;
+        opts.extra = defines.iter().map(|d| format!("-D{d}")).collect();
+        let c = nvrtc::compile_cubin(
+            file.file_name(),
+            file.source(),
+            &[("common.cuh", kiln_compiler::codegen::kernels::COMMON_HEADER)],
+            exprs,
+            &opts,
+        )?;
+        let m = self.ctx.load_module(Ptx::from_binary(c.image))?;
+        for (e, lowered) in &c.lowered_names {
+            self.funcs
+                .insert(format!("{e}@{tag}"), m.load_function(lowered)?);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+
+struct Report {
+    checks: Vec<(String, f64, f64, bool)>,
+    timings: Vec<(String, String)>,
+}
+
+impl Report {
+    fn check(&mut self, name: impl Into<String>, err: f64, tol: f64) {
+        let name = name.into();
+        let ok = err <= tol;
+        println!(
+            "{} {name}: rel err {err:.3e} (tol {tol:.0e})",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        self.checks.push((name, err, tol, ok));
+    }
+    fn time(&mut self, name: impl Into<String>, value: String) {
+        let name = name.into();
+        println!("TIME {name}: {value}");
+        self.timings.push((name, value));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+fn check_embedding(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize) -> Res<()> {
+    let vocab = 1000;
+    let t = 9;
+    let table = r.bf_vec(vocab * h, 1.0);
+    let mut ids: Vec<i32> = (0..t).map(|_| r.below(vocab) as i32).collect();
+    ids[3] = -1;
+    let (dt, di, dout) = (g.up_bf(&table)?, g.up(&ids)?, g.poison_bf(t * h)?);
+    let k = KernelInstance::embedding(h);
+    g.launch(
+        &k,
+        RuntimeSizes {
+            tokens: t,
+            ..Default::default()
+        },
+        &[
+            Arg::P(g.ptr(&dt)),
+            Arg::P(g.ptr(&di)),
+            Arg::P(g.ptr(&dout)),
+            Arg::I(t as i32),
+        ],
+    )?;
+    g.sync()?;
+    let out = g.down_bf(&dout)?;
+    let mut reference = vec![0f64; t * h];
+    for (i, &id) in ids.iter().enumerate() {
+        if id >= 0 {
+            for j in 0..h {
+                reference[i * h + j] = table[id as usize * h + j] as f64;
+            }
+        }
+    }
+    rep.check(
+        format!("embedding<{h}> T={t}"),
+        rel_l2(&out, &reference),
+        0.0,
+    );
+    Ok(())
+}
+
+fn rms_ref(x: &[f32], w: &[f32], h: usize, eps: f32) -> Vec<f64> {
+    let mut out = vec![0f64; x.len()];
+    for (row, o) in x.chunks(h).zip(out.chunks_mut(h)) {
+        let ms: f64 = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / h as f64;
+        let r = 1.0 / (ms + eps as f64).sqrt();
+        for j in 0..h {
+            o[j] = w[j] as f64 * bfr((row[j] as f64 * r) as f32) as f64;
+        }
+    }
+    out
+}
+
+fn check_rmsnorm(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize) -> Res<()> {
+    let t = 5;
+    let eps = 1e-5f32;
+    let x = r.bf_vec(t * h, 2.0);
+    let res = r.bf_vec(t * h, 2.0);
+    let w: Vec<f32> = (0..h).map(|_| bfr(1.0 + r.sym(0.5))).collect();
+    let rt = RuntimeSizes {
+        tokens: t,
+        ..Default::default()
+    };
+    let (dx, dw, dout) = (g.up_bf(&x)?, g.up_bf(&w)?, g.poison_bf(t * h)?);
+    g.launch(
+        &KernelInstance::rmsnorm(h),
+        rt,
+        &[
+            Arg::P(g.ptr(&dx)),
+            Arg::P(g.ptr(&dw)),
+            Arg::P(g.ptr(&dout)),
+            Arg::I(t as i32),
+            Arg::F(eps),
+        ],
+    )?;
+    g.sync()?;
+    rep.check(
+        format!("rmsnorm<{h}> T={t}"),
+        rel_l2(&g.down_bf(&dout)?, &rms_ref(&x, &w, h, eps)),
+        TOL,
+    );
+
+    let dres = g.up_bf(&res)?;
+    let dout = g.poison_bf(t * h)?;
+    g.launch(
+        &KernelInstance::add_rmsnorm(h),
+        rt,
+        &[
+            Arg::P(g.ptr(&dres)),
+            Arg::P(g.ptr(&dx)),
+            Arg::P(g.ptr(&dw)),
+            Arg::P(g.ptr(&dout)),
+            Arg::I(t as i32),
+            Arg::F(eps),
+        ],
+    )?;
+    g.sync()?;
+    let hsum: Vec<f32> = res.iter().zip(&x).map(|(a, b)| bfr(a + b)).collect();
+    let href: Vec<f64> = hsum.iter().map(|&v| v as f64).collect();
+    let e1 = rel_l2(&g.down_bf(&dres)?, &href);
+    let e2 = rel_l2(&g.down_bf(&dout)?, &rms_ref(&hsum, &w, h, eps));
+    rep.check(format!("add_rmsnorm<{h}> T={t}"), e1.max(e2), TOL);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_gemv(
+    g: &Gpu,
+    r: &mut Rng,
+    rep: &mut Report,
+    tc: bool,
+    k: usize,
+    n: usize,
+    m: usize,
+    mmax: usize,
+    epi: GemvEpilogue,
+    out_t: OutType,
+) -> Res<()> {
+    let rows = if epi == GemvEpilogue::Gated { 2 * n } else { n };
+    let x = r.bf_vec(m * k, 1.0);
+    let w = r.bf_vec(rows * k, 0.05);
+    let res = r.bf_vec(m * n, 1.0);
+    let reference: Vec<f64> = (0..m * n)
+        .into_par_iter()
+        .map(|i| {
+            let (mi, ni) = (i / n, i % n);
+            let dot = |row: usize| -> f64 {
+                (0..k)
+                    .map(|j| x[mi * k + j] as f64 * w[row * k + j] as f64)
+                    .sum()
+            };
+            match epi {
+                GemvEpilogue::Plain => dot(ni),
+                GemvEpilogue::Residual => dot(ni) + res[i] as f64,
+                GemvEpilogue::Gated => {
+                    let (gt, up) = (dot(ni), dot(n + ni));
+                    gt / (1.0 + (-gt).exp()) * up
+                }
+            }
+        })
+        .collect();
+    let (dx, dw, dr) = (g.up_bf(&x)?, g.up_bf(&w)?, g.up_bf(&res)?);
+    let inst = if tc {
+        KernelInstance::gemv_tc(k, mmax, epi, out_t)
+    } else {
+        KernelInstance::gemv(k, mmax, epi, out_t)
+    };
+    let rt = RuntimeSizes {
+        n,
+        ..Default::default()
+    };
+    let out = match out_t {
+        OutType::Bf16 => {
+            let d = g.poison_bf(m * n)?;
+            g.launch(
+                &inst,
+                rt,
+                &[
+                    Arg::P(g.ptr(&dx)),
+                    Arg::I(m as i32),
+                    Arg::P(g.ptr(&dw)),
+                    Arg::I(n as i32),
+                    Arg::P(g.ptr(&dr)),
+                    Arg::P(g.ptr(&d)),
+                ],
+            )?;
+            g.sync()?;
+            g.down_bf(&d)?
+        }
+        OutType::F32 => {
+            let d = g.poison_f32(m * n)?;
+            g.launch(
+                &inst,
+                rt,
+                &[
+                    Arg::P(g.ptr(&dx)),
+                    Arg::I(m as i32),
+                    Arg::P(g.ptr(&dw)),
+                    Arg::I(n as i32),
+                    Arg::P(g.ptr(&dr)),
+                    Arg::P(g.ptr(&d)),
+                ],
+            )?;
+            g.sync()?;
+            g.down(&d)?
+        }
+    };
+    rep.check(
+        format!("{} M={m} N={n}", inst.name_expr),
+        rel_l2(&out, &reference),
+        TOL,
+    );
+    Ok(())
+}
+
+fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
+    let n = 1_000_003usize;
+    let a = r.bf_vec(n, 1.0);
+    let b = r.bf_vec(n, 1.0);
+    let (da, db) = (g.up_bf(&a)?, g.up_bf(&b)?);
+    let inst = KernelInstance::add_inplace();
+    g.launch(
+        &inst,
+        RuntimeSizes {
+            elements: n,
+            ..Default::default()
+        },
+        &[Arg::P(g.ptr(&da)), Arg::P(g.ptr(&db)), Arg::L(n as i64)],
+    )?;
+    g.sync()?;
+    let reference: Vec<f64> = a.iter().zip(&b).map(|(x, y)| bfr(x + y) as f64).collect();
+    rep.check(
+        format!("add_inplace n={n}"),
+        rel_l2(&g.down_bf(&da)?, &reference),
+        1e-6,
+    );
+
+    for f in [1536usize, 14336] {
+        let t = 3;
+        let gu = r.bf_vec(t * 2 * f, 4.0);
+        let (dgu, dout) = (g.up_bf(&gu)?, g.poison_bf(t * f)?);
+        let inst = KernelInstance::silu_mul(f);
+        g.launch(
+            &inst,
+            RuntimeSizes {
+                tokens: t,
+                ..Default::default()
+            },
+            &[Arg::P(g.ptr(&dgu)), Arg::P(g.ptr(&dout)), Arg::I(t as i32)],
+        )?;
+        g.sync()?;
+        let mut reference = vec![0f64; t * f];
+        for ti in 0..t {
+            for j in 0..f {
+                let gt = gu[ti * 2 * f + j] as f64;
+                let up = gu[ti * 2 * f + f + j] as f64;
+                reference[ti * f + j] = gt / (1.0 + (-gt).exp()) * up;
+            }
+        }
+        rep.check(
+            format!("silu_mul<{f}> T={t}"),
+            rel_l2(&g.down_bf(&dout)?, &reference),
+            TOL,
+        );
+    }
+    Ok(())
+}
+
+fn check_rope(
+    g: &Gpu,
+    r: &mut Rng,
+    rep: &mut Report,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+) -> Res<()> {
+    let t = 6;
+    let theta = 500000.0f32;
+    let width = (heads + 2 * kv) * hd;
+    let num_blocks = 8;
+    let kvrow = kv * hd;
+    let qkv = r.bf_vec(t * width, 2.0);
+    let positions: Vec<i32> = (0..t)
+        .map(|i| if i == 0 { 0 } else { r.below(8192) as i32 })
+        .collect();
+    let mut slots_all: Vec<i32> = (0..(num_blocks * BLOCK) as i32).collect();
+    r.shuffle(&mut slots_all);
+    let mut slots: Vec<i32> = slots_all[..t].to_vec();
+    slots[2] = -1; // a padding token: no cache write
+    let kc = r.bf_vec(num_blocks * BLOCK * kvrow, 1.0);
+    let vc = r.bf_vec(num_blocks * BLOCK * kvrow, 1.0);
+
+    let mut q_ref: Vec<f64> = qkv.iter().map(|&v| v as f64).collect();
+    let mut k_ref: Vec<f64> = kc.iter().map(|&v| v as f64).collect();
+    let mut v_ref: Vec<f64> = vc.iter().map(|&v| v as f64).collect();
+    let half = hd / 2;
+    for ti in 0..t {
+        for h in 0..heads + kv {
+            let base = ti * width + h * hd;
+            for i in 0..half {
+                let inv = 1.0f32 / theta.powf((2 * i) as f32 / hd as f32);
+                let angle = (positions[ti] as f32 * inv) as f64;
+                let (s, c) = angle.sin_cos();
+                let (a, b) = (qkv[base + i] as f64, qkv[base + half + i] as f64);
+                q_ref[base + i] = a * c - b * s;
+                q_ref[base + half + i] = b * c + a * s;
+            }
+            if h >= heads && slots[ti] >= 0 {
+                let dst = slots[ti] as usize * kvrow + (h - heads) * hd;
+                k_ref[dst..dst + hd].copy_from_slice(&q_ref[base..base + hd]);
+            }
+        }
+        if slots[ti] >= 0 {
+            for e in 0..kvrow {
+                v_ref[slots[ti] as usize * kvrow + e] =
+                    qkv[ti * width + (heads + kv) * hd + e] as f64;
+            }
+        }
+    }
+    let (dq, dp, ds, dk, dv) = (
+        g.up_bf(&qkv)?,
+        g.up(&positions)?,
+        g.up(&slots)?,
+        g.up_bf(&kc)?,
+        g.up_bf(&vc)?,
+    );
+    let inst = KernelInstance::rope_append(heads, kv, hd, BLOCK);
+    g.launch(
+        &inst,
+        RuntimeSizes {
+            tokens: t,
+            ..Default::default()
+        },
+        &[
+            Arg::P(g.ptr(&dq)),
+            Arg::P(g.ptr(&dp)),
+            Arg::P(g.ptr(&ds)),
+            Arg::P(g.ptr(&dk)),
+            Arg::P(g.ptr(&dv)),
+            Arg::I(t as i32),
+            Arg::F(theta),
+        ],
+    )?;
+    g.sync()?;
+    let e = rel_l2(&g.down_bf(&dq)?, &q_ref)
+        .max(rel_l2(&g.down_bf(&dk)?, &k_ref))
+        .max(rel_l2(&g.down_bf(&dv)?, &v_ref));
+    rep.check(format!("{} T={t}", inst.name_expr), e, TOL);
+    Ok(())
+}
+
+/// A paged KV cache holding `lens[b]` tokens per sequence in shuffled physical blocks.
+struct Paged {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    tables: Vec<i32>,
+    max_blocks: usize,
+}
+
+impl Paged {
+    fn new(r: &mut Rng, lens: &[usize], kvrow: usize) -> Self {
+        let max_blocks = lens
+            .iter()
+            .map(|l| l.div_ceil(BLOCK))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let num_blocks = lens.len() * max_blocks + 3;
+        let mut phys: Vec<i32> = (0..num_blocks as i32).collect();
+        r.shuffle(&mut phys);
+        let mut tables = vec![0i32; lens.len() * max_blocks];
+        let mut next = 0;
+        for (b, &l) in lens.iter().enumerate() {
+            for i in 0..l.div_ceil(BLOCK) {
+                tables[b * max_blocks + i] = phys[next];
+                next += 1;
+            }
+        }
+        let k = r.bf_vec(num_blocks * BLOCK * kvrow, 1.0);
+        let v = r.bf_vec(num_blocks * BLOCK * kvrow, 1.0);
+        Self {
+            k,
+            v,
+            tables,
+            max_blocks,
+        }
+    }
+    fn slot(&self, b: usize, pos: usize) -> usize {
+        self.tables[b * self.max_blocks + pos / BLOCK] as usize * BLOCK + pos % BLOCK
+    }
+}
+
+/// softmax(scale q·k_j) v_j over j < n_keys of sequence b, kv head kvh.
+#[allow(clippy::too_many_arguments)]
+fn attn_ref(
+    q: &[f32],
+    p: &Paged,
+    b: usize,
+    n_keys: usize,
+    kvh: usize,
+    hd: usize,
+    kvrow: usize,
+    scale: f64,
+) -> Vec<f64> {
+    let mut s: Vec<f64> = (0..n_keys)
+        .map(|j| {
+            let base = p.slot(b, j) * kvrow + kvh * hd;
+            (0..hd)
+                .map(|d| q[d] as f64 * p.k[base + d] as f64)
+                .sum::<f64>()
+                * scale
+        })
+        .collect();
+    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for v in s.iter_mut() {
+        *v = (*v - mx).exp();
+        sum += *v;
+    }
+    let mut o = vec![0f64; hd];
+    for (j, &w) in s.iter().enumerate() {
+        let base = p.slot(b, j) * kvrow + kvh * hd;
+        for (od, &v) in o.iter_mut().zip(&p.v[base..base + hd]) {
+            *od += w / sum * v as f64;
+        }
+    }
+    o
+}
+
+fn check_decode(
+    g: &Gpu,
+    r: &mut Rng,
+    rep: &mut Report,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+    lens: &[usize],
+) -> Res<()> {
+    let b_n = lens.len();
+    let width = (heads + 2 * kv) * hd;
+    let kvrow = kv * hd;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let p = Paged::new(r, lens, kvrow);
+    let qkv = r.bf_vec(b_n * width, 1.0);
+    let mut reference = vec![0f64; b_n * heads * hd];
+    for (b, &l) in lens.iter().enumerate() {
+        for h in 0..heads {
+            if l == 0 {
+                continue;
+            }
+            let q = &qkv[b * width + h * hd..b * width + (h + 1) * hd];
+            let o = attn_ref(q, &p, b, l, h / (heads / kv), hd, kvrow, scale);
+            reference[(b * heads + h) * hd..(b * heads + h + 1) * hd].copy_from_slice(&o);
+        }
+    }
+    let (dq, dk, dv, dt, dl) = (
+        g.up_bf(&qkv)?,
+        g.up_bf(&p.k)?,
+        g.up_bf(&p.v)?,
+        g.up(&p.tables)?,
+        g.up(&lens.iter().map(|&l| l as i32).collect::<Vec<_>>())?,
+    );
+    let inst = KernelInstance::attention_decode(heads, kv, hd, BLOCK);
+    let merge = KernelInstance::attention_decode_merge(heads, hd);
+    for splits in [1usize, 7, 40] {
+        let dout = g.poison_bf(b_n * heads * hd)?;
+        let po = g.poison_f32(b_n * heads * splits * hd)?;
+        let pml = g.poison_f32(b_n * heads * splits * 2)?;
+        let rt = RuntimeSizes {
+            batch: b_n,
+            tokens: b_n,
+            max_splits: splits,
+            ..Default::default()
+        };
+        g.launch(
+            &inst,
+            rt,
+            &[
+                Arg::P(g.ptr(&dq)),
+                Arg::P(g.ptr(&dk)),
+                Arg::P(g.ptr(&dv)),
+                Arg::P(g.ptr(&dt)),
+                Arg::I(p.max_blocks as i32),
+                Arg::P(g.ptr(&dl)),
+                Arg::P(g.ptr(&dout)),
+                Arg::I(b_n as i32),
+                Arg::F(scale as f32),
+                Arg::P(g.ptr(&po)),
+                Arg::P(g.ptr(&pml)),
+                Arg::I(splits as i32),
+            ],
+        )?;
+        if splits > 1 {
+            g.launch(
+                &merge,
+                rt,
+                &[
+                    Arg::P(g.ptr(&po)),
+                    Arg::P(g.ptr(&pml)),
+                    Arg::P(g.ptr(&dl)),
+                    Arg::P(g.ptr(&dout)),
+                    Arg::I(b_n as i32),
+                    Arg::I(splits as i32),
+                ],
+            )?;
+        }
+        g.sync()?;
+        rep.check(
+            format!("{} lens={lens:?} splits={splits}", inst.name_expr),
+            rel_l2(&g.down_bf(&dout)?, &reference),
+            TOL,
+        );
+    }
+    Ok(())
+}
+
+fn check_prefill(
+    g: &Gpu,
+    r: &mut Rng,
+    rep: &mut Report,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+    seqs: &[(usize, usize)],
+) -> Res<()> {
+    // seqs: (q_len, past)
+    let lens: Vec<usize> = seqs.iter().map(|&(q, past)| q + past).collect();
+    let t: usize = seqs.iter().map(|s| s.0).sum();
+    let mut qstart = vec![0i32];
+    for s in seqs {
+        qstart.push(qstart.last().unwrap() + s.0 as i32);
+    }
+    let width = (heads + 2 * kv) * hd;
+    let kvrow = kv * hd;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let p = Paged::new(r, &lens, kvrow);
+    let qkv = r.bf_vec(t * width, 1.0);
+    let mut reference = vec![0f64; t * heads * hd];
+    let rows: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(b, &(q, past))| (0..q).map(move |i| (b, i, past)))
+        .collect();
+    let per_row: Vec<Vec<f64>> = rows
+        .par_iter()
+        .enumerate()
+        .map(|(tok, &(b, i, past))| {
+            let mut o = Vec::with_capacity(heads * hd);
+            for h in 0..heads {
+                let q = &qkv[tok * width + h * hd..tok * width + (h + 1) * hd];
+                o.extend(attn_ref(
+                    q,
+                    &p,
+                    b,
+                    past + i + 1,
+                    h / (heads / kv),
+                    hd,
+                    kvrow,
+                    scale,
+                ));
+            }
+            o
+        })
+        .collect();
+    for (tok, o) in per_row.iter().enumerate() {
+        reference[tok * heads * hd..(tok + 1) * heads * hd].copy_from_slice(o);
+    }
+    let (dq, dk, dv, dt, dl, ds) = (
+        g.up_bf(&qkv)?,
+        g.up_bf(&p.k)?,
+        g.up_bf(&p.v)?,
+        g.up(&p.tables)?,
+        g.up(&lens.iter().map(|&l| l as i32).collect::<Vec<_>>())?,
+        g.up(&qstart)?,
+    );
+    let b_n = seqs.len();
+    for inst in [
+        KernelInstance::attention_prefill_for(heads, kv, hd, BLOCK),
+        KernelInstance::attention_prefill_simple(heads, kv, hd, BLOCK),
+    ] {
+        let dout = g.poison_bf(t * heads * hd)?;
+        g.launch(
+            &inst,
+            RuntimeSizes {
+                tokens: t,
+                batch: b_n,
+                ..Default::default()
+            },
+            &[
+                Arg::P(g.ptr(&dq)),
+                Arg::P(g.ptr(&dk)),
+                Arg::P(g.ptr(&dv)),
+                Arg::P(g.ptr(&dt)),
+                Arg::I(p.max_blocks as i32),
+                Arg::P(g.ptr(&dl)),
+                Arg::P(g.ptr(&ds)),
+                Arg::P(g.ptr(&dout)),
+                Arg::I(b_n as i32),
+                Arg::F(scale as f32),
+            ],
+        )?;
+        g.sync()?;
+        rep.check(
+            format!("{} seqs(q,past)={seqs:?}", inst.name_expr),
+            rel_l2(&g.down_bf(&dout)?, &reference),
+            TOL,
+        );
+    }
+    Ok(())
+}
+
+fn check_argmax(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
+    for v in [7usize, 128_256] {
+        let b_n = 3;
+        let mut logits: Vec<f32> = (0..b_n * v).map(|_| r.normal() * 3.0).collect();
+        // Row 1: a tie between two positions (the lower must win); row 2: all equal.
+        let (i1, i2) = (v / 3, 2 * v / 3);
+        logits[v + i1] = 100.0;
+        logits[v + i2] = 100.0;
+        for x in &mut logits[2 * v..3 * v] {
+            *x = -1.0;
+        }
+        let expect: Vec<i32> = (0..b_n)
+            .map(|b| {
+                let row = &logits[b * v..(b + 1) * v];
+                let mut best = 0;
+                for (i, &x) in row.iter().enumerate() {
+                    if x > row[best] {
+                        best = i;
+                    }
+                }
+                best as i32
+            })
+            .collect();
+        let (dl, dout) = (g.up(&logits)?, g.up(&vec![-7i32; b_n])?);
+        g.launch(
+            &KernelInstance::argmax(),
+            RuntimeSizes {
+                batch: b_n,
+                ..Default::default()
+            },
+            &[Arg::P(g.ptr(&dl)), Arg::I(v as i32), Arg::P(g.ptr(&dout))],
+        )?;
+        g.sync()?;
+        let got = g.down(&dout)?;
+        let wrong = got.iter().zip(&expect).filter(|(a, b)| a != b).count();
+        if wrong > 0 {
+            println!("argmax V={v}: got {got:?}, expected {expect:?}");
+        }
+        rep.check(format!("argmax V={v} (mismatches)"), wrong as f64, 0.0);
+    }
+    Ok(())
+}
+
+fn softmax64(l: &[f32], t: f64) -> Vec<f64> {
+    let mx = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let e: Vec<f64> = l.iter().map(|&x| ((x as f64 - mx) / t).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|x| x / s).collect()
+}
+
+/// Runs `sample` on `rows` copies of `logits` with seeds 0..rows; returns the tokens.
+#[allow(clippy::too_many_arguments)]
+fn run_sample(
+    g: &Gpu,
+    logits: &[f32],
+    rows: usize,
+    temp: f32,
+    top_k: i32,
+    top_p: f32,
+    step: u64,
+) -> Res<Vec<i32>> {
+    let v = logits.len();
+    let all: Vec<f32> = (0..rows).flat_map(|_| logits.iter().cloned()).collect();
+    let seeds: Vec<u64> = (0..rows)
+        .flat_map(|i| [i as u64 * 7919 + 13, step])
+        .collect();
+    let (dl, dt, dk, dp, ds, dout) = (
+        g.up(&all)?,
+        g.up(&vec![temp; rows])?,
+        g.up(&vec![top_k; rows])?,
+        g.up(&vec![top_p; rows])?,
+        g.up(&seeds)?,
+        g.up(&vec![-7i32; rows])?,
+    );
+    g.launch(
+        &KernelInstance::sample(),
+        RuntimeSizes {
+            batch: rows,
+            ..Default::default()
+        },
+        &[
+            Arg::P(g.ptr(&dl)),
+            Arg::I(v as i32),
+            Arg::P(g.ptr(&dt)),
+            Arg::P(g.ptr(&dk)),
+            Arg::P(g.ptr(&dp)),
+            Arg::P(g.ptr(&ds)),
+            Arg::P(g.ptr(&dout)),
+        ],
+    )?;
+    g.sync()?;
+    g.down(&dout)
+}
+
+/// Total variation distance between the empirical distribution of `tokens` and `p`, and the
+/// count of tokens outside the support of `p`.
+fn tv(tokens: &[i32], p: &[f64]) -> (f64, usize) {
+    let mut c = vec![0f64; p.len()];
+    let mut outside = 0;
+    for &t in tokens {
+        if t < 0 || t as usize >= p.len() || p[t as usize] == 0.0 {
+            outside += 1;
+        } else {
+            c[t as usize] += 1.0;
+        }
+    }
+    let n = tokens.len() as f64;
+    (
+        0.5 * c.iter().zip(p).map(|(a, b)| (a / n - b).abs()).sum::<f64>(),
+        outside,
+    )
+}
+
+fn check_sample(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
+    let v = 1000;
+    let rows = 8192;
+    // Ten plausible tokens, the rest far below.
+    let mut logits: Vec<f32> = (0..v).map(|_| -20.0 + r.sym(1.0)).collect();
+    let mut idx: Vec<usize> = (0..v).collect();
+    r.shuffle(&mut idx);
+    let top: Vec<usize> = idx[..10].to_vec();
+    for (i, &j) in top.iter().enumerate() {
+        logits[j] = 2.0 - 0.25 * i as f32;
+    }
+    let amax = top[0] as i32;
+    // Greedy by temperature 0 and by top_k 1.
+    let greedy = run_sample(g, &logits, 64, 0.0, 0, 1.0, 1)?;
+    let k1 = run_sample(g, &logits, 64, 1.0, 1, 1.0, 1)?;
+    let bad = greedy.iter().chain(&k1).filter(|&&t| t != amax).count();
+    rep.check("sample greedy (T=0, top_k=1) mismatches", bad as f64, 0.0);
+    // Plain temperature sampling.
+    let p = softmax64(&logits, 0.7);
+    let toks = run_sample(g, &logits, rows, 0.7, 0, 1.0, 3)?;
+    let (d, out) = tv(&toks, &p);
+    rep.check("sample T=0.7 total variation", d + out as f64, 0.03);
+    // Top-k = 3.
+    let mut pk = vec![0f64; v];
+    let z: f64 = top[..3].iter().map(|&j| p[j]).sum();
+    for &j in &top[..3] {
+        pk[j] = p[j] / z;
+    }
+    let toks = run_sample(g, &logits, rows, 0.7, 3, 1.0, 4)?;
+    let (d, out) = tv(&toks, &pk);
+    rep.check(
+        "sample T=0.7 top_k=3 total variation (+ outside)",
+        d + out as f64,
+        0.03,
+    );
+    // Top-p = 0.6: the smallest prefix of the sorted tokens whose mass reaches 0.6.
+    let mut pp = vec![0f64; v];
+    let mut cum = 0.0;
+    let mut kept = Vec::new();
+    for &j in &top {
+        kept.push(j);
+        cum += p[j];
+        if cum >= 0.6 {
+            break;
+        }
+    }
+    let z: f64 = kept.iter().map(|&j| p[j]).sum();
+    for &j in &kept {
+        pp[j] = p[j] / z;
+    }
+    let toks = run_sample(g, &logits, rows, 0.7, 0, 0.6, 5)?;
+    let (d, out) = tv(&toks, &pp);
+    rep.check(
+        format!(
+            "sample T=0.7 top_p=0.6 ({} kept) total variation (+ outside)",
+            kept.len()
+        ),
+        d + out as f64,
+        0.03,
+    );
+    // Same seed and step: same draw.
+    let a = run_sample(g, &logits, 256, 1.0, 0, 1.0, 9)?;
+    let b = run_sample(g, &logits, 256, 1.0, 0, 1.0, 9)?;
+    let diff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    rep.check("sample replay determinism (mismatches)", diff as f64, 0.0);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmarks
+
+/// A GEMV tuning variant: warps per CTA and loads (gemv) or chunks (gemv_tc) in flight.
+#[derive(Clone, Copy)]
+struct GemvVariant {
+    tc: bool,
+    warps: usize,
+    depth: usize,
+}
+
+impl GemvVariant {
+    const DEFAULT_GEMV: GemvVariant = GemvVariant {
+        tc: false,
+        warps: 8,
+        depth: 8,
+    };
+    const DEFAULT_TC: GemvVariant = GemvVariant {
+        tc: true,
+        warps: 8,
+        depth: 8,
+    };
+    fn is_default(&self) -> bool {
+        let d = if self.tc {
+            Self::DEFAULT_TC
+        } else {
+            Self::DEFAULT_GEMV
+        };
+        self.warps == d.warps && self.depth == d.depth
+    }
+    fn tag(&self) -> String {
+        format!("w{}d{}", self.warps, self.depth)
+    }
+    fn defines(&self) -> Vec<String> {
+        if self.tc {
+            vec![
+                format!("GEMV_TC_WARPS={}", self.warps),
+                format!("GEMV_TC_UNROLL={}", self.depth),
+            ]
+        } else {
+            vec![
+                format!("GEMV_WARPS={}", self.warps),
+                format!("GEMV_LOADS={}", self.depth),
+            ]
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_gemv(
+    g: &Gpu,
+    rep: &mut Report,
+    v: GemvVariant,
+    label: &str,
+    k: usize,
+    n: usize,
+    m: usize,
+    mmax: usize,
+    epi: GemvEpilogue,
+    out_t: OutType,
+) -> Res<()> {
+    let rows = if epi == GemvEpilogue::Gated { 2 * n } else { n };
+    let bytes = rows * k * 2;
+    let copies = (600_000_000usize).div_ceil(bytes).clamp(1, 24);
+    let ws: Vec<CudaSlice<bf16>> = (0..copies)
+        .map(|i| g.random_bf(rows * k, 1000 + i as u64, 0.05))
+        .collect::<Res<_>>()?;
+    let x = g.random_bf(m * k, 7, 1.0)?;
+    let res = g.random_bf(m * n, 8, 1.0)?;
+    let out = g.stream.alloc_zeros::<f32>(m * n)?; // big enough for either output type
+    let inst = if v.tc {
+        KernelInstance::gemv_tc(k, mmax, epi, out_t)
+    } else {
+        KernelInstance::gemv(k, mmax, epi, out_t)
+    };
+    let (name, dims) = if v.is_default() {
+        (
+            inst.name_expr.clone(),
+            inst.launch_dims(&RuntimeSizes {
+                n,
+                ..Default::default()
+            }),
+        )
+    } else {
+        let per_cta = if v.tc {
+            16
+        } else {
+            v.warps
+                * if mmax >= 4 && epi != GemvEpilogue::Gated {
+                    2
+                } else {
+                    1
+                }
+        };
+        let dims = LaunchDims {
+            grid: (n.div_ceil(per_cta) as u32, 1, 1),
+            block: (v.warps as u32 * 32, 1, 1),
+            shared_bytes: 0,
+        };
+        (format!("{}@{}", inst.name_expr, v.tag()), dims)
+    };
+    let us = g.time_us(5, 20, |i| {
+        g.launch_raw(
+            &name,
+            dims,
+            &[
+                Arg::P(g.ptr(&x)),
+                Arg::I(m as i32),
+                Arg::P(g.ptr(&ws[i % copies])),
+                Arg::I(n as i32),
+                Arg::P(g.ptr(&res)),
+                Arg::P(g.ptr(&out)),
+            ],
+        )
+    })?;
+    let gbs = bytes as f64 / us / 1e3;
+    rep.time(
+        format!(
+            "gemv {label} {rows}x{k} M={m} {} {}",
+            inst.name_expr,
+            v.tag()
+        ),
+        format!("{us:.1} µs, {gbs:.0} GB/s"),
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_decode(
+    g: &Gpu,
+    rep: &mut Report,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+    b_n: usize,
+    l: usize,
+    splits: usize,
+) -> Res<()> {
+    let width = (heads + 2 * kv) * hd;
+    let kvrow = kv * hd;
+    let max_blocks = l.div_ceil(BLOCK);
+    let num_blocks = b_n * max_blocks;
+    let tables: Vec<i32> = (0..num_blocks as i32).collect();
+    let (dt, dl) = (g.up(&tables)?, g.up(&vec![l as i32; b_n])?);
+    let kc = g.random_bf(num_blocks * BLOCK * kvrow, 11, 1.0)?;
+    let vc = g.random_bf(num_blocks * BLOCK * kvrow, 12, 1.0)?;
+    let q = g.random_bf(b_n * width, 13, 1.0)?;
+    let out = g.stream.alloc_zeros::<bf16>(b_n * heads * hd)?;
+    let po = g.stream.alloc_zeros::<f32>(b_n * heads * splits * hd)?;
+    let pml = g.stream.alloc_zeros::<f32>(b_n * heads * splits * 2)?;
+    let inst = KernelInstance::attention_decode(heads, kv, hd, BLOCK);
+    let merge = KernelInstance::attention_decode_merge(heads, hd);
+    let rt = RuntimeSizes {
+        batch: b_n,
+        tokens: b_n,
+        max_splits: splits,
+        ..Default::default()
+    };
+    let scale = 1.0 / (hd as f32).sqrt();
+    let us = g.time_us(3, 30, |_| {
+        g.launch(
+            &inst,
+            rt,
+            &[
+                Arg::P(g.ptr(&q)),
+                Arg::P(g.ptr(&kc)),
+                Arg::P(g.ptr(&vc)),
+                Arg::P(g.ptr(&dt)),
+                Arg::I(max_blocks as i32),
+                Arg::P(g.ptr(&dl)),
+                Arg::P(g.ptr(&out)),
+                Arg::I(b_n as i32),
+                Arg::F(scale),
+                Arg::P(g.ptr(&po)),
+                Arg::P(g.ptr(&pml)),
+                Arg::I(splits as i32),
+            ],
+        )?;
+        if splits > 1 {
+            g.launch(
+                &merge,
+                rt,
+                &[
+                    Arg::P(g.ptr(&po)),
+                    Arg::P(g.ptr(&pml)),
+                    Arg::P(g.ptr(&dl)),
+                    Arg::P(g.ptr(&out)),
+                    Arg::I(b_n as i32),
+                    Arg::I(splits as i32),
+                ],
+            )?;
+        }
+        Ok(())
+    })?;
+    let bytes = (b_n * l * kvrow * 2 * 2) as f64;
+    rep.time(
+        format!("attention_decode+merge {heads}/{kv}x{hd} B={b_n} L={l} splits={splits}"),
+        format!("{us:.1} µs, {:.0} GB/s of KV", bytes / us / 1e3),
+    );
+    Ok(())
+}
+
+fn bench_prefill(
+    g: &Gpu,
+    rep: &mut Report,
+    inst: &KernelInstance,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+    t: usize,
+) -> Res<()> {
+    let width = (heads + 2 * kv) * hd;
+    let kvrow = kv * hd;
+    let max_blocks = t.div_ceil(BLOCK);
+    let tables: Vec<i32> = (0..max_blocks as i32).collect();
+    let (dt, dl, ds) = (g.up(&tables)?, g.up(&[t as i32])?, g.up(&[0i32, t as i32])?);
+    let kc = g.random_bf(max_blocks * BLOCK * kvrow, 21, 1.0)?;
+    let vc = g.random_bf(max_blocks * BLOCK * kvrow, 22, 1.0)?;
+    let q = g.random_bf(t * width, 23, 1.0)?;
+    let out = g.stream.alloc_zeros::<bf16>(t * heads * hd)?;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let us = g.time_us(2, 10, |_| {
+        g.launch(
+            inst,
+            RuntimeSizes {
+                tokens: t,
+                batch: 1,
+                ..Default::default()
+            },
+            &[
+                Arg::P(g.ptr(&q)),
+                Arg::P(g.ptr(&kc)),
+                Arg::P(g.ptr(&vc)),
+                Arg::P(g.ptr(&dt)),
+                Arg::I(max_blocks as i32),
+                Arg::P(g.ptr(&dl)),
+                Arg::P(g.ptr(&ds)),
+                Arg::P(g.ptr(&out)),
+                Arg::I(1),
+                Arg::F(scale),
+            ],
+        )
+    })?;
+    let flops = 4.0 * hd as f64 * heads as f64 * (t as f64) * (t as f64 + 1.0) / 2.0;
+    rep.time(
+        format!("{} T={t} causal", inst.name_expr),
+        format!("{us:.0} µs, {:.0} TFLOP/s", flops / us / 1e6),
+    );
+    Ok(())
+}
+
+fn bench_sample(g: &Gpu, rep: &mut Report, v: usize, b_n: usize) -> Res<()> {
+    let host: Vec<f32> = {
+        let mut r = Rng(99);
+        (0..b_n * v).map(|_| r.normal() * 3.0).collect()
+    };
+    let logits = g.up(&host)?;
+    let (dt, dk, dp) = (
+        g.up(&vec![0.8f32; b_n])?,
+        g.up(&vec![50i32; b_n])?,
+        g.up(&vec![0.9f32; b_n])?,
+    );
+    let seeds: Vec<u64> = (0..b_n).flat_map(|i| [i as u64, 1]).collect();
+    let ds = g.up(&seeds)?;
+    let out = g.stream.alloc_zeros::<i32>(b_n)?;
+    let rt = RuntimeSizes {
+        batch: b_n,
+        ..Default::default()
+    };
+    let us = g.time_us(3, 20, |_| {
+        g.launch(
+            &KernelInstance::sample(),
+            rt,
+            &[
+                Arg::P(g.ptr(&logits)),
+                Arg::I(v as i32),
+                Arg::P(g.ptr(&dt)),
+                Arg::P(g.ptr(&dk)),
+                Arg::P(g.ptr(&dp)),
+                Arg::P(g.ptr(&ds)),
+                Arg::P(g.ptr(&out)),
+            ],
+        )
+    })?;
+    rep.time(
+        format!("sample V={v} B={b_n} (T=0.8, top_k=50, top_p=0.9)"),
+        format!("{us:.1} µs"),
+    );
+    let us = g.time_us(3, 20, |_| {
+        g.launch(
+            &KernelInstance::argmax(),
+            rt,
+            &[
+                Arg::P(g.ptr(&logits)),
+                Arg::I(v as i32),
+                Arg::P(g.ptr(&out)),
+            ],
+        )
+    })?;
+    rep.time(format!("argmax V={v} B={b_n}"), format!("{us:.1} µs"));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The steps of the check, in order; each can run alone (`kernel_check STEP…`), so a kernel that
+/// breaks the CUDA context does not hide the results of the others.
+const STEPS: [&str; 13] = [
+    "info",
+    "embedding",
+    "rmsnorm",
+    "gemv",
+    "elementwise",
+    "rope",
+    "decode",
+    "prefill",
+    "argmax",
+    "sample",
+    "bench-gemv",
+    "bench-attention",
+    "bench-sample",
+];
+
+/// GEMV tuning variants timed by the `bench-gemv` step (the first of each kind is the default).
+const GEMV_VARIANTS: [GemvVariant; 9] = [
+    GemvVariant::DEFAULT_GEMV,
+    GemvVariant {
+        tc: false,
+        warps: 8,
+        depth: 16,
+    },
+    GemvVariant {
+        tc: false,
+        warps: 4,
+        depth: 8,
+    },
+    GemvVariant {
+        tc: false,
+        warps: 4,
+        depth: 16,
+    },
+    GemvVariant {
+        tc: false,
+        warps: 8,
+        depth: 4,
+    },
+    GemvVariant::DEFAULT_TC,
+    GemvVariant {
+        tc: true,
+        warps: 8,
+        depth: 4,
+    },
+    GemvVariant {
+        tc: true,
+        warps: 4,
+        depth: 8,
+    },
+    GemvVariant {
+        tc: true,
+        warps: 16,
+        depth: 4,
+    },
+];
+
+fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
+    use GemvEpilogue::*;
+    match step {
+        "info" => {
+            for name in [
+                "gemv<4096, 1, 0, __nv_bfloat16>",
+                "gemv<4096, 8, 0, __nv_bfloat16>",
+                "gemv_tc<4096, 8, 0, __nv_bfloat16>",
+                "attention_decode<32, 8, 128, 16>",
+                "attention_prefill<32, 8, 128, 16>",
+                "sample",
+            ] {
+                if let Some(f) = g.funcs.get(name) {
+                    println!(
+                        "{name}: {} registers, {} bytes local memory",
+                        f.num_regs()?,
+                        f.local_size_bytes()?
+                    );
+                }
+            }
+            Ok(())
+        }
+        "embedding" => {
+            check_embedding(g, r, rep, 576)?;
+            check_embedding(g, r, rep, 4096)
+        }
+        "rmsnorm" => {
+            check_rmsnorm(g, r, rep, 576)?;
+            check_rmsnorm(g, r, rep, 4096)
+        }
+        "gemv" => {
+            for tc in [false, true] {
+                let m1 = if tc { 8 } else { 1 };
+                check_gemv(g, r, rep, tc, 4096, 4096, 1, m1, Plain, OutType::Bf16)?;
+                check_gemv(g, r, rep, tc, 4096, 1000, 3, 8, Residual, OutType::Bf16)?;
+                check_gemv(g, r, rep, tc, 576, 1537, 1, m1, Gated, OutType::Bf16)?;
+                check_gemv(g, r, rep, tc, 4096, 1031, 8, 8, Gated, OutType::Bf16)?;
+                check_gemv(g, r, rep, tc, 14336, 4096, 8, 8, Residual, OutType::Bf16)?;
+                check_gemv(g, r, rep, tc, 11008, 333, 5, 8, Plain, OutType::Bf16)?;
+                check_gemv(g, r, rep, tc, 1536, 576, 1, m1, Residual, OutType::Bf16)?;
+                check_gemv(g, r, rep, tc, 4096, 32_000, 1, m1, Plain, OutType::F32)?;
+                check_gemv(g, r, rep, tc, 4096, 5001, 8, 8, Plain, OutType::F32)?;
+                check_gemv(g, r, rep, tc, 576, 49152, 2, 8, Plain, OutType::F32)?;
+            }
+            Ok(())
+        }
+        "elementwise" => check_elementwise(g, r, rep),
+        "rope" => {
+            check_rope(g, r, rep, 32, 8, 128)?;
+            check_rope(g, r, rep, 9, 3, 64)
+        }
+        "decode" => {
+            check_decode(g, r, rep, 32, 8, 128, &[1, 37, 700, 2100, 0])?;
+            check_decode(g, r, rep, 32, 32, 128, &[5, 300])?;
+            check_decode(g, r, rep, 9, 3, 64, &[64, 65, 1000])
+        }
+        "prefill" => {
+            check_prefill(g, r, rep, 32, 8, 128, &[(1, 0), (77, 19), (300, 130)])?;
+            check_prefill(g, r, rep, 32, 32, 128, &[(64, 0), (129, 5)])?;
+            check_prefill(g, r, rep, 9, 3, 64, &[(200, 0), (3, 61)])
+        }
+        "argmax" => check_argmax(g, r, rep),
+        "sample" => check_sample(g, r, rep),
+        "bench-gemv" => {
+            let shapes: [(&str, usize, usize, GemvEpilogue, OutType); 5] = [
+                ("L3-8B qkv", 4096, 6144, Plain, OutType::Bf16),
+                ("L3-8B o+res", 4096, 4096, Residual, OutType::Bf16),
+                ("L3-8B gate_up", 4096, 14336, Gated, OutType::Bf16),
+                ("L3-8B down+res", 14336, 4096, Residual, OutType::Bf16),
+                ("L3-8B lm_head", 4096, 128_256, Plain, OutType::F32),
+            ];
+            for (label, k, n, epi, ty) in shapes {
+                for v in GEMV_VARIANTS {
+                    let ms: &[usize] = if v.tc { &[1, 8] } else { &[1] };
+                    for &m in ms {
+                        bench_gemv(g, rep, v, label, k, n, m, if v.tc { 8 } else { 1 }, epi, ty)?;
+                    }
+                }
+            }
+            for (label, k, n, epi) in [
+                ("L2-7B qkv", 4096, 12288, Plain),
+                ("L2-7B gate_up", 4096, 11008, Gated),
+                ("L2-7B down+res", 11008, 4096, Residual),
+            ] {
+                bench_gemv(
+                    g,
+                    rep,
+                    GemvVariant::DEFAULT_GEMV,
+                    label,
+                    k,
+                    n,
+                    1,
+                    1,
+                    epi,
+                    OutType::Bf16,
+                )?;
+                bench_gemv(
+                    g,
+                    rep,
+                    GemvVariant::DEFAULT_TC,
+                    label,
+                    k,
+                    n,
+                    8,
+                    8,
+                    epi,
+                    OutType::Bf16,
+                )?;
+            }
+            Ok(())
+        }
+        "bench-attention" => {
+            run_step(g, rep, r, "bench-decode")?;
+            run_step(g, rep, r, "bench-prefill")
+        }
+        "bench-decode" => {
+            for (b_n, l) in [
+                (1usize, 128usize),
+                (1, 512),
+                (1, 2048),
+                (1, 8192),
+                (4, 2048),
+                (8, 2048),
+                (8, 4096),
+            ] {
+                bench_decode(g, rep, 32, 8, 128, b_n, l, decode_splits(b_n, 8, l, SMS))?;
+            }
+            // Splits sized for an 8k context (as a captured graph would be) at a 512-token one.
+            bench_decode(g, rep, 32, 8, 128, 1, 512, decode_splits(1, 8, 8192, SMS))?;
+            bench_decode(
+                g,
+                rep,
+                32,
+                32,
+                128,
+                1,
+                2048,
+                decode_splits(1, 32, 2048, SMS),
+            )?;
+            bench_decode(g, rep, 9, 3, 64, 1, 2048, decode_splits(1, 3, 2048, SMS))?;
+            bench_decode(g, rep, 32, 8, 128, 1, 2048, 1)
+        }
+        "bench-prefill" => {
+            for t in [512usize, 2048] {
+                bench_prefill(
+                    g,
+                    rep,
+                    &KernelInstance::attention_prefill(32, 8, 128, BLOCK),
+                    32,
+                    8,
+                    128,
+                    t,
+                )?;
+            }
+            bench_prefill(
+                g,
+                rep,
+                &KernelInstance::attention_prefill(9, 3, 64, BLOCK),
+                9,
+                3,
+                64,
+                2048,
+            )?;
+            bench_prefill(
+                g,
+                rep,
+                &KernelInstance::attention_prefill_simple(32, 8, 128, BLOCK),
+                32,
+                8,
+                128,
+                2048,
+            )
+        }
+        "bench-sample" => {
+            bench_sample(g, rep, 128_256, 1)?;
+            bench_sample(g, rep, 128_256, 8)
+        }
+        other => Err(format!("unknown step {other}; steps: {}", STEPS.join(", ")).into()),
+    }
+}
+
+fn main() {
+    // SAFETY: only probes whether libcuda can be dlopened (cudarc panics later if it cannot).
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!(
+            "no CUDA driver (libcuda.so) on this machine: the kernel check needs an NVIDIA GPU"
+        );
+        std::process::exit(2);
+    }
+    let arch = std::env::var("KILN_ARCH").unwrap_or_else(|_| "sm_90".to_string());
+    let steps: Vec<String> = std::env::args().skip(1).collect();
+    let steps: Vec<String> = if steps.is_empty() {
+        STEPS.iter().map(|s| s.to_string()).collect()
+    } else {
+        steps
+    };
+    let mut instances: Vec<KernelInstance> = Vec::new();
+    for cfg in [
+        LlamaDims::smollm2_135m(),
+        LlamaDims::llama2_7b(),
+        LlamaDims::llama3_8b(),
+    ] {
+        for k in llama_kernels(&cfg) {
+            if !instances.contains(&k) {
+                instances.push(k);
+            }
+        }
+    }
+    let mut g = match Gpu::new(&instances, &arch) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("GPU setup failed: {e}");
+            std::process::exit(2);
+        }
+    };
+    if steps.iter().any(|s| s == "bench-gemv") {
+        let gemv: Vec<String> = instances
+            .iter()
+            .filter(|k| {
+                k.family == KernelFamily::Gemv && k.args.get(1) == Some(&TemplateArg::Int(1))
+            })
+            .map(|k| k.name_expr.clone())
+            .collect();
+        let tc: Vec<String> = instances
+            .iter()
+            .filter(|k| k.family == KernelFamily::GemvTc)
+            .map(|k| k.name_expr.clone())
+            .collect();
+        for v in GEMV_VARIANTS.iter().filter(|v| !v.is_default()) {
+            let defines = v.defines();
+            let defines: Vec<&str> = defines.iter().map(|s| s.as_str()).collect();
+            let (file, exprs) = if v.tc {
+                (TemplateFile::GemvTc, &tc)
+            } else {
+                (TemplateFile::Gemv, &gemv)
+            };
+            if let Err(e) = g.add_variant(file, exprs, &defines, &v.tag(), &arch) {
+                eprintln!("variant {}: {e}", v.tag());
+                std::process::exit(2);
+            }
+        }
+    }
+    let mut rep = Report {
+        checks: Vec::new(),
+        timings: Vec::new(),
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let mut r = Rng(seed);
+    let mut error = None;
+    for step in &steps {
+        println!("-- {step}");
+        if let Err(e) = run_step(&g, &mut rep, &mut r, step) {
+            rep.check(format!("{step}: error {e}"), f64::INFINITY, 0.0);
+            error = Some(e); // the context may be unusable now
+            break;
+        }
+    }
+    let failed = rep.checks.iter().filter(|c| !c.3).count();
+    println!(
+        "{} checks, {failed} failed{}",
+        rep.checks.len(),
+        if error.is_some() {
+            ", stopped on an error"
+        } else {
+            ""
+        }
+    );
+    std::process::exit(if failed > 0 || error.is_some() { 1 } else { 0 });
+}

@@ -1,0 +1,192 @@
+//! `kiln inspect`: a model's graph at each stage of the compiler — `parsed` (the model file
+//! expanded), `optimized` (after the rewriter, weight-only subgraphs still visible), `lowered` (the
+//! graph an engine stores: weight-only subgraphs folded into derived weights) — as text, Graphviz
+//! DOT or SVG, with `--explain` (what the rewriter did) or `--json` (a machine-readable summary).
+//! Applies to a model file with `--config`, a checkpoint, or an engine (which holds only its
+//! lowered graph).
+
+use anyhow::{bail, Context, Result};
+use kiln::compiler::build::{check_weights, graph_for, model_for};
+use kiln::compiler::graph::print;
+use kiln::compiler::rewrite::report::{layer_stats, summary};
+use kiln::compiler::rewrite::{optimize, RewriteOptions};
+use kiln::runtime::engine::Engine;
+use kiln::runtime::ir::{DType, Graph};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A stage of the compiler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// The model file expanded into a typed graph.
+    Parsed,
+    /// After the rewriter (fusions, precision), weight-only subgraphs still in place.
+    Optimized,
+    /// The engine's graph: weight-only subgraphs folded into derived weights.
+    Lowered,
+}
+
+/// Arguments of `kiln inspect`.
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// An engine file, a checkpoint (HF folder or .gguf), or a model file (.ron) with --config.
+    pub target: PathBuf,
+    /// config.json for a model file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Which stage to show (default: `parsed`; an engine has only `lowered`).
+    #[arg(long, value_enum)]
+    pub stage: Option<Stage>,
+    /// Only the nodes of decoder layer N (names starting with `layers.N.`).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// Print Graphviz DOT instead of text.
+    #[arg(long)]
+    pub dot: bool,
+    /// Write an SVG drawing (needs Graphviz `dot`).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Explain the rewriter: rules fired, where, how often; costs before and after.
+    #[arg(long)]
+    pub explain: bool,
+    /// Print a JSON summary (ops per layer before, kernels per layer after, rules fired, costs).
+    #[arg(long)]
+    pub json: bool,
+    /// Compute precision for the optimized and lowered stages: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: DType,
+}
+
+/// Parses a `--dtype` value.
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        _ => Err(format!("`{s}` is not a compute dtype: use f32, bf16 or f16")),
+    }
+}
+
+fn source_graph(target: &Path, config: Option<&Path>) -> Result<Option<Graph>> {
+    if target.extension().is_some_and(|e| e == "ron") {
+        let config_path = config.context("a model file needs --config <config.json>")?;
+        let text = std::fs::read_to_string(config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", config_path.display()))?;
+        let model = model_for(&cfg, Some(target))?;
+        return Ok(Some(graph_for(&model, &cfg)?));
+    }
+    if target.is_dir() || target.extension().is_some_and(|e| e == "gguf") {
+        let ckpt = kiln::compiler::loader::Checkpoint::open(target)?;
+        let model = model_for(&ckpt.config, None)?;
+        let g = graph_for(&model, &ckpt.config)?;
+        check_weights(&g, &ckpt.tensors())?;
+        return Ok(Some(g));
+    }
+    Ok(None)
+}
+
+fn svg(dot: &str, out: &Path) -> Result<()> {
+    let mut child = Command::new("dot")
+        .args(["-Tsvg", "-o"])
+        .arg(out)
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("Graphviz `dot` is not installed: use --dot and render the output elsewhere")?;
+    child
+        .stdin
+        .take()
+        .context("writing to dot")?
+        .write_all(dot.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("dot failed to render {}", out.display());
+    }
+    Ok(())
+}
+
+/// Runs `kiln inspect`.
+pub fn run(a: &InspectArgs) -> Result<()> {
+    let prefix = a.layer.map(|i| format!("layers.{i}."));
+    let prefix = prefix.as_deref().unwrap_or("layers.0.");
+    let filter = a.layer.map(|_| prefix);
+    let Some(parsed) = source_graph(&a.target, a.config.as_deref())? else {
+        // An engine: only its lowered graph exists.
+        if a.stage.is_some_and(|s| s != Stage::Lowered) || a.explain {
+            bail!(
+                "an engine holds only its lowered graph; inspect the checkpoint or model file \
+                 for earlier stages and --explain"
+            );
+        }
+        let g = Engine::open(&a.target)?.graph;
+        if a.json {
+            let stats = layer_stats(&g, prefix);
+            let v = serde_json::json!({
+                "stage": "lowered",
+                "ops_per_layer_before": null,
+                "kernels_per_layer_after": stats.kernels,
+                "layer_after": stats,
+                "rules_fired": {},
+                "cost_before": null,
+                "cost_after": kiln::compiler::rewrite::cost::graph_cost(&g).total.time_ns(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        return show(&g, filter, a);
+    };
+    let stage = a.stage.unwrap_or(Stage::Parsed);
+    let needs_rewrite = stage != Stage::Parsed || a.explain || a.json;
+    if !needs_rewrite {
+        return show(&parsed, filter, a);
+    }
+    let opts = RewriteOptions {
+        dtype: a.dtype,
+        ..RewriteOptions::default()
+    };
+    let out = optimize(&parsed, &opts)?;
+    if a.json {
+        let v = summary(&parsed, &out, prefix);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if a.explain {
+        print!("{}", out.report.explain());
+        let (before, after) = (layer_stats(&parsed, prefix), layer_stats(&out.graph, prefix));
+        println!(
+            "\ndecoder layer `{prefix}`: {} ops ({} kernels) before, {} kernels after \
+             ({} views, {} cache appends); kernels: {}",
+            before.ops,
+            before.kernels,
+            after.kernels,
+            after.views,
+            after.cache_appends,
+            after
+                .kernel_ops
+                .iter()
+                .map(|(k, n)| format!("{k} ×{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(());
+    }
+    let g = match stage {
+        Stage::Parsed => &parsed,
+        Stage::Optimized => &out.optimized,
+        Stage::Lowered => &out.graph,
+    };
+    show(g, filter, a)
+}
+
+fn show(g: &Graph, filter: Option<&str>, a: &InspectArgs) -> Result<()> {
+    if let Some(path) = &a.svg {
+        svg(&print::dot(g, filter), path)?;
+        eprintln!("wrote {}", path.display());
+    } else if a.dot {
+        print!("{}", print::dot(g, filter));
+    } else {
+        print!("{}", print::text(g, filter));
+    }
+    Ok(())
+}
