@@ -78,6 +78,7 @@ def main():
     ap.add_argument("--cont", type=int, default=32)
     ap.add_argument("--cpu-agree", action="store_true")
     ap.add_argument("--work", default=tempfile.gettempdir())
+    ap.add_argument("--bench", default="", help="extra `kiln bench` arguments, e.g. '--batch 1,4,8 --io 128:256,2048:128'")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -120,6 +121,9 @@ def main():
         rows.append(dict(model=name, build_s=round(build_s, 1), kiln_decode_tok_s=round(1000 / kiln_step, 1),
                          hf_eager_decode_tok_s=round(hf_tps, 1)))
         print(json.dumps(rows[-1]), flush=True)
+        if args.bench:
+            table, _ = run([args.kiln, "bench", engine] + args.bench.split())
+            print(f"kiln bench {name}:\n{table}", flush=True)
         os.remove(engine)
         del model
         torch.cuda.empty_cache()

@@ -47,6 +47,12 @@ enum Command {
         /// Compute precision: f32, or bf16/f16 through precision lowering.
         #[arg(long, default_value = "f32", value_parser = cli::inspect::parse_dtype)]
         dtype: kiln::runtime::ir::DType,
+        /// `cpu` (an f32 engine for the CPU executor) or `cuda` (bf16 weights, CUDA kernels).
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        /// GPU architecture of a `cuda` engine's kernels.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
     },
     /// Generate text with an engine, streaming tokens to stdout.
     Run(RunArgs),
@@ -325,15 +331,21 @@ fn main() -> ExitCode {
             model,
             no_optimize,
             dtype,
-        } => cmd_build(
-            &checkpoint,
-            &output,
-            BuildOptions {
-                model_file: model,
-                no_optimize,
-                dtype,
-            },
-        ),
+            target,
+            arch,
+        } => match target.as_str() {
+            "cpu" | "cuda" => cmd_build(
+                &checkpoint,
+                &output,
+                BuildOptions {
+                    model_file: model,
+                    no_optimize,
+                    dtype,
+                    cuda_arch: (target == "cuda").then_some(arch),
+                },
+            ),
+            other => Err(anyhow::anyhow!("unknown target `{other}` (cpu or cuda)")),
+        },
         Command::Run(args) => cmd_run(args),
         Command::Inspect(args) => cli::inspect::run(&args),
         Command::Tokenize { engine, text, json } => cmd_tokenize(&engine, &text, json),

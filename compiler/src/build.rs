@@ -46,6 +46,9 @@ pub struct BuildOptions {
     pub no_optimize: bool,
     /// Compute precision (`--dtype`): `F32`, or `BF16`/`F16` through precision lowering.
     pub dtype: DType,
+    /// Build a GPU engine for this architecture (`--target cuda --arch sm_90`); `None` builds
+    /// a CPU engine.
+    pub cuda_arch: Option<String>,
 }
 
 impl Default for BuildOptions {
@@ -54,6 +57,7 @@ impl Default for BuildOptions {
             model_file: None,
             no_optimize: false,
             dtype: DType::F32,
+            cuda_arch: None,
         }
     }
 }
@@ -186,6 +190,13 @@ pub fn build(
     let graph = graph_for(&model, &ckpt.config)?;
     check_weights(&graph, &ckpt.tensors())?;
     let (graph, derived, rewrite) = compile_graph(&graph, opts)?;
+    // A GPU engine: the launch plan and its kernels, compiled before reading any weight so a
+    // lowering or NVRTC error fails fast; weights are stored in bf16.
+    let gpu = match &opts.cuda_arch {
+        Some(arch) => Some(crate::codegen::gpu::gpu_artifacts(&graph, arch).map_err(BuildError::Other)?),
+        None => None,
+    };
+    let weight_dtype = if gpu.is_some() { safetensors::Dtype::BF16 } else { safetensors::Dtype::F32 };
     let recipes: HashMap<&str, &DerivedWeight> =
         derived.iter().map(|d| (d.name.as_str(), d)).collect();
     let tokenizer = match &ckpt.tokenizer_json {
@@ -230,7 +241,7 @@ pub fn build(
                     message: format!("evaluating the derived weight: {e}"),
                 })?,
             };
-            let tensor = EngineTensor::weight(name, shape, &data, safetensors::Dtype::F32);
+            let tensor = EngineTensor::weight(name, shape, &data, weight_dtype);
             progress(
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                 total,
@@ -242,15 +253,20 @@ pub fn build(
         .iter()
         .map(|t| t.shape.iter().product::<usize>())
         .sum();
+    let (target, mut tensors, extra_metadata) = match gpu {
+        Some(g) => ("cuda", g.tensors, g.metadata),
+        None => ("cpu", vec![], vec![]),
+    };
+    tensors.extend(weights);
     let contents = EngineContents {
         family: &model.family,
         config: &ckpt.config,
         graph: &graph,
         tokenizer_json: ckpt.tokenizer_json.as_deref(),
         generation: &generation,
-        tensors: weights,
-        target: "cpu",
-        extra_metadata: vec![],
+        tensors,
+        target,
+        extra_metadata,
     };
     write_engine(out, &contents).map_err(BuildError::Other)?;
     Ok(BuildReport {

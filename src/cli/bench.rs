@@ -178,13 +178,17 @@ pub fn run(engine_path: &Path, batches: &str, io: &str, device: &str, json: bool
     let (batches, io) = (parse_list(batches)?, parse_io(io)?);
     let mut rows = Vec::new();
     let mut first = true;
+    let mut gpu = match device {
+        "cuda" => Some(gpu_executor(&engine, &batches, &io)?),
+        _ => None,
+    };
     for &(input, output) in &io {
         for &batch in &batches {
             if batch == 0 || input == 0 || output == 0 {
                 bail!("batch, input and output must be positive");
             }
             let row = match device {
-                "cuda" => bench_gpu(&engine, batch, input, output, first)?,
+                "cuda" => bench_gpu(gpu.as_mut().context("no GPU executor")?, &engine, batch, input, output, first)?,
                 "cpu" => bench_cpu(&engine, batch, input, output)?,
                 other => bail!("unknown device `{other}` (cpu or cuda)"),
             };

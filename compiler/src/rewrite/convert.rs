@@ -195,7 +195,12 @@ fn fallback_name(g: &Graph, inputs: &[NodeId], op: &str) -> String {
                 .map(|n| n[prefix.len()..].trim_start_matches('.'))
                 .collect();
             if prefix.is_empty() {
-                op.to_string()
+                let joined = many.join("+");
+                if joined.len() <= 64 {
+                    joined
+                } else {
+                    op.to_string()
+                }
             } else if rests.iter().any(|r| r.is_empty()) {
                 format!("{prefix}.{op}")
             } else {

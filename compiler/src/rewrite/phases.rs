@@ -245,10 +245,10 @@ pub fn retype_states(g: &Graph, lo: DType) -> Result<Graph, RewriteError> {
             out.add_leaf(n.name.clone(), n.op.clone(), ty)
         } else if appends.iter().any(|&(_, u)| u == id) {
             let mut parts = vec![ins[0]];
-            for (k, &x) in ins[1..].iter().enumerate() {
+            for (&orig, &x) in n.inputs[1..].iter().zip(&ins[1..]) {
                 let c = out
                     .add(
-                        format!("{}.new{k}.{}", n.name, lo.name()),
+                        format!("{}.{}", g.nodes[orig].name, lo.name()),
                         Op::Cast { dtype: lo },
                         vec![x],
                     )

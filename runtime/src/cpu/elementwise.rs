@@ -127,6 +127,7 @@ fn max_f32(a: f32, b: f32) -> f32 {
 }
 
 /// One run of a binary op: `d[j] = f(a[oa + j·ia], b[ob + j·ib])`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn zip_run<A: Copy, O>(
     d: &mut [O],

@@ -60,7 +60,7 @@ fn exp_body<const FMA: bool>(v: &mut [f32], flush: bool) {
         let fast = if flush {
             chunk.iter().fold(true, |ok, &x| ok & (x <= HI))
         } else {
-            chunk.iter().fold(true, |ok, &x| ok & (x <= HI) & (x >= LO))
+            chunk.iter().fold(true, |ok, x| ok & (LO..=HI).contains(x))
         };
         if fast {
             chunk

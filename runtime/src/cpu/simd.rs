@@ -178,6 +178,7 @@ mod avx2 {
     }
 
     /// `[x_r · w]` for `R` rows, `U` 8-lane accumulators per row.
+    #[allow(clippy::needless_range_loop)] // lanes and rows index several arrays at once
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dots<const R: usize, const U: usize>(x: [&[f32]; R], w: &[f32]) -> [f32; R] {

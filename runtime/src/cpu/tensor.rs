@@ -368,15 +368,12 @@ pub(crate) fn for_each_run<const N: usize>(
             }
             d -= 1;
             idx[d] += 1;
-            for j in 0..N {
-                off[j] += outer[d].1[j];
-            }
-            if idx[d] < outer[d].0 {
+            let (extent, step) = outer[d];
+            off.iter_mut().zip(step).for_each(|(o, s)| *o += s);
+            if idx[d] < extent {
                 break;
             }
-            for j in 0..N {
-                off[j] -= outer[d].1[j] * outer[d].0;
-            }
+            off.iter_mut().zip(step).for_each(|(o, s)| *o -= s * extent);
             idx[d] = 0;
         }
     }

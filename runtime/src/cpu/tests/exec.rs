@@ -179,7 +179,7 @@ fn reference_logits(w: &[Vec<f32>; 4], tokens: &[i32]) -> Vec<f32> {
     let vs: Vec<Vec<f64>> = xs.iter().map(|x| lin(x, wv, KVH * HD)).collect();
     let mut out = vec![];
     for t in 0..tokens.len() {
-        let mut o = vec![0f64; D];
+        let mut o = [0f64; D];
         for h in 0..KVH * G {
             let j = h / G;
             let s: Vec<f64> = (0..=t)
@@ -243,8 +243,8 @@ fn attention_matches_reference_and_caches_compose() {
     // Decode steps of one token each match a longer prefill too.
     let mut dec = exec.session(2);
     let mut last = None;
-    for t in 0..5 {
-        last = Some(exec.step(&mut dec, &[seqs[0][t], seqs[1][t]], &[]).unwrap());
+    for (&a, &b) in seqs[0].iter().zip(&seqs[1]) {
+        last = Some(exec.step(&mut dec, &[a, b], &[]).unwrap());
     }
     let last = last.unwrap();
     for bi in 0..2 {

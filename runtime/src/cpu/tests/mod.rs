@@ -1,6 +1,8 @@
 //! Tests of the CPU executor against naive references: graphs are built by hand, fed random
 //! (never zero) data, and compared with relative L2 error.
 
+#![allow(clippy::type_complexity, clippy::needless_range_loop)]
+
 mod exec;
 mod ops;
 
