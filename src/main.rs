@@ -192,15 +192,10 @@ fn cmd_build(checkpoint: &Path, output: &Path, opts: BuildOptions) -> Result<()>
             .progress_chars("=> "),
     );
     pb.set_message("reading weights");
-    let report = build(
-        checkpoint,
-        output,
-        &opts,
-        &|done, total| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-        },
-    )?;
+    let report = build(checkpoint, output, &opts, &|done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
     pb.finish_and_clear();
     eprintln!(
         "built {} in {:.1}s: {} nodes, {} weights, {:.1}M parameters",

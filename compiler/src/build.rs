@@ -4,11 +4,11 @@ use crate::engine_writer::{write_engine, EngineContents, EngineTensor};
 use crate::graph::expand;
 use crate::loader::{Checkpoint, LoadError};
 use crate::model::{builtin_for, params::bind, ModelError, ModelFile};
-use kiln_runtime::engine::GenerationConfig;
 use crate::rewrite::derive::{evaluate, DerivedWeight};
 use crate::rewrite::report::RewriteReport;
 use crate::rewrite::{optimize, RewriteOptions};
 use kiln_runtime::cpu::ExecError;
+use kiln_runtime::engine::GenerationConfig;
 use kiln_runtime::ir::{DType, Graph, NodeId};
 use kiln_runtime::tokenizer::Tokenizer;
 use rayon::prelude::*;
@@ -193,10 +193,16 @@ pub fn build(
     // A GPU engine: the launch plan and its kernels, compiled before reading any weight so a
     // lowering or NVRTC error fails fast; weights are stored in bf16.
     let gpu = match &opts.cuda_arch {
-        Some(arch) => Some(crate::codegen::gpu::gpu_artifacts(&graph, arch).map_err(BuildError::Other)?),
+        Some(arch) => {
+            Some(crate::codegen::gpu::gpu_artifacts(&graph, arch).map_err(BuildError::Other)?)
+        }
         None => None,
     };
-    let weight_dtype = if gpu.is_some() { safetensors::Dtype::BF16 } else { safetensors::Dtype::F32 };
+    let weight_dtype = if gpu.is_some() {
+        safetensors::Dtype::BF16
+    } else {
+        safetensors::Dtype::F32
+    };
     let recipes: HashMap<&str, &DerivedWeight> =
         derived.iter().map(|d| (d.name.as_str(), d)).collect();
     let tokenizer = match &ckpt.tokenizer_json {

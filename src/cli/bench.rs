@@ -70,21 +70,29 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// One executor sized for every configuration of the run (weights are uploaded once).
+fn gpu_executor(engine: &Engine, batches: &[usize], io: &[(usize, usize)]) -> Result<CudaExecutor> {
+    let max_b = batches.iter().copied().max().unwrap_or(1);
+    let max_in = io.iter().map(|p| p.0).max().unwrap_or(1);
+    let max_len = io.iter().map(|p| p.0 + p.1).max().unwrap_or(1) + 16;
+    let opts = CudaOptions {
+        max_batch: max_b,
+        max_step_tokens: max_b * max_in,
+        max_kv_tokens: Some(max_b * max_len),
+        max_seq_len: max_len,
+        ..CudaOptions::default()
+    };
+    Ok(CudaExecutor::new(engine, opts)?)
+}
+
 fn bench_gpu(
+    exec: &mut CudaExecutor,
     engine: &Engine,
     batch: usize,
     input: usize,
     output: usize,
     warmup: bool,
 ) -> Result<Row> {
-    let opts = CudaOptions {
-        max_batch: batch,
-        max_step_tokens: batch * input,
-        max_kv_tokens: Some(batch * (input + output + 16)),
-        max_seq_len: input + output + 16,
-        ..CudaOptions::default()
-    };
-    let mut exec = CudaExecutor::new(engine, opts)?;
     let vocab = engine
         .config
         .get("vocab_size")
@@ -188,7 +196,14 @@ pub fn run(engine_path: &Path, batches: &str, io: &str, device: &str, json: bool
                 bail!("batch, input and output must be positive");
             }
             let row = match device {
-                "cuda" => bench_gpu(gpu.as_mut().context("no GPU executor")?, &engine, batch, input, output, first)?,
+                "cuda" => bench_gpu(
+                    gpu.as_mut().context("no GPU executor")?,
+                    &engine,
+                    batch,
+                    input,
+                    output,
+                    first,
+                )?,
                 "cpu" => bench_cpu(&engine, batch, input, output)?,
                 other => bail!("unknown device `{other}` (cpu or cuda)"),
             };

@@ -64,7 +64,9 @@ pub fn parse_dtype(s: &str) -> Result<DType, String> {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
-        _ => Err(format!("`{s}` is not a compute dtype: use f32, bf16 or f16")),
+        _ => Err(format!(
+            "`{s}` is not a compute dtype: use f32, bf16 or f16"
+        )),
     }
 }
 
@@ -153,7 +155,10 @@ pub fn run(a: &InspectArgs) -> Result<()> {
     }
     if a.explain {
         print!("{}", out.report.explain());
-        let (before, after) = (layer_stats(&parsed, prefix), layer_stats(&out.graph, prefix));
+        let (before, after) = (
+            layer_stats(&parsed, prefix),
+            layer_stats(&out.graph, prefix),
+        );
         println!(
             "\ndecoder layer `{prefix}`: {} ops ({} kernels) before, {} kernels after \
              ({} views, {} cache appends); kernels: {}",

@@ -38,17 +38,33 @@ pub fn plan_instances(plan: &Plan) -> Vec<KernelInstance> {
             Launch::Embedding { out: o, .. } | Launch::GatherLast { out: o, .. } => {
                 out.push(KernelInstance::embedding(plan.buffers[*o].cols))
             }
-            Launch::RmsNorm { out: o, .. } => out.push(KernelInstance::rmsnorm(plan.buffers[*o].cols)),
-            Launch::Linear { x, epilogue, out: o, .. } => {
+            Launch::RmsNorm { out: o, .. } => {
+                out.push(KernelInstance::rmsnorm(plan.buffers[*o].cols))
+            }
+            Launch::Linear {
+                x,
+                epilogue,
+                out: o,
+                ..
+            } => {
                 let k = plan.buffers[*x].cols;
                 let epi = match epilogue {
                     Epilogue::None => GemvEpilogue::Plain,
                     Epilogue::Residual(_) => GemvEpilogue::Residual,
                     Epilogue::Gated => GemvEpilogue::Gated,
                 };
-                let ty = if plan.buffers[*o].dtype == BufType::F32 { OutType::F32 } else { OutType::Bf16 };
+                let ty = if plan.buffers[*o].dtype == BufType::F32 {
+                    OutType::F32
+                } else {
+                    OutType::Bf16
+                };
                 out.push(KernelInstance::gemv(k, 1, epi, ty));
-                out.push(KernelInstance::gemv_tc(k, kiln_runtime::cuda::GEMV_MAX_ROWS, epi, ty));
+                out.push(KernelInstance::gemv_tc(
+                    k,
+                    kiln_runtime::cuda::GEMV_MAX_ROWS,
+                    epi,
+                    ty,
+                ));
                 if *epilogue == Epilogue::Gated {
                     out.push(KernelInstance::silu_mul(plan.buffers[*o].cols));
                 }
@@ -71,20 +87,36 @@ pub fn gpu_artifacts(graph: &Graph, arch: &str) -> Result<GpuArtifacts, String> 
     let mut table = Vec::new();
     for k in &compiled {
         let module = format!("{:?}", k.file).to_lowercase();
-        modules.entry(module.clone()).or_insert_with(|| k.cubin.to_vec());
-        table.push(serde_json::json!({"module": module, "name": k.name_expr, "lowered": k.lowered_name}));
+        modules
+            .entry(module.clone())
+            .or_insert_with(|| k.cubin.to_vec());
+        table.push(
+            serde_json::json!({"module": module, "name": k.name_expr, "lowered": k.lowered_name}),
+        );
     }
     let tensors = modules
         .into_iter()
-        .map(|(m, bytes)| EngineTensor { name: format!("kernels.{m}"), dtype: safetensors::Dtype::U8, shape: vec![bytes.len()], bytes })
+        .map(|(m, bytes)| EngineTensor {
+            name: format!("kernels.{m}"),
+            dtype: safetensors::Dtype::U8,
+            shape: vec![bytes.len()],
+            bytes,
+        })
         .collect();
     let metadata = vec![
         (keys::ARCH.to_string(), arch.to_string()),
         (keys::CUDA_VERSION.to_string(), format!("{major}.{minor}")),
         (keys::PLAN.to_string(), plan.to_ron()),
-        (keys::KERNELS.to_string(), serde_json::Value::Array(table).to_string()),
+        (
+            keys::KERNELS.to_string(),
+            serde_json::Value::Array(table).to_string(),
+        ),
     ];
-    Ok(GpuArtifacts { plan, tensors, metadata })
+    Ok(GpuArtifacts {
+        plan,
+        tensors,
+        metadata,
+    })
 }
 
 #[cfg(test)]
@@ -93,13 +125,20 @@ mod tests {
 
     #[test]
     fn compiler_and_runtime_agree_on_kernel_names() {
-        let cfg: serde_json::Value = serde_json::from_str(include_str!("../../../tests/fixtures/smollm2-135m/config.json")).unwrap();
-        let g = crate::build::graph_for(&crate::build::model_for(&cfg, None).unwrap(), &cfg).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/smollm2-135m/config.json"
+        ))
+        .unwrap();
+        let g =
+            crate::build::graph_for(&crate::build::model_for(&cfg, None).unwrap(), &cfg).unwrap();
         let o = crate::rewrite::optimize(&g, &crate::rewrite::RewriteOptions::default()).unwrap();
         let plan = lower(&o.graph).unwrap();
         assert_eq!(plan.layers, 30);
         assert_eq!(plan.launches.len(), 30 * 8 + 4);
-        let ours: Vec<String> = plan_instances(&plan).into_iter().map(|k| k.name_expr).collect();
+        let ours: Vec<String> = plan_instances(&plan)
+            .into_iter()
+            .map(|k| k.name_expr)
+            .collect();
         assert_eq!(ours, kiln_runtime::cuda::instance_names(&plan));
     }
 }

@@ -27,9 +27,18 @@ enum Val {
     /// Columns `off..off+len` of an activation buffer.
     Cols { buf: BufId, off: usize, len: usize },
     /// `Rope` applied to columns of a buffer.
-    Roped { buf: BufId, off: usize, len: usize, theta: f32 },
+    Roped {
+        buf: BufId,
+        off: usize,
+        len: usize,
+        theta: f32,
+    },
     /// A state extended by new keys or values (columns of a buffer, possibly roped).
-    CacheAppend { buf: BufId, off: usize, theta: Option<f32> },
+    CacheAppend {
+        buf: BufId,
+        off: usize,
+        theta: Option<f32>,
+    },
 }
 
 struct Lowering<'g> {
@@ -43,7 +52,11 @@ struct Lowering<'g> {
 
 fn last_cols(g: &Graph, id: NodeId) -> Result<usize, String> {
     let ty = &g.nodes[id].ty;
-    ty.shape.last().and_then(|d| d.as_const()).map(|c| c as usize).ok_or_else(|| format!("node `{}` {ty} has no constant last axis", g.nodes[id].name))
+    ty.shape
+        .last()
+        .and_then(|d| d.as_const())
+        .map(|c| c as usize)
+        .ok_or_else(|| format!("node `{}` {ty} has no constant last axis", g.nodes[id].name))
 }
 
 impl<'g> Lowering<'g> {
@@ -54,14 +67,23 @@ impl<'g> Lowering<'g> {
 
     fn new_buf(&mut self, id: NodeId, rows: Rows, dtype: BufType) -> Result<BufId, String> {
         let cols = last_cols(self.g, id)?;
-        self.buffers.push(Buffer { name: self.g.nodes[id].name.clone(), rows, cols, dtype, slot: 0 });
+        self.buffers.push(Buffer {
+            name: self.g.nodes[id].name.clone(),
+            rows,
+            cols,
+            dtype,
+            slot: 0,
+        });
         Ok(self.buffers.len() - 1)
     }
 
     fn whole(&self, id: NodeId, input: NodeId) -> Result<BufId, String> {
         match &self.vals[input] {
             Val::Cols { buf, off: 0, len } if *len == self.buffers[*buf].cols => Ok(*buf),
-            other => Err(self.err(id, &format!("needs a whole activation buffer as input, got {other:?}"))),
+            other => Err(self.err(
+                id,
+                &format!("needs a whole activation buffer as input, got {other:?}"),
+            )),
         }
     }
 
@@ -77,12 +99,21 @@ impl<'g> Lowering<'g> {
         let ins = &n.inputs;
         let input = |k: usize| self.vals[ins[k]].clone();
         Ok(match &n.op {
-            Op::Input { kind: InputKind::Tokens } => Val::Tokens,
-            Op::Input { kind: InputKind::Positions } => Val::Positions,
-            Op::Input { kind: InputKind::State } => Val::State,
+            Op::Input {
+                kind: InputKind::Tokens,
+            } => Val::Tokens,
+            Op::Input {
+                kind: InputKind::Positions,
+            } => Val::Positions,
+            Op::Input {
+                kind: InputKind::State,
+            } => Val::State,
             Op::Weight { name } => Val::Weight(name.clone()),
             Op::Constant { .. } | Op::Iota { .. } => Val::Const,
-            _ if ins.iter().all(|&i| matches!(self.vals[i], Val::Const | Val::Weight(_) | Val::Positions)) => {
+            _ if ins
+                .iter()
+                .all(|&i| matches!(self.vals[i], Val::Const | Val::Weight(_) | Val::Positions)) =>
+            {
                 // Weight-only or position-only subgraphs (RoPE tables, masks): kernels compute
                 // what they need from metadata; only weights read by kernels matter.
                 Val::Const
@@ -93,14 +124,27 @@ impl<'g> Lowering<'g> {
                 };
                 let out = self.new_buf(id, Rows::Tokens, BufType::Bf16)?;
                 self.launches.push(Launch::Embedding { table, out });
-                Val::Cols { buf: out, off: 0, len: self.buffers[out].cols }
+                Val::Cols {
+                    buf: out,
+                    off: 0,
+                    len: self.buffers[out].cols,
+                }
             }
             Op::RmsNorm { eps } => {
                 let x = self.whole(id, ins[0])?;
                 let w = self.weight(id, ins[1])?;
                 let out = self.new_buf(id, self.buffers[x].rows, BufType::Bf16)?;
-                self.launches.push(Launch::RmsNorm { x, w, eps: *eps, out });
-                Val::Cols { buf: out, off: 0, len: self.buffers[out].cols }
+                self.launches.push(Launch::RmsNorm {
+                    x,
+                    w,
+                    eps: *eps,
+                    out,
+                });
+                Val::Cols {
+                    buf: out,
+                    off: 0,
+                    len: self.buffers[out].cols,
+                }
             }
             Op::Linear | Op::LinearAdd | Op::GatedMlp => {
                 let x = self.whole(id, ins[0])?;
@@ -111,8 +155,17 @@ impl<'g> Lowering<'g> {
                     _ => Epilogue::None,
                 };
                 let out = self.new_buf(id, self.buffers[x].rows, BufType::Bf16)?;
-                self.launches.push(Launch::Linear { x, w, epilogue, out });
-                Val::Cols { buf: out, off: 0, len: self.buffers[out].cols }
+                self.launches.push(Launch::Linear {
+                    x,
+                    w,
+                    epilogue,
+                    out,
+                });
+                Val::Cols {
+                    buf: out,
+                    off: 0,
+                    len: self.buffers[out].cols,
+                }
             }
             Op::Reshape { .. } | Op::Transpose { .. } | Op::Cast { .. } => match input(0) {
                 v @ (Val::Cols { .. } | Val::Roped { .. } | Val::CacheAppend { .. }) => v,
@@ -120,31 +173,74 @@ impl<'g> Lowering<'g> {
             },
             Op::Slice { axis, start, end } => {
                 let rank = self.g.nodes[ins[0]].ty.rank();
-                let (Val::Cols { buf, off, .. }, Some(s), Some(e)) = (input(0), start.as_const(), end.as_const()) else {
+                let (Val::Cols { buf, off, .. }, Some(s), Some(e)) =
+                    (input(0), start.as_const(), end.as_const())
+                else {
                     return Err(self.err(id, "only constant slices of activations are supported"));
                 };
                 if *axis != rank - 1 {
                     return Err(self.err(id, "only slices of the last (column) axis are supported"));
                 }
-                Val::Cols { buf, off: off + s as usize, len: (e - s) as usize }
+                Val::Cols {
+                    buf,
+                    off: off + s as usize,
+                    len: (e - s) as usize,
+                }
             }
             Op::Rope { theta, .. } => match input(0) {
-                Val::Cols { buf, off, len } => Val::Roped { buf, off, len, theta: *theta },
+                Val::Cols { buf, off, len } => Val::Roped {
+                    buf,
+                    off,
+                    len,
+                    theta: *theta,
+                },
                 _ => return Err(self.err(id, "RoPE of something that is not a column range")),
             },
-            Op::Concat { .. } => match (ins.len(), input(0), ins.get(1).map(|&i| self.vals[i].clone())) {
-                (2, Val::State, Some(Val::Cols { buf, off, .. })) => Val::CacheAppend { buf, off, theta: None },
-                (2, Val::State, Some(Val::Roped { buf, off, theta, .. })) => Val::CacheAppend { buf, off, theta: Some(theta) },
-                _ => return Err(self.err(id, "only KV-cache appends (Concat(State, new)) are supported")),
+            Op::Concat { .. } => match (
+                ins.len(),
+                input(0),
+                ins.get(1).map(|&i| self.vals[i].clone()),
+            ) {
+                (2, Val::State, Some(Val::Cols { buf, off, .. })) => Val::CacheAppend {
+                    buf,
+                    off,
+                    theta: None,
+                },
+                (
+                    2,
+                    Val::State,
+                    Some(Val::Roped {
+                        buf, off, theta, ..
+                    }),
+                ) => Val::CacheAppend {
+                    buf,
+                    off,
+                    theta: Some(theta),
+                },
+                _ => {
+                    return Err(self.err(
+                        id,
+                        "only KV-cache appends (Concat(State, new)) are supported",
+                    ))
+                }
             },
             Op::FusedAttention { scale } => self.attention(id, *scale)?,
-            _ => return Err(self.err(id, "has no GPU kernel; build with the rewriter enabled (no --no-optimize)")),
+            _ => {
+                return Err(self.err(
+                    id,
+                    "has no GPU kernel; build with the rewriter enabled (no --no-optimize)",
+                ))
+            }
         })
     }
 
     fn attention(&mut self, id: NodeId, scale: f32) -> Result<Val, String> {
         let ins = self.g.nodes[id].inputs.clone();
-        let (q, k, v) = (self.vals[ins[0]].clone(), self.vals[ins[1]].clone(), self.vals[ins[2]].clone());
+        let (q, k, v) = (
+            self.vals[ins[0]].clone(),
+            self.vals[ins[1]].clone(),
+            self.vals[ins[2]].clone(),
+        );
         let qt = &self.g.nodes[ins[0]].ty;
         let kt = &self.g.nodes[ins[1]].ty;
         let dims = AttentionDims {
@@ -164,21 +260,50 @@ impl<'g> Lowering<'g> {
         if *self.attention.get_or_insert(dims) != dims {
             return Err(self.err(id, "attention geometry differs between layers"));
         }
-        let Val::Roped { buf: qkv, theta, .. } = q else { unreachable!() };
+        let Val::Roped {
+            buf: qkv, theta, ..
+        } = q
+        else {
+            unreachable!()
+        };
         let layer = self.layers;
         self.layers += 1;
         self.launches.push(Launch::RopeAppend { qkv, layer, theta });
         let out = self.buffers.len();
-        self.buffers.push(Buffer { name: self.g.nodes[id].name.clone(), rows: Rows::Tokens, cols: hd, dtype: BufType::Bf16, slot: 0 });
-        self.launches.push(Launch::Attention { qkv, layer, scale, out });
-        Ok(Val::Cols { buf: out, off: 0, len: hd })
+        self.buffers.push(Buffer {
+            name: self.g.nodes[id].name.clone(),
+            rows: Rows::Tokens,
+            cols: hd,
+            dtype: BufType::Bf16,
+            slot: 0,
+        });
+        self.launches.push(Launch::Attention {
+            qkv,
+            layer,
+            scale,
+            out,
+        });
+        Ok(Val::Cols {
+            buf: out,
+            off: 0,
+            len: hd,
+        })
     }
 }
 
 /// Lowers an optimized graph with a `logits` output to a launch plan.
 pub fn lower(g: &Graph) -> Result<Plan, String> {
-    let logits_id = g.output("logits").ok_or("GPU lowering: the graph has no `logits` output")?;
-    let mut l = Lowering { g, vals: Vec::with_capacity(g.nodes.len()), buffers: vec![], launches: vec![], attention: None, layers: 0 };
+    let logits_id = g
+        .output("logits")
+        .ok_or("GPU lowering: the graph has no `logits` output")?;
+    let mut l = Lowering {
+        g,
+        vals: Vec::with_capacity(g.nodes.len()),
+        buffers: vec![],
+        launches: vec![],
+        attention: None,
+        layers: 0,
+    };
     // Only nodes that the logits depend on are lowered (other outputs are CPU diagnostics).
     let mut needed = vec![false; g.nodes.len()];
     needed[logits_id] = true;
@@ -201,22 +326,48 @@ pub fn lower(g: &Graph) -> Result<Plan, String> {
             let x = l.whole(id, n.inputs[0])?;
             let w = l.weight(id, n.inputs[1])?;
             let last = l.buffers.len();
-            l.buffers.push(Buffer { name: format!("{}.last", l.buffers[x].name), rows: Rows::Sequences, cols: l.buffers[x].cols, dtype: BufType::Bf16, slot: 0 });
+            l.buffers.push(Buffer {
+                name: format!("{}.last", l.buffers[x].name),
+                rows: Rows::Sequences,
+                cols: l.buffers[x].cols,
+                dtype: BufType::Bf16,
+                slot: 0,
+            });
             l.launches.push(Launch::GatherLast { x, out: last });
             let out = l.new_buf(id, Rows::Sequences, BufType::F32)?;
-            l.launches.push(Launch::Linear { x: last, w, epilogue: Epilogue::None, out });
-            Val::Cols { buf: out, off: 0, len: l.buffers[out].cols }
+            l.launches.push(Launch::Linear {
+                x: last,
+                w,
+                epilogue: Epilogue::None,
+                out,
+            });
+            Val::Cols {
+                buf: out,
+                off: 0,
+                len: l.buffers[out].cols,
+            }
         } else {
             l.node(id)?
         };
         l.vals.push(v);
     }
-    let Val::Cols { buf: logits, .. } = l.vals[logits_id] else { unreachable!() };
-    let attention = l.attention.ok_or("GPU lowering: the graph has no FusedAttention (was the rewriter run?)")?;
+    let Val::Cols { buf: logits, .. } = l.vals[logits_id] else {
+        unreachable!()
+    };
+    let attention = l
+        .attention
+        .ok_or("GPU lowering: the graph has no FusedAttention (was the rewriter run?)")?;
     if g.nodes.iter().any(|n| n.ty.dtype == DType::F16) {
         return Err("GPU lowering: f16 graphs are not supported yet; use --dtype bf16".into());
     }
-    let mut plan = Plan { attention, layers: l.layers, vocab: l.buffers[logits].cols, buffers: l.buffers, launches: l.launches, logits };
+    let mut plan = Plan {
+        attention,
+        layers: l.layers,
+        vocab: l.buffers[logits].cols,
+        buffers: l.buffers,
+        launches: l.launches,
+        logits,
+    };
     plan.assign_slots();
     Ok(plan)
 }

@@ -5,8 +5,8 @@
 //!   model, and [`kernels::compile`].
 //! - [`nvrtc`]: the NVRTC driver (library and header discovery, CUBIN output, lowered names).
 
-pub mod kernels;
 pub mod gpu;
+pub mod kernels;
 pub mod lower;
 pub mod nvrtc;
 

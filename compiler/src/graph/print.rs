@@ -25,7 +25,11 @@ pub fn text(graph: &Graph, prefix: Option<&str>) -> String {
         if prefix.is_some_and(|p| !n.name.starts_with(p)) {
             continue;
         }
-        let ins: Vec<&str> = n.inputs.iter().map(|&i| graph.nodes[i].name.as_str()).collect();
+        let ins: Vec<&str> = n
+            .inputs
+            .iter()
+            .map(|&i| graph.nodes[i].name.as_str())
+            .collect();
         let _ = write!(s, "{}: {} = {}", n.name, n.ty, n.op);
         if !ins.is_empty() {
             let _ = write!(s, " ({})", ins.join(", "));
@@ -68,7 +72,9 @@ pub fn dot(graph: &Graph, prefix: Option<&str>) -> String {
             }
         }
     }
-    let mut s = String::from("digraph kiln {\n  rankdir=TB;\n  node [fontname=\"monospace\", fontsize=10];\n");
+    let mut s = String::from(
+        "digraph kiln {\n  rankdir=TB;\n  node [fontname=\"monospace\", fontsize=10];\n",
+    );
     for (id, n) in graph.nodes.iter().enumerate() {
         if !shown[id] {
             continue;

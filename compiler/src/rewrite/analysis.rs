@@ -220,7 +220,9 @@ impl Analysis<Node> for TypeAnalysis {
             Ok(d) => d,
             Err(e) => {
                 // Only reachable after an unsound merge (appliers type-check what they add).
-                egraph.analysis.conflict(format!("ill-typed e-node {enode}: {e}"));
+                egraph
+                    .analysis
+                    .conflict(format!("ill-typed e-node {enode}: {e}"));
                 Data::Tensor(TensorInfo {
                     ty: TensorType::new(DType::F32, vec![]),
                     konst: false,

@@ -265,7 +265,9 @@ pub(crate) fn matmul(a: Tensor, b: Tensor) -> Result<Tensor, String> {
             out.chunks_mut(block).enumerate().for_each(|x| run(x, true));
         } else if work < PAR_WORK {
             // Too little work to be worth waking other threads.
-            out.chunks_mut(block).enumerate().for_each(|x| run(x, false));
+            out.chunks_mut(block)
+                .enumerate()
+                .for_each(|x| run(x, false));
         } else {
             out.par_chunks_mut(block)
                 .enumerate()

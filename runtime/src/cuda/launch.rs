@@ -30,7 +30,12 @@ pub fn decode_splits(batch: usize, kv_heads: usize, max_context: usize) -> usize
 /// Threads of `rmsnorm<H>` (`RmsCfg<H>::THREADS`).
 fn rmsnorm_threads(h: usize) -> u32 {
     let vec = h / 8;
-    (if vec >= 256 { 256 } else { vec.div_ceil(32) * 32 }).max(32) as u32
+    (if vec >= 256 {
+        256
+    } else {
+        vec.div_ceil(32) * 32
+    })
+    .max(32) as u32
 }
 
 /// The decode GEMV for `rows` rows and its output columns per CTA: the CUDA-core `gemv<K, 1>`
@@ -115,7 +120,11 @@ pub fn instance_names(plan: &Plan) -> Vec<String> {
         format!("rope_append<{h}, {kh}, {d}, {BLOCK}>"),
         format!("attention_decode<{h}, {kh}, {d}, {BLOCK}>"),
         format!("attention_decode_merge<{h}, {d}>"),
-        if prefill_tc(d) { format!("attention_prefill<{h}, {kh}, {d}, {BLOCK}>") } else { format!("attention_prefill_simple<{h}, {kh}, {d}, {BLOCK}>") },
+        if prefill_tc(d) {
+            format!("attention_prefill<{h}, {kh}, {d}, {BLOCK}>")
+        } else {
+            format!("attention_prefill_simple<{h}, {kh}, {d}, {BLOCK}>")
+        },
         "argmax".to_string(),
         "add_inplace".to_string(),
     ];
@@ -340,28 +349,73 @@ impl Kernels {
                 );
                 if p.t == p.b {
                     let splits = decode_splits(p.b, a.kv_heads, p.max_seq_len);
-                    let name = format!("attention_decode<{}, {}, {}, {BLOCK}>", a.heads, a.kv_heads, a.head_dim);
+                    let name = format!(
+                        "attention_decode<{}, {}, {}, {BLOCK}>",
+                        a.heads, a.kv_heads, a.head_dim
+                    );
                     let po = self.scratch;
                     let pml = po + (p.b * a.heads * splits * a.head_dim * 4) as u64;
                     let ns = splits as i32;
                     let mut l = stream.launch_builder(self.f(&name)?);
-                    l.arg(&q).arg(&kc).arg(&vc).arg(&p.block_tables).arg(&p.max_blocks).arg(&p.seq_lens).arg(&o).arg(&b).arg(scale).arg(&po).arg(&pml).arg(&ns);
+                    l.arg(&q)
+                        .arg(&kc)
+                        .arg(&vc)
+                        .arg(&p.block_tables)
+                        .arg(&p.max_blocks)
+                        .arg(&p.seq_lens)
+                        .arg(&o)
+                        .arg(&b)
+                        .arg(scale)
+                        .arg(&po)
+                        .arg(&pml)
+                        .arg(&ns);
                     // SAFETY: matches attention_decode in kernels_templates/attention_decode.cu.
-                    unsafe { l.launch(cfg((splits as u32, a.kv_heads as u32, p.b as u32), 128, 0)) }?;
+                    unsafe {
+                        l.launch(cfg((splits as u32, a.kv_heads as u32, p.b as u32), 128, 0))
+                    }?;
                     if splits > 1 {
                         let name = format!("attention_decode_merge<{}, {}>", a.heads, a.head_dim);
                         let mut l = stream.launch_builder(self.f(&name)?);
-                        l.arg(&po).arg(&pml).arg(&p.seq_lens).arg(&o).arg(&b).arg(&ns);
+                        l.arg(&po)
+                            .arg(&pml)
+                            .arg(&p.seq_lens)
+                            .arg(&o)
+                            .arg(&b)
+                            .arg(&ns);
                         // SAFETY: matches attention_decode_merge.
-                        unsafe { l.launch(cfg((a.heads as u32, p.b as u32, 1), a.head_dim as u32, 0)) }?;
+                        unsafe {
+                            l.launch(cfg((a.heads as u32, p.b as u32, 1), a.head_dim as u32, 0))
+                        }?;
                     }
                 } else {
-                    let (family, rows) = if prefill_tc(a.head_dim) { ("attention_prefill", 64) } else { ("attention_prefill_simple", 32) };
-                    let name = format!("{family}<{}, {}, {}, {BLOCK}>", a.heads, a.kv_heads, a.head_dim);
+                    let (family, rows) = if prefill_tc(a.head_dim) {
+                        ("attention_prefill", 64)
+                    } else {
+                        ("attention_prefill_simple", 32)
+                    };
+                    let name = format!(
+                        "{family}<{}, {}, {}, {BLOCK}>",
+                        a.heads, a.kv_heads, a.head_dim
+                    );
                     let mut l = stream.launch_builder(self.f(&name)?);
-                    l.arg(&q).arg(&kc).arg(&vc).arg(&p.block_tables).arg(&p.max_blocks).arg(&p.seq_lens).arg(&p.query_start).arg(&o).arg(&b).arg(scale);
+                    l.arg(&q)
+                        .arg(&kc)
+                        .arg(&vc)
+                        .arg(&p.block_tables)
+                        .arg(&p.max_blocks)
+                        .arg(&p.seq_lens)
+                        .arg(&p.query_start)
+                        .arg(&o)
+                        .arg(&b)
+                        .arg(scale);
                     // SAFETY: matches attention_prefill(_simple) (same signature).
-                    unsafe { l.launch(cfg((p.t.div_ceil(rows) as u32, a.heads as u32, p.b as u32), 128, 0)) }?;
+                    unsafe {
+                        l.launch(cfg(
+                            (p.t.div_ceil(rows) as u32, a.heads as u32, p.b as u32),
+                            128,
+                            0,
+                        ))
+                    }?;
                 }
             }
         }

@@ -10,7 +10,11 @@ use kiln_runtime::ir::{DType, Graph};
 
 /// A random tiny config; `kind` 0 = MHA, 1 = GQA, 2 = MQA.
 fn random_config(rng: &mut Rng, kind: usize) -> (serde_json::Value, String) {
-    let heads = if kind == 1 { [4, 6][rng.below(2)] } else { [2, 4, 6][rng.below(3)] };
+    let heads = if kind == 1 {
+        [4, 6][rng.below(2)]
+    } else {
+        [2, 4, 6][rng.below(3)]
+    };
     let kv_heads = match kind {
         0 => heads,
         1 => d_for_gqa(heads),
@@ -18,7 +22,11 @@ fn random_config(rng: &mut Rng, kind: usize) -> (serde_json::Value, String) {
     };
     let head_dim = [2, 4, 8, 16][rng.below(4)];
     // Sometimes a hidden size that is not heads × head_dim (an explicit `head_dim`).
-    let hidden = if rng.below(3) == 0 { 24 } else { heads * head_dim };
+    let hidden = if rng.below(3) == 0 {
+        24
+    } else {
+        heads * head_dim
+    };
     let ffn = [16, 40, 64][rng.below(3)];
     let vocab = [32, 61][rng.below(2)];
     let layers = 1 + rng.below(2);
@@ -39,20 +47,40 @@ fn d_for_gqa(heads: usize) -> usize {
 /// Logits of a prefill of `prompt` (per sequence) then one decode step per token of `next`.
 fn run(exec: &CpuExecutor, batch: usize, prompt: &[i32], next: &[Vec<i32>]) -> Vec<Vec<f32>> {
     let mut session = exec.session(batch);
-    let mut all = vec![exec.step(&mut session, prompt, &[]).unwrap().outputs["logits"].data.clone()];
+    let mut all = vec![
+        exec.step(&mut session, prompt, &[]).unwrap().outputs["logits"]
+            .data
+            .clone(),
+    ];
     for tokens in next {
-        all.push(exec.step(&mut session, tokens, &[]).unwrap().outputs["logits"].data.clone());
+        all.push(
+            exec.step(&mut session, tokens, &[]).unwrap().outputs["logits"]
+                .data
+                .clone(),
+        );
     }
     all
 }
 
-fn logits_of(g: &Graph, dtype: DType, seed: u64, batch: usize, prompt: &[i32], next: &[Vec<i32>]) -> Vec<Vec<f32>> {
+fn logits_of(
+    g: &Graph,
+    dtype: DType,
+    seed: u64,
+    batch: usize,
+    prompt: &[i32],
+    next: &[Vec<i32>],
+) -> Vec<Vec<f32>> {
     let opts = RewriteOptions {
         dtype,
         ..RewriteOptions::default()
     };
     let out = optimize(g, &opts).unwrap();
-    run(&executor(&out.graph, &out.derived, seed), batch, prompt, next)
+    run(
+        &executor(&out.graph, &out.derived, seed),
+        batch,
+        prompt,
+        next,
+    )
 }
 
 #[test]

@@ -69,7 +69,9 @@ fn chain_costs(layers: usize) -> (f64, f64) {
     let eg = runner.egraph;
     let roots = Roots::of(&g, &loaded.classes).ids();
     let dag = extract(&eg, &roots, &|n| enode_cost(&eg, n)).unwrap().cost;
-    let tree = egg::Extractor::new(&eg, TreeCost(&eg)).find_best(roots[0]).0;
+    let tree = egg::Extractor::new(&eg, TreeCost(&eg))
+        .find_best(roots[0])
+        .0;
     (dag, tree)
 }
 
@@ -81,7 +83,10 @@ fn dag_extraction_cost_is_linear_in_depth_where_tree_cost_doubles() {
     // Each layer adds the same work: the cost of 32 layers is twice that of 16, within the
     // constant part (embedding) shared by both.
     let per_layer = (d32 - d16) / 16.0;
-    assert!(((d16 - d8) / 8.0 - per_layer).abs() < 1e-6 * per_layer, "{d8} {d16} {d32}");
+    assert!(
+        ((d16 - d8) / 8.0 - per_layer).abs() < 1e-6 * per_layer,
+        "{d8} {d16} {d32}"
+    );
     assert!(d32 < 2.1 * d16 && d16 < 2.1 * d8, "{d8} {d16} {d32}");
     // The tree cost of the same e-graph counts the residual twice per layer.
     assert!(t16 > 100.0 * t8, "tree costs {t8} → {t16}");
@@ -103,10 +108,20 @@ fn a_phase_that_does_not_saturate_still_yields_a_valid_graph_and_says_so() {
     ])"#;
     let g = model(text);
     for limits in [
-        Limits { nodes: 40, ..Limits::default() },
-        Limits { iterations: 3, ..Limits::default() },
+        Limits {
+            nodes: 40,
+            ..Limits::default()
+        },
+        Limits {
+            iterations: 3,
+            ..Limits::default()
+        },
     ] {
-        let phase = Phase { name: "grow", rules: growing(), limits };
+        let phase = Phase {
+            name: "grow",
+            rules: growing(),
+            limits,
+        };
         let out = optimize_with(&g, vec![phase], &RewriteOptions::default()).unwrap();
         let p = &out.report.phases[0];
         assert!(!p.saturated, "{p:?}");
@@ -137,7 +152,9 @@ fn broadcast_add() -> Graph {
 }
 
 #[test]
-#[should_panic(expected = "unsound rewrite: rule `drop-addend` rewrites a value of type f32[batch, seq, 8] into one of type f32[8]")]
+#[should_panic(
+    expected = "unsound rewrite: rule `drop-addend` rewrites a value of type f32[batch, seq, 8] into one of type f32[8]"
+)]
 fn an_unsound_rule_panics_in_strict_mode() {
     let phase = Phase {
         name: "bad",
@@ -163,7 +180,10 @@ fn an_ill_typed_extraction_fails_naming_the_node() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("rewrite phase `bad`"), "{err}");
-    assert!(err.contains("node `w`") || err.contains("node `z`"), "{err}");
+    assert!(
+        err.contains("node `w`") || err.contains("node `z`"),
+        "{err}"
+    );
     assert!(err.contains("f32[batch, seq, 8]"), "{err}");
 }
 

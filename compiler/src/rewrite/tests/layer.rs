@@ -55,7 +55,14 @@ fn smollm2_layers_fuse_to_nine_kernels_and_keep_tap_names() {
         assert_eq!(stats.cache_appends, 2, "layer {layer}: {stats:?}");
     }
     // The names the reference tests tap, and the state bindings onto cache appends.
-    for name in ["x", "layers.0.x", "layers.14.x", "final", "layers.3.h", "layers.3.x_attn"] {
+    for name in [
+        "x",
+        "layers.0.x",
+        "layers.14.x",
+        "final",
+        "layers.3.h",
+        "layers.3.x_attn",
+    ] {
         assert!(out.graph.find(name).is_some(), "`{name}` is gone");
     }
     for s in &out.graph.states {

@@ -67,9 +67,9 @@ impl Rng {
 /// Fresh random weights for a checkpoint name and shape (seeded by the name): matrices scaled by
 /// `1/√in`, vectors (norm weights) around 1.
 pub(super) fn random_weight(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
-    let h = name
-        .bytes()
-        .fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let h = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     let mut rng = Rng::new(h);
     let n: usize = shape.iter().product();
     if shape.len() == 1 {

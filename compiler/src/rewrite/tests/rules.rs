@@ -192,7 +192,10 @@ fn each_rule_on_a_minimal_graph() {
         verified(&out.optimized, &g);
         verified(&out.graph, &g);
         let fired = out.report.rules_fired();
-        assert!(fired.contains_key(rule), "{name}: `{rule}` did not fire: {fired:?}");
+        assert!(
+            fired.contains_key(rule),
+            "{name}: `{rule}` did not fire: {fired:?}"
+        );
         if dtype != DType::F32 {
             let lowered = out.graph.nodes.iter().any(|n| {
                 n.ty.dtype == dtype && !matches!(n.op, Op::Weight { .. } | Op::Cast { .. })
@@ -221,5 +224,8 @@ fn every_rule_has_a_case() {
     }
     let covered: BTreeSet<String> = cases().into_iter().map(|c| c.1.to_string()).collect();
     let missing: Vec<&String> = names.difference(&covered).collect();
-    assert!(missing.is_empty(), "rules without a snapshot case: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "rules without a snapshot case: {missing:?}"
+    );
 }
