@@ -29,6 +29,11 @@ CONFIGS = {
 }
 
 
+# Two-layer variants: the same widths, heads and vocabularies, small enough for fp32 references.
+CONFIGS["llama3-8b-2l"] = dict(CONFIGS["llama3-8b"], num_hidden_layers=2)
+CONFIGS["llama2-7b-2l"] = dict(CONFIGS["llama2-7b"], num_hidden_layers=2)
+
+
 def rel_l2(a, b):
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float((a - b).norm() / b.norm())
@@ -107,7 +112,15 @@ def main():
             agree = sum(a == b for i in range(len(prompts)) for a, b in zip(got["predictions"][i], ref[i][1]))
             total = sum(len(ref[i][1]) for i in range(len(prompts)))
             row = dict(model=name, batch=len(lens), logits_rel_l2=max(errs), top1_agreement=agree / total)
-            if args.cpu_agree and name == "smollm2-135m" and len(lens) == 1:
+            if len(lens) == 1:
+                # Where it fits, the precision floor: transformers in fp32 against its own bf16.
+                m32 = LlamaForCausalLM(cfg).to("cuda", torch.float32).eval()
+                m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+                last32, _ = hf_teacher(m32, prompts[0], conts[0])
+                row["hf_bf16_vs_fp32"] = rel_l2(ref[0][0], last32)
+                row["kiln_vs_fp32"] = rel_l2(got["last_logits"][0], last32)
+                del m32
+            if args.cpu_agree and (name == "smollm2-135m" or cfg.num_hidden_layers <= 4) and len(lens) == 1:
                 out_cpu = os.path.join(args.work, "tf_cpu.json")
                 run([args.kiln, "teacher-force", engine, "--input", inp, "--output", out_cpu, "--device", "cpu"])
                 cpu = json.load(open(out_cpu))
@@ -132,6 +145,8 @@ def main():
     for r in rows:
         if "batch" in r:
             cpu = f"{r['gpu_vs_cpu_rel_l2']:.2e} / {r['gpu_vs_cpu_top1']:.1%}" if "gpu_vs_cpu_rel_l2" in r else ""
+            if "kiln_vs_fp32" in r:
+                cpu += f" (vs fp32: kiln {r['kiln_vs_fp32']:.2e}, HF bf16 {r['hf_bf16_vs_fp32']:.2e})"
             print(f"| {r['model']} | {r['batch']} | {r['logits_rel_l2']:.2e} | {r['top1_agreement']:.1%} | {cpu} |")
     print("\n| model | build s | kiln decode tok/s (b=1) | HF eager decode tok/s (b=1) |")
     print("|---|---:|---:|---:|")

@@ -97,5 +97,39 @@ pub fn write_engine(path: &Path, c: &EngineContents) -> Result<(), String> {
     let tmp = path.with_extension("kiln.partial");
     safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    sort_header(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Rewrites the safetensors header of `path` with its keys sorted, in place (same length):
+/// `serialize_to_file` writes the metadata map in hash order, and the same build must give the
+/// same bytes.
+fn sort_header(path: &Path) -> Result<(), String> {
+    use std::collections::BTreeMap;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    let json = |e: serde_json::Error| format!("{}: engine header: {e}", path.display());
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let n = usize::try_from(u64::from_le_bytes(len)).map_err(|e| e.to_string())?;
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header).map_err(io)?;
+    let mut top: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(json)?;
+    if let Some(m) = top.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, String> = serde_json::from_value(m.take()).map_err(json)?;
+        *m = serde_json::to_value(sorted).map_err(json)?;
+    }
+    let mut out = serde_json::to_vec(&top).map_err(json)?;
+    if out.len() > n {
+        return Err(format!("{}: the sorted engine header grew", path.display()));
+    }
+    out.resize(n, b' ');
+    f.seek(SeekFrom::Start(8)).map_err(io)?;
+    f.write_all(&out).map_err(io)
 }

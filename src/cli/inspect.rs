@@ -133,8 +133,7 @@ pub fn run(a: &InspectArgs) -> Result<()> {
                 "cost_before": null,
                 "cost_after": kiln::compiler::rewrite::cost::graph_cost(&g).total.time_ns(),
             });
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            return Ok(());
+            return emit(&format!("{}\n", serde_json::to_string_pretty(&v)?));
         }
         return show(&g, filter, a);
     };
@@ -150,31 +149,29 @@ pub fn run(a: &InspectArgs) -> Result<()> {
     let out = optimize(&parsed, &opts)?;
     if a.json {
         let v = summary(&parsed, &out, prefix);
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return emit(&format!("{}\n", serde_json::to_string_pretty(&v)?));
     }
     if a.explain {
-        print!("{}", out.report.explain());
         let (before, after) = (
             layer_stats(&parsed, prefix),
             layer_stats(&out.graph, prefix),
         );
-        println!(
-            "\ndecoder layer `{prefix}`: {} ops ({} kernels) before, {} kernels after \
-             ({} views, {} cache appends); kernels: {}",
+        let kernels: Vec<String> = after
+            .kernel_ops
+            .iter()
+            .map(|(k, n)| format!("{k} ×{n}"))
+            .collect();
+        return emit(&format!(
+            "{}\ndecoder layer `{prefix}`: {} ops ({} kernels) before, {} kernels after \
+             ({} views, {} cache appends); kernels: {}\n",
+            out.report.explain(),
             before.ops,
             before.kernels,
             after.kernels,
             after.views,
             after.cache_appends,
-            after
-                .kernel_ops
-                .iter()
-                .map(|(k, n)| format!("{k} ×{n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        return Ok(());
+            kernels.join(", ")
+        ));
     }
     let g = match stage {
         Stage::Parsed => &parsed,
@@ -188,10 +185,18 @@ fn show(g: &Graph, filter: Option<&str>, a: &InspectArgs) -> Result<()> {
     if let Some(path) = &a.svg {
         svg(&print::dot(g, filter), path)?;
         eprintln!("wrote {}", path.display());
+        Ok(())
     } else if a.dot {
-        print!("{}", print::dot(g, filter));
+        emit(&print::dot(g, filter))
     } else {
-        print!("{}", print::text(g, filter));
+        emit(&print::text(g, filter))
     }
-    Ok(())
+}
+
+/// Writes to stdout; a closed pipe (`kiln inspect … | head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }

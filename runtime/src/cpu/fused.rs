@@ -214,7 +214,7 @@ fn attention(q: Tensor, k: Tensor, v: Tensor, scale: f32) -> Result<Tensor, Stri
         && q.shape[0] == k.shape[0]
         && q.shape[3] == k.shape[3]
         && k.shape[1] > 0
-        && q.shape[1] % k.shape[1] == 0
+        && q.shape[1].is_multiple_of(k.shape[1])
         && k.shape[2] >= q.shape[2];
     if !ok {
         return Err(format!(

@@ -3,7 +3,8 @@
 //! The leading axes along which `b` is broadcast are folded into `m` wherever `a`'s strides allow
 //! (all of them for a 2-D weight, where `a` is made contiguous if needed: one product of
 //! `M = batch·seq` rows; the query-group axis in grouped-query attention). What remains is a loop
-//! over independent products, run in parallel. Each product picks a kernel by shape and layout:
+//! over independent products, run in parallel when there are enough of them (otherwise each
+//! product parallelizes inside). Each product picks a kernel by shape and layout:
 //!
 //! - small `m` with `b`'s rows of `bᵀ` contiguous (the `x · Wᵀ` of a `[out, in]` weight, the decode
 //!   hot path): [`gemv_nt`] streams each weight row once and takes `m` dot products with it;
@@ -16,7 +17,7 @@ use super::tensor::Tensor;
 use rayon::prelude::*;
 
 /// Largest `m` handled by the streaming kernels; above it `gemm`'s packing pays for itself.
-pub(crate) const SMALL_M: usize = 8;
+const SMALL_M: usize = 8;
 /// Multiply-adds below which a batch of products runs on one thread.
 const PAR_WORK: usize = 1 << 17;
 /// Elements of `b` read per parallel task, at least (keeps rayon's per-task cost negligible).
@@ -33,6 +34,7 @@ struct Mat<'a> {
     cs: usize,
 }
 
+/// `dst[j·m + i] = x_i · w_r` for the weight rows `r` in `rows` (see [`super::simd::nt_rows`]).
 fn nt_rows(x: &[&[f32]], w: Mat, k: usize, rows: std::ops::Range<usize>, dst: &mut [f32]) {
     super::simd::nt_rows(x, w.data, w.off, w.rs, k, rows, dst)
 }

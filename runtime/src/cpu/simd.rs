@@ -1,7 +1,13 @@
-//! Dot-product kernels of the streaming matmul (`x · Wᵀ` for a few rows `x`): each weight row is
-//! read once and multiplied with up to four `x` rows at a time while it is in registers. On
-//! x86-64 with AVX2 and FMA (detected at run time) the kernels use 256-bit FMAs with several
-//! independent accumulators; elsewhere a portable version with the same structure is used.
+//! Inner kernels of the small-`m` matmuls, where the weight is streamed from memory once:
+//!
+//! - [`nt_rows`], for `x · Wᵀ` with `W` stored `[n, k]`: each weight row is read once and dotted
+//!   with up to four `x` rows at a time while it is in registers;
+//! - [`axpy_block`], for `x · B` with `B` stored `[k, n]`: rows of `B` are scaled and added into
+//!   accumulators that stay in L1, four rows per pass.
+//!
+//! On x86-64 with AVX2 and FMA (detected at run time) they are compiled for 256-bit vectors (the
+//! dot products with explicit FMA intrinsics and several independent accumulators); elsewhere the
+//! portable versions, of the same structure, are used.
 
 use std::ops::Range;
 

@@ -41,7 +41,7 @@ fn random_config(rng: &mut Rng, kind: usize) -> (serde_json::Value, String) {
 
 /// A KV-head count strictly between 1 and `heads` that divides it (GQA).
 fn d_for_gqa(heads: usize) -> usize {
-    (2..heads).find(|k| heads % k == 0).unwrap_or(1)
+    (2..heads).find(|k| heads.is_multiple_of(*k)).unwrap_or(1)
 }
 
 /// Logits of a prefill of `prompt` (per sequence) then one decode step per token of `next`.
@@ -99,16 +99,19 @@ fn optimized_graphs_match_unoptimized_on_random_llamas() {
             .collect();
         let want = run(&executor(&g, &[], seed), batch, &prompt, &next);
         let got = logits_of(&g, DType::F32, seed, batch, &prompt, &next);
-        for (step, (a, b)) in got.iter().zip(&want).enumerate() {
-            let e = rel_l2(a, b);
-            assert!(e <= 1e-5, "{desc}: step {step}: relative L2 {e:e}");
-        }
         let low = logits_of(&g, DType::BF16, seed, batch, &prompt, &next);
-        for (step, (a, b)) in low.iter().zip(&want).enumerate() {
-            let e = rel_l2(a, b);
-            assert!(e <= 1e-2, "{desc}: bf16 step {step}: relative L2 {e:e}");
-            assert!(e > 0.0, "{desc}: bf16 lowering changed nothing");
+        let mut worst = (0f64, 0f64);
+        for (step, ((a, l), b)) in got.iter().zip(&low).zip(&want).enumerate() {
+            let (e, el) = (rel_l2(a, b), rel_l2(l, b));
+            assert!(e <= 1e-5, "{desc}: step {step}: relative L2 {e:e}");
+            assert!(el <= 1e-2, "{desc}: bf16 step {step}: relative L2 {el:e}");
+            assert!(el > 0.0, "{desc}: bf16 lowering changed nothing");
+            worst = (worst.0.max(e), worst.1.max(el));
         }
+        eprintln!(
+            "{desc}, batch {batch}, prompt {seq}: f32 {:.1e}, bf16 {:.1e}",
+            worst.0, worst.1
+        );
     }
 }
 
