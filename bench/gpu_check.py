@@ -83,7 +83,7 @@ def main():
     ap.add_argument("--cont", type=int, default=32)
     ap.add_argument("--cpu-agree", action="store_true")
     ap.add_argument("--work", default=tempfile.gettempdir())
-    ap.add_argument("--bench", default="", help="extra `kiln bench` arguments, e.g. '--batch 1,4,8 --io 128:256,2048:128'")
+    ap.add_argument("--bench", action="append", default=[], help="extra `kiln bench` arguments, e.g. '--batch 1,4,8 --io 128:256,2048:128'")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -120,6 +120,7 @@ def main():
                 row["hf_bf16_vs_fp32"] = rel_l2(ref[0][0], last32)
                 row["kiln_vs_fp32"] = rel_l2(got["last_logits"][0], last32)
                 del m32
+                torch.cuda.empty_cache()
             if args.cpu_agree and (name == "smollm2-135m" or cfg.num_hidden_layers <= 4) and len(lens) == 1:
                 out_cpu = os.path.join(args.work, "tf_cpu.json")
                 run([args.kiln, "teacher-force", engine, "--input", inp, "--output", out_cpu, "--device", "cpu"])
@@ -134,9 +135,9 @@ def main():
         rows.append(dict(model=name, build_s=round(build_s, 1), kiln_decode_tok_s=round(1000 / kiln_step, 1),
                          hf_eager_decode_tok_s=round(hf_tps, 1)))
         print(json.dumps(rows[-1]), flush=True)
-        if args.bench:
-            table, _ = run([args.kiln, "bench", engine] + args.bench.split())
-            print(f"kiln bench {name}:\n{table}", flush=True)
+        for extra in args.bench:
+            table, _ = run([args.kiln, "bench", engine] + extra.split())
+            print(f"kiln bench {name} {extra}:\n{table}", flush=True)
         os.remove(engine)
         del model
         torch.cuda.empty_cache()

@@ -75,6 +75,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Launch every decode step kernel by kernel instead of replaying a CUDA graph.
+        #[arg(long)]
+        no_cuda_graphs: bool,
     },
     /// Feed given token sequences and record logits and greedy predictions (for checks).
     TeacherForce {
@@ -350,9 +353,9 @@ fn main() -> ExitCode {
             io,
             device,
             json,
-        } => {
-            device_of(&engine, device).and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json))
-        }
+            no_cuda_graphs,
+        } => device_of(&engine, device)
+            .and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json, !no_cuda_graphs)),
         Command::TeacherForce {
             engine,
             input,

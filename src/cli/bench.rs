@@ -71,7 +71,12 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 /// One executor sized for every configuration of the run (weights are uploaded once).
-fn gpu_executor(engine: &Engine, batches: &[usize], io: &[(usize, usize)]) -> Result<CudaExecutor> {
+fn gpu_executor(
+    engine: &Engine,
+    batches: &[usize],
+    io: &[(usize, usize)],
+    cuda_graphs: bool,
+) -> Result<CudaExecutor> {
     let max_b = batches.iter().copied().max().unwrap_or(1);
     let max_in = io.iter().map(|p| p.0).max().unwrap_or(1);
     let max_len = io.iter().map(|p| p.0 + p.1).max().unwrap_or(1) + 16;
@@ -80,6 +85,7 @@ fn gpu_executor(engine: &Engine, batches: &[usize], io: &[(usize, usize)]) -> Re
         max_step_tokens: max_b * max_in,
         max_kv_tokens: Some(max_b * max_len),
         max_seq_len: max_len,
+        cuda_graphs,
         ..CudaOptions::default()
     };
     Ok(CudaExecutor::new(engine, opts)?)
@@ -181,13 +187,20 @@ fn bench_cpu(engine: &Engine, batch: usize, input: usize, output: usize) -> Resu
 }
 
 /// Runs the benchmark and prints a table (and JSON with `json`).
-pub fn run(engine_path: &Path, batches: &str, io: &str, device: &str, json: bool) -> Result<()> {
+pub fn run(
+    engine_path: &Path,
+    batches: &str,
+    io: &str,
+    device: &str,
+    json: bool,
+    cuda_graphs: bool,
+) -> Result<()> {
     let engine = Engine::open(engine_path)?;
     let (batches, io) = (parse_list(batches)?, parse_io(io)?);
     let mut rows = Vec::new();
     let mut first = true;
     let mut gpu = match device {
-        "cuda" => Some(gpu_executor(&engine, &batches, &io)?),
+        "cuda" => Some(gpu_executor(&engine, &batches, &io, cuda_graphs)?),
         _ => None,
     };
     for &(input, output) in &io {

@@ -314,8 +314,8 @@ pub fn lower(g: &Graph) -> Result<Plan, String> {
             }
         }
     }
-    for id in 0..g.nodes.len() {
-        let v = if !needed[id] {
+    for (id, &need) in needed.iter().enumerate() {
+        let v = if !need {
             Val::Const
         } else if id == logits_id {
             // Logits: only each sequence's last token, in f32.

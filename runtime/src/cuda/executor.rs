@@ -22,6 +22,8 @@ pub struct CudaOptions {
     pub kv_memory_fraction: f64,
     /// Most tokens one sequence may hold (sizes the block tables).
     pub max_seq_len: usize,
+    /// Capture each decode batch size's step once as a CUDA graph and replay it.
+    pub cuda_graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -32,6 +34,7 @@ impl Default for CudaOptions {
             max_kv_tokens: None,
             kv_memory_fraction: 0.9,
             max_seq_len: 8192,
+            cuda_graphs: true,
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct CudaExecutor {
     seqs: HashMap<SeqId, SeqCache>,
     next_seq: SeqId,
     opts: CudaOptions,
+    /// Captured decode steps by batch size.
+    graphs: HashMap<usize, cudarc::driver::CudaGraph>,
     /// Peak device memory in use by this executor (weights + arena + KV + metadata), bytes.
     pub device_bytes: usize,
 }
@@ -262,6 +267,7 @@ impl CudaExecutor {
             seqs: HashMap::new(),
             next_seq: 0,
             opts,
+            graphs: HashMap::new(),
             device_bytes,
         })
     }
@@ -387,14 +393,45 @@ impl CudaExecutor {
     pub fn step_greedy(&mut self, batch: &[StepSeq]) -> Result<Vec<u32>, CudaError> {
         let (t, b) = self.prepare(batch)?;
         let p = self.ptrs(t, b);
-        self.kernels.run_plan(&self.stream, &p)?;
-        self.kernels.argmax(&self.stream, &p)?;
+        // Decode steps (one token per sequence, GEMV-sized) replay a captured graph: every
+        // per-step value lives in the metadata buffer written by `prepare`, so the launches and
+        // their arguments are the same for every step of a batch size.
+        if self.opts.cuda_graphs && t == b && b <= super::launch::GEMV_MAX_ROWS {
+            if !self.graphs.contains_key(&b) {
+                use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+                self.stream
+                    .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                let launched = self
+                    .kernels
+                    .run_plan(&self.stream, &p)
+                    .and_then(|_| self.kernels.argmax(&self.stream, &p));
+                let graph = self.stream.end_capture(CUgraphInstantiate_flags(0))?;
+                launched?;
+                let graph = graph
+                    .ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?;
+                graph.upload()?;
+                let out_tokens = p.out_tokens;
+                self.graphs.insert(b, graph);
+                self.graphs[&b].launch()?;
+                return self.read_tokens(out_tokens, b);
+            }
+            self.graphs[&b].launch()?;
+        } else {
+            self.kernels.run_plan(&self.stream, &p)?;
+            self.kernels.argmax(&self.stream, &p)?;
+        }
+        let out_tokens = p.out_tokens;
+        self.read_tokens(out_tokens, b)
+    }
+
+    /// Copies the step's `b` sampled tokens back (the step's one host synchronization).
+    fn read_tokens(&self, out_tokens: u64, b: usize) -> Result<Vec<u32>, CudaError> {
         let mut out = vec![0i32; b];
         // SAFETY: out_tokens holds max_batch ≥ b i32.
         unsafe {
             cudarc::driver::result::memcpy_dtoh_async(
                 &mut out,
-                p.out_tokens,
+                out_tokens,
                 self.stream.cu_stream(),
             )?;
         }

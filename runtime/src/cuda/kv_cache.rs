@@ -57,7 +57,7 @@ impl BlockAllocator {
 
     /// Returns a sequence's blocks to the free list.
     pub fn release(&mut self, seq: &mut SeqCache) {
-        self.free.extend(seq.blocks.drain(..));
+        self.free.append(&mut seq.blocks);
         seq.len = 0;
     }
 }
