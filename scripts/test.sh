@@ -12,4 +12,6 @@ KILN_NVRTC_LIB=$(sed -n 's/^lib=//p' <<<"$nvrtc_env")
 KILN_CUDA_INCLUDE=$(sed -n 's/^include=//p' <<<"$nvrtc_env")
 export KILN_NVRTC_LIB KILN_CUDA_INCLUDE KILN_REQUIRE_NVRTC=1
 export LD_LIBRARY_PATH="$KILN_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cargo test --workspace "$@"
+# Snapshots of the rewriter: a changed, pending or unreferenced snapshot fails the run.
+command -v cargo-insta >/dev/null || cargo install cargo-insta --locked --quiet
+cargo insta test --workspace --check --unreferenced=reject "$@"
