@@ -7,6 +7,7 @@ pub mod cuda;
 pub mod engine;
 pub mod generate;
 pub mod ir;
+pub mod kernels;
 pub mod plan;
 pub mod sampling;
 pub mod tokenizer;

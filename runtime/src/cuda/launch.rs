@@ -1,10 +1,14 @@
-//! Host side of the kernel ABI: which kernel instance each plan launch uses, its grid, and its
-//! arguments. The CUDA side is `kernels_templates/`; both follow the contract in the header
-//! comment of each template file. Prefill GEMMs (more than `GEMV_MAX_ROWS` rows) go to cuBLAS.
+//! Host side of the kernel ABI: which kernel instance each plan launch uses and its arguments.
+//! Launch shapes come from `crate::kernels::KernelInstance::launch_dims`, the one place that
+//! mirrors the templates' launch rules; argument lists follow the header comment of each file in
+//! `kernels_templates/`. Prefill GEMMs (more than `GEMV_MAX_ROWS` rows) go to cuBLAS.
 
 use super::kv_cache::BLOCK;
 use super::{CudaError, CudaOptions};
 use crate::engine::{keys, Engine};
+use crate::kernels::{
+    decode_splits, GemvEpilogue, KernelInstance, LaunchDims, OutType, RuntimeSizes,
+};
 use crate::plan::{BufId, BufType, Epilogue, Launch, Plan};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
@@ -15,43 +19,121 @@ use std::sync::Arc;
 /// Rows up to which a `Linear` runs as a GEMV kernel rather than a cuBLAS GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// Tokens per split tile of the decode attention (`DEC_TILE` in attention_decode.cu).
-const DECODE_TILE: usize = 64;
-/// Streaming multiprocessors to fill (H100 SXM).
-const SM_COUNT: usize = 132;
+/// Streaming multiprocessors to fill when sizing decode splits (H100 SXM).
+pub const SM_COUNT: usize = 132;
 
-/// Split-KV count of decode attention: enough (kv head, split) CTAs to cover the GPU twice,
-/// at most one split per tile of the longest context.
-pub fn decode_splits(batch: usize, kv_heads: usize, max_context: usize) -> usize {
-    let want = (2 * SM_COUNT).div_ceil(batch.max(1) * kv_heads.max(1));
-    want.clamp(1, max_context.div_ceil(DECODE_TILE).max(1))
+/// Split-KV count of decode attention for a step of `batch` sequences.
+pub fn splits(batch: usize, kv_heads: usize, max_seq_len: usize) -> usize {
+    decode_splits(batch, kv_heads, max_seq_len, SM_COUNT)
 }
 
-/// Threads of `rmsnorm<H>` (`RmsCfg<H>::THREADS`).
-fn rmsnorm_threads(h: usize) -> u32 {
-    let vec = h / 8;
-    (if vec >= 256 {
-        256
-    } else {
-        vec.div_ceil(32) * 32
-    })
-    .max(32) as u32
+/// One kernel argument, by value.
+enum Arg {
+    /// A device pointer.
+    Ptr(u64),
+    /// `int`
+    Int(i32),
+    /// `long long`
+    Long(i64),
+    /// `float`
+    Float(f32),
 }
+use Arg::{Float as F, Int as I, Long as L, Ptr as P};
 
-/// The decode GEMV for `rows` rows and its output columns per CTA: the CUDA-core `gemv<K, 1>`
-/// (8 warps, one column each) for one row, the tensor-core `gemv_tc<K, 8>` (16 columns per CTA,
-/// cost nearly independent of the rows) for 2..=8 rows.
-fn gemv_instance(rows: usize, k: usize, epi: u32, ty: &str) -> (String, usize) {
-    if rows == 1 {
-        (format!("gemv<{k}, 1, {epi}, {ty}>"), 8)
-    } else {
-        (format!("gemv_tc<{k}, {GEMV_MAX_ROWS}, {epi}, {ty}>"), 16)
+/// Sizes of one launch (each kernel family reads the fields its launch rule names).
+fn sizes(
+    tokens: usize,
+    batch: usize,
+    n: usize,
+    elements: usize,
+    max_splits: usize,
+) -> RuntimeSizes {
+    RuntimeSizes {
+        tokens,
+        batch,
+        n,
+        elements,
+        max_splits,
     }
 }
 
-/// Whether the tensor-core prefill attention supports this head dimension.
-fn prefill_tc(head_dim: usize) -> bool {
-    head_dim == 64 || head_dim == 128
+fn config(d: LaunchDims) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: d.grid,
+        block_dim: d.block,
+        shared_mem_bytes: d.shared_bytes,
+    }
+}
+
+fn epilogue_kind(e: Epilogue) -> GemvEpilogue {
+    match e {
+        Epilogue::None => GemvEpilogue::Plain,
+        Epilogue::Residual(_) => GemvEpilogue::Residual,
+        Epilogue::Gated => GemvEpilogue::Gated,
+    }
+}
+
+fn out_type(t: BufType) -> OutType {
+    match t {
+        BufType::F32 => OutType::F32,
+        BufType::Bf16 => OutType::Bf16,
+    }
+}
+
+/// The decode GEMV for `rows` rows: the CUDA-core `gemv<K, 1>` for one row, the tensor-core
+/// `gemv_tc<K, 8>` (cost nearly independent of the rows) for 2..=8 rows.
+fn gemv_instance(rows: usize, k: usize, epi: GemvEpilogue, ty: OutType) -> KernelInstance {
+    if rows == 1 {
+        KernelInstance::gemv(k, 1, epi, ty)
+    } else {
+        KernelInstance::gemv_tc(k, GEMV_MAX_ROWS, epi, ty)
+    }
+}
+
+/// Every kernel instance a plan launches: what the compiler compiles into the engine and the
+/// executor resolves by name expression.
+pub fn plan_instances(plan: &Plan) -> Vec<KernelInstance> {
+    let a = plan.attention;
+    let (h, kh, d) = (a.heads, a.kv_heads, a.head_dim);
+    let mut out = vec![
+        KernelInstance::rope_append(h, kh, d, BLOCK),
+        KernelInstance::attention_decode(h, kh, d, BLOCK),
+        KernelInstance::attention_decode_merge(h, d),
+        KernelInstance::attention_prefill_for(h, kh, d, BLOCK),
+        KernelInstance::argmax(),
+        KernelInstance::add_inplace(),
+    ];
+    for l in &plan.launches {
+        match l {
+            Launch::Embedding { out: o, .. } | Launch::GatherLast { out: o, .. } => {
+                out.push(KernelInstance::embedding(plan.buffers[*o].cols))
+            }
+            Launch::RmsNorm { out: o, .. } => {
+                out.push(KernelInstance::rmsnorm(plan.buffers[*o].cols))
+            }
+            Launch::Linear {
+                x,
+                epilogue,
+                out: o,
+                ..
+            } => {
+                let (k, epi, ty) = (
+                    plan.buffers[*x].cols,
+                    epilogue_kind(*epilogue),
+                    out_type(plan.buffers[*o].dtype),
+                );
+                out.push(gemv_instance(1, k, epi, ty));
+                out.push(gemv_instance(GEMV_MAX_ROWS, k, epi, ty));
+                if *epilogue == Epilogue::Gated {
+                    out.push(KernelInstance::silu_mul(plan.buffers[*o].cols));
+                }
+            }
+            Launch::RopeAppend { .. } | Launch::Attention { .. } => {}
+        }
+    }
+    out.sort_by(|a, b| a.name_expr.cmp(&b.name_expr));
+    out.dedup_by(|a, b| a.name_expr == b.name_expr);
+    out
 }
 
 /// Device pointers and sizes of one step.
@@ -112,73 +194,6 @@ pub struct Kernels {
     weight_cols: HashMap<String, (usize, usize)>,
 }
 
-/// Name expression of a kernel instance (as given to NVRTC).
-pub fn instance_names(plan: &Plan) -> Vec<String> {
-    let a = plan.attention;
-    let (h, kh, d) = (a.heads, a.kv_heads, a.head_dim);
-    let mut names = vec![
-        format!("rope_append<{h}, {kh}, {d}, {BLOCK}>"),
-        format!("attention_decode<{h}, {kh}, {d}, {BLOCK}>"),
-        format!("attention_decode_merge<{h}, {d}>"),
-        if prefill_tc(d) {
-            format!("attention_prefill<{h}, {kh}, {d}, {BLOCK}>")
-        } else {
-            format!("attention_prefill_simple<{h}, {kh}, {d}, {BLOCK}>")
-        },
-        "argmax".to_string(),
-        "add_inplace".to_string(),
-    ];
-    for l in &plan.launches {
-        match l {
-            Launch::Embedding { out, .. } | Launch::GatherLast { out, .. } => {
-                names.push(format!("embedding<{}>", plan.buffers[*out].cols))
-            }
-            Launch::RmsNorm { out, .. } => {
-                names.push(format!("rmsnorm<{}>", plan.buffers[*out].cols))
-            }
-            Launch::Linear {
-                x, epilogue, out, ..
-            } => {
-                let k = plan.buffers[*x].cols;
-                let (epi, out_t) = gemv_kind(*epilogue, plan.buffers[*out].dtype);
-                names.push(format!("gemv<{k}, 1, {epi}, {out_t}>"));
-                names.push(format!("gemv_tc<{k}, {GEMV_MAX_ROWS}, {epi}, {out_t}>"));
-                if *epilogue == Epilogue::Gated {
-                    names.push(format!("silu_mul<{}>", plan.buffers[*out].cols));
-                }
-            }
-            Launch::RopeAppend { .. } | Launch::Attention { .. } => {}
-        }
-    }
-    names.sort();
-    names.dedup();
-    names
-}
-
-fn gemv_kind(e: Epilogue, out: BufType) -> (u32, &'static str) {
-    let epi = match e {
-        Epilogue::None => 0,
-        Epilogue::Residual(_) => 1,
-        Epilogue::Gated => 2,
-    };
-    (
-        epi,
-        if out == BufType::F32 {
-            "float"
-        } else {
-            "__nv_bfloat16"
-        },
-    )
-}
-
-fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: grid,
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: smem,
-    }
-}
-
 impl Kernels {
     /// Loads the engine's CUBIN modules and resolves every instance the plan needs.
     pub fn load(
@@ -213,7 +228,8 @@ impl Kernels {
             }
             funcs.insert(e.name, modules[&e.module].load_function(&e.lowered)?);
         }
-        for name in instance_names(plan) {
+        for k in plan_instances(plan) {
+            let name = k.name_expr;
             if !funcs.contains_key(&name) {
                 return Err(CudaError::Engine(format!(
                     "kernel `{name}` missing from the engine; rebuild it"
@@ -235,7 +251,8 @@ impl Kernels {
         })
     }
 
-    /// Bytes of scratch the plan needs at the start of the arena.
+    /// Bytes of scratch the plan needs at the start of the arena: the gate/up product of a
+    /// prefill GEMM, or the split-KV partial results of decode attention.
     pub fn scratch_bytes(&self, plan: &Plan, opts: &CudaOptions) -> usize {
         let gated = plan.launches.iter().filter_map(|l| match l {
             Launch::Linear {
@@ -247,8 +264,8 @@ impl Kernels {
         });
         let gu = gated.max().unwrap_or(0) * 2 * opts.max_step_tokens;
         let a = plan.attention;
-        let splits = decode_splits(1, a.kv_heads, opts.max_seq_len);
-        let partials = opts.max_batch * a.heads * splits * (a.head_dim + 2) * 4;
+        let most = splits(1, a.kv_heads, opts.max_seq_len);
+        let partials = opts.max_batch * a.heads * most * (a.head_dim + 2) * 4;
         gu.max(partials) + 1024
     }
 
@@ -257,10 +274,31 @@ impl Kernels {
         self.scratch = addr;
     }
 
-    fn f(&self, name: &str) -> Result<&CudaFunction, CudaError> {
-        self.funcs
-            .get(name)
-            .ok_or_else(|| CudaError::Engine(format!("kernel `{name}` not loaded")))
+    /// Launches one kernel instance with its shape for `rt` and these arguments.
+    fn go(
+        &self,
+        stream: &Arc<CudaStream>,
+        k: &KernelInstance,
+        rt: RuntimeSizes,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        let f: &CudaFunction = self
+            .funcs
+            .get(&k.name_expr)
+            .ok_or_else(|| CudaError::Engine(format!("kernel `{}` not loaded", k.name_expr)))?;
+        let mut l = stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(v) => l.arg(v),
+                Arg::Int(v) => l.arg(v),
+                Arg::Long(v) => l.arg(v),
+                Arg::Float(v) => l.arg(v),
+            };
+        }
+        // SAFETY: each caller pushes exactly the arguments of the template's documented signature
+        // (kernels_templates/*.cu headers), pointing at device buffers sized by the plan.
+        unsafe { l.launch(config(k.launch_dims(&rt))) }?;
+        Ok(())
     }
 
     /// Launches every step of the plan.
@@ -273,13 +311,13 @@ impl Kernels {
 
     /// Greedy next token per sequence from the logits into `out_tokens`.
     pub fn argmax(&self, stream: &Arc<CudaStream>, p: &Ptrs) -> Result<(), CudaError> {
-        let f = self.f("argmax")?;
-        let (logits, v, b) = (p.buf(p.plan.logits), p.plan.vocab as i32, p.b as u32);
-        let mut l = stream.launch_builder(f);
-        l.arg(&logits).arg(&v).arg(&p.out_tokens);
-        // SAFETY: arguments match `argmax(const float*, int, int*)`.
-        unsafe { l.launch(cfg((b, 1, 1), 1024, 0)) }?;
-        Ok(())
+        let (logits, v) = (p.buf(p.plan.logits), p.plan.vocab as i32);
+        self.go(
+            stream,
+            &KernelInstance::argmax(),
+            sizes(0, p.b, 0, 0, 0),
+            &[P(logits), I(v), P(p.out_tokens)],
+        )
     }
 
     fn launch(&self, stream: &Arc<CudaStream>, p: &Ptrs, launch: &Launch) -> Result<(), CudaError> {
@@ -288,52 +326,59 @@ impl Kernels {
         let (t, b) = (p.t as i32, p.b as i32);
         match launch {
             Launch::Embedding { table, out } => {
-                let cols = plan.buffers[*out].cols;
                 let (tab, o) = (p.w(table)?, p.buf(*out));
-                let mut l = stream.launch_builder(self.f(&format!("embedding<{cols}>"))?);
-                l.arg(&tab).arg(&p.tokens).arg(&o).arg(&t);
-                // SAFETY: matches `embedding<H>(const bf16*, const int*, bf16*, int)`.
-                unsafe { l.launch(cfg((p.t as u32, 1, 1), 128, 0)) }?;
+                let k = KernelInstance::embedding(plan.buffers[*out].cols);
+                self.go(
+                    stream,
+                    &k,
+                    sizes(p.t, p.b, 0, 0, 0),
+                    &[P(tab), P(p.tokens), P(o), I(t)],
+                )
             }
             Launch::GatherLast { x, out } => {
-                let cols = plan.buffers[*out].cols;
                 let (src, o) = (p.buf(*x), p.buf(*out));
-                let mut l = stream.launch_builder(self.f(&format!("embedding<{cols}>"))?);
-                l.arg(&src).arg(&p.last_index).arg(&o).arg(&b);
-                // SAFETY: as above, gathering rows of an activation by last-token index.
-                unsafe { l.launch(cfg((p.b as u32, 1, 1), 128, 0)) }?;
+                let k = KernelInstance::embedding(plan.buffers[*out].cols);
+                self.go(
+                    stream,
+                    &k,
+                    sizes(p.b, p.b, 0, 0, 0),
+                    &[P(src), P(p.last_index), P(o), I(b)],
+                )
             }
             Launch::RmsNorm { x, w, eps, out } => {
-                let cols = plan.buffers[*out].cols;
-                let rows = p.rows(*out) as i32;
-                let (xp, wp, o) = (p.buf(*x), p.w(w)?, p.buf(*out));
-                let mut l = stream.launch_builder(self.f(&format!("rmsnorm<{cols}>"))?);
-                l.arg(&xp).arg(&wp).arg(&o).arg(&rows).arg(eps);
-                // SAFETY: matches `rmsnorm<H>(const bf16*, const bf16*, bf16*, int, float)`.
-                unsafe { l.launch(cfg((rows.max(1) as u32, 1, 1), rmsnorm_threads(cols), 0)) }?;
+                let rows = p.rows(*out);
+                let (xp, wp, o, r) = (p.buf(*x), p.w(w)?, p.buf(*out), rows as i32);
+                let k = KernelInstance::rmsnorm(plan.buffers[*out].cols);
+                self.go(
+                    stream,
+                    &k,
+                    sizes(rows, p.b, 0, 0, 0),
+                    &[P(xp), P(wp), P(o), I(r), F(*eps)],
+                )
             }
             Launch::Linear {
                 x,
                 w,
                 epilogue,
                 out,
-            } => self.linear(stream, p, *x, w, *epilogue, *out)?,
+            } => self.linear(stream, p, *x, w, *epilogue, *out),
             Launch::RopeAppend { qkv, layer, theta } => {
-                let name = format!(
-                    "rope_append<{}, {}, {}, {BLOCK}>",
-                    a.heads, a.kv_heads, a.head_dim
-                );
                 let (q, kc, vc) = (p.buf(*qkv), p.k_cache(*layer), p.v_cache(*layer));
-                let mut l = stream.launch_builder(self.f(&name)?);
-                l.arg(&q)
-                    .arg(&p.positions)
-                    .arg(&p.slots)
-                    .arg(&kc)
-                    .arg(&vc)
-                    .arg(&t)
-                    .arg(theta);
-                // SAFETY: matches `rope_append<...>(bf16*, const int*, const int*, bf16*, bf16*, int, float)`.
-                unsafe { l.launch(cfg((p.t as u32, 1, 1), 128, 0)) }?;
+                let k = KernelInstance::rope_append(a.heads, a.kv_heads, a.head_dim, BLOCK);
+                self.go(
+                    stream,
+                    &k,
+                    sizes(p.t, p.b, 0, 0, 0),
+                    &[
+                        P(q),
+                        P(p.positions),
+                        P(p.slots),
+                        P(kc),
+                        P(vc),
+                        I(t),
+                        F(*theta),
+                    ],
+                )
             }
             Launch::Attention {
                 qkv,
@@ -347,79 +392,63 @@ impl Kernels {
                     p.v_cache(*layer),
                     p.buf(*out),
                 );
-                if p.t == p.b {
-                    let splits = decode_splits(p.b, a.kv_heads, p.max_seq_len);
-                    let name = format!(
-                        "attention_decode<{}, {}, {}, {BLOCK}>",
-                        a.heads, a.kv_heads, a.head_dim
+                if p.t != p.b {
+                    let k = KernelInstance::attention_prefill_for(
+                        a.heads, a.kv_heads, a.head_dim, BLOCK,
                     );
-                    let po = self.scratch;
-                    let pml = po + (p.b * a.heads * splits * a.head_dim * 4) as u64;
-                    let ns = splits as i32;
-                    let mut l = stream.launch_builder(self.f(&name)?);
-                    l.arg(&q)
-                        .arg(&kc)
-                        .arg(&vc)
-                        .arg(&p.block_tables)
-                        .arg(&p.max_blocks)
-                        .arg(&p.seq_lens)
-                        .arg(&o)
-                        .arg(&b)
-                        .arg(scale)
-                        .arg(&po)
-                        .arg(&pml)
-                        .arg(&ns);
-                    // SAFETY: matches attention_decode in kernels_templates/attention_decode.cu.
-                    unsafe {
-                        l.launch(cfg((splits as u32, a.kv_heads as u32, p.b as u32), 128, 0))
-                    }?;
-                    if splits > 1 {
-                        let name = format!("attention_decode_merge<{}, {}>", a.heads, a.head_dim);
-                        let mut l = stream.launch_builder(self.f(&name)?);
-                        l.arg(&po)
-                            .arg(&pml)
-                            .arg(&p.seq_lens)
-                            .arg(&o)
-                            .arg(&b)
-                            .arg(&ns);
-                        // SAFETY: matches attention_decode_merge.
-                        unsafe {
-                            l.launch(cfg((a.heads as u32, p.b as u32, 1), a.head_dim as u32, 0))
-                        }?;
-                    }
-                } else {
-                    let (family, rows) = if prefill_tc(a.head_dim) {
-                        ("attention_prefill", 64)
-                    } else {
-                        ("attention_prefill_simple", 32)
-                    };
-                    let name = format!(
-                        "{family}<{}, {}, {}, {BLOCK}>",
-                        a.heads, a.kv_heads, a.head_dim
+                    return self.go(
+                        stream,
+                        &k,
+                        sizes(p.t, p.b, 0, 0, 0),
+                        &[
+                            P(q),
+                            P(kc),
+                            P(vc),
+                            P(p.block_tables),
+                            I(p.max_blocks),
+                            P(p.seq_lens),
+                            P(p.query_start),
+                            P(o),
+                            I(b),
+                            F(*scale),
+                        ],
                     );
-                    let mut l = stream.launch_builder(self.f(&name)?);
-                    l.arg(&q)
-                        .arg(&kc)
-                        .arg(&vc)
-                        .arg(&p.block_tables)
-                        .arg(&p.max_blocks)
-                        .arg(&p.seq_lens)
-                        .arg(&p.query_start)
-                        .arg(&o)
-                        .arg(&b)
-                        .arg(scale);
-                    // SAFETY: matches attention_prefill(_simple) (same signature).
-                    unsafe {
-                        l.launch(cfg(
-                            (p.t.div_ceil(rows) as u32, a.heads as u32, p.b as u32),
-                            128,
-                            0,
-                        ))
-                    }?;
                 }
+                let n = splits(p.b, a.kv_heads, p.max_seq_len);
+                let (po, ns) = (self.scratch, n as i32);
+                let pml = po + (p.b * a.heads * n * a.head_dim * 4) as u64;
+                let k = KernelInstance::attention_decode(a.heads, a.kv_heads, a.head_dim, BLOCK);
+                self.go(
+                    stream,
+                    &k,
+                    sizes(p.t, p.b, 0, 0, n),
+                    &[
+                        P(q),
+                        P(kc),
+                        P(vc),
+                        P(p.block_tables),
+                        I(p.max_blocks),
+                        P(p.seq_lens),
+                        P(o),
+                        I(b),
+                        F(*scale),
+                        P(po),
+                        P(pml),
+                        I(ns),
+                    ],
+                )?;
+                if n > 1 {
+                    let k = KernelInstance::attention_decode_merge(a.heads, a.head_dim);
+                    self.go(
+                        stream,
+                        &k,
+                        sizes(p.t, p.b, 0, 0, n),
+                        &[P(po), P(pml), P(p.seq_lens), P(o), I(b), I(ns)],
+                    )?;
+                }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     fn linear(
@@ -440,29 +469,32 @@ impl Kernels {
             .ok_or_else(|| CudaError::Engine(format!("weight `{w}` is not a matrix")))?;
         let (xp, wp, o) = (p.buf(x), p.w(w)?, p.buf(out));
         let out_t = plan.buffers[out].dtype;
+        let cols = plan.buffers[out].cols;
         if rows <= GEMV_MAX_ROWS {
-            let (e, ty) = gemv_kind(epi, out_t);
-            let n = plan.buffers[out].cols as i32;
             let r = match epi {
                 Epilogue::Residual(r) => p.buf(r),
                 _ => 0,
             };
-            let m = rows as i32;
-            let (name, cols_per_cta) = gemv_instance(rows, k, e, ty);
-            let mut l = stream.launch_builder(self.f(&name)?);
-            l.arg(&xp).arg(&m).arg(&wp).arg(&n).arg(&r).arg(&o);
-            let grid = (n as usize).div_ceil(cols_per_cta) as u32;
-            // SAFETY: matches `gemv<K, MMAX, EPI, OutT>(const bf16*, int, const bf16*, int, const bf16*, OutT*)`.
-            unsafe { l.launch(cfg((grid, 1, 1), 256, 0)) }?;
-            return Ok(());
+            let (m, n) = (rows as i32, cols as i32);
+            let inst = gemv_instance(rows, k, epilogue_kind(epi), out_type(out_t));
+            return self.go(
+                stream,
+                &inst,
+                sizes(rows, p.b, cols, 0, 0),
+                &[P(xp), I(m), P(wp), I(n), P(r), P(o)],
+            );
         }
         // cuBLAS: row-major C[rows, n] = X[rows, k] · W[n, k]ᵀ  ⇔  column-major Cᵀ = W · Xᵀ ("TN").
-        let gated = epi == Epilogue::Gated;
-        let dst = if gated { self.scratch } else { o };
-        let (c_type, alpha, beta) = match out_t {
-            BufType::F32 => (blas_sys::cudaDataType::CUDA_R_32F, 1f32, 0f32),
-            BufType::Bf16 => (blas_sys::cudaDataType::CUDA_R_16BF, 1f32, 0f32),
+        let dst = if epi == Epilogue::Gated {
+            self.scratch
+        } else {
+            o
         };
+        let c_type = match out_t {
+            BufType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            BufType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        };
+        let (alpha, beta) = (1f32, 0f32);
         // SAFETY: pointers address device buffers of the sizes the plan declares.
         unsafe {
             blas::gemm_ex(
@@ -489,24 +521,24 @@ impl Kernels {
         }
         match epi {
             Epilogue::Gated => {
-                let f = plan.buffers[out].cols;
-                let (src, r) = (dst, rows as i32);
-                let mut l = stream.launch_builder(self.f(&format!("silu_mul<{f}>"))?);
-                l.arg(&src).arg(&o).arg(&r);
-                let grid = (rows * f / 8).div_ceil(256).clamp(1, 8192) as u32;
-                // SAFETY: matches `silu_mul<F>(const bf16*, bf16*, int)`.
-                unsafe { l.launch(cfg((grid, 1, 1), 256, 0)) }?;
+                let r = rows as i32;
+                self.go(
+                    stream,
+                    &KernelInstance::silu_mul(cols),
+                    sizes(rows, p.b, 0, 0, 0),
+                    &[P(dst), P(o), I(r)],
+                )
             }
-            Epilogue::Residual(r) => {
-                let (rp, n) = (p.buf(r), (rows * plan.buffers[out].cols) as i64);
-                let mut l = stream.launch_builder(self.f("add_inplace")?);
-                l.arg(&o).arg(&rp).arg(&n);
-                let grid = (n as usize).div_ceil(8).div_ceil(256).clamp(1, 8192) as u32;
-                // SAFETY: matches `add_inplace(bf16*, const bf16*, long long)`.
-                unsafe { l.launch(cfg((grid, 1, 1), 256, 0)) }?;
+            Epilogue::Residual(res) => {
+                let (rp, n) = (p.buf(res), (rows * cols) as i64);
+                self.go(
+                    stream,
+                    &KernelInstance::add_inplace(),
+                    sizes(rows, p.b, 0, rows * cols, 0),
+                    &[P(o), P(rp), L(n)],
+                )
             }
-            Epilogue::None => {}
+            Epilogue::None => Ok(()),
         }
-        Ok(())
     }
 }

@@ -11,7 +11,7 @@ pub mod kv_cache;
 mod launch;
 
 pub use executor::{CudaExecutor, CudaOptions, SeqId, StepSeq};
-pub use launch::{instance_names, GEMV_MAX_ROWS};
+pub use launch::{plan_instances, GEMV_MAX_ROWS};
 
 /// A GPU failure, with what to do about it where there is something to do.
 #[derive(Debug, thiserror::Error)]

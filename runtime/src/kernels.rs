@@ -1,0 +1,422 @@
+//! Kernel instances: a template family of `kernels_templates/` with its constants, the C++ name
+//! expression NVRTC instantiates, and its launch shape for a step's sizes. The compiler compiles
+//! instances to CUBINs (`kiln_compiler::codegen`); the CUDA executor launches them with the
+//! shapes computed here, so the launch geometry of every template lives in one place.
+
+use serde::{Deserialize, Serialize};
+
+/// A kernel template (a `__global__` function of a template file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum KernelFamily {
+    /// `embedding<H>`
+    Embedding,
+    /// `rmsnorm<H>`
+    RmsNorm,
+    /// `add_rmsnorm<H>`
+    AddRmsNorm,
+    /// `gemv<K, MMAX, EPI, OutT>` (CUDA cores)
+    Gemv,
+    /// `gemv_tc<K, MMAX, EPI, OutT>` (tensor cores; same arguments as `gemv`)
+    GemvTc,
+    /// `add_inplace` (not a template)
+    AddInplace,
+    /// `silu_mul<F>`
+    SiluMul,
+    /// `rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
+    RopeAppend,
+    /// `attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
+    AttentionDecode,
+    /// `attention_decode_merge<HEADS, HEAD_DIM>`
+    AttentionDecodeMerge,
+    /// `attention_prefill<HEADS, KV_HEADS, HEAD_DIM, BLOCK>` (tensor cores, HEAD_DIM 64 or 128)
+    AttentionPrefill,
+    /// `attention_prefill_simple<HEADS, KV_HEADS, HEAD_DIM, BLOCK>` (CUDA cores, HEAD_DIM % 32 == 0)
+    AttentionPrefillSimple,
+    /// `argmax` (not a template)
+    Argmax,
+    /// `sample` (not a template)
+    Sample,
+}
+
+impl KernelFamily {
+    /// The C++ function name.
+    pub fn function(self) -> &'static str {
+        match self {
+            KernelFamily::Embedding => "embedding",
+            KernelFamily::RmsNorm => "rmsnorm",
+            KernelFamily::AddRmsNorm => "add_rmsnorm",
+            KernelFamily::Gemv => "gemv",
+            KernelFamily::GemvTc => "gemv_tc",
+            KernelFamily::AddInplace => "add_inplace",
+            KernelFamily::SiluMul => "silu_mul",
+            KernelFamily::RopeAppend => "rope_append",
+            KernelFamily::AttentionDecode => "attention_decode",
+            KernelFamily::AttentionDecodeMerge => "attention_decode_merge",
+            KernelFamily::AttentionPrefill => "attention_prefill",
+            KernelFamily::AttentionPrefillSimple => "attention_prefill_simple",
+            KernelFamily::Argmax => "argmax",
+            KernelFamily::Sample => "sample",
+        }
+    }
+}
+
+/// The epilogue of a decode GEMV (`EPI` template argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum GemvEpilogue {
+    /// `out = x·Wᵀ`
+    Plain = 0,
+    /// `out = x·Wᵀ + residual` (residual `[M, N]`, may alias `out`)
+    Residual = 1,
+    /// Gated MLP: W has 2N rows (gate, then up); `out = silu(x·W_gᵀ) * (x·W_uᵀ)`.
+    Gated = 2,
+}
+
+/// Element type of a kernel output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutType {
+    /// `__nv_bfloat16`
+    Bf16,
+    /// `float` (logits)
+    F32,
+}
+
+impl OutType {
+    /// The C++ type name.
+    pub fn cuda_name(self) -> &'static str {
+        match self {
+            OutType::Bf16 => "__nv_bfloat16",
+            OutType::F32 => "float",
+        }
+    }
+}
+
+/// One template argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TemplateArg {
+    /// An integer constant.
+    Int(i64),
+    /// A type.
+    Type(OutType),
+}
+
+impl std::fmt::Display for TemplateArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TemplateArg::Int(v) => write!(f, "{v}"),
+            TemplateArg::Type(t) => f.write_str(t.cuda_name()),
+        }
+    }
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchDims {
+    /// Grid dimensions (every one at least 1).
+    pub grid: (u32, u32, u32),
+    /// Block dimensions.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory in bytes (0 for every current template: all use static memory).
+    pub shared_bytes: u32,
+}
+
+/// The runtime sizes a launch depends on; each family reads only the fields its
+/// [`KernelInstance::launch_dims`] documentation names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuntimeSizes {
+    /// T: tokens of the step.
+    pub tokens: usize,
+    /// B: sequences of the step (decode: equal to the tokens).
+    pub batch: usize,
+    /// N: output columns of a GEMV.
+    pub n: usize,
+    /// Element count of `add_inplace`.
+    pub elements: usize,
+    /// Split-KV count of decode attention (see [`decode_splits`]).
+    pub max_splits: usize,
+}
+
+/// Threads per CTA of the templates (mirrors the `#define`s in the template files).
+mod threads {
+    pub const EMBEDDING: u32 = 128;
+    pub const GEMV_WARPS: u32 = 8;
+    pub const ELEMENTWISE: u32 = 256;
+    pub const ROPE: u32 = 128;
+    pub const DECODE: u32 = 128;
+    pub const PREFILL: u32 = 128;
+    pub const PREFILL_ROWS: usize = 64;
+    pub const PREFILL_SIMPLE: u32 = 128;
+    pub const PREFILL_SIMPLE_ROWS: usize = 32;
+    pub const SAMPLE: u32 = 1024;
+}
+
+/// Tokens per decode split tile (`DEC_TILE` in `attention_decode.cu`).
+pub const DECODE_TILE: usize = 64;
+
+/// A good `max_splits` for decode attention: enough (kv head, split) CTAs to cover the GPU
+/// twice over for a batch of `batch` sequences, with no split shorter than one 64-token tile of
+/// `max_context` tokens. `sm_count` is 132 on an H100 SXM.
+pub fn decode_splits(batch: usize, kv_heads: usize, max_context: usize, sm_count: usize) -> usize {
+    let ctas = batch.max(1) * kv_heads.max(1);
+    let want = (2 * sm_count).div_ceil(ctas);
+    let most = max_context.div_ceil(DECODE_TILE).max(1);
+    want.clamp(1, most)
+}
+
+fn clamp_grid(v: usize) -> u32 {
+    v.clamp(1, u32::MAX as usize) as u32
+}
+
+/// One kernel template with its constants: what codegen compiles and the runtime launches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KernelInstance {
+    /// The template.
+    pub family: KernelFamily,
+    /// Its template arguments, in order.
+    pub args: Vec<TemplateArg>,
+    /// The C++ name expression NVRTC instantiates (`rmsnorm<4096>`).
+    pub name_expr: String,
+}
+
+impl KernelInstance {
+    fn new(family: KernelFamily, args: Vec<TemplateArg>) -> Self {
+        let name_expr = if args.is_empty() {
+            family.function().to_string()
+        } else {
+            let list: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            format!("{}<{}>", family.function(), list.join(", "))
+        };
+        Self {
+            family,
+            args,
+            name_expr,
+        }
+    }
+
+    fn ints(family: KernelFamily, vals: &[usize]) -> Self {
+        Self::new(
+            family,
+            vals.iter().map(|&v| TemplateArg::Int(v as i64)).collect(),
+        )
+    }
+
+    fn int_arg(&self, i: usize) -> usize {
+        match self.args.get(i) {
+            Some(TemplateArg::Int(v)) => *v as usize,
+            _ => 0,
+        }
+    }
+
+    /// `embedding<H>(const bf16* table, const int* ids, bf16* out, int T)`.
+    pub fn embedding(hidden: usize) -> Self {
+        Self::ints(KernelFamily::Embedding, &[hidden])
+    }
+
+    /// `rmsnorm<H>(const bf16* x, const bf16* w, bf16* out, int T, float eps)`.
+    pub fn rmsnorm(hidden: usize) -> Self {
+        Self::ints(KernelFamily::RmsNorm, &[hidden])
+    }
+
+    /// `add_rmsnorm<H>(bf16* residual, const bf16* x, const bf16* w, bf16* out, int T, float eps)`:
+    /// `residual += x` (bf16), then `out = rmsnorm(residual)`.
+    pub fn add_rmsnorm(hidden: usize) -> Self {
+        Self::ints(KernelFamily::AddRmsNorm, &[hidden])
+    }
+
+    /// `gemv<K, MMAX, EPI, OutT>(const bf16* x, int M, const bf16* w, int N,
+    /// const bf16* residual, OutT* out)` for `M <= mmax` rows, on CUDA cores. The fastest choice
+    /// at M = 1 (use `mmax = 1`); from M = 2 it becomes ALU-bound: use
+    /// [`KernelInstance::gemv_tc`] there (measured in `bench/RESULTS.md`).
+    pub fn gemv(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
+        Self::new(
+            KernelFamily::Gemv,
+            vec![
+                TemplateArg::Int(k as i64),
+                TemplateArg::Int(mmax as i64),
+                TemplateArg::Int(epi as i64),
+                TemplateArg::Type(out),
+            ],
+        )
+    }
+
+    /// `gemv_tc<K, MMAX, EPI, OutT>`: the [`KernelInstance::gemv`] contract on tensor cores
+    /// (`K % 32 == 0`, `mmax <= 8`; its cost does not depend on M).
+    pub fn gemv_tc(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
+        Self::new(
+            KernelFamily::GemvTc,
+            vec![
+                TemplateArg::Int(k as i64),
+                TemplateArg::Int(mmax as i64),
+                TemplateArg::Int(epi as i64),
+                TemplateArg::Type(out),
+            ],
+        )
+    }
+
+    /// `add_inplace(bf16* out, const bf16* r, long long n)`.
+    pub fn add_inplace() -> Self {
+        Self::new(KernelFamily::AddInplace, Vec::new())
+    }
+
+    /// `silu_mul<F>(const bf16* gu, bf16* out, int T)`.
+    pub fn silu_mul(ffn: usize) -> Self {
+        Self::ints(KernelFamily::SiluMul, &[ffn])
+    }
+
+    /// `rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(bf16* qkv, const int* positions,
+    /// const int* slot_mapping, bf16* k_cache, bf16* v_cache, int T, float theta)`.
+    pub fn rope_append(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
+        Self::ints(
+            KernelFamily::RopeAppend,
+            &[heads, kv_heads, head_dim, block],
+        )
+    }
+
+    /// `attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(const bf16* qkv, const bf16* k_cache,
+    /// const bf16* v_cache, const int* block_tables, int max_blocks, const int* seq_lens,
+    /// bf16* out, int B, float scale, float* partial_o, float* partial_ml, int max_splits)`.
+    pub fn attention_decode(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
+        Self::ints(
+            KernelFamily::AttentionDecode,
+            &[heads, kv_heads, head_dim, block],
+        )
+    }
+
+    /// `attention_decode_merge<HEADS, HEAD_DIM>(const float* partial_o, const float* partial_ml,
+    /// const int* seq_lens, bf16* out, int B, int max_splits)`.
+    pub fn attention_decode_merge(heads: usize, head_dim: usize) -> Self {
+        Self::ints(KernelFamily::AttentionDecodeMerge, &[heads, head_dim])
+    }
+
+    /// `attention_prefill<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(const bf16* qkv, const bf16* k_cache,
+    /// const bf16* v_cache, const int* block_tables, int max_blocks, const int* seq_lens,
+    /// const int* query_start, bf16* out, int B, float scale)`; HEAD_DIM 64 or 128.
+    pub fn attention_prefill(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
+        Self::ints(
+            KernelFamily::AttentionPrefill,
+            &[heads, kv_heads, head_dim, block],
+        )
+    }
+
+    /// Same signature as [`KernelInstance::attention_prefill`], on CUDA cores (any
+    /// `HEAD_DIM % 32 == 0`).
+    pub fn attention_prefill_simple(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block: usize,
+    ) -> Self {
+        Self::ints(
+            KernelFamily::AttentionPrefillSimple,
+            &[heads, kv_heads, head_dim, block],
+        )
+    }
+
+    /// The prefill attention for a head size: tensor cores for 64 and 128, else the CUDA-core one.
+    pub fn attention_prefill_for(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block: usize,
+    ) -> Self {
+        if head_dim == 64 || head_dim == 128 {
+            Self::attention_prefill(heads, kv_heads, head_dim, block)
+        } else {
+            Self::attention_prefill_simple(heads, kv_heads, head_dim, block)
+        }
+    }
+
+    /// `argmax(const float* logits, int V, int* out)`.
+    pub fn argmax() -> Self {
+        Self::new(KernelFamily::Argmax, Vec::new())
+    }
+
+    /// `sample(const float* logits, int V, const float* temperature, const int* top_k,
+    /// const float* top_p, const unsigned long long* seed_and_step /*[B,2]*/, int* out)`.
+    pub fn sample() -> Self {
+        Self::new(KernelFamily::Sample, Vec::new())
+    }
+
+    /// Launch shape for these runtime sizes:
+    /// - embedding, rmsnorm, add_rmsnorm, rope_append: grid `tokens`;
+    /// - gemv, gemv_tc: grid from `n` (output columns);
+    /// - add_inplace: from `elements`; silu_mul: from `tokens`;
+    /// - attention_decode: (`max_splits`, kv heads, `batch`); the merge: (heads, `batch`);
+    /// - attention_prefill(_simple): (from `tokens`, heads, `batch`);
+    /// - argmax, sample: grid `batch`.
+    ///
+    /// Grid dimensions are at least 1, so a step with no work still launches validly (the
+    /// kernels bounds-check and exit).
+    pub fn launch_dims(&self, rt: &RuntimeSizes) -> LaunchDims {
+        let one = |grid: (usize, usize, usize), block: u32| LaunchDims {
+            grid: (clamp_grid(grid.0), clamp_grid(grid.1), clamp_grid(grid.2)),
+            block: (block, 1, 1),
+            shared_bytes: 0,
+        };
+        match self.family {
+            KernelFamily::Embedding => one((rt.tokens, 1, 1), threads::EMBEDDING),
+            KernelFamily::RmsNorm | KernelFamily::AddRmsNorm => {
+                let vec = self.int_arg(0) / 8;
+                let t = if vec >= 256 {
+                    256
+                } else {
+                    vec.div_ceil(32) * 32
+                };
+                one((rt.tokens, 1, 1), t.max(32) as u32)
+            }
+            KernelFamily::Gemv => {
+                let per_cta = threads::GEMV_WARPS as usize * self.gemv_cols_per_warp();
+                one((rt.n.div_ceil(per_cta), 1, 1), threads::GEMV_WARPS * 32)
+            }
+            KernelFamily::GemvTc => one((rt.n.div_ceil(16), 1, 1), threads::GEMV_WARPS * 32),
+            KernelFamily::AddInplace => {
+                let work = rt.elements.div_ceil(8);
+                one(
+                    (work.div_ceil(threads::ELEMENTWISE as usize).min(8192), 1, 1),
+                    threads::ELEMENTWISE,
+                )
+            }
+            KernelFamily::SiluMul => {
+                let work = rt.tokens * self.int_arg(0) / 8;
+                one(
+                    (work.div_ceil(threads::ELEMENTWISE as usize).min(8192), 1, 1),
+                    threads::ELEMENTWISE,
+                )
+            }
+            KernelFamily::RopeAppend => one((rt.tokens, 1, 1), threads::ROPE),
+            KernelFamily::AttentionDecode => {
+                one((rt.max_splits, self.int_arg(1), rt.batch), threads::DECODE)
+            }
+            KernelFamily::AttentionDecodeMerge => {
+                one((self.int_arg(0), rt.batch, 1), self.int_arg(1) as u32)
+            }
+            KernelFamily::AttentionPrefill => one(
+                (
+                    rt.tokens.div_ceil(threads::PREFILL_ROWS),
+                    self.int_arg(0),
+                    rt.batch,
+                ),
+                threads::PREFILL,
+            ),
+            KernelFamily::AttentionPrefillSimple => one(
+                (
+                    rt.tokens.div_ceil(threads::PREFILL_SIMPLE_ROWS),
+                    self.int_arg(0),
+                    rt.batch,
+                ),
+                threads::PREFILL_SIMPLE,
+            ),
+            KernelFamily::Argmax | KernelFamily::Sample => one((rt.batch, 1, 1), threads::SAMPLE),
+        }
+    }
+
+    /// Output columns per warp of a GEMV instance (`GemvCfg::ROWS` in `gemv.cu`).
+    fn gemv_cols_per_warp(&self) -> usize {
+        let mmax = self.int_arg(1);
+        let epi = self.int_arg(2);
+        if mmax >= 4 && epi != GemvEpilogue::Gated as usize {
+            2
+        } else {
+            1
+        }
+    }
+}
