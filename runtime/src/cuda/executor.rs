@@ -91,6 +91,19 @@ pub struct CudaExecutor {
     pub device_bytes: usize,
 }
 
+/// Refuses an engine whose kernels were compiled for another architecture than the GPU's
+/// compute capability `(major, minor)`.
+fn check_arch(engine_arch: Option<&str>, (major, minor): (i32, i32)) -> Result<(), CudaError> {
+    let device = format!("sm_{major}{minor}");
+    match engine_arch {
+        Some(a) if a == device => Ok(()),
+        other => Err(CudaError::ArchMismatch {
+            engine: other.unwrap_or("an unknown architecture").to_string(),
+            device,
+        }),
+    }
+}
+
 fn align(n: usize) -> usize {
     n.div_ceil(256) * 256
 }
@@ -124,15 +137,7 @@ impl CudaExecutor {
         let ctx = CudaContext::new(0).map_err(|e| CudaError::NoDevice(e.to_string()))?;
         // SAFETY: called before any allocation, as cudarc requires; kiln orders work on one stream.
         unsafe { ctx.disable_event_tracking() };
-        let (major, minor) = ctx.compute_capability()?;
-        let device_arch = format!("sm_{major}{minor}");
-        let engine_arch = engine.metadata(keys::ARCH).unwrap_or("unknown").to_string();
-        if engine_arch != device_arch {
-            return Err(CudaError::ArchMismatch {
-                engine: engine_arch,
-                device: device_arch,
-            });
-        }
+        check_arch(engine.metadata(keys::ARCH), ctx.compute_capability()?)?;
         let stream = ctx.new_stream()?;
         let mut kernels = Kernels::load(&ctx, &stream, engine, &plan)?;
 
@@ -442,5 +447,25 @@ impl CudaExecutor {
     /// Bytes per row of each arena slot (for inspection).
     pub fn slot_row_bytes(&self) -> &[usize] {
         &self.slot_row_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_for_another_gpu_is_refused_with_what_to_rebuild() {
+        assert!(check_arch(Some("sm_90"), (9, 0)).is_ok());
+        let msg = check_arch(Some("sm_90"), (8, 0)).unwrap_err().to_string();
+        assert!(
+            msg.contains("engine built for sm_90, but this GPU is sm_80"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("kiln build --target cuda --arch sm_80"),
+            "{msg}"
+        );
+        assert!(check_arch(None, (9, 0)).is_err());
     }
 }

@@ -20,7 +20,7 @@ pub enum CudaError {
     #[error("no CUDA device: {0}")]
     NoDevice(String),
     /// The engine was compiled for another GPU architecture.
-    #[error("engine built for {engine}, but this GPU is {device}; rebuild it with `kiln build --arch {device}`")]
+    #[error("engine built for {engine}, but this GPU is {device}; rebuild it with `kiln build --target cuda --arch {device}`")]
     ArchMismatch {
         /// The engine's arch.
         engine: String,
