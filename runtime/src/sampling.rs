@@ -67,7 +67,7 @@ pub struct Sampler {
 
 /// Greedy argmax: the highest logit, the lowest index on ties; NaN is never chosen over a
 /// number. All-NaN (or empty) rows give 0.
-fn argmax(logits: &[f32]) -> u32 {
+pub fn argmax(logits: &[f32]) -> u32 {
     let mut best: Option<(usize, f32)> = None;
     for (i, &v) in logits.iter().enumerate() {
         if v.is_nan() {

@@ -9,6 +9,7 @@
 use anyhow::{bail, Context, Result};
 use kiln::runtime::cuda::{CudaExecutor, CudaOptions, StepSeq};
 use kiln::runtime::engine::Engine;
+use kiln::runtime::sampling::argmax;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -29,16 +30,6 @@ pub struct Scores {
     pub last_logits: Vec<Vec<f32>>,
     /// Argmax predictions: after the prompt, then after each continuation token but the last.
     pub predictions: Vec<Vec<u32>>,
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn run_gpu(engine: &Engine, seqs: &[Sequence]) -> Result<Scores> {

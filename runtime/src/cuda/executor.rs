@@ -75,7 +75,6 @@ pub struct CudaExecutor {
     weight_ptrs: HashMap<String, u64>,
     _arena: CudaSlice<u8>,
     slot_base: Vec<u64>,
-    slot_row_bytes: Vec<usize>,
     _kv: CudaSlice<u8>,
     kv_layer_bytes: usize,
     kv_base: u64,
@@ -262,7 +261,6 @@ impl CudaExecutor {
             weight_ptrs,
             _arena: arena,
             slot_base,
-            slot_row_bytes,
             _kv: kv,
             kv_layer_bytes,
             kv_base,
@@ -442,11 +440,6 @@ impl CudaExecutor {
         }
         self.stream.synchronize()?;
         Ok(out.into_iter().map(|v| v as u32).collect())
-    }
-
-    /// Bytes per row of each arena slot (for inspection).
-    pub fn slot_row_bytes(&self) -> &[usize] {
-        &self.slot_row_bytes
     }
 }
 
