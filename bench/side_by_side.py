@@ -1,91 +1,159 @@
 #!/usr/bin/env python3
-"""Side-by-side decode benchmark on the H100, in one run: HF transformers eager, HF transformers
-with a static cache (generate() then compiles the decode step with torch.compile,
-mode="reduce-overhead", i.e. CUDA graphs: the gpt-fast recipe), and kiln,
-on the same random-weight bf16 checkpoint. Prints ms per decode step, tok/s and the ratios, and
-the weight-streaming roofline (weight bytes / 2.84 TB/s copy bandwidth, DESIGN.md).
+"""Side-by-side benchmark on the H100, in one run, on the same random-weight bf16 checkpoint:
 
-Usage: python3 bench/side_by_side.py [--kiln .dev/bin/kiln] [--models llama3-8b] [--batch 1,8]
-       [--io 128:256]
+  * HF eager      transformers as shipped: `generate()` with its dynamic cache, sdpa attention;
+  * HF compiled   the gpt-fast recipe written out by hand: a static KV cache, the one-token decode
+                  step (forward + greedy argmax on the device) under
+                  torch.compile(mode="reduce-overhead"), i.e. CUDA graphs, replayed step after step
+                  with no host work but bumping the position; prefill eager with sdpa;
+  * kiln          `kiln bench` on an engine built from the same checkpoint.
+
+For every model, batch and input:output pair it prints ms per decode step, output tok/s, time to
+first token (the prefill of the whole batch) and the ratios of kiln to each baseline and to the
+weight-streaming roofline (weight bytes read per step / 2.84 TB/s copy bandwidth, DESIGN.md).
+
+Usage: python3 bench/side_by_side.py [--kiln .dev/bin/kiln] [--models llama2-7b,llama3-8b]
+       [--batch 1,8] [--io 128:256,2048:128] [--kiln-args "--no-pdl"]
 """
-import argparse, json, os, shutil, subprocess, sys, time
+import argparse, json, os, shutil, statistics, subprocess, sys, time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_check import CONFIGS  # noqa: E402
+from gpu_check import CONFIGS, init_range  # noqa: E402
 
 COPY_BW = 2.84e12
 
 
-def step_ms(model, batch, inp, out, **kw):
-    """Per decode step: (time of out tokens - time of 1 token) / (out - 1), median of 3."""
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    r = fn()
+    torch.cuda.synchronize()
+    return r, (time.perf_counter() - t0) * 1e3
+
+
+def hf_eager(model, batch, inp, out):
+    """transformers' generate(): (TTFT ms, ms per decode step), medians of 3."""
     ids = torch.randint(0, model.config.vocab_size, (batch, inp), device="cuda")
+    n = min(out, 16)
 
-    def gen(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def gen(k):
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           eos_token_id=None, pad_token_id=0, **kw)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+            return timed(lambda: model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                                eos_token_id=None, pad_token_id=0))[1]
 
-    gen(out), gen(1)  # warm up (and compile)
-    runs = sorted((gen(out) - gen(1)) / (out - 1) for _ in range(3))
-    return runs[1] * 1e3
+    gen(2)
+    ttft = [gen(1) for _ in range(3)]
+    step = [(gen(n) - gen(1)) / (n - 1) for _ in range(3)]
+    return statistics.median(ttft), statistics.median(step)
+
+
+def static_cache(config, batch, length):
+    try:
+        return StaticCache(config=config, max_cache_len=length)
+    except TypeError:  # older signature
+        return StaticCache(config=config, max_batch_size=batch, max_cache_len=length, device="cuda",
+                           dtype=torch.bfloat16)
+
+
+def decode_one(model, tok, pos, cache):
+    logits = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def hf_compiled(model, batch, inp, out, reps=3):
+    """gpt-fast style (see the module docstring): (TTFT ms, ms per decode step), medians."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, inp), device="cuda")
+    cache = static_cache(model.config, batch, inp + out + 8)
+    step = torch.compile(decode_one, mode="reduce-overhead")
+    ttfts, steps = [], []
+    with torch.no_grad():
+        for r in range(reps + 1):  # the first round compiles and records the graphs
+            cache.reset()
+            pos0 = torch.arange(inp, device="cuda")
+            tok, ttft = timed(lambda: model(input_ids=ids, past_key_values=cache, cache_position=pos0,
+                                            use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True))
+            pos = torch.tensor([inp], device="cuda")
+
+            def loop(tok=tok):
+                for _ in range(out - 1):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    tok = step(model, tok, pos, cache).clone()
+                    pos.add_(1)
+                return tok
+
+            _, ms = timed(loop)
+            if r > 0:
+                ttfts.append(ttft)
+                steps.append(ms / (out - 1))
+    return statistics.median(ttfts), statistics.median(steps)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kiln", default=".dev/bin/kiln")
-    ap.add_argument("--models", default="llama3-8b")
+    ap.add_argument("--models", default="llama2-7b,llama3-8b")
     ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--io", default="128:256")
+    ap.add_argument("--io", default="128:256,2048:128")
+    ap.add_argument("--kiln-args", default="", help="extra `kiln bench` arguments")
+    ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--work", default="/tmp")
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
-    inp, out = (int(x) for x in args.io.split(":"))
+    ios = [tuple(int(x) for x in p.split(":")) for p in args.io.split(",")]
+    torch.manual_seed(0)
     rows = []
     for name in args.models.split(","):
-        cfg = LlamaConfig(**CONFIGS[name], torch_dtype="bfloat16")
+        std = init_range("width-scaled", CONFIGS[name]["hidden_size"])
+        cfg = LlamaConfig(**CONFIGS[name], torch_dtype="bfloat16", initializer_range=std)
         with torch.device("cuda"):
             model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        roofline = weight_bytes / COPY_BW * 1e3
+        # Bytes a decode step streams: every weight but the embedding table (a gather).
+        step_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        if cfg.tie_word_embeddings:
+            step_bytes += model.model.embed_tokens.weight.numel() * 2
+        roofline = step_bytes / COPY_BW * 1e3
         ckpt, engine = os.path.join(args.work, f"sbs-{name}"), os.path.join(args.work, f"sbs-{name}.kiln")
         model.save_pretrained(ckpt)
         subprocess.run([args.kiln, "build", ckpt, "-o", engine, "--target", "cuda"], check=True, capture_output=True)
         shutil.rmtree(ckpt)
-        kiln = json.loads(subprocess.run([args.kiln, "bench", engine, "--batch", args.batch, "--io", args.io, "--json"],
-                                         check=True, capture_output=True, text=True).stdout)
+        kiln = json.loads(subprocess.run([args.kiln, "bench", engine, "--batch", args.batch, "--io", args.io, "--json"]
+                                         + args.kiln_args.split(), check=True, capture_output=True, text=True).stdout)
         os.remove(engine)
-        eager = {b: step_ms(model, b, inp, min(out, 16)) for b in batches}
-        compiled = {}
-        try:
-            # transformers compiles the decoding forward itself (torch.compile, mode
-            # "reduce-overhead": CUDA graphs) when generate() runs with a static cache.
-            compiled = {b: step_ms(model, b, inp, min(out, 64), cache_implementation="static") for b in batches}
-        except Exception as e:  # report, do not hide
-            print(f"torch.compile failed: {type(e).__name__}: {e}", flush=True)
         for r in kiln:
-            b = r["batch"]
-            row = dict(model=name, batch=b, kiln_ms=r["decode_step_ms"], eager_ms=eager[b],
-                       compile_ms=compiled.get(b), roofline_ms=roofline)
+            b, inp, out = r["batch"], r["input"], r["output"]
+            eager = (None, None) if args.skip_eager else hf_eager(model, b, inp, out)
+            try:
+                comp = hf_compiled(model, b, inp, out)
+            except Exception as e:  # report, do not hide
+                print(f"torch.compile failed: {type(e).__name__}: {e}", flush=True)
+                comp = (None, None)
+            row = dict(model=name, batch=b, input=inp, output=out, kiln_ms=r["decode_step_ms"], kiln_ttft=r["ttft_ms"],
+                       eager_ms=eager[1], eager_ttft=eager[0], compile_ms=comp[1], compile_ttft=comp[0],
+                       roofline_ms=roofline)
             rows.append(row)
             print(json.dumps(row), flush=True)
         del model
         torch.cuda.empty_cache()
-    print(f"\n| model | batch | kiln ms/step | kiln tok/s | HF eager ms | HF torch.compile ms | kiln vs eager | kiln vs compile | roofline ms (kiln % of it) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def f(v, d=2):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    def ratio(base, k):
+        return "-" if base is None else f"{base / k:.2f}×"
+
+    print("\n| model | batch | in:out | kiln ms/step | kiln tok/s | kiln TTFT ms | HF eager ms/step | HF eager TTFT | "
+          "HF compiled ms/step | HF compiled TTFT | kiln speed-up vs eager / compiled (step) | "
+          "vs compiled (TTFT) | roofline ms (kiln % of it) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        c = r["compile_ms"]
-        cs = f"{c:.3f}" if c else "failed"
-        cr = f"{c / r['kiln_ms']:.2f}×" if c else "-"
-        print(f"| {r['model']} | {r['batch']} | {r['kiln_ms']:.3f} | {1000 * r['batch'] / r['kiln_ms']:.0f} | "
-              f"{r['eager_ms']:.2f} | {cs} | {r['eager_ms'] / r['kiln_ms']:.1f}× | {cr} | "
-              f"{r['roofline_ms']:.2f} ({100 * r['roofline_ms'] / r['kiln_ms']:.0f}%) |")
+        k = r["kiln_ms"]
+        print(f"| {r['model']} | {r['batch']} | {r['input']}:{r['output']} | {k:.3f} | {1000 * r['batch'] / k:.0f} | "
+              f"{r['kiln_ttft']:.1f} | {f(r['eager_ms'])} | {f(r['eager_ttft'], 1)} | {f(r['compile_ms'], 3)} | "
+              f"{f(r['compile_ttft'], 1)} | {ratio(r['eager_ms'], k)} / {ratio(r['compile_ms'], k)} | "
+              f"{ratio(r['compile_ttft'], r['kiln_ttft'])} | {r['roofline_ms']:.2f} ({100 * r['roofline_ms'] / k:.0f}%) |")
 
 
 if __name__ == "__main__":

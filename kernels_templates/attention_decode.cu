@@ -46,6 +46,7 @@ attention_decode(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
                  const bf16* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
                  const int* __restrict__ seq_lens, bf16* __restrict__ out, int B, float scale,
                  float* __restrict__ partial_o, float* __restrict__ partial_ml, int max_splits) {
+  kiln::pdl_sync();
   static_assert(HEADS % KV_HEADS == 0, "attention_decode: HEADS must be a multiple of KV_HEADS");
   static_assert(HEAD_DIM % 8 == 0 && 32 % (HEAD_DIM / 8) == 0 && HEAD_DIM <= 256,
                 "attention_decode: HEAD_DIM / 8 must divide 32");
@@ -217,6 +218,7 @@ template <int HEADS, int HEAD_DIM>
 __global__ void __launch_bounds__(HEAD_DIM)
 attention_decode_merge(const float* __restrict__ partial_o, const float* __restrict__ partial_ml,
                        const int* __restrict__ seq_lens, bf16* __restrict__ out, int B, int max_splits) {
+  kiln::pdl_sync();
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   if (b >= B || d >= HEAD_DIM) return;
   const int L = seq_lens[b];

@@ -82,6 +82,7 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
                   const bf16* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
                   const int* __restrict__ seq_lens, const int* __restrict__ query_start,
                   bf16* __restrict__ out, int B, float scale) {
+  kiln::pdl_sync();
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "attention_prefill: HEAD_DIM must be 64 or 128");
   static_assert(HEADS % KV_HEADS == 0, "attention_prefill: HEADS must be a multiple of KV_HEADS");
   constexpr int D = HEAD_DIM;

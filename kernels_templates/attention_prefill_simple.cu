@@ -25,6 +25,7 @@ attention_prefill_simple(const bf16* __restrict__ qkv, const bf16* __restrict__ 
                          const bf16* __restrict__ v_cache, const int* __restrict__ block_tables,
                          int max_blocks, const int* __restrict__ seq_lens,
                          const int* __restrict__ query_start, bf16* __restrict__ out, int B, float scale) {
+  kiln::pdl_sync();
   static_assert(HEAD_DIM % 32 == 0, "attention_prefill_simple: HEAD_DIM must be a multiple of 32");
   static_assert(HEADS % KV_HEADS == 0, "attention_prefill_simple: HEADS must be a multiple of KV_HEADS");
   constexpr int D = HEAD_DIM;

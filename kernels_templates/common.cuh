@@ -3,11 +3,16 @@
 //
 // Contents: the bf16 type alias, 16-byte vector loads (read-only, no L1 allocation for streamed
 // weights), bf16x8 <-> float conversions, warp and block reductions, and the ordered-key mapping of
-// floats used by the samplers. Everything is __device__ and header-only; nothing here is a kernel.
+// floats used by the samplers, and the programmatic-dependent-launch hooks. Everything is
+// __device__ and header-only; nothing here is a kernel.
 // Conventions of all templates: activations and weights are bf16 row-major, accumulation is f32,
 // compile-time dimensions are template parameters, runtime sizes are arguments, and every kernel
 // bounds-checks its runtime sizes so any T/B/length is valid (CUDA-graph capturable: no host
 // synchronization, no allocation).
+// Programmatic dependent launch: the executor launches every kernel allowed to start while the
+// previous one in the stream drains, so every kernel calls kiln::pdl_sync() before its first read
+// of anything a previous kernel writes (activations, KV cache, step metadata) and before its first
+// global write; only weights may be read before it.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -15,6 +20,17 @@ typedef __nv_bfloat16 bf16;
 typedef __nv_bfloat162 bf162;
 
 namespace kiln {
+
+// Waits until the previous kernel in the stream has completed and its writes are visible, then
+// lets the next kernel launch (its blocks fill SMs as this grid's retire and wait in their own
+// pdl_sync, having issued their weight loads). A no-op below sm_90 and when the launch carried no
+// programmatic-serialization attribute.
+__device__ __forceinline__ void pdl_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 // -infinity without <cmath> (NVRTC has no standard headers).
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }

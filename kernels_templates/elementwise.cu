@@ -14,6 +14,7 @@
 
 __global__ void __launch_bounds__(ELEMENTWISE_THREADS)
 add_inplace(bf16* out, const bf16* r, long long n) {
+  kiln::pdl_sync();
   const long long nv = n / 8;
   const long long stride = (long long)gridDim.x * blockDim.x;
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -34,6 +35,7 @@ add_inplace(bf16* out, const bf16* r, long long n) {
 template <int F>
 __global__ void __launch_bounds__(ELEMENTWISE_THREADS)
 silu_mul(const bf16* __restrict__ gu, bf16* __restrict__ out, int T) {
+  kiln::pdl_sync();
   static_assert(F % 8 == 0, "silu_mul: F must be a multiple of 8");
   constexpr int FV = F / 8;
   const long long total = (long long)T * FV;

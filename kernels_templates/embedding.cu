@@ -13,6 +13,7 @@
 template <int H>
 __global__ void __launch_bounds__(EMBEDDING_THREADS)
 embedding(const bf16* __restrict__ table, const int* __restrict__ ids, bf16* __restrict__ out, int T) {
+  kiln::pdl_sync();
   static_assert(H % 8 == 0, "embedding: H must be a multiple of 8");
   const int t = blockIdx.x;
   if (t >= T) return;

@@ -14,6 +14,7 @@
 // Scheme: one warp per GemvCfg::ROWS output columns; every lane streams 16-byte weight vectors with
 // ld.global.nc.L1::no_allocate, UNROLL of them in flight per weight row before any use; x is
 // read through L1 (__ldg), shared by all warps; warp shuffle reduction; lanes write the outputs.
+// The first UNROLL weight vectors per row are loaded before kiln::pdl_sync() (see common.cuh).
 // Launch: grid (ceil(N / (GEMV_WARPS * ROWS))), block GEMV_WARPS*32 = 256, no dynamic shared memory.
 #include "common.cuh"
 
@@ -45,13 +46,11 @@ template <typename T> __device__ __forceinline__ T gemv_out(float v);
 template <> __device__ __forceinline__ float gemv_out<float>(float v) { return v; }
 template <> __device__ __forceinline__ bf16 gemv_out<bf16>(float v) { return __float2bfloat16_rn(v); }
 
-// Loads UN weight vectors per row at steps s0.. and accumulates them against the x rows.
+// Loads UN weight vectors per row at steps s0.. (zeros past K when GUARD).
 template <int K, int MMAX, int EPI, int UN, bool GUARD>
-__device__ __forceinline__ void gemv_steps(int s0, int lane, const bf16* const (&wr)[GemvCfg<K, MMAX, EPI>::WR],
-                                           const bf16* __restrict__ x, int M,
-                                           float (&acc)[MMAX][GemvCfg<K, MMAX, EPI>::WR]) {
+__device__ __forceinline__ void gemv_load(int s0, int lane, const bf16* const (&wr)[GemvCfg<K, MMAX, EPI>::WR],
+                                          uint4 (&wv)[UN][GemvCfg<K, MMAX, EPI>::WR]) {
   typedef GemvCfg<K, MMAX, EPI> C;
-  uint4 wv[UN][C::WR];
 #pragma unroll
   for (int u = 0; u < UN; ++u) {
     const int k = (s0 + u) * C::CHUNK + lane * 8;
@@ -61,6 +60,14 @@ __device__ __forceinline__ void gemv_steps(int s0, int lane, const bf16* const (
       else wv[u][j] = make_uint4(0, 0, 0, 0);
     }
   }
+}
+
+// Accumulates the UN loaded weight vectors per row (steps s0..) against the x rows.
+template <int K, int MMAX, int EPI, int UN, bool GUARD>
+__device__ __forceinline__ void gemv_acc(int s0, int lane, const uint4 (&wv)[UN][GemvCfg<K, MMAX, EPI>::WR],
+                                         const bf16* __restrict__ x, int M,
+                                         float (&acc)[MMAX][GemvCfg<K, MMAX, EPI>::WR]) {
+  typedef GemvCfg<K, MMAX, EPI> C;
 #pragma unroll
   for (int u = 0; u < UN; ++u) {
     const int k = (s0 + u) * C::CHUNK + lane * 8;
@@ -96,11 +103,24 @@ gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const
 #pragma unroll
     for (int j = 0; j < C::WR; ++j) acc[m][j] = 0.f;
 
+  // The first group of weight loads goes out before waiting on the previous kernel (weights do
+  // not depend on it), so the stream is already in flight when x becomes readable.
+  constexpr bool GF = C::FULL * C::UNROLL * C::CHUNK > K;
+  uint4 wv[C::UNROLL][C::WR];
+  if (C::FULL > 0) gemv_load<K, MMAX, EPI, C::UNROLL, GF>(0, lane, wr, wv);
+  kiln::pdl_sync();
 #pragma unroll 1
-  for (int g = 0; g < C::FULL; ++g)
-    gemv_steps<K, MMAX, EPI, C::UNROLL, (C::FULL * C::UNROLL * C::CHUNK > K)>(g * C::UNROLL, lane, wr, x, M, acc);
-  if (C::TAIL > 0)
-    gemv_steps<K, MMAX, EPI, (C::TAIL > 0 ? C::TAIL : 1), (K % C::CHUNK != 0)>(C::FULL * C::UNROLL, lane, wr, x, M, acc);
+  for (int g = 0; g < C::FULL; ++g) {
+    if (g > 0) gemv_load<K, MMAX, EPI, C::UNROLL, GF>(g * C::UNROLL, lane, wr, wv);
+    gemv_acc<K, MMAX, EPI, C::UNROLL, GF>(g * C::UNROLL, lane, wv, x, M, acc);
+  }
+  if (C::TAIL > 0) {
+    constexpr int TN = C::TAIL > 0 ? C::TAIL : 1;
+    constexpr bool GT = K % C::CHUNK != 0;
+    uint4 tv[TN][C::WR];
+    gemv_load<K, MMAX, EPI, TN, GT>(C::FULL * C::UNROLL, lane, wr, tv);
+    gemv_acc<K, MMAX, EPI, TN, GT>(C::FULL * C::UNROLL, lane, tv, x, M, acc);
+  }
 
   // Reduce: after the xor-butterfly every lane holds every sum; lane i writes output i.
 #pragma unroll

@@ -16,6 +16,7 @@
 // makes every operand a plain 16-byte load. Weights stream with ld.global.nc.L1::no_allocate.
 // Partial sums of the 8 warps are reduced through shared memory; warp 0 applies the epilogue.
 // Cost is independent of M (the 8 batch columns of the MMA are always computed).
+// The first group of weight loads is issued before kiln::pdl_sync() (see common.cuh).
 // Launch: grid (ceil(N / 16)), block GEMV_TC_WARPS*32 = 256, no dynamic shared memory.
 #include "common.cuh"
 
@@ -71,9 +72,8 @@ gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, co
 #pragma unroll
   for (int a = 0; a < NA; ++a) acc[a][0] = acc[a][1] = acc[a][2] = acc[a][3] = 0.f;
 
-  for (int c0 = warp; c0 < NC; c0 += GEMV_TC_WARPS * U) {
-    uint4 wv[U][NA][2];
-    uint4 xv[U];
+  uint4 wv[U][NA][2];
+  auto load_w = [&](int c0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * GEMV_TC_WARPS;
@@ -82,8 +82,20 @@ gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, co
         for (int a = 0; a < NA; ++a)
 #pragma unroll
           for (int h = 0; h < 2; ++h) wv[u][a][h] = kiln::ld_stream16(wp[a][h] + c * 32);
-        xv[u] = has_x ? kiln::ld_cached16(xp + c * 32) : make_uint4(0, 0, 0, 0);
       }
+    }
+  };
+  // The first group of weight loads goes out before waiting on the previous kernel (weights do
+  // not depend on it); x is read only after kiln::pdl_sync().
+  load_w(warp);
+  kiln::pdl_sync();
+  for (int c0 = warp; c0 < NC; c0 += GEMV_TC_WARPS * U) {
+    if (c0 != warp) load_w(c0);
+    uint4 xv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * GEMV_TC_WARPS;
+      if (c < NC) xv[u] = has_x ? kiln::ld_cached16(xp + c * 32) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {

@@ -47,6 +47,7 @@ __device__ __forceinline__ void rms_finish(float (&v)[RmsCfg<H>::ITEMS][8], floa
 template <int H>
 __global__ void __launch_bounds__(RmsCfg<H>::THREADS)
 rmsnorm(const bf16* x, const bf16* __restrict__ w, bf16* out, int T, float eps) {
+  kiln::pdl_sync();
   typedef RmsCfg<H> C;
   __shared__ float scratch[32];
   const int t = blockIdx.x;
@@ -69,6 +70,7 @@ rmsnorm(const bf16* x, const bf16* __restrict__ w, bf16* out, int T, float eps) 
 template <int H>
 __global__ void __launch_bounds__(RmsCfg<H>::THREADS)
 add_rmsnorm(bf16* residual, const bf16* x, const bf16* __restrict__ w, bf16* out, int T, float eps) {
+  kiln::pdl_sync();
   typedef RmsCfg<H> C;
   __shared__ float scratch[32];
   const int t = blockIdx.x;

@@ -22,6 +22,7 @@ template <int HEADS, int KV_HEADS, int HEAD_DIM, int BLOCK>
 __global__ void __launch_bounds__(ROPE_THREADS)
 rope_append(bf16* qkv, const int* __restrict__ positions, const int* __restrict__ slot_mapping,
             bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int T, float theta) {
+  kiln::pdl_sync();
   static_assert(HEAD_DIM % 8 == 0, "rope_append: HEAD_DIM must be a multiple of 8");
   static_assert(HEADS % KV_HEADS == 0, "rope_append: HEADS must be a multiple of KV_HEADS");
   constexpr int HALF = HEAD_DIM / 2;

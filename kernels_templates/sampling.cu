@@ -123,6 +123,7 @@ __device__ __forceinline__ void find_bin(const Tv* hist, Tv target, int* out_bin
 
 __global__ void __launch_bounds__(SAMPLE_THREADS)
 argmax(const float* __restrict__ logits, int V, int* __restrict__ out) {
+  kiln::pdl_sync();
   const float* row = logits + (long long)blockIdx.x * V;
   float v;
   const int i = smp::block_argmax(row, V, &v);
@@ -133,6 +134,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample(const float* __restrict__ logits, int V, const float* __restrict__ temperature,
        const int* __restrict__ top_k, const float* __restrict__ top_p,
        const unsigned long long* __restrict__ seed_and_step, int* __restrict__ out) {
+  kiln::pdl_sync();
   __shared__ unsigned s_cnt[256];
   __shared__ float s_mass[256];
   __shared__ int s_bin;

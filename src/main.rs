@@ -78,6 +78,10 @@ enum Command {
         /// Launch every decode step kernel by kernel instead of replaying a CUDA graph.
         #[arg(long)]
         no_cuda_graphs: bool,
+        /// Launch kernels without programmatic dependent launch (each waits for the previous
+        /// one to finish before it starts).
+        #[arg(long)]
+        no_pdl: bool,
     },
     /// Feed given token sequences and record logits and greedy predictions (for checks).
     TeacherForce {
@@ -145,6 +149,9 @@ struct RunArgs {
     /// `cpu` or `cuda` (default: the engine's target).
     #[arg(long)]
     device: Option<String>,
+    /// GPU KV-cache capacity in tokens (default: 90% of the GPU memory left after the weights).
+    #[arg(long)]
+    max_kv_tokens: Option<usize>,
 }
 
 fn spinner(msg: &str) -> ProgressBar {
@@ -160,7 +167,11 @@ enum Executor {
     Cuda(Box<CudaExecutor>),
 }
 
-fn load_engine(path: &Path, device: Option<&str>) -> Result<(Engine, Executor)> {
+fn load_engine(
+    path: &Path,
+    device: Option<&str>,
+    max_kv_tokens: Option<usize>,
+) -> Result<(Engine, Executor)> {
     let pb = spinner("loading engine");
     let engine = Engine::open(path)?;
     let exec = match device.unwrap_or(engine.target()) {
@@ -168,6 +179,7 @@ fn load_engine(path: &Path, device: Option<&str>) -> Result<(Engine, Executor)> 
         "cuda" => {
             let opts = CudaOptions {
                 max_seq_len: engine.generation.max_context.unwrap_or(8192),
+                max_kv_tokens,
                 ..CudaOptions::default()
             };
             Executor::Cuda(Box::new(CudaExecutor::new(&engine, opts)?))
@@ -230,7 +242,7 @@ fn cmd_build(checkpoint: &Path, output: &Path, opts: BuildOptions) -> Result<()>
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
-    let (engine, mut exec) = load_engine(&a.engine, a.device.as_deref())?;
+    let (engine, mut exec) = load_engine(&a.engine, a.device.as_deref(), a.max_kv_tokens)?;
     let tok = tokenizer_of(&engine)?;
     let gen = &engine.generation;
     let prompt = if a.chat {
@@ -354,8 +366,15 @@ fn main() -> ExitCode {
             device,
             json,
             no_cuda_graphs,
-        } => device_of(&engine, device)
-            .and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json, !no_cuda_graphs)),
+            no_pdl,
+        } => {
+            let mode = cli::bench::LaunchMode {
+                cuda_graphs: !no_cuda_graphs,
+                pdl: !no_pdl,
+            };
+            device_of(&engine, device)
+                .and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json, mode))
+        }
         Command::TeacherForce {
             engine,
             input,

@@ -70,12 +70,21 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// How the GPU executor launches kernels (both on by default; off for A/B measurements).
+#[derive(Clone, Copy, Debug)]
+pub struct LaunchMode {
+    /// Replay decode steps as CUDA graphs.
+    pub cuda_graphs: bool,
+    /// Programmatic dependent launch between kernels.
+    pub pdl: bool,
+}
+
 /// One executor sized for every configuration of the run (weights are uploaded once).
 fn gpu_executor(
     engine: &Engine,
     batches: &[usize],
     io: &[(usize, usize)],
-    cuda_graphs: bool,
+    mode: LaunchMode,
 ) -> Result<CudaExecutor> {
     let max_b = batches.iter().copied().max().unwrap_or(1);
     let max_in = io.iter().map(|p| p.0).max().unwrap_or(1);
@@ -85,7 +94,8 @@ fn gpu_executor(
         max_step_tokens: max_b * max_in,
         max_kv_tokens: Some(max_b * max_len),
         max_seq_len: max_len,
-        cuda_graphs,
+        cuda_graphs: mode.cuda_graphs,
+        pdl: mode.pdl,
         ..CudaOptions::default()
     };
     Ok(CudaExecutor::new(engine, opts)?)
@@ -193,14 +203,14 @@ pub fn run(
     io: &str,
     device: &str,
     json: bool,
-    cuda_graphs: bool,
+    mode: LaunchMode,
 ) -> Result<()> {
     let engine = Engine::open(engine_path)?;
     let (batches, io) = (parse_list(batches)?, parse_io(io)?);
     let mut rows = Vec::new();
     let mut first = true;
     let mut gpu = match device {
-        "cuda" => Some(gpu_executor(&engine, &batches, &io, cuda_graphs)?),
+        "cuda" => Some(gpu_executor(&engine, &batches, &io, mode)?),
         _ => None,
     };
     for &(input, output) in &io {

@@ -24,6 +24,9 @@ pub struct CudaOptions {
     pub max_seq_len: usize,
     /// Capture each decode batch size's step once as a CUDA graph and replay it.
     pub cuda_graphs: bool,
+    /// Programmatic dependent launch on sm_90+: a kernel starts (and issues its weight loads)
+    /// while the previous one drains.
+    pub pdl: bool,
 }
 
 impl Default for CudaOptions {
@@ -35,6 +38,7 @@ impl Default for CudaOptions {
             kv_memory_fraction: 0.9,
             max_seq_len: 8192,
             cuda_graphs: true,
+            pdl: true,
         }
     }
 }
@@ -136,9 +140,11 @@ impl CudaExecutor {
         let ctx = CudaContext::new(0).map_err(|e| CudaError::NoDevice(e.to_string()))?;
         // SAFETY: called before any allocation, as cudarc requires; kiln orders work on one stream.
         unsafe { ctx.disable_event_tracking() };
-        check_arch(engine.metadata(keys::ARCH), ctx.compute_capability()?)?;
+        let cc = ctx.compute_capability()?;
+        check_arch(engine.metadata(keys::ARCH), cc)?;
         let stream = ctx.new_stream()?;
-        let mut kernels = Kernels::load(&ctx, &stream, engine, &plan)?;
+        let pdl = opts.pdl && cc.0 >= 9;
+        let mut kernels = Kernels::load(&ctx, &stream, engine, &plan, pdl)?;
 
         // Weights: one allocation, each tensor 256-byte aligned.
         let mut layout = Vec::new();

@@ -11,7 +11,8 @@ use crate::kernels::{
 };
 use crate::plan::{BufId, BufType, Epilogue, Launch, Plan};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys as cu;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,14 +55,6 @@ fn sizes(
         n,
         elements,
         max_splits,
-    }
-}
-
-fn config(d: LaunchDims) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: d.grid,
-        block_dim: d.block,
-        shared_mem_bytes: d.shared_bytes,
     }
 }
 
@@ -192,6 +185,9 @@ pub struct Kernels {
     /// Scratch space at the start of the arena (prefill gate/up product, attention partials).
     scratch: u64,
     weight_cols: HashMap<String, (usize, usize)>,
+    /// Launch with programmatic stream serialization (sm_90+): each kernel may start while the
+    /// previous one drains, and waits for it in `kiln::pdl_sync()` (kernels_templates/common.cuh).
+    pdl: bool,
 }
 
 impl Kernels {
@@ -201,6 +197,7 @@ impl Kernels {
         stream: &Arc<CudaStream>,
         engine: &Engine,
         plan: &Plan,
+        pdl: bool,
     ) -> Result<Kernels, CudaError> {
         #[derive(serde::Deserialize)]
         struct Entry {
@@ -248,6 +245,7 @@ impl Kernels {
             blas: CudaBlas::new(stream.clone())?,
             scratch: 0,
             weight_cols,
+            pdl,
         })
     }
 
@@ -286,18 +284,47 @@ impl Kernels {
             .funcs
             .get(&k.name_expr)
             .ok_or_else(|| CudaError::Engine(format!("kernel `{}` not loaded", k.name_expr)))?;
-        let mut l = stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::Ptr(v) => l.arg(v),
-                Arg::Int(v) => l.arg(v),
-                Arg::Long(v) => l.arg(v),
-                Arg::Float(v) => l.arg(v),
-            };
+        let mut params: Vec<*mut std::ffi::c_void> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Ptr(v) => v as *const u64 as *mut _,
+                Arg::Int(v) => v as *const i32 as *mut _,
+                Arg::Long(v) => v as *const i64 as *mut _,
+                Arg::Float(v) => v as *const f32 as *mut _,
+            })
+            .collect();
+        let d: LaunchDims = k.launch_dims(&rt);
+        let mut attr = cu::CUlaunchAttribute {
+            id: cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: cu::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let cfg = cu::CUlaunchConfig {
+            gridDimX: d.grid.0,
+            gridDimY: d.grid.1,
+            gridDimZ: d.grid.2,
+            blockDimX: d.block.0,
+            blockDimY: d.block.1,
+            blockDimZ: d.block.2,
+            sharedMemBytes: d.shared_bytes,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.pdl),
+        };
+        // SAFETY: each caller passes exactly the arguments of the template's documented signature
+        // (kernels_templates/*.cu headers), pointing at device buffers sized by the plan; `params`
+        // points into `args`, which outlives the call (the driver copies the values at launch).
+        unsafe {
+            cu::cuLaunchKernelEx(
+                &cfg,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
         }
-        // SAFETY: each caller pushes exactly the arguments of the template's documented signature
-        // (kernels_templates/*.cu headers), pointing at device buffers sized by the plan.
-        unsafe { l.launch(config(k.launch_dims(&rt))) }?;
+        .result()?;
         Ok(())
     }
 
