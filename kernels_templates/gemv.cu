@@ -11,11 +11,14 @@
 // Layouts: x [M, K] bf16 row-major; w [N, K] (or [2N, K]) bf16 row-major (nn.Linear's layout, no
 // transpose); out [M, N] OutT. K % 8 == 0, x and w 16-byte aligned, 1 <= M <= MMAX (M is a runtime
 // argument; rows m >= M are neither read nor written), any N >= 1.
-// Scheme: one warp per GemvCfg::ROWS output columns; every lane streams 16-byte weight vectors with
+// Scheme: GemvCfg::KS warps per GemvCfg::ROWS output columns, each over a contiguous 1/KS of K
+// (split-K: KS = 2 for the residual GEMVs at M = 1, whose N is the model width, too few rows to
+// fill the GPU with one warp per row; their partial sums meet in shared memory); every lane streams 16-byte weight vectors with
 // ld.global.nc.L1::no_allocate, UNROLL of them in flight per weight row before any use; x is
 // read through L1 (__ldg), shared by all warps; warp shuffle reduction; lanes write the outputs.
 // The first UNROLL weight vectors per row are loaded before kiln::pdl_sync() (see common.cuh).
-// Launch: grid (ceil(N / (GEMV_WARPS * ROWS))), block GEMV_WARPS*32 = 256, no dynamic shared memory.
+// Launch: grid (ceil(N / (GEMV_WARPS / KS * ROWS))), block GEMV_WARPS*32 = 256, no dynamic shared
+// memory.
 #include "common.cuh"
 
 // Tuning knobs (the launch code assumes the defaults): warps per CTA, and 16-byte weight loads in
@@ -36,8 +39,11 @@ struct GemvCfg {
   static constexpr int NW = EPI == 2 ? 2 : 1;                   // weight rows per output column
   static constexpr int WR = ROWS * NW;                          // weight rows per warp
   static constexpr int UNROLL = GEMV_LOADS / WR > 0 ? GEMV_LOADS / WR : 1;  // vectors in flight per row
+  static constexpr int KS = (MMAX == 1 && EPI == 1 && K % 16 == 0) ? 2 : 1;  // warps per output
+  static_assert(GEMV_WARPS % KS == 0, "gemv: KS must divide GEMV_WARPS");
+  static constexpr int SPAN = K / KS;                           // k range of one warp
   static constexpr int CHUNK = 32 * 8;                          // elements per warp step
-  static constexpr int STEPS = (K + CHUNK - 1) / CHUNK;
+  static constexpr int STEPS = (SPAN + CHUNK - 1) / CHUNK;
   static constexpr int FULL = STEPS / UNROLL;                   // unguarded groups of steps
   static constexpr int TAIL = STEPS % UNROLL;
 };
@@ -56,13 +62,14 @@ __device__ __forceinline__ void gemv_load(int s0, int lane, const bf16* const (&
     const int k = (s0 + u) * C::CHUNK + lane * 8;
 #pragma unroll
     for (int j = 0; j < C::WR; ++j) {
-      if (!GUARD || k < K) wv[u][j] = kiln::ld_stream16(wr[j] + k);
+      if (!GUARD || k < C::SPAN) wv[u][j] = kiln::ld_stream16(wr[j] + k);
       else wv[u][j] = make_uint4(0, 0, 0, 0);
     }
   }
 }
 
-// Accumulates the UN loaded weight vectors per row (steps s0..) against the x rows.
+// Accumulates the UN loaded weight vectors per row (steps s0..) against the x rows (x points at
+// the warp's k range; rows are K apart).
 template <int K, int MMAX, int EPI, int UN, bool GUARD>
 __device__ __forceinline__ void gemv_acc(int s0, int lane, const uint4 (&wv)[UN][GemvCfg<K, MMAX, EPI>::WR],
                                          const bf16* __restrict__ x, int M,
@@ -71,7 +78,7 @@ __device__ __forceinline__ void gemv_acc(int s0, int lane, const uint4 (&wv)[UN]
 #pragma unroll
   for (int u = 0; u < UN; ++u) {
     const int k = (s0 + u) * C::CHUNK + lane * 8;
-    if (GUARD && k >= K) continue;
+    if (GUARD && k >= C::SPAN) continue;
 #pragma unroll
     for (int m = 0; m < MMAX; ++m) {
       if (m < M) {
@@ -87,16 +94,18 @@ template <int K, int MMAX, int EPI, typename OutT>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const bf16* residual, OutT* out) {
   typedef GemvCfg<K, MMAX, EPI> C;
-  const int lane = threadIdx.x & 31;
-  const int n0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * C::ROWS;
-  if (n0 >= N) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kp = warp % C::KS;  // which k range
+  const int n0 = (blockIdx.x * (GEMV_WARPS / C::KS) + warp / C::KS) * C::ROWS;
+  if (C::KS == 1 && n0 >= N) return;  // with KS > 1 every warp must reach the block barrier
   const bf16* wr[C::WR];
 #pragma unroll
   for (int r = 0; r < C::ROWS; ++r) {
     const int n = min(n0 + r, N - 1);  // a missing last column re-reads a valid row, unused
 #pragma unroll
-    for (int q = 0; q < C::NW; ++q) wr[r * C::NW + q] = w + ((long long)q * N + n) * K;
+    for (int q = 0; q < C::NW; ++q) wr[r * C::NW + q] = w + ((long long)q * N + n) * K + kp * C::SPAN;
   }
+  const bf16* xk = x + kp * C::SPAN;
   float acc[MMAX][C::WR];
 #pragma unroll
   for (int m = 0; m < MMAX; ++m)
@@ -105,21 +114,21 @@ gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const
 
   // The first group of weight loads goes out before waiting on the previous kernel (weights do
   // not depend on it), so the stream is already in flight when x becomes readable.
-  constexpr bool GF = C::FULL * C::UNROLL * C::CHUNK > K;
+  constexpr bool GF = C::FULL * C::UNROLL * C::CHUNK > C::SPAN;
   uint4 wv[C::UNROLL][C::WR];
   if (C::FULL > 0) gemv_load<K, MMAX, EPI, C::UNROLL, GF>(0, lane, wr, wv);
   kiln::pdl_sync();
 #pragma unroll 1
   for (int g = 0; g < C::FULL; ++g) {
     if (g > 0) gemv_load<K, MMAX, EPI, C::UNROLL, GF>(g * C::UNROLL, lane, wr, wv);
-    gemv_acc<K, MMAX, EPI, C::UNROLL, GF>(g * C::UNROLL, lane, wv, x, M, acc);
+    gemv_acc<K, MMAX, EPI, C::UNROLL, GF>(g * C::UNROLL, lane, wv, xk, M, acc);
   }
   if (C::TAIL > 0) {
     constexpr int TN = C::TAIL > 0 ? C::TAIL : 1;
-    constexpr bool GT = K % C::CHUNK != 0;
+    constexpr bool GT = C::SPAN % C::CHUNK != 0;
     uint4 tv[TN][C::WR];
     gemv_load<K, MMAX, EPI, TN, GT>(C::FULL * C::UNROLL, lane, wr, tv);
-    gemv_acc<K, MMAX, EPI, TN, GT>(C::FULL * C::UNROLL, lane, tv, x, M, acc);
+    gemv_acc<K, MMAX, EPI, TN, GT>(C::FULL * C::UNROLL, lane, tv, xk, M, acc);
   }
 
   // Reduce: after the xor-butterfly every lane holds every sum; lane i writes output i.
@@ -127,6 +136,23 @@ gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const
   for (int m = 0; m < MMAX; ++m)
 #pragma unroll
     for (int j = 0; j < C::WR; ++j) acc[m][j] = kiln::warp_sum(acc[m][j]);
+  if (C::KS > 1) {  // the first warp of each output adds the other k ranges' sums
+    __shared__ float part[C::KS > 1 ? GEMV_WARPS : 1][MMAX * C::WR];
+    if (kp != 0 && lane == 0) {
+#pragma unroll
+      for (int m = 0; m < MMAX; ++m)
+#pragma unroll
+        for (int j = 0; j < C::WR; ++j) part[warp][m * C::WR + j] = acc[m][j];
+    }
+    __syncthreads();
+    if (kp != 0) return;
+#pragma unroll
+    for (int q = 1; q < C::KS; ++q)
+#pragma unroll
+      for (int m = 0; m < MMAX; ++m)
+#pragma unroll
+        for (int j = 0; j < C::WR; ++j) acc[m][j] += part[warp + q][m * C::WR + j];
+  }
 #pragma unroll
   for (int m = 0; m < MMAX; ++m) {
 #pragma unroll

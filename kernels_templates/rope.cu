@@ -13,59 +13,58 @@
 // Layouts: qkv [T, (HEADS + 2*KV_HEADS) * HEAD_DIM] bf16, each row q heads | k heads | v heads;
 // k_cache, v_cache [num_blocks, BLOCK, KV_HEADS, HEAD_DIM] bf16 (a slot's KV_HEADS*HEAD_DIM
 // elements are contiguous); positions, slot_mapping [T] int32. HEAD_DIM % 8 == 0, 16-byte aligned.
-// Launch: grid (T), block ROPE_THREADS (128). Any T >= 0.
+// Work split: one warp per (token, head): warp w of block (t, y) takes head y * ROPE_WARPS + w of
+// the HEADS + KV_HEADS rotated heads; the warp of k head j also copies v head j into the cache.
+// Each lane computes the cos/sin of its own pairs (no shared memory, no block barrier).
+// Launch: grid (T, ceil((HEADS + KV_HEADS) / ROPE_WARPS)), block ROPE_WARPS * 32 (128). Any T >= 0.
 #include "common.cuh"
 
-#define ROPE_THREADS 128
+#define ROPE_WARPS 4
 
 template <int HEADS, int KV_HEADS, int HEAD_DIM, int BLOCK>
-__global__ void __launch_bounds__(ROPE_THREADS)
+__global__ void __launch_bounds__(ROPE_WARPS * 32)
 rope_append(bf16* qkv, const int* __restrict__ positions, const int* __restrict__ slot_mapping,
             bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int T, float theta) {
   kiln::pdl_sync();
   static_assert(HEAD_DIM % 8 == 0, "rope_append: HEAD_DIM must be a multiple of 8");
   static_assert(HEADS % KV_HEADS == 0, "rope_append: HEADS must be a multiple of KV_HEADS");
   constexpr int HALF = HEAD_DIM / 2;
-  constexpr int PAIRS2 = HALF / 2;  // each thread rotates 2 adjacent pairs (bf16x2 accesses)
+  constexpr int PAIRS2 = HALF / 2;  // each lane rotates 2 adjacent pairs (bf16x2 accesses)
   constexpr int STRIDE = (HEADS + 2 * KV_HEADS) * HEAD_DIM;
   constexpr int KVROW = KV_HEADS * HEAD_DIM;
-  __shared__ float cs[HALF], sn[HALF];
 
   const int t = blockIdx.x;
-  if (t >= T) return;
+  const int h = blockIdx.y * ROPE_WARPS + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (t >= T || h >= HEADS + KV_HEADS) return;
   const int pos = positions[t];
   const int slot = slot_mapping[t];
-  for (int i = threadIdx.x; i < HALF; i += ROPE_THREADS) {
-    const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)HEAD_DIM);
-    const float angle = (float)pos * inv_freq;
-    float s, c;
-    sincosf(angle, &s, &c);
-    cs[i] = c;
-    sn[i] = s;
-  }
-  __syncthreads();
-
   bf16* row = qkv + (long long)t * STRIDE;
-  for (int idx = threadIdx.x; idx < (HEADS + KV_HEADS) * PAIRS2; idx += ROPE_THREADS) {
-    const int h = idx / PAIRS2;
-    const int i = (idx - h * PAIRS2) * 2;
-    bf16* base = row + h * HEAD_DIM;
+  bf16* base = row + h * HEAD_DIM;
+  bf16* kc = h >= HEADS && slot >= 0 ? k_cache + (long long)slot * KVROW + (h - HEADS) * HEAD_DIM : nullptr;
+  for (int p = lane; p < PAIRS2; p += 32) {
+    const int i = 2 * p;
+    float c[2], sn[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float inv_freq = 1.0f / powf(theta, (float)(2 * (i + j)) / (float)HEAD_DIM);
+      sincosf((float)pos * inv_freq, &sn[j], &c[j]);
+    }
     const float2 a = __bfloat1622float2(*reinterpret_cast<const bf162*>(base + i));
     const float2 b = __bfloat1622float2(*reinterpret_cast<const bf162*>(base + HALF + i));
-    const float c0 = cs[i], c1 = cs[i + 1], s0 = sn[i], s1 = sn[i + 1];
-    const bf162 na = __floats2bfloat162_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
-    const bf162 nb = __floats2bfloat162_rn(b.x * c0 + a.x * s0, b.y * c1 + a.y * s1);
+    const bf162 na = __floats2bfloat162_rn(a.x * c[0] - b.x * sn[0], a.y * c[1] - b.y * sn[1]);
+    const bf162 nb = __floats2bfloat162_rn(b.x * c[0] + a.x * sn[0], b.y * c[1] + a.y * sn[1]);
     *reinterpret_cast<bf162*>(base + i) = na;
     *reinterpret_cast<bf162*>(base + HALF + i) = nb;
-    if (h >= HEADS && slot >= 0) {
-      bf16* kc = k_cache + (long long)slot * KVROW + (h - HEADS) * HEAD_DIM;
+    if (kc) {
       *reinterpret_cast<bf162*>(kc + i) = na;
       *reinterpret_cast<bf162*>(kc + HALF + i) = nb;
     }
   }
-  if (slot >= 0) {
-    const uint4* vsrc = reinterpret_cast<const uint4*>(row + (HEADS + KV_HEADS) * HEAD_DIM);
-    uint4* vdst = reinterpret_cast<uint4*>(v_cache + (long long)slot * KVROW);
-    for (int v = threadIdx.x; v < KVROW / 8; v += ROPE_THREADS) vdst[v] = vsrc[v];
+  if (kc) {
+    const int kvh = h - HEADS;
+    const uint4* vsrc = reinterpret_cast<const uint4*>(row + (HEADS + KV_HEADS + kvh) * HEAD_DIM);
+    uint4* vdst = reinterpret_cast<uint4*>(v_cache + (long long)slot * KVROW + kvh * HEAD_DIM);
+    for (int v = lane; v < HEAD_DIM / 8; v += 32) vdst[v] = vsrc[v];
   }
 }

@@ -23,6 +23,7 @@
 #include "common.cuh"
 
 #define SAMPLE_THREADS 1024
+#define ARGMAX_UNROLL 8
 
 namespace smp {
 
@@ -36,9 +37,40 @@ __device__ __forceinline__ int block_argmax(const float* __restrict__ row, int V
   __shared__ int si[32];
   float bv = kiln::neg_inf();
   int bi = 0x7fffffff;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) {
-    const float v = row[i];
-    if (v > bv) { bv = v; bi = i; }
+  // Each thread visits its indices in increasing order, so the strict `>` keeps the lowest index
+  // among equal values. ARGMAX_UNROLL independent loads are in flight per thread (float4 when the
+  // rows are 16-byte aligned): a single CTA then reads a 128K-entry row in a few microseconds.
+  if ((V & 3) == 0 && (reinterpret_cast<unsigned long long>(row) & 15) == 0) {
+    const float4* r4 = reinterpret_cast<const float4*>(row);
+    const int nv = V >> 2;
+    for (int b0 = threadIdx.x; b0 < nv; b0 += blockDim.x * ARGMAX_UNROLL) {
+      float4 v[ARGMAX_UNROLL];
+#pragma unroll
+      for (int u = 0; u < ARGMAX_UNROLL; ++u) {
+        const int i = b0 + u * blockDim.x;
+        v[u] = i < nv ? __ldg(r4 + i) : make_float4(kiln::neg_inf(), kiln::neg_inf(), kiln::neg_inf(), kiln::neg_inf());
+      }
+#pragma unroll
+      for (int u = 0; u < ARGMAX_UNROLL; ++u) {
+        const int i = 4 * (b0 + u * blockDim.x);
+        if (v[u].x > bv) { bv = v[u].x; bi = i; }
+        if (v[u].y > bv) { bv = v[u].y; bi = i + 1; }
+        if (v[u].z > bv) { bv = v[u].z; bi = i + 2; }
+        if (v[u].w > bv) { bv = v[u].w; bi = i + 3; }
+      }
+    }
+  } else {
+    for (int b0 = threadIdx.x; b0 < V; b0 += blockDim.x * ARGMAX_UNROLL) {
+      float v[ARGMAX_UNROLL];
+#pragma unroll
+      for (int u = 0; u < ARGMAX_UNROLL; ++u) {
+        const int i = b0 + u * blockDim.x;
+        v[u] = i < V ? row[i] : kiln::neg_inf();
+      }
+#pragma unroll
+      for (int u = 0; u < ARGMAX_UNROLL; ++u)
+        if (v[u] > bv) { bv = v[u]; bi = b0 + u * blockDim.x; }
+    }
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {

@@ -1249,7 +1249,7 @@ fn bench_gemv(
         let per_cta = if v.tc {
             16
         } else {
-            v.warps
+            v.warps / inst.gemv_k_split()
                 * if mmax >= 4 && epi != GemvEpilogue::Gated {
                     2
                 } else {

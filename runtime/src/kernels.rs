@@ -140,7 +140,7 @@ mod threads {
     pub const EMBEDDING: u32 = 128;
     pub const GEMV_WARPS: u32 = 8;
     pub const ELEMENTWISE: u32 = 256;
-    pub const ROPE: u32 = 128;
+    pub const ROPE_WARPS: u32 = 4;
     pub const DECODE: u32 = 128;
     pub const PREFILL: u32 = 128;
     pub const PREFILL_ROWS: usize = 64;
@@ -337,7 +337,7 @@ impl KernelInstance {
     }
 
     /// Launch shape for these runtime sizes:
-    /// - embedding, rmsnorm, add_rmsnorm, rope_append: grid `tokens`;
+    /// - embedding, rmsnorm, add_rmsnorm: grid `tokens`; rope_append: (`tokens`, heads / 4);
     /// - gemv, gemv_tc: grid from `n` (output columns);
     /// - add_inplace: from `elements`; silu_mul: from `tokens`;
     /// - attention_decode: (`max_splits`, kv heads, `batch`); the merge: (heads, `batch`);
@@ -364,7 +364,8 @@ impl KernelInstance {
                 one((rt.tokens, 1, 1), t.max(32) as u32)
             }
             KernelFamily::Gemv => {
-                let per_cta = threads::GEMV_WARPS as usize * self.gemv_cols_per_warp();
+                let per_cta =
+                    threads::GEMV_WARPS as usize / self.gemv_k_split() * self.gemv_cols_per_warp();
                 one((rt.n.div_ceil(per_cta), 1, 1), threads::GEMV_WARPS * 32)
             }
             KernelFamily::GemvTc => one((rt.n.div_ceil(16), 1, 1), threads::GEMV_WARPS * 32),
@@ -382,7 +383,14 @@ impl KernelInstance {
                     threads::ELEMENTWISE,
                 )
             }
-            KernelFamily::RopeAppend => one((rt.tokens, 1, 1), threads::ROPE),
+            KernelFamily::RopeAppend => {
+                let heads = self.int_arg(0) + self.int_arg(1);
+                let per_cta = threads::ROPE_WARPS as usize;
+                one(
+                    (rt.tokens, heads.div_ceil(per_cta), 1),
+                    threads::ROPE_WARPS * 32,
+                )
+            }
             KernelFamily::AttentionDecode => {
                 one((rt.max_splits, self.int_arg(1), rt.batch), threads::DECODE)
             }
@@ -406,6 +414,22 @@ impl KernelInstance {
                 threads::PREFILL_SIMPLE,
             ),
             KernelFamily::Argmax | KernelFamily::Sample => one((rt.batch, 1, 1), threads::SAMPLE),
+        }
+    }
+
+    /// Warps sharing one output of a `gemv` instance, each over 1/KS of K (`GemvCfg::KS` in
+    /// `gemv.cu`): 2 for the residual GEMVs at M = 1 (N is the model width: too few rows to fill
+    /// the GPU with a warp per row), else 1.
+    pub fn gemv_k_split(&self) -> usize {
+        let (k, mmax, epi) = (self.int_arg(0), self.int_arg(1), self.int_arg(2));
+        if self.family == KernelFamily::Gemv
+            && mmax == 1
+            && epi == GemvEpilogue::Residual as usize
+            && k % 16 == 0
+        {
+            2
+        } else {
+            1
         }
     }
 
