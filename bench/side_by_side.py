@@ -50,14 +50,6 @@ def hf_eager(model, batch, inp, out):
     return statistics.median(ttft), statistics.median(step)
 
 
-def static_cache(config, batch, length):
-    try:
-        return StaticCache(config=config, max_cache_len=length)
-    except TypeError:  # older signature
-        return StaticCache(config=config, max_batch_size=batch, max_cache_len=length, device="cuda",
-                           dtype=torch.bfloat16)
-
-
 def decode_one(model, tok, pos, cache):
     logits = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
     return logits[:, -1].argmax(-1, keepdim=True)
@@ -66,7 +58,7 @@ def decode_one(model, tok, pos, cache):
 def hf_compiled(model, batch, inp, out, reps=3):
     """gpt-fast style (see the module docstring): (TTFT ms, ms per decode step), medians."""
     ids = torch.randint(0, model.config.vocab_size, (batch, inp), device="cuda")
-    cache = static_cache(model.config, batch, inp + out + 8)
+    cache = StaticCache(config=model.config, max_cache_len=inp + out + 8)
     step = torch.compile(decode_one, mode="reduce-overhead")
     ttfts, steps = [], []
     with torch.no_grad():

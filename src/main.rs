@@ -368,12 +368,13 @@ fn main() -> ExitCode {
             no_cuda_graphs,
             no_pdl,
         } => {
-            let mode = cli::bench::LaunchMode {
+            let launch = CudaOptions {
                 cuda_graphs: !no_cuda_graphs,
                 pdl: !no_pdl,
+                ..CudaOptions::default()
             };
             device_of(&engine, device)
-                .and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json, mode))
+                .and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json, launch))
         }
         Command::TeacherForce {
             engine,

@@ -227,28 +227,27 @@ impl KernelInstance {
     /// at M = 1 (use `mmax = 1`); from M = 2 it becomes ALU-bound: use
     /// [`KernelInstance::gemv_tc`] there (measured in `bench/RESULTS.md`).
     pub fn gemv(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
-        Self::new(
-            KernelFamily::Gemv,
-            vec![
-                TemplateArg::Int(k as i64),
-                TemplateArg::Int(mmax as i64),
-                TemplateArg::Int(epi as i64),
-                TemplateArg::Type(out),
-            ],
-        )
+        Self::gemv_family(KernelFamily::Gemv, k, mmax, epi, out)
     }
 
     /// `gemv_tc<K, MMAX, EPI, OutT>`: the [`KernelInstance::gemv`] contract on tensor cores
     /// (`K % 32 == 0`, `mmax <= 8`; its cost does not depend on M).
     pub fn gemv_tc(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
+        Self::gemv_family(KernelFamily::GemvTc, k, mmax, epi, out)
+    }
+
+    /// The `<K, MMAX, EPI, OutT>` instance shared by both GEMV families.
+    fn gemv_family(
+        family: KernelFamily,
+        k: usize,
+        mmax: usize,
+        epi: GemvEpilogue,
+        out: OutType,
+    ) -> Self {
+        let ints = [k, mmax, epi as usize].map(|v| TemplateArg::Int(v as i64));
         Self::new(
-            KernelFamily::GemvTc,
-            vec![
-                TemplateArg::Int(k as i64),
-                TemplateArg::Int(mmax as i64),
-                TemplateArg::Int(epi as i64),
-                TemplateArg::Type(out),
-            ],
+            family,
+            ints.into_iter().chain([TemplateArg::Type(out)]).collect(),
         )
     }
 

@@ -70,21 +70,13 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// How the GPU executor launches kernels (both on by default; off for A/B measurements).
-#[derive(Clone, Copy, Debug)]
-pub struct LaunchMode {
-    /// Replay decode steps as CUDA graphs.
-    pub cuda_graphs: bool,
-    /// Programmatic dependent launch between kernels.
-    pub pdl: bool,
-}
-
-/// One executor sized for every configuration of the run (weights are uploaded once).
+/// One executor sized for every configuration of the run (weights are uploaded once); its
+/// launch options (CUDA graphs, programmatic dependent launch) come from `launch`.
 fn gpu_executor(
     engine: &Engine,
     batches: &[usize],
     io: &[(usize, usize)],
-    mode: LaunchMode,
+    launch: CudaOptions,
 ) -> Result<CudaExecutor> {
     let max_b = batches.iter().copied().max().unwrap_or(1);
     let max_in = io.iter().map(|p| p.0).max().unwrap_or(1);
@@ -94,9 +86,7 @@ fn gpu_executor(
         max_step_tokens: max_b * max_in,
         max_kv_tokens: Some(max_b * max_len),
         max_seq_len: max_len,
-        cuda_graphs: mode.cuda_graphs,
-        pdl: mode.pdl,
-        ..CudaOptions::default()
+        ..launch
     };
     Ok(CudaExecutor::new(engine, opts)?)
 }
@@ -203,14 +193,14 @@ pub fn run(
     io: &str,
     device: &str,
     json: bool,
-    mode: LaunchMode,
+    launch: CudaOptions,
 ) -> Result<()> {
     let engine = Engine::open(engine_path)?;
     let (batches, io) = (parse_list(batches)?, parse_io(io)?);
     let mut rows = Vec::new();
     let mut first = true;
     let mut gpu = match device {
-        "cuda" => Some(gpu_executor(&engine, &batches, &io, mode)?),
+        "cuda" => Some(gpu_executor(&engine, &batches, &io, launch)?),
         _ => None,
     };
     for &(input, output) in &io {

@@ -28,6 +28,9 @@ pub fn splits(batch: usize, kv_heads: usize, max_seq_len: usize) -> usize {
     decode_splits(batch, kv_heads, max_seq_len, SM_COUNT)
 }
 
+/// Most arguments a kernel template takes (attention_decode: 12).
+const MAX_ARGS: usize = 16;
+
 /// One kernel argument, by value.
 enum Arg {
     /// A device pointer.
@@ -284,15 +287,23 @@ impl Kernels {
             .funcs
             .get(&k.name_expr)
             .ok_or_else(|| CudaError::Engine(format!("kernel `{}` not loaded", k.name_expr)))?;
-        let mut params: Vec<*mut std::ffi::c_void> = args
-            .iter()
-            .map(|a| match a {
+        // Addresses of the argument values, on the stack: no allocation per launch.
+        let mut params = [std::ptr::null_mut::<std::ffi::c_void>(); MAX_ARGS];
+        if args.len() > MAX_ARGS {
+            return Err(CudaError::Engine(format!(
+                "kernel `{}` takes {} arguments, more than {MAX_ARGS}",
+                k.name_expr,
+                args.len()
+            )));
+        }
+        for (p, a) in params.iter_mut().zip(args) {
+            *p = match a {
                 Arg::Ptr(v) => v as *const u64 as *mut _,
                 Arg::Int(v) => v as *const i32 as *mut _,
                 Arg::Long(v) => v as *const i64 as *mut _,
                 Arg::Float(v) => v as *const f32 as *mut _,
-            })
-            .collect();
+            };
+        }
         let d: LaunchDims = k.launch_dims(&rt);
         let mut attr = cu::CUlaunchAttribute {
             id: cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
