@@ -89,6 +89,17 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b, float acc) {
   return acc;
 }
 
+// RMSNorm of 8 elements of a row whose scale r = rsqrt(mean(x²) + eps) is known:
+// bf16(w · bf16(x · r)), as HF LlamaRMSNorm rounds (normalize in f32, cast, times the weight).
+__device__ __forceinline__ uint4 rms_apply8(uint4 x, uint4 w, float r) {
+  float xf[8], wf[8];
+  unpack8(x, xf);
+  unpack8(w, wf);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) xf[j] = wf[j] * __bfloat162float(__float2bfloat16_rn(xf[j] * r));
+  return pack8(xf);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -1,6 +1,9 @@
 // gemv.cu — decode-path matrix-vector products for M <= MMAX rows (batch-1..8 decode).
 //
-//   gemv<K, MMAX, EPI, OutT>(x, M, w, N, residual, out):
+//   gemv<K, MMAX, EPI, NORM, OutT>(x, M, w, N, residual, out, norm_w, eps):
+//     NORM 1 (MMAX 1 only): x is first RMS-normalized with weight norm_w [K] (rmsnorm.cu's
+//             rounding): x[k] <- bf16(norm_w[k] * bf16(x[k] * rsqrt(mean_k(x[k]^2) + eps)))
+//             (the decoder layer's norm fused into the projection that consumes it)
 //     acc[m,n] = sum_k x[m,k] * w[n,k]           (f32 accumulation)
 //     EPI 0: out[m,n] = acc[m,n]
 //     EPI 1: out[m,n] = acc[m,n] + residual[m,n]  (residual: [M,N] bf16; may alias out)
@@ -17,6 +20,8 @@
 // ld.global.nc.L1::no_allocate, UNROLL of them in flight per weight row before any use; x is
 // read through L1 (__ldg), shared by all warps; warp shuffle reduction; lanes write the outputs.
 // The first UNROLL weight vectors per row are loaded before kiln::pdl_sync() (see common.cuh).
+// NORM: after pdl_sync every CTA normalizes the x row into shared memory (K bf16; all threads
+// share the sum of squares), and the product reads x from there.
 // Launch: grid (ceil(N / (GEMV_WARPS / KS * ROWS))), block GEMV_WARPS*32 = 256, no dynamic shared
 // memory.
 #include "common.cuh"
@@ -70,7 +75,8 @@ __device__ __forceinline__ void gemv_load(int s0, int lane, const bf16* const (&
 
 // Accumulates the UN loaded weight vectors per row (steps s0..) against the x rows (x points at
 // the warp's k range; rows are K apart).
-template <int K, int MMAX, int EPI, int UN, bool GUARD>
+// SMEM_X: x is in shared memory (the normalized row), else in global memory, read through L1.
+template <int K, int MMAX, int EPI, bool SMEM_X, int UN, bool GUARD>
 __device__ __forceinline__ void gemv_acc(int s0, int lane, const uint4 (&wv)[UN][GemvCfg<K, MMAX, EPI>::WR],
                                          const bf16* __restrict__ x, int M,
                                          float (&acc)[MMAX][GemvCfg<K, MMAX, EPI>::WR]) {
@@ -82,7 +88,8 @@ __device__ __forceinline__ void gemv_acc(int s0, int lane, const uint4 (&wv)[UN]
 #pragma unroll
     for (int m = 0; m < MMAX; ++m) {
       if (m < M) {
-        const uint4 xv = kiln::ld_cached16(x + (long long)m * K + k);
+        const bf16* xp = x + (long long)m * K + k;
+        const uint4 xv = SMEM_X ? *reinterpret_cast<const uint4*>(xp) : kiln::ld_cached16(xp);
 #pragma unroll
         for (int j = 0; j < C::WR; ++j) acc[m][j] = kiln::dot8(wv[u][j], xv, acc[m][j]);
       }
@@ -90,14 +97,17 @@ __device__ __forceinline__ void gemv_acc(int s0, int lane, const uint4 (&wv)[UN]
   }
 }
 
-template <int K, int MMAX, int EPI, typename OutT>
+template <int K, int MMAX, int EPI, int NORM, typename OutT>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const bf16* residual, OutT* out) {
+gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const bf16* residual, OutT* out,
+     const bf16* __restrict__ norm_w, float eps) {
   typedef GemvCfg<K, MMAX, EPI> C;
+  static_assert(NORM == 0 || (NORM == 1 && MMAX == 1), "gemv: NORM is 0, or 1 with MMAX 1");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kp = warp % C::KS;  // which k range
   const int n0 = (blockIdx.x * (GEMV_WARPS / C::KS) + warp / C::KS) * C::ROWS;
-  if (C::KS == 1 && n0 >= N) return;  // with KS > 1 every warp must reach the block barrier
+  // With KS > 1 or NORM every warp must reach the block barriers.
+  if (C::KS == 1 && !NORM && n0 >= N) return;
   const bf16* wr[C::WR];
 #pragma unroll
   for (int r = 0; r < C::ROWS; ++r) {
@@ -105,7 +115,6 @@ gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const
 #pragma unroll
     for (int q = 0; q < C::NW; ++q) wr[r * C::NW + q] = w + ((long long)q * N + n) * K + kp * C::SPAN;
   }
-  const bf16* xk = x + kp * C::SPAN;
   float acc[MMAX][C::WR];
 #pragma unroll
   for (int m = 0; m < MMAX; ++m)
@@ -118,17 +127,44 @@ gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const
   uint4 wv[C::UNROLL][C::WR];
   if (C::FULL > 0) gemv_load<K, MMAX, EPI, C::UNROLL, GF>(0, lane, wr, wv);
   kiln::pdl_sync();
+  const bf16* xk = x + kp * C::SPAN;
+  if (NORM) {
+    __shared__ __align__(16) bf16 xs[NORM ? K : 8];
+    __shared__ float red[32];
+    constexpr int NV = K / 8, PER = (NV + GEMV_WARPS * 32 - 1) / (GEMV_WARPS * 32);
+    uint4 xr[PER];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int v = threadIdx.x + i * GEMV_WARPS * 32;
+      if (v < NV) {
+        float f[8];
+        xr[i] = kiln::ld_cached16(x + v * 8);
+        kiln::unpack8(xr[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
+      }
+    }
+    const float r = rsqrtf(kiln::block_sum(ss, red) * (1.0f / K) + eps);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int v = threadIdx.x + i * GEMV_WARPS * 32;
+      if (v < NV) reinterpret_cast<uint4*>(xs)[v] = kiln::rms_apply8(xr[i], kiln::ld_cached16(norm_w + v * 8), r);
+    }
+    __syncthreads();
+    xk = xs + kp * C::SPAN;
+  }
 #pragma unroll 1
   for (int g = 0; g < C::FULL; ++g) {
     if (g > 0) gemv_load<K, MMAX, EPI, C::UNROLL, GF>(g * C::UNROLL, lane, wr, wv);
-    gemv_acc<K, MMAX, EPI, C::UNROLL, GF>(g * C::UNROLL, lane, wv, xk, M, acc);
+    gemv_acc<K, MMAX, EPI, NORM == 1, C::UNROLL, GF>(g * C::UNROLL, lane, wv, xk, M, acc);
   }
   if (C::TAIL > 0) {
     constexpr int TN = C::TAIL > 0 ? C::TAIL : 1;
     constexpr bool GT = C::SPAN % C::CHUNK != 0;
     uint4 tv[TN][C::WR];
     gemv_load<K, MMAX, EPI, TN, GT>(C::FULL * C::UNROLL, lane, wr, tv);
-    gemv_acc<K, MMAX, EPI, TN, GT>(C::FULL * C::UNROLL, lane, tv, xk, M, acc);
+    gemv_acc<K, MMAX, EPI, NORM == 1, TN, GT>(C::FULL * C::UNROLL, lane, tv, xk, M, acc);
   }
 
   // Reduce: after the xor-butterfly every lane holds every sum; lane i writes output i.

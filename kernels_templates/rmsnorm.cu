@@ -32,14 +32,8 @@ __device__ __forceinline__ void rms_finish(float (&v)[RmsCfg<H>::ITEMS][8], floa
   for (int i = 0; i < C::ITEMS; ++i) {
     const int idx = threadIdx.x + i * C::THREADS;
     if (C::VEC % C::THREADS == 0 || idx < C::VEC) {
-      float wf[8], o[8];
-      kiln::unpack8(kiln::ld_cached16(w + idx * 8), wf);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float n = __bfloat162float(__float2bfloat16_rn(v[i][j] * r));
-        o[j] = wf[j] * n;
-      }
-      reinterpret_cast<uint4*>(out_row)[idx] = kiln::pack8(o);
+      // v holds exact bf16 values (read from bf16 or rounded to it), so repacking is lossless.
+      reinterpret_cast<uint4*>(out_row)[idx] = kiln::rms_apply8(kiln::pack8(v[i]), kiln::ld_cached16(w + idx * 8), r);
     }
   }
 }

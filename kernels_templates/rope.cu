@@ -13,10 +13,13 @@
 // Layouts: qkv [T, (HEADS + 2*KV_HEADS) * HEAD_DIM] bf16, each row q heads | k heads | v heads;
 // k_cache, v_cache [num_blocks, BLOCK, KV_HEADS, HEAD_DIM] bf16 (a slot's KV_HEADS*HEAD_DIM
 // elements are contiguous); positions, slot_mapping [T] int32. HEAD_DIM % 8 == 0, 16-byte aligned.
-// Work split: one warp per (token, head): warp w of block (t, y) takes head y * ROPE_WARPS + w of
-// the HEADS + KV_HEADS rotated heads; the warp of k head j also copies v head j into the cache.
-// Each lane computes the cos/sin of its own pairs (no shared memory, no block barrier).
-// Launch: grid (T, ceil((HEADS + KV_HEADS) / ROPE_WARPS)), block ROPE_WARPS * 32 (128). Any T >= 0.
+// Work split: block (t, y) holds token t; its warp w rotates heads y * ROPE_WARPS + w, then every
+// gridDim.y * ROPE_WARPS further, of the HEADS + KV_HEADS rotated heads; the warp of k head j
+// also copies v head j into the cache. Each lane computes the cos/sin of its own pairs once and
+// uses them for every head it rotates (no shared memory, no block barrier).
+// Launch: grid (T, Y) with 1 <= Y <= ceil((HEADS + KV_HEADS) / ROPE_WARPS) — decode takes the
+// largest Y (a warp per head), long prefills Y = 1 (a CTA per token) — block ROPE_WARPS * 32
+// (128). Any T >= 0.
 #include "common.cuh"
 
 #define ROPE_WARPS 4
@@ -33,38 +36,49 @@ rope_append(bf16* qkv, const int* __restrict__ positions, const int* __restrict_
   constexpr int STRIDE = (HEADS + 2 * KV_HEADS) * HEAD_DIM;
   constexpr int KVROW = KV_HEADS * HEAD_DIM;
 
+  constexpr int NH = HEADS + KV_HEADS;
+  constexpr int PL = (PAIRS2 + 31) / 32;  // pair groups per lane
+
   const int t = blockIdx.x;
-  const int h = blockIdx.y * ROPE_WARPS + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (t >= T || h >= HEADS + KV_HEADS) return;
+  if (t >= T) return;
   const int pos = positions[t];
   const int slot = slot_mapping[t];
-  bf16* row = qkv + (long long)t * STRIDE;
-  bf16* base = row + h * HEAD_DIM;
-  bf16* kc = h >= HEADS && slot >= 0 ? k_cache + (long long)slot * KVROW + (h - HEADS) * HEAD_DIM : nullptr;
-  for (int p = lane; p < PAIRS2; p += 32) {
-    const int i = 2 * p;
-    float c[2], sn[2];
+  float c[PL][2], sn[PL][2];
+#pragma unroll
+  for (int q = 0; q < PL; ++q) {
+    const int i = 2 * (lane + 32 * q);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const float inv_freq = 1.0f / powf(theta, (float)(2 * (i + j)) / (float)HEAD_DIM);
-      sincosf((float)pos * inv_freq, &sn[j], &c[j]);
-    }
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const bf162*>(base + i));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const bf162*>(base + HALF + i));
-    const bf162 na = __floats2bfloat162_rn(a.x * c[0] - b.x * sn[0], a.y * c[1] - b.y * sn[1]);
-    const bf162 nb = __floats2bfloat162_rn(b.x * c[0] + a.x * sn[0], b.y * c[1] + a.y * sn[1]);
-    *reinterpret_cast<bf162*>(base + i) = na;
-    *reinterpret_cast<bf162*>(base + HALF + i) = nb;
-    if (kc) {
-      *reinterpret_cast<bf162*>(kc + i) = na;
-      *reinterpret_cast<bf162*>(kc + HALF + i) = nb;
+      sincosf((float)pos * inv_freq, &sn[q][j], &c[q][j]);
     }
   }
-  if (kc) {
-    const int kvh = h - HEADS;
-    const uint4* vsrc = reinterpret_cast<const uint4*>(row + (HEADS + KV_HEADS + kvh) * HEAD_DIM);
-    uint4* vdst = reinterpret_cast<uint4*>(v_cache + (long long)slot * KVROW + kvh * HEAD_DIM);
-    for (int v = lane; v < HEAD_DIM / 8; v += 32) vdst[v] = vsrc[v];
+  bf16* row = qkv + (long long)t * STRIDE;
+  for (int h = blockIdx.y * ROPE_WARPS + (threadIdx.x >> 5); h < NH; h += gridDim.y * ROPE_WARPS) {
+    bf16* base = row + h * HEAD_DIM;
+    bf16* kc = h >= HEADS && slot >= 0 ? k_cache + (long long)slot * KVROW + (h - HEADS) * HEAD_DIM : nullptr;
+#pragma unroll
+    for (int q = 0; q < PL; ++q) {
+      const int p = lane + 32 * q;
+      if (PAIRS2 % 32 != 0 && p >= PAIRS2) continue;
+      const int i = 2 * p;
+      const float2 a = __bfloat1622float2(*reinterpret_cast<const bf162*>(base + i));
+      const float2 b = __bfloat1622float2(*reinterpret_cast<const bf162*>(base + HALF + i));
+      const bf162 na = __floats2bfloat162_rn(a.x * c[q][0] - b.x * sn[q][0], a.y * c[q][1] - b.y * sn[q][1]);
+      const bf162 nb = __floats2bfloat162_rn(b.x * c[q][0] + a.x * sn[q][0], b.y * c[q][1] + a.y * sn[q][1]);
+      *reinterpret_cast<bf162*>(base + i) = na;
+      *reinterpret_cast<bf162*>(base + HALF + i) = nb;
+      if (kc) {
+        *reinterpret_cast<bf162*>(kc + i) = na;
+        *reinterpret_cast<bf162*>(kc + HALF + i) = nb;
+      }
+    }
+    if (kc) {
+      const int kvh = h - HEADS;
+      const uint4* vsrc = reinterpret_cast<const uint4*>(row + (HEADS + KV_HEADS + kvh) * HEAD_DIM);
+      uint4* vdst = reinterpret_cast<uint4*>(v_cache + (long long)slot * KVROW + kvh * HEAD_DIM);
+      for (int v = lane; v < HEAD_DIM / 8; v += 32) vdst[v] = vsrc[v];
+    }
   }
 }

@@ -82,6 +82,10 @@ enum Command {
         /// one to finish before it starts).
         #[arg(long)]
         no_pdl: bool,
+        /// Also print per-kernel times of one prefill and one decode step per configuration
+        /// (an event after every launch; GPU only).
+        #[arg(long)]
+        timeline: bool,
     },
     /// Feed given token sequences and record logits and greedy predictions (for checks).
     TeacherForce {
@@ -367,6 +371,7 @@ fn main() -> ExitCode {
             json,
             no_cuda_graphs,
             no_pdl,
+            timeline,
         } => {
             let launch = CudaOptions {
                 cuda_graphs: !no_cuda_graphs,
@@ -374,7 +379,7 @@ fn main() -> ExitCode {
                 ..CudaOptions::default()
             };
             device_of(&engine, device)
-                .and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json, launch))
+                .and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json, launch, timeline))
         }
         Command::TeacherForce {
             engine,

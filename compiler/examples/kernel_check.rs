@@ -506,19 +506,32 @@ fn check_gemv(
     m: usize,
     mmax: usize,
     epi: GemvEpilogue,
+    norm: bool,
     out_t: OutType,
 ) -> Res<()> {
     let rows = if epi == GemvEpilogue::Gated { 2 * n } else { n };
+    let norm = norm && !tc && mmax == 1;
     let x = r.bf_vec(m * k, 1.0);
     let w = r.bf_vec(rows * k, 0.05);
     let res = r.bf_vec(m * n, 1.0);
+    let eps = 1e-5f32;
+    let gamma: Vec<f32> = (0..k).map(|_| bfr(1.0 + r.sym(0.5))).collect();
+    // With a folded norm the product reads rmsnorm(x) (rounded to bf16, as the kernel does).
+    let xin: Vec<f32> = if norm {
+        rms_ref(&x, &gamma, k, eps)
+            .iter()
+            .map(|&v| bfr(v as f32))
+            .collect()
+    } else {
+        x.clone()
+    };
     let reference: Vec<f64> = (0..m * n)
         .into_par_iter()
         .map(|i| {
             let (mi, ni) = (i / n, i % n);
             let dot = |row: usize| -> f64 {
                 (0..k)
-                    .map(|j| x[mi * k + j] as f64 * w[row * k + j] as f64)
+                    .map(|j| xin[mi * k + j] as f64 * w[row * k + j] as f64)
                     .sum()
             };
             match epi {
@@ -531,12 +544,14 @@ fn check_gemv(
             }
         })
         .collect();
-    let (dx, dw, dr) = (g.up_bf(&x)?, g.up_bf(&w)?, g.up_bf(&res)?);
+    let (dx, dw, dr, dg) = (g.up_bf(&x)?, g.up_bf(&w)?, g.up_bf(&res)?, g.up_bf(&gamma)?);
     let inst = if tc {
         KernelInstance::gemv_tc(k, mmax, epi, out_t)
     } else {
-        KernelInstance::gemv(k, mmax, epi, out_t)
+        KernelInstance::gemv(k, mmax, epi, norm, out_t)
     };
+    // gemv_tc takes no norm arguments (a folded norm runs before it as rmsnorm).
+    let nargs = if tc { 6 } else { 8 };
     let rt = RuntimeSizes {
         n,
         ..Default::default()
@@ -554,7 +569,9 @@ fn check_gemv(
                     Arg::I(n as i32),
                     Arg::P(g.ptr(&dr)),
                     Arg::P(g.ptr(&d)),
-                ],
+                    Arg::P(g.ptr(&dg)),
+                    Arg::F(eps),
+                ][..nargs],
             )?;
             g.sync()?;
             g.down_bf(&d)?
@@ -571,7 +588,9 @@ fn check_gemv(
                     Arg::I(n as i32),
                     Arg::P(g.ptr(&dr)),
                     Arg::P(g.ptr(&d)),
-                ],
+                    Arg::P(g.ptr(&dg)),
+                    Arg::F(eps),
+                ][..nargs],
             )?;
             g.sync()?;
             g.down(&d)?
@@ -586,27 +605,6 @@ fn check_gemv(
 }
 
 fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
-    let n = 1_000_003usize;
-    let a = r.bf_vec(n, 1.0);
-    let b = r.bf_vec(n, 1.0);
-    let (da, db) = (g.up_bf(&a)?, g.up_bf(&b)?);
-    let inst = KernelInstance::add_inplace();
-    g.launch(
-        &inst,
-        RuntimeSizes {
-            elements: n,
-            ..Default::default()
-        },
-        &[Arg::P(g.ptr(&da)), Arg::P(g.ptr(&db)), Arg::L(n as i64)],
-    )?;
-    g.sync()?;
-    let reference: Vec<f64> = a.iter().zip(&b).map(|(x, y)| bfr(x + y) as f64).collect();
-    rep.check(
-        format!("add_inplace n={n}"),
-        rel_l2(&g.down_bf(&da)?, &reference),
-        1e-6,
-    );
-
     for f in [1536usize, 14336] {
         let t = 3;
         let gu = r.bf_vec(t * 2 * f, 4.0);
@@ -645,11 +643,11 @@ fn check_rope(
     heads: usize,
     kv: usize,
     hd: usize,
+    t: usize,
 ) -> Res<()> {
-    let t = 6;
     let theta = 500000.0f32;
     let width = (heads + 2 * kv) * hd;
-    let num_blocks = 8;
+    let num_blocks = 8.max(t.div_ceil(BLOCK) + 1);
     let kvrow = kv * hd;
     let qkv = r.bf_vec(t * width, 2.0);
     let positions: Vec<i32> = (0..t)
@@ -1221,10 +1219,12 @@ fn bench_gemv(
     m: usize,
     mmax: usize,
     epi: GemvEpilogue,
+    norm: bool,
     out_t: OutType,
 ) -> Res<()> {
     let rows = if epi == GemvEpilogue::Gated { 2 * n } else { n };
     let bytes = rows * k * 2;
+    let gamma = g.random_bf(k, 9, 1.0)?;
     let copies = (600_000_000usize).div_ceil(bytes).clamp(1, 24);
     let ws: Vec<CudaSlice<bf16>> = (0..copies)
         .map(|i| g.random_bf(rows * k, 1000 + i as u64, 0.05))
@@ -1235,7 +1235,7 @@ fn bench_gemv(
     let inst = if v.tc {
         KernelInstance::gemv_tc(k, mmax, epi, out_t)
     } else {
-        KernelInstance::gemv(k, mmax, epi, out_t)
+        KernelInstance::gemv(k, mmax, epi, norm, out_t)
     };
     let (name, dims) = if v.is_default() {
         (
@@ -1274,7 +1274,9 @@ fn bench_gemv(
                 Arg::I(n as i32),
                 Arg::P(g.ptr(&res)),
                 Arg::P(g.ptr(&out)),
-            ],
+                Arg::P(g.ptr(&gamma)),
+                Arg::F(1e-5),
+            ][..if v.tc { 6 } else { 8 }],
         )
     })?;
     let gbs = bytes as f64 / us / 1e3;
@@ -1468,7 +1470,8 @@ fn bench_sample(g: &Gpu, rep: &mut Report, v: usize, b_n: usize) -> Res<()> {
 // ---------------------------------------------------------------------------------------------
 
 /// The steps of the check, in order; each can run alone (`kernel_check STEP…`), so a kernel that
-/// breaks the CUDA context does not hide the results of the others.
+/// breaks the CUDA context does not hide the results of the others. `bench-gemv` ends with
+/// `bench-gemv-7b`, which can also run alone.
 const STEPS: [&str; 13] = [
     "info",
     "embedding",
@@ -1531,8 +1534,8 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
     match step {
         "info" => {
             for name in [
-                "gemv<4096, 1, 0, __nv_bfloat16>",
-                "gemv<4096, 8, 0, __nv_bfloat16>",
+                "gemv<4096, 1, 0, 1, __nv_bfloat16>",
+                "gemv<4096, 8, 0, 0, __nv_bfloat16>",
                 "gemv_tc<4096, 8, 0, __nv_bfloat16>",
                 "attention_decode<32, 8, 128, 16>",
                 "attention_prefill<32, 8, 128, 16>",
@@ -1559,23 +1562,89 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
         "gemv" => {
             for tc in [false, true] {
                 let m1 = if tc { 8 } else { 1 };
-                check_gemv(g, r, rep, tc, 4096, 4096, 1, m1, Plain, OutType::Bf16)?;
-                check_gemv(g, r, rep, tc, 4096, 1000, 3, 8, Residual, OutType::Bf16)?;
-                check_gemv(g, r, rep, tc, 576, 1537, 1, m1, Gated, OutType::Bf16)?;
-                check_gemv(g, r, rep, tc, 4096, 1031, 8, 8, Gated, OutType::Bf16)?;
-                check_gemv(g, r, rep, tc, 14336, 4096, 8, 8, Residual, OutType::Bf16)?;
-                check_gemv(g, r, rep, tc, 11008, 333, 5, 8, Plain, OutType::Bf16)?;
-                check_gemv(g, r, rep, tc, 1536, 576, 1, m1, Residual, OutType::Bf16)?;
-                check_gemv(g, r, rep, tc, 4096, 32_000, 1, m1, Plain, OutType::F32)?;
-                check_gemv(g, r, rep, tc, 4096, 5001, 8, 8, Plain, OutType::F32)?;
-                check_gemv(g, r, rep, tc, 576, 49152, 2, 8, Plain, OutType::F32)?;
+                check_gemv(
+                    g,
+                    r,
+                    rep,
+                    tc,
+                    4096,
+                    4096,
+                    1,
+                    m1,
+                    Plain,
+                    false,
+                    OutType::Bf16,
+                )?;
+                check_gemv(g, r, rep, tc, 4096, 6144, 1, m1, Plain, true, OutType::Bf16)?;
+                check_gemv(
+                    g,
+                    r,
+                    rep,
+                    tc,
+                    4096,
+                    1000,
+                    3,
+                    8,
+                    Residual,
+                    false,
+                    OutType::Bf16,
+                )?;
+                check_gemv(g, r, rep, tc, 576, 1537, 1, m1, Gated, true, OutType::Bf16)?;
+                check_gemv(g, r, rep, tc, 4096, 1031, 8, 8, Gated, true, OutType::Bf16)?;
+                check_gemv(
+                    g,
+                    r,
+                    rep,
+                    tc,
+                    14336,
+                    4096,
+                    8,
+                    8,
+                    Residual,
+                    false,
+                    OutType::Bf16,
+                )?;
+                check_gemv(g, r, rep, tc, 11008, 333, 5, 8, Plain, false, OutType::Bf16)?;
+                check_gemv(
+                    g,
+                    r,
+                    rep,
+                    tc,
+                    1536,
+                    576,
+                    1,
+                    m1,
+                    Residual,
+                    false,
+                    OutType::Bf16,
+                )?;
+                check_gemv(
+                    g,
+                    r,
+                    rep,
+                    tc,
+                    4096,
+                    32_000,
+                    1,
+                    m1,
+                    Plain,
+                    true,
+                    OutType::F32,
+                )?;
+                check_gemv(g, r, rep, tc, 4096, 5001, 8, 8, Plain, true, OutType::F32)?;
+                check_gemv(g, r, rep, tc, 576, 49152, 2, 8, Plain, true, OutType::F32)?;
+                check_gemv(g, r, rep, tc, 576, 1000, 6, 8, Plain, true, OutType::Bf16)?;
             }
             Ok(())
         }
         "elementwise" => check_elementwise(g, r, rep),
         "rope" => {
-            check_rope(g, r, rep, 32, 8, 128)?;
-            check_rope(g, r, rep, 9, 3, 64)
+            // Few tokens: a warp per head; many: each warp rotates several heads.
+            for t in [6, 300] {
+                check_rope(g, r, rep, 32, 8, 128, t)?;
+                check_rope(g, r, rep, 9, 3, 64, t)?;
+            }
+            Ok(())
         }
         "decode" => {
             check_decode(g, r, rep, 32, 8, 128, &[1, 37, 700, 2100, 0])?;
@@ -1590,25 +1659,54 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
         "argmax" => check_argmax(g, r, rep),
         "sample" => check_sample(g, r, rep),
         "bench-gemv" => {
-            let shapes: [(&str, usize, usize, GemvEpilogue, OutType); 5] = [
-                ("L3-8B qkv", 4096, 6144, Plain, OutType::Bf16),
-                ("L3-8B o+res", 4096, 4096, Residual, OutType::Bf16),
-                ("L3-8B gate_up", 4096, 14336, Gated, OutType::Bf16),
-                ("L3-8B down+res", 14336, 4096, Residual, OutType::Bf16),
-                ("L3-8B lm_head", 4096, 128_256, Plain, OutType::F32),
+            // As the plan launches them: the norm folded into qkv, gate_up and lm_head at M = 1.
+            let shapes: [(&str, usize, usize, GemvEpilogue, bool, OutType); 5] = [
+                ("L3-8B norm+qkv", 4096, 6144, Plain, true, OutType::Bf16),
+                ("L3-8B o+res", 4096, 4096, Residual, false, OutType::Bf16),
+                (
+                    "L3-8B norm+gate_up",
+                    4096,
+                    14336,
+                    Gated,
+                    true,
+                    OutType::Bf16,
+                ),
+                (
+                    "L3-8B down+res",
+                    14336,
+                    4096,
+                    Residual,
+                    false,
+                    OutType::Bf16,
+                ),
+                (
+                    "L3-8B norm+lm_head",
+                    4096,
+                    128_256,
+                    Plain,
+                    true,
+                    OutType::F32,
+                ),
             ];
-            for (label, k, n, epi, ty) in shapes {
+            for (label, k, n, epi, norm, ty) in shapes {
                 for v in GEMV_VARIANTS {
                     let ms: &[usize] = if v.tc { &[1, 8] } else { &[1] };
                     for &m in ms {
-                        bench_gemv(g, rep, v, label, k, n, m, if v.tc { 8 } else { 1 }, epi, ty)?;
+                        let mmax = if v.tc { 8 } else { 1 };
+                        bench_gemv(g, rep, v, label, k, n, m, mmax, epi, norm && !v.tc, ty)?;
                     }
                 }
             }
-            for (label, k, n, epi) in [
-                ("L2-7B qkv", 4096, 12288, Plain),
-                ("L2-7B gate_up", 4096, 11008, Gated),
-                ("L2-7B down+res", 11008, 4096, Residual),
+            run_step(g, rep, r, "bench-gemv-7b")
+        }
+        "bench-gemv-7b" => {
+            // Llama-2-7B's decode GEMVs, with and without the folded RMSNorm where it applies.
+            for (label, k, n, epi, norm) in [
+                ("L2-7B qkv", 4096, 12288, Plain, false),
+                ("L2-7B norm+qkv", 4096, 12288, Plain, true),
+                ("L2-7B o+res", 4096, 4096, Residual, false),
+                ("L2-7B norm+gate_up", 4096, 11008, Gated, true),
+                ("L2-7B down+res", 11008, 4096, Residual, false),
             ] {
                 bench_gemv(
                     g,
@@ -1620,20 +1718,13 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
                     1,
                     1,
                     epi,
+                    norm,
                     OutType::Bf16,
                 )?;
-                bench_gemv(
-                    g,
-                    rep,
-                    GemvVariant::DEFAULT_TC,
-                    label,
-                    k,
-                    n,
-                    8,
-                    8,
-                    epi,
-                    OutType::Bf16,
-                )?;
+                if !norm {
+                    let v = GemvVariant::DEFAULT_TC;
+                    bench_gemv(g, rep, v, label, k, n, 8, 8, epi, false, OutType::Bf16)?;
+                }
             }
             Ok(())
         }

@@ -14,12 +14,10 @@ pub enum KernelFamily {
     RmsNorm,
     /// `add_rmsnorm<H>`
     AddRmsNorm,
-    /// `gemv<K, MMAX, EPI, OutT>` (CUDA cores)
+    /// `gemv<K, MMAX, EPI, NORM, OutT>` (CUDA cores)
     Gemv,
-    /// `gemv_tc<K, MMAX, EPI, OutT>` (tensor cores; same arguments as `gemv`)
+    /// `gemv_tc<K, MMAX, EPI, OutT>` (tensor cores)
     GemvTc,
-    /// `add_inplace` (not a template)
-    AddInplace,
     /// `silu_mul<F>`
     SiluMul,
     /// `rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
@@ -47,7 +45,6 @@ impl KernelFamily {
             KernelFamily::AddRmsNorm => "add_rmsnorm",
             KernelFamily::Gemv => "gemv",
             KernelFamily::GemvTc => "gemv_tc",
-            KernelFamily::AddInplace => "add_inplace",
             KernelFamily::SiluMul => "silu_mul",
             KernelFamily::RopeAppend => "rope_append",
             KernelFamily::AttentionDecode => "attention_decode",
@@ -129,8 +126,6 @@ pub struct RuntimeSizes {
     pub batch: usize,
     /// N: output columns of a GEMV.
     pub n: usize,
-    /// Element count of `add_inplace`.
-    pub elements: usize,
     /// Split-KV count of decode attention (see [`decode_splits`]).
     pub max_splits: usize,
 }
@@ -141,6 +136,8 @@ mod threads {
     pub const GEMV_WARPS: u32 = 8;
     pub const ELEMENTWISE: u32 = 256;
     pub const ROPE_WARPS: u32 = 4;
+    /// CTAs enough to fill an H100 (2 per SM): rope_append splits heads across CTAs up to this.
+    pub const ROPE_CTAS: usize = 264;
     pub const DECODE: u32 = 128;
     pub const PREFILL: u32 = 128;
     pub const PREFILL_ROWS: usize = 64;
@@ -222,38 +219,28 @@ impl KernelInstance {
         Self::ints(KernelFamily::AddRmsNorm, &[hidden])
     }
 
-    /// `gemv<K, MMAX, EPI, OutT>(const bf16* x, int M, const bf16* w, int N,
-    /// const bf16* residual, OutT* out)` for `M <= mmax` rows, on CUDA cores. The fastest choice
-    /// at M = 1 (use `mmax = 1`); from M = 2 it becomes ALU-bound: use
-    /// [`KernelInstance::gemv_tc`] there (measured in `bench/RESULTS.md`).
-    pub fn gemv(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
-        Self::gemv_family(KernelFamily::Gemv, k, mmax, epi, out)
-    }
-
-    /// `gemv_tc<K, MMAX, EPI, OutT>`: the [`KernelInstance::gemv`] contract on tensor cores
-    /// (`K % 32 == 0`, `mmax <= 8`; its cost does not depend on M).
-    pub fn gemv_tc(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
-        Self::gemv_family(KernelFamily::GemvTc, k, mmax, epi, out)
-    }
-
-    /// The `<K, MMAX, EPI, OutT>` instance shared by both GEMV families.
-    fn gemv_family(
-        family: KernelFamily,
-        k: usize,
-        mmax: usize,
-        epi: GemvEpilogue,
-        out: OutType,
-    ) -> Self {
-        let ints = [k, mmax, epi as usize].map(|v| TemplateArg::Int(v as i64));
+    /// `gemv<K, MMAX, EPI, NORM, OutT>(const bf16* x, int M, const bf16* w, int N,
+    /// const bf16* residual, OutT* out, const bf16* norm_w, float eps)` for `M <= mmax` rows, on
+    /// CUDA cores; with `norm` (`mmax` 1 only) each CTA first RMS-normalizes x (weight `norm_w`)
+    /// into shared memory. The fastest choice at M = 1 (use `mmax = 1`); from M = 2 it becomes
+    /// ALU-bound: use [`KernelInstance::gemv_tc`] there (measured in `bench/RESULTS.md`).
+    pub fn gemv(k: usize, mmax: usize, epi: GemvEpilogue, norm: bool, out: OutType) -> Self {
+        let ints = [k, mmax, epi as usize, usize::from(norm)].map(|v| TemplateArg::Int(v as i64));
         Self::new(
-            family,
+            KernelFamily::Gemv,
             ints.into_iter().chain([TemplateArg::Type(out)]).collect(),
         )
     }
 
-    /// `add_inplace(bf16* out, const bf16* r, long long n)`.
-    pub fn add_inplace() -> Self {
-        Self::new(KernelFamily::AddInplace, Vec::new())
+    /// `gemv_tc<K, MMAX, EPI, OutT>(const bf16* x, int M, const bf16* w, int N,
+    /// const bf16* residual, OutT* out)`: the un-normalized [`KernelInstance::gemv`] contract on
+    /// tensor cores (`K % 32 == 0`, `mmax <= 8`; its cost does not depend on M).
+    pub fn gemv_tc(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
+        let ints = [k, mmax, epi as usize].map(|v| TemplateArg::Int(v as i64));
+        Self::new(
+            KernelFamily::GemvTc,
+            ints.into_iter().chain([TemplateArg::Type(out)]).collect(),
+        )
     }
 
     /// `silu_mul<F>(const bf16* gu, bf16* out, int T)`.
@@ -336,9 +323,10 @@ impl KernelInstance {
     }
 
     /// Launch shape for these runtime sizes:
-    /// - embedding, rmsnorm, add_rmsnorm: grid `tokens`; rope_append: (`tokens`, heads / 4);
+    /// - embedding, rmsnorm, add_rmsnorm: grid `tokens`; rope_append: (`tokens`, head groups of
+    ///   4, fewer as `tokens` grows);
     /// - gemv, gemv_tc: grid from `n` (output columns);
-    /// - add_inplace: from `elements`; silu_mul: from `tokens`;
+    /// - silu_mul: from `tokens`;
     /// - attention_decode: (`max_splits`, kv heads, `batch`); the merge: (heads, `batch`);
     /// - attention_prefill(_simple): (from `tokens`, heads, `batch`);
     /// - argmax, sample: grid `batch`.
@@ -368,13 +356,6 @@ impl KernelInstance {
                 one((rt.n.div_ceil(per_cta), 1, 1), threads::GEMV_WARPS * 32)
             }
             KernelFamily::GemvTc => one((rt.n.div_ceil(16), 1, 1), threads::GEMV_WARPS * 32),
-            KernelFamily::AddInplace => {
-                let work = rt.elements.div_ceil(8);
-                one(
-                    (work.div_ceil(threads::ELEMENTWISE as usize).min(8192), 1, 1),
-                    threads::ELEMENTWISE,
-                )
-            }
             KernelFamily::SiluMul => {
                 let work = rt.tokens * self.int_arg(0) / 8;
                 one(
@@ -383,10 +364,13 @@ impl KernelInstance {
                 )
             }
             KernelFamily::RopeAppend => {
+                // A warp per head while there are few tokens (decode); fewer head groups as the
+                // tokens alone fill the GPU (each lane's cos/sin then serve more heads).
                 let heads = self.int_arg(0) + self.int_arg(1);
-                let per_cta = threads::ROPE_WARPS as usize;
+                let groups = heads.div_ceil(threads::ROPE_WARPS as usize);
+                let want = threads::ROPE_CTAS.div_ceil(rt.tokens.max(1));
                 one(
-                    (rt.tokens, heads.div_ceil(per_cta), 1),
+                    (rt.tokens, want.clamp(1, groups), 1),
                     threads::ROPE_WARPS * 32,
                 )
             }

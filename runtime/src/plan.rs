@@ -64,6 +64,16 @@ pub enum Epilogue {
     Gated,
 }
 
+/// An RMSNorm folded into the `Linear` that consumes it: the GEMV normalizes its input rows on
+/// the fly; a prefill GEMM runs the norm into scratch first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Norm {
+    /// Norm weight name.
+    pub w: String,
+    /// Epsilon.
+    pub eps: f32,
+}
+
 /// One kernel launch (or, for prefill GEMMs, a cuBLAS call plus its epilogue kernel).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Launch {
@@ -92,10 +102,12 @@ pub enum Launch {
         /// Output.
         out: BufId,
     },
-    /// `out = epilogue(x · wᵀ)`, `w` `[n, k]`.
+    /// `out = epilogue(norm(x) · wᵀ)`, `w` `[n, k]`.
     Linear {
         /// Input `[rows, k]`.
         x: BufId,
+        /// The RMSNorm applied to `x` first, if any.
+        norm: Option<Norm>,
         /// Weight name.
         w: String,
         /// Epilogue.
@@ -194,7 +206,9 @@ impl Plan {
     }
 
     /// Assigns arena slots by liveness: a buffer's slot is free again after its last reader, so
-    /// buffers whose lifetimes do not overlap (and whose row kinds match) share memory.
+    /// buffers whose lifetimes do not overlap (and whose row kinds match) share memory. A
+    /// residual `Linear` whose residual input dies there writes in place over it (the GEMV
+    /// epilogue allows the alias; the prefill GEMM then accumulates with beta = 1).
     pub fn assign_slots(&mut self) {
         let n = self.buffers.len();
         let mut last_use = vec![0usize; n];
@@ -214,12 +228,30 @@ impl Plan {
         let mut slots: Vec<(Rows, usize)> = Vec::new();
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&b| first_def[b]);
+        let in_place: Vec<Option<BufId>> = (0..n)
+            .map(|b| match self.launches.get(first_def[b]) {
+                Some(Launch::Linear {
+                    epilogue: Epilogue::Residual(r),
+                    out,
+                    ..
+                }) if *out == b
+                    && last_use[*r] == first_def[b]
+                    && self.buffers[*r].rows == self.buffers[b].rows =>
+                {
+                    Some(*r)
+                }
+                _ => None,
+            })
+            .collect();
         for b in order {
             let rows = self.buffers[b].rows;
             let start = first_def[b];
-            let free = slots
-                .iter()
-                .position(|&(r, until)| r == rows && until < start);
+            let free = match in_place[b] {
+                Some(r) => Some(self.buffers[r].slot),
+                None => slots
+                    .iter()
+                    .position(|&(r, until)| r == rows && until < start),
+            };
             let slot = match free {
                 Some(s) => s,
                 None => {

@@ -21,7 +21,8 @@ pub struct Row {
     pub latency_ms: f64,
     /// Generated tokens (all sequences) per second.
     pub output_tokens_per_s: f64,
-    /// Time to first token (the prefill step, ms).
+    /// Time to first token: the prefill step, from submitting the prompts to holding the first
+    /// tokens on the host (ms; median of 3 after a warm-up prefill of the same shape).
     pub ttft_ms: f64,
     /// Median decode step (ms).
     pub decode_step_ms: f64,
@@ -91,6 +92,41 @@ fn gpu_executor(
     Ok(CudaExecutor::new(engine, opts)?)
 }
 
+fn vocab(engine: &Engine) -> usize {
+    engine
+        .config
+        .get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(32000) as usize
+}
+
+/// New sequences and their random prompts, as one prefill step.
+fn prefill_step(exec: &mut CudaExecutor, batch: usize, input: usize, vocab: usize) -> Vec<StepSeq> {
+    (0..batch)
+        .map(|i| StepSeq {
+            seq: exec.add_sequence(),
+            tokens: tokens(input, vocab, i as u64 + 1),
+        })
+        .collect()
+}
+
+/// Median prefill time of `reps` prefills, after one warm-up prefill of the same shape (the
+/// first GEMM of a shape makes cuBLAS choose and load its kernels).
+fn ttft_ms(exec: &mut CudaExecutor, batch: usize, input: usize, vocab: usize) -> Result<f64> {
+    let reps = 3;
+    let mut times = Vec::new();
+    for _ in 0..=reps {
+        let step = prefill_step(exec, batch, input, vocab);
+        let t0 = Instant::now();
+        exec.step_greedy(&step)?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        for s in step {
+            exec.remove_sequence(s.seq);
+        }
+    }
+    Ok(median(times[1..].to_vec()))
+}
+
 fn bench_gpu(
     exec: &mut CudaExecutor,
     engine: &Engine,
@@ -99,26 +135,15 @@ fn bench_gpu(
     output: usize,
     warmup: bool,
 ) -> Result<Row> {
-    let vocab = engine
-        .config
-        .get("vocab_size")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(32000) as usize;
+    let vocab = vocab(engine);
+    let ttft = ttft_ms(exec, batch, input, vocab)?;
     let runs = if warmup { 2 } else { 1 };
     let mut row = None;
     for _ in 0..runs {
-        let ids: Vec<_> = (0..batch).map(|_| exec.add_sequence()).collect();
         let t0 = Instant::now();
-        let prefill: Vec<StepSeq> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &seq)| StepSeq {
-                seq,
-                tokens: tokens(input, vocab, i as u64 + 1),
-            })
-            .collect();
+        let prefill = prefill_step(exec, batch, input, vocab);
+        let ids: Vec<_> = prefill.iter().map(|s| s.seq).collect();
         let mut next = exec.step_greedy(&prefill)?;
-        let ttft = t0.elapsed().as_secs_f64() * 1e3;
         let mut steps = Vec::with_capacity(output);
         for _ in 1..output {
             let s0 = Instant::now();
@@ -149,6 +174,60 @@ fn bench_gpu(
         });
     }
     row.context("no run")
+}
+
+/// Per-kernel times of one prefill step and one decode step (events after every launch, no
+/// CUDA graphs), summed by kernel, largest first.
+fn timeline(exec: &mut CudaExecutor, engine: &Engine, batch: usize, input: usize) -> Result<()> {
+    let vocab = vocab(engine);
+    let prefill = prefill_step(exec, batch, input, vocab);
+    let ids: Vec<_> = prefill.iter().map(|s| s.seq).collect();
+    exec.timeline_start()?;
+    let next = exec.step_greedy(&prefill)?;
+    let pre = exec.timeline_take()?;
+    let step: Vec<StepSeq> = ids
+        .iter()
+        .zip(&next)
+        .map(|(&seq, &t)| StepSeq {
+            seq,
+            tokens: vec![t],
+        })
+        .collect();
+    exec.timeline_start()?;
+    exec.step_greedy(&step)?;
+    let dec = exec.timeline_take()?;
+    for id in ids {
+        exec.remove_sequence(id);
+    }
+    for (what, marks) in [("prefill", pre), ("decode step", dec)] {
+        let total: f64 = marks.iter().map(|m| m.1).sum();
+        let mut by: Vec<(String, usize, f64)> = Vec::new();
+        for (name, us) in &marks {
+            match by.iter_mut().find(|e| &e.0 == name) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += us;
+                }
+                None => by.push((name.clone(), 1, *us)),
+            }
+        }
+        by.sort_by(|a, b| b.2.total_cmp(&a.2));
+        println!(
+            "\n{what}, batch {batch}, {input} prompt tokens: {} launches, {:.1} µs",
+            marks.len(),
+            total
+        );
+        println!("| kernel | launches | µs | mean µs | share |");
+        println!("|---|---:|---:|---:|---:|");
+        for (name, n, us) in by {
+            println!(
+                "| `{name}` | {n} | {us:.1} | {:.2} | {:.1}% |",
+                us / n as f64,
+                100.0 * us / total
+            );
+        }
+    }
+    Ok(())
 }
 
 fn bench_cpu(engine: &Engine, batch: usize, input: usize, output: usize) -> Result<Row> {
@@ -194,6 +273,7 @@ pub fn run(
     device: &str,
     json: bool,
     launch: CudaOptions,
+    show_timeline: bool,
 ) -> Result<()> {
     let engine = Engine::open(engine_path)?;
     let (batches, io) = (parse_list(batches)?, parse_io(io)?);
@@ -222,6 +302,14 @@ pub fn run(
             };
             first = false;
             rows.push(row);
+        }
+    }
+    if show_timeline {
+        let exec = gpu.as_mut().context("--timeline needs the cuda device")?;
+        for &(input, _) in &io {
+            for &batch in &batches {
+                timeline(exec, &engine, batch, input)?;
+            }
         }
     }
     if json {

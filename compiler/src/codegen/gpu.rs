@@ -78,7 +78,30 @@ mod tests {
         let o = crate::rewrite::optimize(&g, &crate::rewrite::RewriteOptions::default()).unwrap();
         let plan = lower(&o.graph).unwrap();
         assert_eq!(plan.layers, 30);
-        assert_eq!(plan.launches.len(), 30 * 8 + 4);
+        // Per layer: qkv (norm folded in), rope_append, attention, o + residual, gate_up (norm
+        // folded in), down + residual; then embedding, gather-last, lm_head (final norm folded).
+        assert_eq!(plan.launches.len(), 30 * 6 + 3);
+        assert!(!plan
+            .launches
+            .iter()
+            .any(|l| matches!(l, kiln_runtime::plan::Launch::RmsNorm { .. })));
+        let normed = plan
+            .launches
+            .iter()
+            .filter(|l| matches!(l, kiln_runtime::plan::Launch::Linear { norm: Some(_), .. }))
+            .count();
+        assert_eq!(normed, 30 * 2 + 1);
+        // Every residual projection writes in place over the residual stream it adds.
+        for l in &plan.launches {
+            if let kiln_runtime::plan::Launch::Linear {
+                epilogue: kiln_runtime::plan::Epilogue::Residual(r),
+                out,
+                ..
+            } = l
+            {
+                assert_eq!(plan.buffers[*r].slot, plan.buffers[*out].slot);
+            }
+        }
         let listed: Vec<String> =
             super::super::kernels::llama_kernels(&super::super::kernels::LlamaDims::smollm2_135m())
                 .into_iter()

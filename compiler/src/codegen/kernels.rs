@@ -111,7 +111,7 @@ pub fn template_file(family: KernelFamily) -> TemplateFile {
         KernelFamily::RmsNorm | KernelFamily::AddRmsNorm => TemplateFile::RmsNorm,
         KernelFamily::Gemv => TemplateFile::Gemv,
         KernelFamily::GemvTc => TemplateFile::GemvTc,
-        KernelFamily::AddInplace | KernelFamily::SiluMul => TemplateFile::Elementwise,
+        KernelFamily::SiluMul => TemplateFile::Elementwise,
         KernelFamily::RopeAppend => TemplateFile::Rope,
         KernelFamily::AttentionDecode | KernelFamily::AttentionDecodeMerge => {
             TemplateFile::AttentionDecode
@@ -195,7 +195,8 @@ impl LlamaDims {
 /// Every kernel instance the compiler can emit for a Llama-family model, without duplicates:
 /// embedding; rmsnorm and add_rmsnorm; the decode GEMVs (QKV, O + residual, gate_up gated,
 /// down + residual, lm_head in f32, and plain bf16 forms of each K) on CUDA cores for MMAX
-/// buckets 1 and `max_gemv_rows`, and on tensor cores for `max_gemv_rows`; the prefill GEMM epilogues (add_inplace, silu_mul); rope_append; decode
+/// buckets 1 (the first, third and fifth with the RMSNorm folded in) and `max_gemv_rows`, and on
+/// tensor cores for `max_gemv_rows`; the prefill gated-GEMM epilogue silu_mul; rope_append; decode
 /// attention and its merge; prefill attention (tensor-core when the head size allows, and the
 /// CUDA-core fallback); argmax and sample.
 pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
@@ -217,26 +218,26 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
     buckets.dedup();
     use GemvEpilogue::*;
     let gemvs = [
-        (h, Plain, OutType::Bf16),          // QKV
-        (attn, Residual, OutType::Bf16),    // O + residual
-        (h, Gated, OutType::Bf16),          // gate_up -> silu·mul
-        (cfg.ffn, Residual, OutType::Bf16), // down + residual
-        (h, Plain, OutType::F32),           // lm_head
-        (attn, Plain, OutType::Bf16),       // unfused O
-        (cfg.ffn, Plain, OutType::Bf16),    // unfused down
+        (h, Plain, true, OutType::Bf16),           // norm → QKV
+        (attn, Residual, false, OutType::Bf16),    // O + residual
+        (h, Gated, true, OutType::Bf16),           // norm → gate_up → silu·mul
+        (cfg.ffn, Residual, false, OutType::Bf16), // down + residual
+        (h, Plain, true, OutType::F32),            // norm → lm_head
+        (h, Plain, false, OutType::Bf16),          // a projection of a launched norm
+        (attn, Plain, false, OutType::Bf16),       // unfused O
+        (cfg.ffn, Plain, false, OutType::Bf16),    // unfused down
     ];
     for &m in &buckets {
-        for &(k, epi, ty) in &gemvs {
-            out.push(KernelInstance::gemv(k, m, epi, ty));
+        for &(k, epi, norm, ty) in &gemvs {
+            out.push(KernelInstance::gemv(k, m, epi, norm && m == 1, ty));
         }
     }
-    for &(k, epi, ty) in &gemvs {
+    for &(k, epi, _, ty) in &gemvs {
         if k % 32 == 0 {
             out.push(KernelInstance::gemv_tc(k, mmax, epi, ty));
         }
     }
     out.extend([
-        KernelInstance::add_inplace(),
         KernelInstance::silu_mul(cfg.ffn),
         KernelInstance::rope_append(heads, kv, hd, blk),
         KernelInstance::attention_decode(heads, kv, hd, blk),
@@ -332,8 +333,8 @@ mod tests {
     fn name_expressions_render_template_arguments() {
         assert_eq!(KernelInstance::rmsnorm(4096).name_expr, "rmsnorm<4096>");
         assert_eq!(
-            KernelInstance::gemv(4096, 1, GemvEpilogue::Gated, OutType::Bf16).name_expr,
-            "gemv<4096, 1, 2, __nv_bfloat16>"
+            KernelInstance::gemv(4096, 1, GemvEpilogue::Gated, true, OutType::Bf16).name_expr,
+            "gemv<4096, 1, 2, 1, __nv_bfloat16>"
         );
         assert_eq!(
             KernelInstance::gemv_tc(14336, 8, GemvEpilogue::Residual, OutType::F32).name_expr,
@@ -349,7 +350,7 @@ mod tests {
         );
         assert_eq!(KernelInstance::argmax().name_expr, "argmax");
         assert_eq!(
-            template_file(KernelInstance::add_inplace().family),
+            template_file(KernelInstance::silu_mul(14336).family),
             TemplateFile::Elementwise
         );
     }
@@ -383,7 +384,6 @@ mod tests {
                 KernelFamily::AddRmsNorm,
                 KernelFamily::Gemv,
                 KernelFamily::GemvTc,
-                KernelFamily::AddInplace,
                 KernelFamily::SiluMul,
                 KernelFamily::RopeAppend,
                 KernelFamily::AttentionDecode,
@@ -414,7 +414,6 @@ mod tests {
             tokens: 2048,
             batch: 3,
             n: 4096,
-            elements: 1_000_003,
             max_splits: 32,
         };
         let d = KernelInstance::rmsnorm(576).launch_dims(&rt);
@@ -423,10 +422,11 @@ mod tests {
             KernelInstance::rmsnorm(4096).launch_dims(&rt).block,
             (256, 1, 1)
         );
-        let g1 = KernelInstance::gemv(4096, 1, GemvEpilogue::Plain, OutType::Bf16).launch_dims(&rt);
+        let g1 = KernelInstance::gemv(4096, 1, GemvEpilogue::Plain, true, OutType::Bf16)
+            .launch_dims(&rt);
         assert_eq!((g1.grid, g1.block), ((512, 1, 1), (256, 1, 1)));
-        let g8 =
-            KernelInstance::gemv(4096, 8, GemvEpilogue::Residual, OutType::Bf16).launch_dims(&rt);
+        let g8 = KernelInstance::gemv(4096, 8, GemvEpilogue::Residual, false, OutType::Bf16)
+            .launch_dims(&rt);
         assert_eq!(g8.grid, (256, 1, 1)); // two columns per warp
         let tc =
             KernelInstance::gemv_tc(4096, 8, GemvEpilogue::Gated, OutType::Bf16).launch_dims(&rt);
@@ -437,9 +437,9 @@ mod tests {
         assert_eq!((merge.grid, merge.block), ((32, 3, 1), (128, 1, 1)));
         let pf = KernelInstance::attention_prefill(32, 8, 128, 16).launch_dims(&rt);
         assert_eq!((pf.grid, pf.shared_bytes), ((32, 32, 3), 0));
-        let add = KernelInstance::add_inplace().launch_dims(&rt);
-        assert_eq!(add.grid, (489, 1, 1));
-        // No work still gives a valid (non-zero) grid.
+        let silu = KernelInstance::silu_mul(14336).launch_dims(&rt);
+        assert_eq!(silu.grid, (8192, 1, 1)); // 2048·14336/8 vectors, capped grid-stride
+                                             // No work still gives a valid (non-zero) grid.
         let empty = KernelInstance::embedding(576).launch_dims(&RuntimeSizes::default());
         assert_eq!(empty.grid, (1, 1, 1));
     }

@@ -5,11 +5,16 @@
 //! not its bytes. A Llama attention block — q/k/v as column ranges of one fused projection,
 //! `Rope` on q and k, `Concat(State, ·)` cache appends, `FusedAttention` — lowers to two
 //! launches: `RopeAppend` (RoPE in place, k/v written into the paged cache) and `Attention`.
-//! Logits are computed for each sequence's last token only. Any op with no GPU lowering is an
-//! error that names the node, so an unfused graph fails the build instead of running slowly.
+//! Logits are computed for each sequence's last token only. An `RmsNorm` is folded into the
+//! `Linear` that consumes it (the GEMV normalizes its input as it loads it, the prefill path
+//! runs the norm just before its GEMM); it becomes a launch of its own only when something else
+//! reads it. Any op with no GPU lowering is an error that names the node, so an unfused graph
+//! fails the build instead of running slowly.
 
 use kiln_runtime::ir::{DType, Graph, InputKind, NodeId, Op};
-use kiln_runtime::plan::{AttentionDims, BufId, BufType, Buffer, Epilogue, Launch, Plan, Rows};
+use kiln_runtime::plan::{
+    AttentionDims, BufId, BufType, Buffer, Epilogue, Launch, Norm, Plan, Rows,
+};
 
 /// What a graph node is, seen from the GPU.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,6 +31,8 @@ enum Val {
     Const,
     /// Columns `off..off+len` of an activation buffer.
     Cols { buf: BufId, off: usize, len: usize },
+    /// `RmsNorm` of a whole buffer, not yet launched: folded into a consuming `Linear`.
+    Normed { x: BufId, norm: Norm },
     /// `Rope` applied to columns of a buffer.
     Roped {
         buf: BufId,
@@ -77,13 +84,36 @@ impl<'g> Lowering<'g> {
         Ok(self.buffers.len() - 1)
     }
 
-    fn whole(&self, id: NodeId, input: NodeId) -> Result<BufId, String> {
+    /// The input as a whole buffer; a pending norm is launched (once) to produce it.
+    fn whole(&mut self, id: NodeId, input: NodeId) -> Result<BufId, String> {
+        if let Val::Normed { x, norm } = self.vals[input].clone() {
+            let out = self.new_buf(input, self.buffers[x].rows, BufType::Bf16)?;
+            self.launches.push(Launch::RmsNorm {
+                x,
+                w: norm.w,
+                eps: norm.eps,
+                out,
+            });
+            self.vals[input] = Val::Cols {
+                buf: out,
+                off: 0,
+                len: self.buffers[out].cols,
+            };
+        }
         match &self.vals[input] {
             Val::Cols { buf, off: 0, len } if *len == self.buffers[*buf].cols => Ok(*buf),
             other => Err(self.err(
                 id,
                 &format!("needs a whole activation buffer as input, got {other:?}"),
             )),
+        }
+    }
+
+    /// A `Linear`'s input: a whole buffer and the norm to fold into the product, if any.
+    fn linear_input(&mut self, id: NodeId, input: NodeId) -> Result<(BufId, Option<Norm>), String> {
+        match &self.vals[input] {
+            Val::Normed { x, norm } => Ok((*x, Some(norm.clone()))),
+            _ => Ok((self.whole(id, input)?, None)),
         }
     }
 
@@ -97,6 +127,14 @@ impl<'g> Lowering<'g> {
     fn node(&mut self, id: NodeId) -> Result<Val, String> {
         let n = &self.g.nodes[id];
         let ins = &n.inputs;
+        if !matches!(n.op, Op::Linear | Op::LinearAdd | Op::GatedMlp) {
+            // Only a projection folds a norm into its product; anything else reads it launched.
+            for &i in ins {
+                if matches!(self.vals[i], Val::Normed { .. }) {
+                    self.whole(id, i)?;
+                }
+            }
+        }
         let input = |k: usize| self.vals[ins[k]].clone();
         Ok(match &n.op {
             Op::Input {
@@ -130,24 +168,15 @@ impl<'g> Lowering<'g> {
                     len: self.buffers[out].cols,
                 }
             }
-            Op::RmsNorm { eps } => {
-                let x = self.whole(id, ins[0])?;
-                let w = self.weight(id, ins[1])?;
-                let out = self.new_buf(id, self.buffers[x].rows, BufType::Bf16)?;
-                self.launches.push(Launch::RmsNorm {
-                    x,
-                    w,
+            Op::RmsNorm { eps } => Val::Normed {
+                x: self.whole(id, ins[0])?,
+                norm: Norm {
+                    w: self.weight(id, ins[1])?,
                     eps: *eps,
-                    out,
-                });
-                Val::Cols {
-                    buf: out,
-                    off: 0,
-                    len: self.buffers[out].cols,
-                }
-            }
+                },
+            },
             Op::Linear | Op::LinearAdd | Op::GatedMlp => {
-                let x = self.whole(id, ins[0])?;
+                let (x, norm) = self.linear_input(id, ins[0])?;
                 let w = self.weight(id, ins[1])?;
                 let epilogue = match n.op {
                     Op::LinearAdd => Epilogue::Residual(self.whole(id, ins[2])?),
@@ -157,6 +186,7 @@ impl<'g> Lowering<'g> {
                 let out = self.new_buf(id, self.buffers[x].rows, BufType::Bf16)?;
                 self.launches.push(Launch::Linear {
                     x,
+                    norm,
                     w,
                     epilogue,
                     out,
@@ -323,7 +353,8 @@ pub fn lower(g: &Graph) -> Result<Plan, String> {
             if n.op != Op::Linear {
                 return Err(l.err(id, "the logits must come from a Linear"));
             }
-            let x = l.whole(id, n.inputs[0])?;
+            // Gathering the last rows first also shrinks the final norm to them.
+            let (x, norm) = l.linear_input(id, n.inputs[0])?;
             let w = l.weight(id, n.inputs[1])?;
             let last = l.buffers.len();
             l.buffers.push(Buffer {
@@ -337,6 +368,7 @@ pub fn lower(g: &Graph) -> Result<Plan, String> {
             let out = l.new_buf(id, Rows::Sequences, BufType::F32)?;
             l.launches.push(Launch::Linear {
                 x: last,
+                norm,
                 w,
                 epilogue: Epilogue::None,
                 out,

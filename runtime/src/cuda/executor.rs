@@ -405,7 +405,11 @@ impl CudaExecutor {
         // Decode steps (one token per sequence, GEMV-sized) replay a captured graph: every
         // per-step value lives in the metadata buffer written by `prepare`, so the launches and
         // their arguments are the same for every step of a batch size.
-        if self.opts.cuda_graphs && t == b && b <= super::launch::GEMV_MAX_ROWS {
+        if self.opts.cuda_graphs
+            && t == b
+            && b <= super::launch::GEMV_MAX_ROWS
+            && !self.kernels.timeline_on()
+        {
             if !self.graphs.contains_key(&b) {
                 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
                 self.stream
@@ -431,6 +435,17 @@ impl CudaExecutor {
         }
         let out_tokens = p.out_tokens;
         self.read_tokens(out_tokens, b)
+    }
+
+    /// Starts a per-launch timeline: until [`CudaExecutor::timeline_take`], every kernel launch
+    /// (and cuBLAS call) is followed by an event, and steps run without CUDA graphs.
+    pub fn timeline_start(&mut self) -> Result<(), CudaError> {
+        self.kernels.timeline_start(&self.stream)
+    }
+
+    /// Ends the timeline: (kernel name expression or cuBLAS shape, µs) per launch, in order.
+    pub fn timeline_take(&mut self) -> Result<Vec<(String, f64)>, CudaError> {
+        self.kernels.timeline_take()
     }
 
     /// Copies the step's `b` sampled tokens back (the step's one host synchronization).

@@ -7,13 +7,14 @@ use super::kv_cache::BLOCK;
 use super::{CudaError, CudaOptions};
 use crate::engine::{keys, Engine};
 use crate::kernels::{
-    decode_splits, GemvEpilogue, KernelInstance, LaunchDims, OutType, RuntimeSizes,
+    decode_splits, GemvEpilogue, KernelFamily, KernelInstance, LaunchDims, OutType, RuntimeSizes,
 };
-use crate::plan::{BufId, BufType, Epilogue, Launch, Plan};
+use crate::plan::{BufId, BufType, Epilogue, Launch, Norm, Plan};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys as cu;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream};
 use cudarc::nvrtc::Ptx;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -37,26 +38,17 @@ enum Arg {
     Ptr(u64),
     /// `int`
     Int(i32),
-    /// `long long`
-    Long(i64),
     /// `float`
     Float(f32),
 }
-use Arg::{Float as F, Int as I, Long as L, Ptr as P};
+use Arg::{Float as F, Int as I, Ptr as P};
 
 /// Sizes of one launch (each kernel family reads the fields its launch rule names).
-fn sizes(
-    tokens: usize,
-    batch: usize,
-    n: usize,
-    elements: usize,
-    max_splits: usize,
-) -> RuntimeSizes {
+fn sizes(tokens: usize, batch: usize, n: usize, max_splits: usize) -> RuntimeSizes {
     RuntimeSizes {
         tokens,
         batch,
         n,
-        elements,
         max_splits,
     }
 }
@@ -76,11 +68,18 @@ fn out_type(t: BufType) -> OutType {
     }
 }
 
-/// The decode GEMV for `rows` rows: the CUDA-core `gemv<K, 1>` for one row, the tensor-core
-/// `gemv_tc<K, 8>` (cost nearly independent of the rows) for 2..=8 rows.
-fn gemv_instance(rows: usize, k: usize, epi: GemvEpilogue, ty: OutType) -> KernelInstance {
+/// The decode GEMV for `rows` rows: the CUDA-core `gemv<K, 1>` for one row (with a folded norm
+/// in its prologue), the tensor-core `gemv_tc<K, 8>` (cost nearly independent of the rows; a
+/// folded norm runs before it as a kernel of its own) for 2..=8 rows.
+fn gemv_instance(
+    rows: usize,
+    k: usize,
+    epi: GemvEpilogue,
+    norm: bool,
+    ty: OutType,
+) -> KernelInstance {
     if rows == 1 {
-        KernelInstance::gemv(k, 1, epi, ty)
+        KernelInstance::gemv(k, 1, epi, norm, ty)
     } else {
         KernelInstance::gemv_tc(k, GEMV_MAX_ROWS, epi, ty)
     }
@@ -97,7 +96,6 @@ pub fn plan_instances(plan: &Plan) -> Vec<KernelInstance> {
         KernelInstance::attention_decode_merge(h, d),
         KernelInstance::attention_prefill_for(h, kh, d, BLOCK),
         KernelInstance::argmax(),
-        KernelInstance::add_inplace(),
     ];
     for l in &plan.launches {
         match l {
@@ -109,6 +107,7 @@ pub fn plan_instances(plan: &Plan) -> Vec<KernelInstance> {
             }
             Launch::Linear {
                 x,
+                norm,
                 epilogue,
                 out: o,
                 ..
@@ -118,8 +117,12 @@ pub fn plan_instances(plan: &Plan) -> Vec<KernelInstance> {
                     epilogue_kind(*epilogue),
                     out_type(plan.buffers[*o].dtype),
                 );
-                out.push(gemv_instance(1, k, epi, ty));
-                out.push(gemv_instance(GEMV_MAX_ROWS, k, epi, ty));
+                out.push(gemv_instance(1, k, epi, norm.is_some(), ty));
+                out.push(gemv_instance(GEMV_MAX_ROWS, k, epi, norm.is_some(), ty));
+                if norm.is_some() {
+                    // Batched GEMVs and prefill GEMMs run the folded norm as a kernel of its own.
+                    out.push(KernelInstance::rmsnorm(k));
+                }
                 if *epilogue == Epilogue::Gated {
                     out.push(KernelInstance::silu_mul(plan.buffers[*o].cols));
                 }
@@ -181,12 +184,24 @@ impl Ptrs<'_> {
     }
 }
 
+/// Events recorded after each launch while a timeline is on.
+struct Timeline {
+    start: CudaEvent,
+    marks: Vec<(String, CudaEvent)>,
+}
+
 /// The loaded kernels and the cuBLAS handle.
 pub struct Kernels {
     funcs: HashMap<String, CudaFunction>,
     blas: CudaBlas,
     /// Scratch space at the start of the arena (prefill gate/up product, attention partials).
     scratch: u64,
+    /// Scratch for a prefill GEMM's normalized input (after `scratch`).
+    norm_scratch: u64,
+    /// Bytes of `scratch` (where `norm_scratch` starts).
+    scratch_len: u64,
+    /// While set, an event is recorded after every launch (`Kernels::timeline`).
+    timeline: RefCell<Option<Timeline>>,
     weight_cols: HashMap<String, (usize, usize)>,
     /// Launch with programmatic stream serialization (sm_90+): each kernel may start while the
     /// previous one drains, and waits for it in `kiln::pdl_sync()` (kernels_templates/common.cuh).
@@ -247,14 +262,18 @@ impl Kernels {
             funcs,
             blas: CudaBlas::new(stream.clone())?,
             scratch: 0,
+            norm_scratch: 0,
+            scratch_len: 0,
+            timeline: RefCell::new(None),
             weight_cols,
             pdl,
         })
     }
 
     /// Bytes of scratch the plan needs at the start of the arena: the gate/up product of a
-    /// prefill GEMM, or the split-KV partial results of decode attention.
-    pub fn scratch_bytes(&self, plan: &Plan, opts: &CudaOptions) -> usize {
+    /// prefill GEMM or the split-KV partial results of decode attention, then the normalized
+    /// input of a prefill GEMM with a folded norm.
+    pub fn scratch_bytes(&mut self, plan: &Plan, opts: &CudaOptions) -> usize {
         let gated = plan.launches.iter().filter_map(|l| match l {
             Launch::Linear {
                 out,
@@ -267,12 +286,60 @@ impl Kernels {
         let a = plan.attention;
         let most = splits(1, a.kv_heads, opts.max_seq_len);
         let partials = opts.max_batch * a.heads * most * (a.head_dim + 2) * 4;
-        gu.max(partials) + 1024
+        let first = (gu.max(partials) + 1024).div_ceil(256) * 256;
+        self.scratch_len = first as u64;
+        let normed = plan.launches.iter().filter_map(|l| match l {
+            Launch::Linear {
+                x, norm: Some(_), ..
+            } => Some(plan.buffers[*x].cols * 2),
+            _ => None,
+        });
+        first + normed.max().unwrap_or(0) * opts.max_step_tokens.max(opts.max_batch)
     }
 
-    /// Sets where the scratch space starts.
+    /// Sets where the scratch space starts (after [`Kernels::scratch_bytes`]).
     pub fn set_scratch(&mut self, addr: u64) {
         self.scratch = addr;
+        self.norm_scratch = addr + self.scratch_len;
+    }
+
+    /// Starts recording an event after every launch (a per-kernel timeline of the next steps;
+    /// the events sit between launches, so use it to attribute time, not to time whole steps).
+    pub fn timeline_start(&self, stream: &Arc<CudaStream>) -> Result<(), CudaError> {
+        let start = stream.record_event(Some(cu::CUevent_flags::CU_EVENT_DEFAULT))?;
+        *self.timeline.borrow_mut() = Some(Timeline {
+            start,
+            marks: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Stops recording and returns (kernel, µs) for every launch since `timeline_start`: the
+    /// time from the previous launch's end event to this one's.
+    pub fn timeline_take(&self) -> Result<Vec<(String, f64)>, CudaError> {
+        let Some(t) = self.timeline.borrow_mut().take() else {
+            return Ok(Vec::new());
+        };
+        let mut prev = &t.start;
+        let mut out = Vec::with_capacity(t.marks.len());
+        for (name, e) in &t.marks {
+            out.push((name.clone(), f64::from(prev.elapsed_ms(e)?) * 1e3));
+            prev = e;
+        }
+        Ok(out)
+    }
+
+    /// Whether a timeline is being recorded.
+    pub fn timeline_on(&self) -> bool {
+        self.timeline.borrow().is_some()
+    }
+
+    fn mark(&self, stream: &Arc<CudaStream>, name: &str) -> Result<(), CudaError> {
+        if let Some(t) = self.timeline.borrow_mut().as_mut() {
+            let e = stream.record_event(Some(cu::CUevent_flags::CU_EVENT_DEFAULT))?;
+            t.marks.push((name.to_string(), e));
+        }
+        Ok(())
     }
 
     /// Launches one kernel instance with its shape for `rt` and these arguments.
@@ -300,7 +367,6 @@ impl Kernels {
             *p = match a {
                 Arg::Ptr(v) => v as *const u64 as *mut _,
                 Arg::Int(v) => v as *const i32 as *mut _,
-                Arg::Long(v) => v as *const i64 as *mut _,
                 Arg::Float(v) => v as *const f32 as *mut _,
             };
         }
@@ -336,7 +402,7 @@ impl Kernels {
             )
         }
         .result()?;
-        Ok(())
+        self.mark(stream, &k.name_expr)
     }
 
     /// Launches every step of the plan.
@@ -353,7 +419,7 @@ impl Kernels {
         self.go(
             stream,
             &KernelInstance::argmax(),
-            sizes(0, p.b, 0, 0, 0),
+            sizes(0, p.b, 0, 0),
             &[P(logits), I(v), P(p.out_tokens)],
         )
     }
@@ -369,7 +435,7 @@ impl Kernels {
                 self.go(
                     stream,
                     &k,
-                    sizes(p.t, p.b, 0, 0, 0),
+                    sizes(p.t, p.b, 0, 0),
                     &[P(tab), P(p.tokens), P(o), I(t)],
                 )
             }
@@ -379,7 +445,7 @@ impl Kernels {
                 self.go(
                     stream,
                     &k,
-                    sizes(p.b, p.b, 0, 0, 0),
+                    sizes(p.b, p.b, 0, 0),
                     &[P(src), P(p.last_index), P(o), I(b)],
                 )
             }
@@ -390,23 +456,24 @@ impl Kernels {
                 self.go(
                     stream,
                     &k,
-                    sizes(rows, p.b, 0, 0, 0),
+                    sizes(rows, p.b, 0, 0),
                     &[P(xp), P(wp), P(o), I(r), F(*eps)],
                 )
             }
             Launch::Linear {
                 x,
+                norm,
                 w,
                 epilogue,
                 out,
-            } => self.linear(stream, p, *x, w, *epilogue, *out),
+            } => self.linear(stream, p, *x, norm.as_ref(), w, *epilogue, *out),
             Launch::RopeAppend { qkv, layer, theta } => {
                 let (q, kc, vc) = (p.buf(*qkv), p.k_cache(*layer), p.v_cache(*layer));
                 let k = KernelInstance::rope_append(a.heads, a.kv_heads, a.head_dim, BLOCK);
                 self.go(
                     stream,
                     &k,
-                    sizes(p.t, p.b, 0, 0, 0),
+                    sizes(p.t, p.b, 0, 0),
                     &[
                         P(q),
                         P(p.positions),
@@ -437,7 +504,7 @@ impl Kernels {
                     return self.go(
                         stream,
                         &k,
-                        sizes(p.t, p.b, 0, 0, 0),
+                        sizes(p.t, p.b, 0, 0),
                         &[
                             P(q),
                             P(kc),
@@ -459,7 +526,7 @@ impl Kernels {
                 self.go(
                     stream,
                     &k,
-                    sizes(p.t, p.b, 0, 0, n),
+                    sizes(p.t, p.b, 0, n),
                     &[
                         P(q),
                         P(kc),
@@ -480,7 +547,7 @@ impl Kernels {
                     self.go(
                         stream,
                         &k,
-                        sizes(p.t, p.b, 0, 0, n),
+                        sizes(p.t, p.b, 0, n),
                         &[P(po), P(pml), P(p.seq_lens), P(o), I(b), I(ns)],
                     )?;
                 }
@@ -489,11 +556,13 @@ impl Kernels {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         stream: &Arc<CudaStream>,
         p: &Ptrs,
         x: BufId,
+        norm: Option<&Norm>,
         w: &str,
         epi: Epilogue,
         out: BufId,
@@ -505,34 +574,70 @@ impl Kernels {
             .weight_cols
             .get(w)
             .ok_or_else(|| CudaError::Engine(format!("weight `{w}` is not a matrix")))?;
-        let (xp, wp, o) = (p.buf(x), p.w(w)?, p.buf(out));
+        let (mut xp, wp, o) = (p.buf(x), p.w(w)?, p.buf(out));
+        let (norm_w, eps) = match norm {
+            Some(nm) => (p.w(&nm.w)?, nm.eps),
+            None => (0, 0.0),
+        };
         let out_t = plan.buffers[out].dtype;
         let cols = plan.buffers[out].cols;
+        if norm.is_some() && rows > 1 {
+            let (r, dst) = (rows as i32, self.norm_scratch);
+            self.go(
+                stream,
+                &KernelInstance::rmsnorm(k),
+                sizes(rows, p.b, 0, 0),
+                &[P(xp), P(norm_w), P(dst), I(r), F(eps)],
+            )?;
+            xp = dst;
+        }
         if rows <= GEMV_MAX_ROWS {
             let r = match epi {
                 Epilogue::Residual(r) => p.buf(r),
                 _ => 0,
             };
             let (m, n) = (rows as i32, cols as i32);
-            let inst = gemv_instance(rows, k, epilogue_kind(epi), out_type(out_t));
-            return self.go(
-                stream,
-                &inst,
-                sizes(rows, p.b, cols, 0, 0),
-                &[P(xp), I(m), P(wp), I(n), P(r), P(o)],
-            );
+            let fold = norm.is_some() && rows == 1;
+            let inst = gemv_instance(rows, k, epilogue_kind(epi), fold, out_type(out_t));
+            let args = [P(xp), I(m), P(wp), I(n), P(r), P(o), P(norm_w), F(eps)];
+            let args = if inst.family == KernelFamily::Gemv {
+                &args[..]
+            } else {
+                &args[..6]
+            };
+            return self.go(stream, &inst, sizes(rows, p.b, cols, 0), args);
         }
         // cuBLAS: row-major C[rows, n] = X[rows, k] · W[n, k]ᵀ  ⇔  column-major Cᵀ = W · Xᵀ ("TN").
+        // A residual is accumulated by the GEMM itself (beta = 1 over C = out), in place where
+        // the plan put the output over the residual, else over a copy of it.
         let dst = if epi == Epilogue::Gated {
             self.scratch
         } else {
             o
         };
+        let beta = match epi {
+            Epilogue::Residual(res) => {
+                let rp = p.buf(res);
+                if rp != o {
+                    // SAFETY: both buffers hold rows × cols bf16 (arena slots sized by the plan).
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtod_async(
+                            o,
+                            rp,
+                            rows * cols * 2,
+                            stream.cu_stream(),
+                        )?;
+                    }
+                }
+                1f32
+            }
+            _ => 0f32,
+        };
         let c_type = match out_t {
             BufType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
             BufType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
         };
-        let (alpha, beta) = (1f32, 0f32);
+        let alpha = 1f32;
         // SAFETY: pointers address device buffers of the sizes the plan declares.
         unsafe {
             blas::gemm_ex(
@@ -557,26 +662,16 @@ impl Kernels {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )?;
         }
-        match epi {
-            Epilogue::Gated => {
-                let r = rows as i32;
-                self.go(
-                    stream,
-                    &KernelInstance::silu_mul(cols),
-                    sizes(rows, p.b, 0, 0, 0),
-                    &[P(dst), P(o), I(r)],
-                )
-            }
-            Epilogue::Residual(res) => {
-                let (rp, n) = (p.buf(res), (rows * cols) as i64);
-                self.go(
-                    stream,
-                    &KernelInstance::add_inplace(),
-                    sizes(rows, p.b, 0, rows * cols, 0),
-                    &[P(o), P(rp), L(n)],
-                )
-            }
-            Epilogue::None => Ok(()),
+        self.mark(stream, &format!("cublas gemm {rows}x{n_rows}x{k}"))?;
+        if epi == Epilogue::Gated {
+            let r = rows as i32;
+            self.go(
+                stream,
+                &KernelInstance::silu_mul(cols),
+                sizes(rows, p.b, 0, 0),
+                &[P(dst), P(o), I(r)],
+            )?;
         }
+        Ok(())
     }
 }
