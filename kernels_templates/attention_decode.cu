@@ -2,17 +2,21 @@
 // GQA without repeating K/V, split-KV ("flash-decoding") with a log-sum-exp merge.
 //
 //   attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(qkv, k_cache, v_cache, block_tables,
-//       max_blocks, seq_lens, out, B, scale, partial_o, partial_ml, max_splits)
-//     For sequence b < B with L = seq_lens[b] cached tokens (this step's token included, already
-//     appended by rope_append) and q head h (kv head h / (HEADS/KV_HEADS)):
+//       max_blocks, seq_lens, slot_mapping, theta, out, B, scale, partial_o, partial_ml, max_splits)
+//     For sequence b < B with L = seq_lens[b] tokens (this step's token included, at position
+//     L - 1) and q head h (kv head h / (HEADS/KV_HEADS)):
 //       out[b, h, :] = softmax_j(scale * q·k_j) · v_j  over j < L
-//     q is row b of qkv ([B, (HEADS+2*KV_HEADS)*HEAD_DIM], already rotated).
+//     Row b of qkv ([B, (HEADS+2*KV_HEADS)*HEAD_DIM]) is the step's token, not yet rotated: the
+//     kernel applies RoPE (rope.cu's rule, position L - 1, base theta) to q in registers and, in
+//     the one CTA per (b, kv head) whose range holds position L - 1, to k, which it writes with v
+//     into cache slot slot_mapping[b] (skipped when negative) and uses from shared memory: the
+//     decode step needs no rope_append launch.
 //   attention_decode_merge<HEADS, HEAD_DIM>(partial_o, partial_ml, seq_lens, out, B, max_splits)
 //     Combines the splits of each (b, h) by log-sum-exp.
 //
 // Layouts: k_cache, v_cache [num_blocks, BLOCK, KV_HEADS, HEAD_DIM] bf16; block_tables
 // [B, max_blocks] int32 (token position p lives in slot block_tables[b, p / BLOCK] * BLOCK +
-// p % BLOCK); seq_lens [B] int32; out [B, HEADS * HEAD_DIM] bf16.
+// p % BLOCK); seq_lens, slot_mapping [B] int32; out [B, HEADS * HEAD_DIM] bf16.
 // Work split: grid (max_splits, KV_HEADS, B). A CTA serves the whole q-head group of its kv head
 // (K/V read once per group, the FlashInfer layout) over the token range
 // [split * chunk, min(L, (split + 1) * chunk)), chunk = decode_chunk(L, max_splits) (a multiple of
@@ -42,10 +46,11 @@ __device__ __forceinline__ int decode_chunk(int L, int max_splits) {
 
 template <int HEADS, int KV_HEADS, int HEAD_DIM, int BLOCK>
 __global__ void __launch_bounds__(DEC_THREADS)
-attention_decode(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
-                 const bf16* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
-                 const int* __restrict__ seq_lens, bf16* __restrict__ out, int B, float scale,
-                 float* __restrict__ partial_o, float* __restrict__ partial_ml, int max_splits) {
+attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
+                 const int* __restrict__ block_tables, int max_blocks, const int* __restrict__ seq_lens,
+                 const int* __restrict__ slot_mapping, float theta, bf16* __restrict__ out, int B,
+                 float scale, float* __restrict__ partial_o, float* __restrict__ partial_ml,
+                 int max_splits) {
   kiln::pdl_sync();
   static_assert(HEADS % KV_HEADS == 0, "attention_decode: HEADS must be a multiple of KV_HEADS");
   static_assert(HEAD_DIM % 8 == 0 && 32 % (HEAD_DIM / 8) == 0 && HEAD_DIM <= 256,
@@ -62,6 +67,7 @@ attention_decode(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
 
   __shared__ float s_o[NWARPS][GROUP][HEAD_DIM];
   __shared__ float s_m[NWARPS][GROUP], s_l[NWARPS][GROUP];
+  __shared__ uint4 s_newk[VPR], s_newv[VPR];  // the step's rotated k and its v (owner CTA)
 
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   if (b >= B) return;
@@ -80,17 +86,61 @@ attention_decode(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
     return;
   }
 
-  // This lane's 8 dims of every q head of the group, pre-scaled into log2 units.
+  // RoPE of this lane's 8 dims at position L - 1: dims d < HALF pair with d + HALF, which the
+  // lane VPR/2 away holds; cos/sin of pair index d mod HALF, as rope.cu computes them.
+  constexpr int HALF = HEAD_DIM / 2;
+  const bool lower = dv < VPR / 2;
+  float c[8], sn[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int i = (dv * 8 + e) % HALF;
+    const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)HEAD_DIM);
+    sincosf((float)(L - 1) * inv_freq, &sn[e], &c[e]);
+  }
+  // Rotates 8 dims given the partner lane's 8, rounding to bf16 as rope_append stores them.
+  auto rope8 = [&](uint4 v) {
+    uint4 pv;
+    pv.x = __shfl_xor_sync(0xffffffffu, v.x, VPR / 2);
+    pv.y = __shfl_xor_sync(0xffffffffu, v.y, VPR / 2);
+    pv.z = __shfl_xor_sync(0xffffffffu, v.z, VPR / 2);
+    pv.w = __shfl_xor_sync(0xffffffffu, v.w, VPR / 2);
+    float a[8], pa[8];
+    kiln::unpack8(v, a);
+    kiln::unpack8(pv, pa);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) a[e] = lower ? a[e] * c[e] - pa[e] * sn[e] : a[e] * c[e] + pa[e] * sn[e];
+    return kiln::pack8(a);
+  };
+
+  // This lane's 8 dims of every q head of the group, rotated, pre-scaled into log2 units.
   float q[GROUP][8];
+  const bf16* qrow = qkv + (long long)b * STRIDE;
   {
-    const bf16* qrow = qkv + (long long)b * STRIDE + kvh * GROUP * HEAD_DIM + dv * 8;
     const float qs = scale * LOG2E;
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
-      kiln::unpack8(kiln::ld_cached16(qrow + g * HEAD_DIM), q[g]);
+      kiln::unpack8(rope8(kiln::ld_cached16(qrow + (kvh * GROUP + g) * HEAD_DIM + dv * 8)), q[g]);
 #pragma unroll
       for (int e = 0; e < 8; ++e) q[g][e] *= qs;
     }
+  }
+  // The CTA holding position L - 1 appends the step's k (rotated) and v to the cache.
+  const bool owner = start <= L - 1 && L - 1 < end;
+  if (owner) {
+    if (warp == 0) {
+      const uint4 k = rope8(kiln::ld_cached16(qrow + (HEADS + kvh) * HEAD_DIM + dv * 8));
+      const uint4 v = kiln::ld_cached16(qrow + (HEADS + KV_HEADS + kvh) * HEAD_DIM + dv * 8);
+      const int slot = slot_mapping[b];
+      if (lane < VPR) {
+        s_newk[dv] = k;
+        s_newv[dv] = v;
+        if (slot >= 0) {
+          *reinterpret_cast<uint4*>(k_cache + (long long)slot * KVROW + kvh * HEAD_DIM + dv * 8) = k;
+          *reinterpret_cast<uint4*>(v_cache + (long long)slot * KVROW + kvh * HEAD_DIM + dv * 8) = v;
+        }
+      }
+    }
+    __syncthreads();
   }
   // Per-warp online-softmax state (identical in every lane): running max (log2 units), sum, and
   // this lane's 8 dims of the unnormalized output of its token rows.
@@ -112,7 +162,10 @@ attention_decode(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) {
       const int pos = ts + p * TPP + tr;
-      if (pos < end) {
+      if (owner && pos == L - 1) {
+        kv[p] = s_newk[dv];
+        vv[p] = s_newv[dv];
+      } else if (pos < end) {
         const long long slot = (long long)bt[pos / BLOCK] * BLOCK + pos % BLOCK;
         kv[p] = kiln::ld_cached16(k_cache + slot * KVROW + head_off);
         vv[p] = kiln::ld_cached16(v_cache + slot * KVROW + head_off);

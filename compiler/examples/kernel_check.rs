@@ -720,6 +720,7 @@ fn check_rope(
 }
 
 /// A paged KV cache holding `lens[b]` tokens per sequence in shuffled physical blocks.
+#[derive(Clone)]
 struct Paged {
     k: Vec<f32>,
     v: Vec<f32>,
@@ -810,25 +811,42 @@ fn check_decode(
     let width = (heads + 2 * kv) * hd;
     let kvrow = kv * hd;
     let scale = 1.0 / (hd as f64).sqrt();
+    let theta = 10000.0f32;
     let p = Paged::new(r, lens, kvrow);
+    // Row b of qkv is sequence b's new token at position L - 1, not yet rotated: the kernel
+    // rotates q and k and appends k and v to the cache (over the random values there).
     let qkv = r.bf_vec(b_n * width, 1.0);
+    let mut want = p.clone();
+    let slots: Vec<i32> = lens
+        .iter()
+        .enumerate()
+        .map(|(b, &l)| if l == 0 { -1 } else { p.slot(b, l - 1) as i32 })
+        .collect();
     let mut reference = vec![0f64; b_n * heads * hd];
     for (b, &l) in lens.iter().enumerate() {
+        if l == 0 {
+            continue;
+        }
+        let row = &qkv[b * width..(b + 1) * width];
+        let dst = slots[b] as usize * kvrow;
+        for h in 0..kv {
+            let k = rope_ref(&row[(heads + h) * hd..(heads + h + 1) * hd], l - 1, theta);
+            want.k[dst + h * hd..dst + (h + 1) * hd].copy_from_slice(&k);
+        }
+        want.v[dst..dst + kvrow].copy_from_slice(&row[(heads + kv) * hd..(heads + 2 * kv) * hd]);
         for h in 0..heads {
-            if l == 0 {
-                continue;
-            }
-            let q = &qkv[b * width + h * hd..b * width + (h + 1) * hd];
-            let o = attn_ref(q, &p, b, l, h / (heads / kv), hd, kvrow, scale);
+            let q = rope_ref(&row[h * hd..(h + 1) * hd], l - 1, theta);
+            let o = attn_ref(&q, &want, b, l, h / (heads / kv), hd, kvrow, scale);
             reference[(b * heads + h) * hd..(b * heads + h + 1) * hd].copy_from_slice(&o);
         }
     }
-    let (dq, dk, dv, dt, dl) = (
+    let (dq, dk, dv, dt, dl, ds) = (
         g.up_bf(&qkv)?,
         g.up_bf(&p.k)?,
         g.up_bf(&p.v)?,
         g.up(&p.tables)?,
         g.up(&lens.iter().map(|&l| l as i32).collect::<Vec<_>>())?,
+        g.up(&slots)?,
     );
     let inst = KernelInstance::attention_decode(heads, kv, hd, BLOCK);
     let merge = KernelInstance::attention_decode_merge(heads, hd);
@@ -852,6 +870,8 @@ fn check_decode(
                 Arg::P(g.ptr(&dt)),
                 Arg::I(p.max_blocks as i32),
                 Arg::P(g.ptr(&dl)),
+                Arg::P(g.ptr(&ds)),
+                Arg::F(theta),
                 Arg::P(g.ptr(&dout)),
                 Arg::I(b_n as i32),
                 Arg::F(scale as f32),
@@ -881,7 +901,30 @@ fn check_decode(
             TOL,
         );
     }
+    // The appended k (rotated) and v, and the rest of the cache untouched.
+    let kref: Vec<f64> = want.k.iter().map(|&v| v as f64).collect();
+    let vref: Vec<f64> = want.v.iter().map(|&v| v as f64).collect();
+    let e = rel_l2(&g.down_bf(&dk)?, &kref).max(rel_l2(&g.down_bf(&dv)?, &vref));
+    rep.check(
+        format!("{} cache append lens={lens:?}", inst.name_expr),
+        e,
+        TOL,
+    );
     Ok(())
+}
+
+/// RoPE of one head vector at `pos` as rope.cu computes it (f32 angles, bf16 result).
+fn rope_ref(x: &[f32], pos: usize, theta: f32) -> Vec<f32> {
+    let (hd, half) = (x.len(), x.len() / 2);
+    let mut out = x.to_vec();
+    for i in 0..half {
+        let inv = 1.0f32 / theta.powf((2 * i) as f32 / hd as f32);
+        let (s, c) = ((pos as f32 * inv) as f64).sin_cos();
+        let (a, b) = (x[i] as f64, x[half + i] as f64);
+        out[i] = bfr((a * c - b * s) as f32);
+        out[half + i] = bfr((b * c + a * s) as f32);
+    }
+    out
 }
 
 fn check_prefill(
@@ -1308,6 +1351,11 @@ fn bench_decode(
     let num_blocks = b_n * max_blocks;
     let tables: Vec<i32> = (0..num_blocks as i32).collect();
     let (dt, dl) = (g.up(&tables)?, g.up(&vec![l as i32; b_n])?);
+    // Each sequence's new token goes to its last slot (sequence b's blocks are b·max_blocks..).
+    let slots: Vec<i32> = (0..b_n)
+        .map(|b| (b * max_blocks * BLOCK + l - 1) as i32)
+        .collect();
+    let ds = g.up(&slots)?;
     let kc = g.random_bf(num_blocks * BLOCK * kvrow, 11, 1.0)?;
     let vc = g.random_bf(num_blocks * BLOCK * kvrow, 12, 1.0)?;
     let q = g.random_bf(b_n * width, 13, 1.0)?;
@@ -1334,6 +1382,8 @@ fn bench_decode(
                 Arg::P(g.ptr(&dt)),
                 Arg::I(max_blocks as i32),
                 Arg::P(g.ptr(&dl)),
+                Arg::P(g.ptr(&ds)),
+                Arg::F(10000.0),
                 Arg::P(g.ptr(&out)),
                 Arg::I(b_n as i32),
                 Arg::F(scale),

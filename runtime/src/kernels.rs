@@ -257,9 +257,11 @@ impl KernelInstance {
         )
     }
 
-    /// `attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(const bf16* qkv, const bf16* k_cache,
-    /// const bf16* v_cache, const int* block_tables, int max_blocks, const int* seq_lens,
-    /// bf16* out, int B, float scale, float* partial_o, float* partial_ml, int max_splits)`.
+    /// `attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(const bf16* qkv, bf16* k_cache,
+    /// bf16* v_cache, const int* block_tables, int max_blocks, const int* seq_lens,
+    /// const int* slot_mapping, float theta, bf16* out, int B, float scale, float* partial_o,
+    /// float* partial_ml, int max_splits)`: RoPE and the KV-cache append of the step's token
+    /// included.
     pub fn attention_decode(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
         Self::ints(
             KernelFamily::AttentionDecode,

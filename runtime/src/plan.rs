@@ -126,11 +126,15 @@ pub enum Launch {
         theta: f32,
     },
     /// Causal attention of the q part of `qkv` over layer `layer`'s cache → `[T, h·d]`.
+    /// In a decode step (one token per sequence) the attention kernel also does the preceding
+    /// `RopeAppend`'s work, and that launch is skipped.
     Attention {
         /// The fused projection (q read from it).
         qkv: BufId,
         /// KV-cache layer.
         layer: usize,
+        /// RoPE base (the same as the preceding `RopeAppend`'s).
+        theta: f32,
         /// Score scale.
         scale: f32,
         /// Output.

@@ -310,6 +310,7 @@ impl<'g> Lowering<'g> {
         self.launches.push(Launch::Attention {
             qkv,
             layer,
+            theta,
             scale,
             out,
         });

@@ -29,7 +29,7 @@ pub fn splits(batch: usize, kv_heads: usize, max_seq_len: usize) -> usize {
     decode_splits(batch, kv_heads, max_seq_len, SM_COUNT)
 }
 
-/// Most arguments a kernel template takes (attention_decode: 12).
+/// Most arguments a kernel template takes (attention_decode: 14).
 const MAX_ARGS: usize = 16;
 
 /// One kernel argument, by value.
@@ -467,6 +467,8 @@ impl Kernels {
                 epilogue,
                 out,
             } => self.linear(stream, p, *x, norm.as_ref(), w, *epilogue, *out),
+            // A decode step's attention kernel rotates and appends itself.
+            Launch::RopeAppend { .. } if p.t == p.b => Ok(()),
             Launch::RopeAppend { qkv, layer, theta } => {
                 let (q, kc, vc) = (p.buf(*qkv), p.k_cache(*layer), p.v_cache(*layer));
                 let k = KernelInstance::rope_append(a.heads, a.kv_heads, a.head_dim, BLOCK);
@@ -488,6 +490,7 @@ impl Kernels {
             Launch::Attention {
                 qkv,
                 layer,
+                theta,
                 scale,
                 out,
             } => {
@@ -534,6 +537,8 @@ impl Kernels {
                         P(p.block_tables),
                         I(p.max_blocks),
                         P(p.seq_lens),
+                        P(p.slots),
+                        F(*theta),
                         P(o),
                         I(b),
                         F(*scale),
