@@ -110,6 +110,17 @@ fn prefill_step(exec: &mut CudaExecutor, batch: usize, input: usize, vocab: usiz
         .collect()
 }
 
+/// One decode step: each sequence's last token.
+fn decode_step(ids: &[usize], next: &[u32]) -> Vec<StepSeq> {
+    ids.iter()
+        .zip(next)
+        .map(|(&seq, &t)| StepSeq {
+            seq,
+            tokens: vec![t],
+        })
+        .collect()
+}
+
 /// Median prefill time of `reps` prefills, after one warm-up prefill of the same shape (the
 /// first GEMM of a shape makes cuBLAS choose and load its kernels).
 fn ttft_ms(exec: &mut CudaExecutor, batch: usize, input: usize, vocab: usize) -> Result<f64> {
@@ -147,15 +158,7 @@ fn bench_gpu(
         let mut steps = Vec::with_capacity(output);
         for _ in 1..output {
             let s0 = Instant::now();
-            let step: Vec<StepSeq> = ids
-                .iter()
-                .zip(&next)
-                .map(|(&seq, &t)| StepSeq {
-                    seq,
-                    tokens: vec![t],
-                })
-                .collect();
-            next = exec.step_greedy(&step)?;
+            next = exec.step_greedy(&decode_step(&ids, &next))?;
             steps.push(s0.elapsed().as_secs_f64() * 1e3);
         }
         let latency = t0.elapsed().as_secs_f64() * 1e3;
@@ -185,16 +188,8 @@ fn timeline(exec: &mut CudaExecutor, engine: &Engine, batch: usize, input: usize
     exec.timeline_start()?;
     let next = exec.step_greedy(&prefill)?;
     let pre = exec.timeline_take()?;
-    let step: Vec<StepSeq> = ids
-        .iter()
-        .zip(&next)
-        .map(|(&seq, &t)| StepSeq {
-            seq,
-            tokens: vec![t],
-        })
-        .collect();
     exec.timeline_start()?;
-    exec.step_greedy(&step)?;
+    exec.step_greedy(&decode_step(&ids, &next))?;
     let dec = exec.timeline_take()?;
     for id in ids {
         exec.remove_sequence(id);
