@@ -51,7 +51,6 @@ attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16*
                  const int* __restrict__ slot_mapping, float theta, bf16* __restrict__ out, int B,
                  float scale, float* __restrict__ partial_o, float* __restrict__ partial_ml,
                  int max_splits) {
-  kiln::pdl_sync();
   static_assert(HEADS % KV_HEADS == 0, "attention_decode: HEADS must be a multiple of KV_HEADS");
   static_assert(HEAD_DIM % 8 == 0 && 32 % (HEAD_DIM / 8) == 0 && HEAD_DIM <= 256,
                 "attention_decode: HEAD_DIM / 8 must divide 32");
@@ -79,6 +78,7 @@ attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16*
   const int end = min(L, start + chunk);
 
   if (start >= end) {
+    kiln::pdl_sync();
     if (L == 0 && split == 0) {  // a zero row
       for (int e = tid; e < GROUP * HEAD_DIM; e += DEC_THREADS)
         out[(long long)b * HEADS * HEAD_DIM + kvh * GROUP * HEAD_DIM + e] = __float2bfloat16_rn(0.f);
@@ -97,6 +97,9 @@ attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16*
     const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)HEAD_DIM);
     sincosf((float)(L - 1) * inv_freq, &sn[e], &c[e]);
   }
+  // Everything above reads only step metadata (written by the host before the step), so it
+  // overlaps the previous kernel; activations and the cache are read after this.
+  kiln::pdl_sync();
   // Rotates 8 dims given the partner lane's 8, rounding to bf16 as rope_append stores them.
   auto rope8 = [&](uint4 v) {
     uint4 pv;

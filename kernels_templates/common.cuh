@@ -11,8 +11,9 @@
 // synchronization, no allocation).
 // Programmatic dependent launch: the executor launches every kernel allowed to start while the
 // previous one in the stream drains, so every kernel calls kiln::pdl_sync() before its first read
-// of anything a previous kernel writes (activations, KV cache, step metadata) and before its first
-// global write; only weights may be read before it.
+// of anything a previous kernel writes (activations, KV cache, sampled tokens) and before its
+// first global write; only weights and the step's metadata arrays (positions, slots, lengths,
+// block tables: written by the host before the step's first launch) may be read before it.
 #pragma once
 #include <cuda_bf16.h>
 
