@@ -550,51 +550,21 @@ fn check_gemv(
     } else {
         KernelInstance::gemv(k, mmax, epi, norm, out_t)
     };
-    // gemv_tc takes no norm arguments (a folded norm runs before it as rmsnorm).
-    let nargs = if tc { 6 } else { 8 };
     let rt = RuntimeSizes {
         n,
         ..Default::default()
     };
+    let (d_bf, d_f32) = (g.poison_bf(m * n)?, g.poison_f32(m * n)?);
+    let dst = match out_t {
+        OutType::Bf16 => g.ptr(&d_bf),
+        OutType::F32 => g.ptr(&d_f32),
+    };
+    let ptrs = [g.ptr(&dx), g.ptr(&dw), g.ptr(&dr), dst, g.ptr(&dg)];
+    g.launch(&inst, rt, &gemv_args(&inst, ptrs, m, n, eps))?;
+    g.sync()?;
     let out = match out_t {
-        OutType::Bf16 => {
-            let d = g.poison_bf(m * n)?;
-            g.launch(
-                &inst,
-                rt,
-                &[
-                    Arg::P(g.ptr(&dx)),
-                    Arg::I(m as i32),
-                    Arg::P(g.ptr(&dw)),
-                    Arg::I(n as i32),
-                    Arg::P(g.ptr(&dr)),
-                    Arg::P(g.ptr(&d)),
-                    Arg::P(g.ptr(&dg)),
-                    Arg::F(eps),
-                ][..nargs],
-            )?;
-            g.sync()?;
-            g.down_bf(&d)?
-        }
-        OutType::F32 => {
-            let d = g.poison_f32(m * n)?;
-            g.launch(
-                &inst,
-                rt,
-                &[
-                    Arg::P(g.ptr(&dx)),
-                    Arg::I(m as i32),
-                    Arg::P(g.ptr(&dw)),
-                    Arg::I(n as i32),
-                    Arg::P(g.ptr(&dr)),
-                    Arg::P(g.ptr(&d)),
-                    Arg::P(g.ptr(&dg)),
-                    Arg::F(eps),
-                ][..nargs],
-            )?;
-            g.sync()?;
-            g.down(&d)?
-        }
+        OutType::Bf16 => g.down_bf(&d_bf)?,
+        OutType::F32 => g.down(&d_f32)?,
     };
     rep.check(
         format!("{} M={m} N={n}", inst.name_expr),
@@ -602,6 +572,24 @@ fn check_gemv(
         TOL,
     );
     Ok(())
+}
+
+/// Arguments of a GEMV launch from its pointers `[x, w, residual, out, norm_w]`: `gemv` takes
+/// the norm weight and epsilon, `gemv_tc` stops after `out`.
+fn gemv_args(inst: &KernelInstance, ptrs: [u64; 5], m: usize, n: usize, eps: f32) -> Vec<Arg> {
+    let [x, w, r, out, norm_w] = ptrs;
+    let mut args = vec![
+        Arg::P(x),
+        Arg::I(m as i32),
+        Arg::P(w),
+        Arg::I(n as i32),
+        Arg::P(r),
+        Arg::P(out),
+    ];
+    if inst.family == KernelFamily::Gemv {
+        args.extend([Arg::P(norm_w), Arg::F(eps)]);
+    }
+    args
 }
 
 fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
@@ -1310,16 +1298,19 @@ fn bench_gemv(
         g.launch_raw(
             &name,
             dims,
-            &[
-                Arg::P(g.ptr(&x)),
-                Arg::I(m as i32),
-                Arg::P(g.ptr(&ws[i % copies])),
-                Arg::I(n as i32),
-                Arg::P(g.ptr(&res)),
-                Arg::P(g.ptr(&out)),
-                Arg::P(g.ptr(&gamma)),
-                Arg::F(1e-5),
-            ][..if v.tc { 6 } else { 8 }],
+            &gemv_args(
+                &inst,
+                [
+                    g.ptr(&x),
+                    g.ptr(&ws[i % copies]),
+                    g.ptr(&res),
+                    g.ptr(&out),
+                    g.ptr(&gamma),
+                ],
+                m,
+                n,
+                1e-5,
+            ),
         )
     })?;
     let gbs = bytes as f64 / us / 1e3;

@@ -194,7 +194,7 @@ impl CudaExecutor {
                 Rows::Sequences => opts.max_batch,
             }
         };
-        let scratch = kernels.scratch_bytes(&plan, &opts);
+        let scratch = Kernels::scratch_bytes(&plan, &opts);
         let mut arena_total = align(scratch);
         let mut slot_off = Vec::new();
         for (s, row) in slot_row_bytes.iter().enumerate() {
@@ -211,7 +211,7 @@ impl CudaExecutor {
         }
         let arena = stream.alloc_zeros::<u8>(arena_total)?;
         let abase = arena.device_ptr(&stream).0;
-        kernels.set_scratch(abase);
+        kernels.set_scratch(abase, &plan, &opts);
         let slot_base = slot_off.iter().map(|o| abase + *o as u64).collect();
 
         // Paged KV cache: per layer, K then V, each [blocks, BLOCK, kv_heads, head_dim] bf16.

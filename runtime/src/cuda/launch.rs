@@ -198,8 +198,6 @@ pub struct Kernels {
     scratch: u64,
     /// Scratch for a prefill GEMM's normalized input (after `scratch`).
     norm_scratch: u64,
-    /// Bytes of `scratch` (where `norm_scratch` starts).
-    scratch_len: u64,
     /// While set, an event is recorded after every launch (`Kernels::timeline`).
     timeline: RefCell<Option<Timeline>>,
     weight_cols: HashMap<String, (usize, usize)>,
@@ -263,7 +261,6 @@ impl Kernels {
             blas: CudaBlas::new(stream.clone())?,
             scratch: 0,
             norm_scratch: 0,
-            scratch_len: 0,
             timeline: RefCell::new(None),
             weight_cols,
             pdl,
@@ -273,7 +270,19 @@ impl Kernels {
     /// Bytes of scratch the plan needs at the start of the arena: the gate/up product of a
     /// prefill GEMM or the split-KV partial results of decode attention, then the normalized
     /// input of a prefill GEMM with a folded norm.
-    pub fn scratch_bytes(&mut self, plan: &Plan, opts: &CudaOptions) -> usize {
+    pub fn scratch_bytes(plan: &Plan, opts: &CudaOptions) -> usize {
+        let normed = plan.launches.iter().filter_map(|l| match l {
+            Launch::Linear {
+                x, norm: Some(_), ..
+            } => Some(plan.buffers[*x].cols * 2),
+            _ => None,
+        });
+        Self::first_scratch_bytes(plan, opts)
+            + normed.max().unwrap_or(0) * opts.max_step_tokens.max(opts.max_batch)
+    }
+
+    /// Bytes of the first scratch region (gate/up product or attention partials), 256-aligned.
+    fn first_scratch_bytes(plan: &Plan, opts: &CudaOptions) -> usize {
         let gated = plan.launches.iter().filter_map(|l| match l {
             Launch::Linear {
                 out,
@@ -286,21 +295,13 @@ impl Kernels {
         let a = plan.attention;
         let most = splits(1, a.kv_heads, opts.max_seq_len);
         let partials = opts.max_batch * a.heads * most * (a.head_dim + 2) * 4;
-        let first = (gu.max(partials) + 1024).div_ceil(256) * 256;
-        self.scratch_len = first as u64;
-        let normed = plan.launches.iter().filter_map(|l| match l {
-            Launch::Linear {
-                x, norm: Some(_), ..
-            } => Some(plan.buffers[*x].cols * 2),
-            _ => None,
-        });
-        first + normed.max().unwrap_or(0) * opts.max_step_tokens.max(opts.max_batch)
+        (gu.max(partials) + 1024).div_ceil(256) * 256
     }
 
-    /// Sets where the scratch space starts (after [`Kernels::scratch_bytes`]).
-    pub fn set_scratch(&mut self, addr: u64) {
+    /// Sets where the scratch space of [`Kernels::scratch_bytes`] starts.
+    pub fn set_scratch(&mut self, addr: u64, plan: &Plan, opts: &CudaOptions) {
         self.scratch = addr;
-        self.norm_scratch = addr + self.scratch_len;
+        self.norm_scratch = addr + Self::first_scratch_bytes(plan, opts) as u64;
     }
 
     /// Starts recording an event after every launch (a per-kernel timeline of the next steps;
@@ -429,24 +430,20 @@ impl Kernels {
         let a = plan.attention;
         let (t, b) = (p.t as i32, p.b as i32);
         match launch {
-            Launch::Embedding { table, out } => {
-                let (tab, o) = (p.w(table)?, p.buf(*out));
+            // Both are row gathers (`embedding`): table rows by token id, or each sequence's
+            // last token row.
+            Launch::Embedding { out, .. } | Launch::GatherLast { out, .. } => {
+                let (src, ids, rows) = match launch {
+                    Launch::Embedding { table, .. } => (p.w(table)?, p.tokens, p.t),
+                    Launch::GatherLast { x, .. } => (p.buf(*x), p.last_index, p.b),
+                    _ => unreachable!(),
+                };
                 let k = KernelInstance::embedding(plan.buffers[*out].cols);
                 self.go(
                     stream,
                     &k,
-                    sizes(p.t, p.b, 0, 0),
-                    &[P(tab), P(p.tokens), P(o), I(t)],
-                )
-            }
-            Launch::GatherLast { x, out } => {
-                let (src, o) = (p.buf(*x), p.buf(*out));
-                let k = KernelInstance::embedding(plan.buffers[*out].cols);
-                self.go(
-                    stream,
-                    &k,
-                    sizes(p.b, p.b, 0, 0),
-                    &[P(src), P(p.last_index), P(o), I(b)],
+                    sizes(rows, p.b, 0, 0),
+                    &[P(src), P(ids), P(p.buf(*out)), I(rows as i32)],
                 )
             }
             Launch::RmsNorm { x, w, eps, out } => {
