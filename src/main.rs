@@ -242,6 +242,9 @@ fn cmd_build(checkpoint: &Path, output: &Path, opts: BuildOptions) -> Result<()>
             );
         }
     }
+    if let Some(note) = &report.gemm_note {
+        eprintln!("{note}");
+    }
     Ok(())
 }
 

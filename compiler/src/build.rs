@@ -176,6 +176,8 @@ pub struct BuildReport {
     pub parameters: usize,
     /// What the rewriter did (`None` with `--no-optimize`).
     pub rewrite: Option<RewriteReport>,
+    /// GPU engines: how the prefill GEMMs' algorithms were chosen.
+    pub gemm_note: Option<String>,
 }
 
 /// Builds an engine from a checkpoint. `progress(done, total)` is called as weights are read.
@@ -259,9 +261,9 @@ pub fn build(
         .iter()
         .map(|t| t.shape.iter().product::<usize>())
         .sum();
-    let (target, mut tensors, extra_metadata) = match gpu {
-        Some(g) => ("cuda", g.tensors, g.metadata),
-        None => ("cpu", vec![], vec![]),
+    let (target, mut tensors, extra_metadata, gemm_note) = match gpu {
+        Some(g) => ("cuda", g.tensors, g.metadata, Some(g.gemm_note)),
+        None => ("cpu", vec![], vec![], None),
     };
     tensors.extend(weights);
     let contents = EngineContents {
@@ -280,5 +282,6 @@ pub fn build(
         weights: total,
         parameters,
         rewrite,
+        gemm_note,
     })
 }

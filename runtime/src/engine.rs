@@ -38,6 +38,9 @@ pub mod keys {
     /// GPU engines: JSON list of kernels `{module, name, lowered}`; module `m` is the U8 tensor
     /// `kernels.m` (a CUBIN).
     pub const KERNELS: &str = "kiln.kernels";
+    /// GPU engines built where their GPU is: JSON `GemmAlgos`, the cuBLASLt algorithm chosen
+    /// for each prefill GEMM shape (`crate::cuda::gemm_algos`); absent elsewhere.
+    pub const GEMM_ALGOS: &str = "kiln.gemm_algos";
     /// xxh3-64 (hex) over the tensors, sorted by name: name bytes then data bytes.
     pub const CHECKSUM: &str = "kiln.checksum";
 }

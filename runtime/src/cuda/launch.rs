@@ -3,6 +3,7 @@
 //! mirrors the templates' launch rules; argument lists follow the header comment of each file in
 //! `kernels_templates/`. Prefill GEMMs (more than `GEMV_MAX_ROWS` rows) go to cuBLAS.
 
+use super::gemm_algos::{GemmAlgos, GemmShape, LtGemm};
 use super::kv_cache::BLOCK;
 use super::{CudaError, CudaOptions};
 use crate::engine::{keys, Engine};
@@ -201,6 +202,9 @@ pub struct Kernels {
     /// While set, an event is recorded after every launch (`Kernels::timeline`).
     timeline: RefCell<Option<Timeline>>,
     weight_cols: HashMap<String, (usize, usize)>,
+    /// The engine's per-shape cuBLASLt algorithms for prefill GEMMs, with a cuBLASLt handle
+    /// (absent: cuBLAS's default algorithm for every GEMM).
+    gemm_algos: Option<(GemmAlgos, LtGemm)>,
     /// Launch with programmatic stream serialization (sm_90+): each kernel may start while the
     /// previous one drains, and waits for it in `kiln::pdl_sync()` (kernels_templates/common.cuh).
     pdl: bool,
@@ -256,9 +260,18 @@ impl Kernels {
                 (e.shape.len() == 2).then(|| (n.to_string(), (e.shape[0], e.shape[1])))
             })
             .collect();
+        let gemm_algos = match engine.metadata(keys::GEMM_ALGOS) {
+            Some(json) => {
+                let t: GemmAlgos = serde_json::from_str(json)
+                    .map_err(|e| CudaError::Engine(format!("GEMM algorithm table: {e}")))?;
+                Some((t, LtGemm::new(stream)?))
+            }
+            None => None,
+        };
         Ok(Kernels {
             funcs,
             blas: CudaBlas::new(stream.clone())?,
+            gemm_algos,
             scratch: 0,
             norm_scratch: 0,
             timeline: RefCell::new(None),
@@ -639,32 +652,46 @@ impl Kernels {
             BufType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
             BufType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
         };
+        // The algorithm chosen for this shape at build, where there is one and it runs.
+        let shape = GemmShape::of(n_rows, k, epi, out_t);
+        let tuned = self.gemm_algos.as_ref().and_then(|(t, lt)| {
+            let c = t.lookup(&shape, rows)?;
+            // SAFETY: pointers address device buffers of the sizes the plan declares.
+            unsafe { lt.run(stream, &shape, rows, &c.algo, wp, xp, dst) }.ok()
+        });
         let alpha = 1f32;
         // SAFETY: pointers address device buffers of the sizes the plan declares.
-        unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n_rows as i32,
-                rows as i32,
-                k as i32,
-                &alpha as *const f32 as *const _,
-                wp as *const _,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                k as i32,
-                xp as *const _,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                k as i32,
-                &beta as *const f32 as *const _,
-                dst as *mut _,
-                c_type,
-                n_rows as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )?;
+        if tuned.is_none() {
+            unsafe {
+                blas::gemm_ex(
+                    *self.blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    n_rows as i32,
+                    rows as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const _,
+                    wp as *const _,
+                    blas_sys::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    xp as *const _,
+                    blas_sys::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    &beta as *const f32 as *const _,
+                    dst as *mut _,
+                    c_type,
+                    n_rows as i32,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )?;
+            }
         }
-        self.mark(stream, &format!("cublas gemm {rows}x{n_rows}x{k}"))?;
+        let how = if tuned.is_some() {
+            "cublasLt"
+        } else {
+            "cublas"
+        };
+        self.mark(stream, &format!("{how} gemm {rows}x{n_rows}x{k}"))?;
         if epi == Epilogue::Gated {
             let r = rows as i32;
             self.go(
