@@ -45,6 +45,17 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   return r;
 }
 
+// ld_stream16 with L2 fetching 256-byte blocks (.L2::256B): gemv_tc, whose lanes read 16 bytes
+// of two rows per 32-wide k chunk, measured 2–5% faster with it; the M = 1 gemv, whose warps read
+// 512 contiguous bytes per row, was unchanged.
+__device__ __forceinline__ uint4 ld_stream16_256(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
 // 16-byte read-only load through L1 (activations that many warps re-read).
 __device__ __forceinline__ uint4 ld_cached16(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));

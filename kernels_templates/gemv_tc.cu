@@ -13,7 +13,8 @@
 // bytes of weight rows g and g+8 (g = lane/4) at k offset 8·(lane%4) and 16 bytes of x row g,
 // and the warp issues two m16n8k16 MMAs: A = the 16 weight rows, B = the (≤ 8) x rows. The k
 // order inside a chunk is permuted identically for A and B (a dot product does not care), which
-// makes every operand a plain 16-byte load. Weights stream with ld.global.nc.L1::no_allocate.
+// makes every operand a plain 16-byte load. Weights stream with ld.global.nc.L1::no_allocate,
+// L2 fetching 256-byte blocks.
 // Partial sums of the 8 warps are reduced through shared memory; warp 0 applies the epilogue.
 // Cost is independent of M (the 8 batch columns of the MMA are always computed).
 // The first group of weight loads is issued before kiln::pdl_sync() (see common.cuh).
@@ -81,7 +82,7 @@ gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, co
 #pragma unroll
         for (int a = 0; a < NA; ++a)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) wv[u][a][h] = kiln::ld_stream16(wp[a][h] + c * 32);
+          for (int h = 0; h < 2; ++h) wv[u][a][h] = kiln::ld_stream16_256(wp[a][h] + c * 32);
       }
     }
   };
