@@ -36,12 +36,16 @@ __device__ __forceinline__ void pdl_sync() {
 // -infinity without <cmath> (NVRTC has no standard headers).
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
-// 16-byte read-only load that does not allocate in L1: for weights streamed exactly once.
+// 16-byte read-only load that does not allocate in L1 (weights, streamed exactly once), with an
+// optional L2 qualifier.
+#define KILN_LD_STREAM16(qual, p, r)                                                        \
+  asm volatile("ld.global.nc.L1::no_allocate" qual ".v4.u32 {%0, %1, %2, %3}, [%4];"       \
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)                                 \
+               : "l"(p))
+
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
+  KILN_LD_STREAM16("", p, r);
   return r;
 }
 
@@ -50,9 +54,7 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
 // 512 contiguous bytes per row, was unchanged.
 __device__ __forceinline__ uint4 ld_stream16_256(const void* p) {
   uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
+  KILN_LD_STREAM16(".L2::256B", p, r);
   return r;
 }
 
