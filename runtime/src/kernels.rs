@@ -403,18 +403,18 @@ impl KernelInstance {
     }
 
     /// Warps sharing one output of a `gemv` instance, each over 1/KS of K (`GemvCfg::KS` in
-    /// `gemv.cu`): 2 for the residual GEMVs at M = 1 (N is the model width: too few rows to fill
-    /// the GPU with a warp per row), else 1.
+    /// `gemv.cu`): for the residual GEMVs at M = 1 (N is the model width: too few rows to fill
+    /// the GPU with a warp per row) 4 when K ≤ 4096, else 2; 1 for the others.
     pub fn gemv_k_split(&self) -> usize {
         let (k, mmax, epi) = (self.int_arg(0), self.int_arg(1), self.int_arg(2));
-        if self.family == KernelFamily::Gemv
+        let residual_m1 = self.family == KernelFamily::Gemv
             && mmax == 1
-            && epi == GemvEpilogue::Residual as usize
-            && k % 16 == 0
-        {
-            2
-        } else {
-            1
+            && epi == GemvEpilogue::Residual as usize;
+        match k {
+            _ if !residual_m1 => 1,
+            k if k <= 4096 && k % 32 == 0 => 4,
+            k if k % 16 == 0 => 2,
+            _ => 1,
         }
     }
 

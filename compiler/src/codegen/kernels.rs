@@ -425,6 +425,10 @@ mod tests {
         let g1 = KernelInstance::gemv(4096, 1, GemvEpilogue::Plain, true, OutType::Bf16)
             .launch_dims(&rt);
         assert_eq!((g1.grid, g1.block), ((512, 1, 1), (256, 1, 1)));
+        // Residual GEMVs at M = 1 split K over 4 warps up to K = 4096, else over 2.
+        let res = |k| KernelInstance::gemv(k, 1, GemvEpilogue::Residual, false, OutType::Bf16);
+        assert_eq!(res(4096).launch_dims(&rt).grid, (2048, 1, 1));
+        assert_eq!(res(14336).launch_dims(&rt).grid, (1024, 1, 1));
         let g8 = KernelInstance::gemv(4096, 8, GemvEpilogue::Residual, false, OutType::Bf16)
             .launch_dims(&rt);
         assert_eq!(g8.grid, (256, 1, 1)); // two columns per warp
