@@ -8,7 +8,9 @@
 //
 // Layouts: x [M, K], w [N, K] (or [2N, K]) bf16 row-major, 16-byte aligned; out [M, N] OutT.
 // K % 32 == 0, 1 <= M <= MMAX <= 8, any N >= 1.
-// Scheme: a CTA owns 16 weight rows (32 when gated) and its 8 warps split K in 32-wide chunks
+// Scheme: a CTA owns 16 weight rows (32 when gated; 8 for the residual epilogue, whose N is the
+// model width: twice the CTAs to fill the GPU, the MMA's upper 8 A rows repeating the lower 8 and
+// their results unused) and its 8 warps split K in 32-wide chunks
 // (warp w takes chunks w, w+8, …, GEMV_TC_UNROLL chunks in flight). Per chunk a lane loads 16
 // bytes of weight rows g and g+8 (g = lane/4) at k offset 8·(lane%4) and 16 bytes of x row g,
 // and the warp issues two m16n8k16 MMAs: A = the 16 weight rows, B = the (≤ 8) x rows. The k
@@ -18,7 +20,8 @@
 // Partial sums of the 8 warps are reduced through shared memory; warp 0 applies the epilogue.
 // Cost is independent of M (the 8 batch columns of the MMA are always computed).
 // The first group of weight loads is issued before kiln::pdl_sync() (see common.cuh).
-// Launch: grid (ceil(N / 16)), block GEMV_TC_WARPS*32 = 256, no dynamic shared memory.
+// Launch: grid (ceil(N / 16)), ceil(N / 8) for EPI 1, block GEMV_TC_WARPS*32 = 256, no dynamic
+// shared memory.
 #include "common.cuh"
 
 // Tuning knobs (the launch code assumes the defaults): warps per CTA (splitting K), and 32-wide
@@ -57,13 +60,14 @@ gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, co
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 16;
+  constexpr int HR = EPI == 1 ? 1 : 2;  // distinct 8-row halves of the MMA's A tile
+  const int n0 = blockIdx.x * 8 * HR;
   const bf16* wp[NA][2];
 #pragma unroll
   for (int a = 0; a < NA; ++a)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int n = min(n0 + g + 8 * h, N - 1);  // rows past N re-read a valid row, unused
+      const int n = min(n0 + g + 8 * (h % HR), N - 1);  // rows past N re-read a valid row, unused
       wp[a][h] = w + ((long long)a * N + n) * K + 8 * t;
     }
   const bool has_x = g < M;
@@ -82,7 +86,8 @@ gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, co
 #pragma unroll
         for (int a = 0; a < NA; ++a)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) wv[u][a][h] = kiln::ld_stream16_256(wp[a][h] + c * 32);
+          for (int h = 0; h < 2; ++h)
+            wv[u][a][h] = h < HR ? kiln::ld_stream16_256(wp[a][h] + c * 32) : wv[u][a][0];
       }
     }
   };
@@ -126,9 +131,10 @@ gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, co
       for (int ww = 0; ww < GEMV_TC_WARPS; ++ww) s += red[ww][a * 4 + i][lane];
       acc[a][i] = s;
     }
-  // acc[a][i]: weight row n0 + g + 8*(i/2), batch row 2t + (i%2).
+  // acc[a][i]: weight row n0 + g + 8*(i/2), batch row 2t + (i%2) (with HR = 1, i/2 = 1 repeats
+  // i/2 = 0: skipped, as the residual may alias out).
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 2 * HR; ++i) {
     const int n = n0 + g + 8 * (i >> 1);
     const int m = 2 * t + (i & 1);
     if (n < N && m < M) {

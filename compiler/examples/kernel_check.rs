@@ -1278,7 +1278,11 @@ fn bench_gemv(
         )
     } else {
         let per_cta = if v.tc {
-            16
+            if epi == GemvEpilogue::Residual {
+                8
+            } else {
+                16
+            }
         } else {
             v.warps / inst.gemv_k_split()
                 * if mmax >= 4 && epi != GemvEpilogue::Gated {

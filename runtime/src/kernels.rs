@@ -357,7 +357,15 @@ impl KernelInstance {
                     threads::GEMV_WARPS as usize / self.gemv_k_split() * self.gemv_cols_per_warp();
                 one((rt.n.div_ceil(per_cta), 1, 1), threads::GEMV_WARPS * 32)
             }
-            KernelFamily::GemvTc => one((rt.n.div_ceil(16), 1, 1), threads::GEMV_WARPS * 32),
+            KernelFamily::GemvTc => {
+                // 8 weight rows per CTA for the residual epilogue, else 16 (`HR` in gemv_tc.cu).
+                let rows = if self.int_arg(2) == GemvEpilogue::Residual as usize {
+                    8
+                } else {
+                    16
+                };
+                one((rt.n.div_ceil(rows), 1, 1), threads::GEMV_WARPS * 32)
+            }
             KernelFamily::SiluMul => {
                 let work = rt.tokens * self.int_arg(0) / 8;
                 one(

@@ -429,6 +429,8 @@ mod tests {
         let res = |k| KernelInstance::gemv(k, 1, GemvEpilogue::Residual, false, OutType::Bf16);
         assert_eq!(res(4096).launch_dims(&rt).grid, (2048, 1, 1));
         assert_eq!(res(14336).launch_dims(&rt).grid, (1024, 1, 1));
+        let tc_res = KernelInstance::gemv_tc(4096, 8, GemvEpilogue::Residual, OutType::Bf16);
+        assert_eq!(tc_res.launch_dims(&rt).grid, (512, 1, 1)); // 8 weight rows per CTA
         let g8 = KernelInstance::gemv(4096, 8, GemvEpilogue::Residual, false, OutType::Bf16)
             .launch_dims(&rt);
         assert_eq!(g8.grid, (256, 1, 1)); // two columns per warp
