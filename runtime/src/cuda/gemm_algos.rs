@@ -168,34 +168,27 @@ struct Descs {
 impl Descs {
     fn new(shape: &GemmShape, m: usize) -> Result<Descs, CudaError> {
         use lt_sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
-        let op =
-            lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
-                .map_err(lt_err)?;
-        let d = Descs {
-            op,
-            a: lt::create_matrix_layout(
-                CUDA_R_16BF,
-                shape.k as u64,
-                shape.n as u64,
-                shape.k as i64,
-            )
-            .map_err(lt_err)?,
-            b: lt::create_matrix_layout(CUDA_R_16BF, shape.k as u64, m as u64, shape.k as i64)
-                .map_err(lt_err)?,
-            c: lt::create_matrix_layout(
-                if shape.f32_out {
-                    CUDA_R_32F
-                } else {
-                    CUDA_R_16BF
-                },
-                shape.n as u64,
-                m as u64,
-                shape.n as i64,
-            )
-            .map_err(lt_err)?,
+        let out_type = if shape.f32_out {
+            CUDA_R_32F
+        } else {
+            CUDA_R_16BF
         };
-        let trans: i32 = 1; // CUBLAS_OP_T on the weight
-                            // SAFETY: `op` is live; the attribute takes a 4-byte cublasOperation_t.
+        let (n, k, m) = (shape.n as u64, shape.k as u64, m as u64);
+        // Filled one by one, so an error part-way destroys what was made (Drop skips nulls).
+        let mut d = Descs {
+            op: std::ptr::null_mut(),
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+        };
+        d.op = lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
+            .map_err(lt_err)?;
+        d.a = lt::create_matrix_layout(CUDA_R_16BF, k, n, k as i64).map_err(lt_err)?;
+        d.b = lt::create_matrix_layout(CUDA_R_16BF, k, m, k as i64).map_err(lt_err)?;
+        d.c = lt::create_matrix_layout(out_type, n, m, n as i64).map_err(lt_err)?;
+        // CUBLAS_OP_T on the weight.
+        let trans: i32 = 1;
+        // SAFETY: `op` is live; the attribute takes a 4-byte cublasOperation_t.
         unsafe {
             lt::set_matmul_desc_attribute(
                 d.op,
@@ -211,12 +204,16 @@ impl Descs {
 
 impl Drop for Descs {
     fn drop(&mut self) {
-        // SAFETY: created in `new`, destroyed once.
+        // SAFETY: created in `new` (or null), destroyed once.
         unsafe {
-            let _ = lt::destroy_matrix_layout(self.c);
-            let _ = lt::destroy_matrix_layout(self.b);
-            let _ = lt::destroy_matrix_layout(self.a);
-            let _ = lt::destroy_matmul_desc(self.op);
+            for l in [self.c, self.b, self.a] {
+                if !l.is_null() {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+            }
+            if !self.op.is_null() {
+                let _ = lt::destroy_matmul_desc(self.op);
+            }
         }
     }
 }
