@@ -87,16 +87,12 @@ attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16*
   }
 
   // RoPE of this lane's 8 dims at position L - 1: dims d < HALF pair with d + HALF, which the
-  // lane VPR/2 away holds; cos/sin of pair index d mod HALF, as rope.cu computes them.
+  // lane VPR/2 away holds; cos/sin of pair index d mod HALF (kiln::rope_sincos, as rope.cu).
   constexpr int HALF = HEAD_DIM / 2;
   const bool lower = dv < VPR / 2;
   float c[8], sn[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const int i = (dv * 8 + e) % HALF;
-    const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)HEAD_DIM);
-    sincosf((float)(L - 1) * inv_freq, &sn[e], &c[e]);
-  }
+  for (int e = 0; e < 8; ++e) kiln::rope_sincos<HEAD_DIM>(L - 1, (dv * 8 + e) % HALF, theta, &sn[e], &c[e]);
   // Everything above reads only step metadata (written by the host before the step), so it
   // overlaps the previous kernel; activations and the cache are read after this.
   kiln::pdl_sync();

@@ -103,6 +103,15 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b, float acc) {
   return acc;
 }
 
+// RoPE's (sin, cos) for pair index i at position pos, in f32 as HF computes them:
+// inv_freq = 1 / theta^(2i / HEAD_DIM), angle = pos * inv_freq (accurate sincosf). rope_append and
+// attention_decode both use it, so prefill and decode rotate a position identically.
+template <int HEAD_DIM>
+__device__ __forceinline__ void rope_sincos(int pos, int i, float theta, float* s, float* c) {
+  const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)HEAD_DIM);
+  sincosf((float)pos * inv_freq, s, c);
+}
+
 // RMSNorm of 8 elements of a row whose scale r = rsqrt(mean(x²) + eps) is known:
 // bf16(w · bf16(x · r)), as HF LlamaRMSNorm rounds (normalize in f32, cast, times the weight).
 __device__ __forceinline__ uint4 rms_apply8(uint4 x, uint4 w, float r) {

@@ -49,10 +49,7 @@ rope_append(bf16* qkv, const int* __restrict__ positions, const int* __restrict_
   for (int q = 0; q < PL; ++q) {
     const int i = 2 * (lane + 32 * q);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const float inv_freq = 1.0f / powf(theta, (float)(2 * (i + j)) / (float)HEAD_DIM);
-      sincosf((float)pos * inv_freq, &sn[q][j], &c[q][j]);
-    }
+    for (int j = 0; j < 2; ++j) kiln::rope_sincos<HEAD_DIM>(pos, i + j, theta, &sn[q][j], &c[q][j]);
   }
   bf16* row = qkv + (long long)t * STRIDE;
   for (int h = blockIdx.y * ROPE_WARPS + (threadIdx.x >> 5); h < NH; h += gridDim.y * ROPE_WARPS) {

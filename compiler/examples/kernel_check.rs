@@ -1268,31 +1268,22 @@ fn bench_gemv(
     } else {
         KernelInstance::gemv(k, mmax, epi, norm, out_t)
     };
+    let dims = inst.launch_dims(&RuntimeSizes {
+        n,
+        ..Default::default()
+    });
     let (name, dims) = if v.is_default() {
-        (
-            inst.name_expr.clone(),
-            inst.launch_dims(&RuntimeSizes {
-                n,
-                ..Default::default()
-            }),
-        )
+        (inst.name_expr.clone(), dims)
     } else {
-        let per_cta = if v.tc {
-            if epi == GemvEpilogue::Residual {
-                8
-            } else {
-                16
-            }
+        // A variant changes the warps per CTA: gemv_tc's rows per CTA stay, gemv's scale.
+        let grid = if v.tc {
+            dims.grid
         } else {
-            v.warps / inst.gemv_k_split()
-                * if mmax >= 4 && epi != GemvEpilogue::Gated {
-                    2
-                } else {
-                    1
-                }
+            let per_cta = v.warps / inst.gemv_k_split() * inst.gemv_cols_per_warp();
+            (n.div_ceil(per_cta) as u32, 1, 1)
         };
         let dims = LaunchDims {
-            grid: (n.div_ceil(per_cta) as u32, 1, 1),
+            grid,
             block: (v.warps as u32 * 32, 1, 1),
             shared_bytes: 0,
         };

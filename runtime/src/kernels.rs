@@ -427,7 +427,7 @@ impl KernelInstance {
     }
 
     /// Output columns per warp of a GEMV instance (`GemvCfg::ROWS` in `gemv.cu`).
-    fn gemv_cols_per_warp(&self) -> usize {
+    pub fn gemv_cols_per_warp(&self) -> usize {
         let mmax = self.int_arg(1);
         let epi = self.int_arg(2);
         if mmax >= 4 && epi != GemvEpilogue::Gated as usize {

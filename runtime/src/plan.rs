@@ -64,8 +64,8 @@ pub enum Epilogue {
     Gated,
 }
 
-/// An RMSNorm folded into the `Linear` that consumes it: the GEMV normalizes its input rows on
-/// the fly; a prefill GEMM runs the norm into scratch first.
+/// An RMSNorm folded into the `Linear` that consumes it: the one-row GEMV normalizes its input
+/// in its prologue; batched GEMVs and prefill GEMMs run the norm into scratch first.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Norm {
     /// Norm weight name.

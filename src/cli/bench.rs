@@ -92,6 +92,7 @@ fn gpu_executor(
     Ok(CudaExecutor::new(engine, opts)?)
 }
 
+/// The model's vocabulary size (for random prompt tokens).
 fn vocab(engine: &Engine) -> usize {
     engine
         .config
@@ -227,11 +228,7 @@ fn timeline(exec: &mut CudaExecutor, engine: &Engine, batch: usize, input: usize
 
 fn bench_cpu(engine: &Engine, batch: usize, input: usize, output: usize) -> Result<Row> {
     let exec = engine.cpu_executor()?;
-    let vocab = engine
-        .config
-        .get("vocab_size")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(32000) as usize;
+    let vocab = vocab(engine);
     let mut session = exec.session(batch);
     let prompt: Vec<i32> = (0..batch)
         .flat_map(|i| tokens(input, vocab, i as u64 + 1))

@@ -76,14 +76,14 @@ pub fn gpu_artifacts(graph: &Graph, arch: &str) -> Result<GpuArtifacts, String> 
 /// the engine is for; elsewhere the engine keeps cuBLAS's default algorithm.
 fn tune_gemms(plan: &Plan, arch: &str) -> (Option<GemmAlgos>, String) {
     let default = "prefill GEMMs: cuBLAS's default algorithms";
-    match gemm_algos::device_arch() {
+    match kiln_runtime::cuda::device_arch() {
         Ok(a) if a == arch => {}
         Ok(a) => return (None, format!("{default} (this GPU is {a}, not {arch})")),
         Err(_) => return (None, format!("{default} (no GPU here to time them on)")),
     }
     let shapes = gemm_algos::plan_shapes(plan);
     let t = std::time::Instant::now();
-    match gemm_algos::tune(&shapes, |_| {}) {
+    match gemm_algos::tune(&shapes) {
         Ok(a) => {
             let rows = 2048;
             let (best, dflt) = a.totals(rows);

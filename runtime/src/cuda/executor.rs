@@ -96,8 +96,8 @@ pub struct CudaExecutor {
 
 /// Refuses an engine whose kernels were compiled for another architecture than the GPU's
 /// compute capability `(major, minor)`.
-fn check_arch(engine_arch: Option<&str>, (major, minor): (i32, i32)) -> Result<(), CudaError> {
-    let device = format!("sm_{major}{minor}");
+fn check_arch(engine_arch: Option<&str>, cc: (i32, i32)) -> Result<(), CudaError> {
+    let device = super::sm_name(cc);
     match engine_arch {
         Some(a) if a == device => Ok(()),
         other => Err(CudaError::ArchMismatch {

@@ -9,6 +9,7 @@
 
 use super::CudaError;
 use crate::plan::{BufType, Epilogue, Launch, Plan, Rows};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{CudaSlice, CudaStream};
 use serde::{Deserialize, Serialize};
@@ -100,20 +101,6 @@ pub fn plan_shapes(plan: &Plan) -> Vec<GemmShape> {
     out.sort();
     out.dedup();
     out
-}
-
-/// The architecture (`sm_90`) of GPU 0, if a CUDA driver and a GPU are present.
-pub fn device_arch() -> Result<String, CudaError> {
-    // SAFETY: only probes whether the driver library can be loaded.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(CudaError::NoDevice(
-            "the CUDA driver library (libcuda) was not found".into(),
-        ));
-    }
-    let ctx =
-        cudarc::driver::CudaContext::new(0).map_err(|e| CudaError::NoDevice(e.to_string()))?;
-    let (major, minor) = ctx.compute_capability()?;
-    Ok(format!("sm_{major}{minor}"))
 }
 
 impl GemmAlgos {
@@ -318,14 +305,52 @@ impl LtGemm {
     }
 }
 
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ out when shape.accumulate)` with `cublasGemmEx`'s default
+/// algorithm: what a GEMM runs without a recorded winner, and what the candidates are timed against.
+///
+/// # Safety
+/// As [`LtGemm::run`].
+pub unsafe fn run_default(
+    blas: &CudaBlas,
+    shape: &GemmShape,
+    m: usize,
+    w: u64,
+    x: u64,
+    out: u64,
+) -> Result<(), CudaError> {
+    let (alpha, beta) = (1f32, if shape.accumulate { 1f32 } else { 0f32 });
+    let c_type = if shape.f32_out {
+        blas_sys::cudaDataType::CUDA_R_32F
+    } else {
+        blas_sys::cudaDataType::CUDA_R_16BF
+    };
+    blas::gemm_ex(
+        *blas.handle(),
+        blas_sys::cublasOperation_t::CUBLAS_OP_T,
+        blas_sys::cublasOperation_t::CUBLAS_OP_N,
+        shape.n as i32,
+        m as i32,
+        shape.k as i32,
+        &alpha as *const f32 as *const _,
+        w as *const _,
+        blas_sys::cudaDataType::CUDA_R_16BF,
+        shape.k as i32,
+        x as *const _,
+        blas_sys::cudaDataType::CUDA_R_16BF,
+        shape.k as i32,
+        &beta as *const f32 as *const _,
+        out as *mut _,
+        c_type,
+        shape.n as i32,
+        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )?;
+    Ok(())
+}
+
 /// Times every cuBLASLt candidate for each shape at each of [`TUNED_ROWS`] against
-/// `cublasGemmEx`'s default on random operands, on the current GPU (device 0). `progress` is
-/// told each shape as it starts.
-pub fn tune(
-    shapes: &[GemmShape],
-    mut progress: impl FnMut(&GemmShape),
-) -> Result<GemmAlgos, CudaError> {
-    use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+/// `cublasGemmEx`'s default on random operands, on the current GPU (device 0).
+pub fn tune(shapes: &[GemmShape]) -> Result<GemmAlgos, CudaError> {
     use cudarc::driver::{CudaContext, DevicePtr};
     let ctx = CudaContext::new(0).map_err(|e| CudaError::NoDevice(e.to_string()))?;
     // SAFETY: called before any allocation, as cudarc requires; everything runs on one stream.
@@ -372,41 +397,9 @@ pub fn tune(
     };
     let mut out = GemmAlgos::default();
     for shape in shapes {
-        progress(shape);
         for &m in &TUNED_ROWS {
-            let default = || -> Result<(), CudaError> {
-                let (alpha, beta) = (1f32, if shape.accumulate { 1f32 } else { 0f32 });
-                let c_type = if shape.f32_out {
-                    blas_sys::cudaDataType::CUDA_R_32F
-                } else {
-                    blas_sys::cudaDataType::CUDA_R_16BF
-                };
-                // SAFETY: the buffers hold at least n·k, m·k and m·n elements.
-                unsafe {
-                    blas::gemm_ex(
-                        *blas.handle(),
-                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                        shape.n as i32,
-                        m as i32,
-                        shape.k as i32,
-                        &alpha as *const f32 as *const _,
-                        wp as *const _,
-                        blas_sys::cudaDataType::CUDA_R_16BF,
-                        shape.k as i32,
-                        xp as *const _,
-                        blas_sys::cudaDataType::CUDA_R_16BF,
-                        shape.k as i32,
-                        &beta as *const f32 as *const _,
-                        op as *mut _,
-                        c_type,
-                        shape.n as i32,
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )?;
-                }
-                Ok(())
-            };
+            // SAFETY: the buffers hold at least n·k, m·k and m·n elements.
+            let default = || unsafe { run_default(&blas, shape, m, wp, xp, op) };
             let default_us = time(&default)?;
             let mut best: Option<([u64; 8], f64)> = None;
             let cands = gemm.candidates(shape, m)?;

@@ -3,7 +3,7 @@
 //! mirrors the templates' launch rules; argument lists follow the header comment of each file in
 //! `kernels_templates/`. Prefill GEMMs (more than `GEMV_MAX_ROWS` rows) go to cuBLAS.
 
-use super::gemm_algos::{GemmAlgos, GemmShape, LtGemm};
+use super::gemm_algos::{run_default, GemmAlgos, GemmShape, LtGemm};
 use super::kv_cache::BLOCK;
 use super::{CudaError, CudaOptions};
 use crate::engine::{keys, Engine};
@@ -11,7 +11,7 @@ use crate::kernels::{
     decode_splits, GemvEpilogue, KernelFamily, KernelInstance, LaunchDims, OutType, RuntimeSizes,
 };
 use crate::plan::{BufId, BufType, Epilogue, Launch, Norm, Plan};
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -630,66 +630,35 @@ impl Kernels {
         } else {
             o
         };
-        let beta = match epi {
-            Epilogue::Residual(res) => {
-                let rp = p.buf(res);
-                if rp != o {
-                    // SAFETY: both buffers hold rows × cols bf16 (arena slots sized by the plan).
-                    unsafe {
-                        cudarc::driver::result::memcpy_dtod_async(
-                            o,
-                            rp,
-                            rows * cols * 2,
-                            stream.cu_stream(),
-                        )?;
-                    }
+        if let Epilogue::Residual(res) = epi {
+            let rp = p.buf(res);
+            if rp != o {
+                // SAFETY: both buffers hold rows × cols bf16 (arena slots sized by the plan).
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        o,
+                        rp,
+                        rows * cols * 2,
+                        stream.cu_stream(),
+                    )?;
                 }
-                1f32
             }
-            _ => 0f32,
-        };
-        let c_type = match out_t {
-            BufType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-            BufType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
-        };
-        // The algorithm chosen for this shape at build, where there is one and it runs.
+        }
+        // The algorithm chosen for this shape at build where there is one and it runs, else
+        // cuBLAS's default.
         let shape = GemmShape::of(n_rows, k, epi, out_t);
         let tuned = self.gemm_algos.as_ref().and_then(|(t, lt)| {
             let c = t.lookup(&shape, rows)?;
             // SAFETY: pointers address device buffers of the sizes the plan declares.
             unsafe { lt.run(stream, &shape, rows, &c.algo, wp, xp, dst) }.ok()
         });
-        let alpha = 1f32;
-        // SAFETY: pointers address device buffers of the sizes the plan declares.
-        if tuned.is_none() {
-            unsafe {
-                blas::gemm_ex(
-                    *self.blas.handle(),
-                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    n_rows as i32,
-                    rows as i32,
-                    k as i32,
-                    &alpha as *const f32 as *const _,
-                    wp as *const _,
-                    blas_sys::cudaDataType::CUDA_R_16BF,
-                    k as i32,
-                    xp as *const _,
-                    blas_sys::cudaDataType::CUDA_R_16BF,
-                    k as i32,
-                    &beta as *const f32 as *const _,
-                    dst as *mut _,
-                    c_type,
-                    n_rows as i32,
-                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )?;
+        let how = match tuned {
+            Some(()) => "cublasLt",
+            None => {
+                // SAFETY: as above.
+                unsafe { run_default(&self.blas, &shape, rows, wp, xp, dst)? };
+                "cublas"
             }
-        }
-        let how = if tuned.is_some() {
-            "cublasLt"
-        } else {
-            "cublas"
         };
         self.mark(stream, &format!("{how} gemm {rows}x{n_rows}x{k}"))?;
         if epi == Epilogue::Gated {

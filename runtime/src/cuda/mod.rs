@@ -14,6 +14,24 @@ mod launch;
 pub use executor::{CudaExecutor, CudaOptions, SeqId, StepSeq};
 pub use launch::{plan_instances, GEMV_MAX_ROWS};
 
+/// The architecture name (`sm_90`) of a compute capability.
+fn sm_name((major, minor): (i32, i32)) -> String {
+    format!("sm_{major}{minor}")
+}
+
+/// The architecture (`sm_90`) of GPU 0, if a CUDA driver and a GPU are present.
+pub fn device_arch() -> Result<String, CudaError> {
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(CudaError::NoDevice(
+            "the CUDA driver library (libcuda) was not found".into(),
+        ));
+    }
+    let ctx =
+        cudarc::driver::CudaContext::new(0).map_err(|e| CudaError::NoDevice(e.to_string()))?;
+    Ok(sm_name(ctx.compute_capability()?))
+}
+
 /// A GPU failure, with what to do about it where there is something to do.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
