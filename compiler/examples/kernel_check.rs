@@ -220,10 +220,18 @@ impl Gpu {
             if let std::collections::hash_map::Entry::Vacant(e) = modules.entry(key) {
                 e.insert(ctx.load_module(Ptx::from_binary(c.cubin.to_vec()))?);
             }
-            funcs.insert(
-                c.name_expr.clone(),
-                modules[&key].load_function(&c.lowered_name)?,
-            );
+            let f = modules[&key].load_function(&c.lowered_name)?;
+            let smem = instances
+                .iter()
+                .find(|k| k.name_expr == c.name_expr)
+                .map_or(0, |k| k.launch_dims(&RuntimeSizes::default()).shared_bytes);
+            if smem > 48 * 1024 {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )?;
+            }
+            funcs.insert(c.name_expr.clone(), f);
         }
         let opts = nvrtc::CompileOptions::for_arch(arch)?;
         let fill = nvrtc::compile_cubin("fill.cu", FILL_SRC, &[], &[], &opts)?;
@@ -976,9 +984,13 @@ fn check_prefill(
     );
     let b_n = seqs.len();
     for inst in [
-        KernelInstance::attention_prefill_for(heads, kv, hd, BLOCK),
+        KernelInstance::attention_prefill_for(heads, kv, hd, BLOCK, "sm_90"),
+        KernelInstance::attention_prefill_for(heads, kv, hd, BLOCK, "sm_80"),
         KernelInstance::attention_prefill_simple(heads, kv, hd, BLOCK),
     ] {
+        if !g.funcs.contains_key(&inst.name_expr) {
+            continue; // the wgmma kernels exist only on sm_90
+        }
         let dout = g.poison_bf(t * heads * hd)?;
         g.launch(
             &inst,
@@ -1575,6 +1587,7 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
                 "gemv_tc<4096, 8, 0, __nv_bfloat16>",
                 "attention_decode<32, 8, 128, 16>",
                 "attention_prefill<32, 8, 128, 16>",
+                "attention_prefill_sm90<32, 8, 128, 16>",
                 "sample",
             ] {
                 if let Some(f) = g.funcs.get(name) {
@@ -1796,17 +1809,25 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
             bench_decode(g, rep, 32, 8, 128, 1, 2048, 1)
         }
         "bench-prefill" => {
-            for t in [512usize, 2048] {
-                bench_prefill(
-                    g,
-                    rep,
-                    &KernelInstance::attention_prefill(32, 8, 128, BLOCK),
-                    32,
-                    8,
-                    128,
-                    t,
-                )?;
+            for t in [512usize, 2048, 4096] {
+                for k in [
+                    KernelInstance::attention_prefill_sm90(32, 8, 128, BLOCK),
+                    KernelInstance::attention_prefill(32, 8, 128, BLOCK),
+                ] {
+                    if g.funcs.contains_key(&k.name_expr) {
+                        bench_prefill(g, rep, &k, 32, 8, 128, t)?;
+                    }
+                }
             }
+            bench_prefill(
+                g,
+                rep,
+                &KernelInstance::attention_prefill_sm90(9, 3, 64, BLOCK),
+                9,
+                3,
+                64,
+                2048,
+            )?;
             bench_prefill(
                 g,
                 rep,
@@ -1860,6 +1881,10 @@ fn main() {
                 instances.push(k);
             }
         }
+    }
+    // The wgmma kernels build only for sm_90 (as sm_90a).
+    if arch != "sm_90" {
+        instances.retain(|k| k.family != KernelFamily::AttentionPrefillSm90);
     }
     let mut g = match Gpu::new(&instances, &arch) {
         Ok(g) => g,

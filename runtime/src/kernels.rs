@@ -30,6 +30,9 @@ pub enum KernelFamily {
     AttentionPrefill,
     /// `attention_prefill_simple<HEADS, KV_HEADS, HEAD_DIM, BLOCK>` (CUDA cores, HEAD_DIM % 32 == 0)
     AttentionPrefillSimple,
+    /// `attention_prefill_sm90<HEADS, KV_HEADS, HEAD_DIM, BLOCK>` (Hopper wgmma, compiled for
+    /// sm_90a; HEAD_DIM 64 or 128)
+    AttentionPrefillSm90,
     /// `argmax` (not a template)
     Argmax,
     /// `sample` (not a template)
@@ -51,6 +54,7 @@ impl KernelFamily {
             KernelFamily::AttentionDecodeMerge => "attention_decode_merge",
             KernelFamily::AttentionPrefill => "attention_prefill",
             KernelFamily::AttentionPrefillSimple => "attention_prefill_simple",
+            KernelFamily::AttentionPrefillSm90 => "attention_prefill_sm90",
             KernelFamily::Argmax => "argmax",
             KernelFamily::Sample => "sample",
         }
@@ -112,7 +116,8 @@ pub struct LaunchDims {
     pub grid: (u32, u32, u32),
     /// Block dimensions.
     pub block: (u32, u32, u32),
-    /// Dynamic shared memory in bytes (0 for every current template: all use static memory).
+    /// Dynamic shared memory in bytes (0 except for attention_prefill_sm90; above 48 KB the
+    /// function's limit must be raised before launch).
     pub shared_bytes: u32,
 }
 
@@ -143,6 +148,11 @@ mod threads {
     pub const PREFILL_ROWS: usize = 64;
     pub const PREFILL_SIMPLE: u32 = 128;
     pub const PREFILL_SIMPLE_ROWS: usize = 32;
+    /// attention_prefill_sm90: a producer and two consumer warpgroups, 128 query rows per CTA,
+    /// `PH_STAGES` = 4 stages of `PH_BC` = 64 keys.
+    pub const PREFILL_SM90: u32 = 384;
+    pub const PREFILL_SM90_ROWS: usize = 128;
+    pub const PREFILL_SM90_STAGE_KEYS: usize = 4 * 64;
     pub const SAMPLE: u32 = 1024;
 }
 
@@ -299,14 +309,34 @@ impl KernelInstance {
         )
     }
 
-    /// The prefill attention for a head size: tensor cores for 64 and 128, else the CUDA-core one.
-    pub fn attention_prefill_for(
+    /// `attention_prefill_sm90<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`: the
+    /// [`KernelInstance::attention_prefill`] contract on Hopper's warpgroup MMA (sm_90 only);
+    /// HEAD_DIM 64 or 128.
+    pub fn attention_prefill_sm90(
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
         block: usize,
     ) -> Self {
-        if head_dim == 64 || head_dim == 128 {
+        Self::ints(
+            KernelFamily::AttentionPrefillSm90,
+            &[heads, kv_heads, head_dim, block],
+        )
+    }
+
+    /// The prefill attention for a head size on `arch` (`sm_90`, …): for head sizes 64 and 128
+    /// the warpgroup-MMA kernel on sm_90, mma.sync tensor cores elsewhere; else the CUDA-core
+    /// one.
+    pub fn attention_prefill_for(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block: usize,
+        arch: &str,
+    ) -> Self {
+        if (head_dim == 64 || head_dim == 128) && arch == "sm_90" {
+            Self::attention_prefill_sm90(heads, kv_heads, head_dim, block)
+        } else if head_dim == 64 || head_dim == 128 {
             Self::attention_prefill(heads, kv_heads, head_dim, block)
         } else {
             Self::attention_prefill_simple(heads, kv_heads, head_dim, block)
@@ -330,7 +360,7 @@ impl KernelInstance {
     /// - gemv, gemv_tc: grid from `n` (output columns);
     /// - silu_mul: from `tokens`;
     /// - attention_decode: (`max_splits`, kv heads, `batch`); the merge: (heads, `batch`);
-    /// - attention_prefill(_simple): (from `tokens`, heads, `batch`);
+    /// - attention_prefill(_simple, _sm90): (from `tokens`, heads, `batch`);
     /// - argmax, sample: grid `batch`.
     ///
     /// Grid dimensions are at least 1, so a step with no work still launches validly (the
@@ -398,6 +428,17 @@ impl KernelInstance {
                 ),
                 threads::PREFILL,
             ),
+            KernelFamily::AttentionPrefillSm90 => {
+                let rows = threads::PREFILL_SM90_ROWS;
+                let mut dims = one(
+                    (rt.tokens.div_ceil(rows), self.int_arg(0), rt.batch),
+                    threads::PREFILL_SM90,
+                );
+                // Q tile, the K and V stages, 1024 bytes to align the swizzled tiles, barriers.
+                let tiles = rows + 2 * threads::PREFILL_SM90_STAGE_KEYS;
+                dims.shared_bytes = (tiles * self.int_arg(2) * 2 + 1024 + 128) as u32;
+                dims
+            }
             KernelFamily::AttentionPrefillSimple => one(
                 (
                     rt.tokens.div_ceil(threads::PREFILL_SIMPLE_ROWS),

@@ -27,7 +27,7 @@ pub struct GpuArtifacts {
 /// Lowers `graph`, compiles its kernels for `arch` and describes them for the engine.
 pub fn gpu_artifacts(graph: &Graph, arch: &str) -> Result<GpuArtifacts, String> {
     let plan = lower(graph)?;
-    let instances = plan_instances(&plan);
+    let instances = plan_instances(&plan, arch);
     let compiled = compile(&instances, arch).map_err(|e| e.to_string())?;
     let (major, minor) = nvrtc::version().map_err(|e| e.to_string())?;
     let mut modules: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -161,7 +161,7 @@ mod tests {
                 .into_iter()
                 .map(|k| k.name_expr)
                 .collect();
-        for k in plan_instances(&plan) {
+        for k in plan_instances(&plan, "sm_90") {
             assert!(
                 listed.contains(&k.name_expr),
                 "{} is launched but not in llama_kernels",

@@ -46,13 +46,15 @@ pub enum TemplateFile {
     AttentionPrefill,
     /// `attention_prefill_simple.cu`
     AttentionPrefillSimple,
+    /// `attention_prefill_sm90.cu` (compiled for the arch-specific target, `sm_90a`)
+    AttentionPrefillSm90,
     /// `sampling.cu`
     Sampling,
 }
 
 impl TemplateFile {
     /// Every template file.
-    pub const ALL: [TemplateFile; 10] = [
+    pub const ALL: [TemplateFile; 11] = [
         TemplateFile::Embedding,
         TemplateFile::RmsNorm,
         TemplateFile::Gemv,
@@ -62,6 +64,7 @@ impl TemplateFile {
         TemplateFile::AttentionDecode,
         TemplateFile::AttentionPrefill,
         TemplateFile::AttentionPrefillSimple,
+        TemplateFile::AttentionPrefillSm90,
         TemplateFile::Sampling,
     ];
 
@@ -77,7 +80,17 @@ impl TemplateFile {
             TemplateFile::AttentionDecode => "attention_decode.cu",
             TemplateFile::AttentionPrefill => "attention_prefill.cu",
             TemplateFile::AttentionPrefillSimple => "attention_prefill_simple.cu",
+            TemplateFile::AttentionPrefillSm90 => "attention_prefill_sm90.cu",
             TemplateFile::Sampling => "sampling.cu",
+        }
+    }
+
+    /// The NVRTC target for this file on `arch`: the arch-specific `sm_90a` (wgmma) for the
+    /// Hopper kernels, else `arch` itself.
+    pub fn target(self, arch: &str) -> String {
+        match self {
+            TemplateFile::AttentionPrefillSm90 => format!("{arch}a"),
+            _ => arch.to_string(),
         }
     }
 
@@ -99,6 +112,9 @@ impl TemplateFile {
             TemplateFile::AttentionPrefillSimple => {
                 include_str!("../../../kernels_templates/attention_prefill_simple.cu")
             }
+            TemplateFile::AttentionPrefillSm90 => {
+                include_str!("../../../kernels_templates/attention_prefill_sm90.cu")
+            }
             TemplateFile::Sampling => include_str!("../../../kernels_templates/sampling.cu"),
         }
     }
@@ -118,6 +134,7 @@ pub fn template_file(family: KernelFamily) -> TemplateFile {
         }
         KernelFamily::AttentionPrefill => TemplateFile::AttentionPrefill,
         KernelFamily::AttentionPrefillSimple => TemplateFile::AttentionPrefillSimple,
+        KernelFamily::AttentionPrefillSm90 => TemplateFile::AttentionPrefillSm90,
         KernelFamily::Argmax | KernelFamily::Sample => TemplateFile::Sampling,
     }
 }
@@ -197,8 +214,8 @@ impl LlamaDims {
 /// down + residual, lm_head in f32, and plain bf16 forms of each K) on CUDA cores for MMAX
 /// buckets 1 (the first, third and fifth with the RMSNorm folded in) and `max_gemv_rows`, and on
 /// tensor cores for `max_gemv_rows`; the prefill gated-GEMM epilogue silu_mul; rope_append; decode
-/// attention and its merge; prefill attention (tensor-core when the head size allows, and the
-/// CUDA-core fallback); argmax and sample.
+/// attention and its merge; prefill attention (when the head size allows, on Hopper's warpgroup
+/// MMA and on mma.sync tensor cores; always the CUDA-core fallback); argmax and sample.
 pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
     let (h, hd, heads, kv, blk) = (
         cfg.hidden,
@@ -242,7 +259,8 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
         KernelInstance::rope_append(heads, kv, hd, blk),
         KernelInstance::attention_decode(heads, kv, hd, blk),
         KernelInstance::attention_decode_merge(heads, hd),
-        KernelInstance::attention_prefill_for(heads, kv, hd, blk),
+        KernelInstance::attention_prefill_for(heads, kv, hd, blk, "sm_90"),
+        KernelInstance::attention_prefill_for(heads, kv, hd, blk, "sm_80"),
         KernelInstance::attention_prefill_simple(heads, kv, hd, blk),
         KernelInstance::argmax(),
         KernelInstance::sample(),
@@ -293,12 +311,16 @@ pub fn compile_with(
     let modules: Vec<(TemplateFile, nvrtc::Cubin)> = groups
         .par_iter()
         .map(|(file, exprs)| {
+            let opts = CompileOptions {
+                arch: file.target(&opts.arch),
+                ..opts.clone()
+            };
             let cubin = nvrtc::compile_cubin(
                 file.file_name(),
                 file.source(),
                 &[("common.cuh", COMMON_HEADER)],
                 exprs,
-                opts,
+                &opts,
             )?;
             Ok((*file, cubin))
         })
@@ -357,14 +379,14 @@ mod tests {
 
     #[test]
     fn prefill_uses_tensor_cores_only_for_supported_head_sizes() {
-        assert_eq!(
-            KernelInstance::attention_prefill_for(32, 8, 128, 16).family,
-            KernelFamily::AttentionPrefill
-        );
-        assert_eq!(
-            KernelInstance::attention_prefill_for(8, 8, 96, 16).family,
-            KernelFamily::AttentionPrefillSimple
-        );
+        let family = |hd, arch| KernelInstance::attention_prefill_for(32, 8, hd, 16, arch).family;
+        assert_eq!(family(128, "sm_90"), KernelFamily::AttentionPrefillSm90);
+        assert_eq!(family(64, "sm_90"), KernelFamily::AttentionPrefillSm90);
+        assert_eq!(family(128, "sm_80"), KernelFamily::AttentionPrefill);
+        assert_eq!(family(128, "sm_89"), KernelFamily::AttentionPrefill);
+        assert_eq!(family(96, "sm_90"), KernelFamily::AttentionPrefillSimple);
+        assert_eq!(TemplateFile::AttentionPrefillSm90.target("sm_90"), "sm_90a");
+        assert_eq!(TemplateFile::AttentionPrefill.target("sm_90"), "sm_90");
     }
 
     #[test]
@@ -390,6 +412,7 @@ mod tests {
                 KernelFamily::AttentionDecodeMerge,
                 KernelFamily::AttentionPrefill,
                 KernelFamily::AttentionPrefillSimple,
+                KernelFamily::AttentionPrefillSm90,
                 KernelFamily::Argmax,
                 KernelFamily::Sample,
             ] {
@@ -443,6 +466,13 @@ mod tests {
         assert_eq!((merge.grid, merge.block), ((32, 3, 1), (128, 1, 1)));
         let pf = KernelInstance::attention_prefill(32, 8, 128, 16).launch_dims(&rt);
         assert_eq!((pf.grid, pf.shared_bytes), ((32, 32, 3), 0));
+        // 128-row CTAs; Q (128 rows) + 4 stages of K and V (64 keys) of 256-byte rows,
+        // alignment, barriers.
+        let h = KernelInstance::attention_prefill_sm90(32, 8, 128, 16).launch_dims(&rt);
+        assert_eq!(
+            (h.grid, h.block, h.shared_bytes),
+            ((16, 32, 3), (384, 1, 1), (128 + 512) * 256 + 1024 + 128)
+        );
         let silu = KernelInstance::silu_mul(14336).launch_dims(&rt);
         assert_eq!(silu.grid, (8192, 1, 1)); // 2048·14336/8 vectors, capped grid-stride
                                              // No work still gives a valid (non-zero) grid.

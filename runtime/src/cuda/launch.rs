@@ -86,16 +86,16 @@ fn gemv_instance(
     }
 }
 
-/// Every kernel instance a plan launches: what the compiler compiles into the engine and the
-/// executor resolves by name expression.
-pub fn plan_instances(plan: &Plan) -> Vec<KernelInstance> {
+/// Every kernel instance a plan launches on `arch` (`sm_90`, …): what the compiler compiles into
+/// the engine and the executor resolves by name expression.
+pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
     let a = plan.attention;
     let (h, kh, d) = (a.heads, a.kv_heads, a.head_dim);
     let mut out = vec![
         KernelInstance::rope_append(h, kh, d, BLOCK),
         KernelInstance::attention_decode(h, kh, d, BLOCK),
         KernelInstance::attention_decode_merge(h, d),
-        KernelInstance::attention_prefill_for(h, kh, d, BLOCK),
+        KernelInstance::attention_prefill_for(h, kh, d, BLOCK, arch),
         KernelInstance::argmax(),
     ];
     for l in &plan.launches {
@@ -208,6 +208,8 @@ pub struct Kernels {
     /// Launch with programmatic stream serialization (sm_90+): each kernel may start while the
     /// previous one drains, and waits for it in `kiln::pdl_sync()` (kernels_templates/common.cuh).
     pdl: bool,
+    /// The prefill attention kernel for the engine's architecture.
+    prefill_attention: KernelInstance,
 }
 
 impl Kernels {
@@ -245,14 +247,25 @@ impl Kernels {
             }
             funcs.insert(e.name, modules[&e.module].load_function(&e.lowered)?);
         }
-        for k in plan_instances(plan) {
-            let name = k.name_expr;
-            if !funcs.contains_key(&name) {
-                return Err(CudaError::Engine(format!(
-                    "kernel `{name}` missing from the engine; rebuild it"
-                )));
+        let arch = engine.metadata(keys::ARCH).unwrap_or_default();
+        for k in plan_instances(plan, arch) {
+            let f = funcs.get(&k.name_expr).ok_or_else(|| {
+                CudaError::Engine(format!(
+                    "kernel `{}` missing from the engine; rebuild it",
+                    k.name_expr
+                ))
+            })?;
+            let smem = k.launch_dims(&RuntimeSizes::default()).shared_bytes;
+            if smem > 48 * 1024 {
+                f.set_attribute(
+                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )?;
             }
         }
+        let a = plan.attention;
+        let prefill_attention =
+            KernelInstance::attention_prefill_for(a.heads, a.kv_heads, a.head_dim, BLOCK, arch);
         let weight_cols = engine
             .tensor_names()
             .filter_map(|n| {
@@ -277,6 +290,7 @@ impl Kernels {
             timeline: RefCell::new(None),
             weight_cols,
             pdl,
+            prefill_attention,
         })
     }
 
@@ -511,12 +525,9 @@ impl Kernels {
                     p.buf(*out),
                 );
                 if p.t != p.b {
-                    let k = KernelInstance::attention_prefill_for(
-                        a.heads, a.kv_heads, a.head_dim, BLOCK,
-                    );
                     return self.go(
                         stream,
-                        &k,
+                        &self.prefill_attention,
                         sizes(p.t, p.b, 0, 0),
                         &[
                             P(q),
