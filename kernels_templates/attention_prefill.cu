@@ -33,29 +33,15 @@
 
 namespace pf {
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; when !valid the destination is zero-filled and nothing is read.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-// Wait until at most one committed group is still in flight.
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
-
 __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+               : "r"(kiln::smem_u32(p)));
 }
 __device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+               : "r"(kiln::smem_u32(p)));
 }
 
 // d += a · b  (m16n8k16, bf16 inputs, f32 accumulators)
@@ -136,8 +122,8 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
       const bool valid = (int)pos < kv_end;
       long long off = 0;
       if (valid) off = ((long long)bt[pos / BLOCK] * BLOCK + pos % BLOCK) * KVROW;
-      pf::cp_async16(&smem[st][0][0] + soff[i], kbase + off, valid);
-      pf::cp_async16(&smem[st][1][0] + soff[i], vbase + off, valid);
+      kiln::cp_async16(kiln::smem_u32(&smem[st][0][0] + soff[i]), kbase + off, valid);
+      kiln::cp_async16(kiln::smem_u32(&smem[st][1][0] + soff[i]), vbase + off, valid);
     }
   };
 
@@ -148,13 +134,13 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
     const int r = idx / CH, c = idx % CH;
     const bool valid = q0 + r < q_len;
     const bf16* src = valid ? qkv + (long long)(qs + q0 + r) * STRIDE + h * D + c * 8 : qkv;
-    pf::cp_async16(pf::tile_at<D>(sQ, r, c), src, valid);
+    kiln::cp_async16(kiln::smem_u32(pf::tile_at<D>(sQ, r, c)), src, valid);
   }
   load_tile(0, 0);
-  pf::cp_async_commit();
+  kiln::cp_async_commit();
   if (ntiles > 1) load_tile(1, 1);
-  pf::cp_async_commit();
-  pf::cp_async_wait_1();
+  kiln::cp_async_commit();
+  kiln::cp_async_wait<1>();
   __syncthreads();
 
   // Q fragments of this warp's 16 rows (A operand, row-major).
@@ -176,10 +162,10 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
 
   int st = 0, st_next2 = 2;  // stages of tile kt and of tile kt + 2
   for (int kt = 0; kt < ntiles; ++kt) {
-    pf::cp_async_wait_1();  // tile kt landed (only tile kt+1 may still be in flight)
+    kiln::cp_async_wait<1>();  // tile kt landed (only tile kt+1 may still be in flight)
     __syncthreads();        // ... for every thread; every warp is done with tile kt-1 (and Q)
     if (kt + 2 < ntiles) load_tile(st_next2, kt + 2);
-    pf::cp_async_commit();  // possibly empty: keeps one group per tile
+    kiln::cp_async_commit();  // possibly empty: keeps one group per tile
     const bf16* sK = &smem[st][0][0];
     const bf16* sV = &smem[st][1][0];
     st = st == PF_STAGES - 1 ? 0 : st + 1;
@@ -219,21 +205,13 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
     }
     float alpha[2], msc[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m_run[r], mx[r]);
-      const float m_use = m_new == kiln::neg_inf() ? 0.f : m_new;  // a fully masked row so far
-      alpha[r] = exp2f((m_run[r] - m_use) * sl2);
-      m_run[r] = m_new;
-      msc[r] = -m_use * sl2;
-    }
+    for (int r = 0; r < 2; ++r) kiln::quad_softmax_update(mx[r], sl2, m_run[r], alpha[r], msc[r]);
     float rs[2] = {0.f, 0.f};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(fmaf(s[nt][e], sl2, msc[e >> 1]));
+        const float p = kiln::exp2_ftz(fmaf(s[nt][e], sl2, msc[e >> 1]));
         s[nt][e] = p;
         rs[e >> 1] += p;
       }
@@ -266,7 +244,7 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
       }
     }
   }
-  pf::cp_async_wait_all();
+  kiln::cp_async_wait<0>();
 
   // Normalize and store the valid rows.
 #pragma unroll

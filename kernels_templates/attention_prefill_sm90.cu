@@ -23,8 +23,10 @@
 // consume, each for 64 query rows, at their own pace: S = Q·Kᵀ by wgmma m64n64k16 with Q and K
 // in shared memory; masking and the online softmax on the S accumulators; O += P·V by wgmma
 // m64nDk16 with P from registers (the accumulator layout of S is the A-fragment layout) and V
-// read N-major from shared memory; then they release the stage. A consumer whose rows all
-// precede a tile skips its math. setmaxnreg moves registers from the producer to the consumers.
+// read N-major from shared memory; then they release the stage. The S product of tile j and
+// the P·V of tile j - 1 run together, and the softmax of tile j overlaps that P·V. A consumer
+// whose rows all precede a tile skips its math. setmaxnreg moves registers from the producer
+// (40) to the consumers (232).
 // Shared memory (dynamic, 1024-byte aligned): Q [128 x D], PH_STAGES stages of K and V
 // [PH_BC x D], then the mbarriers. Tiles are stored as column blocks of 64 elements (128-byte
 // rows), 16-byte chunk c of row r at chunk c ^ (r & 7): the 128-byte swizzle the wgmma
@@ -35,25 +37,14 @@
 // runtime/src/kernels.rs).
 #include "common.cuh"
 
-#define PH_BC 64      // keys per tile
-#define PH_STAGES 4   // K/V tiles in flight
 #define PH_THREADS 384
+#define PH_BC 64      // keys per tile
+// K/V tiles in the ring. At least 3: the producer signals tile j after issuing tile j + 1, whose
+// stage the consumers free only after they have tile j. Measured at T = 2048 (8B shapes): 3
+// stages 139 us, 4 stages 121, 5 and 6 no better; 128-key tiles with 3 stages 145.
+#define PH_STAGES 4
 
 namespace ph {
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; when !valid the destination is zero-filled and nothing is read.
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-// Wait until at most one committed group is still in flight.
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
 // mbarrier in shared memory (64-bit word at `bar`).
 __device__ __forceinline__ void bar_init(unsigned bar, unsigned count) {
@@ -80,13 +71,20 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most N committed wgmma groups are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Pins accumulator registers in place around wgmma issue and wait (no reads or writes of them
 // move across).
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(unsigned (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 
 // Shared-memory matrix descriptor with the 128-byte swizzle: start address, leading- and
@@ -103,7 +101,7 @@ __device__ __forceinline__ unsigned swz(int r, int c) {
 }
 
 // d = A·B (accumulate == 0) or d += A·B, m64n64k16; A and B from shared memory, both K-major.
-__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long da, unsigned long long db,
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], unsigned long long da, unsigned long long db,
                                             int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
@@ -114,7 +112,7 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long 
 }
 
 // d += A·B, m64n64k16; A from registers, B from shared memory, MN-major.
-__device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const unsigned (&a)[4], unsigned long long db) {
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const unsigned (&a)[4], unsigned long long db) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
@@ -124,7 +122,7 @@ __device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const unsigned (&a)
 }
 
 // d += A·B, m64n128k16; A from registers, B from shared memory, MN-major.
-__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const unsigned (&a)[4], unsigned long long db) {
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const unsigned (&a)[4], unsigned long long db) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -156,7 +154,7 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
   constexpr float LOG2E = 1.4426950408889634f;
 
   extern __shared__ unsigned char smem_raw[];
-  const unsigned sQ = (ph::smem_u32(smem_raw) + 1023u) & ~1023u;
+  const unsigned sQ = (kiln::smem_u32(smem_raw) + 1023u) & ~1023u;
   // Stage s: K at sK(s), V right after it; then the barriers: full[s], empty[s], q_full.
   auto sK = [&](int s) { return sQ + Q_BYTES + (unsigned)s * 2u * KV_BYTES; };
   const unsigned bars = sQ + Q_BYTES + PH_STAGES * 2u * KV_BYTES;
@@ -199,9 +197,9 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
       const int r = lr0 + i * RPP;
       const bool valid = q0 + r < q_len;
       const bf16* src = valid ? qkv + (long long)(qs + q0 + r) * STRIDE + h * D + lc * 8 : qkv;
-      ph::cp_async16(sQ + ph::swz<BR>(r, lc), src, valid);
+      kiln::cp_async16(sQ + ph::swz<BR>(r, lc), src, valid);
     }
-    ph::cp_async_commit();
+    kiln::cp_async_commit();
     for (int kt = 0; kt < ntiles; ++kt) {
       const int st = kt % PH_STAGES;
       if (kt >= PH_STAGES) ph::bar_wait(empty(st), ((kt / PH_STAGES) - 1) & 1);
@@ -214,23 +212,25 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
         long long off = 0;
         if (valid) off = ((long long)bt[pos / BLOCK] * BLOCK + pos % BLOCK) * KVROW;
         const unsigned so = ph::swz<PH_BC>(r, lc);
-        ph::cp_async16(dk + so, kbase + off, valid);
-        ph::cp_async16(dv + so, vbase + off, valid);
+        kiln::cp_async16(dk + so, kbase + off, valid);
+        kiln::cp_async16(dv + so, vbase + off, valid);
       }
-      ph::cp_async_commit();
+      kiln::cp_async_commit();
       // The previous group (Q, or tile kt - 1) has landed for this thread: publish it to the
       // async proxy and signal it.
-      ph::cp_async_wait_1();
+      kiln::cp_async_wait<1>();
       ph::fence_proxy_async();
       ph::bar_arrive(kt == 0 ? q_full : full((kt - 1) % PH_STAGES));
     }
-    ph::cp_async_wait_all();
+    kiln::cp_async_wait<0>();
     ph::fence_proxy_async();
     ph::bar_arrive(ntiles == 0 ? q_full : full((ntiles - 1) % PH_STAGES));
     return;
   }
 
-  // Consumers: warpgroup c = wg - 1 owns rows q0 + 64c .. + 63.
+  // Consumers: warpgroup c = wg - 1 owns rows q0 + 64c .. + 63. The S = Q·Kᵀ of tile j runs on
+  // the tensor cores together with the P·V of tile j - 1, and the softmax of tile j overlaps
+  // that P·V (FlashAttention-3's intra-warpgroup pipelining).
   ph::regs_inc<232>();
   const int c = wg - 1, wq = (tid >> 5) & 3;
   float o[NO];
@@ -242,95 +242,131 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
   const int wg_first = past + q0 + c * 64;  // position of this warpgroup's first row
   const int row_pos0 = wg_first + wq * 16 + (lane >> 2);
   const int row_pos1 = row_pos0 + 8;
+  // Tiles this warpgroup computes: those starting at or before its last row.
+  const int nt = min(ntiles, (wg_first + 63) / PH_BC + 1);
   // A descriptor base of this warpgroup's 64 Q rows; stride between 8-row groups 1024 bytes.
   const unsigned long long dq0 = ph::desc(sQ + c * 64 * 128, 16, 1024);
-  ph::bar_wait(q_full, 0);
 
-  for (int kt = 0; kt < ntiles; ++kt) {
-    const int st = kt % PH_STAGES;
-    const int key0 = kt * PH_BC;
-    // Wait even for a tile this warpgroup skips: an early release could otherwise complete the
-    // stage's previous phase before the other consumer has released it.
-    ph::bar_wait(full(st), (kt / PH_STAGES) & 1);
-    if (key0 <= wg_first + 63) {  // else every row of this warpgroup precedes the tile
-      const unsigned kaddr = sK(st), vaddr = kaddr + KV_BYTES;
-      const unsigned long long dk0 = ph::desc(kaddr, 16, 1024);
-      // S = Q Kᵀ (64 rows x PH_BC keys per warpgroup); k-step kk reads 32 bytes further into
-      // each 128-byte row, a column block (rows x 128 bytes) further every 4 steps.
-      float s[NS];
-      ph::wgmma_fence();
+  float s[NS];
+  unsigned pa[PH_BC / 16][4];  // P (bf16 A fragments) of the tile whose P·V runs next
+  // S = Q K_ktᵀ (64 rows x PH_BC keys), issued and committed; k-step kk reads 32 bytes further
+  // into each 128-byte row, a column block (rows x 128 bytes) further every 4 steps.
+  auto issue_scores = [&](int kt) {
+    const unsigned long long dk0 = ph::desc(sK(kt % PH_STAGES), 16, 1024);
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const unsigned long long qoff = ((kk >> 2) * (BR * 128) + (kk & 3) * 32) >> 4;
-        const unsigned long long koff = ((kk >> 2) * (PH_BC * 128) + (kk & 3) * 32) >> 4;
-        ph::wgmma_ss_n64(s, dq0 + qoff, dk0 + koff, kk);
-      }
-      ph::wgmma_commit();
-      ph::wgmma_wait0();
-      ph::fence_regs(s);
-
-      // Mask, online softmax (running max in raw score units; the scale folds into one FFMA).
-      const bool need_mask = key0 + PH_BC - 1 > wg_first || key0 + PH_BC > kv_end;
-      float mx[2] = {kiln::neg_inf(), kiln::neg_inf()};
-#pragma unroll
-      for (int i = 0; i < NS; ++i) {
-        if (need_mask) {
-          const int key = key0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-          const int rp = (i & 2) ? row_pos1 : row_pos0;
-          if (key > rp || key >= kv_end) s[i] = kiln::neg_inf();
-        }
-        mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-      }
-      float alpha[2], msc[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        const float m_new = fmaxf(m_run[r], mx[r]);
-        const float m_use = m_new == kiln::neg_inf() ? 0.f : m_new;  // a fully masked row so far
-        alpha[r] = exp2f((m_run[r] - m_use) * sl2);
-        m_run[r] = m_new;
-        msc[r] = -m_use * sl2;
-      }
-      float rs[2] = {0.f, 0.f};
-#pragma unroll
-      for (int i = 0; i < NS; ++i) {
-        const float p = exp2f(fmaf(s[i], sl2, msc[(i >> 1) & 1]));
-        s[i] = p;
-        rs[(i >> 1) & 1] += p;
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
-#pragma unroll
-      for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
-
-      // O += P V: P (bf16) from the S accumulators; V [keys x D] read N-major: leading byte
-      // offset = one column block (64 d), stride = 8 keys (1024 bytes); k-step kk starts 16 keys
-      // further.
-      unsigned pa[PH_BC / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < PH_BC / 16; ++kk) {
-        pa[kk][0] = kiln::f2_to_bf2(s[8 * kk + 0], s[8 * kk + 1]);
-        pa[kk][1] = kiln::f2_to_bf2(s[8 * kk + 2], s[8 * kk + 3]);
-        pa[kk][2] = kiln::f2_to_bf2(s[8 * kk + 4], s[8 * kk + 5]);
-        pa[kk][3] = kiln::f2_to_bf2(s[8 * kk + 6], s[8 * kk + 7]);
-      }
-      const unsigned long long dv0 = ph::desc(vaddr, PH_BC * 128, 1024);
-      ph::fence_regs(o);
-      ph::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < PH_BC / 16; ++kk) {
-        if constexpr (D == 128) ph::wgmma_rs_n128(o, pa[kk], dv0 + ((kk * 16 * 128) >> 4));
-        else ph::wgmma_rs_n64(o, pa[kk], dv0 + ((kk * 16 * 128) >> 4));
-      }
-      ph::wgmma_commit();
-      ph::wgmma_wait0();
-      ph::fence_regs(o);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const unsigned long long qoff = ((kk >> 2) * (BR * 128) + (kk & 3) * 32) >> 4;
+      const unsigned long long koff = ((kk >> 2) * (PH_BC * 128) + (kk & 3) * 32) >> 4;
+      ph::wgmma_ss(s, dq0 + qoff, dk0 + koff, kk);
     }
+    ph::wgmma_commit();
+  };
+  // O += P V_kt, issued and committed; V [keys x D] read N-major: leading byte offset = one
+  // column block (64 d), stride = 8 keys (1024 bytes); k-step kk starts 16 keys further.
+  auto issue_pv = [&](int kt, const unsigned (&p)[PH_BC / 16][4]) {
+    const unsigned long long dv0 = ph::desc(sK(kt % PH_STAGES) + KV_BYTES, PH_BC * 128, 1024);
+#pragma unroll
+    for (int kk = 0; kk < PH_BC / 16; ++kk) {
+      ph::wgmma_rs(o, p[kk], dv0 + ((kk * 16 * 128) >> 4));
+    }
+    ph::wgmma_commit();
+  };
+  // Mask and online softmax of tile kt's scores (running max in raw score units; the scale folds
+  // into one FFMA): P into `pn`, the row sums into l_run, the factor O must be rescaled by into
+  // alpha. The S registers are only read: ptxas keeps the next S product asynchronous only if
+  // no ordinary instruction writes a wgmma accumulator while another product is in flight.
+  auto softmax = [&](int kt, unsigned (&pn)[PH_BC / 16][4], float (&alpha)[2]) {
+    const int key0 = kt * PH_BC;
+    const bool need_mask = key0 + PH_BC - 1 > wg_first || key0 + PH_BC > kv_end;
+    float v[NS];
+    float mx[2] = {kiln::neg_inf(), kiln::neg_inf()};
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      v[i] = s[i];
+      if (need_mask) {
+        const int key = key0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+        const int rp = (i & 2) ? row_pos1 : row_pos0;
+        if (key > rp || key >= kv_end) v[i] = kiln::neg_inf();
+      }
+      mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], v[i]);
+    }
+    float msc[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) kiln::quad_softmax_update(mx[r], sl2, m_run[r], alpha[r], msc[r]);
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      v[i] = kiln::exp2_ftz(fmaf(v[i], sl2, msc[(i >> 1) & 1]));
+      rs[(i >> 1) & 1] += v[i];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+#pragma unroll
+    for (int kk = 0; kk < PH_BC / 16; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pn[kk][e] = kiln::f2_to_bf2(v[8 * kk + 2 * e], v[8 * kk + 2 * e + 1]);
+  };
+  auto release = [&](int kt) {
     __syncwarp();
-    if (lane == 0) ph::bar_arrive(empty(st));
-  }
+    if (lane == 0) ph::bar_arrive(empty(kt % PH_STAGES));
+  };
 
+  ph::bar_wait(q_full, 0);
+  ph::bar_wait(full(0), 0);
+  ph::wgmma_fence();
+  issue_scores(0);
+  ph::wgmma_wait<0>();
+  ph::fence_regs(s);
+  {
+    float alpha[2];
+    softmax(0, pa, alpha);  // O is still zero: nothing to rescale
+  }
+  // One pipelined step: S of tile kt and P·V of tile kt - 1 (P in `pc`) on the tensor cores,
+  // then the softmax of tile kt into `pn`. Two P buffers alternate (unrolled by two): ptxas
+  // serializes the wgmmas if an ordinary instruction (a copy) writes their A registers.
+  auto step = [&](int kt, unsigned (&pc)[PH_BC / 16][4], unsigned (&pn)[PH_BC / 16][4]) {
+    ph::bar_wait(full(kt % PH_STAGES), (kt / PH_STAGES) & 1);
+    ph::fence_regs(o);
+    ph::wgmma_fence();
+    issue_scores(kt);
+    issue_pv(kt - 1, pc);
+    ph::wgmma_wait<1>();  // the scores of tile kt are in
+    ph::fence_regs(s);
+    float alpha[2];
+    softmax(kt, pn, alpha);
+    ph::wgmma_wait<0>();  // P·V of tile kt - 1 is done: O and pc are free, its stage too
+    ph::fence_regs(o);
+#pragma unroll
+    for (int kk = 0; kk < PH_BC / 16; ++kk) ph::fence_regs(pc[kk]);
+    release(kt - 1);
+#pragma unroll
+    for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
+  };
+  unsigned pb[PH_BC / 16][4];
+  int kt = 1;
+  for (; kt + 1 < nt; kt += 2) {
+    step(kt, pa, pb);
+    step(kt + 1, pb, pa);
+  }
+  if (kt < nt) {
+    step(kt, pa, pb);
+    ph::fence_regs(o);
+    ph::wgmma_fence();
+    issue_pv(nt - 1, pb);
+  } else {
+    ph::fence_regs(o);
+    ph::wgmma_fence();
+    issue_pv(nt - 1, pa);
+  }
+  ph::wgmma_wait<0>();
+  ph::fence_regs(o);
+  release(nt - 1);
+  // Tiles past this warpgroup's rows: wait for each (an early release could otherwise complete
+  // the stage's previous phase before the other consumer has released it), then release it.
+  for (int sk = nt; sk < ntiles; ++sk) {
+    ph::bar_wait(full(sk % PH_STAGES), (sk / PH_STAGES) & 1);
+    release(sk);
+  }
   // Normalize and store the valid rows.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -2,8 +2,9 @@
 // codegen hands it to NVRTC as an in-memory header, so no file lookup happens at build time).
 //
 // Contents: the bf16 type alias, 16-byte vector loads (read-only, no L1 allocation for streamed
-// weights), bf16x8 <-> float conversions, warp and block reductions, and the ordered-key mapping of
-// floats used by the samplers, and the programmatic-dependent-launch hooks. Everything is
+// weights), bf16x8 <-> float conversions, warp and block reductions, cp.async copies into shared
+// memory and the online-softmax row update of the tensor-core attention kernels, the ordered-key
+// mapping of floats used by the samplers, and the programmatic-dependent-launch hooks. Everything is
 // __device__ and header-only; nothing here is a kernel.
 // Conventions of all templates: activations and weights are bf16 row-major, accumulation is f32,
 // compile-time dimensions are template parameters, runtime sizes are arguments, and every kernel
@@ -157,6 +158,46 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   __syncthreads();
   v = lane < nwarps ? scratch[lane] : neg_inf();
   return warp_max(v);
+}
+
+// Shared-memory address (for PTX operands) of a pointer into shared memory.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy (cp.async, L2 only); when !valid the destination is zero-filled
+// and nothing is read.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N committed cp.async groups of this thread are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// 2^x on the special-function unit with subnormal results flushed to zero (softmax weights: no
+// denormal fix-up around the MUFU instruction, which exp2f adds).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Online-softmax update of one score row spread over the 4 lanes of an MMA quad (the m16n8
+// accumulator layout), with the running max kept in raw score units: `mx` is this lane's max of
+// the row's new (masked) scores; m_run becomes the row max so far; alpha is the factor the row's
+// earlier sums and outputs are rescaled by; msc is the offset for p = 2^(s * sl2 + msc), where
+// sl2 = scale * log2(e). A row with every score masked so far keeps alpha = 1 and p = 0.
+__device__ __forceinline__ void quad_softmax_update(float mx, float sl2, float& m_run, float& alpha,
+                                                    float& msc) {
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_new = fmaxf(m_run, mx);
+  const float m_use = m_new == neg_inf() ? 0.f : m_new;
+  alpha = exp2_ftz((m_run - m_use) * sl2);
+  m_run = m_new;
+  msc = -m_use * sl2;
 }
 
 // Monotone map of a float to an unsigned key: a < b  <=>  key(a) < key(b) (NaN sorts last).

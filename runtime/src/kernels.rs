@@ -149,7 +149,7 @@ mod threads {
     pub const PREFILL_SIMPLE: u32 = 128;
     pub const PREFILL_SIMPLE_ROWS: usize = 32;
     /// attention_prefill_sm90: a producer and two consumer warpgroups, 128 query rows per CTA,
-    /// `PH_STAGES` = 4 stages of `PH_BC` = 64 keys.
+    /// `STAGES` = 4 stages of `BC` = 64 keys.
     pub const PREFILL_SM90: u32 = 384;
     pub const PREFILL_SM90_ROWS: usize = 128;
     pub const PREFILL_SM90_STAGE_KEYS: usize = 4 * 64;
