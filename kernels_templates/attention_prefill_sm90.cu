@@ -273,8 +273,8 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
   };
   // Mask and online softmax of tile kt's scores (running max in raw score units; the scale folds
   // into one FFMA): P into `pn`, the row sums into l_run, the factor O must be rescaled by into
-  // alpha. The S registers are only read: ptxas keeps the next S product asynchronous only if
-  // no ordinary instruction writes a wgmma accumulator while another product is in flight.
+  // alpha. The masked scores and weights live in `v` (renamed registers, no copies); S itself
+  // is only read.
   auto softmax = [&](int kt, unsigned (&pn)[PH_BC / 16][4], float (&alpha)[2]) {
     const int key0 = kt * PH_BC;
     const bool need_mask = key0 + PH_BC - 1 > wg_first || key0 + PH_BC > kv_end;
