@@ -22,8 +22,9 @@
 // registers. P stays in registers (the m16n8 accumulator layout is the A-operand layout).
 // Masking only on tiles that cross the diagonal or the end of the keys. Rows and keys out of
 // range are zero-filled by cp.async and never stored.
-// Launch: grid (ceil(T / 64), HEADS, B) — the x index counts tiles from the longest one down;
-// tiles past a sequence's q_len exit at once — block PF_THREADS (128), no dynamic shared memory.
+// Launch: grid (HEADS, ceil(T / 64), B) — y counts tiles from the longest one down (see
+// kiln::prefill_tile); tiles past a sequence's q_len exit at once — block PF_THREADS (128), no
+// dynamic shared memory.
 #include "common.cuh"
 
 #define PF_THREADS 128
@@ -86,14 +87,10 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
   __shared__ __align__(128) bf16 smem[PF_STAGES][2][PF_BC * D];
   bf16* sQ = &smem[PF_STAGES - 1][0][0];
 
-  const int b = blockIdx.z, h = blockIdx.y;
-  if (b >= B) return;
-  const int qs = query_start[b];
-  const int q_len = query_start[b + 1] - qs;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * PF_BR;
-  if (q0 >= q_len) return;
-  const int L = seq_lens[b];
-  const int past = L - q_len;  // position of query row 0
+  kiln::PrefillTile tile;
+  if (!kiln::prefill_tile(PF_BR, query_start, seq_lens, B, tile)) return;
+  const int b = tile.b, h = tile.h, qs = tile.qs, q_len = tile.q_len, q0 = tile.q0, L = tile.L;
+  const int past = tile.past;  // position of query row 0
   const int kvh = h / (HEADS / KV_HEADS);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int* bt = block_tables + (long long)b * max_blocks;

@@ -12,7 +12,8 @@
 // Scheme: a CTA owns PFS_Q = 32 query rows of one (sequence, head); 4 threads per row, each with a
 // quarter of the head dims in registers; K/V tiles of PFS_KT = 16 keys staged in shared memory;
 // online softmax in f32 (log2 units).
-// Launch: grid (ceil(T / 32), HEADS, B), block PFS_THREADS (128), no dynamic shared memory.
+// Launch: grid (HEADS, ceil(T / 32), B) (tile order: kiln::prefill_tile), block PFS_THREADS (128), no
+// dynamic shared memory.
 #include "common.cuh"
 
 #define PFS_THREADS 128
@@ -36,14 +37,10 @@ attention_prefill_simple(const bf16* __restrict__ qkv, const bf16* __restrict__ 
   __shared__ __align__(16) bf16 sK[PFS_KT * D];
   __shared__ __align__(16) bf16 sV[PFS_KT * D];
 
-  const int b = blockIdx.z, h = blockIdx.y;
-  if (b >= B) return;
-  const int qs = query_start[b];
-  const int q_len = query_start[b + 1] - qs;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * PFS_Q;
-  if (q0 >= q_len) return;
-  const int L = seq_lens[b];
-  const int past = L - q_len;
+  kiln::PrefillTile tile;
+  if (!kiln::prefill_tile(PFS_Q, query_start, seq_lens, B, tile)) return;
+  const int b = tile.b, h = tile.h, qs = tile.qs, q_len = tile.q_len, q0 = tile.q0, L = tile.L;
+  const int past = tile.past;
   const int kvh = h / (HEADS / KV_HEADS);
   const int tid = threadIdx.x, row = tid >> 2, part = tid & 3;
   const bool row_valid = q0 + row < q_len;

@@ -31,8 +31,9 @@
 // [PH_BC x D], then the mbarriers. Tiles are stored as column blocks of 64 elements (128-byte
 // rows), 16-byte chunk c of row r at chunk c ^ (r & 7): the 128-byte swizzle the wgmma
 // descriptors name.
-// Launch: grid (ceil(T / 128), HEADS, B) — x counts tiles from the longest one down; tiles past
-// a sequence's q_len exit at once — block PH_THREADS (384), dynamic shared memory
+// Launch: grid (HEADS, ceil(T / 128), B) — y counts tiles from the longest one down
+// (kiln::prefill_tile); tiles past a sequence's q_len exit at once — block PH_THREADS (384),
+// dynamic shared memory
 // (128 + 2 * PH_STAGES * PH_BC) * HEAD_DIM * 2 + 1024 + 128 bytes (computed the same in
 // runtime/src/kernels.rs).
 #include "common.cuh"
@@ -86,6 +87,21 @@ __device__ __forceinline__ void fence_regs(unsigned (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
+
+// Plain shared-memory accesses by 32-bit shared address, and a barrier of the 128 threads of one
+// warpgroup (named barrier `id`; 0 is __syncthreads').
+__device__ __forceinline__ void st_shared(unsigned addr, unsigned v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared16(unsigned addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ void wg_sync(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
 
 // Shared-memory matrix descriptor with the 128-byte swizzle: start address, leading- and
 // stride-dimension byte offsets (PTX ISA "Matrix Descriptor Format").
@@ -162,14 +178,10 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
   auto empty = [&](int s) { return bars + 8u * (PH_STAGES + s); };
   const unsigned q_full = bars + 16u * PH_STAGES;
 
-  const int b = blockIdx.z, h = blockIdx.y;
-  if (b >= B) return;
-  const int qs = query_start[b];
-  const int q_len = query_start[b + 1] - qs;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-  if (q0 >= q_len) return;
-  const int L = seq_lens[b];
-  const int past = L - q_len;  // position of query row 0
+  kiln::PrefillTile tile;
+  if (!kiln::prefill_tile(BR, query_start, seq_lens, B, tile)) return;
+  const int b = tile.b, h = tile.h, qs = tile.qs, q_len = tile.q_len, q0 = tile.q0, L = tile.L;
+  const int past = tile.past;  // position of query row 0
   const int kvh = h / (HEADS / KV_HEADS);
   const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
   const int kv_end = min(L, past + min(q0 + BR, q_len));
@@ -274,19 +286,23 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
   // Mask and online softmax of tile kt's scores (running max in raw score units; the scale folds
   // into one FFMA): P into `pn`, the row sums into l_run, the factor O must be rescaled by into
   // alpha. The masked scores and weights live in `v` (renamed registers, no copies); S itself
-  // is only read.
-  auto softmax = [&](int kt, unsigned (&pn)[PH_BC / 16][4], float (&alpha)[2]) {
-    const int key0 = kt * PH_BC;
-    const bool need_mask = key0 + PH_BC - 1 > wg_first || key0 + PH_BC > kv_end;
+  // is only read. `masked` (a constant at each inlined call) only on the tiles that cross this warpgroup's
+  // diagonal or the end of the keys: a key column is cut when it lies past
+  // min(row position, last key), one compare per score against a constant column offset.
+  auto softmax = [&](const bool masked, int kt, unsigned (&pn)[PH_BC / 16][4], float (&alpha)[2]) {
     float v[NS];
     float mx[2] = {kiln::neg_inf(), kiln::neg_inf()};
+    int lim[2] = {0, 0};
+    if (masked) {
+      const int key0 = kt * PH_BC + (lane & 3) * 2;
+      lim[0] = min(row_pos0, kv_end - 1) - key0;
+      lim[1] = min(row_pos1, kv_end - 1) - key0;
+    }
 #pragma unroll
     for (int i = 0; i < NS; ++i) {
       v[i] = s[i];
-      if (need_mask) {
-        const int key = key0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-        const int rp = (i & 2) ? row_pos1 : row_pos0;
-        if (key > rp || key >= kv_end) v[i] = kiln::neg_inf();
+      if (masked) {
+        if ((i >> 2) * 8 + (i & 1) > lim[(i >> 1) & 1]) v[i] = kiln::neg_inf();
       }
       mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], v[i]);
     }
@@ -306,6 +322,16 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
 #pragma unroll
       for (int e = 0; e < 4; ++e) pn[kk][e] = kiln::f2_to_bf2(v[8 * kk + 2 * e], v[8 * kk + 2 * e + 1]);
   };
+  auto needs_mask = [&](int kt) {
+    const int key0 = kt * PH_BC;
+    return key0 + PH_BC - 1 > wg_first || key0 + PH_BC > kv_end;
+  };
+  auto softmax_tile = [&](int kt, unsigned (&pn)[PH_BC / 16][4], float (&alpha)[2]) {
+    if (needs_mask(kt))
+      softmax(true, kt, pn, alpha);
+    else
+      softmax(false, kt, pn, alpha);
+  };
   auto release = [&](int kt) {
     __syncwarp();
     if (lane == 0) ph::bar_arrive(empty(kt % PH_STAGES));
@@ -319,7 +345,7 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
   ph::fence_regs(s);
   {
     float alpha[2];
-    softmax(0, pa, alpha);  // O is still zero: nothing to rescale
+    softmax_tile(0, pa, alpha);  // O is still zero: nothing to rescale
   }
   // One pipelined step: S of tile kt and P·V of tile kt - 1 (P in `pc`) on the tensor cores,
   // then the softmax of tile kt into `pn`. Two P buffers alternate (unrolled by two): ptxas
@@ -333,7 +359,7 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
     ph::wgmma_wait<1>();  // the scores of tile kt are in
     ph::fence_regs(s);
     float alpha[2];
-    softmax(kt, pn, alpha);
+    softmax_tile(kt, pn, alpha);
     ph::wgmma_wait<0>();  // P·V of tile kt - 1 is done: O and pc are free, its stage too
     ph::fence_regs(o);
 #pragma unroll
@@ -367,24 +393,32 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
     ph::bar_wait(full(sk % PH_STAGES), (sk / PH_STAGES) & 1);
     release(sk);
   }
-  // Normalize and store the valid rows.
+  // Normalize into this warpgroup's rows of the Q tile (free: its last S product has completed;
+  // same swizzle, so the 4-byte writes of a warp hit 32 different banks), then store whole rows
+  // with 16-byte coalesced writes.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
     l_run[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
   }
-  const int row0 = q0 + c * 64 + wq * 16 + (lane >> 2);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = row0 + r * 8;
-    if (row < q_len) {
-      bf16* dst = out + (long long)(qs + row) * (HEADS * D) + h * D + (lane & 3) * 2;
+    const int rr = c * 64 + wq * 16 + (lane >> 2) + r * 8;
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        *reinterpret_cast<unsigned*>(dst + i * 8) =
-            kiln::f2_to_bf2(o[4 * i + 2 * r] * l_run[r], o[4 * i + 2 * r + 1] * l_run[r]);
-      }
+    for (int i = 0; i < CH; ++i) {
+      ph::st_shared(sQ + ph::swz<BR>(rr, i) + (lane & 3) * 4,
+                    kiln::f2_to_bf2(o[4 * i + 2 * r] * l_run[r], o[4 * i + 2 * r + 1] * l_run[r]));
+    }
+  }
+  ph::wg_sync(1 + c);
+  const int t = tid & 127;
+#pragma unroll
+  for (int j = 0; j < CH / 2; ++j) {
+    const int idx = t + 128 * j, row = c * 64 + idx / CH, ch = idx % CH;
+    if (q0 + row < q_len) {
+      const uint4 val = ph::ld_shared16(sQ + ph::swz<BR>(row, ch));
+      *reinterpret_cast<uint4*>(out + (long long)(qs + q0 + row) * (HEADS * D) + h * D + ch * 8) = val;
     }
   }
 }

@@ -3,9 +3,10 @@
 //
 // Contents: the bf16 type alias, 16-byte vector loads (read-only, no L1 allocation for streamed
 // weights), bf16x8 <-> float conversions, warp and block reductions, cp.async copies into shared
-// memory and the online-softmax row update of the tensor-core attention kernels, the ordered-key
-// mapping of floats used by the samplers, and the programmatic-dependent-launch hooks. Everything is
-// __device__ and header-only; nothing here is a kernel.
+// memory, the online-softmax row update and the query-tile prologue of the prefill attention
+// kernels, the ordered-key mapping of floats used by the samplers, and the
+// programmatic-dependent-launch hooks. Everything is __device__ and header-only; nothing here is a
+// kernel.
 // Conventions of all templates: activations and weights are bf16 row-major, accumulation is f32,
 // compile-time dimensions are template parameters, runtime sizes are arguments, and every kernel
 // bounds-checks its runtime sizes so any T/B/length is valid (CUDA-graph capturable: no host
@@ -198,6 +199,32 @@ __device__ __forceinline__ void quad_softmax_update(float mx, float sl2, float& 
   alpha = exp2_ftz((m_run - m_use) * sl2);
   m_run = m_new;
   msc = -m_use * sl2;
+}
+
+// The query tile of a prefill attention CTA. Grid (HEADS, tiles, B): blockIdx.x is the q head and
+// blockIdx.y counts the sequence's tiles of `rows` queries from the last one down. The last tile
+// attends to the most keys, and the hardware starts blocks in x-fastest order, so the longest
+// tiles of every head start first and the short ones fill the SMs at the end (with the tile index
+// fastest, the long tiles of the last heads started last and a quarter of the SM time was idle
+// tail at T = 2048). Returns false when the tile lies past the sequence's queries.
+struct PrefillTile {
+  int b, h;       // sequence, q head
+  int qs, q_len;  // the sequence's first packed query row, its number of queries
+  int q0;         // the tile's first query, relative to qs
+  int L, past;    // KV length after this step's append; position of query 0 (L - q_len)
+};
+__device__ __forceinline__ bool prefill_tile(int rows, const int* query_start, const int* seq_lens, int B,
+                                             PrefillTile& t) {
+  t.b = blockIdx.z;
+  t.h = blockIdx.x;
+  if (t.b >= B) return false;
+  t.qs = query_start[t.b];
+  t.q_len = query_start[t.b + 1] - t.qs;
+  t.q0 = (int)(gridDim.y - 1 - blockIdx.y) * rows;
+  if (t.q0 >= t.q_len) return false;
+  t.L = seq_lens[t.b];
+  t.past = t.L - t.q_len;
+  return true;
 }
 
 // Monotone map of a float to an unsigned key: a < b  <=>  key(a) < key(b) (NaN sorts last).

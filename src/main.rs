@@ -86,6 +86,11 @@ enum Command {
         /// (an event after every launch; GPU only).
         #[arg(long)]
         timeline: bool,
+        /// Idle milliseconds before each measured prefill of the TTFT: 0 runs them back to back
+        /// (a busy server; the GPU stays at its power limit), e.g. 500 lets each prompt arrive
+        /// at an idle GPU (GPU only).
+        #[arg(long, default_value_t = 0)]
+        ttft_idle_ms: u64,
     },
     /// Feed given token sequences and record logits and greedy predictions (for checks).
     TeacherForce {
@@ -375,14 +380,27 @@ fn main() -> ExitCode {
             no_cuda_graphs,
             no_pdl,
             timeline,
+            ttft_idle_ms,
         } => {
             let launch = CudaOptions {
                 cuda_graphs: !no_cuda_graphs,
                 pdl: !no_pdl,
                 ..CudaOptions::default()
             };
-            device_of(&engine, device)
-                .and_then(|d| cli::bench::run(&engine, &batch, &io, &d, json, launch, timeline))
+            device_of(&engine, device).and_then(|d| {
+                cli::bench::run(
+                    &engine,
+                    &batch,
+                    &io,
+                    &d,
+                    json,
+                    launch,
+                    cli::bench::Measure {
+                        timeline,
+                        ttft_idle_ms,
+                    },
+                )
+            })
         }
         Command::TeacherForce {
             engine,

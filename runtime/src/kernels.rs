@@ -360,7 +360,8 @@ impl KernelInstance {
     /// - gemv, gemv_tc: grid from `n` (output columns);
     /// - silu_mul: from `tokens`;
     /// - attention_decode: (`max_splits`, kv heads, `batch`); the merge: (heads, `batch`);
-    /// - attention_prefill(_simple, _sm90): (from `tokens`, heads, `batch`);
+    /// - attention_prefill(_simple, _sm90): (heads, from `tokens`, `batch`): the longest query
+    ///   tiles of every head start first (`kiln::prefill_tile` in common.cuh);
     /// - argmax, sample: grid `batch`.
     ///
     /// Grid dimensions are at least 1, so a step with no work still launches validly (the
@@ -422,8 +423,8 @@ impl KernelInstance {
             }
             KernelFamily::AttentionPrefill => one(
                 (
-                    rt.tokens.div_ceil(threads::PREFILL_ROWS),
                     self.int_arg(0),
+                    rt.tokens.div_ceil(threads::PREFILL_ROWS),
                     rt.batch,
                 ),
                 threads::PREFILL,
@@ -431,7 +432,7 @@ impl KernelInstance {
             KernelFamily::AttentionPrefillSm90 => {
                 let rows = threads::PREFILL_SM90_ROWS;
                 let mut dims = one(
-                    (rt.tokens.div_ceil(rows), self.int_arg(0), rt.batch),
+                    (self.int_arg(0), rt.tokens.div_ceil(rows), rt.batch),
                     threads::PREFILL_SM90,
                 );
                 // Q tile, the K and V stages, 1024 bytes to align the swizzled tiles, barriers.
@@ -441,8 +442,8 @@ impl KernelInstance {
             }
             KernelFamily::AttentionPrefillSimple => one(
                 (
-                    rt.tokens.div_ceil(threads::PREFILL_SIMPLE_ROWS),
                     self.int_arg(0),
+                    rt.tokens.div_ceil(threads::PREFILL_SIMPLE_ROWS),
                     rt.batch,
                 ),
                 threads::PREFILL_SIMPLE,

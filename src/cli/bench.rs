@@ -8,6 +8,15 @@ use kiln::runtime::engine::Engine;
 use std::path::Path;
 use std::time::Instant;
 
+/// What to measure beside the table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Measure {
+    /// Per-kernel times of one prefill and one decode step per configuration.
+    pub timeline: bool,
+    /// Idle time before each measured prefill of the TTFT (0: back to back).
+    pub ttft_idle_ms: u64,
+}
+
 /// One measured configuration.
 #[derive(serde::Serialize, Debug)]
 pub struct Row {
@@ -22,7 +31,8 @@ pub struct Row {
     /// Generated tokens (all sequences) per second.
     pub output_tokens_per_s: f64,
     /// Time to first token: the prefill step, from submitting the prompts to holding the first
-    /// tokens on the host (ms; median of 3 after a warm-up prefill of the same shape).
+    /// tokens on the host (ms; median of 3 after a warm-up prefill of the same shape, each
+    /// after [`Measure::ttft_idle_ms`] of idle GPU).
     pub ttft_ms: f64,
     /// Median decode step (ms).
     pub decode_step_ms: f64,
@@ -124,11 +134,18 @@ fn decode_step(ids: &[usize], next: &[u32]) -> Vec<StepSeq> {
 
 /// Median prefill time of `reps` prefills, after one warm-up prefill of the same shape (the
 /// first GEMM of a shape makes cuBLAS choose and load its kernels).
-fn ttft_ms(exec: &mut CudaExecutor, batch: usize, input: usize, vocab: usize) -> Result<f64> {
+fn ttft_ms(
+    exec: &mut CudaExecutor,
+    batch: usize,
+    input: usize,
+    vocab: usize,
+    idle_ms: u64,
+) -> Result<f64> {
     let reps = 3;
     let mut times = Vec::new();
     for _ in 0..=reps {
         let step = prefill_step(exec, batch, input, vocab);
+        std::thread::sleep(std::time::Duration::from_millis(idle_ms));
         let t0 = Instant::now();
         exec.step_greedy(&step)?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -146,9 +163,10 @@ fn bench_gpu(
     input: usize,
     output: usize,
     warmup: bool,
+    ttft_idle_ms: u64,
 ) -> Result<Row> {
     let vocab = vocab(engine);
-    let ttft = ttft_ms(exec, batch, input, vocab)?;
+    let ttft = ttft_ms(exec, batch, input, vocab, ttft_idle_ms)?;
     let runs = if warmup { 2 } else { 1 };
     let mut row = None;
     for _ in 0..runs {
@@ -265,7 +283,7 @@ pub fn run(
     device: &str,
     json: bool,
     launch: CudaOptions,
-    show_timeline: bool,
+    measure: Measure,
 ) -> Result<()> {
     let engine = Engine::open(engine_path)?;
     let (batches, io) = (parse_list(batches)?, parse_io(io)?);
@@ -288,6 +306,7 @@ pub fn run(
                     input,
                     output,
                     first,
+                    measure.ttft_idle_ms,
                 )?,
                 "cpu" => bench_cpu(&engine, batch, input, output)?,
                 other => bail!("unknown device `{other}` (cpu or cuda)"),
@@ -296,7 +315,7 @@ pub fn run(
             rows.push(row);
         }
     }
-    if show_timeline {
+    if measure.timeline {
         let exec = gpu.as_mut().context("--timeline needs the cuda device")?;
         for &(input, _) in &io {
             for &batch in &batches {

@@ -471,7 +471,7 @@ mod tests {
         let h = KernelInstance::attention_prefill_sm90(32, 8, 128, 16).launch_dims(&rt);
         assert_eq!(
             (h.grid, h.block, h.shared_bytes),
-            ((16, 32, 3), (384, 1, 1), (128 + 512) * 256 + 1024 + 128)
+            ((32, 16, 3), (384, 1, 1), (128 + 512) * 256 + 1024 + 128)
         );
         let silu = KernelInstance::silu_mul(14336).launch_dims(&rt);
         assert_eq!(silu.grid, (8192, 1, 1)); // 2048·14336/8 vectors, capped grid-stride
