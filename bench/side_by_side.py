@@ -11,11 +11,15 @@
 For every model, batch and input:output pair it prints ms per decode step, output tok/s, time to
 first token (the prefill of the whole batch) and the ratios of kiln to each baseline and to the
 weight-streaming roofline (weight bytes read per step / 2.84 TB/s copy bandwidth, DESIGN.md).
+Every timed prefill of all three starts after --ttft-idle-ms of idle GPU (default 0: back to
+back, where the GPU sits at its power limit; 500: a prompt arriving at an idle GPU).
 
 Usage: python3 bench/side_by_side.py [--kiln .dev/bin/kiln] [--models llama2-7b,llama3-8b]
-       [--batch 1,8] [--io 128:256,2048:128] [--kiln-args "--no-pdl"]
+       [--batch 1,8] [--io 128:256,2048:128] [--kiln-args "--no-pdl"] [--ttft-idle-ms 500]
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, time
+
+IDLE_S = 0.0  # idle seconds before each timed prefill (--ttft-idle-ms)
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
@@ -45,7 +49,10 @@ def hf_eager(model, batch, inp, out):
                                                 eos_token_id=None, pad_token_id=0))[1]
 
     gen(2)
-    ttft = [gen(1) for _ in range(3)]
+    ttft = []
+    for _ in range(3):
+        time.sleep(IDLE_S)
+        ttft.append(gen(1))
     step = [(gen(n) - gen(1)) / (n - 1) for _ in range(3)]
     return statistics.median(ttft), statistics.median(step)
 
@@ -65,6 +72,8 @@ def hf_compiled(model, batch, inp, out, reps=3):
         for r in range(reps + 1):  # the first round compiles and records the graphs
             cache.reset()
             pos0 = torch.arange(inp, device="cuda")
+            torch.cuda.synchronize()
+            time.sleep(IDLE_S)
             tok, ttft = timed(lambda: model(input_ids=ids, past_key_values=cache, cache_position=pos0,
                                             use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True))
             pos = torch.tensor([inp], device="cuda")
@@ -91,8 +100,12 @@ def main():
     ap.add_argument("--io", default="128:256,2048:128")
     ap.add_argument("--kiln-args", default="", help="extra `kiln bench` arguments")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--ttft-idle-ms", type=int, default=0,
+                    help="idle GPU time before each timed prefill (kiln bench --ttft-idle-ms)")
     ap.add_argument("--work", default="/tmp")
     args = ap.parse_args()
+    global IDLE_S
+    IDLE_S = args.ttft_idle_ms / 1e3
     batches = [int(b) for b in args.batch.split(",")]
     ios = [tuple(int(x) for x in p.split(":")) for p in args.io.split(",")]
     torch.manual_seed(0)
@@ -111,8 +124,8 @@ def main():
         model.save_pretrained(ckpt)
         subprocess.run([args.kiln, "build", ckpt, "-o", engine, "--target", "cuda"], check=True, capture_output=True)
         shutil.rmtree(ckpt)
-        kiln = json.loads(subprocess.run([args.kiln, "bench", engine, "--batch", args.batch, "--io", args.io, "--json"]
-                                         + args.kiln_args.split(), check=True, capture_output=True, text=True).stdout)
+        kiln = json.loads(subprocess.run([args.kiln, "bench", engine, "--batch", args.batch, "--io", args.io, "--json",
+                                          "--ttft-idle-ms", str(args.ttft_idle_ms)] + args.kiln_args.split(), check=True, capture_output=True, text=True).stdout)
         os.remove(engine)
         for r in kiln:
             b, inp, out = r["batch"], r["input"], r["output"]

@@ -365,8 +365,10 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
 #pragma unroll
     for (int kk = 0; kk < PH_BC / 16; ++kk) ph::fence_regs(pc[kk]);
     release(kt - 1);
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
+      for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
+    }
   };
   unsigned pb[PH_BC / 16][4];
   int kt = 1;

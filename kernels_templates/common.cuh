@@ -187,18 +187,24 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 
 // Online-softmax update of one score row spread over the 4 lanes of an MMA quad (the m16n8
 // accumulator layout), with the running max kept in raw score units: `mx` is this lane's max of
-// the row's new (masked) scores; m_run becomes the row max so far; alpha is the factor the row's
+// the row's new (masked) scores; m_run is the reference max; alpha is the factor the row's
 // earlier sums and outputs are rescaled by; msc is the offset for p = 2^(s * sl2 + msc), where
-// sl2 = scale * log2(e). A row with every score masked so far keeps alpha = 1 and p = 0.
+// sl2 = scale * log2(e). The reference max is lazy (FlashAttention-4's conditional rescaling): it
+// moves only when a score exceeds it by more than 8 in log2 units, so most tiles keep alpha = 1
+// and the kernels skip rescaling O; the weights stay below 2^8, far inside f32 and bf16 range,
+// and O / l is the same. A row with every score masked so far keeps alpha = 1 and p = 0.
 __device__ __forceinline__ void quad_softmax_update(float mx, float sl2, float& m_run, float& alpha,
                                                     float& msc) {
   mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
   mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-  const float m_new = fmaxf(m_run, mx);
-  const float m_use = m_new == neg_inf() ? 0.f : m_new;
-  alpha = exp2_ftz((m_run - m_use) * sl2);
-  m_run = m_new;
-  msc = -m_use * sl2;
+  // Also taken from -inf to a first finite max (alpha = 0); not from -inf to -inf (NaN).
+  if ((mx - m_run) * sl2 > 8.f) {
+    alpha = exp2_ftz((m_run - mx) * sl2);
+    m_run = mx;
+  } else {
+    alpha = 1.f;
+  }
+  msc = m_run == neg_inf() ? 0.f : -m_run * sl2;
 }
 
 // The query tile of a prefill attention CTA. Grid (HEADS, tiles, B): blockIdx.x is the q head and
