@@ -108,8 +108,35 @@ pub fn model_for(
 
 /// Expands the model file for a config into a graph.
 pub fn graph_for(model: &ModelFile, config: &serde_json::Value) -> Result<Graph, BuildError> {
+    check_rope(config)?;
     let params = bind(&model.params, config)?;
     Ok(expand(model, &params)?)
+}
+
+/// Refuses a config that asks for scaled RoPE (Llama 3.1's `llama3`, linear, dynamic NTK, YaRN…
+/// in `rope_scaling` or transformers 5's `rope_parameters`): kiln computes the unscaled
+/// frequencies 1 / theta^(2i/d), and running such a checkpoint with them would be silently wrong.
+/// A linear factor of 1 is no scaling and passes.
+pub fn check_rope(config: &serde_json::Value) -> Result<(), BuildError> {
+    for key in ["rope_scaling", "rope_parameters"] {
+        let Some(rope) = config.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let kind = rope
+            .get("rope_type")
+            .or_else(|| rope.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let factor = rope.get("factor").and_then(|v| v.as_f64()).unwrap_or(1.0);
+        let unscaled = kind == "default" || (kind == "linear" && factor == 1.0);
+        if !unscaled {
+            return Err(BuildError::Other(format!(
+                "the config's `{key}` asks for `{kind}` RoPE scaling (factor {factor}); kiln \
+                 computes unscaled RoPE only"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that the checkpoint has every weight of the graph with the declared shape.
@@ -284,4 +311,29 @@ pub fn build(
         rewrite,
         gemm_note,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn scaled_rope_is_refused_and_unscaled_passes() {
+        for ok in [
+            json!({"rope_theta": 10000.0}),
+            json!({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
+            json!({"rope_scaling": null}),
+            json!({"rope_scaling": {"type": "linear", "factor": 1.0}}),
+        ] {
+            assert!(check_rope(&ok).is_ok(), "{ok}");
+        }
+        let llama31 = json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0,
+            "rope_theta": 5e5, "low_freq_factor": 1.0, "high_freq_factor": 4.0}});
+        let err = check_rope(&llama31).unwrap_err().to_string();
+        assert!(err.contains("`llama3` RoPE scaling"), "{err}");
+        let gguf_linear =
+            json!({"rope_scaling": {"rope_type": "linear", "type": "linear", "factor": 4.0}});
+        assert!(check_rope(&gguf_linear).is_err());
+    }
 }
