@@ -286,8 +286,8 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
   // Mask and online softmax of tile kt's scores (running max in raw score units; the scale folds
   // into one FFMA): P into `pn`, the row sums into l_run, the factor O must be rescaled by into
   // alpha. The masked scores and weights live in `v` (renamed registers, no copies); S itself
-  // is only read. `masked` (a constant at each inlined call) only on the tiles that cross this warpgroup's
-  // diagonal or the end of the keys: a key column is cut when it lies past
+  // is only read. `masked` (a constant at each inlined call) only on the tiles that cross this
+  // warpgroup's diagonal or the end of the keys: a key column is cut when it lies past
   // min(row position, last key), one compare per score against a constant column offset.
   auto softmax = [&](const bool masked, int kt, unsigned (&pn)[PH_BC / 16][4], float (&alpha)[2]) {
     float v[NS];
