@@ -19,8 +19,6 @@ Usage: python3 bench/side_by_side.py [--kiln .dev/bin/kiln] [--models llama2-7b,
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, time
 
-IDLE_S = 0.0  # idle seconds before each timed prefill (--ttft-idle-ms)
-
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
@@ -38,8 +36,9 @@ def timed(fn):
     return r, (time.perf_counter() - t0) * 1e3
 
 
-def hf_eager(model, batch, inp, out):
-    """transformers' generate(): (TTFT ms, ms per decode step), medians of 3."""
+def hf_eager(model, batch, inp, out, idle_s):
+    """transformers' generate(): (TTFT ms, ms per decode step), medians of 3; each timed prefill
+    after idle_s seconds of idle GPU."""
     ids = torch.randint(0, model.config.vocab_size, (batch, inp), device="cuda")
     n = min(out, 16)
 
@@ -51,7 +50,7 @@ def hf_eager(model, batch, inp, out):
     gen(2)
     ttft = []
     for _ in range(3):
-        time.sleep(IDLE_S)
+        time.sleep(idle_s)
         ttft.append(gen(1))
     step = [(gen(n) - gen(1)) / (n - 1) for _ in range(3)]
     return statistics.median(ttft), statistics.median(step)
@@ -62,8 +61,9 @@ def decode_one(model, tok, pos, cache):
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
-def hf_compiled(model, batch, inp, out, reps=3):
-    """gpt-fast style (see the module docstring): (TTFT ms, ms per decode step), medians."""
+def hf_compiled(model, batch, inp, out, idle_s, reps=3):
+    """gpt-fast style (see the module docstring): (TTFT ms, ms per decode step), medians; each
+    timed prefill after idle_s seconds of idle GPU."""
     ids = torch.randint(0, model.config.vocab_size, (batch, inp), device="cuda")
     cache = StaticCache(config=model.config, max_cache_len=inp + out + 8)
     step = torch.compile(decode_one, mode="reduce-overhead")
@@ -73,7 +73,7 @@ def hf_compiled(model, batch, inp, out, reps=3):
             cache.reset()
             pos0 = torch.arange(inp, device="cuda")
             torch.cuda.synchronize()
-            time.sleep(IDLE_S)
+            time.sleep(idle_s)
             tok, ttft = timed(lambda: model(input_ids=ids, past_key_values=cache, cache_position=pos0,
                                             use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True))
             pos = torch.tensor([inp], device="cuda")
@@ -104,8 +104,7 @@ def main():
                     help="idle GPU time before each timed prefill (kiln bench --ttft-idle-ms)")
     ap.add_argument("--work", default="/tmp")
     args = ap.parse_args()
-    global IDLE_S
-    IDLE_S = args.ttft_idle_ms / 1e3
+    idle_s = args.ttft_idle_ms / 1e3
     batches = [int(b) for b in args.batch.split(",")]
     ios = [tuple(int(x) for x in p.split(":")) for p in args.io.split(",")]
     torch.manual_seed(0)
@@ -129,9 +128,9 @@ def main():
         os.remove(engine)
         for r in kiln:
             b, inp, out = r["batch"], r["input"], r["output"]
-            eager = (None, None) if args.skip_eager else hf_eager(model, b, inp, out)
+            eager = (None, None) if args.skip_eager else hf_eager(model, b, inp, out, idle_s)
             try:
-                comp = hf_compiled(model, b, inp, out)
+                comp = hf_compiled(model, b, inp, out, idle_s)
             except Exception as e:  # report, do not hide
                 print(f"torch.compile failed: {type(e).__name__}: {e}", flush=True)
                 comp = (None, None)

@@ -221,15 +221,8 @@ impl Gpu {
                 e.insert(ctx.load_module(Ptx::from_binary(c.cubin.to_vec()))?);
             }
             let f = modules[&key].load_function(&c.lowered_name)?;
-            let smem = instances
-                .iter()
-                .find(|k| k.name_expr == c.name_expr)
-                .map_or(0, |k| k.launch_dims(&RuntimeSizes::default()).shared_bytes);
-            if smem > 48 * 1024 {
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )?;
+            if let Some(k) = instances.iter().find(|k| k.name_expr == c.name_expr) {
+                kiln_runtime::cuda::allow_dynamic_smem(&f, k)?;
             }
             funcs.insert(c.name_expr.clone(), f);
         }

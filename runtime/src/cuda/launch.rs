@@ -86,6 +86,22 @@ fn gemv_instance(
     }
 }
 
+/// Raises `f`'s dynamic shared-memory limit to what instance `k` launches with, where that is
+/// above the 48 KB every function gets by default (attention_prefill_sm90).
+pub fn allow_dynamic_smem(
+    f: &CudaFunction,
+    k: &KernelInstance,
+) -> Result<(), cudarc::driver::DriverError> {
+    let smem = k.launch_dims(&RuntimeSizes::default()).shared_bytes;
+    if smem > 48 * 1024 {
+        f.set_attribute(
+            cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )?;
+    }
+    Ok(())
+}
+
 /// Every kernel instance a plan launches on `arch` (`sm_90`, …): what the compiler compiles into
 /// the engine and the executor resolves by name expression.
 pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
@@ -255,13 +271,7 @@ impl Kernels {
                     k.name_expr
                 ))
             })?;
-            let smem = k.launch_dims(&RuntimeSizes::default()).shared_bytes;
-            if smem > 48 * 1024 {
-                f.set_attribute(
-                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )?;
-            }
+            allow_dynamic_smem(f, &k)?;
         }
         let a = plan.attention;
         let prefill_attention =

@@ -12,7 +12,7 @@ pub mod kv_cache;
 mod launch;
 
 pub use executor::{CudaExecutor, CudaOptions, SeqId, StepSeq};
-pub use launch::{plan_instances, GEMV_MAX_ROWS};
+pub use launch::{allow_dynamic_smem, plan_instances, GEMV_MAX_ROWS};
 
 /// The architecture name (`sm_90`) of a compute capability.
 fn sm_name((major, minor): (i32, i32)) -> String {
