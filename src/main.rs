@@ -44,15 +44,20 @@ enum Command {
         /// Build the graph as written, without the rewriter (to compare the two engines).
         #[arg(long)]
         no_optimize: bool,
-        /// Compute precision: f32, or bf16/f16 through precision lowering.
-        #[arg(long, default_value = "f32", value_parser = cli::inspect::parse_dtype)]
-        dtype: kiln::runtime::ir::DType,
+        /// Compute precision: f32 (the CPU default), or bf16/f16 through precision lowering.
+        /// GPU engines compute in bf16.
+        #[arg(long, value_parser = cli::inspect::parse_dtype)]
+        dtype: Option<kiln::runtime::ir::DType>,
         /// `cpu` (an f32 engine for the CPU executor) or `cuda` (bf16 weights, CUDA kernels).
         #[arg(long, default_value = "cpu")]
         target: String,
-        /// GPU architecture of a `cuda` engine's kernels.
-        #[arg(long, default_value = "sm_90")]
-        arch: String,
+        /// GPU architecture of a `cuda` engine's kernels (default sm_90).
+        #[arg(long)]
+        arch: Option<String>,
+        /// Build even if the checkpoint holds tensors the model file does not use (they are
+        /// listed); without it such a checkpoint is refused.
+        #[arg(long)]
+        allow_unused: bool,
     },
     /// Generate text with an engine, streaming tokens to stdout.
     Run(RunArgs),
@@ -115,6 +120,18 @@ enum Command {
         /// Print a JSON list.
         #[arg(long)]
         json: bool,
+        /// Print each token's vocabulary entry beside its id (`id<TAB>piece` per line; with
+        /// --json, a list of {id, piece}).
+        #[arg(long)]
+        pieces: bool,
+    },
+    /// Print the text of token ids (the inverse of `tokenize`).
+    Detokenize {
+        /// Engine file.
+        engine: PathBuf,
+        /// Token ids, separated by spaces or commas (a JSON list works too).
+        #[arg(required = true, num_args = 1..)]
+        ids: Vec<String>,
     },
 }
 
@@ -131,21 +148,21 @@ struct RunArgs {
     /// System message for --chat.
     #[arg(long)]
     system: Option<String>,
-    /// Most tokens to generate.
+    /// Most tokens to generate (0 generates none).
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, finite and ≥ 0; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
-    /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Keep the smallest set of tokens with this much probability (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Keep only the k most likely tokens (k ≥ 1; default: all).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Keep the smallest set of tokens with this much probability, in (0, 1] (1 = off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Random seed for sampling (default: a random one, printed; see --json).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -187,11 +204,19 @@ fn load_engine(
         "cpu" => Executor::Cpu(Box::new(engine.cpu_executor()?)),
         "cuda" => {
             let opts = CudaOptions {
-                max_seq_len: engine.generation.max_context.unwrap_or(8192),
+                max_seq_len: engine.generation.max_context,
                 max_kv_tokens,
                 ..CudaOptions::default()
             };
-            Executor::Cuda(Box::new(CudaExecutor::new(&engine, opts)?))
+            Executor::Cuda(Box::new(CudaExecutor::new(&engine, opts).map_err(|e| {
+                let hint = match e {
+                    kiln::runtime::cuda::CudaError::NoDevice(_) => {
+                        "; this is a GPU engine: run it on the CPU with --device cpu"
+                    }
+                    _ => "",
+                };
+                anyhow::anyhow!("{}: {e}{hint}", path.display())
+            })?))
         }
         other => bail!("unknown device `{other}` (cpu or cuda)"),
     };
@@ -199,12 +224,17 @@ fn load_engine(
     Ok((engine, exec))
 }
 
-fn tokenizer_of(engine: &Engine) -> Result<Tokenizer> {
+fn tokenizer_of(engine: &Engine, path: &Path) -> Result<Tokenizer> {
     let json = engine
         .tokenizer_json
         .as_deref()
-        .context("this engine has no tokenizer")?;
-    Ok(Tokenizer::from_json(json)?)
+        .with_context(|| format!("{}: this engine has no tokenizer", path.display()))?;
+    Tokenizer::from_json(json).with_context(|| {
+        format!(
+            "{}: the engine's tokenizer cannot be loaded",
+            path.display()
+        )
+    })
 }
 
 fn cmd_build(checkpoint: &Path, output: &Path, opts: BuildOptions) -> Result<()> {
@@ -221,6 +251,9 @@ fn cmd_build(checkpoint: &Path, output: &Path, opts: BuildOptions) -> Result<()>
         pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
+    for note in &report.notes {
+        eprintln!("{note}");
+    }
     eprintln!(
         "built {} in {:.1}s: {} nodes, {} weights, {:.1}M parameters",
         output.display(),
@@ -232,12 +265,13 @@ fn cmd_build(checkpoint: &Path, output: &Path, opts: BuildOptions) -> Result<()>
     if let Some(r) = &report.rewrite {
         eprintln!(
             "rewriter: {:.0} ms; estimated decode step {:.1} → {:.1} µs, {} → {} kernels \
-             (kiln inspect --explain for details)",
+             (`kiln inspect {} --explain` for details)",
             r.total_ms,
             r.cost_before.time_ns / 1e3,
             r.cost_after.time_ns / 1e3,
             r.cost_before.kernels,
-            r.cost_after.kernels
+            r.cost_after.kernels,
+            checkpoint.display()
         );
         for p in r.phases.iter().filter(|p| !p.saturated) {
             eprintln!(
@@ -253,9 +287,45 @@ fn cmd_build(checkpoint: &Path, output: &Path, opts: BuildOptions) -> Result<()>
     Ok(())
 }
 
+/// The sampling settings of `kiln run`, checked: temperature finite and ≥ 0, top-p in (0, 1],
+/// top-k ≥ 1 when given; with temperature > 0 and no seed, a random seed.
+fn sampling_of(a: &RunArgs) -> Result<SamplingParams> {
+    if a.top_k == Some(0) {
+        bail!("--top-k must be at least 1 (leave it out to keep every token)");
+    }
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k.unwrap_or(0),
+        top_p: a.top_p,
+        seed: a.seed.unwrap_or_else(random_seed),
+    };
+    sampling.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    if sampling.temperature == 0.0 && (a.top_k.is_some() || a.top_p != 1.0 || a.seed.is_some()) {
+        bail!("--top-k, --top-p and --seed apply to sampling; set --temperature above 0");
+    }
+    Ok(sampling)
+}
+
+/// A seed from the clock and the process id (what llama.cpp and vLLM do when none is given).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
 fn cmd_run(a: RunArgs) -> Result<()> {
+    if a.system.is_some() && !a.chat {
+        bail!("--system needs --chat (the system message goes into the chat template)");
+    }
+    let sampling = sampling_of(&a)?;
     let (engine, mut exec) = load_engine(&a.engine, a.device.as_deref(), a.max_kv_tokens)?;
-    let tok = tokenizer_of(&engine)?;
+    let tok = tokenizer_of(&engine, &a.engine)?;
     let gen = &engine.generation;
     let prompt = if a.chat {
         let template = gen
@@ -285,12 +355,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let req = GenerateRequest {
         prompt_ids: tok.encode(&prompt)?,
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
+        sampling,
         stop_ids: gen.stop_token_ids.clone(),
         stop_strings: a.stop.clone(),
         ignore_eos: a.ignore_eos,
@@ -312,8 +377,9 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     } else {
         println!();
         let t = &result.timings;
+        let seed = result.seed.map_or(String::new(), |s| format!("; seed {s}"));
         eprintln!(
-            "[{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s; {:?}]",
+            "[{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s; {:?}{seed}]",
             result.prompt_ids.len(),
             result.generated_ids.len(),
             t.prefill_tokens_per_s,
@@ -324,15 +390,48 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_tokenize(engine: &Path, text: &str, json: bool) -> Result<()> {
-    let engine = Engine::open(engine)?;
-    let ids = tokenizer_of(&engine)?.encode(text)?;
-    if json {
-        println!("{}", serde_json::to_string(&ids)?);
-    } else {
-        let parts: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        println!("{}", parts.join(" "));
+fn cmd_tokenize(path: &Path, text: &str, json: bool, pieces: bool) -> Result<()> {
+    let engine = Engine::open(path)?;
+    let tok = tokenizer_of(&engine, path)?;
+    let ids = tok.encode(text)?;
+    let piece = |id: u32| tok.id_to_token(id).unwrap_or_default();
+    match (json, pieces) {
+        (true, false) => println!("{}", serde_json::to_string(&ids)?),
+        (true, true) => {
+            let v: Vec<_> = ids
+                .iter()
+                .map(|&id| serde_json::json!({"id": id, "piece": piece(id)}))
+                .collect();
+            println!("{}", serde_json::to_string(&v)?);
+        }
+        (false, true) => {
+            for &id in &ids {
+                println!("{id}\t{}", piece(id));
+            }
+        }
+        (false, false) => {
+            let parts: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            println!("{}", parts.join(" "));
+        }
     }
+    Ok(())
+}
+
+fn cmd_detokenize(path: &Path, args: &[String]) -> Result<()> {
+    let mut ids = Vec::new();
+    for word in args
+        .iter()
+        .flat_map(|a| a.split(|c: char| c == ',' || c.is_whitespace() || c == '[' || c == ']'))
+        .filter(|w| !w.is_empty())
+    {
+        ids.push(
+            word.parse::<u32>()
+                .with_context(|| format!("`{word}` is not a token id"))?,
+        );
+    }
+    let engine = Engine::open(path)?;
+    let text = tokenizer_of(&engine, path)?.decode(&ids)?;
+    println!("{text}");
     Ok(())
 }
 
@@ -344,8 +443,45 @@ fn device_of(engine: &Path, asked: Option<String>) -> Result<String> {
     }
 }
 
+/// The build options of `kiln build`'s flags, refusing combinations that would be ignored.
+fn build_options(
+    model: Option<PathBuf>,
+    no_optimize: bool,
+    dtype: Option<kiln::runtime::ir::DType>,
+    target: &str,
+    arch: Option<String>,
+    allow_unused: bool,
+) -> Result<BuildOptions> {
+    use kiln::runtime::ir::DType;
+    let cuda_arch = match (target, arch) {
+        ("cpu", Some(_)) => bail!("--arch applies to GPU engines: add --target cuda"),
+        ("cpu", None) => None,
+        ("cuda", arch) => Some(arch.unwrap_or_else(|| "sm_90".into())),
+        (other, _) => bail!("unknown target `{other}` (cpu or cuda)"),
+    };
+    if cuda_arch.is_some() && matches!(dtype, Some(DType::F32 | DType::F16)) {
+        bail!(
+            "GPU engines compute in bf16 (their kernels are bf16); leave --dtype out or pass \
+             --dtype bf16"
+        );
+    }
+    Ok(BuildOptions {
+        model_file: model,
+        no_optimize,
+        dtype: dtype.unwrap_or(DType::F32),
+        cuda_arch,
+        allow_unused,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C (or SIGTERM) during a build removes the half-written output, then exits.
+    let _ = ctrlc::set_handler(|| {
+        kiln::compiler::output::remove_partials();
+        eprintln!("\ninterrupted");
+        std::process::exit(130);
+    });
     let result = match cli.command {
         Command::Build {
             checkpoint,
@@ -355,22 +491,18 @@ fn main() -> ExitCode {
             dtype,
             target,
             arch,
-        } => match target.as_str() {
-            "cpu" | "cuda" => cmd_build(
-                &checkpoint,
-                &output,
-                BuildOptions {
-                    model_file: model,
-                    no_optimize,
-                    dtype,
-                    cuda_arch: (target == "cuda").then_some(arch),
-                },
-            ),
-            other => Err(anyhow::anyhow!("unknown target `{other}` (cpu or cuda)")),
-        },
+            allow_unused,
+        } => build_options(model, no_optimize, dtype, &target, arch, allow_unused)
+            .and_then(|opts| cmd_build(&checkpoint, &output, opts)),
         Command::Run(args) => cmd_run(args),
         Command::Inspect(args) => cli::inspect::run(&args),
-        Command::Tokenize { engine, text, json } => cmd_tokenize(&engine, &text, json),
+        Command::Tokenize {
+            engine,
+            text,
+            json,
+            pieces,
+        } => cmd_tokenize(&engine, &text, json, pieces),
+        Command::Detokenize { engine, ids } => cmd_detokenize(&engine, &ids),
         Command::Bench {
             engine,
             batch,
@@ -388,6 +520,20 @@ fn main() -> ExitCode {
                 ..CudaOptions::default()
             };
             device_of(&engine, device).and_then(|d| {
+                if d != "cuda" && d != "cpu" {
+                    bail!("unknown device `{d}` (cpu or cuda)");
+                }
+                if d != "cuda" {
+                    let gpu_only = [
+                        (no_cuda_graphs, "--no-cuda-graphs"),
+                        (no_pdl, "--no-pdl"),
+                        (timeline, "--timeline"),
+                        (ttft_idle_ms > 0, "--ttft-idle-ms"),
+                    ];
+                    if let Some((_, flag)) = gpu_only.iter().find(|(on, _)| *on) {
+                        bail!("{flag} applies to GPU runs only (this bench runs on `{d}`)");
+                    }
+                }
                 cli::bench::run(
                     &engine,
                     &batch,

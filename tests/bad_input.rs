@@ -10,40 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tiny::{Storage, TinyConfig};
 
-/// Runs `kiln` with `args`; asserts it fails without a panic and returns its stderr.
-fn fails<S: AsRef<OsStr>>(args: &[S]) -> String {
-    let out = kiln().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
-    assert!(
-        !out.status.success(),
-        "kiln {shown:?} succeeded; stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "kiln {shown:?} panicked: {stderr}"
-    );
-    assert!(stderr.starts_with("error: "), "kiln {shown:?}: {stderr}");
-    eprintln!("kiln {shown:?}\n  -> {}", stderr.trim());
-    stderr
-}
-
-/// Runs `kiln` with `args`; asserts it succeeds and returns its stdout.
-fn succeeds<S: AsRef<OsStr>>(args: &[S]) -> String {
-    let out = kiln().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "kiln failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn p(path: &Path) -> &OsStr {
-    path.as_os_str()
-}
-
 /// The tiny GQA model's config with a 16-token context window.
 fn small_context() -> TinyConfig {
     TinyConfig {
@@ -54,37 +20,9 @@ fn small_context() -> TinyConfig {
 
 /// A tiny checkpoint folder with a WordLevel tokenizer, and its engine, built once per test
 /// binary. Tests copy the engine before damaging it.
-struct Shared {
-    dir: tempfile::TempDir,
-}
-
-impl Shared {
-    fn ckpt(&self) -> PathBuf {
-        self.dir.path().join("ckpt")
-    }
-    fn engine(&self) -> PathBuf {
-        self.dir.path().join("tiny.kiln")
-    }
-}
-
-fn shared() -> &'static Shared {
-    static SHARED: OnceLock<Shared> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = small_context();
-        let ckpt = dir.path().join("ckpt");
-        tiny::write_checkpoint(&ckpt, &cfg, &cfg.random_weights(), Storage::F32);
-        tiny::write_tokenizer(&ckpt, cfg.vocab);
-        let engine = dir.path().join("tiny.kiln");
-        kiln::compiler::build(
-            &ckpt,
-            &engine,
-            &kiln::compiler::BuildOptions::default(),
-            &|_, _| {},
-        )
-        .unwrap();
-        Shared { dir }
-    })
+fn shared() -> &'static tiny::Built {
+    static SHARED: OnceLock<tiny::Built> = OnceLock::new();
+    SHARED.get_or_init(|| tiny::Built::new(&small_context()))
 }
 
 /// A copy of the shared engine in `dir`, to damage.
@@ -376,16 +314,18 @@ fn truncated_and_corrupt_safetensors() {
 fn missing_checkpoint_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.kiln");
+    let ck = dir.path().join("ck");
+    std::fs::create_dir(&ck).unwrap();
     // A folder with neither config.json nor weights.
-    let msg = fails(&["build".as_ref(), p(dir.path()), "-o".as_ref(), p(&out)]);
+    let msg = fails(&["build".as_ref(), p(&ck), "-o".as_ref(), p(&out)]);
     assert!(msg.contains("config.json"), "{msg}");
     // config.json but no weights.
     std::fs::write(
-        dir.path().join("config.json"),
+        ck.join("config.json"),
         TinyConfig::mha().config_json().to_string(),
     )
     .unwrap();
-    let msg = fails(&["build".as_ref(), p(dir.path()), "-o".as_ref(), p(&out)]);
+    let msg = fails(&["build".as_ref(), p(&ck), "-o".as_ref(), p(&out)]);
     assert!(msg.contains("no model.safetensors"), "{msg}");
     // A path that does not exist.
     let msg = fails(&[
@@ -536,7 +476,7 @@ fn engine_of_another_format_version_says_rebuild() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let mut meta = header.metadata().clone().unwrap();
-    assert_eq!(meta["kiln.format_version"], "1");
+    assert_eq!(meta["kiln.format_version"], "2");
     meta.insert("kiln.format_version".into(), "999".into());
     let rewritten = safetensors::tensor::serialize(st.tensors(), Some(meta)).unwrap();
     let path = dir.path().join("v999.kiln");
@@ -635,7 +575,7 @@ fn prompt_longer_than_the_context_window() {
     // The same through the library.
     use kiln::runtime::generate::{generate, GenerateError, GenerateRequest};
     let e = kiln::runtime::engine::Engine::open(&engine).unwrap();
-    assert_eq!(e.generation.max_context, Some(16));
+    assert_eq!(e.generation.max_context, 16);
     let exec = e.cpu_executor().unwrap();
     let tok = kiln::runtime::tokenizer::Tokenizer::from_json(e.tokenizer_json.as_deref().unwrap())
         .unwrap();
@@ -656,9 +596,10 @@ fn prompt_longer_than_the_context_window() {
     }
 }
 
-/// A model file without an output named `logits` builds, but `kiln run` cannot sample from it.
+/// A model file without a float output named `logits` cannot generate text: the build refuses
+/// it, as it refuses one whose `logits` are the i32 token ids.
 #[test]
-fn model_without_logits_cannot_run() {
+fn model_without_logits_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let model = write(
         dir.path(),
@@ -671,7 +612,7 @@ fn model_without_logits_cannot_run() {
         ])"#,
     );
     let engine = dir.path().join("scores.kiln");
-    succeeds(&[
+    let msg = fails(&[
         "build".as_ref(),
         p(&shared().ckpt()),
         "-o".as_ref(),
@@ -679,8 +620,28 @@ fn model_without_logits_cannot_run() {
         "--model".as_ref(),
         p(&model),
     ]);
-    let msg = fails(&run_args(&engine));
     assert!(msg.contains("no output named `logits`"), "{msg}");
+    let ids = write(
+        dir.path(),
+        "ids.ron",
+        r#"Model(family: "toy", params: [], body: [
+            Let("tokens", Tokens),
+            Output("logits", "tokens"),
+        ])"#,
+    );
+    let msg = fails(&[
+        "build".as_ref(),
+        p(&shared().ckpt()),
+        "-o".as_ref(),
+        p(&engine),
+        "--model".as_ref(),
+        p(&ids),
+    ]);
+    assert!(
+        msg.contains("output `logits`") && msg.contains("i32"),
+        "{msg}"
+    );
+    assert!(!engine.exists());
 }
 
 #[test]

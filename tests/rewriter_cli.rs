@@ -155,7 +155,8 @@ fn inspect_shows_stages_explains_and_summarizes() {
         ok && dot.starts_with("digraph") && dot.contains("->"),
         "{dot}"
     );
-    let svg = tempfile::tempdir().unwrap().path().join("g.svg");
+    let svg_dir = tempfile::tempdir().unwrap();
+    let svg = svg_dir.path().join("g.svg");
     let (ok, _, err) = with(&["--layer", "0", "--svg", svg.to_str().unwrap()]);
     assert!(
         ok || err.contains("Graphviz `dot` is not installed"),

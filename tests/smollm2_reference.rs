@@ -51,7 +51,7 @@ fn greedy(exec: &CpuExecutor, tok: &Tokenizer, prompt_ids: &[u32], n: usize) -> 
         stop_ids: vec![],
         stop_strings: vec![],
         ignore_eos: true,
-        max_context: None,
+        max_context: 8192,
     };
     generate(exec, tok, &req, |_| {}).unwrap().generated_ids
 }
@@ -271,7 +271,7 @@ fn chat_run_stops_at_end_of_turn() {
 #[test]
 fn prompt_longer_than_the_context_is_refused() {
     let b = built();
-    let context = b.engine.generation.max_context.unwrap();
+    let context = b.engine.generation.max_context;
     let long = "hello ".repeat(context + 10);
     let out = kiln()
         .args([

@@ -49,6 +49,9 @@ pub struct BuildOptions {
     /// Build a GPU engine for this architecture (`--target cuda --arch sm_90`); `None` builds
     /// a CPU engine.
     pub cuda_arch: Option<String>,
+    /// Build even though the checkpoint holds tensors the model file does not use
+    /// (`--allow-unused`; the build report lists them). Off, they are an error.
+    pub allow_unused: bool,
 }
 
 impl Default for BuildOptions {
@@ -58,6 +61,7 @@ impl Default for BuildOptions {
             no_optimize: false,
             dtype: DType::F32,
             cuda_arch: None,
+            allow_unused: false,
         }
     }
 }
@@ -106,11 +110,96 @@ pub fn model_for(
     Ok(ModelFile::parse(text, name)?)
 }
 
-/// Expands the model file for a config into a graph.
+/// Expands the model file for a config into a graph that can generate text (a float
+/// `logits` output), after refusing config keys that change the math the file does not read.
 pub fn graph_for(model: &ModelFile, config: &serde_json::Value) -> Result<Graph, BuildError> {
     check_rope(config)?;
+    check_config_keys(model, config)?;
     let params = bind(&model.params, config)?;
-    Ok(expand(model, &params)?)
+    let graph = expand(model, &params)?;
+    graph
+        .check_logits()
+        .map_err(|e| BuildError::Other(format!("{}: {e}", model.family)))?;
+    Ok(graph)
+}
+
+/// Config keys that change what a model computes, each with the values that leave the math as
+/// a family without the feature computes it. A config that sets one to anything else must be
+/// read by the model file (a parameter binding it), or it is refused: running such a
+/// checkpoint without the feature would be silently wrong.
+const MATH_KEYS: &[(&str, &str)] = &[
+    (
+        "sliding_window",
+        "null, or at least max_position_embeddings",
+    ),
+    ("attention_bias", "false"),
+    ("mlp_bias", "false"),
+    ("attn_logit_softcapping", "null"),
+    ("final_logit_softcapping", "null"),
+    ("partial_rotary_factor", "1"),
+    ("query_pre_attn_scalar", "null"),
+];
+
+fn key_is_neutral(key: &str, v: &serde_json::Value, config: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (key, v) {
+        (_, Value::Null) | (_, Value::Bool(false)) => true,
+        ("sliding_window", Value::Number(n)) => {
+            let disabled = config.get("use_sliding_window") == Some(&Value::Bool(false));
+            let context = config
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64);
+            disabled || matches!((n.as_u64(), context), (Some(w), Some(c)) if w >= c)
+        }
+        ("partial_rotary_factor", Value::Number(n)) => n.as_f64() == Some(1.0),
+        _ => false,
+    }
+}
+
+/// Refuses a config whose `MATH_KEYS` the model file does not read (see there), naming the key.
+pub fn check_config_keys(model: &ModelFile, config: &serde_json::Value) -> Result<(), BuildError> {
+    use crate::model::ast::Param;
+    let read: Vec<&str> = model
+        .params
+        .iter()
+        .filter_map(|(_, p)| match p {
+            Param::Config(k) | Param::ConfigOr(k, _) => Some(k.as_str()),
+            Param::Expr(_) => None,
+        })
+        .flat_map(|keys| keys.split('|'))
+        .filter_map(|k| k.split('.').next())
+        .collect();
+    for &(key, neutral) in MATH_KEYS {
+        let Some(v) = config.get(key) else { continue };
+        if read.contains(&key) || key_is_neutral(key, v, config) {
+            continue;
+        }
+        return Err(BuildError::Other(format!(
+            "the config sets `{key}` = {v}, which the model file `{}` does not implement \
+             (it handles {neutral}); kiln refuses rather than run the model without it",
+            model.family
+        )));
+    }
+    Ok(())
+}
+
+/// Checkpoint tensors that are derived buffers, not parameters, and that kiln recomputes from
+/// the config: old HF Llama checkpoints saved RoPE's `inv_freq`.
+fn is_derived_buffer(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+}
+
+/// The checkpoint tensors the graph does not read (derived buffers aside), sorted.
+pub fn unused_weights(graph: &Graph, available: &[(String, Vec<usize>)]) -> Vec<String> {
+    let used: std::collections::HashSet<&str> = graph.weights().map(|(_, n)| n).collect();
+    let mut unused: Vec<String> = available
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| !used.contains(n.as_str()) && !is_derived_buffer(n))
+        .cloned()
+        .collect();
+    unused.sort();
+    unused
 }
 
 /// Refuses a config that asks for scaled RoPE (Llama 3.1's `llama3`, linear, dynamic NTK, YaRN…
@@ -169,28 +258,68 @@ pub fn check_weights(graph: &Graph, available: &[(String, Vec<usize>)]) -> Resul
     Ok(())
 }
 
+/// The token ids that end generation: the config's `eos_token_id` (a number or a list) and the
+/// tokenizer's id of the EOS text. An id that is not a token of the vocabulary is an error.
 fn stop_ids(
     config: &serde_json::Value,
     tokenizer: Option<&Tokenizer>,
     eos_text: Option<&str>,
-) -> Vec<u32> {
-    let mut ids: Vec<u32> = match config.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|v| v.as_u64())
-            .map(|v| v as u32)
-            .collect(),
-        _ => vec![],
+    vocab: Option<i64>,
+) -> Result<Vec<u32>, BuildError> {
+    use serde_json::Value;
+    let values: Vec<&Value> = match config.get("eos_token_id") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(v) => vec![v],
     };
+    let mut ids = Vec::new();
+    for v in values {
+        let id = v
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .filter(|&i| vocab.is_none_or(|n| i64::from(i) < n))
+            .ok_or_else(|| {
+                BuildError::Other(format!(
+                    "config key `eos_token_id`: {v} is not a token id{}",
+                    vocab.map_or(String::new(), |n| format!(
+                        " (the vocabulary has {n} tokens)"
+                    ))
+                ))
+            })?;
+        ids.push(id);
+    }
     if let (Some(t), Some(e)) = (tokenizer, eos_text) {
         ids.extend(t.token_id(e));
     }
     ids.sort();
     ids.dedup();
-    ids
+    Ok(ids)
+}
+
+/// The context window: the config's `max_position_embeddings` (GGUF `context_length`), or
+/// `DEFAULT_CONTEXT` with a note saying so.
+fn context_window(config: &serde_json::Value) -> Result<(usize, Option<String>), BuildError> {
+    use kiln_runtime::engine::{DEFAULT_CONTEXT, MAX_CONTEXT};
+    match config.get("max_position_embeddings") {
+        None | Some(serde_json::Value::Null) => Ok((
+            DEFAULT_CONTEXT,
+            Some(format!(
+                "note: the config gives no `max_position_embeddings`; prompts and generation \
+                 are limited to {DEFAULT_CONTEXT} tokens"
+            )),
+        )),
+        Some(v) => v
+            .as_u64()
+            .and_then(|c| usize::try_from(c).ok())
+            .filter(|c| (1..=MAX_CONTEXT).contains(c))
+            .map(|c| (c, None))
+            .ok_or_else(|| {
+                BuildError::Other(format!(
+                    "config key `max_position_embeddings`: {v} is not a context length in \
+                     1..={MAX_CONTEXT}"
+                ))
+            }),
+    }
 }
 
 /// What a build produced.
@@ -205,6 +334,8 @@ pub struct BuildReport {
     pub rewrite: Option<RewriteReport>,
     /// GPU engines: how the prefill GEMMs' algorithms were chosen.
     pub gemm_note: Option<String>,
+    /// Notes for the user: a defaulted context window, unused tensors kept by `--allow-unused`.
+    pub notes: Vec<String>,
 }
 
 /// Builds an engine from a checkpoint. `progress(done, total)` is called as weights are read.
@@ -214,10 +345,46 @@ pub fn build(
     opts: &BuildOptions,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<BuildReport, BuildError> {
+    let mut inputs = vec![checkpoint];
+    inputs.extend(opts.model_file.as_deref());
+    crate::output::check_output(out, &inputs).map_err(BuildError::Other)?;
     let ckpt = Checkpoint::open(checkpoint)?;
     let model = model_for(&ckpt.config, opts.model_file.as_deref())?;
     let graph = graph_for(&model, &ckpt.config)?;
-    check_weights(&graph, &ckpt.tensors())?;
+    let available = ckpt.tensors();
+    check_weights(&graph, &available)?;
+    let mut notes = Vec::new();
+    let unused = unused_weights(&graph, &available);
+    if !unused.is_empty() {
+        let shown = unused
+            .iter()
+            .take(8)
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>();
+        let list = format!(
+            "{}{}",
+            shown.join(", "),
+            if unused.len() > 8 {
+                format!(" and {} more", unused.len() - 8)
+            } else {
+                String::new()
+            }
+        );
+        if !opts.allow_unused {
+            return Err(BuildError::Other(format!(
+                "the checkpoint has {} tensor(s) that the model file `{}` does not use: {list}; \
+                 the model would run without them (pass --allow-unused to build anyway)",
+                unused.len(),
+                model.family
+            )));
+        }
+        notes.push(format!("warning: --allow-unused: not using {list}"));
+    }
+    let vocab = graph
+        .output("logits")
+        .and_then(|id| graph.nodes[id].ty.shape.last()?.as_const());
+    let (max_context, context_note) = context_window(&ckpt.config)?;
+    notes.extend(context_note);
     let (graph, derived, rewrite) = compile_graph(&graph, opts)?;
     // A GPU engine: the launch plan and its kernels, compiled before reading any weight so a
     // lowering or NVRTC error fails fast; weights are stored in bf16.
@@ -244,12 +411,13 @@ pub fn build(
         chat_template: ckpt.chat_template.clone(),
         bos_token: ckpt.bos_token.clone(),
         eos_token: ckpt.eos_token.clone(),
-        stop_token_ids: stop_ids(&ckpt.config, tokenizer.as_ref(), ckpt.eos_token.as_deref()),
-        max_context: ckpt
-            .config
-            .get("max_position_embeddings")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize),
+        stop_token_ids: stop_ids(
+            &ckpt.config,
+            tokenizer.as_ref(),
+            ckpt.eos_token.as_deref(),
+            vocab,
+        )?,
+        max_context,
     };
     let wanted: Vec<(NodeId, &str)> = graph.weights().collect();
     let total = wanted.len();
@@ -303,13 +471,14 @@ pub fn build(
         target,
         extra_metadata,
     };
-    write_engine(out, &contents).map_err(BuildError::Other)?;
+    write_engine(out, &inputs, &contents).map_err(BuildError::Other)?;
     Ok(BuildReport {
         nodes: graph.nodes.len(),
         weights: total,
         parameters,
         rewrite,
         gemm_note,
+        notes,
     })
 }
 

@@ -63,9 +63,10 @@ impl EngineTensor {
     }
 }
 
-/// Writes the engine to `path` (through a temporary file, renamed at the end, so a failed build
-/// never leaves a half-written engine behind).
-pub fn write_engine(path: &Path, c: &EngineContents) -> Result<(), String> {
+/// Writes the engine to `path` with `crate::output::write_output`: refused if `path` is one of
+/// `inputs` or inside an input folder; written to a unique temporary file, flushed and renamed,
+/// so a failed or interrupted build never leaves a half-written engine or replaces a file.
+pub fn write_engine(path: &Path, inputs: &[&Path], c: &EngineContents) -> Result<(), String> {
     let mut meta = HashMap::new();
     meta.insert(keys::FORMAT.to_string(), FORMAT_VERSION.to_string());
     meta.insert(keys::TARGET.to_string(), c.target.to_string());
@@ -80,25 +81,24 @@ pub fn write_engine(path: &Path, c: &EngineContents) -> Result<(), String> {
         keys::GENERATION.to_string(),
         serde_json::to_string(c.generation).map_err(|e| e.to_string())?,
     );
-    meta.insert(
-        keys::CHECKSUM.to_string(),
-        checksum(
-            c.tensors
-                .iter()
-                .map(|t| (t.name.as_str(), t.bytes.as_slice())),
-        ),
+    let sum = checksum(
+        &meta,
+        c.tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.bytes.as_slice())),
     );
+    meta.insert(keys::CHECKSUM.to_string(), sum);
     let views = c
         .tensors
         .iter()
         .map(|t| TensorView::new(t.dtype, t.shape.clone(), &t.bytes).map(|v| (t.name.as_str(), v)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
-    let tmp = path.with_extension("kiln.partial");
-    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    sort_header(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    crate::output::write_output(path, inputs, |tmp| {
+        safetensors::tensor::serialize_to_file(views, Some(meta), tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        sort_header(tmp)
+    })
 }
 
 /// Rewrites the safetensors header of `path` with its keys sorted, in place (same length):

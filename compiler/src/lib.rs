@@ -6,6 +6,7 @@ pub mod engine_writer;
 pub mod graph;
 pub mod loader;
 pub mod model;
+pub mod output;
 pub mod rewrite;
 
 pub use build::{build, BuildError, BuildOptions};

@@ -1,6 +1,7 @@
 //! The engine file (`.kiln`): a safetensors container. Its tensors are the weights (f32 in
 //! format v1); its metadata holds the format version, the target, the model config, the graph
-//! (RON), the tokenizer and chat template, and a checksum over every tensor's name and bytes.
+//! (RON), the tokenizer and chat template, and a checksum over every metadata entry and every
+//! tensor's name and bytes, so an edited graph or config is refused like a damaged weight.
 //! Any safetensors tool can read it.
 
 use crate::ir::Graph;
@@ -11,7 +12,15 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// The engine format this runtime reads and the compiler writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// v2: the checksum covers the metadata too; the context window is always recorded.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The context window recorded for a checkpoint whose config gives none (no
+/// `max_position_embeddings`, no GGUF `context_length`): every engine bounds its prompts.
+pub const DEFAULT_CONTEXT: usize = 4096;
+
+/// The largest context window an engine may declare (2^24 positions).
+pub const MAX_CONTEXT: usize = 1 << 24;
 
 /// Metadata keys of an engine file.
 pub mod keys {
@@ -41,7 +50,8 @@ pub mod keys {
     /// GPU engines built where their GPU is: JSON `GemmAlgos`, the cuBLASLt algorithm chosen
     /// for each prefill GEMM shape (`crate::cuda::gemm_algos`); absent elsewhere.
     pub const GEMM_ALGOS: &str = "kiln.gemm_algos";
-    /// xxh3-64 (hex) over the tensors, sorted by name: name bytes then data bytes.
+    /// xxh3-64 (hex) over the other metadata entries (sorted by key: key, value) and the
+    /// tensors (sorted by name: name, bytes), each item length-prefixed (`checksum`).
     pub const CHECKSUM: &str = "kiln.checksum";
 }
 
@@ -56,8 +66,8 @@ pub struct GenerationConfig {
     pub eos_token: Option<String>,
     /// Token ids that end generation.
     pub stop_token_ids: Vec<u32>,
-    /// Context window (max positions), if the config gives one.
-    pub max_context: Option<usize>,
+    /// Context window (max positions): the config's, or `DEFAULT_CONTEXT` where it gives none.
+    pub max_context: usize,
 }
 
 /// An engine file that cannot be used.
@@ -89,18 +99,55 @@ pub enum EngineError {
     },
 }
 
-/// Checksum of named tensor bytes, in name order.
-pub fn checksum<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+/// Checksum of an engine's contents: its metadata entries (all but `keys::CHECKSUM`, in key
+/// order) and its named tensor bytes (in name order), every item length-prefixed.
+pub fn checksum<'a>(
+    metadata: &HashMap<String, String>,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut item = |bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    let mut meta: Vec<(&String, &String)> = metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != keys::CHECKSUM)
+        .collect();
+    meta.sort();
+    for (key, value) in meta {
+        item(key.as_bytes());
+        item(value.as_bytes());
+    }
     let mut items: Vec<(&str, &[u8])> = tensors.into_iter().collect();
     items.sort_by(|a, b| a.0.cmp(b.0));
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (name, data) in items {
-        h.update(&(name.len() as u64).to_le_bytes());
-        h.update(name.as_bytes());
-        h.update(&(data.len() as u64).to_le_bytes());
-        h.update(data);
+        item(name.as_bytes());
+        item(data);
     }
     format!("{:016x}", h.digest())
+}
+
+/// Checks generation settings against the graph: a context window in `1..=MAX_CONTEXT`, and
+/// stop ids inside the vocabulary (the last axis of `logits`, where it is a constant).
+pub fn check_generation(g: &GenerationConfig, graph: &Graph) -> Result<(), String> {
+    if !(1..=MAX_CONTEXT).contains(&g.max_context) {
+        return Err(format!(
+            "context window {} is outside 1..={MAX_CONTEXT}",
+            g.max_context
+        ));
+    }
+    let vocab = graph
+        .output("logits")
+        .and_then(|id| graph.nodes[id].ty.shape.last()?.as_const());
+    if let (Some(vocab), Some(&bad)) = (vocab, g.stop_token_ids.iter().max()) {
+        if i64::from(bad) >= vocab {
+            return Err(format!(
+                "stop token id {bad} is outside the vocabulary of {vocab} tokens"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where a tensor lies in the engine file.
@@ -138,10 +185,20 @@ impl Engine {
             file: file_name.clone(),
             message,
         };
-        let file = File::open(path).map_err(|source| EngineError::Io {
+        let io = |source| EngineError::Io {
             file: file_name.clone(),
             source,
-        })?;
+        };
+        let kind = std::fs::metadata(path).map_err(io)?.file_type();
+        if !kind.is_file() {
+            let what = if kind.is_dir() {
+                "a folder"
+            } else {
+                "not a regular file"
+            };
+            return Err(corrupt(format!("{what}, not an engine file")));
+        }
+        let file = File::open(path).map_err(io)?;
         // SAFETY: read-only mapping; an engine modified while running is not supported.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
             file: file_name.clone(),
@@ -174,22 +231,27 @@ impl Engine {
         }
         let st = SafeTensors::deserialize(&mmap).map_err(|e| corrupt(e.to_string()))?;
         let tensors = st.tensors();
-        let sum = checksum(tensors.iter().map(|(n, v)| (n.as_str(), v.data())));
+        let sum = checksum(&meta, tensors.iter().map(|(n, v)| (n.as_str(), v.data())));
         if &sum != get(keys::CHECKSUM)? {
             return Err(corrupt(format!(
-                "checksum mismatch (stored {}, computed {sum}): the file is damaged",
+                "checksum mismatch (stored {}, computed {sum}): the file is damaged or was edited",
                 get(keys::CHECKSUM)?
             )));
         }
         let graph = Graph::from_ron(get(keys::GRAPH)?).map_err(|e| corrupt(e.to_string()))?;
+        graph
+            .check_logits()
+            .map_err(|e| corrupt(format!("graph: {e}")))?;
         let config = serde_json::from_str(get(keys::CONFIG)?)
             .map_err(|e| corrupt(format!("config: {e}")))?;
         let generation = match meta.get(keys::GENERATION) {
             Some(g) => {
                 serde_json::from_str(g).map_err(|e| corrupt(format!("generation config: {e}")))?
             }
-            None => GenerationConfig::default(),
+            None => return Err(corrupt(format!("metadata `{}` missing", keys::GENERATION))),
         };
+        check_generation(&generation, &graph)
+            .map_err(|m| corrupt(format!("generation config: {m}")))?;
         let tokenizer_json = meta.get(keys::TOKENIZER).cloned();
         let base = mmap.as_ptr() as usize;
         let index = tensors

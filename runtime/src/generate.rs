@@ -23,7 +23,7 @@ pub struct GenerateRequest {
     /// Keep generating past stop tokens (for benchmarks).
     pub ignore_eos: bool,
     /// Context window: prompt plus generated tokens may not exceed it.
-    pub max_context: Option<usize>,
+    pub max_context: usize,
 }
 
 /// Why generation ended.
@@ -64,6 +64,8 @@ pub struct Generation {
     pub text: String,
     /// Why it ended.
     pub finish_reason: FinishReason,
+    /// The sampler's seed, when it sampled (temperature > 0); `None` for greedy decoding.
+    pub seed: Option<u64>,
     /// Timings.
     pub timings: Timings,
 }
@@ -82,6 +84,9 @@ pub enum GenerateError {
     /// An empty prompt.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// Sampling settings out of range.
+    #[error("{0}")]
+    BadSampling(String),
     /// Executor failure.
     #[error(transparent)]
     Exec(#[from] ExecError),
@@ -201,13 +206,25 @@ pub fn generate_with(
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    if let Some(context) = req.max_context {
-        if prompt.len() > context {
-            return Err(GenerateError::PromptTooLong {
-                prompt: prompt.len(),
-                context,
-            });
-        }
+    if prompt.len() > req.max_context {
+        return Err(GenerateError::PromptTooLong {
+            prompt: prompt.len(),
+            context: req.max_context,
+        });
+    }
+    req.sampling
+        .validate()
+        .map_err(GenerateError::BadSampling)?;
+    let seed = (req.sampling.temperature > 0.0).then_some(req.sampling.seed);
+    if req.max_new_tokens == 0 {
+        return Ok(Generation {
+            prompt_ids: prompt.clone(),
+            generated_ids: vec![],
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+            seed,
+            timings: Timings::default(),
+        });
     }
     let stop = StopCriteria::new(
         if req.ignore_eos {
@@ -247,7 +264,7 @@ pub fn generate_with(
         if generated.len() >= req.max_new_tokens {
             break FinishReason::Length;
         }
-        if req.max_context.is_some_and(|c| dec.past() >= c) {
+        if dec.past() >= req.max_context {
             break FinishReason::Context;
         }
         next = sampler.sample(&dec.feed(&[next])?);
@@ -275,6 +292,7 @@ pub fn generate_with(
         generated_ids: generated,
         text,
         finish_reason: finish,
+        seed,
         timings,
     })
 }

@@ -19,6 +19,24 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
+    /// Checks the ranges: temperature finite and ≥ 0, top-p in (0, 1]; the message names the
+    /// setting and its range.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "temperature {} is not a finite number ≥ 0 (0 is greedy)",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!(
+                "top-p {} is outside (0, 1] (1 keeps every token)",
+                self.top_p
+            ));
+        }
+        Ok(())
+    }
+
     /// Greedy decoding: always the highest logit.
     pub fn greedy() -> Self {
         SamplingParams {

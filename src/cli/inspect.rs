@@ -42,20 +42,20 @@ pub struct InspectArgs {
     #[arg(long)]
     pub layer: Option<usize>,
     /// Print Graphviz DOT instead of text.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["svg", "explain", "json"])]
     pub dot: bool,
     /// Write an SVG drawing (needs Graphviz `dot`).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["explain", "json"])]
     pub svg: Option<PathBuf>,
     /// Explain the rewriter: rules fired, where, how often; costs before and after.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "json")]
     pub explain: bool,
     /// Print a JSON summary (ops per layer before, kernels per layer after, rules fired, costs).
     #[arg(long)]
     pub json: bool,
     /// Compute precision for the optimized and lowered stages: f32, bf16 or f16.
-    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
-    pub dtype: DType,
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<DType>,
 }
 
 /// Parses a `--dtype` value.
@@ -71,7 +71,11 @@ pub fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 fn source_graph(target: &Path, config: Option<&Path>) -> Result<Option<Graph>> {
-    if target.extension().is_some_and(|e| e == "ron") {
+    let is_model_file = target.extension().is_some_and(|e| e == "ron");
+    if config.is_some() && !is_model_file {
+        bail!("--config applies to a model file (.ron); a checkpoint or engine has its own");
+    }
+    if is_model_file {
         let config_path = config.context("a model file needs --config <config.json>")?;
         let text = std::fs::read_to_string(config_path)
             .with_context(|| format!("reading {}", config_path.display()))?;
@@ -90,7 +94,14 @@ fn source_graph(target: &Path, config: Option<&Path>) -> Result<Option<Graph>> {
     Ok(None)
 }
 
-fn svg(dot: &str, out: &Path) -> Result<()> {
+fn svg(dot: &str, out: &Path, input: &Path) -> Result<()> {
+    kiln::compiler::output::write_output(out, &[input], |tmp| {
+        render_svg(dot, tmp).map_err(|e| format!("{e:#}"))
+    })
+    .map_err(anyhow::Error::msg)
+}
+
+fn render_svg(dot: &str, out: &Path) -> Result<()> {
     let mut child = Command::new("dot")
         .args(["-Tsvg", "-o"])
         .arg(out)
@@ -109,19 +120,39 @@ fn svg(dot: &str, out: &Path) -> Result<()> {
 }
 
 /// Runs `kiln inspect`.
+/// Checks that the graph has decoder layer `layer` (nodes named `layers.N.…`).
+fn check_layer(g: &Graph, layer: Option<usize>) -> Result<()> {
+    let Some(n) = layer else { return Ok(()) };
+    let prefix = format!("layers.{n}.");
+    if g.nodes.iter().any(|node| node.name.starts_with(&prefix)) {
+        return Ok(());
+    }
+    let layers = (0..)
+        .take_while(|i| {
+            let p = format!("layers.{i}.");
+            g.nodes.iter().any(|node| node.name.starts_with(&p))
+        })
+        .count();
+    bail!("--layer {n}: the graph has {layers} decoder layers (0..{layers})")
+}
+
 pub fn run(a: &InspectArgs) -> Result<()> {
     let prefix = a.layer.map(|i| format!("layers.{i}."));
     let prefix = prefix.as_deref().unwrap_or("layers.0.");
     let filter = a.layer.map(|_| prefix);
+    if let Some(svg) = &a.svg {
+        kiln::compiler::output::check_output(svg, &[&a.target]).map_err(anyhow::Error::msg)?;
+    }
     let Some(parsed) = source_graph(&a.target, a.config.as_deref())? else {
         // An engine: only its lowered graph exists.
-        if a.stage.is_some_and(|s| s != Stage::Lowered) || a.explain {
+        if a.stage.is_some_and(|s| s != Stage::Lowered) || a.explain || a.dtype.is_some() {
             bail!(
-                "an engine holds only its lowered graph; inspect the checkpoint or model file \
-                 for earlier stages and --explain"
+                "an engine holds only its lowered graph, at the precision it was built with; \
+                 inspect the checkpoint or model file for earlier stages, --explain and --dtype"
             );
         }
         let g = Engine::open(&a.target)?.graph;
+        check_layer(&g, a.layer)?;
         if a.json {
             let stats = layer_stats(&g, prefix);
             let v = serde_json::json!({
@@ -137,13 +168,17 @@ pub fn run(a: &InspectArgs) -> Result<()> {
         }
         return show(&g, filter, a);
     };
+    check_layer(&parsed, a.layer)?;
     let stage = a.stage.unwrap_or(Stage::Parsed);
     let needs_rewrite = stage != Stage::Parsed || a.explain || a.json;
+    if !needs_rewrite && a.dtype.is_some() {
+        bail!("--dtype applies to the optimized and lowered stages (--stage optimized)");
+    }
     if !needs_rewrite {
         return show(&parsed, filter, a);
     }
     let opts = RewriteOptions {
-        dtype: a.dtype,
+        dtype: a.dtype.unwrap_or(DType::F32),
         ..RewriteOptions::default()
     };
     let out = optimize(&parsed, &opts)?;
@@ -183,7 +218,7 @@ pub fn run(a: &InspectArgs) -> Result<()> {
 
 fn show(g: &Graph, filter: Option<&str>, a: &InspectArgs) -> Result<()> {
     if let Some(path) = &a.svg {
-        svg(&print::dot(g, filter), path)?;
+        svg(&print::dot(g, filter), path, &a.target)?;
         eprintln!("wrote {}", path.display());
         Ok(())
     } else if a.dot {

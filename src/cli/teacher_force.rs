@@ -120,15 +120,37 @@ fn run_cpu(engine: &Engine, seqs: &[Sequence]) -> Result<Scores> {
 }
 
 /// Runs the command: reads `input`, writes `output` (JSON with predictions; logits as lists).
-pub fn run(engine_path: &Path, input: &Path, output: &Path, device: &str) -> Result<()> {
-    let text =
-        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+pub fn run(engine_path: &Path, input_path: &Path, output: &Path, device: &str) -> Result<()> {
+    let inputs = [engine_path, input_path];
+    kiln::compiler::output::check_output(output, &inputs).map_err(anyhow::Error::msg)?;
+    let text = std::fs::read_to_string(input_path)
+        .with_context(|| format!("reading {}", input_path.display()))?;
     let input: Input =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", input.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", input_path.display()))?;
     if input.sequences.iter().any(|s| s.prompt.is_empty()) {
         bail!("every sequence needs a non-empty prompt");
     }
     let engine = Engine::open(engine_path)?;
+    let context = engine.generation.max_context;
+    let vocab = engine
+        .graph
+        .output("logits")
+        .and_then(|id| engine.graph.nodes[id].ty.shape.last()?.as_const())
+        .unwrap_or(i64::MAX);
+    for (i, s) in input.sequences.iter().enumerate() {
+        let len = s.prompt.len() + s.continuation.len();
+        if len > context {
+            bail!("sequence {i} has {len} tokens but the context window is {context} tokens");
+        }
+        if let Some(t) = s
+            .prompt
+            .iter()
+            .chain(&s.continuation)
+            .find(|&&t| i64::from(t) >= vocab)
+        {
+            bail!("sequence {i}: token id {t} is outside the vocabulary of {vocab} tokens");
+        }
+    }
     let scores = match device {
         "cuda" => run_gpu(&engine, &input.sequences)?,
         "cpu" => run_cpu(&engine, &input.sequences)?,
@@ -137,7 +159,6 @@ pub fn run(engine_path: &Path, input: &Path, output: &Path, device: &str) -> Res
     let mut out = HashMap::new();
     out.insert("predictions", serde_json::to_value(&scores.predictions)?);
     out.insert("last_logits", serde_json::to_value(&scores.last_logits)?);
-    std::fs::write(output, serde_json::to_vec(&out)?)
-        .with_context(|| format!("writing {}", output.display()))?;
-    Ok(())
+    kiln::compiler::output::write_bytes(output, &inputs, &serde_json::to_vec(&out)?)
+        .map_err(anyhow::Error::msg)
 }

@@ -1,6 +1,7 @@
 //! Shared helpers of the end-to-end tests: the demo model, fixtures, error metrics.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -72,4 +73,39 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
 /// The `kiln` binary built for this test run.
 pub fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+/// Runs `kiln` with `args`; asserts it fails without a panic and returns its stderr.
+pub fn fails<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = kiln().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+    assert!(
+        !out.status.success(),
+        "kiln {shown:?} succeeded; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "kiln {shown:?} panicked: {stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "kiln {shown:?}: {stderr}");
+    eprintln!("kiln {shown:?}\n  -> {}", stderr.trim());
+    stderr
+}
+
+/// Runs `kiln` with `args`; asserts it succeeds and returns its stdout.
+pub fn succeeds<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = kiln().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "kiln failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A path as a command-line argument.
+pub fn p(path: &Path) -> &OsStr {
+    path.as_os_str()
 }

@@ -384,3 +384,37 @@ pub fn words(ids: &[usize]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// A tiny checkpoint folder (`ckpt/`, F32 weights and a WordLevel tokenizer) and its CPU engine
+/// (`tiny.kiln`), in a temporary folder that lives as long as the value.
+pub struct Built {
+    dir: tempfile::TempDir,
+}
+
+impl Built {
+    /// Writes the checkpoint of `cfg` with fresh random weights and builds its engine.
+    pub fn new(cfg: &TinyConfig) -> Built {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        write_checkpoint(&ckpt, cfg, &cfg.random_weights(), Storage::F32);
+        write_tokenizer(&ckpt, cfg.vocab);
+        kiln::compiler::build(
+            &ckpt,
+            &dir.path().join("tiny.kiln"),
+            &kiln::compiler::BuildOptions::default(),
+            &|_, _| {},
+        )
+        .unwrap();
+        Built { dir }
+    }
+
+    /// The checkpoint folder.
+    pub fn ckpt(&self) -> std::path::PathBuf {
+        self.dir.path().join("ckpt")
+    }
+
+    /// The engine file.
+    pub fn engine(&self) -> std::path::PathBuf {
+        self.dir.path().join("tiny.kiln")
+    }
+}

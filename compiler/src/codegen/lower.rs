@@ -287,6 +287,28 @@ impl<'g> Lowering<'g> {
         if !ok {
             return Err(self.err(id, &format!("needs q, k, v as column ranges 0, {hd}, {} of one fused QKV projection with RoPE on q and k; got {q:?}, {k:?}, {v:?}", hd + kd)));
         }
+        // The attention kernels' limits, checked here so the user reads them instead of an
+        // NVRTC static-assert: the decode kernel splits a head over 32 / (d / 8) lanes and the
+        // prefill kernels tile d in 32-wide steps.
+        if !matches!(dims.head_dim, 32 | 64 | 128 | 256) {
+            return Err(self.err(
+                id,
+                &format!(
+                    "head size {} is not supported by the GPU attention kernels (32, 64, 128 \
+                     or 256); build for the CPU (--target cpu)",
+                    dims.head_dim
+                ),
+            ));
+        }
+        if dims.kv_heads == 0 || !dims.heads.is_multiple_of(dims.kv_heads) {
+            return Err(self.err(
+                id,
+                &format!(
+                    "{} query heads are not a multiple of {} KV heads",
+                    dims.heads, dims.kv_heads
+                ),
+            ));
+        }
         if *self.attention.get_or_insert(dims) != dims {
             return Err(self.err(id, "attention geometry differs between layers"));
         }

@@ -9,10 +9,21 @@ use kiln_runtime::ir::{
 };
 use std::collections::HashMap;
 
+/// The most iterations one `Repeat` may run (a model's layer count).
+pub const MAX_REPEAT: i64 = 4096;
+/// The most statements an expansion may execute (repeats unrolled, calls inlined), and the most
+/// nodes its graph may hold: a 405B Llama is ~10k of each, so these stop a hostile or mistaken
+/// file (`Repeat` of 10^12) before it allocates without bound.
+pub const MAX_STEPS: usize = 4_000_000;
+/// See `MAX_STEPS`.
+pub const MAX_NODES: usize = 2_000_000;
+
 struct Expander<'m> {
     family: &'m str,
     functions: HashMap<&'m str, &'m Function>,
     graph: Graph,
+    /// Statements executed so far (bounded by `MAX_STEPS`).
+    steps: usize,
 }
 
 /// Names visible to a statement: a stack of frames, innermost last.
@@ -36,6 +47,7 @@ pub fn expand(model: &ModelFile, params: &Params) -> Result<Graph, ModelError> {
             .map(|f| (f.name.as_str(), f))
             .collect(),
         graph: Graph::default(),
+        steps: 0,
     };
     let mut scope = Scope {
         frames: vec![HashMap::new()],
@@ -120,6 +132,17 @@ impl<'m> Expander<'m> {
         prefix: &str,
         depth: usize,
     ) -> Result<(), ModelError> {
+        self.steps += 1;
+        if self.steps > MAX_STEPS || self.graph.nodes.len() > MAX_NODES {
+            let at = prefix.trim_end_matches('.');
+            return Err(self.err(
+                if at.is_empty() { "model" } else { at },
+                format!(
+                    "the model expands to more than {MAX_STEPS} statements or {MAX_NODES} nodes; \
+                     check its repeat counts"
+                ),
+            ));
+        }
         match stmt {
             Stmt::Let(name, op) => {
                 let ctx = format!("{prefix}{name}");
@@ -151,6 +174,12 @@ impl<'m> Expander<'m> {
                             format!("repeat count `{count}` is not a constant"),
                         )
                     })?;
+                if !(1..=MAX_REPEAT).contains(&n) {
+                    return Err(self.err(
+                        scope_name,
+                        format!("repeat count `{count}` = {n} is outside 1..={MAX_REPEAT}"),
+                    ));
+                }
                 for i in 0..n {
                     let mut p = params.clone();
                     p.insert(index.clone(), ParamValue::Int(i));
@@ -213,13 +242,18 @@ impl<'m> Expander<'m> {
         Ok(())
     }
 
+    /// Evaluates sizes; a constant size below zero is an error naming the expression.
     fn dims(&self, ctx: &str, exprs: &[String], params: &Params) -> Result<Vec<Dim>, ModelError> {
         exprs
             .iter()
             .map(|e| {
-                Expr::parse(e)
-                    .and_then(|e| e.eval_dim(params))
-                    .map_err(|m| self.err(ctx, m))
+                let d = Expr::parse(e)
+                    .and_then(|x| x.eval_dim(params))
+                    .map_err(|m| self.err(ctx, m))?;
+                match d.as_const() {
+                    Some(v) if v < 0 => Err(self.err(ctx, format!("size `{e}` = {v} is negative"))),
+                    _ => Ok(d),
+                }
             })
             .collect()
     }

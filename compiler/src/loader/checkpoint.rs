@@ -64,6 +64,11 @@ impl Checkpoint {
                 config,
                 store: Store::Gguf(Box::new(gguf)),
             })
+        } else if path.exists() {
+            Err(LoadError::NotFound(format!(
+                "{}: not a regular file or a folder (a checkpoint is a .gguf file or a HF folder)",
+                path.display()
+            )))
         } else {
             Err(LoadError::NotFound(format!(
                 "{}: no such file or folder",

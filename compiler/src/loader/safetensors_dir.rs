@@ -34,6 +34,28 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Vec<usize>)>, LoadErr
         .collect())
 }
 
+/// The path of a shard named by the index: a plain file name or a relative path that stays
+/// inside the checkpoint folder (symlinks resolved); anything else is refused, so an index can
+/// never make kiln read a file outside the folder it was given.
+fn shard_path(dir: &Path, index_path: &Path, name: &str) -> Result<PathBuf, LoadError> {
+    use std::path::Component;
+    let outside = |why: &str| LoadError::Corrupt {
+        file: index_path.display().to_string(),
+        message: format!("shard `{name}` {why}; shards must lie inside the checkpoint folder"),
+    };
+    let rel = Path::new(name);
+    if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(outside("is not a relative path without `..`"));
+    }
+    let path = dir.join(rel);
+    if let (Ok(root), Ok(real)) = (dir.canonicalize(), path.canonicalize()) {
+        if !real.starts_with(&root) {
+            return Err(outside("resolves outside the folder (a symlink)"));
+        }
+    }
+    Ok(path)
+}
+
 impl SafetensorsDir {
     /// Opens `model.safetensors` or the shards named by `model.safetensors.index.json` in `dir`.
     pub fn open(dir: &Path) -> Result<SafetensorsDir, LoadError> {
@@ -56,10 +78,21 @@ impl SafetensorsDir {
                     file: index_path.display().to_string(),
                     message: "no `weight_map` object".into(),
                 })?;
-            let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            let mut names: Vec<&str> = map
+                .iter()
+                .map(|(tensor, v)| {
+                    v.as_str().ok_or_else(|| LoadError::Corrupt {
+                        file: index_path.display().to_string(),
+                        message: format!("`weight_map` entry `{tensor}` is {v}, not a file name"),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
             names.sort();
             names.dedup();
-            names.into_iter().map(|n| dir.join(n)).collect()
+            names
+                .into_iter()
+                .map(|n| shard_path(dir, &index_path, n))
+                .collect::<Result<_, _>>()?
         } else {
             return Err(LoadError::NotFound(format!(
                 "{}: no model.safetensors or model.safetensors.index.json",

@@ -26,9 +26,19 @@ enum Ast {
     Call(String, Vec<Ast>),
 }
 
+/// The deepest nesting of parentheses, calls and unary minus an expression may have, and the
+/// most operators it may hold: the parser and the evaluators recurse over the tree, and a
+/// hostile file (20k nested parentheses, a sum of 50k terms) must be an error, not a stack
+/// overflow.
+pub const MAX_DEPTH: usize = 64;
+/// See `MAX_DEPTH`.
+pub const MAX_OPERATORS: usize = 1024;
+
 struct Parser<'a> {
     src: &'a str,
     pos: usize,
+    depth: usize,
+    operators: usize,
 }
 
 impl<'a> Parser<'a> {
@@ -43,10 +53,29 @@ impl<'a> Parser<'a> {
         self.pos += c.len_utf8();
         Some(c)
     }
+    /// Counts an operator (binary, unary or call) against `MAX_OPERATORS`.
+    fn operator(&mut self) -> Result<(), String> {
+        self.operators += 1;
+        if self.operators > MAX_OPERATORS {
+            return Err(format!("more than {MAX_OPERATORS} operators"));
+        }
+        Ok(())
+    }
+    /// Enters a nested sub-expression, bounded by `MAX_DEPTH`.
+    fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, String>) -> Result<T, String> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(format!("nested more than {MAX_DEPTH} deep"));
+        }
+        let r = f(self);
+        self.depth -= 1;
+        r
+    }
     fn expr(&mut self) -> Result<Ast, String> {
         let mut lhs = self.term()?;
         while let Some(op @ ('+' | '-')) = self.peek() {
             self.bump();
+            self.operator()?;
             lhs = Ast::Bin(op, Box::new(lhs), Box::new(self.term()?));
         }
         Ok(lhs)
@@ -55,6 +84,7 @@ impl<'a> Parser<'a> {
         let mut lhs = self.unary()?;
         while let Some(op @ ('*' | '/')) = self.peek() {
             self.bump();
+            self.operator()?;
             lhs = Ast::Bin(op, Box::new(lhs), Box::new(self.unary()?));
         }
         Ok(lhs)
@@ -62,7 +92,8 @@ impl<'a> Parser<'a> {
     fn unary(&mut self) -> Result<Ast, String> {
         if self.peek() == Some('-') {
             self.bump();
-            return Ok(Ast::Neg(Box::new(self.unary()?)));
+            self.operator()?;
+            return self.nested(|p| Ok(Ast::Neg(Box::new(p.unary()?))));
         }
         self.atom()
     }
@@ -70,7 +101,7 @@ impl<'a> Parser<'a> {
         match self.peek() {
             Some('(') => {
                 self.bump();
-                let e = self.expr()?;
+                let e = self.nested(Self::expr)?;
                 match self.bump() {
                     Some(')') => Ok(e),
                     _ => Err("expected `)`".into()),
@@ -107,10 +138,11 @@ impl<'a> Parser<'a> {
                 let name = self.src[start..self.pos].to_string();
                 if self.peek() == Some('(') {
                     self.bump();
-                    let mut args = vec![self.expr()?];
+                    self.operator()?;
+                    let mut args = vec![self.nested(Self::expr)?];
                     while self.peek() == Some(',') {
                         self.bump();
-                        args.push(self.expr()?);
+                        args.push(self.nested(Self::expr)?);
                     }
                     if self.bump() != Some(')') {
                         return Err(format!("expected `)` after arguments of `{name}`"));
@@ -144,7 +176,12 @@ fn sym_of(name: &str) -> Option<Sym> {
 impl Expr {
     /// Parses an expression; the error says what was unexpected.
     pub fn parse(text: &str) -> Result<Expr, String> {
-        let mut p = Parser { src: text, pos: 0 };
+        let mut p = Parser {
+            src: text,
+            pos: 0,
+            depth: 0,
+            operators: 0,
+        };
         let ast = p
             .expr()
             .map_err(|e| format!("in expression `{text}`: {e}"))?;
@@ -204,6 +241,7 @@ fn eval_dim(ast: &Ast, params: &Params) -> Result<Dim, String> {
                     .mul(&b)
                     .ok_or_else(|| format!("{a} * {b} is not affine in the symbols")),
                 _ => match b.as_const() {
+                    Some(0) => Err(format!("division by zero ({a} / 0)")),
                     Some(k) => a
                         .div(k)
                         .ok_or_else(|| format!("{a} is not divisible by {k}")),
@@ -266,6 +304,7 @@ fn eval_f64(ast: &Ast, params: &Params) -> Result<f64, String> {
                 '+' => a + b,
                 '-' => a - b,
                 '*' => a * b,
+                _ if b == 0.0 => return Err(format!("division by zero ({a} / 0)")),
                 _ => a / b,
             })
         }

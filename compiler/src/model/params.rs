@@ -27,15 +27,42 @@ fn from_json(name: &str, key: &str, v: &Value) -> Result<ParamValue, ModelError>
 }
 
 fn eval(name: &str, text: &str, params: &Params) -> Result<ParamValue, ModelError> {
-    let err = |message| ModelError::Param {
-        name: name.into(),
-        message,
+    let err = |message: String| {
+        let values = named(text, params);
+        ModelError::Param {
+            name: name.into(),
+            message: if values.is_empty() {
+                message
+            } else {
+                format!("{message}, where {values}")
+            },
+        }
     };
     let e = Expr::parse(text).map_err(err)?;
     match e.eval_dim(params) {
         Ok(d) if d.as_const().is_some() => Ok(ParamValue::Int(d.constant)),
-        _ => e.eval_f64(params).map(ParamValue::Float).map_err(err),
+        _ => match e.eval_f64(params).map_err(err)? {
+            v if v.is_nan() => Err(err(format!("`{text}` is not a number"))),
+            v => Ok(ParamValue::Float(v)),
+        },
     }
+}
+
+/// `name = value` for each parameter an expression mentions, for error messages.
+fn named(text: &str, params: &Params) -> String {
+    let mut shown: Vec<String> = params
+        .iter()
+        .filter(|(n, _)| {
+            text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .any(|w| w == n.as_str())
+        })
+        .map(|(n, v)| match v {
+            ParamValue::Int(i) => format!("{n} = {i}"),
+            ParamValue::Float(f) => format!("{n} = {f}"),
+        })
+        .collect();
+    shown.sort();
+    shown.join(", ")
 }
 
 /// Binds every parameter in order. Missing required keys name the key.

@@ -124,6 +124,24 @@ impl Graph {
             .map(|(_, id)| *id)
     }
 
+    /// Checks that the graph can generate text: an output named `logits`, float, shaped
+    /// `[batch, seq, vocab]` (the shape the decoders read the last row of).
+    pub fn check_logits(&self) -> Result<(), GraphError> {
+        let id = self.output("logits").ok_or_else(|| {
+            GraphError::Invalid(
+                "no output named `logits` (declare one with `Output(\"logits\", …)`)".into(),
+            )
+        })?;
+        let ty = &self.nodes[id].ty;
+        if !ty.dtype.is_float() || ty.rank() != 3 {
+            return Err(GraphError::Invalid(format!(
+                "output `logits` (node `{}`) is {ty}; it must be float [batch, seq, vocab]",
+                self.nodes[id].name
+            )));
+        }
+        Ok(())
+    }
+
     /// The input node of the given kind (`Tokens` or `Positions`), if the graph has one.
     pub fn input(&self, kind: InputKind) -> Option<NodeId> {
         self.nodes.iter().position(|n| n.op == Op::Input { kind })

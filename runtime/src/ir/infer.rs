@@ -100,6 +100,10 @@ fn same_float(op: &Op, a: &TensorType, b: &TensorType) -> Result<DType, String> 
     Ok(a.dtype)
 }
 
+/// The longest constant `Iota` a graph may hold (2^24 elements): longer ones are refused
+/// before anything is allocated.
+pub const MAX_IOTA: i64 = 1 << 24;
+
 /// The output type of `op` applied to inputs of types `ins`, or a message saying what is wrong.
 /// Leaf ops (`Input`, `Weight`) have declared types and are not inferred here.
 pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
@@ -107,8 +111,20 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
     let t = |dtype, shape| Ok(TensorType::new(dtype, shape));
     match op {
         Op::Input { .. } | Op::Weight { .. } => Err("leaf types are declared, not inferred".into()),
-        Op::Constant { .. } => t(DType::F32, vec![]),
-        Op::Iota { len } => t(DType::I32, vec![len.clone()]),
+        Op::Constant { value } => {
+            if value.is_nan() {
+                return Err("a constant is NaN".into());
+            }
+            t(DType::F32, vec![])
+        }
+        Op::Iota { len } => {
+            if let Some(n) = len.as_const() {
+                if !(0..=MAX_IOTA).contains(&n) {
+                    return Err(format!("Iota length {n} is outside 0..={MAX_IOTA}"));
+                }
+            }
+            t(DType::I32, vec![len.clone()])
+        }
         Op::Unary(_) => {
             if !ins[0].dtype.is_float() {
                 return Err(format!("{} needs a float input, got {}", op.name(), ins[0]));
@@ -223,12 +239,30 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
         }
         Op::Slice { axis, start, end } => {
             check_axis(*axis, ins[0].rank())?;
+            let len = &ins[0].shape[*axis];
+            let bad = match (start.as_const(), end.as_const(), len.as_const()) {
+                (Some(s), _, _) if s < 0 => true,
+                (Some(s), Some(e), _) if s > e => true,
+                (_, Some(e), Some(n)) if e > n => true,
+                _ => false,
+            };
+            if bad {
+                return Err(format!(
+                    "Slice {start}..{end} of axis {axis} is not a range inside {}",
+                    ins[0]
+                ));
+            }
             let mut shape = ins[0].shape.clone();
             shape[*axis] = end.sub(start);
             t(ins[0].dtype, shape)
         }
         Op::Cast { dtype } => t(*dtype, ins[0].shape.clone()),
-        Op::RmsNorm { .. } => {
+        Op::RmsNorm { eps } => {
+            if !(eps.is_finite() && *eps >= 0.0) {
+                return Err(format!(
+                    "RmsNorm epsilon {eps} is not a finite, non-negative number"
+                ));
+            }
             let (x, w) = (ins[0], ins[1]);
             same_float(op, x, w)?;
             if w.rank() != 1 || x.shape.last() != w.shape.last() {
@@ -266,7 +300,12 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             }
             t(dtype, shape)
         }
-        Op::Rope { seq_axis, .. } => {
+        Op::Rope { seq_axis, theta } => {
+            if !(theta.is_finite() && *theta > 0.0) {
+                return Err(format!(
+                    "Rope theta {theta} is not a finite, positive number"
+                ));
+            }
             let (x, pos) = (ins[0], ins[1]);
             check_axis(*seq_axis, x.rank())?;
             if pos.dtype != DType::I32 || pos.rank() != 1 || pos.shape[0] != x.shape[*seq_axis] {
@@ -283,7 +322,10 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             }
             Ok(x.clone())
         }
-        Op::FusedAttention { .. } => {
+        Op::FusedAttention { scale } => {
+            if !scale.is_finite() {
+                return Err(format!("FusedAttention scale {scale} is not finite"));
+            }
             let (q, k, v) = (ins[0], ins[1], ins[2]);
             same_float(op, q, k)?;
             same_float(op, q, v)?;
