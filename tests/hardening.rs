@@ -598,3 +598,20 @@ fn tokenize_pieces_and_detokenize() {
     let msg = fails(&["detokenize", e, "99999"]);
     assert!(msg.contains("99999"), "{msg}");
 }
+
+/// A head size the GPU attention kernels cannot run is refused by the lowering, naming the node
+/// and the sizes they support, before NVRTC sees a kernel (no raw static-assert dump).
+#[test]
+fn gpu_build_refuses_an_unsupported_head_size_before_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gpu.kiln");
+    let head_dim = config().head_dim();
+    assert!(![32, 64, 128, 256].contains(&head_dim));
+    let msg = build_fails(&shared().ckpt(), &out, &["--target", "cuda"]);
+    assert!(
+        msg.contains(&format!("head size {head_dim} is not supported"))
+            && msg.contains("32, 64, 128 or 256")
+            && !msg.contains("static_assert"),
+        "{msg}"
+    );
+}
