@@ -615,3 +615,15 @@ fn gpu_build_refuses_an_unsupported_head_size_before_compiling() {
         "{msg}"
     );
 }
+
+/// A model file's `requires` refuses a config whose activation its math does not compute.
+#[test]
+fn a_config_value_the_model_file_does_not_compute_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = ckpt_with_config(dir.path(), |c| c["hidden_act"] = "gelu".into());
+    let msg = build_fails(&ckpt, &dir.path().join("o.kiln"), &[]);
+    assert!(
+        msg.contains("`hidden_act` = \"gelu\"") && msg.contains("silu only"),
+        "{msg}"
+    );
+}

@@ -156,7 +156,8 @@ fn key_is_neutral(key: &str, v: &serde_json::Value, config: &serde_json::Value) 
     }
 }
 
-/// Refuses a config whose `MATH_KEYS` the model file does not read (see there), naming the key.
+/// Refuses a config that sets a key of the model file's `requires` to another value, or one of
+/// `MATH_KEYS` that the model file does not read (see there), naming the key.
 pub fn check_config_keys(model: &ModelFile, config: &serde_json::Value) -> Result<(), BuildError> {
     use crate::model::ast::Param;
     let read: Vec<&str> = model
@@ -169,6 +170,19 @@ pub fn check_config_keys(model: &ModelFile, config: &serde_json::Value) -> Resul
         .flat_map(|keys| keys.split('|'))
         .filter_map(|k| k.split('.').next())
         .collect();
+    for (key, accepted) in &model.requires {
+        let Some(v) = config.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+        if !accepted.contains(&text) {
+            return Err(BuildError::Other(format!(
+                "the config sets `{key}` = {v}; the model file `{}` computes {} only",
+                model.family,
+                accepted.join(" or ")
+            )));
+        }
+    }
     for &(key, neutral) in MATH_KEYS {
         let Some(v) = config.get(key) else { continue };
         if read.contains(&key) || key_is_neutral(key, v, config) {

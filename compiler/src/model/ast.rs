@@ -12,6 +12,11 @@ pub struct ModelFile {
     pub family: String,
     /// Parameters, bound in order; later ones may use earlier ones.
     pub params: Vec<(String, Param)>,
+    /// Config values the file's math assumes, as `(key, accepted values)`: a config that sets
+    /// the key to another value is refused (e.g. `("hidden_act", ["silu"])`); an absent key
+    /// passes.
+    #[serde(default)]
+    pub requires: Vec<(String, Vec<String>)>,
     /// Reusable blocks of statements, inlined at each `Call`.
     #[serde(default)]
     pub functions: Vec<Function>,
