@@ -466,14 +466,20 @@ fn unused_tensors_and_unimplemented_config_keys_are_refused() {
         "{stderr}"
     );
 
+    // llama.ron reads `sliding_window` (Mistral) and computes the `llama3` and `linear` RoPE
+    // scalings; these keys it does not read, and `yarn` it does not compute.
     for (key, value) in [
-        ("sliding_window", serde_json::json!(8)),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+        ),
+        ("attn_logit_softcapping", serde_json::json!(50.0)),
         ("attention_bias", serde_json::json!(true)),
         ("final_logit_softcapping", serde_json::json!(30.0)),
     ] {
         let ckpt = ckpt_with_config(dir.path(), |c| c[key] = value.clone());
         let msg = build_fails(&ckpt, &dir.path().join("k.kiln"), &[]);
-        assert!(msg.contains(&format!("`{key}`")), "{msg}");
+        assert!(msg.contains(&format!("`{key}")), "{msg}");
     }
     let ckpt = ckpt_with_config(dir.path(), |c| c["eos_token_id"] = (1u64 << 40).into());
     let msg = build_fails(&ckpt, &dir.path().join("k.kiln"), &[]);

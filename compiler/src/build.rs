@@ -113,7 +113,11 @@ pub fn model_for(
 /// Expands the model file for a config into a graph that can generate text (a float
 /// `logits` output), after refusing config keys that change the math the file does not read.
 pub fn graph_for(model: &ModelFile, config: &serde_json::Value) -> Result<Graph, BuildError> {
-    check_rope(config)?;
+    // A model file that states which RoPE types it computes (`requires` on a `rope_type` key)
+    // answers for them; any other file gets the unscaled-only check.
+    if !model.requires.iter().any(|(k, _)| k.contains("rope_type")) {
+        check_rope(config)?;
+    }
     check_config_keys(model, config)?;
     let params = bind(&model.params, config)?;
     let graph = expand(model, &params)?;
@@ -170,8 +174,8 @@ pub fn check_config_keys(model: &ModelFile, config: &serde_json::Value) -> Resul
         .flat_map(|keys| keys.split('|'))
         .filter_map(|k| k.split('.').next())
         .collect();
-    for (key, accepted) in &model.requires {
-        let Some(v) = config.get(key).filter(|v| !v.is_null()) else {
+    for (keys, accepted) in &model.requires {
+        let Some((key, v)) = crate::model::params::config_value(config, keys) else {
             continue;
         };
         let text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
@@ -314,8 +318,10 @@ fn stop_ids(
 /// `DEFAULT_CONTEXT` with a note saying so.
 fn context_window(config: &serde_json::Value) -> Result<(usize, Option<String>), BuildError> {
     use kiln_runtime::engine::{DEFAULT_CONTEXT, MAX_CONTEXT};
-    match config.get("max_position_embeddings") {
-        None | Some(serde_json::Value::Null) => Ok((
+    match crate::model::params::config_value(config, "max_position_embeddings|n_positions|n_ctx")
+        .map(|(_, v)| v)
+    {
+        None => Ok((
             DEFAULT_CONTEXT,
             Some(format!(
                 "note: the config gives no `max_position_embeddings`; prompts and generation \

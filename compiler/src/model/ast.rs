@@ -14,7 +14,8 @@ pub struct ModelFile {
     pub params: Vec<(String, Param)>,
     /// Config values the file's math assumes, as `(key, accepted values)`: a config that sets
     /// the key to another value is refused (e.g. `("hidden_act", ["silu"])`); an absent key
-    /// passes.
+    /// passes. Keys are written as in `Config` (`a|b.c`). A file that lists a `rope_type` key
+    /// answers for the RoPE scalings it accepts (otherwise scaled RoPE is refused).
     #[serde(default)]
     pub requires: Vec<(String, Vec<String>)>,
     /// Reusable blocks of statements, inlined at each `Call`.

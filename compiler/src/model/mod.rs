@@ -75,13 +75,27 @@ impl ModelFile {
     }
 }
 
-/// The Llama family description shipped with kiln (`models/llama.ron`).
+/// The Llama family description shipped with kiln (`models/llama.ron`): Llama 2/3/3.1/3.2,
+/// Mistral, SmolLM2.
 pub const LLAMA_RON: &str = include_str!("../../../models/llama.ron");
+/// Qwen2 and Qwen2.5 (`models/qwen2.ron`).
+pub const QWEN2_RON: &str = include_str!("../../../models/qwen2.ron");
+/// Gemma (`models/gemma.ron`).
+pub const GEMMA_RON: &str = include_str!("../../../models/gemma.ron");
+/// Phi-3 (`models/phi3.ron`).
+pub const PHI3_RON: &str = include_str!("../../../models/phi3.ron");
+/// GPT-2 (`models/gpt2.ron`).
+pub const GPT2_RON: &str = include_str!("../../../models/gpt2.ron");
 
-/// The built-in model file for a `config.json` `model_type`, if kiln ships one.
+/// The built-in model file for a `config.json` `model_type`, if kiln ships one: its path in
+/// the repository and its text.
 pub fn builtin_for(model_type: &str) -> Option<(&'static str, &'static str)> {
     match model_type {
         "llama" | "mistral" => Some(("models/llama.ron", LLAMA_RON)),
+        "qwen2" => Some(("models/qwen2.ron", QWEN2_RON)),
+        "gemma" => Some(("models/gemma.ron", GEMMA_RON)),
+        "phi3" => Some(("models/phi3.ron", PHI3_RON)),
+        "gpt2" => Some(("models/gpt2.ron", GPT2_RON)),
         _ => None,
     }
 }

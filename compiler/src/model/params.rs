@@ -11,6 +11,13 @@ fn lookup<'a>(config: &'a Value, path: &str) -> Option<&'a Value> {
         .filter(|v| !v.is_null())
 }
 
+/// The value of a config key as model files name keys: `a|b.c` tries `a`, then the nested key
+/// `b.c`; `null` counts as absent. Returns the key that matched and its value.
+pub fn config_value<'a, 'k>(config: &'a Value, keys: &'k str) -> Option<(&'k str, &'a Value)> {
+    keys.split('|')
+        .find_map(|k| lookup(config, k).map(|v| (k, v)))
+}
+
 fn from_json(name: &str, key: &str, v: &Value) -> Result<ParamValue, ModelError> {
     let bad = || ModelError::Param {
         name: name.into(),
@@ -69,10 +76,7 @@ fn named(text: &str, params: &Params) -> String {
 pub fn bind(decls: &[(String, Param)], config: &Value) -> Result<Params, ModelError> {
     let mut params = Params::new();
     for (name, decl) in decls {
-        let found = |keys: &str| {
-            keys.split('|')
-                .find_map(|k| lookup(config, k).map(|v| (k.to_string(), v)))
-        };
+        let found = |keys: &str| config_value(config, keys).map(|(k, v)| (k.to_string(), v));
         let value = match decl {
             Param::Config(keys) => match found(keys) {
                 Some((k, v)) => from_json(name, &k, v)?,

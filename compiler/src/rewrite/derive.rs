@@ -82,7 +82,20 @@ fn expr_name(g: &Graph, id: NodeId) -> String {
             let p: Vec<String> = perm.iter().map(|x| x.to_string()).collect();
             format!("transpose[{}]({})", p.join(","), args.join(","))
         }
-        op => format!("{}({})", op.name().to_lowercase(), args.join(",")),
+        Op::Slice { axis, start, end } => {
+            format!("slice{axis}[{start}..{end}]({})", args.join(","))
+        }
+        // Any other op: its display, attributes included (two nodes that differ only in an
+        // attribute must not share a name), without spaces.
+        op => {
+            let shown: String = op.to_string().chars().filter(|c| *c != ' ').collect();
+            let head = if shown.contains('(') {
+                shown
+            } else {
+                shown.to_lowercase()
+            };
+            format!("{head}({})", args.join(","))
+        }
     }
 }
 
@@ -149,7 +162,8 @@ pub fn fold_weights(g: &Graph) -> (Graph, Vec<DerivedWeight>) {
         }
     }
     let mut out = Graph::default();
-    let mut derived = Vec::new();
+    let mut derived: Vec<DerivedWeight> = Vec::new();
+    let mut names = std::collections::HashMap::new();
     let mut map = vec![usize::MAX; g.nodes.len()];
     for (id, n) in g.nodes.iter().enumerate() {
         if !live[id] {
@@ -158,15 +172,26 @@ pub fn fold_weights(g: &Graph) -> (Graph, Vec<DerivedWeight>) {
         let mut node = n.clone();
         if fold[id] {
             let expr = expr_name(g, id);
-            let name = if expr.len() <= MAX_NAME {
+            let recipe = recipe(g, id);
+            // A name is the weight's identity in the engine: two different recipes never share
+            // one (the node name, unique in the graph, breaks a tie).
+            let taken = |name: &String| {
+                names
+                    .get(name)
+                    .is_some_and(|&k: &usize| derived[k].recipe != recipe)
+            };
+            let name = if expr.len() <= MAX_NAME && !taken(&expr) {
                 expr
             } else {
                 format!("derived:{}", n.name)
             };
-            derived.push(DerivedWeight {
-                name: name.clone(),
-                recipe: recipe(g, id),
-            });
+            if !names.contains_key(&name) {
+                names.insert(name.clone(), derived.len());
+                derived.push(DerivedWeight {
+                    name: name.clone(),
+                    recipe,
+                });
+            }
             node.op = Op::Weight { name };
             node.inputs.clear();
         } else {

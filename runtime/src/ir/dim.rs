@@ -161,7 +161,7 @@ impl fmt::Display for Dim {
             } else {
                 "+"
             };
-            let mag = c.abs();
+            let mag = c.unsigned_abs();
             if mag == 1 {
                 write!(f, "{sign}{}", s.name())?;
             } else {
@@ -176,7 +176,7 @@ impl fmt::Display for Dim {
                 f,
                 "{}{}",
                 if self.constant < 0 { "-" } else { "+" },
-                self.constant.abs()
+                self.constant.unsigned_abs()
             )
         } else {
             Ok(())
@@ -236,6 +236,13 @@ mod tests {
         assert_eq!(Dim::c(576).div(9), Some(Dim::c(64)));
         assert_eq!(Dim::c(10).div(3), None);
         assert!(kv.mul(&kv).is_none());
+        // The extremes of i64 print without overflowing (found by the `expr` fuzz target).
+        let low = Dim::sym(Sym::Past).sub(&Dim::c(i64::MAX)).sub(&Dim::c(1));
+        assert_eq!(low.to_string(), "past-9223372036854775808");
+        assert_eq!(
+            Dim::sym(Sym::Seq).scale(i64::MIN).to_string(),
+            "-9223372036854775808*seq"
+        );
     }
 
     #[test]

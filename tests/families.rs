@@ -1,0 +1,142 @@
+//! Model families other than Llama 2/3, each a RON file in `models/`, against HuggingFace
+//! transformers on the CPU: for every tiny random checkpoint in `tests/fixtures/families/`
+//! (made by `make.py` there: transformers' `save_pretrained` and its f32 logits), kiln's
+//! optimized and unoptimized engines must reproduce transformers' logits at every position to
+//! ≤ 1e-4 relative L2, in one prefill and token by token through the KV cache, and agree with
+//! each other to ≤ 1e-5.
+
+mod common;
+
+use common::*;
+use kiln::compiler::{build, BuildOptions};
+use kiln::runtime::cpu::CpuExecutor;
+use kiln::runtime::engine::Engine;
+use std::path::PathBuf;
+
+/// transformers' input ids and logits (one row per position).
+struct Reference {
+    ids: Vec<i32>,
+    logits: Vec<Vec<f32>>,
+}
+
+fn reference(family: &str) -> (PathBuf, Reference) {
+    let dir = root().join("tests/fixtures/families").join(family);
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids = v["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap() as i32)
+        .collect();
+    let logits = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+    (dir, Reference { ids, logits })
+}
+
+/// Builds the family's checkpoint into a CPU engine (optimized unless `no_optimize`).
+fn executor(ckpt: &std::path::Path, no_optimize: bool) -> CpuExecutor {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.kiln");
+    let opts = BuildOptions {
+        no_optimize,
+        ..BuildOptions::default()
+    };
+    build(ckpt, &path, &opts, &|_, _| {}).unwrap();
+    Engine::open(&path).unwrap().cpu_executor().unwrap()
+}
+
+/// Logits of every position from one prefill of all ids.
+fn prefill_rows(exec: &CpuExecutor, ids: &[i32]) -> Vec<Vec<f32>> {
+    let mut session = exec.session(1);
+    let out = exec.step(&mut session, ids, &[]).unwrap();
+    let l = &out.outputs["logits"];
+    let vocab = *l.shape.last().unwrap();
+    l.data.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+}
+
+/// Logits of positions `split - 1 ..` from a prefill of `ids[..split]` and then one decode step
+/// per token (the KV cache path).
+fn incremental_rows(exec: &CpuExecutor, ids: &[i32], split: usize) -> Vec<Vec<f32>> {
+    let mut session = exec.session(1);
+    let last = |out: &kiln::runtime::cpu::StepOutput| {
+        let l = &out.outputs["logits"];
+        let vocab = *l.shape.last().unwrap();
+        l.data[l.data.len() - vocab..].to_vec()
+    };
+    let mut rows = vec![last(&exec.step(&mut session, &ids[..split], &[]).unwrap())];
+    for &t in &ids[split..] {
+        rows.push(last(&exec.step(&mut session, &[t], &[]).unwrap()));
+    }
+    rows
+}
+
+fn flat(rows: &[Vec<f32>]) -> Vec<f32> {
+    rows.concat()
+}
+
+fn check_family(family: &str) {
+    let (ckpt, r) = reference(family);
+    let optimized = executor(&ckpt, false);
+    let plain = executor(&ckpt, true);
+    let want = flat(&r.logits);
+    let got = prefill_rows(&optimized, &r.ids);
+    let err = rel_l2(&flat(&got), &want);
+    assert!(err <= 1e-4, "{family}: prefill vs transformers {err:.2e}");
+    let split = 5;
+    let inc = incremental_rows(&optimized, &r.ids, split);
+    let err_inc = rel_l2(&flat(&inc), &flat(&r.logits[split - 1..]));
+    assert!(
+        err_inc <= 1e-4,
+        "{family}: token by token vs transformers {err_inc:.2e}"
+    );
+    let unopt = prefill_rows(&plain, &r.ids);
+    let err_opt = rel_l2(&flat(&got), &flat(&unopt));
+    assert!(
+        err_opt <= 1e-5,
+        "{family}: optimized vs unoptimized {err_opt:.2e}"
+    );
+    eprintln!(
+        "{family}: prefill {err:.2e}, token by token {err_inc:.2e}, optimized vs not {err_opt:.2e}"
+    );
+}
+
+#[test]
+fn llama31_rope_scaling_matches_transformers() {
+    check_family("llama31");
+}
+
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    check_family("mistral");
+}
+
+#[test]
+fn qwen2_qkv_bias_matches_transformers() {
+    check_family("qwen2");
+}
+
+#[test]
+fn gemma_matches_transformers() {
+    check_family("gemma");
+}
+
+#[test]
+fn phi3_fused_projections_match_transformers() {
+    check_family("phi3");
+}
+
+#[test]
+fn gpt2_matches_transformers() {
+    check_family("gpt2");
+}
