@@ -1,9 +1,10 @@
 //! Tests of the rewriter: a snapshot per rule (`rules.rs`), the optimized Llama decoder layer
-//! (`layer.rs`), numerical equivalence on random tiny Llamas (`equivalence.rs`), extraction and
+//! (`layer.rs`) and of the other families (`families.rs`), numerical equivalence on random tiny Llamas (`equivalence.rs`), extraction and
 //! bad input (`extraction.rs`). The verifier runs before every snapshot.
 
 mod equivalence;
 mod extraction;
+mod families;
 mod layer;
 mod rules;
 
