@@ -140,3 +140,32 @@ fn phi3_fused_projections_match_transformers() {
 fn gpt2_matches_transformers() {
     check_family("gpt2");
 }
+
+/// The GPU backend lowers Llama-shaped layers only (so far): a family it cannot run is refused
+/// at build time naming the node and the family file, never lowered into a wrong engine.
+#[test]
+fn families_the_gpu_cannot_run_are_refused_by_name() {
+    for (family, file) in [
+        ("llama31", "models/llama.ron"),
+        ("mistral", "models/llama.ron"),
+        ("qwen2", "models/qwen2.ron"),
+        ("gemma", "models/gemma.ron"),
+        ("phi3", "models/phi3.ron"),
+        ("gpt2", "models/gpt2.ron"),
+    ] {
+        let ckpt = root().join("tests/fixtures/families").join(family);
+        let dir = tempfile::tempdir().unwrap();
+        let opts = BuildOptions {
+            cuda_arch: Some("sm_90".into()),
+            ..BuildOptions::default()
+        };
+        let err = build(&ckpt, &dir.path().join("g.kiln"), &opts, &|_, _| {})
+            .err()
+            .unwrap_or_else(|| panic!("{family}: a GPU engine was built"))
+            .to_string();
+        assert!(
+            err.contains(file) && err.contains("node `") && err.contains("has no GPU kernel"),
+            "{family}: {err}"
+        );
+    }
+}

@@ -110,6 +110,15 @@ pub fn model_for(
     Ok(ModelFile::parse(text, name)?)
 }
 
+/// The repository path of the built-in model file for a config (`models/llama.ron`).
+fn model_file_name(config: &serde_json::Value) -> String {
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    builtin_for(model_type).map_or_else(|| "the model file".into(), |(n, _)| n.to_string())
+}
+
 /// Expands the model file for a config into a graph that can generate text (a float
 /// `logits` output), after refusing config keys that change the math the file does not read.
 pub fn graph_for(model: &ModelFile, config: &serde_json::Value) -> Result<Graph, BuildError> {
@@ -370,6 +379,10 @@ pub fn build(
     crate::output::check_output(out, &inputs).map_err(BuildError::Other)?;
     let ckpt = Checkpoint::open(checkpoint)?;
     let model = model_for(&ckpt.config, opts.model_file.as_deref())?;
+    let model_name = match &opts.model_file {
+        Some(p) => p.display().to_string(),
+        None => model_file_name(&ckpt.config),
+    };
     let graph = graph_for(&model, &ckpt.config)?;
     let available = ckpt.tensors();
     check_weights(&graph, &available)?;
@@ -409,9 +422,11 @@ pub fn build(
     // A GPU engine: the launch plan and its kernels, compiled before reading any weight so a
     // lowering or NVRTC error fails fast; weights are stored in bf16.
     let gpu = match &opts.cuda_arch {
-        Some(arch) => {
-            Some(crate::codegen::gpu::gpu_artifacts(&graph, arch).map_err(BuildError::Other)?)
-        }
+        Some(arch) => Some(
+            crate::codegen::gpu::gpu_artifacts(&graph, arch).map_err(|e| {
+                BuildError::Other(format!("{} (family `{}`): {e}", model_name, model.family))
+            })?,
+        ),
         None => None,
     };
     let weight_dtype = if gpu.is_some() {

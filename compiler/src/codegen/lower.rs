@@ -258,7 +258,8 @@ impl<'g> Lowering<'g> {
             _ => {
                 return Err(self.err(
                     id,
-                    "has no GPU kernel; build with the rewriter enabled (no --no-optimize)",
+                    "has no GPU kernel: the GPU backend runs the fused ops of Llama-shaped layers \
+                     (with the rewriter on); build this model for the CPU (--target cpu)",
                 ))
             }
         })
