@@ -132,6 +132,11 @@ fn gemma_matches_transformers() {
 }
 
 #[test]
+fn gemma2_softcaps_and_alternating_windows_match_transformers() {
+    check_family("gemma2");
+}
+
+#[test]
 fn phi3_fused_projections_match_transformers() {
     check_family("phi3");
 }
@@ -150,6 +155,7 @@ fn families_the_gpu_cannot_run_are_refused_by_name() {
         ("mistral", "models/llama.ron"),
         ("qwen2", "models/qwen2.ron"),
         ("gemma", "models/gemma.ron"),
+        ("gemma2", "models/gemma2.ron"),
         ("phi3", "models/phi3.ron"),
         ("gpt2", "models/gpt2.ron"),
     ] {

@@ -82,7 +82,7 @@ impl<'a> Parser<'a> {
     }
     fn term(&mut self) -> Result<Ast, String> {
         let mut lhs = self.unary()?;
-        while let Some(op @ ('*' | '/')) = self.peek() {
+        while let Some(op @ ('*' | '/' | '%')) = self.peek() {
             self.bump();
             self.operator()?;
             lhs = Ast::Bin(op, Box::new(lhs), Box::new(self.unary()?));
@@ -240,6 +240,11 @@ fn eval_dim(ast: &Ast, params: &Params) -> Result<Dim, String> {
                 '*' => a
                     .mul(&b)
                     .ok_or_else(|| format!("{a} * {b} is not affine in the symbols")),
+                '%' => match (a.as_const(), b.as_const()) {
+                    (_, Some(0)) => Err(format!("remainder by zero ({a} % 0)")),
+                    (Some(x), Some(k)) => Ok(Dim::c(x.rem_euclid(k))),
+                    _ => Err(format!("{a} % {b}: `%` needs constant sides")),
+                },
                 _ => match b.as_const() {
                     Some(0) => Err(format!("division by zero ({a} / 0)")),
                     Some(k) => a
@@ -304,7 +309,8 @@ fn eval_f64(ast: &Ast, params: &Params) -> Result<f64, String> {
                 '+' => a + b,
                 '-' => a - b,
                 '*' => a * b,
-                _ if b == 0.0 => return Err(format!("division by zero ({a} / 0)")),
+                _ if b == 0.0 => return Err(format!("division by zero ({a} {op} 0)")),
+                '%' => a.rem_euclid(b),
                 _ => a / b,
             })
         }
@@ -395,5 +401,29 @@ mod tests {
         assert!(Expr::parse("1 +").is_err());
         assert!(Expr::parse("(1").is_err());
         assert!(Expr::parse("foo(1)").unwrap().eval_f64(&p).is_err());
+    }
+
+    #[test]
+    fn remainders_and_limits() {
+        let p = params();
+        let dim = |t: &str| Expr::parse(t).unwrap().eval_dim(&p);
+        assert_eq!(dim("heads % 2").unwrap(), Dim::c(1));
+        assert_eq!(dim("-7 % 3").unwrap(), Dim::c(2));
+        assert!(dim("seq % 2").unwrap_err().contains("constant sides"));
+        assert!(dim("heads % 0").unwrap_err().contains("by zero"));
+        assert!(dim("hidden / 0").unwrap_err().contains("division by zero"));
+        let f = |t: &str| Expr::parse(t).unwrap().eval_f64(&p);
+        assert_eq!(f("7.5 % 2").unwrap(), 1.5);
+        assert!(f("1 / 0").unwrap_err().contains("division by zero"));
+        let deep = format!("{}1{}", "(".repeat(65), ")".repeat(65));
+        assert!(Expr::parse(&deep)
+            .unwrap_err()
+            .contains("nested more than 64"));
+        let ok = format!("{}1{}", "(".repeat(64), ")".repeat(64));
+        assert!(Expr::parse(&ok).is_ok());
+        let sum = vec!["1"; 1026].join("+");
+        assert!(Expr::parse(&sum)
+            .unwrap_err()
+            .contains("more than 1024 operators"));
     }
 }

@@ -82,6 +82,8 @@ pub const LLAMA_RON: &str = include_str!("../../../models/llama.ron");
 pub const QWEN2_RON: &str = include_str!("../../../models/qwen2.ron");
 /// Gemma (`models/gemma.ron`).
 pub const GEMMA_RON: &str = include_str!("../../../models/gemma.ron");
+/// Gemma-2 (`models/gemma2.ron`).
+pub const GEMMA2_RON: &str = include_str!("../../../models/gemma2.ron");
 /// Phi-3 (`models/phi3.ron`).
 pub const PHI3_RON: &str = include_str!("../../../models/phi3.ron");
 /// GPT-2 (`models/gpt2.ron`).
@@ -94,6 +96,7 @@ pub fn builtin_for(model_type: &str) -> Option<(&'static str, &'static str)> {
         "llama" | "mistral" => Some(("models/llama.ron", LLAMA_RON)),
         "qwen2" => Some(("models/qwen2.ron", QWEN2_RON)),
         "gemma" => Some(("models/gemma.ron", GEMMA_RON)),
+        "gemma2" => Some(("models/gemma2.ron", GEMMA2_RON)),
         "phi3" => Some(("models/phi3.ron", PHI3_RON)),
         "gpt2" => Some(("models/gpt2.ron", GPT2_RON)),
         _ => None,

@@ -50,5 +50,6 @@ family_layer!(llama31_layer, "llama31");
 family_layer!(mistral_layer, "mistral");
 family_layer!(qwen2_layer, "qwen2");
 family_layer!(gemma_layer, "gemma");
+family_layer!(gemma2_layer, "gemma2");
 family_layer!(phi3_layer, "phi3");
 family_layer!(gpt2_layer, "gpt2");
