@@ -1205,3 +1205,32 @@ fn gguf_error_messages_are_specific() {
         "{m}"
     );
 }
+
+/// A GGUF whose `block_count` is absurd (1e9, 2^62) fails when the model expands, naming the
+/// repeat and its limit, before anything is allocated per layer.
+#[test]
+fn gguf_absurd_block_count_is_an_error_not_an_abort() {
+    use crate::build::graph_for;
+    use crate::model::{ModelFile, LLAMA_RON};
+    let model = ModelFile::parse(LLAMA_RON, "llama.ron").unwrap();
+    for count in [GgufValue::U32(1_000_000_000), GgufValue::U64(1 << 62)] {
+        let w = Writer::new()
+            .kv("general.architecture", GgufValue::String("llama".into()))
+            .kv("llama.embedding_length", GgufValue::U32(8))
+            .kv("llama.feed_forward_length", GgufValue::U32(16))
+            .kv("llama.block_count", count)
+            .kv("llama.attention.head_count", GgufValue::U32(2))
+            .kv(
+                "llama.attention.layer_norm_rms_epsilon",
+                GgufValue::F32(1e-5),
+            )
+            .kv("llama.context_length", GgufValue::U32(128))
+            .kv("llama.vocab_size", GgufValue::U32(32));
+        let cfg = open_writer(&w).hf_config().unwrap();
+        let err = graph_for(&model, &cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("repeat count") && err.contains("1..=4096"),
+            "{err}"
+        );
+    }
+}
