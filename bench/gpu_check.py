@@ -106,6 +106,7 @@ def main():
     ap.add_argument("--models", default="smollm2-135m,llama2-7b,llama3-8b")
     ap.add_argument("--cont", type=int, default=128)
     ap.add_argument("--cpu-agree", action="store_true")
+    ap.add_argument("--diff", action="store_true", help="run `kiln diff` on each engine (every GPU buffer against the CPU graph)")
     ap.add_argument("--init", choices=["width-scaled", "hf"], default="width-scaled")
     ap.add_argument("--work", default=tempfile.gettempdir())
     ap.add_argument("--bench", action="append", default=[], help="extra `kiln bench` arguments, e.g. '--batch 1,4,8 --io 128:256,2048:128'")
@@ -127,6 +128,17 @@ def main():
         print(json.dumps(dict(model=name, oom_refused_clearly=ok, message=msg)), flush=True)
         g = torch.Generator().manual_seed(1)
         vocab = cfg.vocab_size
+        if args.diff:
+            ids = torch.randint(0, vocab, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+            p = subprocess.run([args.kiln, "diff", engine, "--ids", ",".join(map(str, ids)), "--json"],
+                               capture_output=True, text=True)
+            d = json.loads(p.stdout)
+            errs = [b["rel_l2"] for b in d["buffers"] if b["rel_l2"] is not None]
+            worst = max(d["buffers"], key=lambda b: b["rel_l2"] or 0)
+            rows.append(dict(model=name, diff_buffers=len(d["buffers"]), diff_compared=len(errs),
+                             diff_max=max(errs), diff_worst=f"{worst['step']} {worst['buffer']}",
+                             diff_first_over=d["first_over"], diff_exit=p.returncode))
+            print(json.dumps(rows[-1]), flush=True)
         lengths = [[97], [31, 64, 100, 128]]
         for lens in lengths:
             prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
@@ -182,6 +194,13 @@ def main():
                 cpu += (f" (vs fp32: kiln {r['kiln_vs_fp32']:.2e} / {r['kiln_vs_fp32_top1']:.1%}, "
                         f"HF bf16 {r['hf_bf16_vs_fp32']:.2e} / {r['hf_bf16_vs_fp32_top1']:.1%})")
             print(f"| {r['model']} | {r['batch']} | {r['logits_rel_l2']:.2e} | {r['top1_agreement']:.1%} | {cpu} |")
+    if args.diff:
+        print("\n| model | buffers (compared) | max rel L2 | worst buffer | first over tolerance |")
+        print("|---|---:|---:|---|---|")
+        for r in rows:
+            if "diff_max" in r:
+                print(f"| {r['model']} | {r['diff_buffers']} ({r['diff_compared']}) | {r['diff_max']:.2e} | "
+                      f"{r['diff_worst']} | {r['diff_first_over'] or 'none'} |")
     print("\n| model | build s | kiln decode tok/s (b=1) | HF eager decode tok/s (b=1) |")
     print("|---|---:|---:|---:|")
     for r in rows:

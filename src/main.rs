@@ -125,6 +125,24 @@ enum Command {
         #[arg(long)]
         pieces: bool,
     },
+    /// Run a GPU engine's launch plan and its graph on the CPU side by side on a prompt, and
+    /// print every GPU buffer's relative error against the graph node it holds.
+    Diff {
+        /// GPU engine file.
+        engine: PathBuf,
+        /// Prompt text (needs the engine's tokenizer).
+        #[arg(short, long, required_unless_present = "ids", conflicts_with = "ids")]
+        prompt: Option<String>,
+        /// The prompt as token ids, separated by commas or spaces.
+        #[arg(long)]
+        ids: Option<String>,
+        /// Relative L2 error above which a buffer is marked (bf16 activations: 3e-2).
+        #[arg(long, default_value_t = 3e-2)]
+        tolerance: f64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the text of token ids (the inverse of `tokenize`).
     Detokenize {
         /// Engine file.
@@ -503,6 +521,13 @@ fn main() -> ExitCode {
             pieces,
         } => cmd_tokenize(&engine, &text, json, pieces),
         Command::Detokenize { engine, ids } => cmd_detokenize(&engine, &ids),
+        Command::Diff {
+            engine,
+            prompt,
+            ids,
+            tolerance,
+            json,
+        } => cli::diff::run(&engine, prompt.as_deref(), ids.as_deref(), tolerance, json),
         Command::Bench {
             engine,
             batch,

@@ -542,6 +542,7 @@ fn flags_that_do_not_apply_or_are_out_of_range_are_errors() {
             "--timeline applies to GPU runs",
         ),
         (vec!["bench", e, "--device", "tpu"], "unknown device `tpu`"),
+        (vec!["diff", e, "--ids", "1,2"], "a CPU engine has no GPU plan"),
     ] {
         let msg = fails(&args);
         assert!(msg.contains(want), "{args:?}: {msg}");

@@ -4,7 +4,7 @@ use super::kv_cache::{slot, BlockAllocator, SeqCache, BLOCK};
 use super::launch::{Kernels, Ptrs};
 use super::CudaError;
 use crate::engine::{keys, Engine};
-use crate::plan::{Plan, Rows};
+use crate::plan::{BufType, Plan, Rows};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,6 +53,21 @@ pub struct StepSeq {
     pub seq: SeqId,
     /// Its new tokens (the prompt at prefill, one token at decode).
     pub tokens: Vec<u32>,
+}
+
+/// A buffer's value after the launch that wrote it (`CudaExecutor::step_traced`).
+#[derive(Clone, Debug)]
+pub struct TracedBuffer {
+    /// Index of the launch in the plan.
+    pub launch: usize,
+    /// The buffer's name: the graph node it holds.
+    pub name: String,
+    /// Rows (the step's tokens or sequences).
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// `rows × cols` values, row-major, widened to f32.
+    pub values: Vec<f32>,
 }
 
 /// Device-side per-step metadata (int32 arrays), written before each step.
@@ -381,6 +396,54 @@ impl CudaExecutor {
             t,
             b,
         }
+    }
+
+    /// Runs one step launch by launch and returns, for every launch that writes a buffer, that
+    /// buffer's value right after it (as f32, `[rows, cols]`), in launch order: what `kiln
+    /// diff` compares with the CPU executor. Slow by design (a synchronization per launch).
+    pub fn step_traced(&mut self, batch: &[StepSeq]) -> Result<Vec<TracedBuffer>, CudaError> {
+        let (t, b) = self.prepare(batch)?;
+        let p = self.ptrs(t, b);
+        let (plan, stream) = (&self.plan, &self.stream);
+        let mut traced = Vec::new();
+        self.kernels.run_plan_with(stream, &p, |i| {
+            let (_, Some(w)) = Plan::reads_writes(&plan.launches[i]) else {
+                return Ok(());
+            };
+            let buf = &plan.buffers[w];
+            let rows = match buf.rows {
+                Rows::Tokens => t,
+                Rows::Sequences => b,
+            };
+            let mut host = vec![0u8; rows * buf.cols * buf.dtype.size()];
+            // SAFETY: the buffer's slot holds at least `rows` rows of `cols` elements of its
+            // type (the arena is sized for the largest step); the copy completes before `host`
+            // is read (synchronize).
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut host, p.buf(w), stream.cu_stream())?;
+            }
+            stream.synchronize()?;
+            let values = match buf.dtype {
+                BufType::F32 => host
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                BufType::Bf16 => host
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            };
+            traced.push(TracedBuffer {
+                launch: i,
+                name: buf.name.clone(),
+                rows,
+                cols: buf.cols,
+                values,
+            });
+            Ok(())
+        })?;
+        self.stream.synchronize()?;
+        Ok(traced)
     }
 
     /// Runs one step and returns the `[B, vocab]` logits of each sequence's last token.

@@ -445,8 +445,20 @@ impl Kernels {
 
     /// Launches every step of the plan.
     pub fn run_plan(&self, stream: &Arc<CudaStream>, p: &Ptrs) -> Result<(), CudaError> {
-        for l in &p.plan.launches {
+        self.run_plan_with(stream, p, |_| Ok(()))
+    }
+
+    /// Launches every step of the plan, calling `after(i)` once launch `i` is queued (`kiln
+    /// diff` reads each launch's output there).
+    pub fn run_plan_with(
+        &self,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+        mut after: impl FnMut(usize) -> Result<(), CudaError>,
+    ) -> Result<(), CudaError> {
+        for (i, l) in p.plan.launches.iter().enumerate() {
             self.launch(stream, p, l)?;
+            after(i)?;
         }
         Ok(())
     }
