@@ -543,6 +543,8 @@ fn flags_that_do_not_apply_or_are_out_of_range_are_errors() {
         ),
         (vec!["bench", e, "--device", "tpu"], "unknown device `tpu`"),
         (vec!["diff", e, "--ids", "1,2"], "a CPU engine has no GPU plan"),
+        (vec!["inspect", e, "--plan"], "a CPU engine has no launch plan"),
+        (vec!["inspect", c, "--plan"], "--plan applies to a GPU engine"),
     ] {
         let msg = fails(&args);
         assert!(msg.contains(want), "{args:?}: {msg}");

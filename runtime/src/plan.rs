@@ -191,6 +191,82 @@ impl Plan {
         ron::from_str(text).map_err(|e| format!("launch plan: {e}"))
     }
 
+    /// The plan as text, one launch per line with its buffers named (`name bf16[T, 576]`), for
+    /// `kiln inspect --plan`.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let buf = |id: BufId| {
+            let b = &self.buffers[id];
+            let rows = match b.rows {
+                Rows::Tokens => "T",
+                Rows::Sequences => "B",
+            };
+            let ty = match b.dtype {
+                BufType::Bf16 => "bf16",
+                BufType::F32 => "f32",
+            };
+            format!("{} {ty}[{rows}, {}] (slot {})", b.name, b.cols, b.slot)
+        };
+        let a = self.attention;
+        let mut out = format!(
+            "attention: {} heads, {} KV heads, head_dim {}; {} layers; vocab {}; {} buffers in {} arena slots\n",
+            a.heads,
+            a.kv_heads,
+            a.head_dim,
+            self.layers,
+            self.vocab,
+            self.buffers.len(),
+            self.slot_row_bytes().len()
+        );
+        for (i, l) in self.launches.iter().enumerate() {
+            let line = match l {
+                Launch::Embedding { table, out } => {
+                    format!("Embedding table={table} -> {}", buf(*out))
+                }
+                Launch::GatherLast { x, out } => format!("GatherLast {} -> {}", buf(*x), buf(*out)),
+                Launch::RmsNorm { x, w, eps, out } => {
+                    format!("RmsNorm w={w} eps={eps:e} {} -> {}", buf(*x), buf(*out))
+                }
+                Launch::Linear {
+                    x,
+                    norm,
+                    w,
+                    epilogue,
+                    out,
+                } => {
+                    let norm = norm.as_ref().map_or(String::new(), |n| {
+                        format!(" norm(w={}, eps={:e})", n.w, n.eps)
+                    });
+                    let epi = match epilogue {
+                        Epilogue::None => String::new(),
+                        Epilogue::Residual(r) => format!(" +residual {}", buf(*r)),
+                        Epilogue::Gated => " gated(silu·up)".into(),
+                    };
+                    format!("Linear w={w}{norm}{epi} {} -> {}", buf(*x), buf(*out))
+                }
+                Launch::RopeAppend { qkv, layer, theta } => {
+                    format!(
+                        "RopeAppend layer={layer} theta={theta} {} -> KV cache",
+                        buf(*qkv)
+                    )
+                }
+                Launch::Attention {
+                    qkv,
+                    layer,
+                    theta,
+                    scale,
+                    out,
+                } => format!(
+                    "Attention layer={layer} theta={theta} scale={scale} {} -> {}",
+                    buf(*qkv),
+                    buf(*out)
+                ),
+            };
+            let _ = writeln!(out, "{i:>4}  {line}");
+        }
+        out
+    }
+
     /// Reads of each launch (buffers it consumes) and its write.
     pub fn reads_writes(l: &Launch) -> (Vec<BufId>, Option<BufId>) {
         match l {

@@ -53,6 +53,10 @@ pub struct InspectArgs {
     /// Print a JSON summary (ops per layer before, kernels per layer after, rules fired, costs).
     #[arg(long)]
     pub json: bool,
+    /// A GPU engine: print its launch plan (every launch with its kernel family, parameters
+    /// and buffers) instead of the graph.
+    #[arg(long, conflicts_with_all = ["dot", "svg", "explain", "json", "stage"])]
+    pub plan: bool,
     /// Compute precision for the optimized and lowered stages: f32, bf16 or f16.
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<DType>,
@@ -143,7 +147,11 @@ pub fn run(a: &InspectArgs) -> Result<()> {
     if let Some(svg) = &a.svg {
         kiln::compiler::output::check_output(svg, &[&a.target]).map_err(anyhow::Error::msg)?;
     }
-    let Some(parsed) = source_graph(&a.target, a.config.as_deref())? else {
+    let parsed = source_graph(&a.target, a.config.as_deref())?;
+    if a.plan && parsed.is_some() {
+        bail!("--plan applies to a GPU engine (a checkpoint or model file has no launch plan)");
+    }
+    let Some(parsed) = parsed else {
         // An engine: only its lowered graph exists.
         if a.stage.is_some_and(|s| s != Stage::Lowered) || a.explain || a.dtype.is_some() {
             bail!(
@@ -151,7 +159,17 @@ pub fn run(a: &InspectArgs) -> Result<()> {
                  inspect the checkpoint or model file for earlier stages, --explain and --dtype"
             );
         }
-        let g = Engine::open(&a.target)?.graph;
+        let engine = Engine::open(&a.target)?;
+        if a.plan {
+            let text = engine
+                .metadata(kiln::runtime::engine::keys::PLAN)
+                .with_context(|| {
+                    format!("{}: a CPU engine has no launch plan", a.target.display())
+                })?;
+            let plan = kiln::runtime::plan::Plan::from_ron(text).map_err(anyhow::Error::msg)?;
+            return emit(&plan.describe());
+        }
+        let g = engine.graph;
         check_layer(&g, a.layer)?;
         if a.json {
             let stats = layer_stats(&g, prefix);
