@@ -542,9 +542,18 @@ fn flags_that_do_not_apply_or_are_out_of_range_are_errors() {
             "--timeline applies to GPU runs",
         ),
         (vec!["bench", e, "--device", "tpu"], "unknown device `tpu`"),
-        (vec!["diff", e, "--ids", "1,2"], "a CPU engine has no GPU plan"),
-        (vec!["inspect", e, "--plan"], "a CPU engine has no launch plan"),
-        (vec!["inspect", c, "--plan"], "--plan applies to a GPU engine"),
+        (
+            vec!["diff", e, "--ids", "1,2"],
+            "a CPU engine has no GPU plan",
+        ),
+        (
+            vec!["inspect", e, "--plan"],
+            "a CPU engine has no launch plan",
+        ),
+        (
+            vec!["inspect", c, "--plan"],
+            "--plan applies to a GPU engine",
+        ),
     ] {
         let msg = fails(&args);
         assert!(msg.contains(want), "{args:?}: {msg}");

@@ -216,7 +216,8 @@ impl Expr {
 
 fn eval_dim(ast: &Ast, params: &Params) -> Result<Dim, String> {
     match ast {
-        Ast::Num(v, true) => Ok(Dim::c(*v as i64)),
+        Ast::Num(v, true) if v.abs() < 9.2e18 => Ok(Dim::c(*v as i64)),
+        Ast::Num(v, true) => Err(format!("{v:e} does not fit a 64-bit size")),
         Ast::Num(v, false) => Err(format!("{v:?} is not an integer size")),
         Ast::Name(n) => match (sym_of(n), params.get(n)) {
             (Some(s), _) => Ok(Dim::sym(s)),
@@ -415,6 +416,7 @@ mod tests {
         let f = |t: &str| Expr::parse(t).unwrap().eval_f64(&p);
         assert_eq!(f("7.5 % 2").unwrap(), 1.5);
         assert!(f("1 / 0").unwrap_err().contains("division by zero"));
+        assert!(dim("99999999999999999999").unwrap_err().contains("does not fit"));
         let deep = format!("{}1{}", "(".repeat(65), ")".repeat(65));
         assert!(Expr::parse(&deep)
             .unwrap_err()
