@@ -175,3 +175,41 @@ fn families_the_gpu_cannot_run_are_refused_by_name() {
         );
     }
 }
+
+/// A GPT-2 checkpoint saved from the base model (tensor names without `transformer.`, as the
+/// hub's `openai-community/gpt2` files are) with the causal-mask buffers older checkpoints carry
+/// (`h.N.attn.bias`, `h.N.attn.masked_bias`) builds and computes the same logits.
+#[test]
+fn gpt2_base_model_names_and_mask_buffers_load() {
+    use safetensors::tensor::TensorView;
+    let (src, r) = reference("gpt2");
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("gpt2-base");
+    std::fs::create_dir(&ckpt).unwrap();
+    std::fs::copy(src.join("config.json"), ckpt.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mask: Vec<u8> = (0..64 * 64).flat_map(|_| 1f32.to_le_bytes()).collect();
+    let masked_bias = (-1e4f32).to_le_bytes();
+    let mut tensors: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.trim_start_matches("transformer.").to_string(), v))
+        .collect();
+    for layer in 0..2 {
+        let f32 = safetensors::Dtype::F32;
+        tensors.push((
+            format!("h.{layer}.attn.bias"),
+            TensorView::new(f32, vec![1, 1, 64, 64], &mask).unwrap(),
+        ));
+        tensors.push((
+            format!("h.{layer}.attn.masked_bias"),
+            TensorView::new(f32, vec![], &masked_bias).unwrap(),
+        ));
+    }
+    let out = safetensors::tensor::serialize(tensors, None).unwrap();
+    std::fs::write(ckpt.join("model.safetensors"), out).unwrap();
+    let got = prefill_rows(&executor(&ckpt, false), &r.ids);
+    let err = rel_l2(&flat(&got), &flat(&r.logits));
+    assert!(err <= 1e-4, "gpt2 (base names): {err:.2e}");
+}

@@ -211,9 +211,34 @@ pub fn check_config_keys(model: &ModelFile, config: &serde_json::Value) -> Resul
 }
 
 /// Checkpoint tensors that are derived buffers, not parameters, and that kiln recomputes from
-/// the config: old HF Llama checkpoints saved RoPE's `inv_freq`.
-fn is_derived_buffer(name: &str) -> bool {
+/// the config: old HF Llama checkpoints saved RoPE's `inv_freq`, GPT-2 checkpoints the causal
+/// mask (`h.N.attn.bias`, `[1, 1, n_positions, n_positions]`) and `attn.masked_bias` (a scalar).
+fn is_derived_buffer(name: &str, shape: &[usize]) -> bool {
     name.ends_with("rotary_emb.inv_freq")
+        || (name.ends_with(".attn.bias") && shape.len() == 4)
+        || (name.ends_with(".attn.masked_bias") && shape.is_empty())
+}
+
+/// Reads a weight the model file names with the model's base prefix (`transformer.h.0.…`,
+/// `model.layers.0.…`) from a checkpoint that stores it without (`h.0.…`), as transformers
+/// does for a base model's checkpoint: each such weight node is renamed to the checkpoint's
+/// name when only the unprefixed one exists.
+pub fn resolve_base_prefix(graph: &mut Graph, available: &[(String, Vec<usize>)]) {
+    use kiln_runtime::ir::Op;
+    let names: std::collections::HashSet<&str> =
+        available.iter().map(|(n, _)| n.as_str()).collect();
+    for node in &mut graph.nodes {
+        if let Op::Weight { name } = &mut node.op {
+            if names.contains(name.as_str()) {
+                continue;
+            }
+            if let Some((_, rest)) = name.split_once('.') {
+                if names.contains(rest) {
+                    *name = rest.to_string();
+                }
+            }
+        }
+    }
 }
 
 /// The checkpoint tensors the graph does not read (derived buffers aside), sorted.
@@ -221,9 +246,8 @@ pub fn unused_weights(graph: &Graph, available: &[(String, Vec<usize>)]) -> Vec<
     let used: std::collections::HashSet<&str> = graph.weights().map(|(_, n)| n).collect();
     let mut unused: Vec<String> = available
         .iter()
-        .map(|(n, _)| n)
-        .filter(|n| !used.contains(n.as_str()) && !is_derived_buffer(n))
-        .cloned()
+        .filter(|(n, s)| !used.contains(n.as_str()) && !is_derived_buffer(n, s))
+        .map(|(n, _)| n.clone())
         .collect();
     unused.sort();
     unused
@@ -383,8 +407,9 @@ pub fn build(
         Some(p) => p.display().to_string(),
         None => model_file_name(&ckpt.config),
     };
-    let graph = graph_for(&model, &ckpt.config)?;
+    let mut graph = graph_for(&model, &ckpt.config)?;
     let available = ckpt.tensors();
+    resolve_base_prefix(&mut graph, &available);
     check_weights(&graph, &available)?;
     let mut notes = Vec::new();
     let unused = unused_weights(&graph, &available);

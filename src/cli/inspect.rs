@@ -91,8 +91,10 @@ fn source_graph(target: &Path, config: Option<&Path>) -> Result<Option<Graph>> {
     if target.is_dir() || target.extension().is_some_and(|e| e == "gguf") {
         let ckpt = kiln::compiler::loader::Checkpoint::open(target)?;
         let model = model_for(&ckpt.config, None)?;
-        let g = graph_for(&model, &ckpt.config)?;
-        check_weights(&g, &ckpt.tensors())?;
+        let mut g = graph_for(&model, &ckpt.config)?;
+        let available = ckpt.tensors();
+        kiln::compiler::build::resolve_base_prefix(&mut g, &available);
+        check_weights(&g, &available)?;
         return Ok(Some(g));
     }
     Ok(None)

@@ -416,7 +416,9 @@ mod tests {
         let f = |t: &str| Expr::parse(t).unwrap().eval_f64(&p);
         assert_eq!(f("7.5 % 2").unwrap(), 1.5);
         assert!(f("1 / 0").unwrap_err().contains("division by zero"));
-        assert!(dim("99999999999999999999").unwrap_err().contains("does not fit"));
+        assert!(dim("99999999999999999999")
+            .unwrap_err()
+            .contains("does not fit"));
         let deep = format!("{}1{}", "(".repeat(65), ")".repeat(65));
         assert!(Expr::parse(&deep)
             .unwrap_err()
