@@ -645,3 +645,73 @@ fn a_config_value_the_model_file_does_not_compute_is_refused() {
         "{msg}"
     );
 }
+
+/// A GPU engine (built here with NVRTC, no GPU needed): `inspect --plan` shows its launch plan,
+/// `run` without a GPU says to pass `--device cpu`, and with it the engine runs on the CPU.
+/// Skipped where NVRTC is missing, unless `KILN_REQUIRE_NVRTC=1` (as `scripts/test.sh` sets).
+#[test]
+fn a_gpu_engine_without_a_gpu() {
+    use kiln::compiler::codegen::nvrtc;
+    let ready = nvrtc::ensure_nvrtc().and_then(|_| nvrtc::find_cuda_include().map(|_| ()));
+    if let Err(e) = ready {
+        assert_ne!(
+            std::env::var("KILN_REQUIRE_NVRTC").as_deref(),
+            Ok("1"),
+            "KILN_REQUIRE_NVRTC=1 but NVRTC is not usable: {e}"
+        );
+        eprintln!("skipping: {e}");
+        return;
+    }
+    if kiln::runtime::cuda::device_arch().is_ok() {
+        eprintln!("skipping: this machine has a GPU");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Head size 32 and widths the GPU kernels take.
+    let cfg = TinyConfig {
+        hidden: 64,
+        heads: 2,
+        kv_heads: 1,
+        ffn: 64,
+        max_positions: 64,
+        ..TinyConfig::gqa()
+    };
+    let ckpt = dir.path().join("ckpt");
+    tiny::write_checkpoint(&ckpt, &cfg, &cfg.random_weights(), Storage::F32);
+    tiny::write_tokenizer(&ckpt, cfg.vocab);
+    let engine = dir.path().join("gpu.kiln");
+    let built = kiln()
+        .args(["build".as_ref(), p(&ckpt), "-o".as_ref(), p(&engine)])
+        .args(["--target", "cuda"])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let e = engine.to_str().unwrap();
+    let plan = succeeds(&["inspect", e, "--plan"]);
+    assert!(
+        plan.contains("attention: 2 heads, 1 KV heads, head_dim 32")
+            && plan.contains("Embedding table=model.embed_tokens.weight")
+            && plan.contains("Attention layer=1"),
+        "{plan}"
+    );
+    let msg = fails(&["run", e, "--prompt", "w1 w2"]);
+    assert!(msg.contains("--device cpu"), "{msg}");
+    let out = succeeds(&[
+        "run",
+        e,
+        "--prompt",
+        "w1 w2",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ids(&v["generated_ids"]).len(), 3, "{v}");
+}
