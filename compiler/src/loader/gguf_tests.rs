@@ -874,6 +874,65 @@ fn gguf_tokenizer_errors() {
     assert_eq!(open_writer(&no_tokens).chat_template(), None);
 }
 
+#[test]
+fn gguf_tokenizer_pre_types() {
+    let base = || {
+        Writer::new()
+            .kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+            .kv("tokenizer.ggml.tokens", strings(&["a", "1", "2", "12"]))
+            .kv("tokenizer.ggml.merges", strings(&["1 2"]))
+    };
+    let with_pre = |pre: &str| base().kv("tokenizer.ggml.pre", GgufValue::String(pre.into()));
+    // Absent, "default" and "gpt2" give the same file.
+    let plain = open_writer(&base()).tokenizer_json().unwrap();
+    for pre in ["default", "gpt2"] {
+        assert_eq!(
+            open_writer(&with_pre(pre)).tokenizer_json().unwrap(),
+            plain,
+            "{pre}"
+        );
+    }
+    // Llama 3: a regex split (up to 3 digits), byte-level without regex, merges ignored.
+    let text = open_writer(&with_pre("llama-bpe"))
+        .tokenizer_json()
+        .unwrap();
+    let j: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(j["pre_tokenizer"]["type"], "Sequence");
+    let steps = j["pre_tokenizer"]["pretokenizers"].as_array().unwrap();
+    assert_eq!(steps[0]["type"], "Split");
+    assert_eq!(steps[0]["behavior"], "Isolated");
+    assert_eq!(steps[1]["type"], "ByteLevel");
+    assert_eq!(steps[1]["use_regex"], false);
+    assert_eq!(j["model"]["ignore_merges"], true);
+    let tok = tokenizers::Tokenizer::from_str(&text).unwrap();
+    assert_eq!(tok.encode("12", false).unwrap().get_ids(), [3]);
+    // StarCoder-style: every digit alone.
+    let text = open_writer(&with_pre("starcoder"))
+        .tokenizer_json()
+        .unwrap();
+    let tok = tokenizers::Tokenizer::from_str(&text).unwrap();
+    assert_eq!(tok.encode("12", false).unwrap().get_ids(), [1, 2]);
+    // Every regex compiles.
+    for pre in ["qwen2", "qwen35", "dbrx", "smollm", "mpt", "command-r"] {
+        let text = open_writer(&with_pre(pre)).tokenizer_json().unwrap();
+        tokenizers::Tokenizer::from_str(&text).unwrap_or_else(|e| panic!("{pre}: {e}"));
+    }
+    // Anything else is refused, naming the key and the value.
+    let err = open_writer(&with_pre("deepseek-coder"))
+        .tokenizer_json()
+        .unwrap_err();
+    assert!(matches!(err, GgufError::Unsupported { .. }));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("tokenizer.ggml.pre") && msg.contains("deepseek-coder"),
+        "{msg}"
+    );
+    let err = open_writer(&base().kv("tokenizer.ggml.pre", GgufValue::U32(1)))
+        .tokenizer_json()
+        .unwrap_err();
+    assert!(err.to_string().contains("tokenizer.ggml.pre"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The demo model (skipped when it has not been fetched).
 
@@ -1023,8 +1082,39 @@ fn gguf_demo_tokenizer_cases() {
         );
     }
     // The whole file is byte-identical to the tokenizer.json transformers 5.23 wrote for this
-    // GGUF.
+    // GGUF, but for the pre-tokenizer: transformers ignores `tokenizer.ggml.pre` ("smollm"
+    // here), kiln splits digits first as llama.cpp (and SmolLM2's own tokenizer.json) do.
     let reference = std::fs::read_to_string(fixture("tokenizer.json")).unwrap();
+    let byte_level = r#"{
+    "type": "ByteLevel",
+    "add_prefix_space": false,
+    "trim_offsets": true,
+    "use_regex": true
+  }"#;
+    let smollm = r#"{
+    "type": "Sequence",
+    "pretokenizers": [
+      {
+        "type": "Digits",
+        "individual_digits": true
+      },
+      {
+        "type": "ByteLevel",
+        "add_prefix_space": false,
+        "trim_offsets": true,
+        "use_regex": true
+      }
+    ]
+  }"#;
+    assert_eq!(
+        f.metadata("tokenizer.ggml.pre").and_then(|v| v.as_str()),
+        Some("smollm")
+    );
+    let reference = reference.replacen(
+        &format!("\"pre_tokenizer\": {byte_level}"),
+        &format!("\"pre_tokenizer\": {smollm}"),
+        1,
+    );
     if text != reference {
         let at = text
             .bytes()

@@ -1,6 +1,9 @@
 //! Rebuilds a HuggingFace `tokenizer.json` from a GGUF file's `tokenizer.ggml.*` metadata.
 //!
-//! Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported. The output has the
+//! Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported, with the pre-tokenizer
+//! types (`tokenizer.ggml.pre`) listed in `pre_tokenizer`: each becomes the regex split(s) llama.cpp
+//! applies for it, written as the model's own `tokenizer.json` writes them (a `Split` or
+//! `Digits` step before `ByteLevel`); another pre type is an error. The output has the
 //! structure, key order and pretty-printing of the file transformers writes for the same GGUF
 //! (tokenizers' serde layout): BPE model with the vocabulary in id order and merges as pairs,
 //! ByteLevel pre-tokenizer and decoder, no normalizer, a TemplateProcessing post-processor, and
@@ -27,7 +30,7 @@ struct TokenizerJson<'a> {
     padding: Option<()>,
     added_tokens: Vec<AddedToken<'a>>,
     normalizer: Option<()>,
-    pre_tokenizer: ByteLevel,
+    pre_tokenizer: PreTokenizer,
     post_processor: TemplateProcessing,
     decoder: ByteLevel,
     model: Bpe<'a>,
@@ -51,6 +54,109 @@ struct ByteLevel {
     add_prefix_space: bool,
     trim_offsets: bool,
     use_regex: bool,
+}
+
+/// A pre-tokenizer in tokenizers' serde layout (the `type` key first).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum PreTokenizer {
+    ByteLevel(ByteLevel),
+    Split {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        pattern: SplitPattern,
+        behavior: &'static str,
+        invert: bool,
+    },
+    Digits {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        individual_digits: bool,
+    },
+    Sequence {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        pretokenizers: Vec<PreTokenizer>,
+    },
+}
+
+#[derive(serde::Serialize)]
+struct SplitPattern {
+    #[serde(rename = "Regex")]
+    regex: &'static str,
+}
+
+/// The GPT-2 regex split, then byte-level (the ByteLevel pre-tokenizer with `use_regex`).
+fn gpt2_byte_level() -> PreTokenizer {
+    PreTokenizer::ByteLevel(ByteLevel {
+        kind: "ByteLevel",
+        add_prefix_space: false,
+        trim_offsets: true,
+        use_regex: true,
+    })
+}
+
+/// A regex split (matches isolated), then byte-level without its own regex.
+fn split_byte_level(regex: &'static str) -> PreTokenizer {
+    PreTokenizer::Sequence {
+        kind: "Sequence",
+        pretokenizers: vec![
+            PreTokenizer::Split {
+                kind: "Split",
+                pattern: SplitPattern { regex },
+                behavior: "Isolated",
+                invert: false,
+            },
+            PreTokenizer::ByteLevel(ByteLevel {
+                kind: "ByteLevel",
+                add_prefix_space: false,
+                trim_offsets: true,
+                use_regex: false,
+            }),
+        ],
+    }
+}
+
+/// The Llama 3 pre-tokenizer regex (as in Llama 3's `tokenizer.json`).
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The Qwen2 pre-tokenizer regex (as in Qwen2's `tokenizer.json`): single digits.
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The Qwen3.5 pre-tokenizer regex: Qwen2's, with combining marks (`\p{M}`) kept in words.
+const QWEN35_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The `tokenizer.ggml.pre` values this module supports, for error messages.
+const SUPPORTED_PRE: &str = "absent, \"default\", \"gpt2\", \"gpt-2\", \"mpt\", \"olmo\", \
+    \"llama-bpe\", \"llama3\", \"llama-v3\", \"dbrx\", \"smaug-bpe\", \"qwen2\", \
+    \"deepseek-r1-qwen\", \"stablelm2\", \"qwen35\", \"smollm\", \"starcoder\", \"refact\", \
+    \"command-r\"";
+
+/// The pre-tokenizer for the `tokenizer.ggml.pre` value `pre` (llama.cpp's pre-tokenizer
+/// types: the same regex splits), and whether the BPE model ignores merges (Llama 3: a word
+/// that is a whole token is that token). `None` for an unsupported value.
+fn pre_tokenizer(pre: Option<&str>) -> Option<(PreTokenizer, bool)> {
+    Some(match pre {
+        // No pre type: transformers' GGUF converter's GPT-2 byte-level (kept as it was).
+        None | Some("default" | "gpt2" | "gpt-2" | "mpt" | "olmo") => (gpt2_byte_level(), false),
+        Some("llama-bpe" | "llama3" | "llama-v3") => (split_byte_level(LLAMA3_REGEX), true),
+        Some("dbrx" | "smaug-bpe") => (split_byte_level(LLAMA3_REGEX), false),
+        Some("qwen2" | "deepseek-r1-qwen" | "stablelm2") => (split_byte_level(QWEN2_REGEX), false),
+        Some("qwen35") => (split_byte_level(QWEN35_REGEX), false),
+        // Every digit on its own (llama.cpp's `\p{N}` split), then the GPT-2 regex.
+        Some("smollm" | "starcoder" | "refact" | "command-r") => (
+            PreTokenizer::Sequence {
+                kind: "Sequence",
+                pretokenizers: vec![
+                    PreTokenizer::Digits {
+                        kind: "Digits",
+                        individual_digits: true,
+                    },
+                    gpt2_byte_level(),
+                ],
+            },
+            false,
+        ),
+        Some(_) => return None,
+    })
 }
 
 #[derive(serde::Serialize)]
@@ -127,6 +233,22 @@ pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
             found: model.into(),
         });
     }
+
+    let pre_key = "tokenizer.ggml.pre";
+    let pre = match f.metadata(pre_key) {
+        None => None,
+        Some(v) => Some(
+            v.as_str()
+                .ok_or_else(|| f.bad_key(pre_key, "a string", v))?,
+        ),
+    };
+    let (pre_tokenizer, ignore_merges) =
+        pre_tokenizer(pre).ok_or_else(|| GgufError::Unsupported {
+            path: f.path().to_path_buf(),
+            what: "pre-tokenizer type (tokenizer.ggml.pre)",
+            expected: SUPPORTED_PRE,
+            found: pre.unwrap_or_default().into(),
+        })?;
 
     let tokens = string_array(f, "tokenizer.ggml.tokens")?;
     if u32::try_from(tokens.len()).is_err() {
@@ -240,12 +362,7 @@ pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
         padding: None,
         added_tokens,
         normalizer: None,
-        pre_tokenizer: ByteLevel {
-            kind: "ByteLevel",
-            add_prefix_space: false,
-            trim_offsets: true,
-            use_regex: true,
-        },
+        pre_tokenizer,
         post_processor: TemplateProcessing {
             kind: "TemplateProcessing",
             single,
@@ -266,7 +383,7 @@ pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
             end_of_word_suffix: "",
             fuse_unk: false,
             byte_fallback: false,
-            ignore_merges: false,
+            ignore_merges,
             vocab: Vocab {
                 tokens: &tokens,
                 ids,
