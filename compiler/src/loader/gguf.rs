@@ -205,7 +205,8 @@ impl GgufFile {
         let architecture = meta_index
             .get("general.architecture")
             .and_then(|&i| metadata[i].1.as_str());
-        let is_llama = architecture == Some("llama");
+        // Architectures whose tensors follow llama's GGUF names (`blk.N.attn_q` …).
+        let llama_names = matches!(architecture, Some("llama" | "qwen2"));
 
         let file_len = data.len() as u64;
         let mut tensors = Vec::with_capacity(infos.len());
@@ -267,7 +268,7 @@ impl GgufFile {
                     "a duplicate".into(),
                 ));
             }
-            let hf_name = if is_llama {
+            let hf_name = if llama_names {
                 llama_hf_name(&gguf_name)
             } else {
                 gguf_name.clone()

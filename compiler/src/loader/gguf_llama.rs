@@ -1,5 +1,8 @@
 //! llama specifics of GGUF files: tensor names (GGUF → HF), which tensors carry llama.cpp's Q/K
-//! row permutation, and the HF `config.json` synthesized from `llama.*` metadata.
+//! row permutation, and the HF `config.json` synthesized from `llama.*` metadata. Qwen2 GGUFs
+//! (`general.architecture = "qwen2"`) share the tensor names and the metadata layout under
+//! `qwen2.*`, carry q/k/v biases, and have no Q/K permutation (llama.cpp's converter applies it
+//! to Llama only); they map to `model_type: "qwen2"` (`models/qwen2.ron`).
 
 use serde_json::{json, Value};
 
@@ -60,43 +63,50 @@ pub(super) fn llama_qk(gguf: &str) -> Option<bool> {
 /// See [`GgufFile::hf_config`].
 pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
     let arch = f.architecture()?;
-    if arch != "llama" {
-        return Err(GgufError::Unsupported {
-            path: f.path().to_path_buf(),
-            what: "architecture for hf_config",
-            expected: "\"llama\"",
-            found: arch.into(),
-        });
-    }
-    let hidden = f.req_u64("llama.embedding_length")?;
-    let intermediate = f.req_u64("llama.feed_forward_length")?;
-    let layers = f.req_u64("llama.block_count")?;
-    let heads = f.req_u64("llama.attention.head_count")?;
+    let (model_type, class) = match arch {
+        "llama" => ("llama", "LlamaForCausalLM"),
+        "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        _ => {
+            return Err(GgufError::Unsupported {
+                path: f.path().to_path_buf(),
+                what: "architecture for hf_config",
+                expected: "\"llama\" or \"qwen2\"",
+                found: arch.into(),
+            })
+        }
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = f.req_u64(&key("embedding_length"))?;
+    let intermediate = f.req_u64(&key("feed_forward_length"))?;
+    let layers = f.req_u64(&key("block_count"))?;
+    let heads_key = key("attention.head_count");
+    let heads = f.req_u64(&heads_key)?;
     if heads == 0 {
-        let v = f.require("llama.attention.head_count", "")?;
-        return Err(f.bad_key("llama.attention.head_count", "a positive integer", v));
+        let v = f.require(&heads_key, "")?;
+        return Err(f.bad_key(&heads_key, "a positive integer", v));
     }
-    let kv_heads = f.opt_u64("llama.attention.head_count_kv")?.unwrap_or(heads);
-    let head_dim = match f.opt_u64("llama.attention.key_length")? {
+    let kv_heads = f.opt_u64(&key("attention.head_count_kv"))?.unwrap_or(heads);
+    let head_dim = match f.opt_u64(&key("attention.key_length"))? {
         Some(d) => d,
         None if hidden.is_multiple_of(heads) => hidden / heads,
         None => {
-            let v = f.require("llama.embedding_length", "")?;
+            let hidden_key = key("embedding_length");
+            let v = f.require(&hidden_key, "")?;
             return Err(f.bad_key(
-                "llama.embedding_length",
-                format!("a multiple of llama.attention.head_count ({heads}) when llama.attention.key_length is absent"),
+                &hidden_key,
+                format!("a multiple of {heads_key} ({heads}) when {arch}.attention.key_length is absent"),
                 v,
             ));
         }
     };
-    let eps_key = "llama.attention.layer_norm_rms_epsilon";
-    let eps = f.require(eps_key, "the RMSNorm epsilon, a float")?;
+    let eps_key = key("attention.layer_norm_rms_epsilon");
+    let eps = f.require(&eps_key, "the RMSNorm epsilon, a float")?;
     let eps = eps
         .as_f64()
-        .ok_or_else(|| f.bad_key(eps_key, "a number", eps))?;
-    let rope_theta = f.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
-    let context = f.req_u64("llama.context_length")?;
-    let vocab = match f.opt_u64("llama.vocab_size")? {
+        .ok_or_else(|| f.bad_key(&eps_key, "a number", eps))?;
+    let rope_theta = f.opt_f64(&key("rope.freq_base"))?.unwrap_or(10000.0);
+    let context = f.req_u64(&key("context_length"))?;
+    let vocab = match f.opt_u64(&key("vocab_size"))? {
         Some(v) => v,
         None => match f.metadata("tokenizer.ggml.tokens").and_then(GgufValue::as_array) {
             Some(tokens) => tokens.len() as u64,
@@ -105,7 +115,7 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
                 _ => {
                     return Err(GgufError::MissingKey {
                         path: f.path().to_path_buf(),
-                        key: "llama.vocab_size".into(),
+                        key: key("vocab_size"),
                         expected: "the vocabulary size (or a tokenizer.ggml.tokens list or a 2-D token_embd.weight)",
                     })
                 }
@@ -115,8 +125,8 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
     let has = |pred: &dyn Fn(&str) -> bool| f.any_gguf_tensor(pred);
     let mut obj = serde_json::Map::new();
     let fields = [
-        ("architectures", json!(["LlamaForCausalLM"])),
-        ("model_type", json!("llama")),
+        ("architectures", json!([class])),
+        ("model_type", json!(model_type)),
         ("hidden_act", json!("silu")),
         ("hidden_size", json!(hidden)),
         ("intermediate_size", json!(intermediate)),
@@ -136,11 +146,13 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
             "tie_word_embeddings",
             json!(!has(&|n| n == "output.weight")),
         ),
+        // Qwen2 always has q/k/v biases (its model file reads them); a llama file with them
+        // is flagged so that llama.ron refuses it.
         (
             "attention_bias",
-            json!(has(
-                &|n| n.starts_with("blk.") && n.ends_with(".attn_q.bias")
-            )),
+            json!(
+                arch == "llama" && has(&|n| n.starts_with("blk.") && n.ends_with(".attn_q.bias"))
+            ),
         ),
         (
             "mlp_bias",
@@ -152,12 +164,13 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
     for (k, v) in fields {
         obj.insert(k.into(), v);
     }
-    if let Some(v) = f.metadata("llama.rope.scaling.type") {
+    let scaling_key = key("rope.scaling.type");
+    if let Some(v) = f.metadata(&scaling_key) {
         let kind = v
             .as_str()
-            .ok_or_else(|| f.bad_key("llama.rope.scaling.type", "a string", v))?;
+            .ok_or_else(|| f.bad_key(&scaling_key, "a string", v))?;
         if kind != "none" {
-            let factor = f.opt_f64("llama.rope.scaling.factor")?.unwrap_or(1.0);
+            let factor = f.opt_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0);
             obj.insert(
                 "rope_scaling".into(),
                 json!({ "rope_type": kind, "type": kind, "factor": factor }),

@@ -786,12 +786,12 @@ fn gguf_hf_config_defaults_and_errors() {
         "{err}"
     );
 
-    let other = Writer::new().kv("general.architecture", GgufValue::String("qwen2".into()));
+    let other = Writer::new().kv("general.architecture", GgufValue::String("gemma".into()));
     let f = open_writer(&other);
-    assert_eq!(f.architecture().unwrap(), "qwen2");
+    assert_eq!(f.architecture().unwrap(), "gemma");
     let err = f.hf_config().unwrap_err();
     assert!(matches!(err, GgufError::Unsupported { .. }));
-    assert!(err.to_string().contains("qwen2"), "{err}");
+    assert!(err.to_string().contains("gemma"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1323,4 +1323,118 @@ fn gguf_absurd_block_count_is_an_error_not_an_abort() {
             "{err}"
         );
     }
+}
+
+/// A Qwen2 GGUF (llama's tensor names with q/k/v biases under `qwen2.*` metadata, no Q/K
+/// permutation), written from the tiny transformers checkpoint of `tests/fixtures/families/qwen2`,
+/// builds with `models/qwen2.ron` and reproduces transformers' logits.
+#[test]
+fn gguf_qwen2_builds_and_matches_transformers() {
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/families/qwen2");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
+            .unwrap();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap())
+            .unwrap();
+    let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let u = |k: &str| GgufValue::U32(cfg[k].as_u64().unwrap() as u32);
+    let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
+    let tokens: Vec<String> = (0..vocab).map(|i| format!("t{i}")).collect();
+    let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let mut w = Writer::new()
+        .kv("general.architecture", GgufValue::String("qwen2".into()))
+        .kv("qwen2.embedding_length", u("hidden_size"))
+        .kv("qwen2.feed_forward_length", u("intermediate_size"))
+        .kv("qwen2.block_count", u("num_hidden_layers"))
+        .kv("qwen2.attention.head_count", u("num_attention_heads"))
+        .kv("qwen2.attention.head_count_kv", u("num_key_value_heads"))
+        .kv(
+            "qwen2.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(1e-5),
+        )
+        .kv("qwen2.rope.freq_base", GgufValue::F32(1_000_000.0))
+        .kv("qwen2.context_length", u("max_position_embeddings"))
+        .kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+        .kv("tokenizer.ggml.pre", GgufValue::String("qwen2".into()))
+        .kv("tokenizer.ggml.tokens", strings(&token_refs))
+        .kv("tokenizer.ggml.merges", strings(&[]));
+    let gguf_name = |hf: &str| -> String {
+        let hf = hf.strip_prefix("model.").unwrap_or(hf);
+        if hf == "embed_tokens.weight" {
+            return "token_embd.weight".into();
+        }
+        if let Some(rest) = hf.strip_prefix("norm.") {
+            return format!("output_norm.{rest}");
+        }
+        let rest = hf.strip_prefix("layers.").unwrap();
+        let (layer, part) = rest.split_once('.').unwrap();
+        let (stem, suffix) = part.rsplit_once('.').unwrap();
+        let g = match stem {
+            "input_layernorm" => "attn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "post_attention_layernorm" => "ffn_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            other => panic!("unexpected tensor {other}"),
+        };
+        format!("blk.{layer}.{g}.{suffix}")
+    };
+    for (name, view) in st.tensors() {
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let dims: Vec<u64> = view.shape().iter().rev().map(|&d| d as u64).collect();
+        w = w.f32_tensor(&gguf_name(&name), &dims, &values);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("qwen2.gguf");
+    std::fs::write(&gguf, w.bytes()).unwrap();
+    let engine = dir.path().join("qwen2.kiln");
+    crate::build::build(
+        &gguf,
+        &engine,
+        &crate::build::BuildOptions::default(),
+        &|_, _| {},
+    )
+    .unwrap();
+    let e = kiln_runtime::engine::Engine::open(&engine).unwrap();
+    assert_eq!(e.config["model_type"], "qwen2");
+    let exec = e.cpu_executor().unwrap();
+    let ids: Vec<i32> = reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap() as i32)
+        .collect();
+    let want: Vec<f32> = reference["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+        })
+        .collect();
+    let mut session = exec.session(1);
+    let got = exec.step(&mut session, &ids, &[]).unwrap().outputs["logits"]
+        .data
+        .clone();
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(&want) {
+        num += (*g as f64 - *w as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    let err = (num / den).sqrt();
+    assert!(err <= 1e-4, "qwen2 GGUF vs transformers: {err:.2e}");
 }
