@@ -436,17 +436,7 @@ fn cmd_tokenize(path: &Path, text: &str, json: bool, pieces: bool) -> Result<()>
 }
 
 fn cmd_detokenize(path: &Path, args: &[String]) -> Result<()> {
-    let mut ids = Vec::new();
-    for word in args
-        .iter()
-        .flat_map(|a| a.split(|c: char| c == ',' || c.is_whitespace() || c == '[' || c == ']'))
-        .filter(|w| !w.is_empty())
-    {
-        ids.push(
-            word.parse::<u32>()
-                .with_context(|| format!("`{word}` is not a token id"))?,
-        );
-    }
+    let ids = cli::parse_ids(args.iter().map(String::as_str))?;
     let engine = Engine::open(path)?;
     let text = tokenizer_of(&engine, path)?.decode(&ids)?;
     println!("{text}");

@@ -438,9 +438,7 @@ pub fn build(
         }
         notes.push(format!("warning: --allow-unused: not using {list}"));
     }
-    let vocab = graph
-        .output("logits")
-        .and_then(|id| graph.nodes[id].ty.shape.last()?.as_const());
+    let vocab = graph.vocab();
     let (max_context, context_note) = context_window(&ckpt.config)?;
     notes.extend(context_note);
     let (graph, derived, rewrite) = compile_graph(&graph, opts)?;

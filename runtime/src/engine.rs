@@ -137,10 +137,7 @@ pub fn check_generation(g: &GenerationConfig, graph: &Graph) -> Result<(), Strin
             g.max_context
         ));
     }
-    let vocab = graph
-        .output("logits")
-        .and_then(|id| graph.nodes[id].ty.shape.last()?.as_const());
-    if let (Some(vocab), Some(&bad)) = (vocab, g.stop_token_ids.iter().max()) {
+    if let (Some(vocab), Some(&bad)) = (graph.vocab(), g.stop_token_ids.iter().max()) {
         if i64::from(bad) >= vocab {
             return Err(format!(
                 "stop token id {bad} is outside the vocabulary of {vocab} tokens"
@@ -148,6 +145,25 @@ pub fn check_generation(g: &GenerationConfig, graph: &Graph) -> Result<(), Strin
         }
     }
     Ok(())
+}
+
+/// Little-endian F32, F16 or BF16 bytes widened to f32; `None` for another dtype.
+pub fn widen_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }
 
 /// Where a tensor lies in the engine file.
@@ -317,15 +333,9 @@ impl Engine {
         if e.shape != shape {
             return Err(bad());
         }
+        // Engines store f32 (CPU) or bf16 (GPU) weights.
         match e.dtype {
-            Dtype::F32 => Ok(bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()),
-            Dtype::BF16 => Ok(bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect()),
+            Dtype::F32 | Dtype::BF16 => widen_to_f32(e.dtype, bytes).ok_or_else(bad),
             _ => Err(bad()),
         }
     }

@@ -121,21 +121,10 @@ pub fn run(
             })?;
             Tokenizer::from_json(tok_json)?.encode(text)?
         }
-        (None, Some(list)) => list
-            .split(|c: char| c == ',' || c.is_whitespace())
-            .filter(|w| !w.is_empty())
-            .map(|w| {
-                w.parse::<u32>()
-                    .with_context(|| format!("`{w}` is not a token id"))
-            })
-            .collect::<Result<_>>()?,
+        (None, Some(list)) => super::parse_ids([list])?,
         (None, None) => bail!("give the prompt with --prompt or --ids"),
     };
-    let vocab = engine
-        .graph
-        .output("logits")
-        .and_then(|id| engine.graph.nodes[id].ty.shape.last()?.as_const())
-        .unwrap_or(i64::MAX);
+    let vocab = engine.graph.vocab().unwrap_or(i64::MAX);
     if let Some(t) = ids.iter().find(|&&t| i64::from(t) >= vocab) {
         bail!("token id {t} is outside the vocabulary of {vocab} tokens");
     }

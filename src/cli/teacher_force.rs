@@ -132,11 +132,7 @@ pub fn run(engine_path: &Path, input_path: &Path, output: &Path, device: &str) -
     }
     let engine = Engine::open(engine_path)?;
     let context = engine.generation.max_context;
-    let vocab = engine
-        .graph
-        .output("logits")
-        .and_then(|id| engine.graph.nodes[id].ty.shape.last()?.as_const())
-        .unwrap_or(i64::MAX);
+    let vocab = engine.graph.vocab().unwrap_or(i64::MAX);
     for (i, s) in input.sequences.iter().enumerate() {
         let len = s.prompt.len() + s.continuation.len();
         if len > context {

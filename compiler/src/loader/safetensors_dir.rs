@@ -2,7 +2,7 @@
 //! `model.safetensors.index.json`, memory-mapped; tensors converted to f32 on read.
 
 use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -133,24 +133,11 @@ impl SafetensorsDir {
         let st = SafeTensors::deserialize(mmap).map_err(|e| corrupt(e.to_string()))?;
         let view = st.tensor(name).map_err(|e| corrupt(e.to_string()))?;
         let bytes = view.data();
-        Ok(match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(corrupt(format!(
-                    "tensor `{name}` has unsupported dtype {other:?}"
-                )))
-            }
+        kiln_runtime::engine::widen_to_f32(view.dtype(), bytes).ok_or_else(|| {
+            corrupt(format!(
+                "tensor `{name}` has unsupported dtype {:?}",
+                view.dtype()
+            ))
         })
     }
 }

@@ -423,16 +423,11 @@ impl CudaExecutor {
                 cudarc::driver::result::memcpy_dtoh_async(&mut host, p.buf(w), stream.cu_stream())?;
             }
             stream.synchronize()?;
-            let values = match buf.dtype {
-                BufType::F32 => host
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                BufType::Bf16 => host
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
+            let dtype = match buf.dtype {
+                BufType::F32 => safetensors::Dtype::F32,
+                BufType::Bf16 => safetensors::Dtype::BF16,
             };
+            let values = crate::engine::widen_to_f32(dtype, &host).unwrap_or_default();
             traced.push(TracedBuffer {
                 launch: i,
                 name: buf.name.clone(),

@@ -142,6 +142,12 @@ impl Graph {
         Ok(())
     }
 
+    /// The vocabulary size: the constant last axis of the `logits` output, if there is one.
+    pub fn vocab(&self) -> Option<i64> {
+        let id = self.output("logits")?;
+        self.nodes[id].ty.shape.last()?.as_const()
+    }
+
     /// The input node of the given kind (`Tokens` or `Positions`), if the graph has one.
     pub fn input(&self, kind: InputKind) -> Option<NodeId> {
         self.nodes.iter().position(|n| n.op == Op::Input { kind })
