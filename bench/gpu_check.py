@@ -24,7 +24,14 @@ Usage: python3 bench/gpu_check.py [--kiln .dev/bin/kiln] [--models smollm2,llama
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import transformers
+
+# Families by transformers class: a config entry's "arch" (default llama).
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
 
 CONFIGS = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -39,9 +46,25 @@ CONFIGS = {
 }
 
 
+# Llama 3.1: Llama 3's shape with `llama3` RoPE scaling (frequencies below the original context's
+# wavelengths divided by 8): kiln stores the frequency table the model file computes.
+CONFIGS["llama31-8b"] = dict(
+    {k: v for k, v in CONFIGS["llama3-8b"].items() if k != "rope_theta"}, max_position_embeddings=131072,
+    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                         high_freq_factor=4.0, original_max_position_embeddings=8192))
+
+# Qwen2.5-7B: q/k/v biases (one bias epilogue on the fused QKV), RoPE base 1e6, 28 heads over 4
+# KV heads. transformers initializes biases to zero; the check draws them at random (below).
+CONFIGS["qwen25-7b"] = dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                            max_position_embeddings=32768)
+
 # Two-layer variants: the same widths, heads and vocabularies, small enough for fp32 references.
 CONFIGS["llama3-8b-2l"] = dict(CONFIGS["llama3-8b"], num_hidden_layers=2)
 CONFIGS["llama2-7b-2l"] = dict(CONFIGS["llama2-7b"], num_hidden_layers=2)
+CONFIGS["llama31-8b-2l"] = dict(CONFIGS["llama31-8b"], num_hidden_layers=2)
+CONFIGS["qwen25-7b-2l"] = dict(CONFIGS["qwen25-7b"], num_hidden_layers=2)
 
 
 def rel_l2(a, b):
@@ -116,9 +139,15 @@ def main():
     for name in args.models.split(","):
         std = init_range(args.init, CONFIGS[name]["hidden_size"])
         print(f"{name}: random weights, std {std:.4g} ({args.init})", flush=True)
-        cfg = LlamaConfig(**CONFIGS[name], torch_dtype="bfloat16", initializer_range=std)
+        spec = dict(CONFIGS[name])
+        config_cls, model_cls = (getattr(transformers, c) for c in ARCHS[spec.pop("arch", "llama")])
+        cfg = config_cls(**spec, torch_dtype="bfloat16", initializer_range=std)
         with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+            model = model_cls(cfg).to(torch.bfloat16).eval()
+            with torch.no_grad():
+                for pname, p in model.named_parameters():
+                    if pname.endswith(".bias"):
+                        p.normal_(0.0, 0.1)
         ckpt = os.path.join(args.work, f"ckpt-{name}")
         engine = os.path.join(args.work, f"{name}.kiln")
         model.save_pretrained(ckpt, safe_serialization=True)
@@ -155,7 +184,7 @@ def main():
             row = dict(model=name, batch=len(lens), logits_rel_l2=max(errs), top1_agreement=agree / total)
             if len(lens) == 1:
                 # Where it fits, the precision floor: transformers in fp32 against its own bf16.
-                m32 = LlamaForCausalLM(cfg).to("cuda", torch.float32).eval()
+                m32 = model_cls(cfg).to("cuda", torch.float32).eval()
                 m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
                 last32, preds32 = hf_teacher(m32, prompts[0], conts[0])
                 row["hf_bf16_vs_fp32"] = rel_l2(ref[0][0], last32)

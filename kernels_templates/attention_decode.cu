@@ -2,12 +2,13 @@
 // GQA without repeating K/V, split-KV ("flash-decoding") with a log-sum-exp merge.
 //
 //   attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(qkv, k_cache, v_cache, block_tables,
-//       max_blocks, seq_lens, slot_mapping, theta, out, B, scale, partial_o, partial_ml, max_splits)
+//       max_blocks, seq_lens, slot_mapping, inv_freq, out, B, scale, partial_o, partial_ml,
+//       max_splits)
 //     For sequence b < B with L = seq_lens[b] tokens (this step's token included, at position
 //     L - 1) and q head h (kv head h / (HEADS/KV_HEADS)):
 //       out[b, h, :] = softmax_j(scale * q·k_j) · v_j  over j < L
 //     Row b of qkv ([B, (HEADS+2*KV_HEADS)*HEAD_DIM]) is the step's token, not yet rotated: the
-//     kernel applies RoPE (rope.cu's rule, position L - 1, base theta) to q in registers and, in
+//     kernel applies RoPE (rope.cu's rule, position L - 1, table inv_freq) to q in registers and, in
 //     the one CTA per (b, kv head) whose range holds position L - 1, to k, which it writes with v
 //     into cache slot slot_mapping[b] (skipped when negative) and uses from shared memory: the
 //     decode step needs no rope_append launch.
@@ -48,7 +49,8 @@ template <int HEADS, int KV_HEADS, int HEAD_DIM, int BLOCK>
 __global__ void __launch_bounds__(DEC_THREADS)
 attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
                  const int* __restrict__ block_tables, int max_blocks, const int* __restrict__ seq_lens,
-                 const int* __restrict__ slot_mapping, float theta, bf16* __restrict__ out, int B,
+                 const int* __restrict__ slot_mapping, const float* __restrict__ inv_freq,
+                 bf16* __restrict__ out, int B,
                  float scale, float* __restrict__ partial_o, float* __restrict__ partial_ml,
                  int max_splits) {
   static_assert(HEADS % KV_HEADS == 0, "attention_decode: HEADS must be a multiple of KV_HEADS");
@@ -92,7 +94,7 @@ attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16*
   const bool lower = dv < VPR / 2;
   float c[8], sn[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) kiln::rope_sincos<HEAD_DIM>(L - 1, (dv * 8 + e) % HALF, theta, &sn[e], &c[e]);
+  for (int e = 0; e < 8; ++e) kiln::rope_sincos(L - 1, (dv * 8 + e) % HALF, inv_freq, &sn[e], &c[e]);
   // Everything above reads only step metadata (written by the host before the step), so it
   // overlaps the previous kernel; activations and the cache are read after this.
   kiln::pdl_sync();

@@ -105,13 +105,13 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b, float acc) {
   return acc;
 }
 
-// RoPE's (sin, cos) for pair index i at position pos, in f32 as HF computes them:
-// inv_freq = 1 / theta^(2i / HEAD_DIM), angle = pos * inv_freq (accurate sincosf). rope_append and
-// attention_decode both use it, so prefill and decode rotate a position identically.
-template <int HEAD_DIM>
-__device__ __forceinline__ void rope_sincos(int pos, int i, float theta, float* s, float* c) {
-  const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)HEAD_DIM);
-  sincosf((float)pos * inv_freq, s, c);
+// RoPE's (sin, cos) for pair index i at position pos, in f32 as HF computes them: angle =
+// pos * inv_freq[i] (accurate sincosf), inv_freq [HEAD_DIM / 2] f32 being the table the model
+// file computes (plain 1 / theta^(2i / HEAD_DIM), or scaled). rope_append and attention_decode
+// both use it, so prefill and decode rotate a position identically.
+__device__ __forceinline__ void rope_sincos(int pos, int i, const float* __restrict__ inv_freq,
+                                            float* s, float* c) {
+  sincosf((float)pos * inv_freq[i], s, c);
 }
 
 // RMSNorm of 8 elements of a row whose scale r = rsqrt(mean(x²) + eps) is known:

@@ -1,10 +1,12 @@
-// elementwise.cu — the gated-MLP epilogue of the prefill GEMM (cuBLAS computes the product; the
-// residual add rides on cuBLAS's beta = 1).
+// elementwise.cu — epilogues of the prefill GEMM (cuBLAS computes the product; the residual add
+// rides on cuBLAS's beta = 1, and so does a bias, once its rows are in the output).
 //
 //   silu_mul<F>(gu, out, T):     out[t,f] = bf16(silu(gu[t,f]) * gu[t,F+f])   for t < T, f < F
 //                                (gu: [T, 2F] = gate then up, the fused gate_up GEMM's output)
+//   bias_rows<N>(bias, out, T):  out[t,n] = bias[n]                            for t < T, n < N
+//                                (bias [N]; the GEMM then adds x·wᵀ with beta = 1, one rounding)
 //
-// bf16, f32 arithmetic, one rounding. F % 8 == 0, 16-byte aligned rows.
+// bf16, f32 arithmetic, one rounding. F % 8 == 0 and N % 8 == 0, 16-byte aligned rows.
 // Launch (grid-stride): block ELEMENTWISE_THREADS (256), grid min(ceil(T * F / 8 / 256), 8192).
 #include "common.cuh"
 
@@ -28,5 +30,20 @@ silu_mul(const bf16* __restrict__ gu, bf16* __restrict__ out, int T) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) g[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
     reinterpret_cast<uint4*>(out + t * F)[c] = kiln::pack8(g);
+  }
+}
+
+template <int N>
+__global__ void __launch_bounds__(ELEMENTWISE_THREADS)
+bias_rows(const bf16* __restrict__ bias, bf16* __restrict__ out, int T) {
+  kiln::pdl_sync();
+  static_assert(N % 8 == 0, "bias_rows: N must be a multiple of 8");
+  constexpr int NV = N / 8;
+  const long long total = (long long)T * NV;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < total; v += stride) {
+    const long long t = v / NV;
+    const int c = (int)(v - t * NV);
+    reinterpret_cast<uint4*>(out + t * N)[c] = kiln::ld_cached16(bias + c * 8);
   }
 }

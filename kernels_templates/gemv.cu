@@ -9,6 +9,7 @@
 //     EPI 1: out[m,n] = acc[m,n] + residual[m,n]  (residual: [M,N] bf16; may alias out)
 //     EPI 2: gated MLP, w has 2N rows (gate rows 0..N, then up rows N..2N):
 //            out[m,n] = silu(x·w[n]) * (x·w[N+n])
+//     EPI 3: out[m,n] = acc[m,n] + residual[n]    (residual: the bias, [N] bf16)
 //   One rounding to OutT (bf16, or float for logits) at the end.
 //
 // Layouts: x [M, K] bf16 row-major; w [N, K] (or [2N, K]) bf16 row-major (nn.Linear's layout, no
@@ -41,7 +42,7 @@ template <int K, int MMAX, int EPI>
 struct GemvCfg {
   static_assert(K % 8 == 0, "gemv: K must be a multiple of 8");
   static_assert(MMAX >= 1 && MMAX <= 16, "gemv: 1 <= MMAX <= 16");
-  static_assert(EPI >= 0 && EPI <= 2, "gemv: EPI is 0 (plain), 1 (+residual) or 2 (gated)");
+  static_assert(EPI >= 0 && EPI <= 3, "gemv: EPI is 0 (plain), 1 (+residual), 2 (gated) or 3 (+bias)");
   static constexpr int ROWS = (MMAX >= 4 && EPI != 2) ? 2 : 1;  // output columns per warp
   static constexpr int NW = EPI == 2 ? 2 : 1;                   // weight rows per output column
   static constexpr int WR = ROWS * NW;                          // weight rows per warp
@@ -206,6 +207,7 @@ gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const
         } else {
           v = acc[m][r];
           if (EPI == 1) v += __bfloat162float(residual[(long long)m * N + n]);
+          if (EPI == 3) v += __bfloat162float(residual[n]);
         }
         out[(long long)m * N + n] = gemv_out<OutT>(v);
       }

@@ -5,6 +5,7 @@
 //     acc[m,n] = sum_k x[m,k] * w[n,k]           (f32 accumulation)
 //     EPI 0: out = acc;  EPI 1: out = acc + residual[m,n] (may alias out);
 //     EPI 2: w has 2N rows (gate, then up): out = silu(x·w[n]) * (x·w[N+n])
+//     EPI 3: out = acc + residual[n] (residual: the bias, [N] bf16)
 //
 // Layouts: x [M, K], w [N, K] (or [2N, K]) bf16 row-major, 16-byte aligned; out [M, N] OutT.
 // K % 32 == 0, 1 <= M <= MMAX <= 8, any N >= 1.
@@ -52,7 +53,7 @@ __global__ void __launch_bounds__(GEMV_TC_WARPS * 32)
 gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const bf16* residual, OutT* out) {
   static_assert(K % 32 == 0, "gemv_tc: K must be a multiple of 32");
   static_assert(MMAX >= 1 && MMAX <= 8, "gemv_tc: 1 <= MMAX <= 8");
-  static_assert(EPI >= 0 && EPI <= 2, "gemv_tc: EPI is 0 (plain), 1 (+residual) or 2 (gated)");
+  static_assert(EPI >= 0 && EPI <= 3, "gemv_tc: EPI is 0 (plain), 1 (+residual), 2 (gated) or 3 (+bias)");
   constexpr int NC = K / 32;                // 32-wide k chunks
   constexpr int NA = EPI == 2 ? 2 : 1;      // A tiles: the rows, or gate and up rows
   constexpr int U = GEMV_TC_UNROLL;
@@ -145,6 +146,7 @@ gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, co
       } else {
         v = acc[0][i];
         if (EPI == 1) v += __bfloat162float(residual[(long long)m * N + n]);
+        if (EPI == 3) v += __bfloat162float(residual[n]);
       }
       out[(long long)m * N + n] = gemv_tc_out<OutT>(v);
     }

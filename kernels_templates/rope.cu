@@ -1,10 +1,9 @@
 // rope.cu — rotary position embedding on the fused QKV projection, and the paged KV-cache append.
 //
-//   rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(qkv, positions, slot_mapping, k_cache, v_cache, T, theta)
+//   rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(qkv, positions, slot_mapping, k_cache, v_cache, T, inv_freq)
 //     For token t at position p = positions[t], every q head and k head is rotated in place with
 //     HF's rotate_half pairing (i, i + HEAD_DIM/2), i < HEAD_DIM/2:
-//       inv_freq_i = 1 / theta^(2i / HEAD_DIM)   (f32, as HF computes it)
-//       angle = p * inv_freq_i (f32); c = cos(angle), s = sin(angle) (f32, accurate sincosf)
+//       angle = p * inv_freq[i] (f32; inv_freq [HEAD_DIM / 2] f32 is the model's table); c = cos(angle), s = sin(angle) (f32, accurate sincosf)
 //       x'[i] = x[i]*c - x[i+HALF]*s ;  x'[i+HALF] = x[i+HALF]*c + x[i]*s   (f32, one rounding)
 //     then the rotated k and the plain v of the token are written to the cache slot
 //     slot_mapping[t] (= physical_block * BLOCK + offset; a negative slot skips the write, for
@@ -27,7 +26,8 @@
 template <int HEADS, int KV_HEADS, int HEAD_DIM, int BLOCK>
 __global__ void __launch_bounds__(ROPE_WARPS * 32)
 rope_append(bf16* qkv, const int* __restrict__ positions, const int* __restrict__ slot_mapping,
-            bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int T, float theta) {
+            bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int T,
+            const float* __restrict__ inv_freq) {
   kiln::pdl_sync();
   static_assert(HEAD_DIM % 8 == 0, "rope_append: HEAD_DIM must be a multiple of 8");
   static_assert(HEADS % KV_HEADS == 0, "rope_append: HEADS must be a multiple of KV_HEADS");
@@ -49,7 +49,7 @@ rope_append(bf16* qkv, const int* __restrict__ positions, const int* __restrict_
   for (int q = 0; q < PL; ++q) {
     const int i = 2 * (lane + 32 * q);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) kiln::rope_sincos<HEAD_DIM>(pos, i + j, theta, &sn[q][j], &c[q][j]);
+    for (int j = 0; j < 2; ++j) kiln::rope_sincos(pos, i + j, inv_freq, &sn[q][j], &c[q][j]);
   }
   bf16* row = qkv + (long long)t * STRIDE;
   for (int h = blockIdx.y * ROPE_WARPS + (threadIdx.x >> 5); h < NH; h += gridDim.y * ROPE_WARPS) {

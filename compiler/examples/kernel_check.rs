@@ -538,6 +538,8 @@ fn check_gemv(
             match epi {
                 GemvEpilogue::Plain => dot(ni),
                 GemvEpilogue::Residual => dot(ni) + res[i] as f64,
+                // The bias is the residual pointer's first N values.
+                GemvEpilogue::Bias => dot(ni) + res[ni] as f64,
                 GemvEpilogue::Gated => {
                     let (gt, up) = (dot(ni), dot(n + ni));
                     gt / (1.0 + (-gt).exp()) * up
@@ -622,6 +624,27 @@ fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
             TOL,
         );
     }
+    for n in [512usize, 4608] {
+        let t = 37;
+        let bias = r.bf_vec(n, 1.0);
+        let (db, dout) = (g.up_bf(&bias)?, g.poison_bf(t * n)?);
+        let inst = KernelInstance::bias_rows(n);
+        g.launch(
+            &inst,
+            RuntimeSizes {
+                tokens: t,
+                ..Default::default()
+            },
+            &[Arg::P(g.ptr(&db)), Arg::P(g.ptr(&dout)), Arg::I(t as i32)],
+        )?;
+        g.sync()?;
+        let reference: Vec<f64> = (0..t * n).map(|i| bias[i % n] as f64).collect();
+        rep.check(
+            format!("bias_rows<{n}> T={t}"),
+            rel_l2(&g.down_bf(&dout)?, &reference),
+            TOL,
+        );
+    }
     Ok(())
 }
 
@@ -634,7 +657,7 @@ fn check_rope(
     hd: usize,
     t: usize,
 ) -> Res<()> {
-    let theta = 500000.0f32;
+    let freqs = inv_freq(hd, 500000.0);
     let width = (heads + 2 * kv) * hd;
     let num_blocks = 8.max(t.div_ceil(BLOCK) + 1);
     let kvrow = kv * hd;
@@ -657,8 +680,7 @@ fn check_rope(
         for h in 0..heads + kv {
             let base = ti * width + h * hd;
             for i in 0..half {
-                let inv = 1.0f32 / theta.powf((2 * i) as f32 / hd as f32);
-                let angle = (positions[ti] as f32 * inv) as f64;
+                let angle = (positions[ti] as f32 * freqs[i]) as f64;
                 let (s, c) = angle.sin_cos();
                 let (a, b) = (qkv[base + i] as f64, qkv[base + half + i] as f64);
                 q_ref[base + i] = a * c - b * s;
@@ -676,12 +698,13 @@ fn check_rope(
             }
         }
     }
-    let (dq, dp, ds, dk, dv) = (
+    let (dq, dp, ds, dk, dv, df) = (
         g.up_bf(&qkv)?,
         g.up(&positions)?,
         g.up(&slots)?,
         g.up_bf(&kc)?,
         g.up_bf(&vc)?,
+        g.up(&freqs)?,
     );
     let inst = KernelInstance::rope_append(heads, kv, hd, BLOCK);
     g.launch(
@@ -697,7 +720,7 @@ fn check_rope(
             Arg::P(g.ptr(&dk)),
             Arg::P(g.ptr(&dv)),
             Arg::I(t as i32),
-            Arg::F(theta),
+            Arg::P(g.ptr(&df)),
         ],
     )?;
     g.sync()?;
@@ -800,7 +823,7 @@ fn check_decode(
     let width = (heads + 2 * kv) * hd;
     let kvrow = kv * hd;
     let scale = 1.0 / (hd as f64).sqrt();
-    let theta = 10000.0f32;
+    let freqs = inv_freq(hd, 10000.0);
     let p = Paged::new(r, lens, kvrow);
     // Row b of qkv is sequence b's new token at position L - 1, not yet rotated: the kernel
     // rotates q and k and appends k and v to the cache (over the random values there).
@@ -819,16 +842,17 @@ fn check_decode(
         let row = &qkv[b * width..(b + 1) * width];
         let dst = slots[b] as usize * kvrow;
         for h in 0..kv {
-            let k = rope_ref(&row[(heads + h) * hd..(heads + h + 1) * hd], l - 1, theta);
+            let k = rope_ref(&row[(heads + h) * hd..(heads + h + 1) * hd], l - 1, &freqs);
             want.k[dst + h * hd..dst + (h + 1) * hd].copy_from_slice(&k);
         }
         want.v[dst..dst + kvrow].copy_from_slice(&row[(heads + kv) * hd..(heads + 2 * kv) * hd]);
         for h in 0..heads {
-            let q = rope_ref(&row[h * hd..(h + 1) * hd], l - 1, theta);
+            let q = rope_ref(&row[h * hd..(h + 1) * hd], l - 1, &freqs);
             let o = attn_ref(&q, &want, b, l, h / (heads / kv), hd, kvrow, scale);
             reference[(b * heads + h) * hd..(b * heads + h + 1) * hd].copy_from_slice(&o);
         }
     }
+    let df = g.up(&freqs)?;
     let (dq, dk, dv, dt, dl, ds) = (
         g.up_bf(&qkv)?,
         g.up_bf(&p.k)?,
@@ -860,7 +884,7 @@ fn check_decode(
                 Arg::I(p.max_blocks as i32),
                 Arg::P(g.ptr(&dl)),
                 Arg::P(g.ptr(&ds)),
-                Arg::F(theta),
+                Arg::P(g.ptr(&df)),
                 Arg::P(g.ptr(&dout)),
                 Arg::I(b_n as i32),
                 Arg::F(scale as f32),
@@ -902,13 +926,27 @@ fn check_decode(
     Ok(())
 }
 
+/// A Llama-3.1-style scaled RoPE table: `1 / theta^(2i/d)`, the lower-frequency half divided
+/// by 8 (the kernels read any table; a scaled one checks that none recomputes it from theta).
+fn inv_freq(hd: usize, theta: f32) -> Vec<f32> {
+    (0..hd / 2)
+        .map(|i| {
+            let f = 1.0f32 / theta.powf((2 * i) as f32 / hd as f32);
+            if 4 * i >= hd {
+                f / 8.0
+            } else {
+                f
+            }
+        })
+        .collect()
+}
+
 /// RoPE of one head vector at `pos` as rope.cu computes it (f32 angles, bf16 result).
-fn rope_ref(x: &[f32], pos: usize, theta: f32) -> Vec<f32> {
-    let (hd, half) = (x.len(), x.len() / 2);
+fn rope_ref(x: &[f32], pos: usize, freqs: &[f32]) -> Vec<f32> {
+    let half = x.len() / 2;
     let mut out = x.to_vec();
     for i in 0..half {
-        let inv = 1.0f32 / theta.powf((2 * i) as f32 / hd as f32);
-        let (s, c) = ((pos as f32 * inv) as f64).sin_cos();
+        let (s, c) = ((pos as f32 * freqs[i]) as f64).sin_cos();
         let (a, b) = (x[i] as f64, x[half + i] as f64);
         out[i] = bfr((a * c - b * s) as f32);
         out[half + i] = bfr((b * c + a * s) as f32);
@@ -1618,6 +1656,9 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
                     OutType::Bf16,
                 )?;
                 check_gemv(g, r, rep, tc, 4096, 6144, 1, m1, Plain, true, OutType::Bf16)?;
+                // Qwen2.5-7B's biased QKV (28 + 2·4 heads of 128).
+                check_gemv(g, r, rep, tc, 3584, 4608, 1, m1, Bias, true, OutType::Bf16)?;
+                check_gemv(g, r, rep, tc, 3584, 4600, 5, 8, Bias, false, OutType::Bf16)?;
                 check_gemv(
                     g,
                     r,
@@ -1873,6 +1914,18 @@ fn main() {
             if !instances.contains(&k) {
                 instances.push(k);
             }
+        }
+    }
+    // Beyond the Llama shapes: the bias epilogue (Qwen2.5-7B's QKV) and its prefill fill.
+    for k in [
+        KernelInstance::gemv(3584, 1, GemvEpilogue::Bias, true, OutType::Bf16),
+        KernelInstance::gemv(3584, 8, GemvEpilogue::Bias, false, OutType::Bf16),
+        KernelInstance::gemv_tc(3584, 8, GemvEpilogue::Bias, OutType::Bf16),
+        KernelInstance::bias_rows(512),
+        KernelInstance::bias_rows(4608),
+    ] {
+        if !instances.contains(&k) {
+            instances.push(k);
         }
     }
     // The wgmma kernels build only for sm_90 (as sm_90a).

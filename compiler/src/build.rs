@@ -443,7 +443,8 @@ pub fn build(
     notes.extend(context_note);
     let (graph, derived, rewrite) = compile_graph(&graph, opts)?;
     // A GPU engine: the launch plan and its kernels, compiled before reading any weight so a
-    // lowering or NVRTC error fails fast; weights are stored in bf16.
+    // lowering or NVRTC error fails fast; weights are stored in bf16, but for the tables that the
+    // plan reads in f32 (RoPE frequencies).
     let gpu = match &opts.cuda_arch {
         Some(arch) => Some(
             crate::codegen::gpu::gpu_artifacts(&graph, arch).map_err(|e| {
@@ -452,10 +453,10 @@ pub fn build(
         ),
         None => None,
     };
-    let weight_dtype = if gpu.is_some() {
-        safetensors::Dtype::BF16
-    } else {
-        safetensors::Dtype::F32
+    let f32_weights = gpu.as_ref().map(|g| g.plan.f32_weights());
+    let weight_dtype = |name: &str| match &f32_weights {
+        Some(f32s) if !f32s.contains(name) => safetensors::Dtype::BF16,
+        _ => safetensors::Dtype::F32,
     };
     let recipes: HashMap<&str, &DerivedWeight> =
         derived.iter().map(|d| (d.name.as_str(), d)).collect();
@@ -502,7 +503,7 @@ pub fn build(
                     message: format!("evaluating the derived weight: {e}"),
                 })?,
             };
-            let tensor = EngineTensor::weight(name, shape, &data, weight_dtype);
+            let tensor = EngineTensor::weight(name, shape, &data, weight_dtype(name));
             progress(
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                 total,

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 /// The engine format this runtime reads and the compiler writes.
 /// v2: the checksum covers the metadata too; the context window is always recorded.
-pub const FORMAT_VERSION: u32 = 2;
+/// v3: `Rope` reads its frequency table as an input (stored as an f32 weight, also in GPU
+/// engines); `LinearBias`; the plan's `Linear` may carry a bias epilogue.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The context window recorded for a checkpoint whose config gives none (no
 /// `max_position_embeddings`, no GGUF `context_length`): every engine bounds its prompts.

@@ -20,6 +20,8 @@ pub enum KernelFamily {
     GemvTc,
     /// `silu_mul<F>`
     SiluMul,
+    /// `bias_rows<N>`
+    BiasRows,
     /// `rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
     RopeAppend,
     /// `attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
@@ -49,6 +51,7 @@ impl KernelFamily {
             KernelFamily::Gemv => "gemv",
             KernelFamily::GemvTc => "gemv_tc",
             KernelFamily::SiluMul => "silu_mul",
+            KernelFamily::BiasRows => "bias_rows",
             KernelFamily::RopeAppend => "rope_append",
             KernelFamily::AttentionDecode => "attention_decode",
             KernelFamily::AttentionDecodeMerge => "attention_decode_merge",
@@ -70,6 +73,8 @@ pub enum GemvEpilogue {
     Residual = 1,
     /// Gated MLP: W has 2N rows (gate, then up); `out = silu(x·W_gᵀ) * (x·W_uᵀ)`.
     Gated = 2,
+    /// `out = x·Wᵀ + bias` (bias `[N]`, passed as the residual pointer)
+    Bias = 3,
 }
 
 /// Element type of a kernel output.
@@ -258,8 +263,14 @@ impl KernelInstance {
         Self::ints(KernelFamily::SiluMul, &[ffn])
     }
 
+    /// `bias_rows<N>(const bf16* bias, bf16* out, int T)`: every row of `out` set to `bias`
+    /// (the prefill GEMM then accumulates onto it).
+    pub fn bias_rows(n: usize) -> Self {
+        Self::ints(KernelFamily::BiasRows, &[n])
+    }
+
     /// `rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(bf16* qkv, const int* positions,
-    /// const int* slot_mapping, bf16* k_cache, bf16* v_cache, int T, float theta)`.
+    /// const int* slot_mapping, bf16* k_cache, bf16* v_cache, int T, const float* inv_freq)`.
     pub fn rope_append(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
         Self::ints(
             KernelFamily::RopeAppend,
@@ -269,7 +280,7 @@ impl KernelInstance {
 
     /// `attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(const bf16* qkv, bf16* k_cache,
     /// bf16* v_cache, const int* block_tables, int max_blocks, const int* seq_lens,
-    /// const int* slot_mapping, float theta, bf16* out, int B, float scale, float* partial_o,
+    /// const int* slot_mapping, const float* inv_freq, bf16* out, int B, float scale, float* partial_o,
     /// float* partial_ml, int max_splits)`: RoPE and the KV-cache append of the step's token
     /// included.
     pub fn attention_decode(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
@@ -397,7 +408,7 @@ impl KernelInstance {
                 };
                 one((rt.n.div_ceil(rows), 1, 1), threads::GEMV_WARPS * 32)
             }
-            KernelFamily::SiluMul => {
+            KernelFamily::SiluMul | KernelFamily::BiasRows => {
                 let work = rt.tokens * self.int_arg(0) / 8;
                 one(
                     (work.div_ceil(threads::ELEMENTWISE as usize).min(8192), 1, 1),

@@ -54,12 +54,14 @@ pub struct Buffer {
 }
 
 /// What a `Linear` does after the product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Epilogue {
     /// `y = x·wᵀ`
     None,
     /// `y = x·wᵀ + r`
     Residual(BufId),
+    /// `y = x·wᵀ + b`, `b` a bf16 `[n]` weight broadcast over the rows.
+    Bias(String),
     /// `w` stacks gate over up rows: `y = silu(x·gᵀ) ⊙ (x·uᵀ)`.
     Gated,
 }
@@ -122,8 +124,8 @@ pub enum Launch {
         qkv: BufId,
         /// KV-cache layer.
         layer: usize,
-        /// RoPE base.
-        theta: f32,
+        /// RoPE inverse frequencies: an f32 `[d/2]` weight.
+        inv_freq: String,
     },
     /// Causal attention of the q part of `qkv` over layer `layer`'s cache → `[T, h·d]`.
     /// In a decode step (one token per sequence) the attention kernel also does the preceding
@@ -133,8 +135,8 @@ pub enum Launch {
         qkv: BufId,
         /// KV-cache layer.
         layer: usize,
-        /// RoPE base (the same as the preceding `RopeAppend`'s).
-        theta: f32,
+        /// RoPE inverse frequencies (the preceding `RopeAppend`'s).
+        inv_freq: String,
         /// Score scale.
         scale: f32,
         /// Output.
@@ -179,6 +181,20 @@ impl Plan {
             sizes[b.slot] = sizes[b.slot].max(b.cols * b.dtype.size());
         }
         sizes
+    }
+
+    /// The weights that launches read in f32 (RoPE frequency tables); every other weight is
+    /// stored and read in bf16.
+    pub fn f32_weights(&self) -> std::collections::BTreeSet<&str> {
+        self.launches
+            .iter()
+            .filter_map(|l| match l {
+                Launch::RopeAppend { inv_freq, .. } | Launch::Attention { inv_freq, .. } => {
+                    Some(inv_freq.as_str())
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Serializes as RON.
@@ -240,24 +256,29 @@ impl Plan {
                     let epi = match epilogue {
                         Epilogue::None => String::new(),
                         Epilogue::Residual(r) => format!(" +residual {}", buf(*r)),
+                        Epilogue::Bias(b) => format!(" +bias {b}"),
                         Epilogue::Gated => " gated(silu·up)".into(),
                     };
                     format!("Linear w={w}{norm}{epi} {} -> {}", buf(*x), buf(*out))
                 }
-                Launch::RopeAppend { qkv, layer, theta } => {
+                Launch::RopeAppend {
+                    qkv,
+                    layer,
+                    inv_freq,
+                } => {
                     format!(
-                        "RopeAppend layer={layer} theta={theta} {} -> KV cache",
+                        "RopeAppend layer={layer} inv_freq={inv_freq} {} -> KV cache",
                         buf(*qkv)
                     )
                 }
                 Launch::Attention {
                     qkv,
                     layer,
-                    theta,
+                    inv_freq,
                     scale,
                     out,
                 } => format!(
-                    "Attention layer={layer} theta={theta} scale={scale} {} -> {}",
+                    "Attention layer={layer} inv_freq={inv_freq} scale={scale} {} -> {}",
                     buf(*qkv),
                     buf(*out)
                 ),

@@ -169,4 +169,74 @@ mod tests {
             );
         }
     }
+
+    /// The families whose layers differ from Llama's in a RoPE table (Llama 3.1's `llama3`
+    /// scaling) or q/k/v biases (Qwen2) lower to the Llama launches: the table is an f32 weight
+    /// that rope_append and decode attention read, the biases one bias epilogue on the fused QKV.
+    #[test]
+    fn llama31_and_qwen2_lower_with_their_tables_and_biases() {
+        use kiln_runtime::plan::{Epilogue, Launch};
+        for (family, biased) in [("llama31", false), ("qwen2", true)] {
+            let path = format!(
+                "{}/../tests/fixtures/families/{family}/config.json",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let mut cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            // A head size the attention kernels take (the fixture's is 16).
+            cfg["head_dim"] = 32.into();
+            let model = crate::build::model_for(&cfg, None).unwrap();
+            let g = crate::build::graph_for(&model, &cfg).unwrap();
+            let opts = crate::rewrite::RewriteOptions {
+                dtype: kiln_runtime::ir::DType::BF16,
+                ..Default::default()
+            };
+            let o = crate::rewrite::optimize(&g, &opts).unwrap();
+            let plan = lower(&o.graph).unwrap_or_else(|e| panic!("{family}: {e}"));
+            // Six launches per layer; embedding, the final norm (the f32 logits product of a
+            // bf16 graph reads it through a cast, so it is launched), gather-last and lm_head.
+            assert_eq!(
+                plan.launches.len(),
+                2 * 6 + 4,
+                "{family}: {}",
+                plan.describe()
+            );
+            let tables = plan.f32_weights();
+            assert_eq!(tables.len(), 1, "{family}: {tables:?}");
+            let table = *tables.iter().next().unwrap();
+            let derived = o.derived.iter().find(|d| d.name == table).unwrap();
+            let value = crate::rewrite::derive::evaluate(derived, |n, _| {
+                Err(kiln_runtime::cpu::ExecError::Weight {
+                    name: n.into(),
+                    message: "no checkpoint".into(),
+                })
+            })
+            .unwrap();
+            assert_eq!(value.len(), 16, "{family}");
+            // Llama 3.1 divides the low frequencies (long wavelengths) by the factor 8.
+            let plain = |i: usize| 1.0 / cfg_theta(&cfg).powf(2.0 * i as f32 / 32.0);
+            let scaled = (0..16)
+                .filter(|&i| (value[i] - plain(i)).abs() > 1e-9)
+                .count();
+            assert_eq!(scaled > 0, family == "llama31", "{family}: {value:?}");
+            let biases = plan
+                .launches
+                .iter()
+                .filter(|l| {
+                    matches!(
+                        l,
+                        Launch::Linear {
+                            epilogue: Epilogue::Bias(_),
+                            ..
+                        }
+                    )
+                })
+                .count();
+            assert_eq!(biases, if biased { 2 } else { 0 }, "{family}");
+        }
+    }
+
+    fn cfg_theta(cfg: &serde_json::Value) -> f32 {
+        cfg["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32
+    }
 }

@@ -127,7 +127,7 @@ pub fn template_file(family: KernelFamily) -> TemplateFile {
         KernelFamily::RmsNorm | KernelFamily::AddRmsNorm => TemplateFile::RmsNorm,
         KernelFamily::Gemv => TemplateFile::Gemv,
         KernelFamily::GemvTc => TemplateFile::GemvTc,
-        KernelFamily::SiluMul => TemplateFile::Elementwise,
+        KernelFamily::SiluMul | KernelFamily::BiasRows => TemplateFile::Elementwise,
         KernelFamily::RopeAppend => TemplateFile::Rope,
         KernelFamily::AttentionDecode | KernelFamily::AttentionDecodeMerge => {
             TemplateFile::AttentionDecode

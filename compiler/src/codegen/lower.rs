@@ -33,18 +33,18 @@ enum Val {
     Cols { buf: BufId, off: usize, len: usize },
     /// `RmsNorm` of a whole buffer, not yet launched: folded into a consuming `Linear`.
     Normed { x: BufId, norm: Norm },
-    /// `Rope` applied to columns of a buffer.
+    /// `Rope` applied to columns of a buffer, with the frequency table `freq` (a weight).
     Roped {
         buf: BufId,
         off: usize,
         len: usize,
-        theta: f32,
+        freq: String,
     },
     /// A state extended by new keys or values (columns of a buffer, possibly roped).
     CacheAppend {
         buf: BufId,
         off: usize,
-        theta: Option<f32>,
+        freq: Option<String>,
     },
 }
 
@@ -117,6 +117,7 @@ impl<'g> Lowering<'g> {
         }
     }
 
+    /// A weight read by a GEMV/GEMM, norm or embedding kernel (stored in bf16).
     fn weight(&self, id: NodeId, input: NodeId) -> Result<String, String> {
         match &self.vals[input] {
             Val::Weight(w) => Ok(w.clone()),
@@ -127,7 +128,10 @@ impl<'g> Lowering<'g> {
     fn node(&mut self, id: NodeId) -> Result<Val, String> {
         let n = &self.g.nodes[id];
         let ins = &n.inputs;
-        if !matches!(n.op, Op::Linear | Op::LinearAdd | Op::GatedMlp) {
+        if !matches!(
+            n.op,
+            Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp
+        ) {
             // Only a projection folds a norm into its product; anything else reads it launched.
             for &i in ins {
                 if matches!(self.vals[i], Val::Normed { .. }) {
@@ -157,9 +161,10 @@ impl<'g> Lowering<'g> {
                 Val::Const
             }
             Op::Gather => {
-                let (Val::Weight(table), Val::Tokens) = (input(0), input(1)) else {
+                let (Val::Weight(_), Val::Tokens) = (input(0), input(1)) else {
                     return Err(self.err(id, "only an embedding lookup of token ids is supported"));
                 };
+                let table = self.weight(id, ins[0])?;
                 let out = self.new_buf(id, Rows::Tokens, BufType::Bf16)?;
                 self.launches.push(Launch::Embedding { table, out });
                 Val::Cols {
@@ -175,11 +180,12 @@ impl<'g> Lowering<'g> {
                     eps: *eps,
                 },
             },
-            Op::Linear | Op::LinearAdd | Op::GatedMlp => {
+            Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp => {
                 let (x, norm) = self.linear_input(id, ins[0])?;
                 let w = self.weight(id, ins[1])?;
                 let epilogue = match n.op {
                     Op::LinearAdd => Epilogue::Residual(self.whole(id, ins[2])?),
+                    Op::LinearBias => Epilogue::Bias(self.weight(id, ins[2])?),
                     Op::GatedMlp => Epilogue::Gated,
                     _ => Epilogue::None,
                 };
@@ -217,13 +223,16 @@ impl<'g> Lowering<'g> {
                     len: (e - s) as usize,
                 }
             }
-            Op::Rope { theta, .. } => match input(0) {
-                Val::Cols { buf, off, len } => Val::Roped {
+            Op::Rope { .. } => match (input(0), input(2)) {
+                (Val::Cols { buf, off, len }, Val::Weight(freq)) => Val::Roped {
                     buf,
                     off,
                     len,
-                    theta: *theta,
+                    freq,
                 },
+                (Val::Cols { .. }, _) => {
+                    return Err(self.err(id, "RoPE frequencies that are not a stored table"))
+                }
                 _ => return Err(self.err(id, "RoPE of something that is not a column range")),
             },
             Op::Concat { .. } => match (
@@ -234,18 +243,12 @@ impl<'g> Lowering<'g> {
                 (2, Val::State, Some(Val::Cols { buf, off, .. })) => Val::CacheAppend {
                     buf,
                     off,
-                    theta: None,
+                    freq: None,
                 },
-                (
-                    2,
-                    Val::State,
-                    Some(Val::Roped {
-                        buf, off, theta, ..
-                    }),
-                ) => Val::CacheAppend {
+                (2, Val::State, Some(Val::Roped { buf, off, freq, .. })) => Val::CacheAppend {
                     buf,
                     off,
-                    theta: Some(theta),
+                    freq: Some(freq),
                 },
                 _ => {
                     return Err(self.err(
@@ -281,9 +284,9 @@ impl<'g> Lowering<'g> {
         };
         let (hd, kd) = (dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim);
         let ok = matches!((&q, &k, &v),
-            (Val::Roped { buf: qb, off: 0, theta: qt, .. },
-             Val::CacheAppend { buf: kb, off: ko, theta: Some(kt) },
-             Val::CacheAppend { buf: vb, off: vo, theta: None })
+            (Val::Roped { buf: qb, off: 0, freq: qt, .. },
+             Val::CacheAppend { buf: kb, off: ko, freq: Some(kt) },
+             Val::CacheAppend { buf: vb, off: vo, freq: None })
             if qb == kb && kb == vb && *ko == hd && *vo == hd + kd && qt == kt && self.buffers[*qb].cols == hd + 2 * kd);
         if !ok {
             return Err(self.err(id, &format!("needs q, k, v as column ranges 0, {hd}, {} of one fused QKV projection with RoPE on q and k; got {q:?}, {k:?}, {v:?}", hd + kd)));
@@ -314,14 +317,20 @@ impl<'g> Lowering<'g> {
             return Err(self.err(id, "attention geometry differs between layers"));
         }
         let Val::Roped {
-            buf: qkv, theta, ..
+            buf: qkv,
+            freq: inv_freq,
+            ..
         } = q
         else {
             unreachable!()
         };
         let layer = self.layers;
         self.layers += 1;
-        self.launches.push(Launch::RopeAppend { qkv, layer, theta });
+        self.launches.push(Launch::RopeAppend {
+            qkv,
+            layer,
+            inv_freq: inv_freq.clone(),
+        });
         let out = self.buffers.len();
         self.buffers.push(Buffer {
             name: self.g.nodes[id].name.clone(),
@@ -333,7 +342,7 @@ impl<'g> Lowering<'g> {
         self.launches.push(Launch::Attention {
             qkv,
             layer,
-            theta,
+            inv_freq,
             scale,
             out,
         });

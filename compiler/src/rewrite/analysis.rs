@@ -153,15 +153,15 @@ pub fn node_data(node: &Node, child: &dyn Fn(Id) -> Data, leaves: &Leaves) -> Re
             }))
         }
         Node::Silu(x) => Ok(tensor(child_ty(*x)?, false)),
-        Node::RopeAngles([pos, _theta, half]) => {
+        Node::RopeAngles([pos, freq]) => {
             let pos = child_ty(*pos)?;
-            let Attr::Dim(half) = child_attr(*half)? else {
-                return Err("rope_angles needs a dim".into());
-            };
-            if pos.rank() != 1 {
-                return Err(format!("rope_angles of positions {pos}"));
+            let freq = child_ty(*freq)?;
+            if pos.rank() != 1 || freq.rank() != 1 {
+                return Err(format!(
+                    "rope_angles of positions {pos}, frequencies {freq}"
+                ));
             }
-            let shape = vec![pos.shape[0].clone(), half.scale(2)];
+            let shape = vec![pos.shape[0].clone(), freq.shape[0].scale(2)];
             Ok(tensor(TensorType::new(DType::F32, shape), false))
         }
         Node::CausalMask([pos, t]) => {

@@ -94,7 +94,11 @@ fn expr_name(g: &Graph, id: NodeId) -> String {
             } else {
                 shown.to_lowercase()
             };
-            format!("{head}({})", args.join(","))
+            if args.is_empty() {
+                head
+            } else {
+                format!("{head}({})", args.join(","))
+            }
         }
     }
 }

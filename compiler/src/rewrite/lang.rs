@@ -65,16 +65,18 @@ define_language! {
         "linear" = Linear([Id; 2]),
         // [x, w, residual]
         "linear_add" = LinearAdd([Id; 3]),
+        // [x, w, bias]
+        "linear_bias" = LinearBias([Id; 3]),
         // [x, w_gate_up]
         "gated_mlp" = GatedMlp([Id; 2]),
-        // [x, pos, theta, seq_axis]
+        // [x, pos, inv_freq, seq_axis]
         "rope" = Rope([Id; 4]),
         // [q, k, v, scale]
         "attention" = Attention([Id; 4]),
         // Helpers (never extracted). silu(g) = g · σ(g).
         "silu" = Silu(Id),
-        // RoPE angle table [s, 2·half] of positions `pos`: [pos, theta, half]
-        "rope_angles" = RopeAngles([Id; 3]),
+        // RoPE angle table [s, 2·half] of positions `pos`: `pos · inv_freq`, twice: [pos, inv_freq]
+        "rope_angles" = RopeAngles([Id; 2]),
         // Causal mask [s, t]: -inf where key j > pos[i], else 0: [pos, t]
         "causal_mask" = CausalMask([Id; 2]),
         Const(ConstValue),

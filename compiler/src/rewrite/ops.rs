@@ -138,13 +138,13 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
         ),
         N::Linear(xs) => op(Op::Linear, xs),
         N::LinearAdd(xs) => op(Op::LinearAdd, xs),
+        N::LinearBias(xs) => op(Op::LinearBias, xs),
         N::GatedMlp(xs) => op(Op::GatedMlp, xs),
-        N::Rope([x, pos, theta, a]) => op(
+        N::Rope([x, pos, freq, a]) => op(
             Op::Rope {
-                theta: scalar(data, *theta)?,
                 seq_axis: axis(data, *a)?,
             },
-            &[*x, *pos],
+            &[*x, *pos, *freq],
         ),
         N::Attention([q, k, v, s]) => op(
             Op::FusedAttention {
@@ -219,11 +219,11 @@ pub fn raise(eg: &mut KilnGraph, op: &Op, ins: &[Id]) -> Id {
         }
         Op::Linear => Node::Linear([ins[0], ins[1]]),
         Op::LinearAdd => Node::LinearAdd([ins[0], ins[1], ins[2]]),
+        Op::LinearBias => Node::LinearBias([ins[0], ins[1], ins[2]]),
         Op::GatedMlp => Node::GatedMlp([ins[0], ins[1]]),
-        Op::Rope { theta, seq_axis } => {
-            let t = eg.add(Node::Const(ConstValue::new(*theta)));
+        Op::Rope { seq_axis } => {
             let s = eg.add(Node::Attr(Attr::Axis(*seq_axis)));
-            Node::Rope([ins[0], ins[1], t, s])
+            Node::Rope([ins[0], ins[1], ins[2], s])
         }
         Op::FusedAttention { scale } => {
             let s = eg.add(Node::Const(ConstValue::new(*scale)));

@@ -94,6 +94,7 @@ pub(super) fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result
         Op::RmsNorm { .. }
         | Op::Linear
         | Op::LinearAdd
+        | Op::LinearBias
         | Op::GatedMlp
         | Op::Rope { .. }
         | Op::FusedAttention { .. } => fused::eval(op, ins)?,

@@ -1,5 +1,5 @@
 //! Reference implementations of the fused ops the rewriter introduces (`RmsNorm`, `Linear`,
-//! `LinearAdd`, `GatedMlp`, `Rope`, `FusedAttention`), with exactly the semantics documented on
+//! `LinearAdd`, `LinearBias`, `GatedMlp`, `Rope`, `FusedAttention`), with exactly the semantics documented on
 //! [`Op`].
 //!
 //! Each one computes what the chain of primitive ops it replaces computes, in the same order of
@@ -35,8 +35,12 @@ pub(crate) fn eval(op: &Op, ins: Vec<Tensor>) -> Result<Tensor, String> {
             let (x, w, r) = (next()?, next()?, next()?);
             elementwise::binary(BinaryOp::Add, linear(x, w)?, r)
         }
+        Op::LinearBias => {
+            let (x, w, b) = (next()?, next()?, next()?);
+            elementwise::binary(BinaryOp::Add, linear(x, w)?, b)
+        }
         Op::GatedMlp => gated_mlp(next()?, next()?),
-        Op::Rope { theta, seq_axis } => rope(next()?, next()?, *theta, *seq_axis),
+        Op::Rope { seq_axis } => rope(next()?, next()?, next()?, *seq_axis),
         Op::FusedAttention { scale } => attention(next()?, next()?, next()?, *scale),
         other => Err(format!("{} is not a fused op", other.name())),
     }
@@ -157,8 +161,8 @@ fn gated_mlp(x: Tensor, w: Tensor) -> Result<Tensor, String> {
 }
 
 /// Rotary embedding over the last axis of `x`, HF "rotate_half" pairing `(i, i + d/2)`, angle
-/// `pos · (1 / theta^(2i/d))`; axis `seq_axis` of `x` is indexed by `pos`.
-fn rope(x: Tensor, pos: Tensor, theta: f32, seq_axis: usize) -> Result<Tensor, String> {
+/// `pos · inv_freq[i]` (f32); axis `seq_axis` of `x` is indexed by `pos`.
+fn rope(x: Tensor, pos: Tensor, inv_freq: Tensor, seq_axis: usize) -> Result<Tensor, String> {
     check_float("Rope", &[&x])?;
     let r = x.rank();
     let d = *x.shape.last().ok_or("Rope of a scalar")?;
@@ -170,10 +174,14 @@ fn rope(x: Tensor, pos: Tensor, theta: f32, seq_axis: usize) -> Result<Tensor, S
     }
     let half = d / 2;
     let s = pos.shape[0];
+    if inv_freq.dtype != crate::ir::DType::F32 || inv_freq.shape != [half] {
+        return Err(format!(
+            "Rope frequencies {:?} {:?} are not f32 [{half}]",
+            inv_freq.dtype, inv_freq.shape
+        ));
+    }
+    let inv_freq = inv_freq.into_vec::<f32>();
     // cos/sin tables [s, half], computed as the model file computes them.
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((i as f32 * 2.0) / d as f32))
-        .collect();
     let mut cos = Vec::with_capacity(s * half);
     let mut sin = Vec::with_capacity(s * half);
     for &p in pos.values::<i32>().iter() {

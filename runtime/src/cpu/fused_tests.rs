@@ -141,19 +141,24 @@ fn gated_mlp_matches_silu_gate_times_up() {
     }
 }
 
-/// The RoPE of `models/llama.ron`: tables from `pos`, then `x·cos + rotate_half(x)·sin`.
-fn primitive_rope(x: &Tensor, pos: &[i32], theta: f32) -> Tensor {
-    let d = *x.shape.last().unwrap();
+/// `inv_freq[i] = 1 / theta^(2i/d)` as `models/llama.ron` computes it.
+fn inv_freq(d: usize, theta: f32) -> Tensor {
     let half = d / 2;
-    let s = pos.len();
     let iota = Tensor::new(DType::I32, vec![half], (0..half as i32).collect());
     let idx = super::super::elementwise::cast(iota, DType::F32);
     let even = bin(BinaryOp::Mul, &idx, &scalar(2.0));
     let expo = bin(BinaryOp::Div, &even, &scalar(d as f32));
-    let inv = unary(UnaryOp::Recip, bin(BinaryOp::Pow, &scalar(theta), &expo)).unwrap();
+    unary(UnaryOp::Recip, bin(BinaryOp::Pow, &scalar(theta), &expo)).unwrap()
+}
+
+/// The RoPE of `models/llama.ron`: tables from `pos`, then `x·cos + rotate_half(x)·sin`.
+fn primitive_rope(x: &Tensor, pos: &[i32], inv: &Tensor) -> Tensor {
+    let d = *x.shape.last().unwrap();
+    let half = d / 2;
+    let s = pos.len();
     let p = Tensor::new(DType::I32, vec![s], pos.to_vec());
     let pf = super::super::elementwise::cast(p, DType::F32).reshape(vec![s, 1]);
-    let freqs = bin(BinaryOp::Mul, &pf, &inv);
+    let freqs = bin(BinaryOp::Mul, &pf, inv);
     let angles = concat(vec![freqs.clone(), freqs], 1).unwrap();
     let cos = unary(UnaryOp::Cos, angles.clone()).unwrap();
     let sin = unary(UnaryOp::Sin, angles).unwrap();
@@ -174,19 +179,30 @@ fn rope_matches_the_model_file_tables() {
     for (b, h, s, d, past) in [(1, 1, 1, 2, 0), (2, 3, 5, 8, 7), (1, 9, 4, 64, 1000)] {
         let x = rng.tensor(&[b, h, s, d]);
         let pos: Vec<i32> = (past..past + s as i32).collect();
-        let want = primitive_rope(&x, &pos, 10000.0);
-        let p = Tensor::new(DType::I32, vec![s], pos);
-        let op = Op::Rope {
-            theta: 10000.0,
-            seq_axis: 2,
-        };
-        let got = eval(&op, vec![x, p]).unwrap();
-        assert_close(
-            &got,
-            &want,
-            1e-7,
-            &format!("Rope [{b}, {h}, {s}, {d}] past {past}"),
+        // Plain frequencies, and a scaled table (every other frequency divided by 8).
+        let plain = inv_freq(d, 10000.0);
+        let scaled = Tensor::new(
+            DType::F32,
+            vec![d / 2],
+            plain
+                .values::<f32>()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| if i % 2 == 1 { f / 8.0 } else { *f })
+                .collect(),
         );
+        for inv in [plain, scaled] {
+            let want = primitive_rope(&x, &pos, &inv);
+            let p = Tensor::new(DType::I32, vec![s], pos.clone());
+            let op = Op::Rope { seq_axis: 2 };
+            let got = eval(&op, vec![x.clone(), p, inv]).unwrap();
+            assert_close(
+                &got,
+                &want,
+                1e-7,
+                &format!("Rope [{b}, {h}, {s}, {d}] past {past}"),
+            );
+        }
     }
 }
 

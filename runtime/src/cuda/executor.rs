@@ -159,6 +159,7 @@ impl CudaExecutor {
         check_arch(engine.metadata(keys::ARCH), cc)?;
         let stream = ctx.new_stream()?;
         let pdl = opts.pdl && cc.0 >= 9;
+        super::launch::check_weights(&plan, engine)?;
         let mut kernels = Kernels::load(&ctx, &stream, engine, &plan, pdl)?;
 
         // Weights: one allocation, each tensor 256-byte aligned.

@@ -61,13 +61,13 @@ pub struct GemmAlgos {
 
 impl GemmShape {
     /// The GEMM a prefill step runs for a projection of `k` inputs onto a `n`-row weight.
-    pub fn of(n: usize, k: usize, epilogue: Epilogue, out: BufType) -> GemmShape {
+    pub fn of(n: usize, k: usize, epilogue: &Epilogue, out: BufType) -> GemmShape {
         GemmShape {
             n,
             k,
             // A gated projection's GEMM writes the gate/up product in bf16 (silu_mul follows).
-            f32_out: out == BufType::F32 && epilogue != Epilogue::Gated,
-            accumulate: matches!(epilogue, Epilogue::Residual(_)),
+            f32_out: out == BufType::F32 && *epilogue != Epilogue::Gated,
+            accumulate: matches!(epilogue, Epilogue::Residual(_) | Epilogue::Bias(_)),
         }
     }
 }
@@ -91,7 +91,7 @@ pub fn plan_shapes(plan: &Plan) -> Vec<GemmShape> {
                 Some(GemmShape::of(
                     n,
                     plan.buffers[*x].cols,
-                    *epilogue,
+                    epilogue,
                     plan.buffers[*out].dtype,
                 ))
             }

@@ -54,11 +54,12 @@ fn sizes(tokens: usize, batch: usize, n: usize, max_splits: usize) -> RuntimeSiz
     }
 }
 
-fn epilogue_kind(e: Epilogue) -> GemvEpilogue {
+fn epilogue_kind(e: &Epilogue) -> GemvEpilogue {
     match e {
         Epilogue::None => GemvEpilogue::Plain,
         Epilogue::Residual(_) => GemvEpilogue::Residual,
         Epilogue::Gated => GemvEpilogue::Gated,
+        Epilogue::Bias(_) => GemvEpilogue::Bias,
     }
 }
 
@@ -131,7 +132,7 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
             } => {
                 let (k, epi, ty) = (
                     plan.buffers[*x].cols,
-                    epilogue_kind(*epilogue),
+                    epilogue_kind(epilogue),
                     out_type(plan.buffers[*o].dtype),
                 );
                 out.push(gemv_instance(1, k, epi, norm.is_some(), ty));
@@ -140,8 +141,10 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
                     // Batched GEMVs and prefill GEMMs run the folded norm as a kernel of its own.
                     out.push(KernelInstance::rmsnorm(k));
                 }
-                if *epilogue == Epilogue::Gated {
-                    out.push(KernelInstance::silu_mul(plan.buffers[*o].cols));
+                match epilogue {
+                    Epilogue::Gated => out.push(KernelInstance::silu_mul(plan.buffers[*o].cols)),
+                    Epilogue::Bias(_) => out.push(KernelInstance::bias_rows(plan.buffers[*o].cols)),
+                    _ => {}
                 }
             }
             Launch::RopeAppend { .. } | Launch::Attention { .. } => {}
@@ -150,6 +153,51 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
     out.sort_by(|a, b| a.name_expr.cmp(&b.name_expr));
     out.dedup_by(|a, b| a.name_expr == b.name_expr);
     out
+}
+
+/// Checks that every weight a launch reads is in the engine with the element type its kernel
+/// reads: bf16 matrices, norms and tables, f32 RoPE frequencies of `head_dim / 2` entries.
+pub fn check_weights(plan: &Plan, engine: &Engine) -> Result<(), CudaError> {
+    use safetensors::Dtype;
+    let half = plan.attention.head_dim / 2;
+    let want = |name: &str, dtype: Dtype, len: Option<usize>| {
+        let (e, _) = engine
+            .tensor(name)
+            .map_err(|e| CudaError::Engine(format!("weight `{name}`: {e}")))?;
+        let n: usize = e.shape.iter().product();
+        if e.dtype != dtype || len.is_some_and(|l| l != n) {
+            return Err(CudaError::Engine(format!(
+                "weight `{name}` is {:?} {:?}; the plan reads it as {dtype:?}{}",
+                e.dtype,
+                e.shape,
+                len.map_or(String::new(), |l| format!(" [{l}]"))
+            )));
+        }
+        Ok(())
+    };
+    for l in &plan.launches {
+        match l {
+            Launch::Embedding { table, .. } => want(table, Dtype::BF16, None)?,
+            Launch::RmsNorm { w, .. } => want(w, Dtype::BF16, None)?,
+            Launch::Linear {
+                w, norm, epilogue, ..
+            } => {
+                want(w, Dtype::BF16, None)?;
+                if let Epilogue::Bias(b) = epilogue {
+                    let rows = engine.tensor(w).map(|(e, _)| e.shape[0]).ok();
+                    want(b, Dtype::BF16, rows)?;
+                }
+                if let Some(n) = norm {
+                    want(&n.w, Dtype::BF16, None)?;
+                }
+            }
+            Launch::RopeAppend { inv_freq, .. } | Launch::Attention { inv_freq, .. } => {
+                want(inv_freq, Dtype::F32, Some(half))?
+            }
+            Launch::GatherLast { .. } => {}
+        }
+    }
+    Ok(())
 }
 
 /// Device pointers and sizes of one step.
@@ -512,10 +560,14 @@ impl Kernels {
                 w,
                 epilogue,
                 out,
-            } => self.linear(stream, p, *x, norm.as_ref(), w, *epilogue, *out),
+            } => self.linear(stream, p, *x, norm.as_ref(), w, epilogue, *out),
             // A decode step's attention kernel rotates and appends itself.
             Launch::RopeAppend { .. } if p.t == p.b => Ok(()),
-            Launch::RopeAppend { qkv, layer, theta } => {
+            Launch::RopeAppend {
+                qkv,
+                layer,
+                inv_freq,
+            } => {
                 let (q, kc, vc) = (p.buf(*qkv), p.k_cache(*layer), p.v_cache(*layer));
                 let k = KernelInstance::rope_append(a.heads, a.kv_heads, a.head_dim, BLOCK);
                 self.go(
@@ -529,14 +581,14 @@ impl Kernels {
                         P(kc),
                         P(vc),
                         I(t),
-                        F(*theta),
+                        P(p.w(inv_freq)?),
                     ],
                 )
             }
             Launch::Attention {
                 qkv,
                 layer,
-                theta,
+                inv_freq,
                 scale,
                 out,
             } => {
@@ -581,7 +633,7 @@ impl Kernels {
                         I(p.max_blocks),
                         P(p.seq_lens),
                         P(p.slots),
-                        F(*theta),
+                        P(p.w(inv_freq)?),
                         P(o),
                         I(b),
                         F(*scale),
@@ -612,7 +664,7 @@ impl Kernels {
         x: BufId,
         norm: Option<&Norm>,
         w: &str,
-        epi: Epilogue,
+        epi: &Epilogue,
         out: BufId,
     ) -> Result<(), CudaError> {
         let plan = p.plan;
@@ -641,7 +693,8 @@ impl Kernels {
         }
         if rows <= GEMV_MAX_ROWS {
             let r = match epi {
-                Epilogue::Residual(r) => p.buf(r),
+                Epilogue::Residual(r) => p.buf(*r),
+                Epilogue::Bias(b) => p.w(b)?,
                 _ => 0,
             };
             let (m, n) = (rows as i32, cols as i32);
@@ -658,13 +711,22 @@ impl Kernels {
         // cuBLAS: row-major C[rows, n] = X[rows, k] · W[n, k]ᵀ  ⇔  column-major Cᵀ = W · Xᵀ ("TN").
         // A residual is accumulated by the GEMM itself (beta = 1 over C = out), in place where
         // the plan put the output over the residual, else over a copy of it.
-        let dst = if epi == Epilogue::Gated {
+        let dst = if *epi == Epilogue::Gated {
             self.scratch
         } else {
             o
         };
+        if let Epilogue::Bias(b) = epi {
+            // The bias rows first: the GEMM accumulates onto them (beta = 1).
+            self.go(
+                stream,
+                &KernelInstance::bias_rows(cols),
+                sizes(rows, p.b, 0, 0),
+                &[P(p.w(b)?), P(o), I(rows as i32)],
+            )?;
+        }
         if let Epilogue::Residual(res) = epi {
-            let rp = p.buf(res);
+            let rp = p.buf(*res);
             if rp != o {
                 // SAFETY: both buffers hold rows × cols bf16 (arena slots sized by the plan).
                 unsafe {
@@ -694,7 +756,7 @@ impl Kernels {
             }
         };
         self.mark(stream, &format!("{how} gemm {rows}x{n_rows}x{k}"))?;
-        if epi == Epilogue::Gated {
+        if *epi == Epilogue::Gated {
             let r = rows as i32;
             self.go(
                 stream,

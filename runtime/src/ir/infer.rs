@@ -68,8 +68,12 @@ fn arity(op: &Op, n: usize) -> Result<(), String> {
         Op::Unary(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::Reshape { .. } => 1,
         Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
         Op::Binary(_) | Op::MatMul | Op::Gather => 2,
-        Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp | Op::Rope { .. } => 2,
-        Op::Where | Op::LinearAdd | Op::FusedAttention { .. } => 3,
+        Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp => 2,
+        Op::Where
+        | Op::LinearAdd
+        | Op::LinearBias
+        | Op::FusedAttention { .. }
+        | Op::Rope { .. } => 3,
         Op::Concat { .. } => {
             return if n >= 1 {
                 Ok(())
@@ -272,7 +276,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             }
             Ok(x.clone())
         }
-        Op::Linear | Op::LinearAdd | Op::GatedMlp => {
+        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp => {
             let (x, w) = (ins[0], ins[1]);
             let dtype = same_float(op, x, w)?;
             if w.rank() != 2 || x.rank() < 1 || x.shape.last() != Some(&w.shape[1]) {
@@ -289,6 +293,16 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
                     .ok_or_else(|| format!("GatedMlp weight {w} has an odd number of rows"))?,
                 _ => n,
             };
+            if let Op::LinearBias = op {
+                let b = ins[2];
+                if b.rank() != 1 || b.shape[0] != w.shape[0] || b.dtype != dtype {
+                    return Err(format!(
+                        "LinearBias bias {b} is not a {} vector of the weight's {} rows",
+                        dtype.name(),
+                        w.shape[0]
+                    ));
+                }
+            }
             if let Op::LinearAdd = op {
                 if ins[2].shape != shape || ins[2].dtype != dtype {
                     return Err(format!(
@@ -300,13 +314,8 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             }
             t(dtype, shape)
         }
-        Op::Rope { seq_axis, theta } => {
-            if !(theta.is_finite() && *theta > 0.0) {
-                return Err(format!(
-                    "Rope theta {theta} is not a finite, positive number"
-                ));
-            }
-            let (x, pos) = (ins[0], ins[1]);
+        Op::Rope { seq_axis } => {
+            let (x, pos, freq) = (ins[0], ins[1], ins[2]);
             check_axis(*seq_axis, x.rank())?;
             if pos.dtype != DType::I32 || pos.rank() != 1 || pos.shape[0] != x.shape[*seq_axis] {
                 return Err(format!(
@@ -319,6 +328,15 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
                 .is_none_or(|d| d % 2 != 0)
             {
                 return Err(format!("Rope needs an even, constant last axis, got {x}"));
+            }
+            let half = x.shape[x.rank() - 1].as_const().unwrap_or(0) / 2;
+            if freq.dtype != DType::F32
+                || freq.rank() != 1
+                || freq.shape[0].as_const() != Some(half)
+            {
+                return Err(format!(
+                    "Rope frequencies {freq} are not an f32 vector of half the last axis of {x}"
+                ));
             }
             Ok(x.clone())
         }

@@ -184,15 +184,17 @@ pub enum Op {
     Linear,
     /// `[x[…, k], w[n, k], r[…, n]]` → `x · wᵀ + r` (a GEMM with a residual-add epilogue).
     LinearAdd,
+    /// `[x[…, k], w[n, k], b[n]]` → `x · wᵀ + b` (a GEMM with a bias epilogue: Qwen2's q/k/v).
+    LinearBias,
     /// `[x[…, k], w[2f, k]]` → `silu(x · w[0..f]ᵀ) ⊙ (x · w[f..2f]ᵀ)`: gate and up projections
     /// as one GEMM over the stacked weight, with a SiLU·mul epilogue.
     GatedMlp,
-    /// `[x[…, d], pos[s]]` → rotary embedding of `x` over its last axis (HF "rotate_half"
-    /// pairing `(i, i + d/2)`), angle `pos · theta^(-2i/d)`; axis `seq_axis` of `x` has length
-    /// `s` and is indexed by `pos`.
+    /// `[x[…, d], pos[s], inv_freq[d/2]]` → rotary embedding of `x` over its last axis (HF
+    /// "rotate_half" pairing `(i, i + d/2)`), angle `pos · inv_freq[i]` in f32; axis `seq_axis`
+    /// of `x` has length `s` and is indexed by `pos`. `inv_freq` is whatever table the model
+    /// file computes (plain `theta^(-2i/d)`, linear or Llama-3 scaling, …): a constant f32
+    /// vector, stored in the engine as a weight.
     Rope {
-        /// Base of the inverse frequencies.
-        theta: f32,
         /// The axis of `x` that `pos` indexes.
         seq_axis: usize,
     },
@@ -244,7 +246,7 @@ impl fmt::Display for Op {
             Op::Slice { axis, start, end } => write!(f, "Slice(axis={axis}, {start}..{end})"),
             Op::Cast { dtype } => write!(f, "Cast({})", dtype.name()),
             Op::RmsNorm { eps } => write!(f, "RmsNorm(eps={eps:e})"),
-            Op::Rope { theta, seq_axis } => write!(f, "Rope(theta={theta}, seq_axis={seq_axis})"),
+            Op::Rope { seq_axis } => write!(f, "Rope(seq_axis={seq_axis})"),
             Op::FusedAttention { scale } => write!(f, "FusedAttention(scale={scale})"),
             other => write!(f, "{}", other.name()),
         }

@@ -7,8 +7,11 @@
 //! - `linear-add-residual-right` / `-left`: `r + x·wᵀ` (either operand order; addition commutes
 //!   exactly in IEEE arithmetic) is `LinearAdd[x, w, r]`. The shape rule of `LinearAdd` requires
 //!   `r` to have exactly the product's shape, so a broadcasting add is never fused.
+//! - `linear-bias-right` / `-left`: `x·wᵀ + b` with `b` a constant vector is `LinearBias[x, w,
+//!   b]` (the shape rule of `LinearBias` requires `b` to have one entry per weight row; the
+//!   broadcast add over the rows is what the bias epilogue computes).
 
-use super::guards::konst;
+use super::guards::{konst, rank};
 use super::Rule;
 use crate::rule;
 
@@ -19,5 +22,7 @@ pub fn rules() -> Vec<Rule> {
         rule!("linear-from-matmul";        "(matmul ?x (transpose ?w perm:[1,0]))" => "(linear ?x ?w)" if konst("?w")),
         rule!("linear-add-residual-right"; "(add ?r (linear ?x ?w))"                => "(linear_add ?x ?w ?r)"),
         rule!("linear-add-residual-left";  "(add (linear ?x ?w) ?r)"                => "(linear_add ?x ?w ?r)"),
+        rule!("linear-bias-right";         "(add ?b (linear ?x ?w))"                => "(linear_bias ?x ?w ?b)" if konst("?b") if rank("?b", 1)),
+        rule!("linear-bias-left";          "(add (linear ?x ?w) ?b)"                => "(linear_bias ?x ?w ?b)" if konst("?b") if rank("?b", 1)),
     ]
 }

@@ -50,12 +50,14 @@ pub fn rules(lo: DType) -> Vec<Rule> {
             => (format!("(cast (linear (cast ?x dtype:{lo}) (cast ?w dtype:{lo})) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-linear-add"; "(linear_add ?x ?w ?r)"
             => (format!("(cast (linear_add (cast ?x dtype:{lo}) (cast ?w dtype:{lo}) (cast ?r dtype:{lo})) dtype:f32)")) if dtype("?x", DType::F32)),
+        rule!("lower-linear-bias"; "(linear_bias ?x ?w ?b)"
+            => (format!("(cast (linear_bias (cast ?x dtype:{lo}) (cast ?w dtype:{lo}) (cast ?b dtype:{lo})) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-gated-mlp";  "(gated_mlp ?x ?w)"
             => (format!("(cast (gated_mlp (cast ?x dtype:{lo}) (cast ?w dtype:{lo})) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-rmsnorm";    "(rmsnorm ?x ?w ?eps)"
             => (format!("(cast (rmsnorm (cast ?x dtype:{lo}) (cast ?w dtype:{lo}) ?eps) dtype:f32)")) if dtype("?x", DType::F32)),
-        rule!("lower-rope";       "(rope ?x ?pos ?theta ?ax)"
-            => (format!("(cast (rope (cast ?x dtype:{lo}) ?pos ?theta ?ax) dtype:f32)")) if dtype("?x", DType::F32)),
+        rule!("lower-rope";       "(rope ?x ?pos ?f ?ax)"
+            => (format!("(cast (rope (cast ?x dtype:{lo}) ?pos ?f ?ax) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-attention";  "(attention ?q ?k ?v ?s)"
             => (format!("(cast (attention (cast ?q dtype:{lo}) (cast ?k dtype:{lo}) (cast ?v dtype:{lo}) ?s) dtype:f32)")) if dtype("?q", DType::F32)),
         rule!("lower-gather";     "(gather ?t ?ids)"

@@ -12,6 +12,10 @@
 //! Sound because row block `i` of the concatenated weight is `W_i`, so columns
 //! `o_i .. o_i + n_i` of `x·concat(W)ᵀ` are exactly `x·W_iᵀ` (each output column is one dot
 //! product of `x` with one weight row).
+//!
+//! `fuse-qkv-bias` does the same for three `LinearBias` (Qwen2's q/k/v biases), concatenating
+//! the biases as the weights: entry `o_i + j` of `concat(b)` is `b_i[j]`, the bias of column
+//! `o_i + j`.
 
 use super::guards::ty;
 use super::{try_add, union_typed, var, Rule};
@@ -21,11 +25,13 @@ use egg::{Applier, Id, Language, MultiPattern, PatternAst, Rewrite, Subst, Symbo
 use kiln_runtime::ir::Dim;
 use std::collections::HashSet;
 
-/// Fuses the projections bound to `outs` (by weights `weights`) of one input `x`.
+/// Fuses the projections bound to `outs` (by weights `weights`, and biases `biases` when the
+/// projections are `LinearBias`) of one input `x`.
 pub struct Horizontal {
     x: Var,
     outs: Vec<Var>,
     weights: Vec<Var>,
+    biases: Vec<Var>,
 }
 
 /// True if e-class `from` depends on any of `targets` (through any node of any class).
@@ -85,7 +91,15 @@ impl Applier<Node, TypeAnalysis> for Horizontal {
         let Some(cat) = try_add(eg, Node::Concat(cat.into_boxed_slice())) else {
             return vec![];
         };
-        let Some(lin) = try_add(eg, Node::Linear([s[self.x], cat])) else {
+        let lin = if self.biases.is_empty() {
+            try_add(eg, Node::Linear([s[self.x], cat]))
+        } else {
+            let mut bs = vec![axis0];
+            bs.extend(self.biases.iter().map(|&b| s[b]));
+            try_add(eg, Node::Concat(bs.into_boxed_slice()))
+                .and_then(|bcat| try_add(eg, Node::LinearBias([s[self.x], cat, bcat])))
+        };
+        let Some(lin) = lin else {
             return vec![];
         };
         let last = eg.add(Node::Attr(Attr::Axis(x_rank - 1)));
@@ -112,18 +126,29 @@ impl Applier<Node, TypeAnalysis> for Horizontal {
 /// The rules of this set.
 #[rustfmt::skip]
 pub fn rules() -> Vec<Rule> {
-    let proj = |w: &str| -> PatternAst<Node> {
-        format!("(linear ?x {w})").parse().expect("a valid pattern")
+    let fuse = |name: &str, pattern: &str, biased: bool| {
+        let proj = |w: &str, b: &str| -> PatternAst<Node> {
+            pattern.replace("?w", w).replace("?b", b).parse().expect("a valid pattern")
+        };
+        let searcher = MultiPattern::new(vec![
+            (var("?q"), proj("?wq", "?bq")),
+            (var("?k"), proj("?wk", "?bk")),
+            (var("?v"), proj("?wv", "?bv")),
+        ]);
+        let applier = Horizontal {
+            x: var("?x"),
+            outs: vec![var("?q"), var("?k"), var("?v")],
+            weights: vec![var("?wq"), var("?wk"), var("?wv")],
+            biases: if biased {
+                vec![var("?bq"), var("?bk"), var("?bv")]
+            } else {
+                vec![]
+            },
+        };
+        Rewrite::new(name, searcher, applier).expect("a valid rule")
     };
-    let searcher = MultiPattern::new(vec![
-        (var("?q"), proj("?wq")),
-        (var("?k"), proj("?wk")),
-        (var("?v"), proj("?wv")),
-    ]);
-    let applier = Horizontal {
-        x: var("?x"),
-        outs: vec![var("?q"), var("?k"), var("?v")],
-        weights: vec![var("?wq"), var("?wk"), var("?wv")],
-    };
-    vec![Rewrite::new("fuse-qkv", searcher, applier).expect("a valid rule")]
+    vec![
+        fuse("fuse-qkv", "(linear ?x ?w)", false),
+        fuse("fuse-qkv-bias", "(linear_bias ?x ?w ?b)", true),
+    ]
 }

@@ -69,8 +69,8 @@ fn smollm2_layers_fuse_to_nine_kernels_and_keep_tap_names() {
         let u = &out.graph.nodes[s.update];
         assert!(matches!(u.op, Op::Concat { axis: 2 }) && u.inputs[0] == s.input);
     }
-    // Every QKV and gate/up concatenation became a derived weight.
-    assert_eq!(out.derived.len(), 60);
+    // Every QKV and gate/up concatenation became a derived weight, and the RoPE frequencies.
+    assert_eq!(out.derived.len(), 61);
 }
 
 #[test]

@@ -121,6 +121,27 @@ const QKV: &str = r#"
     Output("k", "k"),
     Output("v", "v"),"#;
 
+/// Qwen2's q/k/v: three projections of `x`, each plus its bias.
+const QKV_BIAS: &str = r#"
+    Let("wq", Weight("wq", ["h", "h"])),
+    Let("wk", Weight("wk", ["h / 2", "h"])),
+    Let("wv", Weight("wv", ["h / 2", "h"])),
+    Let("bq", Weight("bq", ["h"])),
+    Let("bk", Weight("bk", ["h / 2"])),
+    Let("bv", Weight("bv", ["h / 2"])),
+    Let("wqt", Transpose(x: "wq", perm: [1, 0])),
+    Let("wkt", Transpose(x: "wk", perm: [1, 0])),
+    Let("wvt", Transpose(x: "wv", perm: [1, 0])),
+    Let("pq", MatMul("x", "wqt")),
+    Let("pk", MatMul("x", "wkt")),
+    Let("pv", MatMul("x", "wvt")),
+    Let("q", Add("pq", "bq")),
+    Let("k", Add("bk", "pk")),
+    Let("v", Add("pv", "bv")),
+    Output("q", "q"),
+    Output("k", "k"),
+    Output("v", "v"),"#;
+
 /// A projection of `v` (`[batch, seq, cols]`) by a weight `[h, cols]`, as the output.
 fn project(v: &str, cols: &str) -> String {
     format!(
@@ -160,6 +181,10 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("silu_from_sigmoid", "silu-from-sigmoid", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
         ("fuse_gated_mlp", "fuse-gated-mlp", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
         ("fuse_qkv", "fuse-qkv", QKV.to_string(), 8, f32),
+        ("linear_bias_left", "linear-bias-left", QKV_BIAS.to_string(), 8, f32),
+        ("linear_bias_right", "linear-bias-right", QKV_BIAS.to_string(), 8, f32),
+        ("fuse_qkv_bias", "fuse-qkv-bias", QKV_BIAS.to_string(), 8, f32),
+        ("lower_linear_bias", "lower-linear-bias", QKV_BIAS.to_string(), 4096, bf16),
         ("transpose_involution", "transpose-involution", r#"Let("a", Transpose(x: "x", perm: [0, 2, 1])), Let("b", Transpose(x: "a", perm: [0, 2, 1])), Let("y", Neg("b")), Output("y", "y"),"#.into(), 8, f32),
         ("reshape_identity", "reshape-identity", r#"Let("a", Reshape(x: "x", shape: ["batch", "seq", "h"])), Let("y", Neg("a")), Output("y", "y"),"#.into(), 8, f32),
         ("reshape_reshape", "reshape-reshape", r#"Let("a", Reshape(x: "x", shape: ["batch", "seq", "2", "h / 2"])), Let("b", Reshape(x: "a", shape: ["batch", "seq", "4", "2"])), Let("y", Neg("b")), Output("y", "y"),"#.into(), 8, f32),
