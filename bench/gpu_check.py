@@ -2,8 +2,8 @@
 """GPU check (run on the H100 machine): kiln against HF transformers on the same random-weight
 checkpoints.
 
-For each config (SmolLM2-135M, Llama-2-7B, Llama-3-8B shapes, bf16) it makes a random-weight
-checkpoint with transformers, builds a kiln GPU engine from it, and runs both on the same
+For each config (SmolLM2-135M, Llama-2-7B, Llama-3-8B, Llama-3.1-8B, Qwen2.5-7B, Mistral-7B
+shapes and two-layer variants, bf16) it makes a random-weight checkpoint with transformers, builds a kiln GPU engine from it, and runs both on the same
 prompts: batch 1, and batch 4 with unequal prompt lengths. It prints per model and batch:
 relative L2 error of the last-prompt-token logits, teacher-forced top-1 agreement over a
 transformers greedy continuation, and decode speed of both. With --cpu-agree it also checks that
@@ -60,11 +60,20 @@ CONFIGS["qwen25-7b"] = dict(arch="qwen2", hidden_size=3584, intermediate_size=18
                             rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
                             max_position_embeddings=32768)
 
+# Mistral-7B (v0.1): Llama's layer with a sliding window of 4096 keys; the two-layer variant
+# narrows the window to 64 so that the check's prompts (up to 128 tokens) and their
+# continuations run past it, in prefill and in decode.
+CONFIGS["mistral-7b"] = dict(arch="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                             rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                             max_position_embeddings=32768, sliding_window=4096)
+
 # Two-layer variants: the same widths, heads and vocabularies, small enough for fp32 references.
 CONFIGS["llama3-8b-2l"] = dict(CONFIGS["llama3-8b"], num_hidden_layers=2)
 CONFIGS["llama2-7b-2l"] = dict(CONFIGS["llama2-7b"], num_hidden_layers=2)
 CONFIGS["llama31-8b-2l"] = dict(CONFIGS["llama31-8b"], num_hidden_layers=2)
 CONFIGS["qwen25-7b-2l"] = dict(CONFIGS["qwen25-7b"], num_hidden_layers=2)
+CONFIGS["mistral-7b-2l"] = dict(CONFIGS["mistral-7b"], num_hidden_layers=2, sliding_window=64)
 
 
 def rel_l2(a, b):

@@ -3,16 +3,18 @@
 //
 //   attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(qkv, k_cache, v_cache, block_tables,
 //       max_blocks, seq_lens, slot_mapping, inv_freq, out, B, scale, partial_o, partial_ml,
-//       max_splits)
+//       max_splits, window)
 //     For sequence b < B with L = seq_lens[b] tokens (this step's token included, at position
 //     L - 1) and q head h (kv head h / (HEADS/KV_HEADS)):
-//       out[b, h, :] = softmax_j(scale * q·k_j) · v_j  over j < L
+//       out[b, h, :] = softmax_j(scale * q·k_j) · v_j  over lo <= j < L,
+//     lo = max(0, L - window) with a sliding window (window > 0), else 0.
 //     Row b of qkv ([B, (HEADS+2*KV_HEADS)*HEAD_DIM]) is the step's token, not yet rotated: the
 //     kernel applies RoPE (rope.cu's rule, position L - 1, table inv_freq) to q in registers and, in
 //     the one CTA per (b, kv head) whose range holds position L - 1, to k, which it writes with v
 //     into cache slot slot_mapping[b] (skipped when negative) and uses from shared memory: the
 //     decode step needs no rope_append launch.
-//   attention_decode_merge<HEADS, HEAD_DIM>(partial_o, partial_ml, seq_lens, out, B, max_splits)
+//   attention_decode_merge<HEADS, HEAD_DIM>(partial_o, partial_ml, seq_lens, out, B, max_splits,
+//       window)
 //     Combines the splits of each (b, h) by log-sum-exp.
 //
 // Layouts: k_cache, v_cache [num_blocks, BLOCK, KV_HEADS, HEAD_DIM] bf16; block_tables
@@ -20,7 +22,7 @@
 // p % BLOCK); seq_lens, slot_mapping [B] int32; out [B, HEADS * HEAD_DIM] bf16.
 // Work split: grid (max_splits, KV_HEADS, B). A CTA serves the whole q-head group of its kv head
 // (K/V read once per group, the FlashInfer layout) over the token range
-// [split * chunk, min(L, (split + 1) * chunk)), chunk = decode_chunk(L, max_splits) (a multiple of
+// [lo + split * chunk, min(L, lo + (split + 1) * chunk)), chunk = decode_chunk(L - lo, max_splits) (a multiple of
 // DEC_TILE = 64); CTAs whose range is empty exit at once, so size max_splits for the longest
 // context and let short sequences use fewer splits. Inside a CTA each of the 4 warps walks its own
 // warp tiles (8 passes of 32/(HEAD_DIM/8) token rows, HEAD_DIM/8 lanes per row, 16-byte K/V
@@ -38,7 +40,12 @@
 #define DEC_THREADS 128
 #define DEC_TILE 64
 
-// Tokens per split for a sequence of L tokens: at least one tile, a multiple of DEC_TILE.
+// First key a query at position L - 1 sees: L - window with a sliding window, else 0.
+__device__ __forceinline__ int decode_first(int L, int window) {
+  return window > 0 && L > window ? L - window : 0;
+}
+
+// Tokens per split for a range of L tokens: at least one tile, a multiple of DEC_TILE.
 __device__ __forceinline__ int decode_chunk(int L, int max_splits) {
   int c = (L + max_splits - 1) / max_splits;
   c = (c + DEC_TILE - 1) / DEC_TILE * DEC_TILE;
@@ -52,7 +59,7 @@ attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16*
                  const int* __restrict__ slot_mapping, const float* __restrict__ inv_freq,
                  bf16* __restrict__ out, int B,
                  float scale, float* __restrict__ partial_o, float* __restrict__ partial_ml,
-                 int max_splits) {
+                 int max_splits, int window) {
   static_assert(HEADS % KV_HEADS == 0, "attention_decode: HEADS must be a multiple of KV_HEADS");
   static_assert(HEAD_DIM % 8 == 0 && 32 % (HEAD_DIM / 8) == 0 && HEAD_DIM <= 256,
                 "attention_decode: HEAD_DIM / 8 must divide 32");
@@ -75,8 +82,9 @@ attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16*
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int dv = lane % VPR, tr = lane / VPR;
   const int L = seq_lens[b];
-  const int chunk = decode_chunk(L, max_splits);
-  const int start = split * chunk;
+  const int lo = decode_first(L, window);
+  const int chunk = decode_chunk(L - lo, max_splits);
+  const int start = lo + split * chunk;
   const int end = min(L, start + chunk);
 
   if (start >= end) {
@@ -271,13 +279,15 @@ attention_decode(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16*
 template <int HEADS, int HEAD_DIM>
 __global__ void __launch_bounds__(HEAD_DIM)
 attention_decode_merge(const float* __restrict__ partial_o, const float* __restrict__ partial_ml,
-                       const int* __restrict__ seq_lens, bf16* __restrict__ out, int B, int max_splits) {
+                       const int* __restrict__ seq_lens, bf16* __restrict__ out, int B, int max_splits,
+                       int window) {
   kiln::pdl_sync();
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   if (b >= B || d >= HEAD_DIM) return;
   const int L = seq_lens[b];
-  const int chunk = decode_chunk(L, max_splits);
-  const int n = L > 0 ? min(max_splits, (L + chunk - 1) / chunk) : 0;
+  const int span = L - decode_first(L, window);
+  const int chunk = decode_chunk(span, max_splits);
+  const int n = L > 0 ? min(max_splits, (span + chunk - 1) / chunk) : 0;
   const long long base = ((long long)b * HEADS + h) * max_splits;
   float m = kiln::neg_inf();
   for (int s = 0; s < n; ++s) m = fmaxf(m, partial_ml[(base + s) * 2]);

@@ -2,11 +2,12 @@
 // (FlashAttention-2 scheme: mma.sync m16n8k16 bf16 -> f32, ldmatrix, cp.async, online softmax).
 //
 //   attention_prefill<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(qkv, k_cache, v_cache, block_tables,
-//       max_blocks, seq_lens, query_start, out, B, scale)
+//       max_blocks, seq_lens, query_start, out, B, scale, window)
 //     Sequence b < B owns packed query rows [query_start[b], query_start[b+1]) of qkv; with
 //     q_len = query_start[b+1] - query_start[b] and L = seq_lens[b] (KV length after this step's
 //     append, keys already in the cache via rope_append), query i sits at position L - q_len + i
-//     and attends to keys 0 ..= that position (so earlier chunks of a long prompt are seen too):
+//     and attends to keys 0 ..= that position (so earlier chunks of a long prompt are seen too),
+//     or with a sliding window (window > 0) to the `window` keys up to it:
 //       out[query_start[b] + i, h, :] = softmax_j(scale * q_i·k_j) · v_j
 //     GQA: q head h reads kv head h / (HEADS / KV_HEADS).
 //
@@ -20,7 +21,8 @@
 // live in swizzled shared memory (3 stages * 2 * 32 * HEAD_DIM bf16: 48 KB at HEAD_DIM 128,
 // static); the Q tile is staged once through the last stage's buffers and then held in
 // registers. P stays in registers (the m16n8 accumulator layout is the A-operand layout).
-// Masking only on tiles that cross the diagonal or the end of the keys. Rows and keys out of
+// Masking only on tiles that cross the diagonal, the end of the keys or a window's first key (key
+// tiles wholly before the CTA's first row's window are not loaded). Rows and keys out of
 // range are zero-filled by cp.async and never stored.
 // Launch: grid (HEADS, ceil(T / 64), B) — y counts tiles from the longest one down (see
 // kiln::prefill_tile); tiles past a sequence's q_len exit at once — block PF_THREADS (128), no
@@ -68,7 +70,7 @@ __global__ void __launch_bounds__(PF_THREADS)
 attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
                   const bf16* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
                   const int* __restrict__ seq_lens, const int* __restrict__ query_start,
-                  bf16* __restrict__ out, int B, float scale) {
+                  bf16* __restrict__ out, int B, float scale, int window) {
   kiln::pdl_sync();
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "attention_prefill: HEAD_DIM must be 64 or 128");
   static_assert(HEADS % KV_HEADS == 0, "attention_prefill: HEADS must be a multiple of KV_HEADS");
@@ -98,6 +100,8 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
   // Keys this CTA needs: up to the position of its last row (and never past L).
   const int kv_end = min(L, past + min(q0 + PF_BR, q_len));
   const int ntiles = (kv_end + PF_BC - 1) / PF_BC;
+  // With a sliding window the first tiles, before the first row's first key, are not needed.
+  const int kt0 = window > 0 ? max(0, past + q0 - window + 1) / PF_BC : 0;
 
   // This thread's share of a K/V tile copy: rows lr0 + i * RPP, chunk lc (loop invariants).
   constexpr int RPP = PF_THREADS / CH;          // rows per pass of the CTA
@@ -133,9 +137,9 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
     const bf16* src = valid ? qkv + (long long)(qs + q0 + r) * STRIDE + h * D + c * 8 : qkv;
     kiln::cp_async16(kiln::smem_u32(pf::tile_at<D>(sQ, r, c)), src, valid);
   }
-  load_tile(0, 0);
+  load_tile(0, kt0);
   kiln::cp_async_commit();
-  if (ntiles > 1) load_tile(1, 1);
+  if (kt0 + 1 < ntiles) load_tile(1, kt0 + 1);
   kiln::cp_async_commit();
   kiln::cp_async_wait<1>();
   __syncthreads();
@@ -158,7 +162,7 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
   const int cta_first_pos = past + q0;
 
   int st = 0, st_next2 = 2;  // stages of tile kt and of tile kt + 2
-  for (int kt = 0; kt < ntiles; ++kt) {
+  for (int kt = kt0; kt < ntiles; ++kt) {
     kiln::cp_async_wait<1>();  // tile kt landed (only tile kt+1 may still be in flight)
     __syncthreads();        // ... for every thread; every warp is done with tile kt-1 (and Q)
     if (kt + 2 < ntiles) load_tile(st_next2, kt + 2);
@@ -186,7 +190,8 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
 
     // Mask, online softmax (running max in raw score units; the scale folds into one FFMA).
     const int key0 = kt * PF_BC;
-    const bool need_mask = key0 + PF_BC - 1 > cta_first_pos || key0 + PF_BC > kv_end;
+    const bool need_mask = key0 + PF_BC - 1 > cta_first_pos || key0 + PF_BC > kv_end ||
+                           (window > 0 && key0 <= cta_first_pos + PF_BR - 1 - window);
     float mx[2] = {kiln::neg_inf(), kiln::neg_inf()};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -195,7 +200,7 @@ attention_prefill(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
         if (need_mask) {
           const int key = key0 + nt * 8 + (lane & 3) * 2 + (e & 1);
           const int rp = e < 2 ? row_pos0 : row_pos1;
-          if (key > rp || key >= kv_end) s[nt][e] = kiln::neg_inf();
+          if (key > rp || key >= kv_end || (window > 0 && key <= rp - window)) s[nt][e] = kiln::neg_inf();
         }
         mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
       }

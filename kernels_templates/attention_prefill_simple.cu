@@ -2,9 +2,10 @@
 // and cross-check of attention_prefill.cu (same signature, same semantics, any HEAD_DIM % 32 == 0).
 //
 //   attention_prefill_simple<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(qkv, k_cache, v_cache,
-//       block_tables, max_blocks, seq_lens, query_start, out, B, scale)
+//       block_tables, max_blocks, seq_lens, query_start, out, B, scale, window)
 //     query i of sequence b (q_len = query_start[b+1] - query_start[b], L = seq_lens[b]) sits at
-//     position L - q_len + i and attends to cached keys 0 ..= that position:
+//     position p = L - q_len + i and attends to cached keys 0 ..= p (p - window + 1 ..= p with a
+//     sliding window, window > 0):
 //       out[query_start[b] + i, h, :] = softmax_j(scale * q_i·k_j) · v_j,  kv head h/(HEADS/KV_HEADS)
 //
 // Layouts as attention_prefill.cu: qkv [T, (HEADS+2*KV_HEADS)*HEAD_DIM]; caches
@@ -25,7 +26,8 @@ __global__ void __launch_bounds__(PFS_THREADS)
 attention_prefill_simple(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
                          const bf16* __restrict__ v_cache, const int* __restrict__ block_tables,
                          int max_blocks, const int* __restrict__ seq_lens,
-                         const int* __restrict__ query_start, bf16* __restrict__ out, int B, float scale) {
+                         const int* __restrict__ query_start, bf16* __restrict__ out, int B, float scale,
+                         int window) {
   kiln::pdl_sync();
   static_assert(HEAD_DIM % 32 == 0, "attention_prefill_simple: HEAD_DIM must be a multiple of 32");
   static_assert(HEADS % KV_HEADS == 0, "attention_prefill_simple: HEADS must be a multiple of KV_HEADS");
@@ -61,7 +63,9 @@ attention_prefill_simple(const bf16* __restrict__ qkv, const bf16* __restrict__ 
   }
   float m_run = kiln::neg_inf(), l_run = 0.f;
 
-  for (int k0 = 0; k0 < kv_end; k0 += PFS_KT) {
+  // With a window, tiles before the first row's first key are skipped.
+  const int kv_begin = window > 0 ? max(0, past + q0 - window + 1) / PFS_KT * PFS_KT : 0;
+  for (int k0 = kv_begin; k0 < kv_end; k0 += PFS_KT) {
     for (int idx = tid; idx < PFS_KT * D / 8; idx += PFS_THREADS) {
       const int r = idx / (D / 8), c = idx % (D / 8);
       const int pos = k0 + r;
@@ -91,7 +95,7 @@ attention_prefill_simple(const bf16* __restrict__ qkv, const bf16* __restrict__ 
       acc += __shfl_xor_sync(0xffffffffu, acc, 1);
       acc += __shfl_xor_sync(0xffffffffu, acc, 2);
       const int key = k0 + j;
-      s[j] = (key <= qpos && key < kv_end) ? acc : kiln::neg_inf();
+      s[j] = (key <= qpos && key < kv_end && (window <= 0 || key > qpos - window)) ? acc : kiln::neg_inf();
       mx = fmaxf(mx, s[j]);
     }
     const float m_new = fmaxf(m_run, mx);

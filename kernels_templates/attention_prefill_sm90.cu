@@ -3,11 +3,12 @@
 // which runs on other GPUs).
 //
 //   attention_prefill_sm90<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(qkv, k_cache, v_cache,
-//       block_tables, max_blocks, seq_lens, query_start, out, B, scale)
+//       block_tables, max_blocks, seq_lens, query_start, out, B, scale, window)
 //     Sequence b < B owns packed query rows [query_start[b], query_start[b+1]) of qkv; with
 //     q_len = query_start[b+1] - query_start[b] and L = seq_lens[b] (KV length after this step's
 //     append, keys already in the cache via rope_append), query i sits at position L - q_len + i
-//     and attends to keys 0 ..= that position:
+//     and attends to keys 0 ..= that position (with a sliding window, window > 0, only to the
+//     `window` keys up to it: the earlier ones are masked, their tiles still loaded and computed):
 //       out[query_start[b] + i, h, :] = softmax_j(scale * q_i·k_j) · v_j
 //     GQA: q head h reads kv head h / (HEADS / KV_HEADS).
 //
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(PH_THREADS, 1)
 attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
                        const bf16* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks,
                        const int* __restrict__ seq_lens, const int* __restrict__ query_start,
-                       bf16* __restrict__ out, int B, float scale) {
+                       bf16* __restrict__ out, int B, float scale, int window) {
   kiln::pdl_sync();
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "attention_prefill_sm90: HEAD_DIM must be 64 or 128");
   static_assert(HEADS % KV_HEADS == 0, "attention_prefill_sm90: HEADS must be a multiple of KV_HEADS");
@@ -287,22 +288,26 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
   // into one FFMA): P into `pn`, the row sums into l_run, the factor O must be rescaled by into
   // alpha. The masked scores and weights live in `v` (renamed registers, no copies); S itself
   // is only read. `masked` (a constant at each inlined call) only on the tiles that cross this
-  // warpgroup's diagonal or the end of the keys: a key column is cut when it lies past
-  // min(row position, last key), one compare per score against a constant column offset.
+  // warpgroup's diagonal, the end of the keys or a sliding window's start: a key column is cut
+  // when it lies past min(row position, last key) or before the row's window.
   auto softmax = [&](const bool masked, int kt, unsigned (&pn)[PH_BC / 16][4], float (&alpha)[2]) {
     float v[NS];
     float mx[2] = {kiln::neg_inf(), kiln::neg_inf()};
-    int lim[2] = {0, 0};
+    int lim[2] = {0, 0}, low[2] = {0, 0};
     if (masked) {
       const int key0 = kt * PH_BC + (lane & 3) * 2;
       lim[0] = min(row_pos0, kv_end - 1) - key0;
       lim[1] = min(row_pos1, kv_end - 1) - key0;
+      // A sliding window also cuts the columns before each row's first key.
+      low[0] = window > 0 ? row_pos0 - window + 1 - key0 : -PH_BC;
+      low[1] = window > 0 ? row_pos1 - window + 1 - key0 : -PH_BC;
     }
 #pragma unroll
     for (int i = 0; i < NS; ++i) {
       v[i] = s[i];
       if (masked) {
-        if ((i >> 2) * 8 + (i & 1) > lim[(i >> 1) & 1]) v[i] = kiln::neg_inf();
+        const int col = (i >> 2) * 8 + (i & 1);
+        if (col > lim[(i >> 1) & 1] || col < low[(i >> 1) & 1]) v[i] = kiln::neg_inf();
       }
       mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], v[i]);
     }
@@ -324,7 +329,8 @@ attention_prefill_sm90(const bf16* __restrict__ qkv, const bf16* __restrict__ k_
   };
   auto needs_mask = [&](int kt) {
     const int key0 = kt * PH_BC;
-    return key0 + PH_BC - 1 > wg_first || key0 + PH_BC > kv_end;
+    return key0 + PH_BC - 1 > wg_first || key0 + PH_BC > kv_end ||
+           (window > 0 && key0 <= wg_first + 63 - window);
   };
   auto softmax_tile = [&](int kt, unsigned (&pn)[PH_BC / 16][4], float (&alpha)[2]) {
     if (needs_mask(kt))

@@ -779,13 +779,13 @@ fn attn_ref(
     q: &[f32],
     p: &Paged,
     b: usize,
-    n_keys: usize,
+    (first, n_keys): (usize, usize),
     kvh: usize,
     hd: usize,
     kvrow: usize,
     scale: f64,
 ) -> Vec<f64> {
-    let mut s: Vec<f64> = (0..n_keys)
+    let mut s: Vec<f64> = (first..n_keys)
         .map(|j| {
             let base = p.slot(b, j) * kvrow + kvh * hd;
             (0..hd)
@@ -801,7 +801,7 @@ fn attn_ref(
         sum += *v;
     }
     let mut o = vec![0f64; hd];
-    for (j, &w) in s.iter().enumerate() {
+    for (j, &w) in (first..n_keys).zip(&s) {
         let base = p.slot(b, j) * kvrow + kvh * hd;
         for (od, &v) in o.iter_mut().zip(&p.v[base..base + hd]) {
             *od += w / sum * v as f64;
@@ -810,6 +810,19 @@ fn attn_ref(
     o
 }
 
+/// The keys `first..n` a query at position `n - 1` sees: all, or the last `window` (> 0).
+fn key_range(n: usize, window: usize) -> (usize, usize) {
+    (
+        if window > 0 {
+            n.saturating_sub(window)
+        } else {
+            0
+        },
+        n,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 fn check_decode(
     g: &Gpu,
     r: &mut Rng,
@@ -818,6 +831,7 @@ fn check_decode(
     kv: usize,
     hd: usize,
     lens: &[usize],
+    window: usize,
 ) -> Res<()> {
     let b_n = lens.len();
     let width = (heads + 2 * kv) * hd;
@@ -848,7 +862,8 @@ fn check_decode(
         want.v[dst..dst + kvrow].copy_from_slice(&row[(heads + kv) * hd..(heads + 2 * kv) * hd]);
         for h in 0..heads {
             let q = rope_ref(&row[h * hd..(h + 1) * hd], l - 1, &freqs);
-            let o = attn_ref(&q, &want, b, l, h / (heads / kv), hd, kvrow, scale);
+            let keys = key_range(l, window);
+            let o = attn_ref(&q, &want, b, keys, h / (heads / kv), hd, kvrow, scale);
             reference[(b * heads + h) * hd..(b * heads + h + 1) * hd].copy_from_slice(&o);
         }
     }
@@ -891,6 +906,7 @@ fn check_decode(
                 Arg::P(g.ptr(&po)),
                 Arg::P(g.ptr(&pml)),
                 Arg::I(splits as i32),
+                Arg::I(window as i32),
             ],
         )?;
         if splits > 1 {
@@ -904,12 +920,16 @@ fn check_decode(
                     Arg::P(g.ptr(&dout)),
                     Arg::I(b_n as i32),
                     Arg::I(splits as i32),
+                    Arg::I(window as i32),
                 ],
             )?;
         }
         g.sync()?;
         rep.check(
-            format!("{} lens={lens:?} splits={splits}", inst.name_expr),
+            format!(
+                "{} lens={lens:?} splits={splits} window={window}",
+                inst.name_expr
+            ),
             rel_l2(&g.down_bf(&dout)?, &reference),
             TOL,
         );
@@ -954,6 +974,7 @@ fn rope_ref(x: &[f32], pos: usize, freqs: &[f32]) -> Vec<f32> {
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_prefill(
     g: &Gpu,
     r: &mut Rng,
@@ -962,6 +983,7 @@ fn check_prefill(
     kv: usize,
     hd: usize,
     seqs: &[(usize, usize)],
+    window: usize,
 ) -> Res<()> {
     // seqs: (q_len, past)
     let lens: Vec<usize> = seqs.iter().map(|&(q, past)| q + past).collect();
@@ -992,7 +1014,7 @@ fn check_prefill(
                     q,
                     &p,
                     b,
-                    past + i + 1,
+                    key_range(past + i + 1, window),
                     h / (heads / kv),
                     hd,
                     kvrow,
@@ -1041,11 +1063,12 @@ fn check_prefill(
                 Arg::P(g.ptr(&dout)),
                 Arg::I(b_n as i32),
                 Arg::F(scale as f32),
+                Arg::I(window as i32),
             ],
         )?;
         g.sync()?;
         rep.check(
-            format!("{} seqs(q,past)={seqs:?}", inst.name_expr),
+            format!("{} seqs(q,past)={seqs:?} window={window}", inst.name_expr),
             rel_l2(&g.down_bf(&dout)?, &reference),
             TOL,
         );
@@ -1385,6 +1408,7 @@ fn bench_decode(
         .map(|b| (b * max_blocks * BLOCK + l - 1) as i32)
         .collect();
     let ds = g.up(&slots)?;
+    let df = g.up(&inv_freq(hd, 10000.0))?;
     let kc = g.random_bf(num_blocks * BLOCK * kvrow, 11, 1.0)?;
     let vc = g.random_bf(num_blocks * BLOCK * kvrow, 12, 1.0)?;
     let q = g.random_bf(b_n * width, 13, 1.0)?;
@@ -1412,13 +1436,14 @@ fn bench_decode(
                 Arg::I(max_blocks as i32),
                 Arg::P(g.ptr(&dl)),
                 Arg::P(g.ptr(&ds)),
-                Arg::F(10000.0),
+                Arg::P(g.ptr(&df)),
                 Arg::P(g.ptr(&out)),
                 Arg::I(b_n as i32),
                 Arg::F(scale),
                 Arg::P(g.ptr(&po)),
                 Arg::P(g.ptr(&pml)),
                 Arg::I(splits as i32),
+                Arg::I(0),
             ],
         )?;
         if splits > 1 {
@@ -1432,6 +1457,7 @@ fn bench_decode(
                     Arg::P(g.ptr(&out)),
                     Arg::I(b_n as i32),
                     Arg::I(splits as i32),
+                    Arg::I(0),
                 ],
             )?;
         }
@@ -1483,6 +1509,7 @@ fn bench_prefill(
                 Arg::P(g.ptr(&out)),
                 Arg::I(1),
                 Arg::F(scale),
+                Arg::I(0),
             ],
         )
     })?;
@@ -1730,14 +1757,21 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
             Ok(())
         }
         "decode" => {
-            check_decode(g, r, rep, 32, 8, 128, &[1, 37, 700, 2100, 0])?;
-            check_decode(g, r, rep, 32, 32, 128, &[5, 300])?;
-            check_decode(g, r, rep, 9, 3, 64, &[64, 65, 1000])
+            check_decode(g, r, rep, 32, 8, 128, &[1, 37, 700, 2100, 0], 0)?;
+            check_decode(g, r, rep, 32, 32, 128, &[5, 300], 0)?;
+            check_decode(g, r, rep, 9, 3, 64, &[64, 65, 1000], 0)?;
+            // Sliding windows (Mistral): shorter and longer than the sequences.
+            check_decode(g, r, rep, 32, 8, 128, &[1, 37, 700, 2100, 0], 100)?;
+            check_decode(g, r, rep, 9, 3, 64, &[64, 65, 1000], 64)
         }
         "prefill" => {
-            check_prefill(g, r, rep, 32, 8, 128, &[(1, 0), (77, 19), (300, 130)])?;
-            check_prefill(g, r, rep, 32, 32, 128, &[(64, 0), (129, 5)])?;
-            check_prefill(g, r, rep, 9, 3, 64, &[(200, 0), (3, 61)])
+            check_prefill(g, r, rep, 32, 8, 128, &[(1, 0), (77, 19), (300, 130)], 0)?;
+            check_prefill(g, r, rep, 32, 32, 128, &[(64, 0), (129, 5)], 0)?;
+            check_prefill(g, r, rep, 9, 3, 64, &[(200, 0), (3, 61)], 0)?;
+            // Sliding windows: within one key tile, across tiles, longer than every sequence.
+            check_prefill(g, r, rep, 32, 8, 128, &[(1, 0), (77, 19), (300, 130)], 50)?;
+            check_prefill(g, r, rep, 9, 3, 64, &[(200, 0), (3, 61)], 7)?;
+            check_prefill(g, r, rep, 32, 8, 128, &[(129, 5)], 4096)
         }
         "argmax" => check_argmax(g, r, rep),
         "sample" => check_sample(g, r, rep),

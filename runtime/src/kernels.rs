@@ -281,8 +281,8 @@ impl KernelInstance {
     /// `attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(const bf16* qkv, bf16* k_cache,
     /// bf16* v_cache, const int* block_tables, int max_blocks, const int* seq_lens,
     /// const int* slot_mapping, const float* inv_freq, bf16* out, int B, float scale, float* partial_o,
-    /// float* partial_ml, int max_splits)`: RoPE and the KV-cache append of the step's token
-    /// included.
+    /// float* partial_ml, int max_splits, int window)`: RoPE and the KV-cache append of the step's
+    /// token included; `window > 0` limits each query to its `window` most recent keys.
     pub fn attention_decode(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
         Self::ints(
             KernelFamily::AttentionDecode,
@@ -291,14 +291,14 @@ impl KernelInstance {
     }
 
     /// `attention_decode_merge<HEADS, HEAD_DIM>(const float* partial_o, const float* partial_ml,
-    /// const int* seq_lens, bf16* out, int B, int max_splits)`.
+    /// const int* seq_lens, bf16* out, int B, int max_splits, int window)`.
     pub fn attention_decode_merge(heads: usize, head_dim: usize) -> Self {
         Self::ints(KernelFamily::AttentionDecodeMerge, &[heads, head_dim])
     }
 
     /// `attention_prefill<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(const bf16* qkv, const bf16* k_cache,
     /// const bf16* v_cache, const int* block_tables, int max_blocks, const int* seq_lens,
-    /// const int* query_start, bf16* out, int B, float scale)`; HEAD_DIM 64 or 128.
+    /// const int* query_start, bf16* out, int B, float scale, int window)`; HEAD_DIM 64 or 128.
     pub fn attention_prefill(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
         Self::ints(
             KernelFamily::AttentionPrefill,

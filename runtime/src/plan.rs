@@ -127,7 +127,8 @@ pub enum Launch {
         /// RoPE inverse frequencies: an f32 `[d/2]` weight.
         inv_freq: String,
     },
-    /// Causal attention of the q part of `qkv` over layer `layer`'s cache → `[T, h·d]`.
+    /// Causal attention of the q part of `qkv` over layer `layer`'s cache → `[T, h·d]`, over the
+    /// `window` most recent keys of each query when `window > 0` (per layer: Mistral, Gemma-2).
     /// In a decode step (one token per sequence) the attention kernel also does the preceding
     /// `RopeAppend`'s work, and that launch is skipped.
     Attention {
@@ -139,6 +140,8 @@ pub enum Launch {
         inv_freq: String,
         /// Score scale.
         scale: f32,
+        /// Sliding window in keys (0: all keys up to the query).
+        window: u32,
         /// Output.
         out: BufId,
     },
@@ -276,9 +279,15 @@ impl Plan {
                     layer,
                     inv_freq,
                     scale,
+                    window,
                     out,
                 } => format!(
-                    "Attention layer={layer} inv_freq={inv_freq} scale={scale} {} -> {}",
+                    "Attention layer={layer} inv_freq={inv_freq} scale={scale}{} {} -> {}",
+                    if *window > 0 {
+                        format!(" window={window}")
+                    } else {
+                        String::new()
+                    },
                     buf(*qkv),
                     buf(*out)
                 ),

@@ -171,12 +171,14 @@ mod tests {
     }
 
     /// The families whose layers differ from Llama's in a RoPE table (Llama 3.1's `llama3`
-    /// scaling) or q/k/v biases (Qwen2) lower to the Llama launches: the table is an f32 weight
-    /// that rope_append and decode attention read, the biases one bias epilogue on the fused QKV.
+    /// scaling), q/k/v biases (Qwen2) or a sliding window (Mistral, 4 keys in the fixture) lower
+    /// to the Llama launches: the table is an f32 weight that rope_append and decode attention
+    /// read, the biases one bias epilogue on the fused QKV, the window an attribute of each
+    /// layer's attention.
     #[test]
-    fn llama31_and_qwen2_lower_with_their_tables_and_biases() {
+    fn llama31_qwen2_and_mistral_lower_with_their_tables_biases_and_windows() {
         use kiln_runtime::plan::{Epilogue, Launch};
-        for (family, biased) in [("llama31", false), ("qwen2", true)] {
+        for (family, biased) in [("llama31", false), ("qwen2", true), ("mistral", false)] {
             let path = format!(
                 "{}/../tests/fixtures/families/{family}/config.json",
                 env!("CARGO_MANIFEST_DIR")
@@ -193,11 +195,11 @@ mod tests {
             };
             let o = crate::rewrite::optimize(&g, &opts).unwrap();
             let plan = lower(&o.graph).unwrap_or_else(|e| panic!("{family}: {e}"));
-            // Six launches per layer; embedding, the final norm (the f32 logits product of a
-            // bf16 graph reads it through a cast, so it is launched), gather-last and lm_head.
+            // Six launches per layer; embedding, gather-last and lm_head (the final norm folded
+            // into it through the widening cast of the bf16 graph).
             assert_eq!(
                 plan.launches.len(),
-                2 * 6 + 4,
+                2 * 6 + 3,
                 "{family}: {}",
                 plan.describe()
             );
@@ -233,6 +235,16 @@ mod tests {
                 })
                 .count();
             assert_eq!(biases, if biased { 2 } else { 0 }, "{family}");
+            let windows: Vec<u32> = plan
+                .launches
+                .iter()
+                .filter_map(|l| match l {
+                    Launch::Attention { window, .. } => Some(*window),
+                    _ => None,
+                })
+                .collect();
+            let want = if family == "mistral" { 4 } else { 0 };
+            assert_eq!(windows, [want, want], "{family}");
         }
     }
 

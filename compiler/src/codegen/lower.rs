@@ -128,10 +128,15 @@ impl<'g> Lowering<'g> {
     fn node(&mut self, id: NodeId) -> Result<Val, String> {
         let n = &self.g.nodes[id];
         let ins = &n.inputs;
-        if !matches!(
-            n.op,
-            Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp
-        ) {
+        // A widening cast of a pending norm stays pending (exact: the kernels read the bf16 norm
+        // output either way), so the f32 logits product of a bf16 graph folds the final norm.
+        let widening = matches!(n.op, Op::Cast { dtype: DType::F32 });
+        if !widening
+            && !matches!(
+                n.op,
+                Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp
+            )
+        {
             // Only a projection folds a norm into its product; anything else reads it launched.
             for &i in ins {
                 if matches!(self.vals[i], Val::Normed { .. }) {
@@ -205,6 +210,7 @@ impl<'g> Lowering<'g> {
             }
             Op::Reshape { .. } | Op::Transpose { .. } | Op::Cast { .. } => match input(0) {
                 v @ (Val::Cols { .. } | Val::Roped { .. } | Val::CacheAppend { .. }) => v,
+                v @ Val::Normed { .. } if widening => v,
                 _ => return Err(self.err(id, "is a view of something that is not an activation")),
             },
             Op::Slice { axis, start, end } => {
@@ -257,7 +263,7 @@ impl<'g> Lowering<'g> {
                     ))
                 }
             },
-            Op::FusedAttention { scale } => self.attention(id, *scale)?,
+            Op::FusedAttention { scale, window } => self.attention(id, *scale, *window)?,
             _ => {
                 return Err(self.err(
                     id,
@@ -268,7 +274,7 @@ impl<'g> Lowering<'g> {
         })
     }
 
-    fn attention(&mut self, id: NodeId, scale: f32) -> Result<Val, String> {
+    fn attention(&mut self, id: NodeId, scale: f32, window: u32) -> Result<Val, String> {
         let ins = self.g.nodes[id].inputs.clone();
         let (q, k, v) = (
             self.vals[ins[0]].clone(),
@@ -344,6 +350,7 @@ impl<'g> Lowering<'g> {
             layer,
             inv_freq,
             scale,
+            window,
             out,
         });
         Ok(Val::Cols {

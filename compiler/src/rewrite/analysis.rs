@@ -164,7 +164,7 @@ pub fn node_data(node: &Node, child: &dyn Fn(Id) -> Data, leaves: &Leaves) -> Re
             let shape = vec![pos.shape[0].clone(), freq.shape[0].scale(2)];
             Ok(tensor(TensorType::new(DType::F32, shape), false))
         }
-        Node::CausalMask([pos, t]) => {
+        Node::CausalMask([pos, t]) | Node::WindowMask([pos, t, _]) => {
             let pos = child_ty(*pos)?;
             let Attr::Dim(t) = child_attr(*t)? else {
                 return Err("causal_mask needs a dim".into());

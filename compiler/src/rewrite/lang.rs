@@ -71,14 +71,16 @@ define_language! {
         "gated_mlp" = GatedMlp([Id; 2]),
         // [x, pos, inv_freq, seq_axis]
         "rope" = Rope([Id; 4]),
-        // [q, k, v, scale]
-        "attention" = Attention([Id; 4]),
+        // [q, k, v, scale, lag]: keys up to `lag` positions back are seen (`inf`: all, causal)
+        "attention" = Attention([Id; 5]),
         // Helpers (never extracted). silu(g) = g · σ(g).
         "silu" = Silu(Id),
         // RoPE angle table [s, 2·half] of positions `pos`: `pos · inv_freq`, twice: [pos, inv_freq]
         "rope_angles" = RopeAngles([Id; 2]),
         // Causal mask [s, t]: -inf where key j > pos[i], else 0: [pos, t]
         "causal_mask" = CausalMask([Id; 2]),
+        // Sliding-window mask [s, t]: causal_mask, and -inf where pos[i] - j > lag: [pos, t, lag]
+        "window_mask" = WindowMask([Id; 3]),
         Const(ConstValue),
         Weight(WeightName),
         Input(InputName),
@@ -91,7 +93,7 @@ impl Node {
     pub fn is_helper(&self) -> bool {
         matches!(
             self,
-            Node::Silu(_) | Node::RopeAngles(_) | Node::CausalMask(_)
+            Node::Silu(_) | Node::RopeAngles(_) | Node::CausalMask(_) | Node::WindowMask(_)
         )
     }
 }

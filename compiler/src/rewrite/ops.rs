@@ -41,6 +41,20 @@ fn dim(data: &dyn Fn(Id) -> Data, id: Id) -> Result<kiln_runtime::ir::Dim, Strin
     }
 }
 
+/// The sliding window of an attention whose queries see keys up to `lag` positions back: `inf`
+/// is no window (0), a whole `lag ≥ 0` a window of `lag + 1` keys.
+fn window_of_lag(lag: f32) -> Result<u32, String> {
+    if lag == f32::INFINITY {
+        Ok(0)
+    } else if lag >= 0.0 && lag.fract() == 0.0 && lag < u32::MAX as f32 {
+        Ok(lag as u32 + 1)
+    } else {
+        Err(format!(
+            "attention lag {lag} is not a whole number of positions"
+        ))
+    }
+}
+
 fn scalar(data: &dyn Fn(Id) -> Data, id: Id) -> Result<f32, String> {
     data(id)
         .scalar()
@@ -68,7 +82,7 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
     match node {
         N::Const(_) | N::Weight(_) | N::Input(_) => Ok(Lowered::Leaf),
         N::Attr(_) => Ok(Lowered::Attr),
-        N::Silu(_) | N::RopeAngles(_) | N::CausalMask(_) => Ok(Lowered::Helper),
+        N::Silu(_) | N::RopeAngles(_) | N::CausalMask(_) | N::WindowMask(_) => Ok(Lowered::Helper),
         N::Neg(x) => op(Op::Unary(UnaryOp::Neg), &[*x]),
         N::Exp(x) => op(Op::Unary(UnaryOp::Exp), &[*x]),
         N::Sqrt(x) => op(Op::Unary(UnaryOp::Sqrt), &[*x]),
@@ -146,9 +160,10 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
             },
             &[*x, *pos, *freq],
         ),
-        N::Attention([q, k, v, s]) => op(
+        N::Attention([q, k, v, s, lag]) => op(
             Op::FusedAttention {
                 scale: scalar(data, *s)?,
+                window: window_of_lag(scalar(data, *lag)?)?,
             },
             &[*q, *k, *v],
         ),
@@ -225,9 +240,14 @@ pub fn raise(eg: &mut KilnGraph, op: &Op, ins: &[Id]) -> Id {
             let s = eg.add(Node::Attr(Attr::Axis(*seq_axis)));
             Node::Rope([ins[0], ins[1], ins[2], s])
         }
-        Op::FusedAttention { scale } => {
+        Op::FusedAttention { scale, window } => {
             let s = eg.add(Node::Const(ConstValue::new(*scale)));
-            Node::Attention([ins[0], ins[1], ins[2], s])
+            let lag = match window {
+                0 => f32::INFINITY,
+                w => (w - 1) as f32,
+            };
+            let lag = eg.add(Node::Const(ConstValue::new(lag)));
+            Node::Attention([ins[0], ins[1], ins[2], s, lag])
         }
     };
     eg.add(n)

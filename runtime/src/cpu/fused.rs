@@ -41,7 +41,9 @@ pub(crate) fn eval(op: &Op, ins: Vec<Tensor>) -> Result<Tensor, String> {
         }
         Op::GatedMlp => gated_mlp(next()?, next()?),
         Op::Rope { seq_axis } => rope(next()?, next()?, next()?, *seq_axis),
-        Op::FusedAttention { scale } => attention(next()?, next()?, next()?, *scale),
+        Op::FusedAttention { scale, window } => {
+            attention(next()?, next()?, next()?, *scale, *window as usize)
+        }
         other => Err(format!("{} is not a fused op", other.name())),
     }
 }
@@ -214,7 +216,7 @@ fn rope(x: Tensor, pos: Tensor, inv_freq: Tensor, seq_axis: usize) -> Result<Ten
 
 /// `softmax(q·kᵀ·scale + causal)·v` with grouped-query heads: `q [b, h, s, d]`, `k = v
 /// [b, kh, t, d]`; query `i` sees keys `0..=t-s+i`; query head `j` reads KV head `j / (h/kh)`.
-fn attention(q: Tensor, k: Tensor, v: Tensor, scale: f32) -> Result<Tensor, String> {
+fn attention(q: Tensor, k: Tensor, v: Tensor, scale: f32, window: usize) -> Result<Tensor, String> {
     check_float("FusedAttention", &[&q, &k, &v])?;
     let ok = q.rank() == 4
         && k.rank() == 4
@@ -242,8 +244,14 @@ fn attention(q: Tensor, k: Tensor, v: Tensor, scale: f32) -> Result<Tensor, Stri
     for_rows(&mut sc, t, |row, r| {
         let i = row % s;
         let last = t - s + i;
+        // The first key a sliding window keeps (a key `window` or more positions back is out).
+        let first = if window > 0 {
+            (last + 1).saturating_sub(window)
+        } else {
+            0
+        };
         for (j, e) in r.iter_mut().enumerate() {
-            *e = if j > last {
+            *e = if j > last || j < first {
                 f32::NEG_INFINITY
             } else {
                 *e * scale

@@ -206,8 +206,9 @@ fn rope_matches_the_model_file_tables() {
     }
 }
 
-/// Attention as `models/llama.ron` writes it: grouped reshapes, scores, causal mask, softmax.
-fn primitive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Tensor {
+/// Attention as `models/llama.ron` writes it: grouped reshapes, scores, causal mask (with a
+/// sliding window of `window` keys when nonzero), softmax.
+fn primitive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Tensor {
     let (b, h, s, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (kh, t) = (k.shape[1], k.shape[2]);
     let qg = q.clone().reshape(vec![b, kh, h / kh, s, d]);
@@ -217,7 +218,16 @@ fn primitive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Tensor
     let scaled = bin(BinaryOp::Mul, &raw, &scalar(scale));
     let past = t - s;
     let mask: Vec<f32> = (0..s)
-        .flat_map(|i| (0..t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                let too_old = window > 0 && j <= past + i && past + i - j >= window;
+                if j > past + i || too_old {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     let scores = bin(
         BinaryOp::Add,
@@ -243,14 +253,18 @@ fn attention_matches_the_primitive_chain_for_mha_gqa_mqa() {
         let k = rng.tensor(&[b, kh, t, d]);
         let v = rng.tensor(&[b, kh, t, d]);
         let scale = 1.0 / (d as f32).sqrt();
-        let want = primitive_attention(&q, &k, &v, scale);
-        let got = eval(&Op::FusedAttention { scale }, vec![q, k, v]).unwrap();
-        assert_close(
-            &got,
-            &want,
-            1e-6,
-            &format!("attention h={h} kh={kh} s={s} past={past}"),
-        );
+        // No window, and windows of 1, 3 and 6 keys (longer than some of the rows' contexts).
+        for window in [0u32, 1, 3, 6] {
+            let want = primitive_attention(&q, &k, &v, scale, window as usize);
+            let op = Op::FusedAttention { scale, window };
+            let got = eval(&op, vec![q.clone(), k.clone(), v.clone()]).unwrap();
+            assert_close(
+                &got,
+                &want,
+                1e-6,
+                &format!("attention h={h} kh={kh} s={s} past={past} window={window}"),
+            );
+        }
     }
 }
 
@@ -270,6 +284,10 @@ fn fused_ops_refuse_bad_shapes_with_a_message() {
     assert!(err.contains("odd"), "{err}");
     let q = rng.tensor(&[1, 3, 2, 4]);
     let k = rng.tensor(&[1, 2, 2, 4]);
-    let err = eval(&Op::FusedAttention { scale: 1.0 }, vec![q, k.clone(), k]).unwrap_err();
+    let op = Op::FusedAttention {
+        scale: 1.0,
+        window: 0,
+    };
+    let err = eval(&op, vec![q, k.clone(), k]).unwrap_err();
     assert!(err.contains("kh dividing h"), "{err}");
 }

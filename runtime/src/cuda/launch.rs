@@ -590,8 +590,10 @@ impl Kernels {
                 layer,
                 inv_freq,
                 scale,
+                window,
                 out,
             } => {
+                let w = *window as i32;
                 let (q, kc, vc, o) = (
                     p.buf(*qkv),
                     p.k_cache(*layer),
@@ -614,6 +616,7 @@ impl Kernels {
                             P(o),
                             I(b),
                             F(*scale),
+                            I(w),
                         ],
                     );
                 }
@@ -640,6 +643,7 @@ impl Kernels {
                         P(po),
                         P(pml),
                         I(ns),
+                        I(w),
                     ],
                 )?;
                 if n > 1 {
@@ -648,7 +652,7 @@ impl Kernels {
                         stream,
                         &k,
                         sizes(p.t, p.b, 0, n),
-                        &[P(po), P(pml), P(p.seq_lens), P(o), I(b), I(ns)],
+                        &[P(po), P(pml), P(p.seq_lens), P(o), I(b), I(ns), I(w)],
                     )?;
                 }
                 Ok(())

@@ -340,7 +340,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             }
             Ok(x.clone())
         }
-        Op::FusedAttention { scale } => {
+        Op::FusedAttention { scale, .. } => {
             if !scale.is_finite() {
                 return Err(format!("FusedAttention scale {scale} is not finite"));
             }

@@ -198,12 +198,15 @@ pub enum Op {
         /// The axis of `x` that `pos` indexes.
         seq_axis: usize,
     },
-    /// `[q[b, h, s, d], k[b, kh, t, d], v[b, kh, t, d]]` → `softmax(q·kᵀ·scale + causal)·v`,
-    /// `[b, h, s, d]`. Query `i` sits at absolute position `t - s + i` and sees keys `0..=t-s+i`.
-    /// Grouped-query: query head `j` reads KV head `j / (h / kh)`.
+    /// `[q[b, h, s, d], k[b, kh, t, d], v[b, kh, t, d]]` → `softmax(q·kᵀ·scale + mask)·v`,
+    /// `[b, h, s, d]`. Query `i` sits at absolute position `p = t - s + i` and sees keys
+    /// `0..=p` (causal), or with a sliding window `w > 0` only the `w` most recent of them,
+    /// `p-w+1..=p` (Mistral). Grouped-query: query head `j` reads KV head `j / (h / kh)`.
     FusedAttention {
         /// Multiplies the scores (usually `1/√d`).
         scale: f32,
+        /// Sliding window: how many keys up to its own position a query sees (0: all).
+        window: u32,
     },
 }
 
@@ -247,7 +250,10 @@ impl fmt::Display for Op {
             Op::Cast { dtype } => write!(f, "Cast({})", dtype.name()),
             Op::RmsNorm { eps } => write!(f, "RmsNorm(eps={eps:e})"),
             Op::Rope { seq_axis } => write!(f, "Rope(seq_axis={seq_axis})"),
-            Op::FusedAttention { scale } => write!(f, "FusedAttention(scale={scale})"),
+            Op::FusedAttention { scale, window: 0 } => write!(f, "FusedAttention(scale={scale})"),
+            Op::FusedAttention { scale, window } => {
+                write!(f, "FusedAttention(scale={scale}, window={window})")
+            }
             other => write!(f, "{}", other.name()),
         }
     }

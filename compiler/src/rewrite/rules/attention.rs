@@ -5,6 +5,9 @@
 //!
 //! - `causal-mask` (helper): `where(iota(t) > reshape(pos, [s, 1]), -inf, 0)` is
 //!   `causal_mask(pos, t)`: `-inf` where key `j` comes after query position `pos[i]`.
+//! - `window-mask` (helper): `where(cast(reshape(pos, [s, 1])) - cast(iota(t)) > c, -inf,
+//!   causal_mask(pos, t))` with `c ≥ 0` a whole literal is `window_mask(pos, t, c)`: a query also
+//!   loses the keys more than `c` positions back (Mistral's sliding window of `c + 1` keys).
 //! - `fuse-attention`: with `q [b, h, s, d]`, `k = v [b, kh, t, d]`, query heads grouped as
 //!   `[b, kh, h/kh, s, d]` against keys and values reshaped to `[b, kh, 1, t, d]` (query head `j`
 //!   meets KV head `j / (h/kh)`: GQA, MHA when `kh = h`, MQA when `kh = 1`),
@@ -12,6 +15,8 @@
 //!   `FusedAttention` by definition — *provided* the mask is the op's implicit one: query `i` sees
 //!   keys `0..=t-s+i`. That holds when `pos` is the step's positions input (`past + i`, filled by
 //!   the executor) and `t = past + seq`, `s = seq`; the guards check exactly that, symbolically.
+//! - `fuse-attention-window`: the same with `window_mask(pos, t, c)`: `FusedAttention` with a
+//!   window of `c + 1` keys (the op's lag operand is `c`; `inf` for the causal one).
 
 use super::guards::{attr, input, scalar, ty};
 use super::{var, Rule};
@@ -78,6 +83,31 @@ fn grouped_shapes(
     }
 }
 
+/// `c` is a whole, non-negative literal scalar (a window's lag bound).
+fn whole(c: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
+    let c = var(c);
+    move |eg, s| {
+        eg[s[c]]
+            .data
+            .scalar()
+            .is_some_and(|v| v >= 0.0 && v.fract() == 0.0 && v < u32::MAX as f32)
+    }
+}
+
+/// Grouped attention's product chain over the scores plus `mask`.
+fn attention_pattern(mask: &str) -> String {
+    format!(
+        "(reshape
+           (matmul
+             (softmax
+               (add (mul (matmul (reshape ?q ?qs) (transpose (reshape ?k ?ks) perm:[0,1,2,4,3])) ?scale)
+                    {mask})
+               axis:4)
+             (reshape ?v ?vs))
+           ?os)"
+    )
+}
+
 /// The rules of this set.
 #[rustfmt::skip]
 pub fn rules() -> Vec<Rule> {
@@ -85,16 +115,16 @@ pub fn rules() -> Vec<Rule> {
         rule!("causal-mask";
             "(where (gt (iota ?t) (reshape ?pos ?col)) -inf 0)" => "(causal_mask ?pos ?t)"
             if input("?pos", InputKind::Positions) if column_of("?col", "?pos")),
+        rule!("window-mask";
+            "(where (gt (sub (cast (reshape ?pos ?col) dtype:f32) (cast (iota ?t) dtype:f32)) ?c) -inf (causal_mask ?pos ?t))"
+            => "(window_mask ?pos ?t ?c)"
+            if input("?pos", InputKind::Positions) if column_of("?col", "?pos") if whole("?c")),
         rule!("fuse-attention";
-            "(reshape
-               (matmul
-                 (softmax
-                   (add (mul (matmul (reshape ?q ?qs) (transpose (reshape ?k ?ks) perm:[0,1,2,4,3])) ?scale)
-                        (causal_mask ?pos ?t))
-                   axis:4)
-                 (reshape ?v ?vs))
-               ?os)"
-            => "(attention ?q ?k ?v ?scale)"
+            (attention_pattern("(causal_mask ?pos ?t)")) => "(attention ?q ?k ?v ?scale inf)"
+            if scalar("?scale") if input("?pos", InputKind::Positions)
+            if grouped_shapes(["?q", "?k", "?v", "?qs", "?ks", "?vs", "?os", "?t"])),
+        rule!("fuse-attention-window";
+            (attention_pattern("(window_mask ?pos ?t ?c)")) => "(attention ?q ?k ?v ?scale ?c)"
             if scalar("?scale") if input("?pos", InputKind::Positions)
             if grouped_shapes(["?q", "?k", "?v", "?qs", "?ks", "?vs", "?os", "?t"])),
     ]

@@ -92,6 +92,20 @@ const ATTENTION: &str = r#"
     Let("ctx_g", MatMul("probs", "kg")),
     Let("ctx", Reshape(x: "ctx_g", shape: ["batch", "2", "seq", "h / 2"])),"#;
 
+/// [`ATTENTION`] with Mistral's sliding window of 3 keys (as `models/llama.ron` writes it).
+fn windowed_attention() -> String {
+    ATTENTION.replace(
+        r#"Let("mask", Where("future", "neg_inf", "zero")),"#,
+        r#"Let("causal", Where("future", "neg_inf", "zero")),
+    Let("key_f", Cast(x: "key_pos", dtype: F32)),
+    Let("query_f", Cast(x: "query_pos", dtype: F32)),
+    Let("lag", Sub("query_f", "key_f")),
+    Let("last_seen", Const("2")),
+    Let("too_old", Greater("lag", "last_seen")),
+    Let("mask", Where("too_old", "neg_inf", "causal")),"#,
+    )
+}
+
 const GATED: &str = r#"
     Let("wg", Weight("wg", ["3 * h / 2", "h"])),
     Let("wu", Weight("wu", ["3 * h / 2", "h"])),
@@ -178,6 +192,8 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("fuse_rope", "fuse-rope", format!(r#"{HEADS} Output("q", "q"),"#), 8, f32),
         ("causal_mask", "causal-mask", format!(r#"{ATTENTION} Output("ctx", "ctx"),"#), 8, f32),
         ("fuse_attention", "fuse-attention", format!(r#"{ATTENTION} Output("ctx", "ctx"),"#), 8, f32),
+        ("window_mask", "window-mask", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
+        ("fuse_attention_window", "fuse-attention-window", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
         ("silu_from_sigmoid", "silu-from-sigmoid", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
         ("fuse_gated_mlp", "fuse-gated-mlp", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
         ("fuse_qkv", "fuse-qkv", QKV.to_string(), 8, f32),
