@@ -497,7 +497,8 @@ impl GgufFile {
     }
 
     /// A HuggingFace `tokenizer.json` (as a JSON string) rebuilt from `tokenizer.ggml.*`
-    /// (model "gpt2": byte-level BPE), laid out like the one transformers writes for this file.
+    /// (model "gpt2": byte-level BPE; "llama"/"gemma4": SentencePiece), laid out like the one
+    /// transformers writes for this file.
     pub fn tokenizer_json(&self) -> Result<String, GgufError> {
         super::gguf_tokenizer::tokenizer_json(self)
     }

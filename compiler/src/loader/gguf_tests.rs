@@ -852,14 +852,61 @@ fn gguf_tokenizer_json_synthetic() {
     assert_eq!(tok.encode("ab", true).unwrap().get_ids(), [0, 7]);
 }
 
+/// A SentencePiece (`llama`) vocabulary: the highest-scoring adjacent pair merges first, spaces
+/// become `▁` with one prepended, unknown characters fall back to their bytes, and decoding
+/// gives the text back.
+#[test]
+fn gguf_sentencepiece_tokenizer() {
+    let pieces = [
+        "<unk>", "<s>", "</s>", "<0xC3>", "<0xA9>", "▁", "a", "b", "ab", "▁a", "▁ab", "ba",
+    ];
+    let scores = [
+        0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -5.0, -4.0, -6.0, -0.5,
+    ];
+    let types = [2, 3, 3, 6, 6, 1, 1, 1, 1, 1, 1, 1];
+    let w = Writer::new()
+        .kv("tokenizer.ggml.model", GgufValue::String("llama".into()))
+        .kv("tokenizer.ggml.tokens", strings(&pieces))
+        .kv(
+            "tokenizer.ggml.scores",
+            GgufValue::Array(scores.iter().map(|&s| GgufValue::F32(s)).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.token_type",
+            GgufValue::Array(types.iter().map(|&t| GgufValue::I32(t)).collect()),
+        )
+        .kv("tokenizer.ggml.unknown_token_id", GgufValue::U32(0));
+    let tok = tokenizers::Tokenizer::from_str(&open_writer(&w).tokenizer_json().unwrap()).unwrap();
+    // "▁aba": of the pairs (▁,a) -4, (a,b) -5, (b,a) -0.5, "ba" merges first, then (▁,a);
+    // "▁a"+"ba" is no piece.
+    assert_eq!(tok.encode("aba", false).unwrap().get_ids(), [9, 11]);
+    // "▁ab": (▁,a) -4 before (a,b) -5, then (▁a, b) → "▁ab".
+    assert_eq!(tok.encode("ab", false).unwrap().get_ids(), [10]);
+    // é is not a piece: its two UTF-8 bytes.
+    assert_eq!(tok.encode("é", false).unwrap().get_ids(), [5, 3, 4]);
+    assert_eq!(tok.decode(&[10, 5, 3, 4], false).unwrap(), "ab é");
+}
+
 #[test]
 fn gguf_tokenizer_errors() {
+    let t5 = Writer::new()
+        .kv("tokenizer.ggml.model", GgufValue::String("t5".into()))
+        .kv("tokenizer.ggml.tokens", strings(&["a"]));
+    let err = open_writer(&t5).tokenizer_json().unwrap_err();
+    assert!(matches!(err, GgufError::Unsupported { .. }));
+    assert!(err.to_string().contains("gpt2"), "{err}");
+    // SentencePiece needs one score per token.
     let spm = Writer::new()
         .kv("tokenizer.ggml.model", GgufValue::String("llama".into()))
         .kv("tokenizer.ggml.tokens", strings(&["a"]));
     let err = open_writer(&spm).tokenizer_json().unwrap_err();
-    assert!(matches!(err, GgufError::Unsupported { .. }));
-    assert!(err.to_string().contains("gpt2"), "{err}");
+    assert!(matches!(err, GgufError::MissingKey { .. }), "{err}");
+    let spm = spm.kv(
+        "tokenizer.ggml.scores",
+        GgufValue::Array(vec![GgufValue::F32(0.0), GgufValue::F32(1.0)]),
+    );
+    let err = open_writer(&spm).tokenizer_json().unwrap_err();
+    assert!(err.to_string().contains("tokenizer.ggml.scores"), "{err}");
     let bad_merge = Writer::new()
         .kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
         .kv("tokenizer.ggml.tokens", strings(&["a"]))

@@ -1,9 +1,20 @@
 //! Rebuilds a HuggingFace `tokenizer.json` from a GGUF file's `tokenizer.ggml.*` metadata.
 //!
-//! Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported, with the pre-tokenizer
-//! types (`tokenizer.ggml.pre`) listed in `pre_tokenizer`: each becomes the regex split(s) llama.cpp
-//! applies for it, written as the model's own `tokenizer.json` writes them (a `Split` or
-//! `Digits` step before `ByteLevel`); another pre type is an error. The output has the
+//! Two tokenizer models (`tokenizer.ggml.model`) are supported; another is an error naming it.
+//!
+//! - `"gpt2"` (byte-level BPE), with the pre-tokenizer types (`tokenizer.ggml.pre`) listed in
+//!   `pre_tokenizer_for`: each becomes the regex split(s) llama.cpp applies for it, written as the
+//!   model's own `tokenizer.json` writes them (a `Split` or `Digits` step before `ByteLevel`);
+//!   another pre type is an error.
+//! - `"llama"` (SentencePiece BPE: Llama 2, Mistral, Phi-3), as transformers' Llama converter
+//!   writes it: spaces escaped as `▁` (and one prepended, unless
+//!   `tokenizer.ggml.add_space_prefix` is false), a BPE model whose merges are every split of a
+//!   vocabulary piece into two pieces, ranked by the piece's score (`tokenizer.ggml.scores`,
+//!   highest first: llama.cpp merges the best-scoring adjacent pair first), byte fallback to the
+//!   `<0xXX>` tokens, and the decoder undoing all of it.
+//! - `"gemma4"` (Gemma 4's SentencePiece BPE): the same, without the prepended space
+//!   (`add_space_prefix` false in its files) and with the merges the file lists.
+//! The output has the
 //! structure, key order and pretty-printing of the file transformers writes for the same GGUF
 //! (tokenizers' serde layout): BPE model with the vocabulary in id order and merges as pairs,
 //! ByteLevel pre-tokenizer and decoder, no normalizer, a TemplateProcessing post-processor, and
@@ -29,11 +40,19 @@ struct TokenizerJson<'a> {
     truncation: Option<()>,
     padding: Option<()>,
     added_tokens: Vec<AddedToken<'a>>,
-    normalizer: Option<()>,
-    pre_tokenizer: PreTokenizer,
+    normalizer: Option<Value>,
+    pre_tokenizer: Option<PreTokenizer>,
     post_processor: TemplateProcessing,
-    decoder: ByteLevel,
+    decoder: Decoder,
     model: Bpe<'a>,
+}
+
+/// The decoder: byte-level, or SentencePiece's steps (as JSON).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Decoder {
+    ByteLevel(ByteLevel),
+    Steps(Value),
 }
 
 #[derive(serde::Serialize)]
@@ -133,7 +152,7 @@ const SUPPORTED_PRE: &str = "absent, \"default\", \"gpt2\", \"gpt-2\", \"mpt\", 
 /// The pre-tokenizer for the `tokenizer.ggml.pre` value `pre` (llama.cpp's pre-tokenizer
 /// types: the same regex splits), and whether the BPE model ignores merges (Llama 3: a word
 /// that is a whole token is that token). `None` for an unsupported value.
-fn pre_tokenizer(pre: Option<&str>) -> Option<(PreTokenizer, bool)> {
+fn pre_tokenizer_for(pre: Option<&str>) -> Option<(PreTokenizer, bool)> {
     Some(match pre {
         // No pre type: transformers' GGUF converter's GPT-2 byte-level (kept as it was).
         None | Some("default" | "gpt2" | "gpt-2" | "mpt" | "olmo") => (gpt2_byte_level(), false),
@@ -218,6 +237,69 @@ fn string_array<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, GgufErro
         .collect()
 }
 
+/// The merges of `tokenizer.ggml.merges` (`"left right"` each).
+fn file_merges(f: &GgufFile) -> Result<Vec<[&str; 2]>, GgufError> {
+    let key = "tokenizer.ggml.merges";
+    string_array(f, key)?
+        .into_iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) if !b.contains(' ') => Ok([a, b]),
+            _ => Err(f.bad_key(
+                key,
+                "merges of the form \"left right\" (one space)",
+                &GgufValue::String(m.into()),
+            )),
+        })
+        .collect()
+}
+
+/// A float array under `key` with `len` entries.
+fn float_array(f: &GgufFile, key: &str, len: usize) -> Result<Vec<f64>, GgufError> {
+    let v = f.require(key, "an array of floats")?;
+    let items = v
+        .as_array()
+        .filter(|a| a.len() == len)
+        .ok_or_else(|| f.bad_key(key, format!("an array of {len} floats (one per token)"), v))?;
+    items
+        .iter()
+        .map(|x| {
+            x.as_f64()
+                .filter(|s| s.is_finite())
+                .ok_or_else(|| f.bad_key(key, "finite floats", v))
+        })
+        .collect()
+}
+
+/// SentencePiece BPE as merges: every split of a vocabulary piece into two vocabulary pieces,
+/// best piece score first (llama.cpp merges the adjacent pair whose union scores highest),
+/// ties in id order of the piece and then of its parts.
+fn sentencepiece_merges<'a>(
+    tokens: &[&'a str],
+    scores: &[f64],
+    ids: &HashMap<&'a str, u32>,
+) -> Vec<[&'a str; 2]> {
+    let mut found: Vec<(f64, usize, u32, u32, [&'a str; 2])> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        // Only the id a string maps to (the last of duplicates) is a merge target.
+        if ids.get(piece) != Some(&(id as u32)) {
+            continue;
+        }
+        for (i, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(i);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                found.push((scores[id], id, li, ri, [l, r]));
+            }
+        }
+    }
+    found.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    found.into_iter().map(|m| m.4).collect()
+}
+
 /// See the module documentation.
 pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
     let model_key = "tokenizer.ggml.model";
@@ -225,15 +307,28 @@ pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
     let model = model
         .as_str()
         .ok_or_else(|| f.bad_key(model_key, "a string", model))?;
-    if model != "gpt2" {
-        return Err(GgufError::Unsupported {
-            path: f.path().to_path_buf(),
-            what: "tokenizer model (tokenizer.ggml.model)",
-            expected: "\"gpt2\" (byte-level BPE)",
-            found: model.into(),
-        });
-    }
+    let sentencepiece = match model {
+        "gpt2" => false,
+        "llama" | "gemma4" => true,
+        _ => {
+            return Err(GgufError::Unsupported {
+                path: f.path().to_path_buf(),
+                what: "tokenizer model (tokenizer.ggml.model)",
+                expected: "\"gpt2\" (byte-level BPE), \"llama\" or \"gemma4\" (SentencePiece)",
+                found: model.into(),
+            })
+        }
+    };
 
+    let tokens = string_array(f, "tokenizer.ggml.tokens")?;
+    if u32::try_from(tokens.len()).is_err() {
+        let v = f.require("tokenizer.ggml.tokens", "")?;
+        return Err(f.bad_key("tokenizer.ggml.tokens", "at most 2^32 tokens", v));
+    }
+    let mut ids = HashMap::with_capacity(tokens.len());
+    for (id, tok) in tokens.iter().enumerate() {
+        ids.insert(*tok, id as u32);
+    }
     let pre_key = "tokenizer.ggml.pre";
     let pre = match f.metadata(pre_key) {
         None => None,
@@ -242,31 +337,66 @@ pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
                 .ok_or_else(|| f.bad_key(pre_key, "a string", v))?,
         ),
     };
-    let (pre_tokenizer, ignore_merges) =
-        pre_tokenizer(pre).ok_or_else(|| GgufError::Unsupported {
+    let (normalizer, pre_tokenizer, decoder, ignore_merges, merges);
+    if sentencepiece {
+        // llama.cpp reads no pre-tokenizer for SentencePiece vocabularies.
+        if pre.is_some_and(|p| p != "default") {
+            return Err(GgufError::Unsupported {
+                path: f.path().to_path_buf(),
+                what: "pre-tokenizer type (tokenizer.ggml.pre) of a SentencePiece vocabulary",
+                expected: "absent or \"default\"",
+                found: pre.unwrap_or_default().into(),
+            });
+        }
+        let space_prefix = match f.metadata("tokenizer.ggml.add_space_prefix") {
+            None => true,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| f.bad_key("tokenizer.ggml.add_space_prefix", "a boolean", v))?,
+        };
+        let scores = float_array(f, "tokenizer.ggml.scores", tokens.len())?;
+        let escape = json!({ "type": "Replace", "pattern": { "String": " " }, "content": "▁" });
+        normalizer = Some(if space_prefix {
+            json!({ "type": "Sequence", "normalizers": [
+                { "type": "Prepend", "prepend": "▁" }, escape ] })
+        } else {
+            escape
+        });
+        pre_tokenizer = None;
+        let mut steps = vec![
+            json!({ "type": "Replace", "pattern": { "String": "▁" }, "content": " " }),
+            json!({ "type": "ByteFallback" }),
+            json!({ "type": "Fuse" }),
+        ];
+        if space_prefix {
+            steps.push(json!({ "type": "Strip", "content": " ", "start": 1, "stop": 0 }));
+        }
+        decoder = Decoder::Steps(json!({ "type": "Sequence", "decoders": steps }));
+        ignore_merges = false;
+        // Gemma 4 ships its merges; Llama-style vocabularies rank pieces by score.
+        merges = if model == "gemma4" {
+            file_merges(f)?
+        } else {
+            sentencepiece_merges(&tokens, &scores, &ids)
+        };
+    } else {
+        let (pre, ignore) = pre_tokenizer_for(pre).ok_or_else(|| GgufError::Unsupported {
             path: f.path().to_path_buf(),
             what: "pre-tokenizer type (tokenizer.ggml.pre)",
             expected: SUPPORTED_PRE,
             found: pre.unwrap_or_default().into(),
         })?;
-
-    let tokens = string_array(f, "tokenizer.ggml.tokens")?;
-    if u32::try_from(tokens.len()).is_err() {
-        let v = f.require("tokenizer.ggml.tokens", "")?;
-        return Err(f.bad_key("tokenizer.ggml.tokens", "at most 2^32 tokens", v));
+        normalizer = None;
+        pre_tokenizer = Some(pre);
+        decoder = Decoder::ByteLevel(ByteLevel {
+            kind: "ByteLevel",
+            add_prefix_space: true,
+            trim_offsets: true,
+            use_regex: true,
+        });
+        ignore_merges = ignore;
+        merges = file_merges(f)?;
     }
-    let merges_key = "tokenizer.ggml.merges";
-    let merges = string_array(f, merges_key)?
-        .into_iter()
-        .map(|m| match m.split_once(' ') {
-            Some((a, b)) if !b.contains(' ') => Ok([a, b]),
-            _ => Err(f.bad_key(
-                merges_key,
-                "merges of the form \"left right\" (one space)",
-                &GgufValue::String(m.into()),
-            )),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
 
     let token_id = |key: &str| -> Result<Option<u32>, GgufError> {
         match f.opt_u64(key)? {
@@ -352,16 +482,16 @@ pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
         );
     }
 
-    let mut ids = HashMap::with_capacity(tokens.len());
-    for (id, tok) in tokens.iter().enumerate() {
-        ids.insert(*tok, id as u32);
-    }
+    let unk = match sentencepiece {
+        true => token_id("tokenizer.ggml.unknown_token_id")?.map(|id| tokens[id as usize]),
+        false => None,
+    };
     let doc = TokenizerJson {
         version: "1.0",
         truncation: None,
         padding: None,
         added_tokens,
-        normalizer: None,
+        normalizer,
         pre_tokenizer,
         post_processor: TemplateProcessing {
             kind: "TemplateProcessing",
@@ -369,20 +499,15 @@ pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
             pair,
             special_tokens,
         },
-        decoder: ByteLevel {
-            kind: "ByteLevel",
-            add_prefix_space: true,
-            trim_offsets: true,
-            use_regex: true,
-        },
+        decoder,
         model: Bpe {
             kind: "BPE",
             dropout: None,
-            unk_token: None,
+            unk_token: unk,
             continuing_subword_prefix: "",
             end_of_word_suffix: "",
-            fuse_unk: false,
-            byte_fallback: false,
+            fuse_unk: sentencepiece,
+            byte_fallback: sentencepiece,
             ignore_merges,
             vocab: Vocab {
                 tokens: &tokens,
