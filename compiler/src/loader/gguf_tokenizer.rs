@@ -14,10 +14,11 @@
 //!   `<0xXX>` tokens, and the decoder undoing all of it.
 //! - `"gemma4"` (Gemma 4's SentencePiece BPE): the same, without the prepended space
 //!   (`add_space_prefix` false in its files) and with the merges the file lists.
-//! The output has the
-//! structure, key order and pretty-printing of the file transformers writes for the same GGUF
-//! (tokenizers' serde layout): BPE model with the vocabulary in id order and merges as pairs,
-//! ByteLevel pre-tokenizer and decoder, no normalizer, a TemplateProcessing post-processor, and
+//!
+//! The output has the structure, key order and pretty-printing of the file transformers writes
+//! for the same GGUF (tokenizers' serde layout): BPE model with the vocabulary in id order and
+//! merges as pairs (byte-level: ByteLevel pre-tokenizer and decoder, no normalizer;
+//! SentencePiece: the normalizer and decoder above), a TemplateProcessing post-processor, and
 //! the control tokens (`token_type` 3) as special added tokens. User-defined tokens
 //! (`token_type` 4) become non-special added tokens. If `tokenizer.ggml.add_bos_token` is true,
 //! the post-processor prepends the BOS token (as transformers' GPT-2 converter does).
