@@ -31,6 +31,7 @@ ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
 }
 
 CONFIGS = {
@@ -68,12 +69,19 @@ CONFIGS["mistral-7b"] = dict(arch="mistral", hidden_size=4096, intermediate_size
                              rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                              max_position_embeddings=32768, sliding_window=4096)
 
+# Phi-3-mini: q/k/v and gate/up stored fused in the checkpoint, a sliding window of 2047 keys.
+CONFIGS["phi3-mini"] = dict(arch="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                            rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                            max_position_embeddings=4096, sliding_window=2047, pad_token_id=0)
+
 # Two-layer variants: the same widths, heads and vocabularies, small enough for fp32 references.
 CONFIGS["llama3-8b-2l"] = dict(CONFIGS["llama3-8b"], num_hidden_layers=2)
 CONFIGS["llama2-7b-2l"] = dict(CONFIGS["llama2-7b"], num_hidden_layers=2)
 CONFIGS["llama31-8b-2l"] = dict(CONFIGS["llama31-8b"], num_hidden_layers=2)
 CONFIGS["qwen25-7b-2l"] = dict(CONFIGS["qwen25-7b"], num_hidden_layers=2)
 CONFIGS["mistral-7b-2l"] = dict(CONFIGS["mistral-7b"], num_hidden_layers=2, sliding_window=64)
+CONFIGS["phi3-mini-2l"] = dict(CONFIGS["phi3-mini"], num_hidden_layers=2, sliding_window=64)
 
 
 def rel_l2(a, b):

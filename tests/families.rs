@@ -154,7 +154,6 @@ fn families_the_gpu_cannot_run_are_refused_by_name() {
     for (family, file) in [
         ("gemma", "models/gemma.ron"),
         ("gemma2", "models/gemma2.ron"),
-        ("phi3", "models/phi3.ron"),
         ("gpt2", "models/gpt2.ron"),
     ] {
         let ckpt = root().join("tests/fixtures/families").join(family);

@@ -171,22 +171,30 @@ mod tests {
     }
 
     /// The families whose layers differ from Llama's in a RoPE table (Llama 3.1's `llama3`
-    /// scaling), q/k/v biases (Qwen2) or a sliding window (Mistral, 4 keys in the fixture) lower
-    /// to the Llama launches: the table is an f32 weight that rope_append and decode attention
+    /// scaling), q/k/v biases (Qwen2), a sliding window (Mistral, 4 keys in the fixture; Phi-3,
+    /// 5) or fused checkpoint projections (Phi-3) lower to the Llama launches: the table is an f32 weight that rope_append and decode attention
     /// read, the biases one bias epilogue on the fused QKV, the window an attribute of each
     /// layer's attention.
     #[test]
-    fn llama31_qwen2_and_mistral_lower_with_their_tables_biases_and_windows() {
+    fn llama31_qwen2_mistral_and_phi3_lower_to_the_llama_launches() {
         use kiln_runtime::plan::{Epilogue, Launch};
-        for (family, biased) in [("llama31", false), ("qwen2", true), ("mistral", false)] {
+        for (family, biased) in [
+            ("llama31", false),
+            ("qwen2", true),
+            ("mistral", false),
+            ("phi3", false),
+        ] {
             let path = format!(
                 "{}/../tests/fixtures/families/{family}/config.json",
                 env!("CARGO_MANIFEST_DIR")
             );
             let mut cfg: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-            // A head size the attention kernels take (the fixture's is 16).
-            cfg["head_dim"] = 32.into();
+            // A head size the attention kernels take (the fixtures' is 16).
+            cfg["hidden_size"] = 128.into();
+            if cfg.get("head_dim").is_some() {
+                cfg["head_dim"] = 32.into();
+            }
             let model = crate::build::model_for(&cfg, None).unwrap();
             let g = crate::build::graph_for(&model, &cfg).unwrap();
             let opts = crate::rewrite::RewriteOptions {
@@ -243,7 +251,11 @@ mod tests {
                     _ => None,
                 })
                 .collect();
-            let want = if family == "mistral" { 4 } else { 0 };
+            let want = match family {
+                "mistral" => 4,
+                "phi3" => 5,
+                _ => 0,
+            };
             assert_eq!(windows, [want, want], "{family}");
         }
     }

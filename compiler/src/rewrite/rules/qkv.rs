@@ -5,8 +5,9 @@
 //! It is a multi-pattern — `?q = (linear ?x ?wq), ?k = (linear ?x ?wk), ?v = (linear ?x ?wv)` —
 //! matched only where the three results are distinct e-classes in e-class order (one match per
 //! triple instead of six permutations, and none where two sides are already one class), the
-//! weights are checkpoint weights (so the fused product, whose weight is a concatenation, is not
-//! fused again), and `x` does not depend on any of the three results (a fused node reading its
+//! weights are constant matrices but no concatenation (checkpoint weights or row slices of one,
+//! as Phi-3's fused `qkv_proj` is sliced; the fused product, whose weight is a concatenation, is
+//! not fused again), and `x` does not depend on any of the three results (a fused node reading its
 //! own output would be a cycle).
 //!
 //! Sound because row block `i` of the concatenated weight is `W_i`, so columns
@@ -66,11 +67,16 @@ impl Applier<Node, TypeAnalysis> for Horizontal {
             return vec![];
         }
         let weights: Vec<Id> = self.weights.iter().map(|&w| s[w]).collect();
-        // Checkpoint weights only: a product over an already concatenated weight is not fused
-        // again (that would nest concatenations without end).
+        // Build-time constant matrices that are no concatenation: a product over an already
+        // concatenated weight is not fused again (that would nest concatenations without end).
+        // Checkpoint weights, and row slices of one (Phi-3's `qkv_proj`), qualify.
         let plain = self.weights.iter().all(|&w| {
-            eg[s[w]].nodes.iter().any(|n| matches!(n, Node::Weight(_)))
-                && ty(eg, s, w).is_some_and(|t| t.rank() == 2)
+            let class = &eg[s[w]];
+            !class.nodes.iter().any(|n| matches!(n, Node::Concat(_)))
+                && class
+                    .data
+                    .tensor()
+                    .is_some_and(|t| t.konst && t.ty.rank() == 2)
         });
         if !plain || depends_on(eg, s[self.x], &outs) {
             return vec![];
