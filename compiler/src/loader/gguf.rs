@@ -206,7 +206,7 @@ impl GgufFile {
             .get("general.architecture")
             .and_then(|&i| metadata[i].1.as_str());
         // Architectures whose tensors follow llama's GGUF names (`blk.N.attn_q` …).
-        let llama_names = matches!(architecture, Some("llama" | "qwen2"));
+        let llama_names = matches!(architecture, Some("llama" | "qwen2" | "phi3"));
 
         let file_len = data.len() as u64;
         let mut tensors = Vec::with_capacity(infos.len());
@@ -269,7 +269,7 @@ impl GgufFile {
                 ));
             }
             let hf_name = if llama_names {
-                llama_hf_name(&gguf_name)
+                llama_hf_name(&gguf_name, architecture.unwrap_or_default())
             } else {
                 gguf_name.clone()
             };

@@ -2,15 +2,19 @@
 //! row permutation, and the HF `config.json` synthesized from `llama.*` metadata. Qwen2 GGUFs
 //! (`general.architecture = "qwen2"`) share the tensor names and the metadata layout under
 //! `qwen2.*`, carry q/k/v biases, and have no Q/K permutation (llama.cpp's converter applies it
-//! to Llama only); they map to `model_type: "qwen2"` (`models/qwen2.ron`).
+//! to Llama only); they map to `model_type: "qwen2"` (`models/qwen2.ron`). Phi-3 GGUFs
+//! (`phi3`) use the same names with fused `attn_qkv` and `ffn_up` (gate rows, then up rows)
+//! tensors, which are Phi-3's own `qkv_proj` and `gate_up_proj`, no Q/K permutation either, and
+//! a sliding window (`phi3.attention.sliding_window`); they map to `models/phi3.ron`.
 
 use serde_json::{json, Value};
 
 use super::gguf::GgufFile;
 use super::gguf_value::{GgufError, GgufValue};
 
-/// Maps a llama-architecture GGUF tensor name to its HF name; unknown names are kept as they are.
-pub(super) fn llama_hf_name(gguf: &str) -> String {
+/// Maps a GGUF tensor name of architecture `arch` (llama, qwen2, phi3) to its HF name; unknown
+/// names are kept as they are.
+pub(super) fn llama_hf_name(gguf: &str, arch: &str) -> String {
     let (stem, suffix) = match gguf.rsplit_once('.') {
         Some((stem, s @ ("weight" | "bias"))) => (stem, s),
         _ => return gguf.to_owned(),
@@ -38,9 +42,11 @@ pub(super) fn llama_hf_name(gguf: &str) -> String {
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
+        "attn_qkv" => "self_attn.qkv_proj",
         "attn_output" => "self_attn.o_proj",
         "ffn_norm" => "post_attention_layernorm",
         "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         _ => return gguf.to_owned(),
@@ -66,11 +72,12 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
     let (model_type, class) = match arch {
         "llama" => ("llama", "LlamaForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        "phi3" => ("phi3", "Phi3ForCausalLM"),
         _ => {
             return Err(GgufError::Unsupported {
                 path: f.path().to_path_buf(),
                 what: "architecture for hf_config",
-                expected: "\"llama\" or \"qwen2\"",
+                expected: "\"llama\", \"qwen2\" or \"phi3\"",
                 found: arch.into(),
             })
         }
@@ -163,6 +170,9 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
     ];
     for (k, v) in fields {
         obj.insert(k.into(), v);
+    }
+    if let Some(window) = f.opt_u64(&key("attention.sliding_window"))? {
+        obj.insert("sliding_window".into(), json!(window));
     }
     let scaling_key = key("rope.scaling.type");
     if let Some(v) = f.metadata(&scaling_key) {

@@ -1372,13 +1372,12 @@ fn gguf_absurd_block_count_is_an_error_not_an_abort() {
     }
 }
 
-/// A Qwen2 GGUF (llama's tensor names with q/k/v biases under `qwen2.*` metadata, no Q/K
-/// permutation), written from the tiny transformers checkpoint of `tests/fixtures/families/qwen2`,
-/// builds with `models/qwen2.ron` and reproduces transformers' logits.
-#[test]
-fn gguf_qwen2_builds_and_matches_transformers() {
-    let fixture =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/families/qwen2");
+/// Writes the tiny transformers checkpoint of `tests/fixtures/families/<family>` as a GGUF of
+/// architecture `arch` (llama.cpp's tensor names, `<arch>.*` metadata, no Q/K permutation),
+/// builds it and checks the logits against transformers' (≤ 1e-4 relative L2).
+fn gguf_family_matches_transformers(family: &str, arch: &str, theta: f32, window: Option<u32>) {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../tests/fixtures/families/{family}"));
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
             .unwrap();
@@ -1391,27 +1390,33 @@ fn gguf_qwen2_builds_and_matches_transformers() {
     let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
     let tokens: Vec<String> = (0..vocab).map(|i| format!("t{i}")).collect();
     let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let key = |k: &str| format!("{arch}.{k}");
     let mut w = Writer::new()
-        .kv("general.architecture", GgufValue::String("qwen2".into()))
-        .kv("qwen2.embedding_length", u("hidden_size"))
-        .kv("qwen2.feed_forward_length", u("intermediate_size"))
-        .kv("qwen2.block_count", u("num_hidden_layers"))
-        .kv("qwen2.attention.head_count", u("num_attention_heads"))
-        .kv("qwen2.attention.head_count_kv", u("num_key_value_heads"))
+        .kv("general.architecture", GgufValue::String(arch.into()))
+        .kv(&key("embedding_length"), u("hidden_size"))
+        .kv(&key("feed_forward_length"), u("intermediate_size"))
+        .kv(&key("block_count"), u("num_hidden_layers"))
+        .kv(&key("attention.head_count"), u("num_attention_heads"))
+        .kv(&key("attention.head_count_kv"), u("num_key_value_heads"))
         .kv(
-            "qwen2.attention.layer_norm_rms_epsilon",
+            &key("attention.layer_norm_rms_epsilon"),
             GgufValue::F32(1e-5),
         )
-        .kv("qwen2.rope.freq_base", GgufValue::F32(1_000_000.0))
-        .kv("qwen2.context_length", u("max_position_embeddings"))
+        .kv(&key("rope.freq_base"), GgufValue::F32(theta))
+        .kv(&key("context_length"), u("max_position_embeddings"))
         .kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
         .kv("tokenizer.ggml.pre", GgufValue::String("qwen2".into()))
         .kv("tokenizer.ggml.tokens", strings(&token_refs))
         .kv("tokenizer.ggml.merges", strings(&[]));
+    if let Some(window) = window {
+        w = w.kv(&key("attention.sliding_window"), GgufValue::U32(window));
+    }
     let gguf_name = |hf: &str| -> String {
         let hf = hf.strip_prefix("model.").unwrap_or(hf);
-        if hf == "embed_tokens.weight" {
-            return "token_embd.weight".into();
+        match hf {
+            "embed_tokens.weight" => return "token_embd.weight".into(),
+            "lm_head.weight" => return "output.weight".into(),
+            _ => {}
         }
         if let Some(rest) = hf.strip_prefix("norm.") {
             return format!("output_norm.{rest}");
@@ -1424,10 +1429,11 @@ fn gguf_qwen2_builds_and_matches_transformers() {
             "self_attn.q_proj" => "attn_q",
             "self_attn.k_proj" => "attn_k",
             "self_attn.v_proj" => "attn_v",
+            "self_attn.qkv_proj" => "attn_qkv",
             "self_attn.o_proj" => "attn_output",
             "post_attention_layernorm" => "ffn_norm",
             "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
+            "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
             "mlp.down_proj" => "ffn_down",
             other => panic!("unexpected tensor {other}"),
         };
@@ -1443,9 +1449,9 @@ fn gguf_qwen2_builds_and_matches_transformers() {
         w = w.f32_tensor(&gguf_name(&name), &dims, &values);
     }
     let dir = tempfile::tempdir().unwrap();
-    let gguf = dir.path().join("qwen2.gguf");
+    let gguf = dir.path().join(format!("{family}.gguf"));
     std::fs::write(&gguf, w.bytes()).unwrap();
-    let engine = dir.path().join("qwen2.kiln");
+    let engine = dir.path().join(format!("{family}.kiln"));
     crate::build::build(
         &gguf,
         &engine,
@@ -1454,7 +1460,7 @@ fn gguf_qwen2_builds_and_matches_transformers() {
     )
     .unwrap();
     let e = kiln_runtime::engine::Engine::open(&engine).unwrap();
-    assert_eq!(e.config["model_type"], "qwen2");
+    assert_eq!(e.config["model_type"], family);
     let exec = e.cpu_executor().unwrap();
     let ids: Vec<i32> = reference["input_ids"]
         .as_array()
@@ -1483,5 +1489,20 @@ fn gguf_qwen2_builds_and_matches_transformers() {
         den += (*w as f64).powi(2);
     }
     let err = (num / den).sqrt();
-    assert!(err <= 1e-4, "qwen2 GGUF vs transformers: {err:.2e}");
+    assert!(err <= 1e-4, "{family} GGUF vs transformers: {err:.2e}");
+}
+
+/// A Qwen2 GGUF (llama's tensor names with q/k/v biases under `qwen2.*` metadata, no Q/K
+/// permutation) builds with `models/qwen2.ron` and reproduces transformers' logits.
+#[test]
+fn gguf_qwen2_builds_and_matches_transformers() {
+    gguf_family_matches_transformers("qwen2", "qwen2", 1_000_000.0, None);
+}
+
+/// A Phi-3 GGUF (fused `attn_qkv` and gate/up `ffn_up`, the sliding window under `phi3.*`)
+/// builds with `models/phi3.ron` and reproduces transformers' logits (the fixture's window of 5
+/// is shorter than its input).
+#[test]
+fn gguf_phi3_builds_and_matches_transformers() {
+    gguf_family_matches_transformers("phi3", "phi3", 10_000.0, Some(5));
 }
