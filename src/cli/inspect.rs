@@ -53,8 +53,9 @@ pub struct InspectArgs {
     /// Print a JSON summary (ops per layer before, kernels per layer after, rules fired, costs).
     #[arg(long)]
     pub json: bool,
-    /// A GPU engine: print its launch plan (every launch with its kernel family, parameters
-    /// and buffers) instead of the graph.
+    /// Print the launch plan (every launch with its kernel family, parameters and buffers)
+    /// instead of the graph: a GPU engine's, or the one a bf16 GPU build of a checkpoint or
+    /// model file would record (lowered here, without compiling kernels).
     #[arg(long, conflicts_with_all = ["dot", "svg", "explain", "json", "stage"])]
     pub plan: bool,
     /// Compute precision for the optimized and lowered stages: f32, bf16 or f16.
@@ -150,8 +151,19 @@ pub fn run(a: &InspectArgs) -> Result<()> {
         kiln::compiler::output::check_output(svg, &[&a.target]).map_err(anyhow::Error::msg)?;
     }
     let parsed = source_graph(&a.target, a.config.as_deref())?;
-    if a.plan && parsed.is_some() {
-        bail!("--plan applies to a GPU engine (a checkpoint or model file has no launch plan)");
+    if let (true, Some(parsed)) = (a.plan, &parsed) {
+        // The launch plan `kiln build --target cuda [--dtype bf16]` would record: the rewritten
+        // graph, lowered (no kernels compiled).
+        if a.layer.is_some() || a.dtype == Some(DType::F16) {
+            bail!("--plan prints the whole launch plan of a GPU build (no --layer; --dtype bf16 or f32)");
+        }
+        let opts = RewriteOptions {
+            dtype: a.dtype.unwrap_or(DType::F32),
+            ..RewriteOptions::default()
+        };
+        let out = optimize(parsed, &opts)?;
+        let plan = kiln::compiler::codegen::lower::lower(&out.graph).map_err(anyhow::Error::msg)?;
+        return emit(&plan.describe());
     }
     let Some(parsed) = parsed else {
         // An engine: only its lowered graph exists.

@@ -260,6 +260,28 @@ mod tests {
         }
     }
 
+    /// A bf16 graph of a tied model: the logits are a widening cast of a bf16 product; they
+    /// lower to the same f32 lm_head GEMV (final norm folded) as the f32 graph's.
+    #[test]
+    fn bf16_graphs_lower_to_the_same_launches() {
+        let cfg: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/smollm2-135m/config.json"
+        ))
+        .unwrap();
+        let g =
+            crate::build::graph_for(&crate::build::model_for(&cfg, None).unwrap(), &cfg).unwrap();
+        let launches = |dtype| {
+            let opts = crate::rewrite::RewriteOptions {
+                dtype,
+                ..Default::default()
+            };
+            let o = crate::rewrite::optimize(&g, &opts).unwrap();
+            lower(&o.graph).unwrap().launches.len()
+        };
+        assert_eq!(launches(kiln_runtime::ir::DType::BF16), 30 * 6 + 3);
+        assert_eq!(launches(kiln_runtime::ir::DType::F32), 30 * 6 + 3);
+    }
+
     fn cfg_theta(cfg: &serde_json::Value) -> f32 {
         cfg["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32
     }

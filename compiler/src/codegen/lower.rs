@@ -374,6 +374,16 @@ pub fn lower(g: &Graph) -> Result<Plan, String> {
         attention: None,
         layers: 0,
     };
+    // The product the logits come from: the output itself, or (a bf16 graph) the Linear under
+    // its widening cast; the GEMV writes f32 either way.
+    let product = match &g.nodes[logits_id].op {
+        Op::Cast { dtype: DType::F32 }
+            if g.nodes[g.nodes[logits_id].inputs[0]].op == Op::Linear =>
+        {
+            g.nodes[logits_id].inputs[0]
+        }
+        _ => logits_id,
+    };
     // Only nodes that the logits depend on are lowered (other outputs are CPU diagnostics).
     let mut needed = vec![false; g.nodes.len()];
     needed[logits_id] = true;
@@ -385,11 +395,12 @@ pub fn lower(g: &Graph) -> Result<Plan, String> {
         }
     }
     for (id, &need) in needed.iter().enumerate() {
-        let v = if !need {
+        let v = if !need || (id == product && id != logits_id) {
+            // Not needed, or the logits' product, lowered at the logits.
             Val::Const
         } else if id == logits_id {
             // Logits: only each sequence's last token, in f32.
-            let n = &g.nodes[id];
+            let n = &g.nodes[product];
             if n.op != Op::Linear {
                 return Err(l.err(id, "the logits must come from a Linear"));
             }
