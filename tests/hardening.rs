@@ -550,9 +550,14 @@ fn flags_that_do_not_apply_or_are_out_of_range_are_errors() {
             vec!["inspect", e, "--plan"],
             "a CPU engine has no launch plan",
         ),
+        // A checkpoint's plan is lowered here: this one's head size has no GPU kernel.
         (
             vec!["inspect", c, "--plan"],
-            "--plan applies to a GPU engine",
+            "head size 12 is not supported by the GPU attention kernels",
+        ),
+        (
+            vec!["inspect", c, "--plan", "--layer", "0"],
+            "--plan prints the whole launch plan",
         ),
     ] {
         let msg = fails(&args);
