@@ -23,6 +23,7 @@ use std::sync::OnceLock;
 
 use kiln_compiler::build::{check_weights, graph_for};
 use kiln_compiler::loader::gguf::{GgufFile, GgufValue};
+use kiln_compiler::loader::gguf_write::GgufWriter;
 use kiln_compiler::loader::Checkpoint;
 use kiln_compiler::model::{Expr, ModelFile, ParamValue, Params, LLAMA_RON};
 use kiln_runtime::engine::Engine;
@@ -600,91 +601,15 @@ pub fn tokenizer_gguf(data: &[u8]) -> (Vec<u8>, String) {
     (gguf_bytes(&kvs, &[]), text)
 }
 
-// ---------------------------------------------------------------------------------------------
-// A GGUF writer (v3, alignment 32), for `gguf_tokenizer` and the seed corpus.
-
-fn value_type(v: &GgufValue) -> u32 {
-    match v {
-        GgufValue::U8(_) => 0,
-        GgufValue::I8(_) => 1,
-        GgufValue::U16(_) => 2,
-        GgufValue::I16(_) => 3,
-        GgufValue::U32(_) => 4,
-        GgufValue::I32(_) => 5,
-        GgufValue::F32(_) => 6,
-        GgufValue::Bool(_) => 7,
-        GgufValue::String(_) => 8,
-        GgufValue::Array(_) => 9,
-        GgufValue::U64(_) => 10,
-        GgufValue::I64(_) => 11,
-        GgufValue::F64(_) => 12,
-    }
-}
-
-fn put_str(b: &mut Vec<u8>, s: &str) {
-    b.extend((s.len() as u64).to_le_bytes());
-    b.extend(s.as_bytes());
-}
-
-/// Writes a value; an array takes the type of its first element (GGUF arrays hold one type, so
-/// the elements of an array built here all have that type), `u8` when empty.
-fn put_value(b: &mut Vec<u8>, v: &GgufValue) {
-    match v {
-        GgufValue::U8(x) => b.extend(x.to_le_bytes()),
-        GgufValue::I8(x) => b.extend(x.to_le_bytes()),
-        GgufValue::U16(x) => b.extend(x.to_le_bytes()),
-        GgufValue::I16(x) => b.extend(x.to_le_bytes()),
-        GgufValue::U32(x) => b.extend(x.to_le_bytes()),
-        GgufValue::I32(x) => b.extend(x.to_le_bytes()),
-        GgufValue::F32(x) => b.extend(x.to_le_bytes()),
-        GgufValue::Bool(x) => b.push(u8::from(*x)),
-        GgufValue::String(s) => put_str(b, s),
-        GgufValue::Array(items) => {
-            let elem = items.first().map_or(0, value_type);
-            b.extend(elem.to_le_bytes());
-            b.extend((items.len() as u64).to_le_bytes());
-            for item in items {
-                put_value(b, item);
-            }
-        }
-        GgufValue::U64(x) => b.extend(x.to_le_bytes()),
-        GgufValue::I64(x) => b.extend(x.to_le_bytes()),
-        GgufValue::F64(x) => b.extend(x.to_le_bytes()),
-    }
-}
-
 /// A GGUF v3 file with these metadata pairs and tensors (name, GGUF dims innermost first, GGML
-/// type id, data bytes), laid out with alignment 32.
+/// type id, data bytes), laid out with alignment 32 (`kiln_compiler`'s GGUF writer).
 pub fn gguf_bytes(kvs: &[(&str, GgufValue)], tensors: &[(&str, &[u64], u32, &[u8])]) -> Vec<u8> {
-    const ALIGN: usize = 32;
-    let align = |n: usize| n.div_ceil(ALIGN) * ALIGN;
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend((kvs.len() as u64).to_le_bytes());
+    let mut w = GgufWriter::new();
     for (k, v) in kvs {
-        put_str(&mut b, k);
-        b.extend(value_type(v).to_le_bytes());
-        put_value(&mut b, v);
+        w = w.kv(k, v.clone());
     }
-    let mut offset = 0usize;
-    let mut offsets = Vec::new();
     for (name, dims, ty, data) in tensors {
-        put_str(&mut b, name);
-        b.extend((dims.len() as u32).to_le_bytes());
-        for d in *dims {
-            b.extend(d.to_le_bytes());
-        }
-        b.extend(ty.to_le_bytes());
-        b.extend((offset as u64).to_le_bytes());
-        offsets.push(offset);
-        offset = align(offset + data.len());
+        w = w.tensor(name, dims, *ty, data.to_vec());
     }
-    b.resize(align(b.len()), 0);
-    let start = b.len();
-    for ((_, _, _, data), off) in tensors.iter().zip(offsets) {
-        b.resize(start + off, 0);
-        b.extend(*data);
-    }
-    b
+    w.bytes()
 }

@@ -483,9 +483,10 @@ pub(crate) fn tokenizer_json(f: &GgufFile) -> Result<String, GgufError> {
         );
     }
 
-    let unk = match sentencepiece {
-        true => token_id("tokenizer.ggml.unknown_token_id")?.map(|id| tokens[id as usize]),
-        false => None,
+    let unk = if sentencepiece {
+        token_id("tokenizer.ggml.unknown_token_id")?.map(|id| tokens[id as usize])
+    } else {
+        None
     };
     let doc = TokenizerJson {
         version: "1.0",

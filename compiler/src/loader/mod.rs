@@ -7,6 +7,7 @@ mod gguf_parse;
 mod gguf_quant;
 mod gguf_tokenizer;
 mod gguf_value;
+pub mod gguf_write;
 pub mod safetensors_dir;
 
 pub use checkpoint::Checkpoint;
