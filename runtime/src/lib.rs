@@ -10,4 +10,5 @@ pub mod ir;
 pub mod kernels;
 pub mod plan;
 pub mod sampling;
+pub mod serving;
 pub mod tokenizer;

@@ -111,6 +111,46 @@ impl Tokenizer {
 #[derive(Debug)]
 pub struct StreamDecoder<'a> {
     tok: &'a Tokenizer,
+    state: TextStream,
+}
+
+impl<'a> StreamDecoder<'a> {
+    /// A decoder with nothing pushed yet.
+    pub fn new(tok: &'a Tokenizer) -> Self {
+        StreamDecoder {
+            tok,
+            state: TextStream::default(),
+        }
+    }
+
+    /// Adds one id and returns the text it completes: empty while a character is still cut
+    /// between tokens, possibly several characters once it is complete.
+    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+        self.state.push(self.tok, id)
+    }
+
+    /// Flushes text held back at the end of the stream (an incomplete character decodes to
+    /// U+FFFD, as the full decode does) and returns it. Further pushes continue after it.
+    pub fn finish(&mut self) -> Result<String, TokenizerError> {
+        self.state.finish(self.tok)
+    }
+
+    /// All text emitted so far (the concatenation of every returned piece).
+    pub fn text(&self) -> &str {
+        self.state.text()
+    }
+
+    /// All ids pushed so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.state.ids
+    }
+}
+
+/// The state of a [`StreamDecoder`] without the tokenizer it decodes with, for holders that
+/// cannot borrow one (the serving scheduler keeps one per request); every call takes the
+/// tokenizer.
+#[derive(Clone, Debug, Default)]
+pub struct TextStream {
     ids: Vec<u32>,
     /// Start of the decode window: a character boundary, all text before it already emitted.
     prefix_offset: usize,
@@ -119,26 +159,12 @@ pub struct StreamDecoder<'a> {
     text: String,
 }
 
-impl<'a> StreamDecoder<'a> {
-    /// A decoder with nothing pushed yet.
-    pub fn new(tok: &'a Tokenizer) -> Self {
-        StreamDecoder {
-            tok,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-            text: String::new(),
-        }
-    }
-
-    /// Adds one id and returns the text it completes: empty while a character is still cut
-    /// between tokens, possibly several characters once it is complete.
-    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+impl TextStream {
+    /// [`StreamDecoder::push`] with `tok`.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
-        let prefix_text = self
-            .tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let new_text = self.tok.decode(&self.ids[self.prefix_offset..])?;
+        let prefix_text = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let new_text = tok.decode(&self.ids[self.prefix_offset..])?;
         if new_text.len() > prefix_text.len()
             && !new_text.ends_with(char::REPLACEMENT_CHARACTER)
             && new_text.starts_with(&prefix_text)
@@ -153,16 +179,13 @@ impl<'a> StreamDecoder<'a> {
         }
     }
 
-    /// Flushes text held back at the end of the stream (an incomplete character decodes to
-    /// U+FFFD, as the full decode does) and returns it. Further pushes continue after it.
-    pub fn finish(&mut self) -> Result<String, TokenizerError> {
+    /// [`StreamDecoder::finish`] with `tok`.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String, TokenizerError> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix_text = self
-            .tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let new_text = self.tok.decode(&self.ids[self.prefix_offset..])?;
+        let prefix_text = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let new_text = tok.decode(&self.ids[self.prefix_offset..])?;
         let delta = new_text
             .strip_prefix(&prefix_text)
             .unwrap_or(&new_text)
@@ -173,14 +196,9 @@ impl<'a> StreamDecoder<'a> {
         Ok(delta)
     }
 
-    /// All text emitted so far (the concatenation of every returned piece).
+    /// All text emitted so far.
     pub fn text(&self) -> &str {
         &self.text
-    }
-
-    /// All ids pushed so far.
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
     }
 }
 

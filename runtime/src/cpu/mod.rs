@@ -29,6 +29,7 @@ mod fused;
 mod math;
 mod matmul;
 mod movement;
+pub mod paged;
 mod pool;
 mod reduce;
 mod simd;

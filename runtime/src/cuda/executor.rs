@@ -1,10 +1,11 @@
 //! The CUDA executor: device memory, sequences and steps.
 
-use super::kv_cache::{slot, BlockAllocator, SeqCache, BLOCK};
+use super::kv_cache::{BlockAllocator, SeqCache, BLOCK};
 use super::launch::{Kernels, Ptrs};
 use super::CudaError;
 use crate::engine::{keys, Engine};
 use crate::plan::{BufType, Plan, Rows};
+use crate::serving::SeqStep;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -321,58 +322,119 @@ impl CudaExecutor {
         self.seqs.get(&id).map_or(0, |s| s.len)
     }
 
-    /// Writes the step's metadata, reserving cache blocks. Returns (tokens, sequences).
+    /// KV-cache blocks in all (of [`BLOCK`] tokens each).
+    pub fn kv_blocks(&self) -> usize {
+        self.allocator.total_blocks()
+    }
+
+    /// The sizing this executor was made with.
+    pub fn options(&self) -> &CudaOptions {
+        &self.opts
+    }
+
+    /// Logits per token.
+    pub fn vocab(&self) -> usize {
+        self.plan.vocab
+    }
+
+    /// Reserves cache blocks for the step's own sequences (all or none), then writes the step's
+    /// metadata. Returns (tokens, sequences).
     fn prepare(&mut self, batch: &[StepSeq]) -> Result<(usize, usize), CudaError> {
-        let t: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        let b = batch.len();
-        if b == 0
-            || b > self.opts.max_batch
-            || t > self.opts.max_step_tokens
-            || batch.iter().any(|s| s.tokens.is_empty())
-        {
-            return Err(CudaError::Request(format!(
-                "a step takes 1..={} sequences of ≥ 1 token and ≤ {} tokens in all; got {b} sequences, {t} tokens",
-                self.opts.max_batch, self.opts.max_step_tokens
-            )));
-        }
-        let m = &self.meta;
-        let h = &mut self.host_meta;
-        let mut row = 0usize;
-        h[m.query_start] = 0;
-        for (i, s) in batch.iter().enumerate() {
-            let cache = self
-                .seqs
-                .get_mut(&s.seq)
-                .ok_or_else(|| CudaError::Request(format!("unknown sequence {}", s.seq)))?;
+        // Grow every sequence first; on any failure give back what this step took.
+        let mut grown: Vec<(SeqId, usize)> = Vec::with_capacity(batch.len());
+        let mut failed = None;
+        for s in batch {
+            let Some(cache) = self.seqs.get_mut(&s.seq) else {
+                failed = Some(CudaError::Request(format!("unknown sequence {}", s.seq)));
+                break;
+            };
             let new_len = cache.len + s.tokens.len();
             if new_len > self.opts.max_seq_len {
-                return Err(CudaError::Request(format!(
+                failed = Some(CudaError::Request(format!(
                     "sequence would hold {new_len} tokens, more than --max-seq-len {}",
                     self.opts.max_seq_len
                 )));
+                break;
             }
-            self.allocator
-                .reserve(cache, new_len)
-                .map_err(CudaError::Request)?;
-            for (j, &tok) in s.tokens.iter().enumerate() {
-                let pos = cache.len + j;
-                h[m.tokens + row] = tok as i32;
-                h[m.positions + row] = pos as i32;
-                h[m.slots + row] = slot(cache, pos);
-                row += 1;
+            let before = cache.blocks.len();
+            if let Err(e) = self.allocator.reserve(cache, new_len) {
+                failed = Some(CudaError::Request(e));
+                break;
             }
-            cache.len = new_len;
-            h[m.seq_lens + i] = new_len as i32;
-            h[m.query_start + i + 1] = row as i32;
-            h[m.last_index + i] = row as i32 - 1;
-            for (k, blk) in cache.blocks.iter().enumerate() {
-                h[m.block_tables + i * m.max_blocks + k] = *blk as i32;
+            grown.push((s.seq, before));
+        }
+        let written = match failed {
+            Some(e) => Err(e),
+            None => {
+                let steps: Vec<SeqStep<'_>> = batch
+                    .iter()
+                    .map(|s| {
+                        let cache = &self.seqs[&s.seq];
+                        SeqStep {
+                            tokens: &s.tokens,
+                            start: cache.len,
+                            blocks: &cache.blocks,
+                        }
+                    })
+                    .collect();
+                write_meta(
+                    &mut self.host_meta,
+                    &self.meta,
+                    &self.opts,
+                    self.allocator.total_blocks(),
+                    &steps,
+                )
+            }
+        };
+        match written {
+            Ok(tb) => {
+                for s in batch {
+                    let cache = self.seqs.get_mut(&s.seq).expect("checked");
+                    cache.len += s.tokens.len();
+                }
+                self.upload_meta()?;
+                Ok(tb)
+            }
+            Err(e) => {
+                for (id, before) in grown {
+                    let cache = self.seqs.get_mut(&id).expect("grown");
+                    self.allocator.shrink(cache, before);
+                }
+                Err(e)
             }
         }
-        let upto = m.out_tokens;
+    }
+
+    fn upload_meta(&mut self) -> Result<(), CudaError> {
+        let upto = self.meta.out_tokens;
         let mut dst = self.meta.buf.slice_mut(0..upto);
         self.stream.memcpy_htod(&self.host_meta[..upto], &mut dst)?;
-        Ok((t, b))
+        Ok(())
+    }
+
+    /// Runs one step over sequences whose cache blocks the caller manages (the serving
+    /// scheduler; do not mix with [`add_sequence`](Self::add_sequence) sequences, which take
+    /// blocks from the executor's own allocator). With `greedy`, returns each sequence's argmax
+    /// token (sampled on the device; decode steps replay a CUDA graph); otherwise its `[vocab]`
+    /// logits row.
+    pub fn step_paged(
+        &mut self,
+        seqs: &[SeqStep<'_>],
+        greedy: bool,
+    ) -> Result<StepResult, CudaError> {
+        let (t, b) = write_meta(
+            &mut self.host_meta,
+            &self.meta,
+            &self.opts,
+            self.allocator.total_blocks(),
+            seqs,
+        )?;
+        self.upload_meta()?;
+        if greedy {
+            Ok(StepResult::Tokens(self.run_greedy(t, b)?))
+        } else {
+            Ok(StepResult::Logits(self.run_logits(t, b)?))
+        }
     }
 
     fn ptrs(&self, t: usize, b: usize) -> Ptrs<'_> {
@@ -445,6 +507,10 @@ impl CudaExecutor {
     /// Runs one step and returns the `[B, vocab]` logits of each sequence's last token.
     pub fn step_logits(&mut self, batch: &[StepSeq]) -> Result<Vec<f32>, CudaError> {
         let (t, b) = self.prepare(batch)?;
+        self.run_logits(t, b)
+    }
+
+    fn run_logits(&mut self, t: usize, b: usize) -> Result<Vec<f32>, CudaError> {
         let p = self.ptrs(t, b);
         self.kernels.run_plan(&self.stream, &p)?;
         let logits = p.buf(self.plan.logits);
@@ -460,6 +526,10 @@ impl CudaExecutor {
     /// Runs one step and returns the greedy next token of each sequence (argmax on the device).
     pub fn step_greedy(&mut self, batch: &[StepSeq]) -> Result<Vec<u32>, CudaError> {
         let (t, b) = self.prepare(batch)?;
+        self.run_greedy(t, b)
+    }
+
+    fn run_greedy(&mut self, t: usize, b: usize) -> Result<Vec<u32>, CudaError> {
         let p = self.ptrs(t, b);
         // Decode steps (one token per sequence, GEMV-sized) replay a captured graph: every
         // per-step value lives in the metadata buffer written by `prepare`, so the launches and
@@ -521,6 +591,73 @@ impl CudaExecutor {
         self.stream.synchronize()?;
         Ok(out.into_iter().map(|v| v as u32).collect())
     }
+}
+
+/// What [`CudaExecutor::step_paged`] returns.
+#[derive(Clone, Debug)]
+pub enum StepResult {
+    /// `[sequences, vocab]` logits, row-major.
+    Logits(Vec<f32>),
+    /// Each sequence's argmax token.
+    Tokens(Vec<u32>),
+}
+
+/// Checks a step against the executor's sizes and writes its metadata (tokens, positions, cache
+/// slots, sequence lengths, query starts, block tables, last-token rows) into `h`. Returns
+/// (tokens, sequences). Nothing is uploaded.
+fn write_meta(
+    h: &mut [i32],
+    m: &Meta,
+    opts: &CudaOptions,
+    total_blocks: usize,
+    seqs: &[SeqStep<'_>],
+) -> Result<(usize, usize), CudaError> {
+    let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    let b = seqs.len();
+    if b == 0
+        || b > opts.max_batch
+        || t > opts.max_step_tokens
+        || seqs.iter().any(|s| s.tokens.is_empty())
+    {
+        return Err(CudaError::Request(format!(
+            "a step takes 1..={} sequences of ≥ 1 token and ≤ {} tokens in all; got {b} sequences, {t} tokens",
+            opts.max_batch, opts.max_step_tokens
+        )));
+    }
+    for s in seqs {
+        let len = s.start + s.tokens.len();
+        if len > opts.max_seq_len
+            || s.blocks.len() > m.max_blocks
+            || s.blocks.len() * BLOCK < len
+            || s.blocks.iter().any(|&k| k as usize >= total_blocks)
+        {
+            return Err(CudaError::Request(format!(
+                "a sequence of {len} tokens with {} cache blocks does not fit: at most {} tokens \
+                 (--max-seq-len), {} blocks per sequence, block ids below {total_blocks}",
+                s.blocks.len(),
+                opts.max_seq_len,
+                m.max_blocks
+            )));
+        }
+    }
+    let mut row = 0usize;
+    h[m.query_start] = 0;
+    for (i, s) in seqs.iter().enumerate() {
+        for (j, &tok) in s.tokens.iter().enumerate() {
+            let pos = s.start + j;
+            h[m.tokens + row] = tok as i32;
+            h[m.positions + row] = pos as i32;
+            h[m.slots + row] = (s.blocks[pos / BLOCK] as usize * BLOCK + pos % BLOCK) as i32;
+            row += 1;
+        }
+        h[m.seq_lens + i] = (s.start + s.tokens.len()) as i32;
+        h[m.query_start + i + 1] = row as i32;
+        h[m.last_index + i] = row as i32 - 1;
+        for (k, blk) in s.blocks.iter().enumerate() {
+            h[m.block_tables + i * m.max_blocks + k] = *blk as i32;
+        }
+    }
+    Ok((t, b))
 }
 
 #[cfg(test)]

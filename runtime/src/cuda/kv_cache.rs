@@ -55,6 +55,13 @@ impl BlockAllocator {
         Ok(())
     }
 
+    /// Gives back the blocks of `seq` after its first `keep` (undoing a [`reserve`](Self::reserve)).
+    pub fn shrink(&mut self, seq: &mut SeqCache, keep: usize) {
+        if seq.blocks.len() > keep {
+            self.free.extend(seq.blocks.drain(keep..));
+        }
+    }
+
     /// Returns a sequence's blocks to the free list.
     pub fn release(&mut self, seq: &mut SeqCache) {
         self.free.append(&mut seq.blocks);

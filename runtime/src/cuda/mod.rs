@@ -11,7 +11,7 @@ pub mod gemm_algos;
 pub mod kv_cache;
 mod launch;
 
-pub use executor::{CudaExecutor, CudaOptions, SeqId, StepSeq, TracedBuffer};
+pub use executor::{CudaExecutor, CudaOptions, SeqId, StepResult, StepSeq, TracedBuffer};
 pub use launch::{allow_dynamic_smem, plan_instances, GEMV_MAX_ROWS};
 
 /// The architecture name (`sm_90`) of a compute capability.

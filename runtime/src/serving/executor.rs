@@ -1,0 +1,157 @@
+//! What the scheduler needs from an executor: one step over any set of sequences, each feeding
+//! some new tokens at its own position, its KV cache addressed by a block table that the
+//! scheduler owns. The CPU executor (through [`PagedKv`]) and the CUDA executor implement it.
+
+use crate::cpu::paged::PagedKv;
+use crate::cpu::CpuExecutor;
+use crate::generate::GenerateError;
+use rayon::prelude::*;
+
+pub use crate::cuda::StepResult;
+
+/// One sequence's part of a step.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqStep<'a> {
+    /// The tokens to feed (a prompt chunk, or the last sampled token).
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in its cache: the first fed token's position.
+    pub start: usize,
+    /// The sequence's cache blocks, in order; they hold at least `start + tokens.len()` slots.
+    pub blocks: &'a [u32],
+}
+
+/// An executor the scheduler can drive.
+pub trait BatchExecutor {
+    /// Token slots per KV block.
+    fn block_size(&self) -> usize;
+    /// KV blocks in all.
+    fn num_blocks(&self) -> usize;
+    /// Logits per token (the vocabulary).
+    fn vocab(&self) -> usize;
+    /// Most sequences in one step.
+    fn max_batch(&self) -> usize;
+    /// Most tokens (all sequences together) in one step.
+    fn max_step_tokens(&self) -> usize;
+    /// Runs one step and returns, for each sequence's last fed token, its logits (`[seqs,
+    /// vocab]` row-major) or, where `greedy` is asked and the executor samples on its device,
+    /// its argmax token. Writes the fed tokens' keys and values into their slots.
+    fn step(&mut self, seqs: &[SeqStep<'_>], greedy: bool) -> Result<StepResult, GenerateError>;
+}
+
+/// The CPU executor with a paged KV cache. Sequences of a step run in parallel, each as a
+/// one-sequence step of the graph (its cache gathered from and written back to the blocks).
+pub struct CpuBatchExecutor {
+    exec: CpuExecutor,
+    kv: PagedKv,
+    vocab: usize,
+    max_batch: usize,
+    max_step_tokens: usize,
+}
+
+impl CpuBatchExecutor {
+    /// `exec` with a cache of `kv_tokens` token slots in blocks of `block` tokens; steps of at
+    /// most `max_batch` sequences and `max_step_tokens` tokens.
+    pub fn new(
+        exec: CpuExecutor,
+        block: usize,
+        kv_tokens: usize,
+        max_batch: usize,
+        max_step_tokens: usize,
+    ) -> Result<CpuBatchExecutor, GenerateError> {
+        let vocab = exec
+            .graph()
+            .vocab()
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| {
+                GenerateError::NoLogits(
+                    "its graph has no `logits` output [batch, seq, vocab]".into(),
+                )
+            })?;
+        let kv = PagedKv::new(&exec, block, kv_tokens.div_ceil(block))?;
+        Ok(CpuBatchExecutor {
+            exec,
+            kv,
+            vocab,
+            max_batch,
+            max_step_tokens,
+        })
+    }
+
+    /// Bytes of KV cache per token of `exec`'s graph.
+    pub fn kv_bytes_per_token(exec: &CpuExecutor) -> Result<usize, GenerateError> {
+        Ok(PagedKv::bytes_per_token(exec)?)
+    }
+}
+
+impl BatchExecutor for CpuBatchExecutor {
+    fn block_size(&self) -> usize {
+        self.kv.block_size()
+    }
+    fn num_blocks(&self) -> usize {
+        self.kv.num_blocks()
+    }
+    fn vocab(&self) -> usize {
+        self.vocab
+    }
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+    fn max_step_tokens(&self) -> usize {
+        self.max_step_tokens
+    }
+
+    fn step(&mut self, seqs: &[SeqStep<'_>], _greedy: bool) -> Result<StepResult, GenerateError> {
+        let (exec, kv, vocab) = (&self.exec, &self.kv, self.vocab);
+        let ran: Vec<_> = seqs
+            .par_iter()
+            .map(|s| -> Result<_, GenerateError> {
+                let mut session = kv.gather(s.blocks, s.start)?;
+                let ids: Vec<i32> = s.tokens.iter().map(|&t| t as i32).collect();
+                let out = exec.step(&mut session, &ids, &[])?;
+                let logits = out.outputs.get("logits").ok_or_else(|| {
+                    GenerateError::NoLogits("its graph has no output named `logits`".into())
+                })?;
+                if logits.data.len() < vocab {
+                    return Err(GenerateError::NoLogits(format!(
+                        "its `logits` output has shape {:?}, not [batch, seq, {vocab}]",
+                        logits.shape
+                    )));
+                }
+                let row = logits.data[logits.data.len() - vocab..].to_vec();
+                Ok((session, row))
+            })
+            .collect();
+        let mut logits = Vec::with_capacity(seqs.len() * vocab);
+        let mut sessions = Vec::with_capacity(seqs.len());
+        for r in ran {
+            let (session, row) = r?;
+            logits.extend_from_slice(&row);
+            sessions.push(session);
+        }
+        for (s, session) in seqs.iter().zip(&sessions) {
+            self.kv.scatter(session, s.blocks, s.start)?;
+        }
+        Ok(StepResult::Logits(logits))
+    }
+}
+
+impl BatchExecutor for crate::cuda::CudaExecutor {
+    fn block_size(&self) -> usize {
+        crate::cuda::kv_cache::BLOCK
+    }
+    fn num_blocks(&self) -> usize {
+        self.kv_blocks()
+    }
+    fn vocab(&self) -> usize {
+        crate::cuda::CudaExecutor::vocab(self)
+    }
+    fn max_batch(&self) -> usize {
+        self.options().max_batch
+    }
+    fn max_step_tokens(&self) -> usize {
+        self.options().max_step_tokens
+    }
+    fn step(&mut self, seqs: &[SeqStep<'_>], greedy: bool) -> Result<StepResult, GenerateError> {
+        Ok(self.step_paged(seqs, greedy)?)
+    }
+}
