@@ -3,3 +3,5 @@
 
 pub use kiln_compiler as compiler;
 pub use kiln_runtime as runtime;
+
+pub mod serve;

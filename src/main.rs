@@ -61,6 +61,8 @@ enum Command {
     },
     /// Generate text with an engine, streaming tokens to stdout.
     Run(RunArgs),
+    /// Serve an engine over an OpenAI-compatible HTTP API (continuous batching).
+    Serve(cli::serve::ServeArgs),
     /// Print a graph at a stage of the compiler (parsed, optimized, lowered), explain the
     /// rewriter, or summarize it as JSON.
     Inspect(cli::inspect::InspectArgs),
@@ -484,12 +486,15 @@ fn build_options(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Ctrl-C (or SIGTERM) during a build removes the half-written output, then exits.
-    let _ = ctrlc::set_handler(|| {
-        kiln::compiler::output::remove_partials();
-        eprintln!("\ninterrupted");
-        std::process::exit(130);
-    });
+    // Ctrl-C (or SIGTERM) removes a build's half-written output, then exits. (`serve` handles
+    // the signals itself: it drains its requests first.)
+    if !matches!(cli.command, Command::Serve(_)) {
+        let _ = ctrlc::set_handler(|| {
+            kiln::compiler::output::remove_partials();
+            eprintln!("\ninterrupted");
+            std::process::exit(130);
+        });
+    }
     let result = match cli.command {
         Command::Build {
             checkpoint,
@@ -503,6 +508,7 @@ fn main() -> ExitCode {
         } => build_options(model, no_optimize, dtype, &target, arch, allow_unused)
             .and_then(|opts| cmd_build(&checkpoint, &output, opts)),
         Command::Run(args) => cmd_run(args),
+        Command::Serve(args) => cli::serve::run(args),
         Command::Inspect(args) => cli::inspect::run(&args),
         Command::Tokenize {
             engine,

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod diff;
 pub mod inspect;
+pub mod serve;
 pub mod teacher_force;
 
 /// Token ids written on the command line: separated by commas or spaces, JSON brackets allowed

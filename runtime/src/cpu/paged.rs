@@ -4,8 +4,9 @@
 //! common prompt prefix between sequences, and free a sequence's memory block by block.
 //!
 //! A state of shape `[1, outer…, past, inner…]` (append axis `past`) is stored per block as
-//! `[outer, block, inner]` f32. A step of one sequence gathers its first `start` positions into a
-//! one-sequence [`CpuSession`], runs the executor, and scatters the new positions back.
+//! `[outer, block, inner]` f32. A step gathers the first `start` positions of sequences that
+//! share `start` into one [`CpuSession`] (the batch axis is the state's first), runs the
+//! executor, and scatters the new positions back.
 
 use super::tensor::{is_int_storage, Tensor};
 use super::{CpuExecutor, CpuSession, ExecError};
@@ -87,58 +88,77 @@ impl PagedKv {
         Ok(())
     }
 
-    /// A one-sequence session holding the first `len` cached positions of the sequence whose
-    /// blocks are `table`.
-    pub fn gather(&self, table: &[u32], len: usize) -> Result<CpuSession, ExecError> {
-        self.check_table(table, len)?;
+    /// A session of `tables.len()` sequences, each holding the first `len` cached positions of
+    /// the sequence whose blocks are its table (sequences of one session share their length).
+    pub fn gather(&self, tables: &[&[u32]], len: usize) -> Result<CpuSession, ExecError> {
+        for t in tables {
+            self.check_table(t, len)?;
+        }
+        let batch = tables.len();
         let states = self
             .layouts
             .iter()
             .zip(&self.pools)
             .map(|(l, pool)| {
-                let mut data = vec![0f32; l.outer * len * l.inner];
-                for o in 0..l.outer {
-                    for p in 0..len {
-                        let src = self.offset(l, table[p / self.block], o, p % self.block);
-                        let dst = (o * len + p) * l.inner;
-                        data[dst..dst + l.inner].copy_from_slice(&pool[src..src + l.inner]);
+                let per_seq = l.outer * len * l.inner;
+                let mut data = vec![0f32; batch * per_seq];
+                for (b, table) in tables.iter().enumerate() {
+                    for o in 0..l.outer {
+                        for p in 0..len {
+                            let src = self.offset(l, table[p / self.block], o, p % self.block);
+                            let dst = b * per_seq + (o * len + p) * l.inner;
+                            data[dst..dst + l.inner].copy_from_slice(&pool[src..src + l.inner]);
+                        }
                     }
                 }
                 let mut shape = l.shape0.clone();
+                shape[0] = batch;
                 shape[l.axis] = len;
                 Some(Tensor::new(crate::ir::DType::F32, shape, data))
             })
             .collect();
         Ok(CpuSession {
-            batch: 1,
+            batch,
             past: len,
             states,
         })
     }
 
-    /// Copies positions `from..session.past()` of a one-sequence session into the blocks of
-    /// `table`.
+    /// Copies positions `from..session.past()` of each sequence of a session into the blocks of
+    /// its table.
     pub fn scatter(
         &mut self,
         session: &CpuSession,
-        table: &[u32],
+        tables: &[&[u32]],
         from: usize,
     ) -> Result<(), ExecError> {
         let len = session.past;
-        self.check_table(table, len)?;
+        if tables.len() != session.batch {
+            return Err(ExecError::Input(format!(
+                "{} block tables for a session of {} sequences",
+                tables.len(),
+                session.batch
+            )));
+        }
+        for t in tables {
+            self.check_table(t, len)?;
+        }
         for (j, l) in self.layouts.iter().enumerate() {
             let t = session.states[j]
                 .as_ref()
                 .ok_or_else(|| ExecError::Input("the session has not run a step".into()))?;
             let values = t.values::<f32>();
             let block = self.block;
+            let per_seq = l.outer * len * l.inner;
             let pool = &mut self.pools[j];
-            for o in 0..l.outer {
-                for p in from..len {
-                    let b = table[p / block] as usize;
-                    let dst = ((b * l.outer + o) * block + p % block) * l.inner;
-                    let src = (o * len + p) * l.inner;
-                    pool[dst..dst + l.inner].copy_from_slice(&values[src..src + l.inner]);
+            for (b, table) in tables.iter().enumerate() {
+                for o in 0..l.outer {
+                    for p in from..len {
+                        let k = table[p / block] as usize;
+                        let dst = ((k * l.outer + o) * block + p % block) * l.inner;
+                        let src = b * per_seq + (o * len + p) * l.inner;
+                        pool[dst..dst + l.inner].copy_from_slice(&values[src..src + l.inner]);
+                    }
                 }
             }
         }

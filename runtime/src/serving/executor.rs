@@ -38,8 +38,9 @@ pub trait BatchExecutor {
     fn step(&mut self, seqs: &[SeqStep<'_>], greedy: bool) -> Result<StepResult, GenerateError>;
 }
 
-/// The CPU executor with a paged KV cache. Sequences of a step run in parallel, each as a
-/// one-sequence step of the graph (its cache gathered from and written back to the blocks).
+/// The CPU executor with a paged KV cache. The sequences of a step that sit at the same position
+/// and feed as many tokens run as one batched step of the graph (their caches gathered from and
+/// written back to the blocks); such groups run in parallel.
 pub struct CpuBatchExecutor {
     exec: CpuExecutor,
     kv: PagedKv,
@@ -101,35 +102,59 @@ impl BatchExecutor for CpuBatchExecutor {
     }
 
     fn step(&mut self, seqs: &[SeqStep<'_>], _greedy: bool) -> Result<StepResult, GenerateError> {
+        // Sequences at the same position feeding as many tokens run as one batch of the graph.
+        let mut groups: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            match groups
+                .iter_mut()
+                .find(|g| g.0 == s.start && g.1 == s.tokens.len())
+            {
+                Some(g) => g.2.push(i),
+                None => groups.push((s.start, s.tokens.len(), vec![i])),
+            }
+        }
         let (exec, kv, vocab) = (&self.exec, &self.kv, self.vocab);
-        let ran: Vec<_> = seqs
+        let ran: Vec<_> = groups
             .par_iter()
-            .map(|s| -> Result<_, GenerateError> {
-                let mut session = kv.gather(s.blocks, s.start)?;
-                let ids: Vec<i32> = s.tokens.iter().map(|&t| t as i32).collect();
+            .map(|(start, n, members)| -> Result<_, GenerateError> {
+                let tables: Vec<&[u32]> = members.iter().map(|&i| seqs[i].blocks).collect();
+                let mut session = kv.gather(&tables, *start)?;
+                let ids: Vec<i32> = members
+                    .iter()
+                    .flat_map(|&i| seqs[i].tokens.iter().map(|&t| t as i32))
+                    .collect();
                 let out = exec.step(&mut session, &ids, &[])?;
                 let logits = out.outputs.get("logits").ok_or_else(|| {
                     GenerateError::NoLogits("its graph has no output named `logits`".into())
                 })?;
-                if logits.data.len() < vocab {
+                if logits.data.len() != members.len() * n * vocab {
                     return Err(GenerateError::NoLogits(format!(
                         "its `logits` output has shape {:?}, not [batch, seq, {vocab}]",
                         logits.shape
                     )));
                 }
-                let row = logits.data[logits.data.len() - vocab..].to_vec();
-                Ok((session, row))
+                // The last position of each sequence.
+                let rows: Vec<Vec<f32>> = (0..members.len())
+                    .map(|b| {
+                        let at = (b * n + n - 1) * vocab;
+                        logits.data[at..at + vocab].to_vec()
+                    })
+                    .collect();
+                Ok((session, rows))
             })
             .collect();
-        let mut logits = Vec::with_capacity(seqs.len() * vocab);
-        let mut sessions = Vec::with_capacity(seqs.len());
-        for r in ran {
-            let (session, row) = r?;
-            logits.extend_from_slice(&row);
+        let mut logits = vec![0f32; seqs.len() * vocab];
+        let mut sessions = Vec::with_capacity(groups.len());
+        for (r, (_, _, members)) in ran.into_iter().zip(&groups) {
+            let (session, rows) = r?;
+            for (&i, row) in members.iter().zip(rows) {
+                logits[i * vocab..(i + 1) * vocab].copy_from_slice(&row);
+            }
             sessions.push(session);
         }
-        for (s, session) in seqs.iter().zip(&sessions) {
-            self.kv.scatter(session, s.blocks, s.start)?;
+        for ((start, _, members), session) in groups.iter().zip(&sessions) {
+            let tables: Vec<&[u32]> = members.iter().map(|&i| seqs[i].blocks).collect();
+            self.kv.scatter(session, &tables, *start)?;
         }
         Ok(StepResult::Logits(logits))
     }
