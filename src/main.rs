@@ -63,6 +63,8 @@ enum Command {
     Run(RunArgs),
     /// Serve an engine over an OpenAI-compatible HTTP API (continuous batching).
     Serve(cli::serve::ServeArgs),
+    /// Load-test an OpenAI-compatible server: TTFT, TPOT, ITL and throughput.
+    Loadtest(cli::loadtest::LoadtestArgs),
     /// Print a graph at a stage of the compiler (parsed, optimized, lowered), explain the
     /// rewriter, or summarize it as JSON.
     Inspect(cli::inspect::InspectArgs),
@@ -70,9 +72,9 @@ enum Command {
     Bench {
         /// Engine file.
         engine: PathBuf,
-        /// Comma-separated batch sizes.
-        #[arg(long, default_value = "1")]
-        batch: String,
+        /// Comma-separated batch sizes (default 1; not with --throughput).
+        #[arg(long)]
+        batch: Option<String>,
         /// Comma-separated input:output token counts.
         #[arg(long, default_value = "128:128")]
         io: String,
@@ -98,6 +100,28 @@ enum Command {
         /// at an idle GPU (GPU only).
         #[arg(long, default_value_t = 0)]
         ttft_idle_ms: u64,
+        /// Offline throughput through the continuous-batching scheduler: --requests requests
+        /// per --io pair, all submitted at once.
+        #[arg(long)]
+        throughput: bool,
+        /// Requests per --io pair (--throughput; default 1000).
+        #[arg(long)]
+        requests: Option<usize>,
+        /// Standard deviation of the input token counts (--throughput; default 0: fixed).
+        #[arg(long)]
+        input_std: Option<f64>,
+        /// Standard deviation of the output token counts (--throughput; default 0: fixed).
+        #[arg(long)]
+        output_std: Option<f64>,
+        /// Most requests running at once (--throughput; default 256).
+        #[arg(long)]
+        max_num_seqs: Option<usize>,
+        /// Most tokens per scheduler step (--throughput; default GPU 8192, CPU 512).
+        #[arg(long)]
+        max_num_tokens: Option<usize>,
+        /// KV-cache capacity in tokens (--throughput).
+        #[arg(long)]
+        max_kv_tokens: Option<usize>,
     },
     /// Feed given token sequences and record logits and greedy predictions (for checks).
     TeacherForce {
@@ -509,6 +533,7 @@ fn main() -> ExitCode {
             .and_then(|opts| cmd_build(&checkpoint, &output, opts)),
         Command::Run(args) => cmd_run(args),
         Command::Serve(args) => cli::serve::run(args),
+        Command::Loadtest(args) => cli::loadtest::run(args),
         Command::Inspect(args) => cli::inspect::run(&args),
         Command::Tokenize {
             engine,
@@ -534,7 +559,53 @@ fn main() -> ExitCode {
             no_pdl,
             timeline,
             ttft_idle_ms,
+            throughput,
+            requests,
+            input_std,
+            output_std,
+            max_num_seqs,
+            max_num_tokens,
+            max_kv_tokens,
         } => {
+            let offline_only = [
+                (requests.is_some(), "--requests"),
+                (input_std.is_some(), "--input-std"),
+                (output_std.is_some(), "--output-std"),
+                (max_num_seqs.is_some(), "--max-num-seqs"),
+                (max_num_tokens.is_some(), "--max-num-tokens"),
+                (max_kv_tokens.is_some(), "--max-kv-tokens"),
+            ];
+            let session_only = [
+                (batch.is_some(), "--batch"),
+                (no_cuda_graphs, "--no-cuda-graphs"),
+                (no_pdl, "--no-pdl"),
+                (timeline, "--timeline"),
+                (ttft_idle_ms > 0, "--ttft-idle-ms"),
+            ];
+            if throughput {
+                if let Some((_, flag)) = session_only.iter().find(|(on, _)| *on) {
+                    return finish(Err(anyhow::anyhow!(
+                        "{flag} does not apply to --throughput (the scheduler picks the batches)"
+                    )));
+                }
+                let args = device_of(&engine, device).and_then(|d| {
+                    Ok(cli::throughput::ThroughputArgs {
+                        requests: requests.unwrap_or(1000),
+                        io: cli::bench::parse_io(&io)?,
+                        std: (input_std.unwrap_or(0.0), output_std.unwrap_or(0.0)),
+                        max_num_seqs: max_num_seqs.unwrap_or(256),
+                        max_num_tokens,
+                        max_kv_tokens,
+                        device: d,
+                        json,
+                    })
+                });
+                return finish(args.and_then(|a| cli::throughput::run(&engine, &a)));
+            }
+            if let Some((_, flag)) = offline_only.iter().find(|(on, _)| *on) {
+                return finish(Err(anyhow::anyhow!("{flag} applies to --throughput only")));
+            }
+            let batch = batch.unwrap_or_else(|| "1".into());
             let launch = CudaOptions {
                 cuda_graphs: !no_cuda_graphs,
                 pdl: !no_pdl,
@@ -577,6 +648,11 @@ fn main() -> ExitCode {
         } => device_of(&engine, device)
             .and_then(|d| cli::teacher_force::run(&engine, &input, &output, &d)),
     };
+    finish(result)
+}
+
+/// The exit status of a command, printing its error.
+fn finish(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

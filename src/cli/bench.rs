@@ -50,7 +50,8 @@ fn parse_list(s: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-fn parse_io(s: &str) -> Result<Vec<(usize, usize)>> {
+/// `input:output` pairs, comma-separated (`128:128,2048:128`).
+pub fn parse_io(s: &str) -> Result<Vec<(usize, usize)>> {
     s.split(',')
         .map(|p| {
             let (i, o) = p

@@ -3,8 +3,10 @@
 pub mod bench;
 pub mod diff;
 pub mod inspect;
+pub mod loadtest;
 pub mod serve;
 pub mod teacher_force;
+pub mod throughput;
 
 /// Token ids written on the command line: separated by commas or spaces, JSON brackets allowed
 /// (`1 2,3`, `[1, 2, 3]`); a word that is not an id is an error naming it.
