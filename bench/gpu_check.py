@@ -21,7 +21,7 @@ It also checks that a KV cache larger than the GPU is refused with how much memo
 Usage: python3 bench/gpu_check.py [--kiln .dev/bin/kiln] [--models smollm2,llama2-7b,llama3-8b]
        [--init width-scaled|hf]
 """
-import argparse, json, os, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time, urllib.request
 
 import torch
 import transformers
@@ -118,6 +118,83 @@ def hf_decode_speed(model, prompt, n=64):
     return n / (time.perf_counter() - t0)
 
 
+def write_word_tokenizer(ckpt, vocab):
+    """A WordLevel tokenizer.json whose token i is the word `w{i}` (0 is `<unk>`): random-weight
+    checkpoints get one so that `kiln serve` runs on them, and served text maps back to ids."""
+    words = {"<unk>": 0}
+    words.update({f"w{i}": i for i in range(1, vocab)})
+    tok = {"version": "1.0", "truncation": None, "padding": None,
+           "added_tokens": [{"id": 0, "content": "<unk>", "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": False, "special": True}],
+           "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
+           "decoder": None, "model": {"type": "WordLevel", "vocab": words, "unk_token": "<unk>"}}
+    with open(os.path.join(ckpt, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+
+
+def word_ids(text):
+    """Token ids of text written with a `write_word_tokenizer` tokenizer."""
+    return [int(w[1:]) if w.startswith("w") else 0 for w in text.split()]
+
+
+class Server:
+    """`kiln serve` on an engine (GPU), on a free port, until closed (SIGTERM, then wait)."""
+
+    def __init__(self, kiln, engine, *extra):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([kiln, "serve", engine, "--port", str(self.port), *extra],
+                                     stderr=subprocess.PIPE, text=True)
+        t0 = time.time()
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() - t0 > 300:
+                    raise RuntimeError(f"kiln serve did not start: {self.proc.stderr.read()}")
+                time.sleep(0.5)
+
+    def complete(self, prompt, n):
+        body = json.dumps({"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}).encode()
+        req = urllib.request.Request(self.url + "/v1/completions", body, {"content-type": "application/json"})
+        return word_ids(json.loads(urllib.request.urlopen(req, timeout=600).read())["choices"][0]["text"])
+
+    def close(self):
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120)
+
+
+def serve_agreement(kiln, engine, prompts, conts):
+    """Greedy tokens through `kiln serve` (the continuous-batching scheduler on the GPU): each
+    prompt alone, then all together with copies sharing prefixes; against each other and against
+    transformers' greedy continuation."""
+    from concurrent.futures import ThreadPoolExecutor
+    srv = Server(kiln, engine, "--max-num-seqs", "64")
+    try:
+        alone = [srv.complete(p, len(c)) for p, c in zip(prompts, conts)]
+        # Together: every prompt, plus a copy extended by a few tokens (a shared prefix).
+        jobs = [(p, len(c)) for p, c in zip(prompts, conts)] + [(p + p[:5], len(c)) for p, c in zip(prompts, conts)]
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            together = list(ex.map(lambda j: srv.complete(*j), jobs))
+    finally:
+        rc = srv.close()
+
+    def prefix(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+    return dict(
+        served_together_equal_alone=sum(t == a for t, a in zip(together, alone)) / len(alone),
+        served_alone_vs_hf_prefix=min(prefix(a, c) / len(c) for a, c in zip(alone, conts)),
+        served_exit=rc,
+    )
+
+
 def init_range(init, hidden):
     """Standard deviation of the random weights (see the module docstring)."""
     return 0.02 if init == "hf" else 0.02 * (576 / hidden) ** 0.5
@@ -146,6 +223,8 @@ def main():
     ap.add_argument("--models", default="smollm2-135m,llama2-7b,llama3-8b")
     ap.add_argument("--cont", type=int, default=128)
     ap.add_argument("--cpu-agree", action="store_true")
+    ap.add_argument("--serve", action="store_true",
+                    help="also serve the batch-4 prompts through `kiln serve` (alone and together)")
     ap.add_argument("--diff", action="store_true", help="run `kiln diff` on each engine (every GPU buffer against the CPU graph)")
     ap.add_argument("--init", choices=["width-scaled", "hf"], default="width-scaled")
     ap.add_argument("--work", default=tempfile.gettempdir())
@@ -168,6 +247,7 @@ def main():
         ckpt = os.path.join(args.work, f"ckpt-{name}")
         engine = os.path.join(args.work, f"{name}.kiln")
         model.save_pretrained(ckpt, safe_serialization=True)
+        write_word_tokenizer(ckpt, cfg.vocab_size)
         _, build_s = run([args.kiln, "build", ckpt, "-o", engine, "--target", "cuda"])
         shutil.rmtree(ckpt)
         ok, msg = oom_message(args.kiln, engine)
@@ -217,6 +297,8 @@ def main():
                 cpu = json.load(open(out_cpu))
                 row["gpu_vs_cpu_rel_l2"] = rel_l2(got["last_logits"][0], cpu["last_logits"][0])
                 row["gpu_vs_cpu_top1"] = sum(a == b for a, b in zip(got["predictions"][0], cpu["predictions"][0])) / len(cpu["predictions"][0])
+            if args.serve and len(lens) > 1:
+                row.update(serve_agreement(args.kiln, engine, prompts, conts))
             rows.append(row)
             print(json.dumps(row), flush=True)
         bench, _ = run([args.kiln, "bench", engine, "--batch", "1", "--io", "128:128", "--json"])
