@@ -74,7 +74,13 @@ pub struct TracedBuffer {
 /// Device-side per-step metadata (int32 arrays), written before each step.
 struct Meta {
     buf: CudaSlice<i32>,
-    /// Offsets (in i32 elements) of each array inside `buf`.
+    at: MetaLayout,
+}
+
+/// Where each per-step array lives in the metadata buffer.
+#[derive(Clone, Copy, Debug)]
+struct MetaLayout {
+    /// Offsets (in i32 elements) of each array.
     tokens: usize,
     positions: usize,
     slots: usize,
@@ -84,6 +90,37 @@ struct Meta {
     last_index: usize,
     out_tokens: usize,
     max_blocks: usize,
+    /// i32 elements in all.
+    len: usize,
+}
+
+impl MetaLayout {
+    /// The arrays of steps of at most `tokens` tokens and `batch` sequences of at most
+    /// `max_seq_len` tokens: tokens, positions and cache slots per token; per sequence its
+    /// length, query start (one more), block table row, last-token row and sampled token.
+    fn new(tokens: usize, batch: usize, max_seq_len: usize) -> MetaLayout {
+        let max_blocks = max_seq_len.div_ceil(BLOCK);
+        let (t, b) = (tokens, batch);
+        let sizes = [t, t, t, b, b + 1, b * max_blocks, b, b];
+        let mut offs = [0usize; 8];
+        let mut n = 0;
+        for (o, s) in offs.iter_mut().zip(sizes) {
+            *o = n;
+            n += s;
+        }
+        MetaLayout {
+            tokens: offs[0],
+            positions: offs[1],
+            slots: offs[2],
+            seq_lens: offs[3],
+            query_start: offs[4],
+            block_tables: offs[5],
+            last_index: offs[6],
+            out_tokens: offs[7],
+            max_blocks,
+            len: n,
+        }
+    }
 }
 
 /// Runs a GPU engine.
@@ -254,26 +291,11 @@ impl CudaExecutor {
         let kv = stream.alloc_zeros::<u8>(kv_total)?;
         let kv_base = kv.device_ptr(&stream).0;
 
-        let max_blocks = opts.max_seq_len.div_ceil(BLOCK);
-        let (t, b) = (opts.max_step_tokens, opts.max_batch);
-        let sizes = [t, t, t, b, b + 1, b * max_blocks, b, b];
-        let mut offs = [0usize; 8];
-        let mut n = 0;
-        for (o, s) in offs.iter_mut().zip(sizes) {
-            *o = n;
-            n += s;
-        }
+        let at = MetaLayout::new(opts.max_step_tokens, opts.max_batch, opts.max_seq_len);
+        let n = at.len;
         let meta = Meta {
             buf: stream.alloc_zeros::<i32>(n)?,
-            tokens: offs[0],
-            positions: offs[1],
-            slots: offs[2],
-            seq_lens: offs[3],
-            query_start: offs[4],
-            block_tables: offs[5],
-            last_index: offs[6],
-            out_tokens: offs[7],
-            max_blocks,
+            at,
         };
         let device_bytes = total + arena_total + kv_total + n * 4;
         Ok(CudaExecutor {
@@ -379,7 +401,7 @@ impl CudaExecutor {
                     .collect();
                 write_meta(
                     &mut self.host_meta,
-                    &self.meta,
+                    &self.meta.at,
                     &self.opts,
                     self.allocator.total_blocks(),
                     &steps,
@@ -406,7 +428,7 @@ impl CudaExecutor {
     }
 
     fn upload_meta(&mut self) -> Result<(), CudaError> {
-        let upto = self.meta.out_tokens;
+        let upto = self.meta.at.out_tokens;
         let mut dst = self.meta.buf.slice_mut(0..upto);
         self.stream.memcpy_htod(&self.host_meta[..upto], &mut dst)?;
         Ok(())
@@ -424,7 +446,7 @@ impl CudaExecutor {
     ) -> Result<StepResult, CudaError> {
         let (t, b) = write_meta(
             &mut self.host_meta,
-            &self.meta,
+            &self.meta.at,
             &self.opts,
             self.allocator.total_blocks(),
             seqs,
@@ -446,15 +468,15 @@ impl CudaExecutor {
             slot_base: &self.slot_base,
             kv_base: self.kv_base,
             kv_layer_bytes: self.kv_layer_bytes as u64,
-            tokens: at(self.meta.tokens),
-            positions: at(self.meta.positions),
-            slots: at(self.meta.slots),
-            seq_lens: at(self.meta.seq_lens),
-            query_start: at(self.meta.query_start),
-            block_tables: at(self.meta.block_tables),
-            max_blocks: self.meta.max_blocks as i32,
-            last_index: at(self.meta.last_index),
-            out_tokens: at(self.meta.out_tokens),
+            tokens: at(self.meta.at.tokens),
+            positions: at(self.meta.at.positions),
+            slots: at(self.meta.at.slots),
+            seq_lens: at(self.meta.at.seq_lens),
+            query_start: at(self.meta.at.query_start),
+            block_tables: at(self.meta.at.block_tables),
+            max_blocks: self.meta.at.max_blocks as i32,
+            last_index: at(self.meta.at.last_index),
+            out_tokens: at(self.meta.at.out_tokens),
             max_seq_len: self.opts.max_seq_len,
             t,
             b,
@@ -607,7 +629,7 @@ pub enum StepResult {
 /// (tokens, sequences). Nothing is uploaded.
 fn write_meta(
     h: &mut [i32],
-    m: &Meta,
+    m: &MetaLayout,
     opts: &CudaOptions,
     total_blocks: usize,
     seqs: &[SeqStep<'_>],
@@ -663,6 +685,66 @@ fn write_meta(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_metadata_of_caller_owned_block_tables() {
+        let opts = CudaOptions {
+            max_batch: 4,
+            max_step_tokens: 64,
+            max_seq_len: 64,
+            ..CudaOptions::default()
+        };
+        let m = MetaLayout::new(opts.max_step_tokens, opts.max_batch, opts.max_seq_len);
+        let mut h = vec![-1; m.len];
+        // A prompt chunk of 3 tokens at positions 15..18 (crossing into its second block), and
+        // a decode at position 4.
+        let (a, b) = ([5u32, 6, 7], [9u32]);
+        let seqs = [
+            SeqStep {
+                tokens: &a,
+                start: 15,
+                blocks: &[7, 2],
+            },
+            SeqStep {
+                tokens: &b,
+                start: 4,
+                blocks: &[3],
+            },
+        ];
+        assert_eq!(write_meta(&mut h, &m, &opts, 8, &seqs).unwrap(), (4, 2));
+        assert_eq!(&h[m.tokens..m.tokens + 4], &[5, 6, 7, 9]);
+        assert_eq!(&h[m.positions..m.positions + 4], &[15, 16, 17, 4]);
+        let bs = BLOCK as i32;
+        assert_eq!(
+            &h[m.slots..m.slots + 4],
+            &[7 * bs + 15, 2 * bs, 2 * bs + 1, 3 * bs + 4]
+        );
+        assert_eq!(&h[m.seq_lens..m.seq_lens + 2], &[18, 5]);
+        assert_eq!(&h[m.query_start..m.query_start + 3], &[0, 3, 4]);
+        assert_eq!(&h[m.last_index..m.last_index + 2], &[2, 3]);
+        assert_eq!(&h[m.block_tables..m.block_tables + 2], &[7, 2]);
+        let row1 = m.block_tables + m.max_blocks;
+        assert_eq!(h[row1], 3);
+        // Too few blocks, a block id past the cache, too many sequences: refused.
+        let short = [SeqStep {
+            tokens: &a,
+            start: 15,
+            blocks: &[7],
+        }];
+        assert!(write_meta(&mut h, &m, &opts, 8, &short).is_err());
+        let outside = [SeqStep {
+            tokens: &b,
+            start: 0,
+            blocks: &[8],
+        }];
+        assert!(write_meta(&mut h, &m, &opts, 8, &outside).is_err());
+        let five = [SeqStep {
+            tokens: &b,
+            start: 0,
+            blocks: &[1],
+        }; 5];
+        assert!(write_meta(&mut h, &m, &opts, 8, &five).is_err());
+    }
 
     #[test]
     fn an_engine_for_another_gpu_is_refused_with_what_to_rebuild() {
