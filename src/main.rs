@@ -63,6 +63,8 @@ enum Command {
     Run(RunArgs),
     /// Serve an engine over an OpenAI-compatible HTTP API (continuous batching).
     Serve(cli::serve::ServeArgs),
+    /// Perplexity of an engine on a text (llama.cpp's protocol).
+    Eval(cli::eval::EvalArgs),
     /// Load-test an OpenAI-compatible server: TTFT, TPOT, ITL and throughput.
     Loadtest(cli::loadtest::LoadtestArgs),
     /// Print a graph at a stage of the compiler (parsed, optimized, lowered), explain the
@@ -534,6 +536,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd_run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Loadtest(args) => cli::loadtest::run(args),
+        Command::Eval(args) => cli::eval::run(&args),
         Command::Inspect(args) => cli::inspect::run(&args),
         Command::Tokenize {
             engine,

@@ -289,3 +289,63 @@ fn prompt_longer_than_the_context_is_refused() {
     assert!(err.contains("context window is 8192 tokens"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `kiln eval` (all logits of a window in one step) agrees with scoring the same windows token
+/// by token through the decode path, computed here from the llama.cpp protocol.
+#[test]
+fn eval_perplexity_matches_token_by_token_scoring() {
+    let b = built();
+    let out = kiln()
+        .args([
+            "eval",
+            b.path.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--chunks",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let corpus = std::fs::read_to_string(root().join("data/eval/pydoc-topics.txt")).unwrap();
+    let ids = b.tok.encode(&corpus).unwrap();
+    assert!(ids.len() >= 100_000, "the corpus has {} tokens", ids.len());
+    assert_eq!(report["text_tokens"], ids.len());
+    let (mut sum, mut n) = (0f64, 0usize);
+    for w in ids.chunks_exact(64).take(2) {
+        let mut session = b.exec.session(1);
+        let first = 32;
+        let prefix: Vec<i32> = w[..=first].iter().map(|&t| t as i32).collect();
+        let mut out = b.exec.step(&mut session, &prefix, &[]).unwrap();
+        for j in first..63 {
+            let l = &out.outputs["logits"];
+            let row = &l.data[l.data.len() - 49152..];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            sum += lse - row[w[j + 1] as usize] as f64;
+            n += 1;
+            if j + 1 < 63 {
+                out = b.exec.step(&mut session, &[w[j + 1] as i32], &[]).unwrap();
+            }
+        }
+    }
+    assert_eq!(report["scored_tokens"], n);
+    let want = (sum / n as f64).exp();
+    let got = report["perplexity"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() / want < 1e-3,
+        "kiln eval {got} vs token by token {want}"
+    );
+    assert!((2.0..100.0).contains(&got), "perplexity {got}");
+}

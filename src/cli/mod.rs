@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod diff;
+pub mod eval;
 pub mod inspect;
 pub mod loadtest;
 pub mod serve;
