@@ -89,6 +89,12 @@ struct MetaLayout {
     block_tables: usize,
     last_index: usize,
     out_tokens: usize,
+    /// Device sampling settings per sequence: temperature and top-p (f32 bits), top-k, and
+    /// (seed, step) as u64 pairs (8-byte aligned).
+    temperature: usize,
+    top_k: usize,
+    top_p: usize,
+    seeds: usize,
     max_blocks: usize,
     /// i32 elements in all.
     len: usize,
@@ -101,10 +107,12 @@ impl MetaLayout {
     fn new(tokens: usize, batch: usize, max_seq_len: usize) -> MetaLayout {
         let max_blocks = max_seq_len.div_ceil(BLOCK);
         let (t, b) = (tokens, batch);
-        let sizes = [t, t, t, b, b + 1, b * max_blocks, b, b];
-        let mut offs = [0usize; 8];
+        let sizes = [t, t, t, b, b + 1, b * max_blocks, b, b, b, b, b, 4 * b];
+        let mut offs = [0usize; 12];
         let mut n = 0;
         for (o, s) in offs.iter_mut().zip(sizes) {
+            // Even offsets: the u64 seed pairs need 8-byte alignment.
+            n += n % 2;
             *o = n;
             n += s;
         }
@@ -117,6 +125,10 @@ impl MetaLayout {
             block_tables: offs[5],
             last_index: offs[6],
             out_tokens: offs[7],
+            temperature: offs[8],
+            top_k: offs[9],
+            top_p: offs[10],
+            seeds: offs[11],
             max_blocks,
             len: n,
         }
@@ -436,13 +448,13 @@ impl CudaExecutor {
 
     /// Runs one step over sequences whose cache blocks the caller manages (the serving
     /// scheduler; do not mix with [`add_sequence`](Self::add_sequence) sequences, which take
-    /// blocks from the executor's own allocator). With `greedy`, returns each sequence's argmax
-    /// token (sampled on the device; decode steps replay a CUDA graph); otherwise its `[vocab]`
-    /// logits row.
+    /// blocks from the executor's own allocator). Returns each sequence's argmax token (decode
+    /// steps replay a CUDA graph), its token drawn on the device with its own settings, or its
+    /// `[vocab]` logits row, as `want` asks.
     pub fn step_paged(
         &mut self,
         seqs: &[SeqStep<'_>],
-        greedy: bool,
+        want: Want<'_>,
     ) -> Result<StepResult, CudaError> {
         let (t, b) = write_meta(
             &mut self.host_meta,
@@ -451,12 +463,45 @@ impl CudaExecutor {
             self.allocator.total_blocks(),
             seqs,
         )?;
-        self.upload_meta()?;
-        if greedy {
-            Ok(StepResult::Tokens(self.run_greedy(t, b)?))
-        } else {
-            Ok(StepResult::Logits(self.run_logits(t, b)?))
+        match want {
+            Want::Greedy => {
+                self.upload_meta()?;
+                Ok(StepResult::Tokens(self.run_greedy(t, b)?))
+            }
+            Want::Logits => {
+                self.upload_meta()?;
+                Ok(StepResult::Logits(self.run_logits(t, b)?))
+            }
+            Want::Sample(params) => {
+                if params.len() != b {
+                    return Err(CudaError::Request(format!(
+                        "{} sampling settings for a step of {b} sequences",
+                        params.len()
+                    )));
+                }
+                write_sampling(&mut self.host_meta, &self.meta.at, params);
+                // The step's metadata and the sampling settings after it, in one copy.
+                let to = self.meta.at.len;
+                let mut dst = self.meta.buf.slice_mut(0..to);
+                self.stream.memcpy_htod(&self.host_meta[..to], &mut dst)?;
+                Ok(StepResult::Tokens(self.run_sample(t, b)?))
+            }
         }
+    }
+
+    fn run_sample(&mut self, t: usize, b: usize) -> Result<Vec<u32>, CudaError> {
+        let p = self.ptrs(t, b);
+        let base = self.meta.buf.device_ptr(&self.stream).0;
+        let at = |off: usize| base + (off * 4) as u64;
+        let m = self.meta.at;
+        self.kernels.run_plan(&self.stream, &p)?;
+        self.kernels.sample(
+            &self.stream,
+            &p,
+            [at(m.temperature), at(m.top_k), at(m.top_p), at(m.seeds)],
+        )?;
+        let out_tokens = p.out_tokens;
+        self.read_tokens(out_tokens, b)
     }
 
     fn ptrs(&self, t: usize, b: usize) -> Ptrs<'_> {
@@ -615,6 +660,46 @@ impl CudaExecutor {
     }
 }
 
+/// What [`CudaExecutor::step_paged`] is asked for.
+#[derive(Clone, Copy, Debug)]
+pub enum Want<'a> {
+    /// Each sequence's argmax token.
+    Greedy,
+    /// Each sequence's token drawn on the device with its settings (one per sequence).
+    Sample(&'a [SampleParams]),
+    /// Each sequence's logits row.
+    Logits,
+}
+
+/// One sequence's device sampling settings (`sampling.cu`'s `sample`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    /// Temperature; ≤ 0 is greedy.
+    pub temperature: f32,
+    /// Top-k; 0 keeps every token.
+    pub top_k: i32,
+    /// Top-p; 1 keeps every token.
+    pub top_p: f32,
+    /// The sequence's seed.
+    pub seed: u64,
+    /// Its draw counter (the draw depends on seed and step only).
+    pub step: u64,
+}
+
+/// Writes the sampling settings of a step into `h` (f32 values as their bits, u64 as two i32).
+fn write_sampling(h: &mut [i32], m: &MetaLayout, params: &[SampleParams]) {
+    for (i, s) in params.iter().enumerate() {
+        h[m.temperature + i] = s.temperature.to_bits() as i32;
+        h[m.top_k + i] = s.top_k;
+        h[m.top_p + i] = s.top_p.to_bits() as i32;
+        for (j, v) in [s.seed, s.step].into_iter().enumerate() {
+            let at = m.seeds + 4 * i + 2 * j;
+            h[at] = v as u32 as i32;
+            h[at + 1] = (v >> 32) as u32 as i32;
+        }
+    }
+}
+
 /// What [`CudaExecutor::step_paged`] returns.
 #[derive(Clone, Debug)]
 pub enum StepResult {
@@ -725,6 +810,19 @@ mod tests {
         assert_eq!(&h[m.block_tables..m.block_tables + 2], &[7, 2]);
         let row1 = m.block_tables + m.max_blocks;
         assert_eq!(h[row1], 3);
+        // Sampling settings: f32 bits, and u64 pairs at 8-byte-aligned offsets.
+        assert_eq!(m.seeds % 2, 0);
+        let sp = SampleParams {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            seed: (3 << 32) | 5,
+            step: 11,
+        };
+        write_sampling(&mut h, &m, &[sp, sp]);
+        assert_eq!(f32::from_bits(h[m.temperature + 1] as u32), 0.7);
+        assert_eq!(h[m.top_k], 40);
+        assert_eq!(&h[m.seeds + 4..m.seeds + 8], &[5, 3, 11, 0]);
         // Too few blocks, a block id past the cache, too many sequences: refused.
         let short = [SeqStep {
             tokens: &a,

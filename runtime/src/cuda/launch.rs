@@ -114,6 +114,7 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
         KernelInstance::attention_decode_merge(h, d),
         KernelInstance::attention_prefill_for(h, kh, d, BLOCK, arch),
         KernelInstance::argmax(),
+        KernelInstance::sample(),
     ];
     for l in &plan.launches {
         match l {
@@ -519,6 +520,33 @@ impl Kernels {
             &KernelInstance::argmax(),
             sizes(0, p.b, 0, 0),
             &[P(logits), I(v), P(p.out_tokens)],
+        )
+    }
+
+    /// Next token per sequence drawn from the logits with per-sequence settings into
+    /// `out_tokens`; `settings` = device pointers of temperature [B] f32, top-k [B] i32, top-p
+    /// [B] f32 and (seed, step) [B, 2] u64.
+    pub fn sample(
+        &self,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+        settings: [u64; 4],
+    ) -> Result<(), CudaError> {
+        let (logits, v) = (p.buf(p.plan.logits), p.plan.vocab as i32);
+        let [temperature, top_k, top_p, seeds] = settings;
+        self.go(
+            stream,
+            &KernelInstance::sample(),
+            sizes(0, p.b, 0, 0),
+            &[
+                P(logits),
+                I(v),
+                P(temperature),
+                P(top_k),
+                P(top_p),
+                P(seeds),
+                P(p.out_tokens),
+            ],
         )
     }
 

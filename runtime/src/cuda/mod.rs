@@ -11,7 +11,9 @@ pub mod gemm_algos;
 pub mod kv_cache;
 mod launch;
 
-pub use executor::{CudaExecutor, CudaOptions, SeqId, StepResult, StepSeq, TracedBuffer};
+pub use executor::{
+    CudaExecutor, CudaOptions, SampleParams, SeqId, StepResult, StepSeq, TracedBuffer, Want,
+};
 pub use launch::{allow_dynamic_smem, plan_instances, GEMV_MAX_ROWS};
 
 /// The architecture name (`sm_90`) of a compute capability.

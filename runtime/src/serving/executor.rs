@@ -7,7 +7,7 @@ use crate::cpu::CpuExecutor;
 use crate::generate::GenerateError;
 use rayon::prelude::*;
 
-pub use crate::cuda::StepResult;
+pub use crate::cuda::{SampleParams, StepResult, Want};
 
 /// One sequence's part of a step.
 #[derive(Clone, Copy, Debug)]
@@ -32,10 +32,11 @@ pub trait BatchExecutor {
     fn max_batch(&self) -> usize;
     /// Most tokens (all sequences together) in one step.
     fn max_step_tokens(&self) -> usize;
-    /// Runs one step and returns, for each sequence's last fed token, its logits (`[seqs,
-    /// vocab]` row-major) or, where `greedy` is asked and the executor samples on its device,
-    /// its argmax token. Writes the fed tokens' keys and values into their slots.
-    fn step(&mut self, seqs: &[SeqStep<'_>], greedy: bool) -> Result<StepResult, GenerateError>;
+    /// Runs one step and returns, for each sequence's last fed token, what `want` asks for
+    /// where the executor chooses tokens on its device (argmax, or a draw with each sequence's
+    /// settings), else its logits (`[seqs, vocab]` row-major). Writes the fed tokens' keys and
+    /// values into their slots.
+    fn step(&mut self, seqs: &[SeqStep<'_>], want: Want<'_>) -> Result<StepResult, GenerateError>;
 }
 
 /// The CPU executor with a paged KV cache. The sequences of a step that sit at the same position
@@ -101,7 +102,7 @@ impl BatchExecutor for CpuBatchExecutor {
         self.max_step_tokens
     }
 
-    fn step(&mut self, seqs: &[SeqStep<'_>], _greedy: bool) -> Result<StepResult, GenerateError> {
+    fn step(&mut self, seqs: &[SeqStep<'_>], _want: Want<'_>) -> Result<StepResult, GenerateError> {
         // Sequences at the same position feeding as many tokens run as one batch of the graph.
         let mut groups: Vec<(usize, usize, Vec<usize>)> = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
@@ -176,7 +177,7 @@ impl BatchExecutor for crate::cuda::CudaExecutor {
     fn max_step_tokens(&self) -> usize {
         self.options().max_step_tokens
     }
-    fn step(&mut self, seqs: &[SeqStep<'_>], greedy: bool) -> Result<StepResult, GenerateError> {
-        Ok(self.step_paged(seqs, greedy)?)
+    fn step(&mut self, seqs: &[SeqStep<'_>], want: Want<'_>) -> Result<StepResult, GenerateError> {
+        Ok(self.step_paged(seqs, want)?)
     }
 }

@@ -14,7 +14,7 @@
 //! their own parameters, check their stop conditions, and report to their request's sink.
 
 use super::blocks::{block_hash, BlockPool};
-use super::executor::{BatchExecutor, SeqStep, StepResult};
+use super::executor::{BatchExecutor, SampleParams, SeqStep, StepResult, Want};
 use crate::generate::GenerateError;
 use crate::sampling::{Sampler, SamplingParams, StopCriteria};
 use crate::tokenizer::{TextStream, Tokenizer};
@@ -453,13 +453,34 @@ impl<E: BatchExecutor> Scheduler<E> {
             .collect();
         report.seqs = plan.len();
         report.tokens = plan.iter().map(|p| p.1).sum();
-        // Sample on the device when every sequence that samples this step is greedy.
-        let greedy = plan.iter().all(|&(i, chunk)| {
-            let s = &self.running[i];
-            s.computed + chunk < s.tokens.len()
-                || (s.req.sampling.is_greedy() && s.req.logprobs.is_none())
-        });
-        let out = match self.exec.step(&steps, greedy) {
+        // Choose tokens on the device unless a sequence wants log-probabilities (which need
+        // the logits): argmax when every sequence is greedy, else a draw with each one's
+        // settings (a sequence still prefilling draws nothing that is used).
+        let sampling: Vec<SampleParams> = plan
+            .iter()
+            .map(|&(i, _)| {
+                let s = &self.running[i];
+                let p = &s.req.sampling;
+                SampleParams {
+                    temperature: if p.is_greedy() { 0.0 } else { p.temperature },
+                    top_k: i32::try_from(p.top_k).unwrap_or(i32::MAX),
+                    top_p: p.top_p,
+                    seed: p.seed,
+                    step: s.generated() as u64,
+                }
+            })
+            .collect();
+        let want = if plan
+            .iter()
+            .any(|&(i, _)| self.running[i].req.logprobs.is_some())
+        {
+            Want::Logits
+        } else if sampling.iter().all(|p| p.temperature == 0.0) {
+            Want::Greedy
+        } else {
+            Want::Sample(&sampling)
+        };
+        let out = match self.exec.step(&steps, want) {
             Ok(l) => l,
             Err(e) => {
                 let msg = e.to_string();
