@@ -25,6 +25,9 @@ echo "## offline throughput" >&2
 "$kiln" bench "$engine" --throughput --io 128:2048 --requests "${LONG_REQUESTS:-256}" --json \
   | tee "$out/throughput-long.json"
 
+echo "## where a step's time goes at batch 256 (per-kernel timeline of one prefill and one decode step)" >&2
+"$kiln" bench "$engine" --batch 256 --io 128:128 --timeline > "$out/timeline-b256.txt" 2>&1 || true
+
 echo "## kiln serve + kiln loadtest" >&2
 port=8431
 "$kiln" serve "$engine" --port "$port" 2> "$out/serve.log" &

@@ -57,6 +57,10 @@ pub struct ThroughputRow {
     pub steps: u64,
     /// Preemptions (recomputed sequences).
     pub preemptions: u64,
+    /// Share of the wall time spent inside executor steps (the rest is the host's).
+    pub exec_share: f64,
+    /// Mean tokens per step (prompt chunks and decodes).
+    pub tokens_per_step: f64,
 }
 
 /// A seeded splitmix64, for reproducible prompts and lengths.
@@ -155,6 +159,10 @@ pub fn run(engine_path: &Path, a: &ThroughputArgs) -> Result<()> {
             total_tokens_per_s: (input_tokens + generated) as f64 / seconds,
             steps: after.steps - before.steps,
             preemptions: after.preemptions - before.preemptions,
+            exec_share: (after.exec_seconds - before.exec_seconds) / seconds,
+            tokens_per_step: (after.prompt_tokens - before.prompt_tokens + after.generated_tokens
+                - before.generated_tokens) as f64
+                / (after.steps - before.steps).max(1) as f64,
         });
     }
     drop(handle);

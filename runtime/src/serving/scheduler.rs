@@ -161,6 +161,9 @@ pub struct SchedulerStats {
     pub preemptions: u64,
     /// Requests finished (any reason, aborts included).
     pub finished: u64,
+    /// Seconds spent inside the executor's steps (the rest of a run's time is the host's:
+    /// planning, sampling on the host, detokenizing, reporting).
+    pub exec_seconds: f64,
 }
 
 /// A request in the scheduler.
@@ -480,7 +483,10 @@ impl<E: BatchExecutor> Scheduler<E> {
         } else {
             Want::Sample(&sampling)
         };
-        let out = match self.exec.step(&steps, want) {
+        let t0 = std::time::Instant::now();
+        let ran = self.exec.step(&steps, want);
+        self.stats.exec_seconds += t0.elapsed().as_secs_f64();
+        let out = match ran {
             Ok(l) => l,
             Err(e) => {
                 let msg = e.to_string();
