@@ -38,6 +38,10 @@ pub struct Row {
     pub decode_step_ms: f64,
     /// Device memory held by the executor (MiB).
     pub gpu_memory_mib: f64,
+    /// Bytes of the engine's weights (what a decode step streams at least once).
+    pub weight_bytes: usize,
+    /// Weight bytes per median decode step: the achieved weight-streaming bandwidth (GB/s).
+    pub weight_gb_per_s: f64,
 }
 
 fn parse_list(s: &str) -> Result<Vec<usize>> {
@@ -194,6 +198,8 @@ fn bench_gpu(
             ttft_ms: ttft,
             decode_step_ms: median(steps),
             gpu_memory_mib: exec.device_bytes as f64 / (1 << 20) as f64,
+            weight_bytes: 0,
+            weight_gb_per_s: 0.0,
         });
     }
     row.context("no run")
@@ -273,7 +279,18 @@ fn bench_cpu(engine: &Engine, batch: usize, input: usize, output: usize) -> Resu
         ttft_ms: ttft,
         decode_step_ms: median(steps),
         gpu_memory_mib: 0.0,
+        weight_bytes: 0,
+        weight_gb_per_s: 0.0,
     })
+}
+
+/// Bytes of an engine's weight tensors (its compiled kernels excluded).
+fn weight_bytes(engine: &Engine) -> usize {
+    engine
+        .tensor_names()
+        .filter(|n| !n.starts_with("kernels."))
+        .filter_map(|n| engine.tensor(n).ok().map(|(_, b)| b.len()))
+        .sum()
 }
 
 /// Runs the benchmark and prints a table (and JSON with `json`).
@@ -313,7 +330,12 @@ pub fn run(
                 other => bail!("unknown device `{other}` (cpu or cuda)"),
             };
             first = false;
-            rows.push(row);
+            let wb = weight_bytes(&engine);
+            rows.push(Row {
+                weight_bytes: wb,
+                weight_gb_per_s: wb as f64 / (row.decode_step_ms * 1e6),
+                ..row
+            });
         }
     }
     if measure.timeline {
@@ -328,11 +350,13 @@ pub fn run(
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("| batch | input | output | latency ms | output tok/s | TTFT ms | decode step ms | GPU MiB |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| batch | input | output | latency ms | output tok/s | TTFT ms | decode step ms | weight GB/s | GPU MiB |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.3} | {:.0} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.3} | {:.0} | {:.0} |",
             r.batch,
             r.input,
             r.output,
@@ -340,6 +364,7 @@ pub fn run(
             r.output_tokens_per_s,
             r.ttft_ms,
             r.decode_step_ms,
+            r.weight_gb_per_s,
             r.gpu_memory_mib
         );
     }
