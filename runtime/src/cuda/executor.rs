@@ -153,8 +153,8 @@ pub struct CudaExecutor {
     seqs: HashMap<SeqId, SeqCache>,
     next_seq: SeqId,
     opts: CudaOptions,
-    /// Captured decode steps by batch size.
-    graphs: HashMap<usize, cudarc::driver::CudaGraph>,
+    /// Captured decode steps by batch size and token choice (argmax or device sampling).
+    graphs: HashMap<(usize, bool), cudarc::driver::CudaGraph>,
     /// Peak device memory in use by this executor (weights + arena + KV + metadata), bytes.
     pub device_bytes: usize,
 }
@@ -489,21 +489,6 @@ impl CudaExecutor {
         }
     }
 
-    fn run_sample(&mut self, t: usize, b: usize) -> Result<Vec<u32>, CudaError> {
-        let p = self.ptrs(t, b);
-        let base = self.meta.buf.device_ptr(&self.stream).0;
-        let at = |off: usize| base + (off * 4) as u64;
-        let m = self.meta.at;
-        self.kernels.run_plan(&self.stream, &p)?;
-        self.kernels.sample(
-            &self.stream,
-            &p,
-            [at(m.temperature), at(m.top_k), at(m.top_p), at(m.seeds)],
-        )?;
-        let out_tokens = p.out_tokens;
-        self.read_tokens(out_tokens, b)
-    }
-
     fn ptrs(&self, t: usize, b: usize) -> Ptrs<'_> {
         let base = self.meta.buf.device_ptr(&self.stream).0;
         let at = |off: usize| base + (off * 4) as u64;
@@ -597,39 +582,55 @@ impl CudaExecutor {
     }
 
     fn run_greedy(&mut self, t: usize, b: usize) -> Result<Vec<u32>, CudaError> {
+        self.run_choosing(t, b, false)
+    }
+
+    fn run_sample(&mut self, t: usize, b: usize) -> Result<Vec<u32>, CudaError> {
+        self.run_choosing(t, b, true)
+    }
+
+    /// Runs the plan, then chooses each sequence's next token on the device (argmax, or a draw
+    /// with the settings written after the step's metadata) and reads the tokens back.
+    fn run_choosing(&mut self, t: usize, b: usize, sample: bool) -> Result<Vec<u32>, CudaError> {
         let p = self.ptrs(t, b);
+        let out_tokens = p.out_tokens;
+        let base = self.meta.buf.device_ptr(&self.stream).0;
+        let at = |off: usize| base + (off * 4) as u64;
+        let m = self.meta.at;
+        let settings = [at(m.temperature), at(m.top_k), at(m.top_p), at(m.seeds)];
+        let launch = |kernels: &Kernels, stream: &Arc<CudaStream>| {
+            kernels.run_plan(stream, &p)?;
+            if sample {
+                kernels.sample(stream, &p, settings)
+            } else {
+                kernels.argmax(stream, &p)
+            }
+        };
         // Decode steps (one token per sequence, GEMV-sized) replay a captured graph: every
-        // per-step value lives in the metadata buffer written by `prepare`, so the launches and
-        // their arguments are the same for every step of a batch size.
+        // per-step value lives in the metadata buffer written before the step, so the launches
+        // and their arguments are the same for every step of a batch size.
         if self.opts.cuda_graphs
             && t == b
             && b <= super::launch::GEMV_MAX_ROWS
             && !self.kernels.timeline_on()
         {
-            if !self.graphs.contains_key(&b) {
+            let key = (b, sample);
+            if !self.graphs.contains_key(&key) {
                 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
                 self.stream
                     .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-                let launched = self
-                    .kernels
-                    .run_plan(&self.stream, &p)
-                    .and_then(|_| self.kernels.argmax(&self.stream, &p));
+                let launched = launch(&self.kernels, &self.stream);
                 let graph = self.stream.end_capture(CUgraphInstantiate_flags(0))?;
                 launched?;
                 let graph = graph
                     .ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?;
                 graph.upload()?;
-                let out_tokens = p.out_tokens;
-                self.graphs.insert(b, graph);
-                self.graphs[&b].launch()?;
-                return self.read_tokens(out_tokens, b);
+                self.graphs.insert(key, graph);
             }
-            self.graphs[&b].launch()?;
+            self.graphs[&key].launch()?;
         } else {
-            self.kernels.run_plan(&self.stream, &p)?;
-            self.kernels.argmax(&self.stream, &p)?;
+            launch(&self.kernels, &self.stream)?;
         }
-        let out_tokens = p.out_tokens;
         self.read_tokens(out_tokens, b)
     }
 
