@@ -497,3 +497,121 @@ pub fn chat_messages(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<Settings, ApiError> {
+        let (r, c): (ChatRequest, Common) = parse(body.as_bytes(), &ChatRequest::FIELDS)?;
+        chat_settings(&r, &c, "m")
+    }
+
+    fn completion(body: &str) -> Result<Settings, ApiError> {
+        let (r, c): (CompletionRequest, Common) =
+            parse(body.as_bytes(), &CompletionRequest::FIELDS)?;
+        completion_settings(&r, &c, "m")
+    }
+
+    const HI: &str = r#""messages": [{"role": "user", "content": "hi"}]"#;
+
+    #[test]
+    fn defaults_follow_openai() {
+        let s = chat(&format!("{{{HI}}}")).unwrap();
+        assert_eq!((s.temperature, s.top_p, s.top_k, s.n), (1.0, 1.0, 0, 1));
+        assert_eq!(s.max_tokens, None, "chat: up to the context");
+        assert!(!s.stream && s.logprobs.is_none());
+        assert_eq!(
+            completion(r#"{"prompt": "x"}"#).unwrap().max_tokens,
+            Some(16)
+        );
+        let s = chat(&format!(
+            r#"{{{HI}, "logprobs": true, "top_logprobs": 3, "top_k": -1, "stop": "x",
+                "max_completion_tokens": 7, "stream": true, "stream_options": {{"include_usage": true}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(s.logprobs, Some(3));
+        assert_eq!(s.top_k, 0);
+        assert_eq!(s.stop, vec!["x".to_string()]);
+        assert_eq!(s.max_tokens, Some(7));
+        assert!(s.include_usage);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let param = |body: String| chat(&body).unwrap_err().param.unwrap_or_default();
+        assert_eq!(param(format!(r#"{{{HI}, "n": 0}}"#)), "n");
+        assert_eq!(
+            param(format!(r#"{{{HI}, "temperature": 2.5}}"#)),
+            "temperature"
+        );
+        assert_eq!(param(format!(r#"{{{HI}, "top_k": -2}}"#)), "top_k");
+        assert_eq!(
+            param(format!(r#"{{{HI}, "stop": ["a","b","c","d","e"]}}"#)),
+            "stop"
+        );
+        assert_eq!(param(format!(r#"{{{HI}, "stop": [""]}}"#)), "stop");
+        assert_eq!(
+            param(format!(r#"{{{HI}, "top_logprobs": 2}}"#)),
+            "top_logprobs"
+        );
+        assert_eq!(
+            param(format!(r#"{{{HI}, "presence_penalty": 0.5}}"#)),
+            "presence_penalty"
+        );
+        assert_eq!(
+            param(format!(r#"{{{HI}, "logit_bias": {{"5": 1}}}}"#)),
+            "logit_bias"
+        );
+        assert_eq!(
+            param(format!(r#"{{{HI}, "stream_options": {{}}}}"#)),
+            "stream_options"
+        );
+        assert_eq!(
+            param(format!(
+                r#"{{{HI}, "max_tokens": 3, "max_completion_tokens": 3}}"#
+            )),
+            "max_tokens"
+        );
+        assert_eq!(param(format!(r#"{{{HI}, "seed": -1}}"#)), "seed");
+        assert_eq!(
+            param(r#"{"messages": [{"role": "user"}]}"#.into()),
+            "messages[0]"
+        );
+        let e = chat(&format!(r#"{{{HI}, "model": "other"}}"#)).unwrap_err();
+        assert_eq!(e.status, 404);
+        // Known but unimplemented fields asking for the default are accepted.
+        chat(&format!(
+            r#"{{{HI}, "presence_penalty": 0, "logit_bias": {{}}, "user": "u"}}"#
+        ))
+        .unwrap();
+        let c = |body: &str| completion(body).unwrap_err().param.unwrap_or_default();
+        assert_eq!(c(r#"{"prompt": "x", "echo": true}"#), "echo");
+        assert_eq!(c(r#"{"prompt": "x", "suffix": "y"}"#), "suffix");
+        assert_eq!(c(r#"{"prompt": "x", "best_of": 3}"#), "best_of");
+        assert_eq!(c(r#"{"prompt": "x", "logprobs": 21}"#), "logprobs");
+        assert_eq!(c(r#"{"prompt": {"a": 1}}"#), "prompt");
+    }
+
+    #[test]
+    fn chat_content_parts_and_roles() {
+        let (r, _): (ChatRequest, Common) = parse(
+            br#"{"messages": [{"role": "developer", "content": "be brief"},
+                              {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                           {"type": "text", "text": "b"}]}]}"#,
+            &ChatRequest::FIELDS,
+        )
+        .unwrap();
+        let m = chat_messages(&r.messages).unwrap();
+        assert_eq!(m[0].role, "system");
+        assert_eq!(m[1].content, "ab");
+        let (r, _): (ChatRequest, Common) = parse(
+            br#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+            &ChatRequest::FIELDS,
+        )
+        .unwrap();
+        let e = chat_messages(&r.messages).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0]"));
+        assert!(e.message.contains("image_url"), "{}", e.message);
+    }
+}
