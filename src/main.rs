@@ -58,6 +58,18 @@ enum Command {
         /// listed); without it such a checkpoint is refused.
         #[arg(long)]
         allow_unused: bool,
+        /// Store the linear layers' weights quantized: `int8` (per output channel, W8A16),
+        /// `int4` (groups of --group columns with zero points, W4A16) or `int4-sym` (groups,
+        /// symmetric). CPU engines so far: the GPU kernels for these formats are not built yet.
+        #[arg(long)]
+        quant: Option<String>,
+        /// Columns per int4 scale: 32, 64 or 128 (default 128).
+        #[arg(long)]
+        group: Option<u16>,
+        /// Checkpoint weights to keep in 16 bits besides the output projection (which always
+        /// stays), as comma-separated dot-separated name parts: `layers.0,down_proj`.
+        #[arg(long, value_delimiter = ',')]
+        quant_skip: Vec<String>,
     },
     /// Generate text with an engine, streaming tokens to stdout.
     Run(RunArgs),
@@ -487,6 +499,7 @@ fn build_options(
     target: &str,
     arch: Option<String>,
     allow_unused: bool,
+    quant: QuantFlags,
 ) -> Result<BuildOptions> {
     use kiln::runtime::ir::DType;
     let cuda_arch = match (target, arch) {
@@ -507,7 +520,58 @@ fn build_options(
         dtype: dtype.unwrap_or(DType::F32),
         cuda_arch,
         allow_unused,
+        quant: quant.options()?,
     })
+}
+
+/// `kiln build`'s quantization flags.
+struct QuantFlags {
+    quant: Option<String>,
+    group: Option<u16>,
+    skip: Vec<String>,
+}
+
+impl QuantFlags {
+    /// The rewriter's quantization options, refusing what does not apply or is not built.
+    fn options(self) -> Result<Option<kiln::compiler::rewrite::rules::quant::QuantOptions>> {
+        use kiln::compiler::rewrite::rules::quant::{QuantOptions, DEFAULT_SKIP};
+        use kiln::runtime::ir::{op::INT4_GROUPS, DType};
+        let Some(quant) = self.quant else {
+            if self.group.is_some() || !self.skip.is_empty() {
+                bail!("--group and --quant-skip apply to a quantized build: add --quant");
+            }
+            return Ok(None);
+        };
+        let group = self.group.unwrap_or(128);
+        if !INT4_GROUPS.contains(&group) {
+            bail!("--group {group}: int4 groups of 32, 64 or 128 columns are supported");
+        }
+        let format = match quant.as_str() {
+            "int8" if self.group.is_some() => {
+                bail!("--group applies to int4: int8 has one scale per output channel")
+            }
+            "int8" => DType::Int8,
+            "int4" => DType::Int4 {
+                group,
+                zero_point: true,
+            },
+            "int4-sym" => DType::Int4 {
+                group,
+                zero_point: false,
+            },
+            "int4-awq" | "int4-gptq" | "fp8" | "w8a8" => bail!(
+                "--quant {quant} is not supported yet (calibrated and 8-bit-activation formats \
+                 are still to come): use int8, int4 or int4-sym"
+            ),
+            other => bail!("unknown --quant `{other}`: int8, int4 or int4-sym"),
+        };
+        if let Some(bad) = self.skip.iter().find(|p| p.is_empty()) {
+            bail!("--quant-skip `{bad}`: an empty pattern");
+        }
+        let mut skip: Vec<String> = DEFAULT_SKIP.iter().map(|s| s.to_string()).collect();
+        skip.extend(self.skip);
+        Ok(Some(QuantOptions { format, skip }))
+    }
 }
 
 fn main() -> ExitCode {
@@ -531,8 +595,23 @@ fn main() -> ExitCode {
             target,
             arch,
             allow_unused,
-        } => build_options(model, no_optimize, dtype, &target, arch, allow_unused)
-            .and_then(|opts| cmd_build(&checkpoint, &output, opts)),
+            quant,
+            group,
+            quant_skip,
+        } => build_options(
+            model,
+            no_optimize,
+            dtype,
+            &target,
+            arch,
+            allow_unused,
+            QuantFlags {
+                quant,
+                group,
+                skip: quant_skip,
+            },
+        )
+        .and_then(|opts| cmd_build(&checkpoint, &output, opts)),
         Command::Run(args) => cmd_run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Loadtest(args) => cli::loadtest::run(args),

@@ -6,10 +6,12 @@ use crate::loader::{Checkpoint, LoadError};
 use crate::model::{builtin_for, params::bind, ModelError, ModelFile};
 use crate::rewrite::derive::{evaluate, DerivedWeight};
 use crate::rewrite::report::RewriteReport;
+use crate::rewrite::rules::quant::QuantOptions;
 use crate::rewrite::{optimize, RewriteOptions};
 use kiln_runtime::cpu::ExecError;
 use kiln_runtime::engine::GenerationConfig;
 use kiln_runtime::ir::{DType, Graph, NodeId};
+use kiln_runtime::quant;
 use kiln_runtime::tokenizer::Tokenizer;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -52,6 +54,8 @@ pub struct BuildOptions {
     /// Build even though the checkpoint holds tensors the model file does not use
     /// (`--allow-unused`; the build report lists them). Off, they are an error.
     pub allow_unused: bool,
+    /// Store linear weights in a weight format (`--quant`, `--quant-skip`).
+    pub quant: Option<QuantOptions>,
 }
 
 impl Default for BuildOptions {
@@ -62,6 +66,7 @@ impl Default for BuildOptions {
             dtype: DType::F32,
             cuda_arch: None,
             allow_unused: false,
+            quant: None,
         }
     }
 }
@@ -73,6 +78,11 @@ pub fn compile_graph(
     opts: &BuildOptions,
 ) -> Result<(Graph, Vec<DerivedWeight>, Option<RewriteReport>), BuildError> {
     if opts.no_optimize {
+        if opts.quant.is_some() {
+            return Err(BuildError::Other(
+                "--quant needs the rewriter (quantization is a rewrite); drop --no-optimize".into(),
+            ));
+        }
         if opts.dtype != DType::F32 {
             return Err(BuildError::Other(format!(
                 "--dtype {} needs the rewriter (precision lowering is a rewrite); drop --no-optimize",
@@ -85,6 +95,7 @@ pub fn compile_graph(
         dtype: opts.dtype,
         // A rule bug panics in tests and debug builds; a release build reports it as an error.
         permissive: !cfg!(debug_assertions),
+        quant: opts.quant.clone(),
     };
     let out = optimize(graph, &rewrite).map_err(|e| BuildError::Other(e.to_string()))?;
     Ok((out.graph, out.derived, Some(out.report)))
@@ -481,18 +492,20 @@ pub fn build(
     let wanted: Vec<(NodeId, &str)> = graph.weights().collect();
     let total = wanted.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
+    let shape_of = |id: NodeId| -> Vec<usize> {
+        graph.nodes[id]
+            .ty
+            .shape
+            .iter()
+            .map(|d| d.constant as usize)
+            .collect()
+    };
     let weights = wanted
         .par_iter()
         .map(|&(id, name)| {
-            let shape: Vec<usize> = graph.nodes[id]
-                .ty
-                .shape
-                .iter()
-                .map(|d| d.constant as usize)
-                .collect();
-            let data = match recipes.get(name) {
-                None => ckpt.read_f32(name)?,
-                Some(d) => evaluate(d, |source, _| {
+            let shape = shape_of(id);
+            let eval = |d: &DerivedWeight| {
+                evaluate(d, |source, _| {
                     ckpt.read_f32(source).map_err(|e| ExecError::Weight {
                         name: source.into(),
                         message: e.to_string(),
@@ -501,19 +514,51 @@ pub fn build(
                 .map_err(|e| BuildError::Weight {
                     name: name.into(),
                     message: format!("evaluating the derived weight: {e}"),
-                })?,
+                })
             };
-            let tensor = EngineTensor::weight(name, shape, &data, weight_dtype(name));
+            let quantized = recipes.get(name).and_then(|d| d.quantized_source());
+            let tensors = match (quantized, recipes.get(name)) {
+                (Some((format, source)), _) => {
+                    let data = eval(&source)?;
+                    let (rows, cols) = (shape[0], shape[1]);
+                    let packed = quant::quantize(format, &data, rows, cols).map_err(|message| {
+                        BuildError::Weight {
+                            name: name.into(),
+                            message,
+                        }
+                    })?;
+                    let parts = quant::parts(format, rows, cols).expect("a weight format");
+                    parts
+                        .into_iter()
+                        .zip(packed.to_bytes())
+                        .map(|(p, bytes)| EngineTensor {
+                            name: format!("{name}{}", p.suffix),
+                            dtype: p.dtype,
+                            shape: p.shape,
+                            bytes,
+                        })
+                        .collect()
+                }
+                (None, None) => {
+                    let data = ckpt.read_f32(name)?;
+                    vec![EngineTensor::weight(name, shape, &data, weight_dtype(name))]
+                }
+                (None, Some(d)) => {
+                    let data = eval(d)?;
+                    vec![EngineTensor::weight(name, shape, &data, weight_dtype(name))]
+                }
+            };
             progress(
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                 total,
             );
-            Ok(tensor)
+            Ok(tensors)
         })
-        .collect::<Result<Vec<_>, BuildError>>()?;
-    let parameters = weights
+        .collect::<Result<Vec<Vec<EngineTensor>>, BuildError>>()?;
+    let weights: Vec<EngineTensor> = weights.into_iter().flatten().collect();
+    let parameters = wanted
         .iter()
-        .map(|t| t.shape.iter().product::<usize>())
+        .map(|&(id, _)| shape_of(id).iter().product::<usize>())
         .sum();
     let (target, mut tensors, extra_metadata, gemm_note) = match gpu {
         Some(g) => ("cuda", g.tensors, g.metadata, Some(g.gemm_note)),

@@ -344,10 +344,46 @@ impl Engine {
 }
 
 impl Engine {
+    /// Reads a weight of the graph as the f32 values its dtype holds: a weight format
+    /// (`quant.rs`) is read from its stored parts (codes, scales, zero points) and dequantized.
+    pub fn read_weight(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
+        let dtype = self
+            .graph
+            .weights()
+            .find(|&(_, n)| n == name)
+            .map(|(id, _)| self.graph.nodes[id].ty.dtype);
+        let Some(format) = dtype.filter(|d| d.is_weight_format()) else {
+            return self.read_f32(name, shape);
+        };
+        let corrupt = |message: String| EngineError::Corrupt {
+            file: self.path.display().to_string(),
+            message: format!("{} weight `{name}`: {message}", format.name()),
+        };
+        let &[rows, cols] = shape else {
+            return Err(corrupt(format!("shape {shape:?} is not [rows, columns]")));
+        };
+        let parts = crate::quant::parts(format, rows, cols).expect("a weight format");
+        let mut stored = Vec::with_capacity(parts.len());
+        for p in &parts {
+            let part = format!("{name}{}", p.suffix);
+            let (e, bytes) = self.tensor(&part)?;
+            if e.dtype != p.dtype || e.shape != p.shape {
+                return Err(corrupt(format!(
+                    "`{part}` is {:?}{:?}, expected {:?}{:?}",
+                    e.dtype, e.shape, p.dtype, p.shape
+                )));
+            }
+            stored.push(bytes);
+        }
+        crate::quant::Packed::from_bytes(format, rows, cols, &stored)
+            .map(|p| p.dequantize())
+            .map_err(corrupt)
+    }
+
     /// A CPU executor over this engine's graph and weights.
     pub fn cpu_executor(&self) -> Result<crate::cpu::CpuExecutor, crate::cpu::ExecError> {
         crate::cpu::CpuExecutor::new(self.graph.clone(), |name, shape| {
-            self.read_f32(name, shape)
+            self.read_weight(name, shape)
                 .map_err(|e| crate::cpu::ExecError::Weight {
                     name: name.to_string(),
                     message: e.to_string(),

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod ir;
 pub mod kernels;
 pub mod plan;
+pub mod quant;
 pub mod sampling;
 pub mod serving;
 pub mod tokenizer;

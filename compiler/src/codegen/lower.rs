@@ -363,6 +363,17 @@ impl<'g> Lowering<'g> {
 
 /// Lowers an optimized graph with a `logits` output to a launch plan.
 pub fn lower(g: &Graph) -> Result<Plan, String> {
+    if let Some((id, name)) = g
+        .weights()
+        .find(|&(id, _)| g.nodes[id].ty.dtype.is_weight_format())
+    {
+        return Err(format!(
+            "GPU lowering: weight `{name}` is stored as {}, and the GPU kernels read 16-bit \
+             weights only so far: build without --quant for the GPU, or run this quantization \
+             on the CPU (--target cpu)",
+            g.nodes[id].ty.dtype.name()
+        ));
+    }
     let logits_id = g
         .output("logits")
         .ok_or("GPU lowering: the graph has no `logits` output")?;

@@ -220,6 +220,34 @@ pub fn fold_weights(g: &Graph) -> (Graph, Vec<DerivedWeight>) {
     (out, derived)
 }
 
+impl DerivedWeight {
+    /// For a weight stored in a weight format (its recipe ends in a cast to it): the format and
+    /// the recipe of the values it quantizes. The build packs those values (`quant::quantize`)
+    /// rather than re-quantizing the dequantized ones.
+    pub fn quantized_source(&self) -> Option<(kiln_runtime::ir::DType, DerivedWeight)> {
+        let &(_, out) = self.recipe.outputs.first()?;
+        let node = &self.recipe.nodes[out];
+        let Op::Cast { dtype } = node.op else {
+            return None;
+        };
+        if !dtype.is_weight_format() {
+            return None;
+        }
+        let mut recipe = self.recipe.clone();
+        recipe.outputs = vec![("value".to_string(), node.inputs[0])];
+        if out + 1 == recipe.nodes.len() {
+            recipe.nodes.pop();
+        }
+        Some((
+            dtype,
+            DerivedWeight {
+                name: self.name.clone(),
+                recipe,
+            },
+        ))
+    }
+}
+
 /// Evaluates a derived weight with the CPU executor; `load(name, shape)` reads checkpoint weights.
 pub fn evaluate(
     weight: &DerivedWeight,

@@ -278,14 +278,7 @@ fn parse_list<T>(s: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Ve
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
-    Ok(match s {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        "i32" => DType::I32,
-        "bool" => DType::Bool,
-        _ => return Err(format!("`{s}` is not a dtype")),
-    })
+    DType::from_name(s).ok_or_else(|| format!("`{s}` is not a dtype"))
 }
 
 impl FromStr for Attr {

@@ -58,6 +58,8 @@ pub struct RewriteOptions {
     pub dtype: DType,
     /// Report type conflicts as errors instead of panicking (see `analysis.rs`).
     pub permissive: bool,
+    /// Store linear weights in a weight format (`kiln build --quant`; `rules/quant.rs`).
+    pub quant: Option<rules::quant::QuantOptions>,
 }
 
 impl Default for RewriteOptions {
@@ -65,6 +67,7 @@ impl Default for RewriteOptions {
         RewriteOptions {
             dtype: DType::F32,
             permissive: false,
+            quant: None,
         }
     }
 }
@@ -91,7 +94,19 @@ pub fn optimize(graph: &Graph, opts: &RewriteOptions) -> Result<Optimized, Rewri
             opts.dtype.name()
         )));
     }
-    optimize_with(graph, phases::standard(opts.dtype), opts)
+    if let Some(q) = &opts.quant {
+        if !q.format.is_weight_format() {
+            return Err(RewriteError::Options(format!(
+                "{} is not a weight format: use int8, int4g32/64/128 or int4g32/64/128z",
+                q.format.name()
+            )));
+        }
+    }
+    optimize_with(
+        graph,
+        phases::standard(opts.dtype, opts.quant.as_ref()),
+        opts,
+    )
 }
 
 /// Rewrites `graph` with the given phases (tests use small rule sets).

@@ -8,6 +8,7 @@
 //!    own node budget, since multi-patterns match combinatorially.
 //! 3. `precision` — only for a `bf16`/`f16` build: the KV caches are retyped to the low
 //!    precision, then the lowering and cast-cleanup rules run.
+//! 4. `quantize` — only with `--quant`: linear weights move to a weight format.
 //!
 //! Saturation is bounded by nodes, iterations and time; a phase that hits a limit still yields a
 //! valid graph (extraction picks among what the e-graph holds) and its report says which limit.
@@ -60,8 +61,9 @@ pub struct Phase {
     pub limits: Limits,
 }
 
-/// The standard phases for a build computing in `dtype`.
-pub fn standard(dtype: DType) -> Vec<Phase> {
+/// The standard phases for a build computing in `dtype`, storing linear weights as
+/// `quant.format` when asked.
+pub fn standard(dtype: DType, quant: Option<&rules::quant::QuantOptions>) -> Vec<Phase> {
     let mut fuse = rules::linear::rules();
     fuse.extend(rules::norm::rules());
     fuse.extend(rules::rope::rules());
@@ -91,6 +93,13 @@ pub fn standard(dtype: DType) -> Vec<Phase> {
         phases.push(Phase {
             name: "precision",
             rules: precision,
+            limits: Limits::default(),
+        });
+    }
+    if let Some(q) = quant {
+        phases.push(Phase {
+            name: "quantize",
+            rules: rules::quant::rules(q),
             limits: Limits::default(),
         });
     }

@@ -90,6 +90,14 @@ pub(super) fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result
             }
             x.slice_axis(*axis, s, e)
         }
+        Op::Cast { dtype } if dtype.is_weight_format() => {
+            let x = one(&mut ins);
+            let &[rows, cols] = x.shape.as_slice() else {
+                return Err(format!("cannot store {:?} as {}", x.shape, dtype.name()));
+            };
+            let values = crate::quant::round_trip(*dtype, &x.into_vec::<f32>(), rows, cols)?;
+            Tensor::new(*dtype, vec![rows, cols], values)
+        }
         Op::Cast { dtype } => elementwise::cast(one(&mut ins), *dtype),
         Op::RmsNorm { .. }
         | Op::Linear
@@ -132,6 +140,8 @@ pub(super) fn weight_tensor(
     }
     Ok(match ty.dtype {
         DType::F32 => Tensor::new(DType::F32, shape, data),
+        // A weight format: `data` holds the dequantized values (`Engine::read_weight`).
+        DType::Int8 | DType::Int4 { .. } => Tensor::new(ty.dtype, shape, data),
         DType::F16 | DType::BF16 => {
             let v = data
                 .into_iter()

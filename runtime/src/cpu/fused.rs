@@ -112,6 +112,13 @@ fn rms_norm(x: Tensor, w: Tensor, eps: f32) -> Result<Tensor, String> {
 
 /// `x · wᵀ` for a weight `w [n, k]`.
 fn linear(x: Tensor, w: Tensor) -> Result<Tensor, String> {
+    // A quantized weight holds its dequantized values (`quant.rs`): the product reads them as
+    // they are, in f32, as the GPU kernels do after dequantizing in registers.
+    let w = if w.dtype.is_weight_format() {
+        w.with_dtype(x.dtype)
+    } else {
+        w
+    };
     check_float("Linear", &[&x, &w])?;
     if w.rank() != 2 || x.rank() == 0 || x.shape.last() != Some(&w.shape[1]) {
         return Err(format!(

@@ -112,6 +112,21 @@ pub const MAX_IOTA: i64 = 1 << 24;
 /// Leaf ops (`Input`, `Weight`) have declared types and are not inferred here.
 pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
     arity(op, ins.len())?;
+    let linear = matches!(
+        op,
+        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp
+    );
+    if let Some(i) = ins.iter().position(|t| t.dtype.is_weight_format()) {
+        if !(linear && i == 1) {
+            return Err(format!(
+                "{} cannot read the {} value {} (a weight format is read only as the weight of \
+                 a linear op)",
+                op.name(),
+                ins[i].dtype.name(),
+                ins[i]
+            ));
+        }
+    }
     let t = |dtype, shape| Ok(TensorType::new(dtype, shape));
     match op {
         Op::Input { .. } | Op::Weight { .. } => Err("leaf types are declared, not inferred".into()),
@@ -260,6 +275,16 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             shape[*axis] = end.sub(start);
             t(ins[0].dtype, shape)
         }
+        Op::Cast { dtype } if dtype.is_weight_format() => {
+            let w = ins[0];
+            if !w.dtype.is_float() || w.rank() != 2 {
+                return Err(format!(
+                    "only a [rows, columns] float weight can be stored as {}, not {w}",
+                    dtype.name()
+                ));
+            }
+            t(*dtype, w.shape.clone())
+        }
         Op::Cast { dtype } => t(*dtype, ins[0].shape.clone()),
         Op::RmsNorm { eps } => {
             if !(eps.is_finite() && *eps >= 0.0) {
@@ -278,7 +303,11 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
         }
         Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp => {
             let (x, w) = (ins[0], ins[1]);
-            let dtype = same_float(op, x, w)?;
+            let dtype = if w.dtype.is_weight_format() && x.dtype.is_float() {
+                x.dtype
+            } else {
+                same_float(op, x, w)?
+            };
             if w.rank() != 2 || x.rank() < 1 || x.shape.last() != Some(&w.shape[1]) {
                 return Err(format!(
                     "{} of {x} by weight {w}: needs w [n, k] with k the last axis of x",

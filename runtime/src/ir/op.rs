@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Element type of a tensor.
+///
+/// Besides the compute types, a weight read by a linear op (`Linear`, `LinearAdd`, `LinearBias`,
+/// `GatedMlp`) may have a *weight format*: a quantized storage that the op dequantizes as it
+/// reads it (`runtime/src/quant.rs` defines each format's layout and arithmetic). The precision
+/// rules choose them (`kiln build --quant`); no other op reads or produces them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DType {
     /// 32-bit float.
@@ -18,14 +23,32 @@ pub enum DType {
     I32,
     /// Boolean (results of comparisons).
     Bool,
+    /// Weight format: int8, symmetric, one f32 scale per output row (W8A16).
+    Int8,
+    /// Weight format: int4 in groups of `group` consecutive input columns, one f16 scale per
+    /// group, with a u8 zero point per group (asymmetric) or the fixed zero 8 (symmetric).
+    Int4 {
+        /// Input columns per scale: 32, 64 or 128 ([`INT4_GROUPS`]).
+        group: u16,
+        /// Asymmetric, with a zero point per group.
+        zero_point: bool,
+    },
 }
+
+/// The group sizes an `Int4` weight format may have.
+pub const INT4_GROUPS: [u16; 3] = [32, 64, 128];
 
 impl DType {
     /// True for the floating-point types.
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
-    /// Lower-case name (`f32`, `bf16`, ...).
+    /// True for the weight formats (quantized weights read by linear ops).
+    pub fn is_weight_format(self) -> bool {
+        matches!(self, DType::Int8 | DType::Int4 { .. })
+    }
+    /// Lower-case name (`f32`, `bf16`, `int8`, `int4g128` (symmetric), `int4g128z` (with zero
+    /// points), ...).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -33,7 +56,40 @@ impl DType {
             DType::BF16 => "bf16",
             DType::I32 => "i32",
             DType::Bool => "bool",
+            DType::Int8 => "int8",
+            DType::Int4 { group, zero_point } => match (group, zero_point) {
+                (32, false) => "int4g32",
+                (64, false) => "int4g64",
+                (128, false) => "int4g128",
+                (32, true) => "int4g32z",
+                (64, true) => "int4g64z",
+                (128, true) => "int4g128z",
+                _ => "int4(unsupported group)",
+            },
         }
+    }
+    /// The dtype named `s` (the inverse of [`DType::name`]).
+    pub fn from_name(s: &str) -> Option<DType> {
+        Some(match s {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            "i32" => DType::I32,
+            "bool" => DType::Bool,
+            "int8" => DType::Int8,
+            _ => {
+                let rest = s.strip_prefix("int4g")?;
+                let (digits, zero_point) = match rest.strip_suffix('z') {
+                    Some(d) => (d, true),
+                    None => (rest, false),
+                };
+                let group: u16 = digits.parse().ok()?;
+                if !INT4_GROUPS.contains(&group) {
+                    return None;
+                }
+                DType::Int4 { group, zero_point }
+            }
+        })
     }
 }
 

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod norm;
 pub mod precision;
 pub mod qkv;
+pub mod quant;
 pub mod rope;
 
 use super::analysis::{node_data, Data, KilnGraph, TypeAnalysis};

@@ -62,7 +62,7 @@ impl CostFunction<Node> for TreeCost<'_> {
 fn chain_costs(layers: usize) -> (f64, f64) {
     let g = residual_chain(layers);
     let loaded = to_egraph(&g, false);
-    let phase = &standard(DType::F32)[0];
+    let phase = &standard(DType::F32, None)[0];
     let runner = Runner::default()
         .with_egraph(loaded.egraph)
         .run(&phase.rules);

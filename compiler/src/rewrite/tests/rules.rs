@@ -5,6 +5,7 @@
 use super::{model, verified};
 use crate::graph::print::text;
 use crate::rewrite::phases::standard;
+use crate::rewrite::rules::quant::QuantOptions;
 use crate::rewrite::{optimize, RewriteOptions};
 use kiln_runtime::ir::{DType, Op};
 use std::collections::BTreeSet;
@@ -177,6 +178,7 @@ fn merge_heads(v: &str) -> String {
 }
 
 /// (snapshot name, rule that must fire, model body, hidden size, compute dtype)
+#[rustfmt::skip]
 fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
     let (f32, bf16) = (DType::F32, DType::BF16);
     let norm = r#"Let("inv", Rsqrt("var")), Let("xn", Mul("x", "inv")), Let("y", Mul("xn", "g")),"#;
@@ -221,12 +223,41 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
     ]
 }
 
+/// The quantization options of the cases below: int4 in groups of 32 with zero points (the
+/// snapshots' weights are 8 columns wide: one partial group per row).
+fn int4() -> QuantOptions {
+    QuantOptions {
+        format: DType::Int4 {
+            group: 32,
+            zero_point: true,
+        },
+        skip: vec!["lm_head".into()],
+    }
+}
+
+/// (snapshot name, rule that must fire, model body, hidden size, compute dtype), built with
+/// `--quant` ([`int4`]).
+#[rustfmt::skip]
+fn quant_cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
+    let (f32, bf16) = (DType::F32, DType::BF16);
+    vec![
+        ("quantize_linear", "quantize-linear", format!(r#"{LINEAR} Output("y", "y"),"#), 8, f32),
+        ("quantize_linear_add", "quantize-linear-add", format!(r#"{LINEAR} Let("z", Add("x", "y")), Output("z", "z"),"#), 8, f32),
+        ("quantize_linear_bias", "quantize-linear-bias", QKV_BIAS.to_string(), 8, f32),
+        ("quantize_gated_mlp", "quantize-gated-mlp", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
+        ("quantize_linear_bf16", "quantize-linear", format!(r#"{LINEAR} {}"#, project("y", "h")), 4096, bf16),
+    ]
+}
+
 #[test]
 fn each_rule_on_a_minimal_graph() {
-    for (name, rule, body, h, dtype) in cases() {
+    let plain = cases().into_iter().map(|c| (c, None));
+    let quant = quant_cases().into_iter().map(|c| (c, Some(int4())));
+    for ((name, rule, body, h, dtype), quant) in plain.chain(quant) {
         let g = model(&minimal(&body, h));
         let opts = RewriteOptions {
             dtype,
+            quant,
             ..RewriteOptions::default()
         };
         let out = optimize(&g, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -258,12 +289,16 @@ fn each_rule_on_a_minimal_graph() {
 #[test]
 fn every_rule_has_a_case() {
     let mut names = BTreeSet::new();
-    for phase in standard(DType::BF16) {
+    for phase in standard(DType::BF16, Some(&int4())) {
         for r in &phase.rules {
             names.insert(r.name.to_string());
         }
     }
-    let covered: BTreeSet<String> = cases().into_iter().map(|c| c.1.to_string()).collect();
+    let covered: BTreeSet<String> = cases()
+        .into_iter()
+        .chain(quant_cases())
+        .map(|c| c.1.to_string())
+        .collect();
     let missing: Vec<&String> = names.difference(&covered).collect();
     assert!(
         missing.is_empty(),

@@ -1,0 +1,431 @@
+//! The weight formats (`DType::Int8`, `DType::Int4`): how a `[n, k]` weight is quantized, packed
+//! into an engine, and dequantized. One place for the arithmetic, so that the build (packing),
+//! the CPU executor (which computes with the dequantized values) and the GPU kernels' checks
+//! agree bit for bit on what a quantized weight means.
+//!
+//! Layouts (row-major, `n` output rows of `k` input columns):
+//! - `Int8`: `q` i8 `[n, k]`; `scale` f32 `[n]`; `w = q · scale`. `scale = max|w_row| / 127`,
+//!   `q = round(w / scale)` in `-127..=127` (round to nearest, ties away from zero).
+//! - `Int4 { group: g, zero_point: false }` (symmetric, llama.cpp's Q4_0 rule): per group of `g`
+//!   consecutive columns, `m` is the element of largest magnitude (with its sign) and
+//!   `scale = m / -8`; `q = clamp(round(w / scale) + 8, 0, 15)`; `w = (q - 8) · scale`, so the
+//!   extreme element is exact and the range `[-8, 7]` is used on its side.
+//! - `Int4 { group: g, zero_point: true }` (AutoAWQ's rule): `scale = max(max - min, 1e-5) / 15`,
+//!   `zero = clamp(round(-min / scale), 0, 15)`, `q = clamp(round(w / scale) + zero, 0, 15)`,
+//!   `w = (q - zero) · scale`.
+//!
+//!   Int4 codes: `q` u8 `[n, ceil(k/2)]`, column `2j` in the low nibble of byte `j`, `2j+1` in the
+//!   high one; `scale` f16 `[n, ceil(k/g)]`; `zero` u8 `[n, ceil(k/g)]` (asymmetric only). The
+//!   last group of a row may be shorter than `g` when `g` does not divide `k` (SmolLM2's 576).
+//!
+//! Every scale is rounded to its stored precision *before* the codes are computed, so the codes
+//! are the best ones for the scale the kernels read.
+
+use crate::ir::DType;
+use half::f16;
+
+/// A quantized `[rows, cols]` weight: its codes and scales (and zero points), as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Packed {
+    /// The format.
+    pub format: DType,
+    /// Output rows `n`.
+    pub rows: usize,
+    /// Input columns `k`.
+    pub cols: usize,
+    /// Codes: i8 per element (`Int8`) or two u4 per byte (`Int4`).
+    pub q: Vec<u8>,
+    /// Scales: f32 per row (`Int8`) or f16 per group (`Int4`), as f32 values.
+    pub scale: Vec<f32>,
+    /// Zero points per group (`Int4` with zero points), else empty.
+    pub zero: Vec<u8>,
+}
+
+/// One stored part of a packed weight: suffix of its engine tensor name, element type, shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// Appended to the weight's name (`""` for the codes, `.scale`, `.zero`).
+    pub suffix: &'static str,
+    /// Stored element type.
+    pub dtype: safetensors::Dtype,
+    /// Stored shape.
+    pub shape: Vec<usize>,
+}
+
+impl Part {
+    /// Stored bytes.
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// Groups per row of an `Int4` weight with `cols` columns.
+pub fn groups(cols: usize, group: u16) -> usize {
+    cols.div_ceil(group as usize)
+}
+
+/// The parts a `[rows, cols]` weight of `format` is stored as; `None` if `format` is not a
+/// weight format.
+pub fn parts(format: DType, rows: usize, cols: usize) -> Option<Vec<Part>> {
+    use safetensors::Dtype as S;
+    let part = |suffix, dtype, shape| Part {
+        suffix,
+        dtype,
+        shape,
+    };
+    Some(match format {
+        DType::Int8 => vec![
+            part("", S::I8, vec![rows, cols]),
+            part(".scale", S::F32, vec![rows]),
+        ],
+        DType::Int4 { group, zero_point } => {
+            let g = groups(cols, group);
+            let mut v = vec![
+                part("", S::U8, vec![rows, cols.div_ceil(2)]),
+                part(".scale", S::F16, vec![rows, g]),
+            ];
+            if zero_point {
+                v.push(part(".zero", S::U8, vec![rows, g]));
+            }
+            v
+        }
+        _ => return None,
+    })
+}
+
+/// Bytes a `[rows, cols]` weight of `format` occupies (codes, scales and zero points).
+pub fn stored_bytes(format: DType, rows: usize, cols: usize) -> Option<usize> {
+    Some(parts(format, rows, cols)?.iter().map(Part::bytes).sum())
+}
+
+/// Quantizes row-major `[rows, cols]` values to `format`.
+pub fn quantize(format: DType, w: &[f32], rows: usize, cols: usize) -> Result<Packed, String> {
+    if w.len() != rows * cols {
+        return Err(format!("{} values for a [{rows}, {cols}] weight", w.len()));
+    }
+    if let Some(bad) = w.iter().find(|v| !v.is_finite()) {
+        return Err(format!("cannot quantize a weight holding {bad}"));
+    }
+    let mut p = Packed {
+        format,
+        rows,
+        cols,
+        q: Vec::new(),
+        scale: Vec::new(),
+        zero: Vec::new(),
+    };
+    match format {
+        DType::Int8 => {
+            p.q.reserve(rows * cols);
+            for row in w.chunks_exact(cols.max(1)).take(rows) {
+                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let s = amax / 127.0;
+                p.scale.push(s);
+                p.q.extend(row.iter().map(|&v| code(v, s, 0, -127, 127) as i8 as u8));
+            }
+        }
+        DType::Int4 { group, zero_point } => {
+            let g = group as usize;
+            let ng = groups(cols, group);
+            p.q = vec![0u8; rows * cols.div_ceil(2)];
+            for r in 0..rows {
+                let row = &w[r * cols..(r + 1) * cols];
+                let codes = &mut p.q[r * cols.div_ceil(2)..(r + 1) * cols.div_ceil(2)];
+                for gi in 0..ng {
+                    let span = gi * g..((gi + 1) * g).min(cols);
+                    let vals = &row[span.clone()];
+                    let (s, z) = if zero_point {
+                        let lo = vals.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                        let hi = vals.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                        let s = f16::from_f32((hi - lo).max(1e-5) / 15.0).to_f32();
+                        let z = (-lo / s).round().clamp(0.0, 15.0) as i32;
+                        (s, z)
+                    } else {
+                        let m = vals
+                            .iter()
+                            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                        (f16::from_f32(m / -8.0).to_f32(), 8)
+                    };
+                    if !s.is_finite() {
+                        return Err(format!(
+                            "row {r} has values too large for the f16 scales of {}",
+                            format.name()
+                        ));
+                    }
+                    p.scale.push(s);
+                    if zero_point {
+                        p.zero.push(z as u8);
+                    }
+                    for (c, &v) in span.zip(vals) {
+                        let q = code(v, s, z, 0, 15) as u8;
+                        codes[c / 2] |= if c % 2 == 0 { q } else { q << 4 };
+                    }
+                }
+            }
+        }
+        other => return Err(format!("{} is not a weight format", other.name())),
+    }
+    Ok(p)
+}
+
+/// `clamp(round(v / s) + z, lo, hi)`, 0 when `s` is 0 (an all-zero row or group).
+fn code(v: f32, s: f32, z: i32, lo: i32, hi: i32) -> i32 {
+    if s == 0.0 {
+        return z.clamp(lo, hi);
+    }
+    ((v / s).round() as i32 + z).clamp(lo, hi)
+}
+
+impl Packed {
+    /// The values the kernels compute with: `(q - zero) · scale` in f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut out = Vec::with_capacity(rows * cols);
+        match self.format {
+            DType::Int8 => {
+                for r in 0..rows {
+                    let s = self.scale[r];
+                    out.extend(
+                        self.q[r * cols..(r + 1) * cols]
+                            .iter()
+                            .map(|&q| q as i8 as f32 * s),
+                    );
+                }
+            }
+            DType::Int4 { group, zero_point } => {
+                let ng = groups(cols, group);
+                let half = cols.div_ceil(2);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let b = self.q[r * half + c / 2];
+                        let q = if c % 2 == 0 { b & 15 } else { b >> 4 };
+                        let gi = r * ng + c / group as usize;
+                        let z = if zero_point { self.zero[gi] } else { 8 };
+                        out.push((q as i32 - z as i32) as f32 * self.scale[gi]);
+                    }
+                }
+            }
+            _ => unreachable!("a Packed holds a weight format"),
+        }
+        out
+    }
+
+    /// The stored tensors, in [`parts`] order: little-endian bytes of each.
+    pub fn to_bytes(&self) -> Vec<Vec<u8>> {
+        let mut v = vec![self.q.clone()];
+        v.push(match self.format {
+            DType::Int8 => self.scale.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            _ => self
+                .scale
+                .iter()
+                .flat_map(|&s| f16::from_f32(s).to_le_bytes())
+                .collect(),
+        });
+        if !self.zero.is_empty() {
+            v.push(self.zero.clone());
+        }
+        v
+    }
+
+    /// Reassembles a packed weight from its stored tensors (as [`Packed::to_bytes`] wrote
+    /// them), checking every size.
+    pub fn from_bytes(
+        format: DType,
+        rows: usize,
+        cols: usize,
+        stored: &[&[u8]],
+    ) -> Result<Packed, String> {
+        let parts = parts(format, rows, cols)
+            .ok_or_else(|| format!("{} is not a weight format", format.name()))?;
+        if stored.len() != parts.len() {
+            return Err(format!(
+                "{} stored as {} tensors, expected {}",
+                format.name(),
+                stored.len(),
+                parts.len()
+            ));
+        }
+        for (p, b) in parts.iter().zip(stored) {
+            let want = p.bytes();
+            if b.len() != want {
+                return Err(format!(
+                    "part `{}` of a {} weight [{rows}, {cols}] has {} bytes, expected {want}",
+                    if p.suffix.is_empty() {
+                        "codes"
+                    } else {
+                        p.suffix
+                    },
+                    format.name(),
+                    b.len()
+                ));
+            }
+        }
+        let scale = match format {
+            DType::Int8 => stored[1]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            _ => stored[1]
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect::<Vec<f32>>(),
+        };
+        if let Some(bad) = scale.iter().find(|s: &&f32| !s.is_finite()) {
+            return Err(format!("a {} scale is {bad}", format.name()));
+        }
+        let zero = stored.get(2).map(|z| z.to_vec()).unwrap_or_default();
+        if zero.iter().any(|&z| z > 15) {
+            return Err(format!("a {} zero point is above 15", format.name()));
+        }
+        Ok(Packed {
+            format,
+            rows,
+            cols,
+            q: stored[0].to_vec(),
+            scale,
+            zero,
+        })
+    }
+}
+
+/// `dequantize(quantize(w))`: the values a weight of `format` holds once quantized.
+pub fn round_trip(format: DType, w: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, String> {
+    Ok(quantize(format, w, rows, cols)?.dequantize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+            })
+            .collect()
+    }
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+        let d: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let n: f32 = b.iter().map(|y| y * y).sum();
+        (d / n).sqrt()
+    }
+
+    const INT4: [DType; 2] = [
+        DType::Int4 {
+            group: 32,
+            zero_point: false,
+        },
+        DType::Int4 {
+            group: 128,
+            zero_point: true,
+        },
+    ];
+
+    #[test]
+    fn int8_error_is_within_half_a_step_per_row() {
+        let (n, k) = (7, 100);
+        let w = random(n * k, 1);
+        let p = quantize(DType::Int8, &w, n, k).unwrap();
+        let d = p.dequantize();
+        for r in 0..n {
+            for c in 0..k {
+                assert!((d[r * k + c] - w[r * k + c]).abs() <= p.scale[r] * 0.5 + 1e-7);
+            }
+        }
+        assert!(rel_l2(&d, &w) < 1e-2, "{}", rel_l2(&d, &w));
+    }
+
+    #[test]
+    fn int4_error_is_bounded_and_groups_may_be_partial() {
+        // 576 columns = 4.5 groups of 128: the last group has 64 columns.
+        let (n, k) = (3, 576);
+        let w = random(n * k, 2);
+        for f in INT4.into_iter().chain([DType::Int4 {
+            group: 128,
+            zero_point: false,
+        }]) {
+            let p = quantize(f, &w, n, k).unwrap();
+            let DType::Int4 { group, .. } = f else {
+                unreachable!()
+            };
+            assert_eq!(p.scale.len(), n * groups(k, group));
+            let d = p.dequantize();
+            let e = rel_l2(&d, &w);
+            assert!(e > 1e-3 && e < 0.15, "{} rel L2 {e}", f.name());
+            for (r, row) in d.chunks(k).enumerate() {
+                for (c, &v) in row.iter().enumerate() {
+                    let s = p.scale[r * groups(k, group) + c / group as usize].abs();
+                    // Half a step, or one where a clamped end of the code range is reached.
+                    assert!((v - w[r * k + c]).abs() <= s * 1.01 + 1e-6, "{}", f.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn symmetric_int4_keeps_the_extreme_exactly() {
+        let mut w = vec![0.01f32; 32];
+        w[5] = -0.8;
+        w[9] = 0.5;
+        let f = INT4[0];
+        let d = round_trip(f, &w, 1, 32).unwrap();
+        let s = half::f16::from_f32(-0.8 / -8.0).to_f32();
+        assert_eq!(d[5], -8.0 * s);
+        assert!((d[9] - 0.5).abs() <= s * 0.5);
+    }
+
+    #[test]
+    fn nibbles_are_low_first_and_bytes_round_trip() {
+        let w = [0.0f32, 7.0, -8.0, 1.0, 3.0];
+        let f = INT4[0];
+        let p = quantize(f, &w, 1, 5).unwrap();
+        // scale = -8 / -8 = 1: codes are w + 8.
+        assert_eq!(p.scale, vec![1.0]);
+        assert_eq!(p.q, vec![8 | (15 << 4), 9 << 4, 11]);
+        let bytes = p.to_bytes();
+        let refs: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
+        assert_eq!(Packed::from_bytes(f, 1, 5, &refs).unwrap(), p);
+        assert!(Packed::from_bytes(f, 1, 7, &refs).is_err());
+        for f in INT4.into_iter().chain([DType::Int8]) {
+            let w = random(4 * 40, 3);
+            let p = quantize(f, &w, 4, 40).unwrap();
+            let bytes = p.to_bytes();
+            let refs: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
+            let back = Packed::from_bytes(f, 4, 40, &refs).unwrap();
+            assert_eq!(back.dequantize(), p.dequantize(), "{}", f.name());
+            let sizes: Vec<usize> = bytes.iter().map(Vec::len).collect();
+            let want: Vec<usize> = parts(f, 4, 40).unwrap().iter().map(Part::bytes).collect();
+            assert_eq!(sizes, want);
+        }
+    }
+
+    #[test]
+    fn zero_groups_and_bad_values() {
+        for f in INT4.into_iter().chain([DType::Int8]) {
+            assert_eq!(round_trip(f, &[0.0; 64], 2, 32).unwrap(), vec![0.0; 64]);
+            assert!(quantize(f, &[f32::NAN; 4], 1, 4).is_err());
+            assert!(quantize(f, &[1.0; 3], 1, 4).is_err());
+        }
+        assert!(quantize(DType::BF16, &[1.0; 4], 1, 4).is_err());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for g in crate::ir::op::INT4_GROUPS {
+            for zero_point in [false, true] {
+                let d = DType::Int4 {
+                    group: g,
+                    zero_point,
+                };
+                assert_eq!(DType::from_name(d.name()), Some(d));
+            }
+        }
+        assert_eq!(DType::from_name("int8"), Some(DType::Int8));
+        assert_eq!(DType::from_name("int4g100"), None);
+    }
+}
