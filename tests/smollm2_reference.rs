@@ -349,3 +349,51 @@ fn eval_perplexity_matches_token_by_token_scoring() {
     );
     assert!((2.0..100.0).contains(&got), "perplexity {got}");
 }
+
+/// Perplexity of `engine` on the first `chunks` windows of the shipped corpus (`kiln eval`).
+fn perplexity(engine: &std::path::Path, chunks: usize) -> f64 {
+    let out = kiln()
+        .arg("eval")
+        .arg(engine)
+        .args(["--chunks", &chunks.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["perplexity"].as_f64().unwrap()
+}
+
+/// The real model with int8 weights (`kiln build --quant int8`): perplexity within 1% of the
+/// f32 engine's on the corpus (the bound for int8), in an engine less than half the
+/// size.
+#[test]
+fn int8_weights_cost_under_one_percent_of_perplexity() {
+    use kiln::compiler::rewrite::rules::quant::{QuantOptions, DEFAULT_SKIP};
+    let b = built();
+    let dir = tempfile::tempdir().unwrap();
+    let int8 = dir.path().join("int8.kiln");
+    let opts = BuildOptions {
+        quant: Some(QuantOptions {
+            format: kiln::runtime::ir::DType::Int8,
+            skip: DEFAULT_SKIP.iter().map(|s| s.to_string()).collect(),
+        }),
+        ..Default::default()
+    };
+    build(&demo_gguf(), &int8, &opts, &|_, _| {}).unwrap();
+    let size = |f: &std::path::Path| std::fs::metadata(f).unwrap().len();
+    assert!(size(&int8) * 2 < size(&b.path), "{}", size(&int8));
+    let (f32_ppl, int8_ppl) = (perplexity(&b.path, 3), perplexity(&int8, 3));
+    eprintln!("perplexity over 3 windows: f32 {f32_ppl:.4}, int8 {int8_ppl:.4}");
+    assert!(
+        (int8_ppl - f32_ppl).abs() / f32_ppl < 0.01,
+        "int8 {int8_ppl} vs f32 {f32_ppl}"
+    );
+    assert!(
+        int8_ppl != f32_ppl,
+        "the int8 engine computes exactly as f32"
+    );
+}

@@ -13,6 +13,7 @@ use common::*;
 use kiln::compiler::build::{graph_for, model_for};
 use kiln::compiler::{build, BuildOptions};
 use kiln::runtime::engine::Engine;
+use std::ffi::OsStr;
 use std::path::Path;
 use tiny::{Storage, TinyConfig, Weights, XorShift};
 
@@ -553,4 +554,77 @@ fn documented_toy_family_builds_and_runs() {
     let logits = &got.outputs["logits"];
     assert_eq!(logits.shape, [1, 4, vocab]);
     assert_close("toy family logits", &logits.data, &flat(&want));
+}
+
+/// `kiln build --quant`: the flags that do not apply, the formats not built yet, and a GPU build
+/// of a quantized graph are refused by name, before anything is written; a quantized CPU engine
+/// is smaller and `kiln inspect` shows its weights' formats.
+#[test]
+fn cli_quantized_builds_and_refusals() {
+    let cfg = TinyConfig::mha();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    tiny::write_checkpoint(&ckpt, &cfg, &cfg.random_weights(), Storage::F32);
+    let out = dir.path().join("q.kiln");
+    let build = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+        let mut args = vec![
+            "build".into(),
+            ckpt.clone().into(),
+            "-o".into(),
+            out.clone().into(),
+        ];
+        args.extend(extra.iter().map(|a| a.into()));
+        args
+    };
+    for (extra, says) in [
+        (&["--quant", "fp8"][..], "--quant fp8 is not supported yet"),
+        (
+            &["--quant", "int4-awq"],
+            "--quant int4-awq is not supported yet",
+        ),
+        (&["--quant", "int5"], "unknown --quant `int5`"),
+        (
+            &["--quant", "int4", "--group", "100"],
+            "groups of 32, 64 or 128",
+        ),
+        (&["--group", "64"], "add --quant"),
+        (&["--quant-skip", "lm_head"], "add --quant"),
+        (
+            &["--quant", "int8", "--group", "64"],
+            "--group applies to int4",
+        ),
+        (
+            &["--quant", "int8", "--no-optimize"],
+            "--quant needs the rewriter",
+        ),
+        (
+            &["--quant", "int8", "--target", "cuda"],
+            "is stored as int8, and the GPU kernels read 16-bit weights only",
+        ),
+    ] {
+        let err = fails(&build(extra));
+        assert!(err.contains(says), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} left an output");
+    }
+    let plain = dir.path().join("plain.kiln");
+    succeeds(&[OsStr::new("build"), p(&ckpt), "-o".as_ref(), p(&plain)]);
+    succeeds(&build(&["--quant", "int4", "--group", "32"]));
+    let size = |f: &Path| std::fs::metadata(f).unwrap().len();
+    assert!(
+        size(&out) < size(&plain),
+        "{} vs {}",
+        size(&out),
+        size(&plain)
+    );
+    let text = succeeds(&[OsStr::new("inspect"), p(&out)]);
+    assert!(
+        text.contains(
+            "int4g32z[48, 48] = Weight(int4g32z(model.layers.0.self_attn.o_proj.weight))"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("f32[97, 48] = Weight(lm_head.weight)"),
+        "{text}"
+    );
 }
