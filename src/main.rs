@@ -59,8 +59,9 @@ enum Command {
         #[arg(long)]
         allow_unused: bool,
         /// Store the linear layers' weights quantized: `int8` (per output channel, W8A16),
-        /// `int4` (groups of --group columns with zero points, W4A16) or `int4-sym` (groups,
-        /// symmetric). CPU engines so far: the GPU kernels for these formats are not built yet.
+        /// `int4` (groups of --group columns with zero points, W4A16), `int4-sym` (groups,
+        /// symmetric) or `int4-awq` (int4 with activation-aware scales calibrated on --calib).
+        /// CPU engines so far: the GPU kernels for these formats are not built yet.
         #[arg(long)]
         quant: Option<String>,
         /// Columns per int4 scale: 32, 64 or 128 (default 128).
@@ -70,6 +71,11 @@ enum Command {
         /// stays), as comma-separated dot-separated name parts: `layers.0,down_proj`.
         #[arg(long, value_delimiter = ',')]
         quant_skip: Vec<String>,
+        /// Calibration text of `--quant int4-awq` (default: Python standard-library docstrings
+        /// shipped with kiln, data/calib/); the model runs on its first 8 windows of 512 tokens
+        /// on the CPU.
+        #[arg(long)]
+        calib: Option<PathBuf>,
     },
     /// Generate text with an engine, streaming tokens to stdout.
     Run(RunArgs),
@@ -520,6 +526,7 @@ fn build_options(
         dtype: dtype.unwrap_or(DType::F32),
         cuda_arch,
         allow_unused,
+        calibration: quant.calibration()?,
         quant: quant.options()?,
     })
 }
@@ -529,13 +536,27 @@ struct QuantFlags {
     quant: Option<String>,
     group: Option<u16>,
     skip: Vec<String>,
+    calib: Option<PathBuf>,
 }
 
 impl QuantFlags {
+    /// The calibration settings: `--calib`'s text, or the shipped one.
+    fn calibration(&self) -> Result<kiln::compiler::quantize::Calibration> {
+        let mut c = kiln::compiler::quantize::Calibration::default();
+        if let Some(path) = &self.calib {
+            c.text = std::fs::read_to_string(path)
+                .with_context(|| format!("--calib {}", path.display()))?;
+        }
+        Ok(c)
+    }
+
     /// The rewriter's quantization options, refusing what does not apply or is not built.
     fn options(self) -> Result<Option<kiln::compiler::rewrite::rules::quant::QuantOptions>> {
         use kiln::compiler::rewrite::rules::quant::{QuantOptions, DEFAULT_SKIP};
         use kiln::runtime::ir::{op::INT4_GROUPS, DType};
+        if self.calib.is_some() && self.quant.as_deref() != Some("int4-awq") {
+            bail!("--calib applies to --quant int4-awq (the only calibrated format)");
+        }
         let Some(quant) = self.quant else {
             if self.group.is_some() || !self.skip.is_empty() {
                 bail!("--group and --quant-skip apply to a quantized build: add --quant");
@@ -559,11 +580,12 @@ impl QuantFlags {
                 group,
                 zero_point: false,
             },
-            "int4-awq" | "int4-gptq" | "fp8" | "w8a8" => bail!(
+            "int4-awq" => DType::Int4Awq { group },
+            "int4-gptq" | "fp8" | "w8a8" => bail!(
                 "--quant {quant} is not supported yet (calibrated and 8-bit-activation formats \
-                 are still to come): use int8, int4 or int4-sym"
+                 are still to come): use int8, int4, int4-sym or int4-awq"
             ),
-            other => bail!("unknown --quant `{other}`: int8, int4 or int4-sym"),
+            other => bail!("unknown --quant `{other}`: int8, int4, int4-sym or int4-awq"),
         };
         if let Some(bad) = self.skip.iter().find(|p| p.is_empty()) {
             bail!("--quant-skip `{bad}`: an empty pattern");
@@ -598,6 +620,7 @@ fn main() -> ExitCode {
             quant,
             group,
             quant_skip,
+            calib,
         } => build_options(
             model,
             no_optimize,
@@ -609,6 +632,7 @@ fn main() -> ExitCode {
                 quant,
                 group,
                 skip: quant_skip,
+                calib,
             },
         )
         .and_then(|opts| cmd_build(&checkpoint, &output, opts)),

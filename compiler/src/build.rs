@@ -4,6 +4,7 @@ use crate::engine_writer::{write_engine, EngineContents, EngineTensor};
 use crate::graph::expand;
 use crate::loader::{Checkpoint, LoadError};
 use crate::model::{builtin_for, params::bind, ModelError, ModelFile};
+use crate::quantize::{awq, calibrate, source_name, Calibration};
 use crate::rewrite::derive::{evaluate, DerivedWeight};
 use crate::rewrite::report::RewriteReport;
 use crate::rewrite::rules::quant::QuantOptions;
@@ -56,6 +57,8 @@ pub struct BuildOptions {
     pub allow_unused: bool,
     /// Store linear weights in a weight format (`--quant`, `--quant-skip`).
     pub quant: Option<QuantOptions>,
+    /// The text and length of calibration (`--calib`; AWQ).
+    pub calibration: Calibration,
 }
 
 impl Default for BuildOptions {
@@ -67,6 +70,7 @@ impl Default for BuildOptions {
             cuda_arch: None,
             allow_unused: false,
             quant: None,
+            calibration: Calibration::default(),
         }
     }
 }
@@ -402,6 +406,44 @@ pub struct BuildReport {
     pub notes: Vec<String>,
 }
 
+/// Runs the unquantized graph `g0` on the calibration text; returns the statistics of every
+/// linear input by weight name, and the number of calibration tokens.
+fn awq_calibration(
+    ckpt: &Checkpoint,
+    tokenizer: Option<&Tokenizer>,
+    g0: &Graph,
+    derived0: &[DerivedWeight],
+    opts: &BuildOptions,
+) -> Result<(std::collections::BTreeMap<String, awq::InputStats>, usize), BuildError> {
+    let tokenizer = tokenizer.ok_or_else(|| {
+        BuildError::Other(
+            "--quant int4-awq calibrates on text, and the checkpoint has no tokenizer".into(),
+        )
+    })?;
+    let tokens = tokenizer
+        .encode(&opts.calibration.text)
+        .map_err(|e| BuildError::Other(format!("calibration text: {e}")))?;
+    let recipes: HashMap<&str, &DerivedWeight> =
+        derived0.iter().map(|d| (d.name.as_str(), d)).collect();
+    let load = |name: &str| -> Result<Vec<f32>, ExecError> {
+        let read = |source: &str, _: &[usize]| {
+            ckpt.read_f32(source).map_err(|e| ExecError::Weight {
+                name: source.into(),
+                message: e.to_string(),
+            })
+        };
+        match recipes.get(name) {
+            Some(d) => evaluate(d, read),
+            None => read(name, &[]),
+        }
+    };
+    let exec = kiln_runtime::cpu::CpuExecutor::new(g0.clone(), |name, _| load(name))
+        .map_err(|e| BuildError::Other(format!("calibration: {e}")))?;
+    let stats = calibrate::calibrate(g0, &exec, &tokens, opts.calibration.windows, &|_, _| {})
+        .map_err(|e| BuildError::Other(format!("calibration: {e}")))?;
+    Ok((stats, tokens.len()))
+}
+
 /// Builds an engine from a checkpoint. `progress(done, total)` is called as weights are read.
 pub fn build(
     checkpoint: &Path,
@@ -452,7 +494,8 @@ pub fn build(
     let vocab = graph.vocab();
     let (max_context, context_note) = context_window(&ckpt.config)?;
     notes.extend(context_note);
-    let (graph, derived, rewrite) = compile_graph(&graph, opts)?;
+    let expanded = graph;
+    let (graph, derived, rewrite) = compile_graph(&expanded, opts)?;
     // A GPU engine: the launch plan and its kernels, compiled before reading any weight so a
     // lowering or NVRTC error fails fast; weights are stored in bf16, but for the tables that the
     // plan reads in f32 (RoPE frequencies).
@@ -489,6 +532,26 @@ pub fn build(
         )?,
         max_context,
     };
+    // AWQ: the activations at each linear input, from the graph without quantization.
+    let awq_stats = match opts.quant.as_ref().map(|q| q.format) {
+        Some(DType::Int4Awq { .. }) => {
+            let plain = BuildOptions {
+                quant: None,
+                cuda_arch: None,
+                ..opts.clone()
+            };
+            let (g0, derived0, _) = compile_graph(&expanded, &plain)?;
+            let stats = awq_calibration(&ckpt, tokenizer.as_ref(), &g0, &derived0, opts)?;
+            notes.push(format!(
+                "AWQ: calibrated on {} window(s) of {} tokens on the CPU executor",
+                opts.calibration.windows.min(stats.1 / calibrate::WINDOW),
+                calibrate::WINDOW
+            ));
+            Some(stats.0)
+        }
+        _ => None,
+    };
+    let awq_report = std::sync::Mutex::new(Vec::<(f32, f64, f64)>::new());
     let wanted: Vec<(NodeId, &str)> = graph.weights().collect();
     let total = wanted.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
@@ -521,12 +584,25 @@ pub fn build(
                 (Some((format, source)), _) => {
                     let data = eval(&source)?;
                     let (rows, cols) = (shape[0], shape[1]);
-                    let packed = quant::quantize(format, &data, rows, cols).map_err(|message| {
-                        BuildError::Weight {
-                            name: name.into(),
-                            message,
+                    let bad = |message| BuildError::Weight {
+                        name: name.into(),
+                        message,
+                    };
+                    let stats = awq_stats
+                        .as_ref()
+                        .and_then(|s| s.get(source_name(name, format)?));
+                    let packed = match (format, stats) {
+                        (DType::Int4Awq { group }, Some(stats)) => {
+                            let r = awq::search(&data, rows, cols, group, stats).map_err(bad)?;
+                            awq_report.lock().expect("no panic while held").push((
+                                r.alpha,
+                                r.error,
+                                r.rtn_error,
+                            ));
+                            quant::quantize_awq(&data, rows, cols, group, &r.s).map_err(bad)?
                         }
-                    })?;
+                        _ => quant::quantize(format, &data, rows, cols).map_err(bad)?,
+                    };
                     let parts = quant::parts(format, rows, cols).expect("a weight format");
                     parts
                         .into_iter()
@@ -556,6 +632,17 @@ pub fn build(
         })
         .collect::<Result<Vec<Vec<EngineTensor>>, BuildError>>()?;
     let weights: Vec<EngineTensor> = weights.into_iter().flatten().collect();
+    if awq_stats.is_some() {
+        let r = awq_report.into_inner().expect("no panic while held");
+        let (err, rtn): (f64, f64) = r.iter().fold((0.0, 0.0), |(a, b), x| (a + x.1, b + x.2));
+        let mean_alpha = r.iter().map(|x| f64::from(x.0)).sum::<f64>() / r.len().max(1) as f64;
+        notes.push(format!(
+            "AWQ: {} weights searched, mean α {mean_alpha:.2}; squared output error on the \
+             calibration rows {:.1}% of round-to-nearest's",
+            r.len(),
+            100.0 * err / rtn.max(f64::MIN_POSITIVE)
+        ));
+    }
     let parameters = wanted
         .iter()
         .map(|&(id, _)| shape_of(id).iter().product::<usize>())

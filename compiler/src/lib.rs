@@ -7,6 +7,7 @@ pub mod graph;
 pub mod loader;
 pub mod model;
 pub mod output;
+pub mod quantize;
 pub mod rewrite;
 
 pub use build::{build, BuildError, BuildOptions};

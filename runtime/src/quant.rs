@@ -14,6 +14,11 @@
 //!   `zero = clamp(round(-min / scale), 0, 15)`, `q = clamp(round(w / scale) + zero, 0, 15)`,
 //!   `w = (q - zero) · scale`.
 //!
+//! - `Int4Awq { group: g }` (activation-aware, AWQ): the weight's columns are multiplied by
+//!   calibrated factors `s[c]` (`quantize_awq`), quantized as `Int4` with zero points, and
+//!   `w = (q - zero) · scale / s[c]`; `s` is stored as an f32 vector `colscale` `[k]`.
+//!   Without calibration (`quantize`), `s = 1`.
+//!
 //!   Int4 codes: `q` u8 `[n, ceil(k/2)]`, column `2j` in the low nibble of byte `j`, `2j+1` in the
 //!   high one; `scale` f16 `[n, ceil(k/g)]`; `zero` u8 `[n, ceil(k/g)]` (asymmetric only). The
 //!   last group of a row may be shorter than `g` when `g` does not divide `k` (SmolLM2's 576).
@@ -37,8 +42,10 @@ pub struct Packed {
     pub q: Vec<u8>,
     /// Scales: f32 per row (`Int8`) or f16 per group (`Int4`), as f32 values.
     pub scale: Vec<f32>,
-    /// Zero points per group (`Int4` with zero points), else empty.
+    /// Zero points per group (`Int4` with zero points, `Int4Awq`), else empty.
     pub zero: Vec<u8>,
+    /// Per-input-column factors the weight was multiplied by (`Int4Awq`), else empty.
+    pub col_scale: Vec<f32>,
 }
 
 /// One stored part of a packed weight: suffix of its engine tensor name, element type, shape.
@@ -89,6 +96,15 @@ pub fn parts(format: DType, rows: usize, cols: usize) -> Option<Vec<Part>> {
             }
             v
         }
+        DType::Int4Awq { group } => {
+            let g = groups(cols, group);
+            vec![
+                part("", S::U8, vec![rows, cols.div_ceil(2)]),
+                part(".scale", S::F16, vec![rows, g]),
+                part(".zero", S::U8, vec![rows, g]),
+                part(".colscale", S::F32, vec![cols]),
+            ]
+        }
         _ => return None,
     })
 }
@@ -98,14 +114,13 @@ pub fn stored_bytes(format: DType, rows: usize, cols: usize) -> Option<usize> {
     Some(parts(format, rows, cols)?.iter().map(Part::bytes).sum())
 }
 
-/// Quantizes row-major `[rows, cols]` values to `format`.
+/// Quantizes row-major `[rows, cols]` values to `format` (`Int4Awq` with factors 1: see
+/// [`quantize_awq`]).
 pub fn quantize(format: DType, w: &[f32], rows: usize, cols: usize) -> Result<Packed, String> {
-    if w.len() != rows * cols {
-        return Err(format!("{} values for a [{rows}, {cols}] weight", w.len()));
+    if let DType::Int4Awq { group } = format {
+        return quantize_awq(w, rows, cols, group, &vec![1.0; cols]);
     }
-    if let Some(bad) = w.iter().find(|v| !v.is_finite()) {
-        return Err(format!("cannot quantize a weight holding {bad}"));
-    }
+    check(w, rows, cols)?;
     let mut p = Packed {
         format,
         rows,
@@ -113,6 +128,7 @@ pub fn quantize(format: DType, w: &[f32], rows: usize, cols: usize) -> Result<Pa
         q: Vec::new(),
         scale: Vec::new(),
         zero: Vec::new(),
+        col_scale: Vec::new(),
     };
     match format {
         DType::Int8 => {
@@ -124,48 +140,98 @@ pub fn quantize(format: DType, w: &[f32], rows: usize, cols: usize) -> Result<Pa
                 p.q.extend(row.iter().map(|&v| code(v, s, 0, -127, 127) as i8 as u8));
             }
         }
-        DType::Int4 { group, zero_point } => {
-            let g = group as usize;
-            let ng = groups(cols, group);
-            p.q = vec![0u8; rows * cols.div_ceil(2)];
-            for r in 0..rows {
-                let row = &w[r * cols..(r + 1) * cols];
-                let codes = &mut p.q[r * cols.div_ceil(2)..(r + 1) * cols.div_ceil(2)];
-                for gi in 0..ng {
-                    let span = gi * g..((gi + 1) * g).min(cols);
-                    let vals = &row[span.clone()];
-                    let (s, z) = if zero_point {
-                        let lo = vals.iter().fold(f32::INFINITY, |m, &v| m.min(v));
-                        let hi = vals.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                        let s = f16::from_f32((hi - lo).max(1e-5) / 15.0).to_f32();
-                        let z = (-lo / s).round().clamp(0.0, 15.0) as i32;
-                        (s, z)
-                    } else {
-                        let m = vals
-                            .iter()
-                            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                        (f16::from_f32(m / -8.0).to_f32(), 8)
-                    };
-                    if !s.is_finite() {
-                        return Err(format!(
-                            "row {r} has values too large for the f16 scales of {}",
-                            format.name()
-                        ));
-                    }
-                    p.scale.push(s);
-                    if zero_point {
-                        p.zero.push(z as u8);
-                    }
-                    for (c, &v) in span.zip(vals) {
-                        let q = code(v, s, z, 0, 15) as u8;
-                        codes[c / 2] |= if c % 2 == 0 { q } else { q << 4 };
-                    }
-                }
-            }
-        }
+        DType::Int4 { group, zero_point } => int4(&mut p, w, group, zero_point)?,
         other => return Err(format!("{} is not a weight format", other.name())),
     }
     Ok(p)
+}
+
+/// Activation-aware int4 (`Int4Awq`): quantizes `w · diag(s)` with zero points and keeps `s`,
+/// so that the dequantized weight is `Q(w · diag(s)) · diag(1/s)`. Input columns with large
+/// activations get large `s`: their weights are quantized with relatively finer steps.
+pub fn quantize_awq(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    group: u16,
+    s: &[f32],
+) -> Result<Packed, String> {
+    check(w, rows, cols)?;
+    if s.len() != cols || s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(format!(
+            "AWQ needs {cols} finite positive column factors, got {}",
+            s.len()
+        ));
+    }
+    let scaled: Vec<f32> = w
+        .chunks_exact(cols.max(1))
+        .flat_map(|row| row.iter().zip(s).map(|(v, f)| v * f))
+        .collect();
+    let mut p = Packed {
+        format: DType::Int4Awq { group },
+        rows,
+        cols,
+        q: Vec::new(),
+        scale: Vec::new(),
+        zero: Vec::new(),
+        col_scale: s.to_vec(),
+    };
+    int4(&mut p, &scaled, group, true)?;
+    Ok(p)
+}
+
+fn check(w: &[f32], rows: usize, cols: usize) -> Result<(), String> {
+    if w.len() != rows * cols {
+        return Err(format!("{} values for a [{rows}, {cols}] weight", w.len()));
+    }
+    if let Some(bad) = w.iter().find(|v| !v.is_finite()) {
+        return Err(format!("cannot quantize a weight holding {bad}"));
+    }
+    Ok(())
+}
+
+/// Fills the int4 codes, scales (and zero points) of `p` from `w`.
+fn int4(p: &mut Packed, w: &[f32], group: u16, zero_point: bool) -> Result<(), String> {
+    let (rows, cols) = (p.rows, p.cols);
+    let g = group as usize;
+    let ng = groups(cols, group);
+    let half = cols.div_ceil(2);
+    p.q = vec![0u8; rows * half];
+    for r in 0..rows {
+        let row = &w[r * cols..(r + 1) * cols];
+        let codes = &mut p.q[r * half..(r + 1) * half];
+        for gi in 0..ng {
+            let span = gi * g..((gi + 1) * g).min(cols);
+            let vals = &row[span.clone()];
+            let (s, z) = if zero_point {
+                let lo = vals.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                let hi = vals.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let s = f16::from_f32((hi - lo).max(1e-5) / 15.0).to_f32();
+                let z = (-lo / s).round().clamp(0.0, 15.0) as i32;
+                (s, z)
+            } else {
+                let m = vals
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                (f16::from_f32(m / -8.0).to_f32(), 8)
+            };
+            if !s.is_finite() {
+                return Err(format!(
+                    "row {r} has values too large for the f16 scales of {}",
+                    p.format.name()
+                ));
+            }
+            p.scale.push(s);
+            if zero_point {
+                p.zero.push(z as u8);
+            }
+            for (c, &v) in span.zip(vals) {
+                let q = code(v, s, z, 0, 15) as u8;
+                codes[c / 2] |= if c % 2 == 0 { q } else { q << 4 };
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `clamp(round(v / s) + z, lo, hi)`, 0 when `s` is 0 (an all-zero row or group).
@@ -192,7 +258,7 @@ impl Packed {
                     );
                 }
             }
-            DType::Int4 { group, zero_point } => {
+            DType::Int4 { group, .. } | DType::Int4Awq { group } => {
                 let ng = groups(cols, group);
                 let half = cols.div_ceil(2);
                 for r in 0..rows {
@@ -200,8 +266,12 @@ impl Packed {
                         let b = self.q[r * half + c / 2];
                         let q = if c % 2 == 0 { b & 15 } else { b >> 4 };
                         let gi = r * ng + c / group as usize;
-                        let z = if zero_point { self.zero[gi] } else { 8 };
-                        out.push((q as i32 - z as i32) as f32 * self.scale[gi]);
+                        let z = self.zero.get(gi).copied().unwrap_or(8);
+                        let v = (q as i32 - z as i32) as f32 * self.scale[gi];
+                        out.push(match self.col_scale.get(c) {
+                            Some(f) => v / f,
+                            None => v,
+                        });
                     }
                 }
             }
@@ -223,6 +293,14 @@ impl Packed {
         });
         if !self.zero.is_empty() {
             v.push(self.zero.clone());
+        }
+        if !self.col_scale.is_empty() {
+            v.push(
+                self.col_scale
+                    .iter()
+                    .flat_map(|s| s.to_le_bytes())
+                    .collect(),
+            );
         }
         v
     }
@@ -277,6 +355,20 @@ impl Packed {
         if zero.iter().any(|&z| z > 15) {
             return Err(format!("a {} zero point is above 15", format.name()));
         }
+        let col_scale: Vec<f32> = stored
+            .get(3)
+            .map(|b| {
+                b.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if col_scale.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(format!(
+                "a {} column factor is not a finite positive number",
+                format.name()
+            ));
+        }
         Ok(Packed {
             format,
             rows,
@@ -284,6 +376,7 @@ impl Packed {
             q: stored[0].to_vec(),
             scale,
             zero,
+            col_scale,
         })
     }
 }

@@ -120,6 +120,7 @@ fn elem_bytes(d: DType) -> f64 {
         DType::Int4 { group, zero_point } => {
             0.5 + (2.0 + f64::from(u8::from(zero_point))) / f64::from(group)
         }
+        DType::Int4Awq { group } => 0.5 + 3.0 / f64::from(group),
     }
 }
 

@@ -33,6 +33,13 @@ pub enum DType {
         /// Asymmetric, with a zero point per group.
         zero_point: bool,
     },
+    /// Weight format: activation-aware int4 (AWQ): `Int4` with zero points, of the weight with
+    /// each input column `c` multiplied by a calibrated factor `s[c]`, which the product divides
+    /// back out (an f32 vector `[k]` stored beside the codes).
+    Int4Awq {
+        /// Input columns per scale: 32, 64 or 128 ([`INT4_GROUPS`]).
+        group: u16,
+    },
 }
 
 /// The group sizes an `Int4` weight format may have.
@@ -45,7 +52,10 @@ impl DType {
     }
     /// True for the weight formats (quantized weights read by linear ops).
     pub fn is_weight_format(self) -> bool {
-        matches!(self, DType::Int8 | DType::Int4 { .. })
+        matches!(
+            self,
+            DType::Int8 | DType::Int4 { .. } | DType::Int4Awq { .. }
+        )
     }
     /// Lower-case name (`f32`, `bf16`, `int8`, `int4g128` (symmetric), `int4g128z` (with zero
     /// points), ...).
@@ -66,6 +76,12 @@ impl DType {
                 (128, true) => "int4g128z",
                 _ => "int4(unsupported group)",
             },
+            DType::Int4Awq { group } => match group {
+                32 => "int4g32awq",
+                64 => "int4g64awq",
+                128 => "int4g128awq",
+                _ => "int4awq(unsupported group)",
+            },
         }
     }
     /// The dtype named `s` (the inverse of [`DType::name`]).
@@ -79,6 +95,12 @@ impl DType {
             "int8" => DType::Int8,
             _ => {
                 let rest = s.strip_prefix("int4g")?;
+                if let Some(digits) = rest.strip_suffix("awq") {
+                    let group: u16 = digits.parse().ok()?;
+                    return INT4_GROUPS
+                        .contains(&group)
+                        .then_some(DType::Int4Awq { group });
+                }
                 let (digits, zero_point) = match rest.strip_suffix('z') {
                     Some(d) => (d, true),
                     None => (rest, false),

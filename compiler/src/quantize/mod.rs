@@ -1,0 +1,55 @@
+//! Build-time quantization that needs more than the weights: calibration of a model on text
+//! (`calibrate.rs`) and AWQ's activation-aware scale search (`awq.rs`). The formats themselves
+//! (layout, packing, dequantization) are `kiln_runtime::quant`; the rules choosing them are
+//! `rewrite/rules/quant.rs`.
+
+pub mod awq;
+pub mod calibrate;
+
+/// The calibration text shipped with kiln (`data/calib/python-docstrings.txt`, Python standard
+/// library docstrings, PSF license): `kiln build --quant int4-awq` uses it unless `--calib` names
+/// another.
+pub const DEFAULT_CALIBRATION_TEXT: &str =
+    include_str!("../../../data/calib/python-docstrings.txt");
+
+/// Calibration settings of a build.
+#[derive(Clone, Debug)]
+pub struct Calibration {
+    /// The text the model runs on.
+    pub text: String,
+    /// Windows of [`calibrate::WINDOW`] tokens to run (at most).
+    pub windows: usize,
+}
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Calibration {
+            text: DEFAULT_CALIBRATION_TEXT.to_string(),
+            windows: 8,
+        }
+    }
+}
+
+/// The weight a quantized derived weight stores, from its name: `int4g128awq(NAME)` → `NAME`.
+pub fn source_name(name: &str, format: kiln_runtime::ir::DType) -> Option<&str> {
+    name.strip_prefix(format.name())?
+        .strip_prefix('(')?
+        .strip_suffix(')')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source_name;
+    use kiln_runtime::ir::DType;
+
+    #[test]
+    fn source_names_strip_the_format() {
+        let f = DType::Int4Awq { group: 128 };
+        assert_eq!(
+            source_name("int4g128awq(concat0(m.{q,k,v}.weight))", f),
+            Some("concat0(m.{q,k,v}.weight)")
+        );
+        assert_eq!(source_name("int8(m.o.weight)", f), None);
+        assert_eq!(source_name("derived:layers.0.qkv", f), None);
+    }
+}
