@@ -60,7 +60,8 @@ enum Command {
         allow_unused: bool,
         /// Store the linear layers' weights quantized: `int8` (per output channel, W8A16),
         /// `int4` (groups of --group columns with zero points, W4A16), `int4-sym` (groups,
-        /// symmetric) or `int4-awq` (int4 with activation-aware scales calibrated on --calib).
+        /// symmetric), `int4-awq` (int4 with activation-aware scales calibrated on --calib) or
+        /// `int4-gptq` (int4 codes chosen by GPTQ from --calib activations).
         /// CPU engines so far: the GPU kernels for these formats are not built yet.
         #[arg(long)]
         quant: Option<String>,
@@ -71,7 +72,7 @@ enum Command {
         /// stays), as comma-separated dot-separated name parts: `layers.0,down_proj`.
         #[arg(long, value_delimiter = ',')]
         quant_skip: Vec<String>,
-        /// Calibration text of `--quant int4-awq` (default: Python standard-library docstrings
+        /// Calibration text of `--quant int4-awq|int4-gptq` (default: Python standard-library docstrings
         /// shipped with kiln, data/calib/); the model runs on its first 8 windows of 512 tokens
         /// on the CPU.
         #[arg(long)]
@@ -542,11 +543,16 @@ struct QuantFlags {
 impl QuantFlags {
     /// The calibration settings: `--calib`'s text, or the shipped one.
     fn calibration(&self) -> Result<kiln::compiler::quantize::Calibration> {
+        if self.calib.is_some() && !matches!(self.quant.as_deref(), Some("int4-awq" | "int4-gptq"))
+        {
+            bail!("--calib applies to the calibrated formats: --quant int4-awq or int4-gptq");
+        }
         let mut c = kiln::compiler::quantize::Calibration::default();
         if let Some(path) = &self.calib {
             c.text = std::fs::read_to_string(path)
                 .with_context(|| format!("--calib {}", path.display()))?;
         }
+        c.gptq = self.quant.as_deref() == Some("int4-gptq");
         Ok(c)
     }
 
@@ -554,9 +560,6 @@ impl QuantFlags {
     fn options(self) -> Result<Option<kiln::compiler::rewrite::rules::quant::QuantOptions>> {
         use kiln::compiler::rewrite::rules::quant::{QuantOptions, DEFAULT_SKIP};
         use kiln::runtime::ir::{op::INT4_GROUPS, DType};
-        if self.calib.is_some() && self.quant.as_deref() != Some("int4-awq") {
-            bail!("--calib applies to --quant int4-awq (the only calibrated format)");
-        }
         let Some(quant) = self.quant else {
             if self.group.is_some() || !self.skip.is_empty() {
                 bail!("--group and --quant-skip apply to a quantized build: add --quant");
@@ -581,11 +584,17 @@ impl QuantFlags {
                 zero_point: false,
             },
             "int4-awq" => DType::Int4Awq { group },
-            "int4-gptq" | "fp8" | "w8a8" => bail!(
+            "int4-gptq" => DType::Int4 {
+                group,
+                zero_point: true,
+            },
+            "fp8" | "w8a8" => bail!(
                 "--quant {quant} is not supported yet (calibrated and 8-bit-activation formats \
-                 are still to come): use int8, int4, int4-sym or int4-awq"
+                 are still to come): use int8, int4, int4-sym, int4-awq or int4-gptq"
             ),
-            other => bail!("unknown --quant `{other}`: int8, int4, int4-sym or int4-awq"),
+            other => {
+                bail!("unknown --quant `{other}`: int8, int4, int4-sym, int4-awq or int4-gptq")
+            }
         };
         if let Some(bad) = self.skip.iter().find(|p| p.is_empty()) {
             bail!("--quant-skip `{bad}`: an empty pattern");

@@ -369,8 +369,9 @@ fn perplexity(engine: &std::path::Path, chunks: usize) -> f64 {
 
 /// The real model quantized (`kiln build --quant`), perplexity on the first windows of the
 /// corpus: int8 within 1% of the f32 engine (the bound), in an engine less than half
-/// the size; int4 with AWQ scales (calibrated on 2 windows of the shipped calibration text)
-/// strictly better than plain round-to-nearest int4 in the same groups of 128.
+/// the size; int4 with AWQ scales and int4 with GPTQ's codes (each calibrated on 2 windows of
+/// the shipped calibration text) strictly better than plain round-to-nearest int4 in the same
+/// groups of 128.
 #[test]
 fn quantized_formats_on_the_real_model() {
     use kiln::compiler::quantize::Calibration;
@@ -417,9 +418,29 @@ fn quantized_formats_on_the_real_model() {
     );
     let awq = quantized("awq", DType::Int4Awq { group: 128 });
     let (rtn_ppl, awq_ppl) = (perplexity(&rtn, 3), perplexity(&awq, 3));
-    eprintln!("int4 g128: round-to-nearest {rtn_ppl:.4}, AWQ {awq_ppl:.4}");
-    assert!(
-        f32_ppl < awq_ppl && awq_ppl < rtn_ppl,
-        "f32 {f32_ppl}, AWQ {awq_ppl}, RTN {rtn_ppl}"
-    );
+    let gptq = dir.path().join("gptq.kiln");
+    let opts = BuildOptions {
+        quant: Some(QuantOptions {
+            format: DType::Int4 {
+                group: 128,
+                zero_point: true,
+            },
+            skip: DEFAULT_SKIP.iter().map(|s| s.to_string()).collect(),
+        }),
+        calibration: Calibration {
+            windows: 2,
+            gptq: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    build(&demo_gguf(), &gptq, &opts, &|_, _| {}).unwrap();
+    let gptq_ppl = perplexity(&gptq, 3);
+    eprintln!("int4 g128: round-to-nearest {rtn_ppl:.4}, AWQ {awq_ppl:.4}, GPTQ {gptq_ppl:.4}");
+    for (name, ppl) in [("AWQ", awq_ppl), ("GPTQ", gptq_ppl)] {
+        assert!(
+            f32_ppl < ppl && ppl < rtn_ppl,
+            "f32 {f32_ppl}, {name} {ppl}, RTN {rtn_ppl}"
+        );
+    }
 }

@@ -578,9 +578,12 @@ fn cli_quantized_builds_and_refusals() {
     };
     for (extra, says) in [
         (&["--quant", "fp8"][..], "--quant fp8 is not supported yet"),
+        (&["--quant", "w8a8"], "--quant w8a8 is not supported yet"),
+        (&["--quant", "int4-awq"], "the checkpoint has no tokenizer"),
+        (&["--quant", "int4-gptq"], "the checkpoint has no tokenizer"),
         (
-            &["--quant", "int4-awq"],
-            "--quant int4-awq is not supported yet",
+            &["--quant", "int8", "--calib", "x.txt"],
+            "--calib applies to the calibrated formats",
         ),
         (&["--quant", "int5"], "unknown --quant `int5`"),
         (

@@ -4,7 +4,7 @@ use crate::engine_writer::{write_engine, EngineContents, EngineTensor};
 use crate::graph::expand;
 use crate::loader::{Checkpoint, LoadError};
 use crate::model::{builtin_for, params::bind, ModelError, ModelFile};
-use crate::quantize::{awq, calibrate, source_name, Calibration};
+use crate::quantize::{awq, calibrate, gptq, source_name, Calibration};
 use crate::rewrite::derive::{evaluate, DerivedWeight};
 use crate::rewrite::report::RewriteReport;
 use crate::rewrite::rules::quant::QuantOptions;
@@ -406,9 +406,30 @@ pub struct BuildReport {
     pub notes: Vec<String>,
 }
 
-/// Runs the unquantized graph `g0` on the calibration text; returns the statistics of every
+/// The squared output error of a quantized weight on the calibration sample rows, and that of
+/// round-to-nearest in the same format.
+fn output_errors(
+    w: &[f32],
+    p: &quant::Packed,
+    stats: &awq::InputStats,
+    format: DType,
+) -> (f64, f64) {
+    let (n, k, m) = (p.rows, p.cols, stats.rows());
+    let want = awq::product(&stats.sample, m, w, n, k);
+    let err = |wq: &[f32]| -> f64 {
+        awq::product(&stats.sample, m, wq, n, k)
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum()
+    };
+    let rtn = quant::quantize(format, w, n, k).map(|q| err(&q.dequantize()));
+    (err(&p.dequantize()), rtn.unwrap_or(f64::NAN))
+}
+
+/// Runs the unquantized graph `g0` on the calibration text (AWQ, GPTQ); returns the statistics of every
 /// linear input by weight name, and the number of calibration tokens.
-fn awq_calibration(
+fn calibration(
     ckpt: &Checkpoint,
     tokenizer: Option<&Tokenizer>,
     g0: &Graph,
@@ -417,7 +438,9 @@ fn awq_calibration(
 ) -> Result<(std::collections::BTreeMap<String, awq::InputStats>, usize), BuildError> {
     let tokenizer = tokenizer.ok_or_else(|| {
         BuildError::Other(
-            "--quant int4-awq calibrates on text, and the checkpoint has no tokenizer".into(),
+            "--quant int4-awq and int4-gptq calibrate: the model runs on text, and the \
+             checkpoint has no tokenizer"
+                .into(),
         )
     })?;
     let tokens = tokenizer
@@ -439,7 +462,8 @@ fn awq_calibration(
     };
     let exec = kiln_runtime::cpu::CpuExecutor::new(g0.clone(), |name, _| load(name))
         .map_err(|e| BuildError::Other(format!("calibration: {e}")))?;
-    let stats = calibrate::calibrate(g0, &exec, &tokens, opts.calibration.windows, &|_, _| {})
+    let c = &opts.calibration;
+    let stats = calibrate::calibrate(g0, &exec, &tokens, c.windows, c.gptq, &|_, _| {})
         .map_err(|e| BuildError::Other(format!("calibration: {e}")))?;
     Ok((stats, tokens.len()))
 }
@@ -533,25 +557,46 @@ pub fn build(
         max_context,
     };
     // AWQ: the activations at each linear input, from the graph without quantization.
-    let awq_stats = match opts.quant.as_ref().map(|q| q.format) {
-        Some(DType::Int4Awq { .. }) => {
+    let gptq = opts.calibration.gptq;
+    if gptq
+        && !matches!(
+            opts.quant.as_ref().map(|q| q.format),
+            Some(DType::Int4 {
+                zero_point: true,
+                ..
+            })
+        )
+    {
+        return Err(BuildError::Other(
+            "GPTQ chooses the codes of int4 with zero points: it needs --quant int4-gptq".into(),
+        ));
+    }
+    let calibrated = gptq
+        || matches!(
+            opts.quant.as_ref().map(|q| q.format),
+            Some(DType::Int4Awq { .. })
+        );
+    let calib_stats = if calibrated {
+        {
             let plain = BuildOptions {
                 quant: None,
                 cuda_arch: None,
                 ..opts.clone()
             };
             let (g0, derived0, _) = compile_graph(&expanded, &plain)?;
-            let stats = awq_calibration(&ckpt, tokenizer.as_ref(), &g0, &derived0, opts)?;
+            let stats = calibration(&ckpt, tokenizer.as_ref(), &g0, &derived0, opts)?;
             notes.push(format!(
-                "AWQ: calibrated on {} window(s) of {} tokens on the CPU executor",
+                "{}: calibrated on {} window(s) of {} tokens on the CPU executor",
+                if gptq { "GPTQ" } else { "AWQ" },
                 opts.calibration.windows.min(stats.1 / calibrate::WINDOW),
                 calibrate::WINDOW
             ));
             Some(stats.0)
         }
-        _ => None,
+    } else {
+        None
     };
-    let awq_report = std::sync::Mutex::new(Vec::<(f32, f64, f64)>::new());
+    let calib_report = std::sync::Mutex::new(Vec::<(f32, f64, f64)>::new());
     let wanted: Vec<(NodeId, &str)> = graph.weights().collect();
     let total = wanted.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
@@ -588,18 +633,28 @@ pub fn build(
                         name: name.into(),
                         message,
                     };
-                    let stats = awq_stats
+                    let stats = calib_stats
                         .as_ref()
                         .and_then(|s| s.get(source_name(name, format)?));
                     let packed = match (format, stats) {
                         (DType::Int4Awq { group }, Some(stats)) => {
                             let r = awq::search(&data, rows, cols, group, stats).map_err(bad)?;
-                            awq_report.lock().expect("no panic while held").push((
+                            calib_report.lock().expect("no panic while held").push((
                                 r.alpha,
                                 r.error,
                                 r.rtn_error,
                             ));
                             quant::quantize_awq(&data, rows, cols, group, &r.s).map_err(bad)?
+                        }
+                        (DType::Int4 { group, .. }, Some(stats)) if gptq => {
+                            let p =
+                                gptq::gptq(&data, rows, cols, group, &stats.gram).map_err(bad)?;
+                            let (err, rtn) = output_errors(&data, &p, stats, format);
+                            calib_report
+                                .lock()
+                                .expect("no panic while held")
+                                .push((0.0, err, rtn));
+                            p
                         }
                         _ => quant::quantize(format, &data, rows, cols).map_err(bad)?,
                     };
@@ -632,14 +687,18 @@ pub fn build(
         })
         .collect::<Result<Vec<Vec<EngineTensor>>, BuildError>>()?;
     let weights: Vec<EngineTensor> = weights.into_iter().flatten().collect();
-    if awq_stats.is_some() {
-        let r = awq_report.into_inner().expect("no panic while held");
+    if calib_stats.is_some() {
+        let r = calib_report.into_inner().expect("no panic while held");
         let (err, rtn): (f64, f64) = r.iter().fold((0.0, 0.0), |(a, b), x| (a + x.1, b + x.2));
         let mean_alpha = r.iter().map(|x| f64::from(x.0)).sum::<f64>() / r.len().max(1) as f64;
+        let what = if gptq {
+            format!("GPTQ: {} weights", r.len())
+        } else {
+            format!("AWQ: {} weights searched, mean α {mean_alpha:.2}", r.len())
+        };
         notes.push(format!(
-            "AWQ: {} weights searched, mean α {mean_alpha:.2}; squared output error on the \
-             calibration rows {:.1}% of round-to-nearest's",
-            r.len(),
+            "{what}; squared output error on the calibration rows {:.1}% of \
+             round-to-nearest's",
             100.0 * err / rtn.max(f64::MIN_POSITIVE)
         ));
     }

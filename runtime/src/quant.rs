@@ -203,18 +203,7 @@ fn int4(p: &mut Packed, w: &[f32], group: u16, zero_point: bool) -> Result<(), S
         for gi in 0..ng {
             let span = gi * g..((gi + 1) * g).min(cols);
             let vals = &row[span.clone()];
-            let (s, z) = if zero_point {
-                let lo = vals.iter().fold(f32::INFINITY, |m, &v| m.min(v));
-                let hi = vals.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let s = f16::from_f32((hi - lo).max(1e-5) / 15.0).to_f32();
-                let z = (-lo / s).round().clamp(0.0, 15.0) as i32;
-                (s, z)
-            } else {
-                let m = vals
-                    .iter()
-                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                (f16::from_f32(m / -8.0).to_f32(), 8)
-            };
+            let (s, z) = int4_group(vals, zero_point);
             if !s.is_finite() {
                 return Err(format!(
                     "row {r} has values too large for the f16 scales of {}",
@@ -226,12 +215,34 @@ fn int4(p: &mut Packed, w: &[f32], group: u16, zero_point: bool) -> Result<(), S
                 p.zero.push(z as u8);
             }
             for (c, &v) in span.zip(vals) {
-                let q = code(v, s, z, 0, 15) as u8;
+                let q = int4_code(v, s, z);
                 codes[c / 2] |= if c % 2 == 0 { q } else { q << 4 };
             }
         }
     }
     Ok(())
+}
+
+/// The scale and zero point of one int4 group of values (see the module doc); the zero point
+/// is 8 without `zero_point`.
+pub fn int4_group(vals: &[f32], zero_point: bool) -> (f32, i32) {
+    if zero_point {
+        let lo = vals.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        let hi = vals.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let s = f16::from_f32((hi - lo).max(1e-5) / 15.0).to_f32();
+        let z = (-lo / s).round().clamp(0.0, 15.0) as i32;
+        (s, z)
+    } else {
+        let m = vals
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        (f16::from_f32(m / -8.0).to_f32(), 8)
+    }
+}
+
+/// The int4 code of `v` with scale `s` and zero point `z`: `clamp(round(v / s) + z, 0, 15)`.
+pub fn int4_code(v: f32, s: f32, z: i32) -> u8 {
+    code(v, s, z, 0, 15) as u8
 }
 
 /// `clamp(round(v / s) + z, lo, hi)`, 0 when `s` is 0 (an all-zero row or group).
@@ -243,6 +254,48 @@ fn code(v: f32, s: f32, z: i32, lo: i32, hi: i32) -> i32 {
 }
 
 impl Packed {
+    /// An `Int4` weight from codes chosen elsewhere (GPTQ), one per element row-major, with
+    /// their groups' scales (rounded to f16 here) and zero points.
+    pub fn from_int4_codes(
+        format: DType,
+        rows: usize,
+        cols: usize,
+        codes: &[u8],
+        scale: Vec<f32>,
+        zero: Vec<u8>,
+    ) -> Result<Packed, String> {
+        let DType::Int4 { group, zero_point } = format else {
+            return Err(format!("{} is not an int4 format", format.name()));
+        };
+        let ng = rows * groups(cols, group);
+        if codes.len() != rows * cols
+            || scale.len() != ng
+            || zero.len() != if zero_point { ng } else { 0 }
+            || codes.iter().chain(&zero).any(|&c| c > 15)
+        {
+            return Err(format!(
+                "int4 codes, scales or zero points do not fit a [{rows}, {cols}] {} weight",
+                format.name()
+            ));
+        }
+        let half = cols.div_ceil(2);
+        let mut q = vec![0u8; rows * half];
+        for (r, row) in codes.chunks_exact(cols.max(1)).enumerate().take(rows) {
+            for (c, &v) in row.iter().enumerate() {
+                q[r * half + c / 2] |= if c % 2 == 0 { v } else { v << 4 };
+            }
+        }
+        Ok(Packed {
+            format,
+            rows,
+            cols,
+            q,
+            scale: scale.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            zero,
+            col_scale: Vec::new(),
+        })
+    }
+
     /// The values the kernels compute with: `(q - zero) · scale` in f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);

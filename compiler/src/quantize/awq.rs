@@ -16,6 +16,9 @@ pub struct InputStats {
     pub mean_abs: Vec<f32>,
     /// Sample rows of the input, row-major `[rows, k]`.
     pub sample: Vec<f32>,
+    /// `Σ xᵀx` over every calibration row, `[k, k]` (GPTQ's Hessian, up to a factor 2), when
+    /// asked for; else empty.
+    pub gram: Vec<f32>,
 }
 
 impl InputStats {
@@ -39,7 +42,7 @@ pub struct Scales {
 }
 
 /// `X · Wᵀ` for `X [m, k]`, `W [n, k]`, row-major, into `[m, n]`.
-fn product(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+pub(crate) fn product(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     if m == 0 || n == 0 || k == 0 {
         return out;
@@ -131,20 +134,9 @@ pub fn search(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quantize::tests::random;
     use kiln_runtime::ir::DType;
     use kiln_runtime::quant::quantize;
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
 
     /// Activations with a few large ("salient") channels, as trained LLMs have: AWQ's factors
     /// protect those channels' weights and cut the output error well below round-to-nearest.
@@ -167,6 +159,7 @@ mod tests {
         let stats = InputStats {
             mean_abs,
             sample: x,
+            gram: Vec::new(),
         };
         let r = search(&w, n, k, 128, &stats).unwrap();
         assert!(r.alpha > 0.0, "α = {}", r.alpha);
@@ -199,6 +192,7 @@ mod tests {
         let stats = InputStats {
             mean_abs: vec![1.0; 8],
             sample: vec![1.0; 8],
+            gram: Vec::new(),
         };
         assert!(search(&[0.5; 32], 2, 16, 32, &stats).is_err());
     }

@@ -4,6 +4,7 @@
 //! statistics are keyed by the names of the weights the quantized graph then stores.
 
 use super::awq::InputStats;
+use super::gptq::add_gram;
 use kiln_runtime::cpu::{CpuExecutor, ExecError};
 use kiln_runtime::ir::{Graph, Op};
 use std::collections::BTreeMap;
@@ -32,12 +33,14 @@ pub fn linear_inputs(g: &Graph) -> Vec<(String, String)> {
 }
 
 /// Runs `exec` (over `graph`) on up to `windows` windows of `tokens` and returns the input
-/// statistics of every linear op, by weight name. `progress(done, total)` after each window.
+/// statistics of every linear op, by weight name, with the Gram matrices `Σ xᵀx` when `gram`.
+/// `progress(done, total)` after each window.
 pub fn calibrate(
     graph: &Graph,
     exec: &CpuExecutor,
     tokens: &[u32],
     windows: usize,
+    gram: bool,
     progress: &dyn Fn(usize, usize),
 ) -> Result<BTreeMap<String, InputStats>, ExecError> {
     let inputs = linear_inputs(graph);
@@ -69,7 +72,11 @@ pub fn calibrate(
             let s = stats.entry(weight.clone()).or_insert_with(|| InputStats {
                 mean_abs: vec![0.0; k],
                 sample: Vec::new(),
+                gram: if gram { vec![0.0; k * k] } else { Vec::new() },
             });
+            if gram {
+                add_gram(&mut s.gram, &t.data, rows, k);
+            }
             for row in t.data.chunks_exact(k) {
                 for (a, v) in s.mean_abs.iter_mut().zip(row) {
                     *a += v.abs();

@@ -5,6 +5,7 @@
 
 pub mod awq;
 pub mod calibrate;
+pub mod gptq;
 
 /// The calibration text shipped with kiln (`data/calib/python-docstrings.txt`, Python standard
 /// library docstrings, PSF license): `kiln build --quant int4-awq` uses it unless `--calib` names
@@ -19,6 +20,8 @@ pub struct Calibration {
     pub text: String,
     /// Windows of [`calibrate::WINDOW`] tokens to run (at most).
     pub windows: usize,
+    /// Choose int4 codes by GPTQ (`--quant int4-gptq`) instead of rounding to nearest.
+    pub gptq: bool,
 }
 
 impl Default for Calibration {
@@ -26,6 +29,7 @@ impl Default for Calibration {
         Calibration {
             text: DEFAULT_CALIBRATION_TEXT.to_string(),
             windows: 8,
+            gptq: false,
         }
     }
 }
@@ -38,9 +42,22 @@ pub fn source_name(name: &str, format: kiln_runtime::ir::DType) -> Option<&str> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::source_name;
     use kiln_runtime::ir::DType;
+
+    /// `n` values in [-0.5, 0.5) from a xorshift generator seeded with `seed`.
+    pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
 
     #[test]
     fn source_names_strip_the_format() {
