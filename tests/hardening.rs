@@ -476,6 +476,10 @@ fn unused_tensors_and_unimplemented_config_keys_are_refused() {
         ("attn_logit_softcapping", serde_json::json!(50.0)),
         ("attention_bias", serde_json::json!(true)),
         ("final_logit_softcapping", serde_json::json!(30.0)),
+        (
+            "quantization_config",
+            serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 128}),
+        ),
     ] {
         let ckpt = ckpt_with_config(dir.path(), |c| c[key] = value.clone());
         let msg = build_fails(&ckpt, &dir.path().join("k.kiln"), &[]);

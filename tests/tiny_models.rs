@@ -630,4 +630,9 @@ fn cli_quantized_builds_and_refusals() {
         text.contains("f32[97, 48] = Weight(lm_head.weight)"),
         "{text}"
     );
+    let json = succeeds(&[OsStr::new("inspect"), p(&out), "--json".as_ref()]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let int4 = &v["weights_by_format"]["int4g32z"];
+    assert_eq!(int4["weights"], 4 * cfg.layers, "{json}");
+    assert!(int4["bytes"].as_u64().unwrap() > 0, "{json}");
 }

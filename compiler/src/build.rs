@@ -198,6 +198,17 @@ pub fn check_config_keys(model: &ModelFile, config: &serde_json::Value) -> Resul
         .flat_map(|keys| keys.split('|'))
         .filter_map(|k| k.split('.').next())
         .collect();
+    if let Some(q) = config.get("quantization_config").filter(|v| !v.is_null()) {
+        let method = q
+            .get("quant_method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("unnamed");
+        return Err(BuildError::Other(format!(
+            "the checkpoint is pre-quantized (`quantization_config`, quant_method `{method}`); \
+             kiln does not load quantized checkpoints as they are yet: build from the 16-bit \
+             checkpoint with --quant int8|int4|int4-awq|int4-gptq"
+        )));
+    }
     for (keys, accepted) in &model.requires {
         let Some((key, v)) = crate::model::params::config_value(config, keys) else {
             continue;
@@ -577,22 +588,20 @@ pub fn build(
             Some(DType::Int4Awq { .. })
         );
     let calib_stats = if calibrated {
-        {
-            let plain = BuildOptions {
-                quant: None,
-                cuda_arch: None,
-                ..opts.clone()
-            };
-            let (g0, derived0, _) = compile_graph(&expanded, &plain)?;
-            let stats = calibration(&ckpt, tokenizer.as_ref(), &g0, &derived0, opts)?;
-            notes.push(format!(
-                "{}: calibrated on {} window(s) of {} tokens on the CPU executor",
-                if gptq { "GPTQ" } else { "AWQ" },
-                opts.calibration.windows.min(stats.1 / calibrate::WINDOW),
-                calibrate::WINDOW
-            ));
-            Some(stats.0)
-        }
+        let plain = BuildOptions {
+            quant: None,
+            cuda_arch: None,
+            ..opts.clone()
+        };
+        let (g0, derived0, _) = compile_graph(&expanded, &plain)?;
+        let stats = calibration(&ckpt, tokenizer.as_ref(), &g0, &derived0, opts)?;
+        notes.push(format!(
+            "{}: calibrated on {} window(s) of {} tokens on the CPU executor",
+            if gptq { "GPTQ" } else { "AWQ" },
+            opts.calibration.windows.min(stats.1 / calibrate::WINDOW),
+            calibrate::WINDOW
+        ));
+        Some(stats.0)
     } else {
         None
     };

@@ -143,6 +143,41 @@ fn check_layer(g: &Graph, layer: Option<usize>) -> Result<()> {
     bail!("--layer {n}: the graph has {layers} decoder layers (0..{layers})")
 }
 
+/// An engine's weights grouped by stored format (`bf16`, `f32`, `int8`, `int4g128z`, …): how
+/// many, and their bytes (codes, scales and zero points included) — the bytes a decode step
+/// reads.
+fn weight_formats(engine: &Engine) -> serde_json::Value {
+    let mut by: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for (id, name) in engine.graph.weights() {
+        let dtype = engine.graph.nodes[id].ty.dtype;
+        let (label, parts): (String, Vec<String>) = if dtype.is_weight_format() {
+            let shape = &engine.graph.nodes[id].ty.shape;
+            let (r, c) = (shape[0].constant as usize, shape[1].constant as usize);
+            let parts = kiln::runtime::quant::parts(dtype, r, c).unwrap_or_default();
+            let names = parts
+                .iter()
+                .map(|p| format!("{name}{}", p.suffix))
+                .collect();
+            (dtype.name().to_string(), names)
+        } else {
+            let stored = engine.tensor(name).map(|(e, _)| format!("{:?}", e.dtype));
+            let label = stored.unwrap_or_else(|_| "missing".into()).to_lowercase();
+            (label, vec![name.to_string()])
+        };
+        let bytes: usize = parts
+            .iter()
+            .filter_map(|n| engine.tensor(n).ok().map(|(_, b)| b.len()))
+            .sum();
+        let e = by.entry(label).or_default();
+        e.0 += 1;
+        e.1 += bytes;
+    }
+    by.into_iter()
+        .map(|(k, (n, b))| (k, serde_json::json!({"weights": n, "bytes": b})))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 pub fn run(a: &InspectArgs) -> Result<()> {
     let prefix = a.layer.map(|i| format!("layers.{i}."));
     let prefix = prefix.as_deref().unwrap_or("layers.0.");
@@ -183,12 +218,14 @@ pub fn run(a: &InspectArgs) -> Result<()> {
             let plan = kiln::runtime::plan::Plan::from_ron(text).map_err(anyhow::Error::msg)?;
             return emit(&plan.describe());
         }
+        let formats = weight_formats(&engine);
         let g = engine.graph;
         check_layer(&g, a.layer)?;
         if a.json {
             let stats = layer_stats(&g, prefix);
             let v = serde_json::json!({
                 "stage": "lowered",
+                "weights_by_format": formats,
                 "ops_per_layer_before": null,
                 "kernels_per_layer_after": stats.kernels,
                 "layer_after": stats,
