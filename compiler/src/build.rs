@@ -653,7 +653,7 @@ pub fn build(
                                 r.error,
                                 r.rtn_error,
                             ));
-                            quant::quantize_awq(&data, rows, cols, group, &r.s).map_err(bad)?
+                            quant::quantize_awq(&r.weight, rows, cols, group, &r.s).map_err(bad)?
                         }
                         (DType::Int4 { group, .. }, Some(stats)) if gptq => {
                             let p =

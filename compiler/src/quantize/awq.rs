@@ -2,9 +2,13 @@
 //! linear weight `W [n, k]` and the activations `X` that reach it during calibration, find
 //! per-input-column factors `s = mean|x|^α` (normalized) such that quantizing `W · diag(s)` and
 //! dividing `s` back out changes the layer's output `X Wᵀ` least. `α = 0` is plain
-//! round-to-nearest, so the search is never worse than RTN on the calibration rows.
+//! round-to-nearest, so the search is never worse than RTN on the calibration rows. Then, as
+//! AutoAWQ's `auto_clip`, each group's range is clipped to the fraction of its largest magnitude
+//! (1, 0.95, …, 0.55) whose quantized group output on the sample rows is closest; clipping is
+//! kept only if it lowers the layer's output error.
 
 use kiln_runtime::quant::quantize_awq;
+use rayon::prelude::*;
 
 /// The exponents tried (AWQ's grid of 20 over [0, 1) thinned to 10).
 const ALPHAS: [f32; 10] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
@@ -31,6 +35,9 @@ impl InputStats {
 /// The search's result for one weight.
 #[derive(Clone, Debug)]
 pub struct Scales {
+    /// The weight to quantize with `s` (`quantize_awq(weight, …, s)`): the original one with
+    /// each group's range clipped where that helps.
+    pub weight: Vec<f32>,
     /// The factors `s [k]`.
     pub s: Vec<f32>,
     /// The chosen exponent.
@@ -119,6 +126,7 @@ pub fn search(
         }
         if best.as_ref().is_none_or(|b| error < b.error) {
             best = Some(Scales {
+                weight: Vec::new(),
                 s,
                 alpha,
                 error,
@@ -128,7 +136,89 @@ pub fn search(
     }
     let mut best = best.expect("the grid is not empty");
     best.rtn_error = rtn_error;
+    let clipped = clip(w, n, k, group, &best.s, stats);
+    let wq = quantize_awq(&clipped, n, k, group, &best.s)?.dequantize();
+    let error: f64 = product(&stats.sample, m, &wq, n, k)
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum();
+    if error < best.error {
+        best.error = error;
+        best.weight = clipped;
+    } else {
+        best.weight = w.to_vec();
+    }
     Ok(best)
+}
+
+/// The clip fractions tried per group.
+const CLIPS: [f32; 10] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55];
+
+/// Sample rows used by the clip search.
+const CLIP_ROWS: usize = 32;
+
+/// `w` with each group of `w·diag(s)` clipped to `±c·max|group|`, `c` chosen per group to
+/// minimize `Σ_t (x_t/s · (Q(clipped) − w·s))²` over the group's columns of sample rows `x_t`.
+fn clip(w: &[f32], n: usize, k: usize, group: u16, s: &[f32], stats: &InputStats) -> Vec<f32> {
+    use kiln_runtime::quant::{int4_code, int4_group};
+    let g = group as usize;
+    let m = stats.rows().min(CLIP_ROWS);
+    // The sample rows divided by s, transposed per group for contiguous access: xs[t * k + c].
+    let xs: Vec<f32> = stats.sample[..m * k]
+        .chunks_exact(k)
+        .flat_map(|row| row.iter().zip(s).map(|(x, f)| x / f))
+        .collect();
+    let mut out = w.to_vec();
+    let rows: Vec<(usize, Vec<f32>)> = (0..n)
+        .into_par_iter()
+        .map(|r| {
+            let scaled: Vec<f32> = w[r * k..(r + 1) * k]
+                .iter()
+                .zip(s)
+                .map(|(v, f)| v * f)
+                .collect();
+            let mut row = scaled.clone();
+            for start in (0..k).step_by(g) {
+                let end = (start + g).min(k);
+                let vals = &scaled[start..end];
+                let amax = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let mut best = (f64::INFINITY, 1.0f32);
+                for c in CLIPS {
+                    let lim = amax * c;
+                    let clipped: Vec<f32> = vals.iter().map(|v| v.clamp(-lim, lim)).collect();
+                    let (sc, z) = int4_group(&clipped, true);
+                    // The quantized group's deviation from the unclipped weights.
+                    let d: Vec<f32> = clipped
+                        .iter()
+                        .zip(vals)
+                        .map(|(cv, v)| (i32::from(int4_code(*cv, sc, z)) - z) as f32 * sc - v)
+                        .collect();
+                    let err: f64 = (0..m)
+                        .map(|t| {
+                            let x = &xs[t * k + start..t * k + end];
+                            let e: f32 = x.iter().zip(&d).map(|(a, b)| a * b).sum();
+                            f64::from(e).powi(2)
+                        })
+                        .sum();
+                    if err < best.0 {
+                        best = (err, c);
+                    }
+                }
+                let lim = amax * best.1;
+                for v in &mut row[start..end] {
+                    *v = v.clamp(-lim, lim);
+                }
+            }
+            (r, row)
+        })
+        .collect();
+    for (r, row) in rows {
+        for ((o, v), f) in out[r * k..(r + 1) * k].iter_mut().zip(&row).zip(s) {
+            *o = v / f;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
