@@ -188,9 +188,28 @@ def serve_agreement(kiln, engine, prompts, conts):
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         return n
+    # Where a sequence served together diverges from the same prompt alone: the logit margin
+    # between the two tokens at that position (kiln's own logits, teacher-forced on the prompt
+    # and the shared prefix). A margin within bf16 rounding of the logits means batch variance
+    # (batched GEMMs round differently from M = 1 GEMVs), not a scheduling error.
+    margins = []
+    for i, (t, a) in enumerate(zip(together, alone)):
+        n = prefix(t, a)
+        if n < min(len(t), len(a)):
+            work = tempfile.mkdtemp()
+            inp, out = os.path.join(work, "in.json"), os.path.join(work, "out.json")
+            json.dump({"sequences": [{"prompt": prompts[i] + a[:n], "continuation": [a[n]]}]}, open(inp, "w"))
+            run([kiln, "teacher-force", engine, "--input", inp, "--output", out, "--device", "cuda"])
+            logits = json.load(open(out))["last_logits"][0]
+            top = sorted(logits, reverse=True)
+            margins.append(dict(seq=i, position=n, alone_token_logit=logits[a[n]],
+                                together_token_logit=logits[t[n]], margin=logits[a[n]] - logits[t[n]],
+                                top1_top2_gap=top[0] - top[1], logit_scale=max(abs(v) for v in logits)))
+            shutil.rmtree(work)
     return dict(
         served_together_equal_alone=sum(t == a for t, a in zip(together, alone)) / len(alone),
         served_alone_vs_hf_prefix=min(prefix(a, c) / len(c) for a, c in zip(alone, conts)),
+        served_divergences=margins,
         served_exit=rc,
     )
 
