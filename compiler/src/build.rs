@@ -198,16 +198,20 @@ pub fn check_config_keys(model: &ModelFile, config: &serde_json::Value) -> Resul
         .flat_map(|keys| keys.split('|'))
         .filter_map(|k| k.split('.').next())
         .collect();
+    // transformers writes `quant_method: "gguf"` into the config of a model it dequantized from
+    // a GGUF file: its tensors are floats, as kiln reads them.
     if let Some(q) = config.get("quantization_config").filter(|v| !v.is_null()) {
         let method = q
             .get("quant_method")
             .and_then(|m| m.as_str())
             .unwrap_or("unnamed");
-        return Err(BuildError::Other(format!(
-            "the checkpoint is pre-quantized (`quantization_config`, quant_method `{method}`); \
-             kiln does not load quantized checkpoints as they are yet: build from the 16-bit \
-             checkpoint with --quant int8|int4|int4-awq|int4-gptq"
-        )));
+        if method != "gguf" {
+            return Err(BuildError::Other(format!(
+                "the checkpoint is pre-quantized (`quantization_config`, quant_method \
+                 `{method}`); kiln does not load quantized checkpoints as they are yet: build \
+                 from the 16-bit checkpoint with --quant int8|int4|int4-awq|int4-gptq"
+            )));
+        }
     }
     for (keys, accepted) in &model.requires {
         let Some((key, v)) = crate::model::params::config_value(config, keys) else {
