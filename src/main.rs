@@ -9,6 +9,7 @@ use kiln::runtime::cpu::CpuExecutor;
 use kiln::runtime::cuda::{CudaExecutor, CudaOptions};
 use kiln::runtime::engine::Engine;
 use kiln::runtime::generate::{generate_with, CpuDecoder, CudaDecoder, GenerateRequest};
+use kiln::runtime::parallel::{self, RankInfo};
 use kiln::runtime::sampling::SamplingParams;
 use kiln::runtime::tokenizer::Tokenizer;
 mod cli;
@@ -77,6 +78,15 @@ enum Command {
         /// on the CPU.
         #[arg(long)]
         calib: Option<PathBuf>,
+        /// Tensor parallelism: shard the model over N ranks (a power of two) and write one
+        /// engine per rank beside OUTPUT (`model.rank0-of-N.kiln`, …); run them together with
+        /// `kiln run OUTPUT --tp N`. CPU engines so far (the ranks run on threads).
+        #[arg(long, default_value_t = 1)]
+        tp: u32,
+        /// Pipeline parallelism: split the decoder layers into M consecutive stages (each
+        /// sharded over --tp ranks); rank r is tensor-parallel rank r % N of stage r / N.
+        #[arg(long, default_value_t = 1)]
+        pp: u32,
     },
     /// Generate text with an engine, streaming tokens to stdout.
     Run(RunArgs),
@@ -243,6 +253,13 @@ struct RunArgs {
     /// GPU KV-cache capacity in tokens (default: 90% of the GPU memory left after the weights).
     #[arg(long)]
     max_kv_tokens: Option<usize>,
+    /// Run the rank engines of a `kiln build --tp N [--pp M]` (ENGINE is the name given to
+    /// -o) together, on the CPU: the stages in order, one thread per rank of a stage.
+    #[arg(long)]
+    tp: Option<u32>,
+    /// The pipeline stages of the build (with --tp, or alone).
+    #[arg(long)]
+    pp: Option<u32>,
 }
 
 fn spinner(msg: &str) -> ProgressBar {
@@ -255,6 +272,8 @@ fn spinner(msg: &str) -> ProgressBar {
 /// An executor for `kiln run`: the CPU oracle or the GPU.
 enum Executor {
     Cpu(Box<CpuExecutor>),
+    /// The ranks of a parallel build, by stage, in rank order.
+    CpuGroup(Vec<Vec<CpuExecutor>>),
     Cuda(Box<CudaExecutor>),
 }
 
@@ -265,6 +284,17 @@ fn load_engine(
 ) -> Result<(Engine, Executor)> {
     let pb = spinner("loading engine");
     let engine = Engine::open(path)?;
+    if let Some(info) = RankInfo::of(&engine)? {
+        bail!(
+            "{} is rank {} of a {}-rank parallel build: run the ranks together with \
+             `kiln run <the -o name of the build> --tp {} --pp {}`",
+            path.display(),
+            info.rank,
+            info.ranks(),
+            info.tp,
+            info.pp
+        );
+    }
     let exec = match device.unwrap_or(engine.target()) {
         "cpu" => Executor::Cpu(Box::new(engine.cpu_executor()?)),
         "cuda" => {
@@ -389,7 +419,26 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         bail!("--system needs --chat (the system message goes into the chat template)");
     }
     let sampling = sampling_of(&a)?;
-    let (engine, mut exec) = load_engine(&a.engine, a.device.as_deref(), a.max_kv_tokens)?;
+    let (engine, mut exec) = match (a.tp, a.pp) {
+        (None, None) => load_engine(&a.engine, a.device.as_deref(), a.max_kv_tokens)?,
+        (tp, pp) => {
+            if a.device.as_deref().is_some_and(|d| d != "cpu") || a.max_kv_tokens.is_some() {
+                bail!(
+                    "--tp/--pp run the ranks on the CPU (the NCCL GPU runtime is not built \
+                     yet): drop --device cuda and --max-kv-tokens"
+                );
+            }
+            let (tp, pp) = (tp.unwrap_or(1), pp.unwrap_or(1));
+            if tp == 0 || pp == 0 {
+                bail!("--tp and --pp count ranks and stages: at least 1");
+            }
+            let pb = spinner("loading rank engines");
+            let mut engines = parallel::open_group(&a.engine, tp, pp)?;
+            let execs = parallel::cpu_executors(&engines, tp)?;
+            pb.finish_and_clear();
+            (engines.swap_remove(0), Executor::CpuGroup(execs))
+        }
+    };
     let tok = tokenizer_of(&engine, &a.engine)?;
     let gen = &engine.generation;
     let prompt = if a.chat {
@@ -435,6 +484,12 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     };
     let result = match &mut exec {
         Executor::Cpu(e) => generate_with(&mut CpuDecoder::new(e), &tok, &req, on_text)?,
+        Executor::CpuGroup(ranks) => generate_with(
+            &mut parallel::ParallelCpuDecoder::new(ranks),
+            &tok,
+            &req,
+            on_text,
+        )?,
         Executor::Cuda(e) => generate_with(&mut CudaDecoder::new(e), &tok, &req, on_text)?,
     };
     if a.json {
@@ -529,6 +584,8 @@ fn build_options(
         allow_unused,
         calibration: quant.calibration()?,
         quant: quant.options()?,
+        tp: 1,
+        pp: 1,
     })
 }
 
@@ -630,6 +687,8 @@ fn main() -> ExitCode {
             group,
             quant_skip,
             calib,
+            tp,
+            pp,
         } => build_options(
             model,
             no_optimize,
@@ -644,6 +703,7 @@ fn main() -> ExitCode {
                 calib,
             },
         )
+        .map(|opts| BuildOptions { tp, pp, ..opts })
         .and_then(|opts| cmd_build(&checkpoint, &output, opts)),
         Command::Run(args) => cmd_run(args),
         Command::Serve(args) => cli::serve::run(args),

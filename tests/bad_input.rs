@@ -476,7 +476,7 @@ fn engine_of_another_format_version_says_rebuild() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let mut meta = header.metadata().clone().unwrap();
-    assert_eq!(meta["kiln.format_version"], "3");
+    assert_eq!(meta["kiln.format_version"], "4");
     meta.insert("kiln.format_version".into(), "999".into());
     let rewritten = safetensors::tensor::serialize(st.tensors(), Some(meta)).unwrap();
     let path = dir.path().join("v999.kiln");

@@ -636,3 +636,152 @@ fn cli_quantized_builds_and_refusals() {
     assert_eq!(int4["weights"], 4 * cfg.layers, "{json}");
     assert!(int4["bytes"].as_u64().unwrap() > 0, "{json}");
 }
+
+/// `kiln build --tp 2` (and `--pp 3`, and both) writes one engine per rank; `kiln run --tp 2`
+/// runs them together and generates the same greedy tokens as the unsharded engine. A rank
+/// alone, ranks of two builds, and the combinations not built yet are refused by name.
+#[test]
+fn cli_parallel_build_and_run() {
+    // Vocabulary 96 so the embedding and the output projection split over the ranks.
+    let cfg = TinyConfig {
+        vocab: 96,
+        ..TinyConfig::gqa()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    tiny::write_checkpoint(&ckpt, &cfg, &cfg.random_weights(), Storage::F32);
+    tiny::write_tokenizer(&ckpt, cfg.vocab);
+    let whole = dir.path().join("whole.kiln");
+    let tp = dir.path().join("tp.kiln");
+    succeeds(&[OsStr::new("build"), p(&ckpt), "-o".as_ref(), p(&whole)]);
+    let out = kiln()
+        .args([
+            OsStr::new("build"),
+            p(&ckpt),
+            "-o".as_ref(),
+            p(&tp),
+            "--tp".as_ref(),
+            "2".as_ref(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1 vocabulary-parallel lookup(s); 7 all-reduce(s) and 1 all-gather(s)"),
+        "{stderr}"
+    );
+    let ranks = [
+        dir.path().join("tp.rank0-of-2.kiln"),
+        dir.path().join("tp.rank1-of-2.kiln"),
+    ];
+    assert!(ranks.iter().all(|r| r.is_file()) && !tp.exists());
+
+    let run = |engine: &Path, extra: &[&str]| -> Vec<u64> {
+        let mut args = vec![
+            OsStr::new("run"),
+            p(engine),
+            "--prompt".as_ref(),
+            "w1 w7 w42 w3".as_ref(),
+            "--max-new-tokens".as_ref(),
+            "6".as_ref(),
+            "--ignore-eos".as_ref(),
+            "--json".as_ref(),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        let v: serde_json::Value = serde_json::from_str(&succeeds(&args)).unwrap();
+        v["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap())
+            .collect()
+    };
+    let want = run(&whole, &[]);
+    assert_eq!(want.len(), 6);
+    assert_eq!(run(&tp, &["--tp", "2"]), want);
+
+    let err = fails(&[
+        OsStr::new("run"),
+        p(&ranks[0]),
+        "--prompt".as_ref(),
+        "w1".as_ref(),
+    ]);
+    assert!(
+        err.contains("rank 0 of a 2-rank parallel build") && err.contains("--tp 2"),
+        "{err}"
+    );
+    let err = fails(&[
+        OsStr::new("run"),
+        p(&tp),
+        "--tp".as_ref(),
+        "4".as_ref(),
+        "--prompt".as_ref(),
+        "w1".as_ref(),
+    ]);
+    assert!(err.contains("tp.rank0-of-4.kiln"), "{err}");
+    // Pipeline stages, alone and with tensor parallelism (3 layers: a stage per layer).
+    for (flags, files) in [(&["--pp", "3"][..], 3), (&["--tp", "2", "--pp", "3"], 6)] {
+        let out = dir.path().join(format!("pp{files}.kiln"));
+        let mut args = vec![OsStr::new("build"), p(&ckpt), "-o".as_ref(), p(&out)];
+        args.extend(flags.iter().map(OsStr::new));
+        succeeds(&args);
+        let last = dir
+            .path()
+            .join(format!("pp{files}.rank{}-of-{files}.kiln", files - 1));
+        assert!(last.is_file(), "{flags:?}");
+        assert_eq!(run(&out, flags), want, "{flags:?}");
+    }
+    // A rank of another build (bf16) in place of rank 1.
+    let other = dir.path().join("other.kiln");
+    succeeds(&[
+        OsStr::new("build"),
+        p(&ckpt),
+        "-o".as_ref(),
+        p(&other),
+        "--tp".as_ref(),
+        "2".as_ref(),
+        "--dtype".as_ref(),
+        "bf16".as_ref(),
+    ]);
+    std::fs::copy(dir.path().join("other.rank1-of-2.kiln"), &ranks[1]).unwrap();
+    let err = fails(&[
+        OsStr::new("run"),
+        p(&tp),
+        "--tp".as_ref(),
+        "2".as_ref(),
+        "--prompt".as_ref(),
+        "w1".as_ref(),
+    ]);
+    assert!(err.contains("another build"), "{err}");
+
+    for (extra, says) in [
+        (&["--tp", "3"][..], "power of two"),
+        (&["--tp", "2", "--target", "cuda"], "CPU engines for now"),
+        (
+            &["--tp", "2", "--quant", "int8"],
+            "--tp/--pp with --quant is not built yet",
+        ),
+        (&["--pp", "4"], "3 decoder layers"),
+    ] {
+        let mut args = vec![OsStr::new("build"), p(&ckpt), "-o".as_ref(), p(&other)];
+        args.extend(extra.iter().map(OsStr::new));
+        let err = fails(&args);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+    // `kiln inspect --tp` shows one rank's graph.
+    let text = succeeds(&[
+        OsStr::new("inspect"),
+        p(&ckpt),
+        "--tp".as_ref(),
+        "2".as_ref(),
+        "--rank".as_ref(),
+        "1".as_ref(),
+        "--stage".as_ref(),
+        "optimized".as_ref(),
+        "--layer".as_ref(),
+        "0".as_ref(),
+    ]);
+    assert!(text.contains("AllReduce(ranks=2)"), "{text}");
+    assert!(text.contains("wq.tp1of2"), "{text}");
+}

@@ -12,6 +12,7 @@ use crate::rewrite::{optimize, RewriteOptions};
 use kiln_runtime::cpu::ExecError;
 use kiln_runtime::engine::GenerationConfig;
 use kiln_runtime::ir::{DType, Graph, NodeId};
+use kiln_runtime::parallel::{rank_path, RankInfo};
 use kiln_runtime::quant;
 use kiln_runtime::tokenizer::Tokenizer;
 use rayon::prelude::*;
@@ -59,6 +60,11 @@ pub struct BuildOptions {
     pub quant: Option<QuantOptions>,
     /// The text and length of calibration (`--calib`; AWQ).
     pub calibration: Calibration,
+    /// Tensor-parallel ranks per pipeline stage (`--tp`; 1: none).
+    pub tp: u32,
+    /// Pipeline stages (`--pp`; 1: none). With `tp · pp` above 1 the build writes one engine
+    /// per rank (`kiln_runtime::parallel::rank_path`), each with its rank's graph and weights.
+    pub pp: u32,
 }
 
 impl Default for BuildOptions {
@@ -71,6 +77,8 @@ impl Default for BuildOptions {
             allow_unused: false,
             quant: None,
             calibration: Calibration::default(),
+            tp: 1,
+            pp: 1,
         }
     }
 }
@@ -483,11 +491,97 @@ fn calibration(
     Ok((stats, tokens.len()))
 }
 
-/// Builds an engine from a checkpoint. `progress(done, total)` is called as weights are read.
+/// Builds an engine from a checkpoint (with `opts.tp` or `opts.pp` above 1, one engine per
+/// rank, beside `out`). `progress(done, total)` is called as weights are read.
 pub fn build(
     checkpoint: &Path,
     out: &Path,
     opts: &BuildOptions,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<BuildReport, BuildError> {
+    let (tp, pp) = (opts.tp, opts.pp);
+    if tp == 0 || pp == 0 {
+        return Err(BuildError::Other(
+            "--tp and --pp count ranks and stages: at least 1".into(),
+        ));
+    }
+    if tp == 1 && pp == 1 {
+        return build_rank(checkpoint, out, opts, None, progress);
+    }
+    if opts.cuda_arch.is_some() {
+        return Err(BuildError::Other(
+            "--tp and --pp build CPU engines for now (the ranks run on threads with an \
+             in-process all-reduce); the NCCL runtime for GPU ranks is not built yet"
+                .into(),
+        ));
+    }
+    if opts.quant.is_some() {
+        return Err(BuildError::Other(
+            "--tp/--pp with --quant is not built yet: build a 16/32-bit parallel engine, or a \
+             quantized single-rank one"
+                .into(),
+        ));
+    }
+    let ranks = tp
+        .checked_mul(pp)
+        .filter(|&r| r <= 256)
+        .ok_or_else(|| BuildError::Other(format!("--tp {tp} --pp {pp}: at most 256 ranks")))?;
+    let mut inputs = vec![checkpoint];
+    inputs.extend(opts.model_file.as_deref());
+    let paths: Vec<PathBuf> = (0..ranks).map(|r| rank_path(out, r, ranks)).collect();
+    for p in &paths {
+        crate::output::check_output(p, &inputs).map_err(BuildError::Other)?;
+    }
+    let mut reports = Vec::with_capacity(paths.len());
+    for (r, p) in paths.iter().enumerate() {
+        reports.push(build_rank(checkpoint, p, opts, Some(r as u32), progress)?);
+    }
+    let most = reports.iter().map(|r| r.parameters).max().unwrap_or(0);
+    let mut report = reports.swap_remove(0);
+    for r in &reports {
+        report.notes.extend(r.notes.iter().cloned());
+    }
+    let files: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let flags = match (tp, pp) {
+        (_, 1) => format!("--tp {tp}"),
+        (1, _) => format!("--pp {pp}"),
+        _ => format!("--tp {tp} --pp {pp}"),
+    };
+    report.notes.push(format!(
+        "{ranks} rank engines ({}), at most {:.1}M parameters each; run them with \
+         `kiln run {} {flags}`",
+        files.join(", "),
+        most as f64 / 1e6,
+        out.display()
+    ));
+    Ok(report)
+}
+
+/// The id shared by the rank engines of one tensor-parallel build: a hash of the unsharded
+/// graph, the config, the group size and the options that change the ranks' graphs.
+fn tp_group_id(graph: &Graph, config: &serde_json::Value, opts: &BuildOptions) -> String {
+    let options = format!(
+        "{} {} {} {}",
+        opts.tp,
+        opts.pp,
+        opts.dtype.name(),
+        opts.no_optimize
+    );
+    let meta: HashMap<String, String> = [
+        ("graph".to_string(), graph.to_ron()),
+        ("config".to_string(), config.to_string()),
+        ("options".to_string(), options),
+    ]
+    .into();
+    kiln_runtime::engine::checksum(&meta, std::iter::empty())
+}
+
+/// Builds one engine: the whole model, or rank `rank` of `opts.tp`.
+fn build_rank(
+    checkpoint: &Path,
+    out: &Path,
+    opts: &BuildOptions,
+    rank: Option<u32>,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<BuildReport, BuildError> {
     let mut inputs = vec![checkpoint];
@@ -533,7 +627,48 @@ pub fn build(
     let vocab = graph.vocab();
     let (max_context, context_note) = context_window(&ckpt.config)?;
     notes.extend(context_note);
-    let expanded = graph;
+    let mut extra = Vec::new();
+    let expanded = match rank {
+        Some(r) => {
+            let info = RankInfo {
+                rank: r,
+                tp: opts.tp,
+                pp: opts.pp,
+                group: tp_group_id(&graph, &ckpt.config, opts),
+            };
+            let failed = |e: String| BuildError::Other(format!("{model_name}: {e}"));
+            let mut g = graph;
+            if opts.pp > 1 {
+                let (staged, plan) = crate::rewrite::pipeline::stage(&g, opts.pp, info.stage())
+                    .map_err(|e| failed(e.to_string()))?;
+                if r % opts.tp == 0 {
+                    notes.push(format!(
+                        "pipeline stage {}: layers {}..{}, receives [{}], sends [{}]",
+                        info.stage(),
+                        plan.layers.start,
+                        plan.layers.end,
+                        plan.receives.join(", "),
+                        plan.sends.join(", ")
+                    ));
+                }
+                g = staged;
+            }
+            if opts.tp > 1 {
+                let (sharded, plan) = crate::rewrite::shard::shard(&g, opts.tp, r % opts.tp)
+                    .map_err(|e| failed(e.to_string()))?;
+                if r % opts.tp == 0 {
+                    notes.push(plan.summary());
+                }
+                g = sharded;
+            }
+            extra.push((
+                kiln_runtime::engine::keys::PARALLEL.to_string(),
+                info.to_metadata(),
+            ));
+            g
+        }
+        None => graph,
+    };
     let (graph, derived, rewrite) = compile_graph(&expanded, opts)?;
     // A GPU engine: the launch plan and its kernels, compiled before reading any weight so a
     // lowering or NVRTC error fails fast; weights are stored in bf16, but for the tables that the
@@ -724,6 +859,8 @@ pub fn build(
         None => ("cpu", vec![], vec![], None),
     };
     tensors.extend(weights);
+    let mut extra_metadata = extra_metadata;
+    extra_metadata.extend(extra);
     let contents = EngineContents {
         family: &model.family,
         config: &ckpt.config,

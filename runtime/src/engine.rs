@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 /// v2: the checksum covers the metadata too; the context window is always recorded.
 /// v3: `Rope` reads its frequency table as an input (stored as an f32 weight, also in GPU
 /// engines); `LinearBias`; the plan's `Linear` may carry a bias epilogue.
-pub const FORMAT_VERSION: u32 = 3;
+/// v4: parallel ranks: `AllReduce`, `AllGather` and `GatherShard` ops, `Activation` inputs
+/// (pipeline stages), and `kiln.parallel`.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The context window recorded for a checkpoint whose config gives none (no
 /// `max_position_embeddings`, no GGUF `context_length`): every engine bounds its prompts.
@@ -52,6 +54,9 @@ pub mod keys {
     /// GPU engines built where their GPU is: JSON `GemmAlgos`, the cuBLASLt algorithm chosen
     /// for each prefill GEMM shape (`crate::cuda::gemm_algos`); absent elsewhere.
     pub const GEMM_ALGOS: &str = "kiln.gemm_algos";
+    /// Rank engines of a parallel build (`kiln build --tp N --pp M`): `rank=R tp=N pp=M
+    /// group=G` (`crate::parallel::RankInfo`); absent in a whole engine.
+    pub const PARALLEL: &str = "kiln.parallel";
     /// xxh3-64 (hex) over the other metadata entries (sorted by key: key, value) and the
     /// tensors (sorted by name: name, bytes), each item length-prefixed (`checksum`).
     pub const CHECKSUM: &str = "kiln.checksum";
@@ -257,9 +262,18 @@ impl Engine {
             )));
         }
         let graph = Graph::from_ron(get(keys::GRAPH)?).map_err(|e| corrupt(e.to_string()))?;
-        graph
-            .check_logits()
-            .map_err(|e| corrupt(format!("graph: {e}")))?;
+        // A pipeline stage before the last hands its outputs to the next stage: no logits.
+        let rank = match meta.get(keys::PARALLEL) {
+            Some(v) => Some(crate::parallel::RankInfo::parse(v).map_err(corrupt)?),
+            None => None,
+        };
+        if rank.as_ref().is_none_or(|r| r.is_last_stage()) {
+            graph
+                .check_logits()
+                .map_err(|e| corrupt(format!("graph: {e}")))?;
+        } else if graph.outputs.is_empty() {
+            return Err(corrupt("a pipeline stage with no outputs".into()));
+        }
         let config = serde_json::from_str(get(keys::CONFIG)?)
             .map_err(|e| corrupt(format!("config: {e}")))?;
         let generation = match meta.get(keys::GENERATION) {
@@ -296,6 +310,11 @@ impl Engine {
             tokenizer_json,
             generation,
         })
+    }
+
+    /// The file this engine was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// A metadata value.

@@ -180,7 +180,7 @@ impl Decoder for CudaDecoder<'_> {
     }
 }
 
-fn last_row(logits: &crate::cpu::HostTensor) -> &[f32] {
+pub(crate) fn last_row(logits: &crate::cpu::HostTensor) -> &[f32] {
     let vocab = *logits.shape.last().expect("logits have a vocab axis");
     &logits.data[logits.data.len() - vocab..]
 }

@@ -2,12 +2,14 @@
 //! CPU executor (the numerical oracle), sampling, and the tokenizer with its chat template.
 
 pub mod chat;
+pub mod collective;
 pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod generate;
 pub mod ir;
 pub mod kernels;
+pub mod parallel;
 pub mod plan;
 pub mod quant;
 pub mod sampling;

@@ -61,6 +61,17 @@ pub struct InspectArgs {
     /// Compute precision for the optimized and lowered stages: f32, bf16 or f16.
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<DType>,
+    /// Show one rank's graph of the model sharded over N tensor-parallel ranks (every stage:
+    /// `parsed` is the sharded graph before the rewriter).
+    #[arg(long)]
+    pub tp: Option<u32>,
+    /// Show one rank's graph of the model split into M pipeline stages (with --tp: rank r is
+    /// tensor-parallel rank r % N of stage r / N).
+    #[arg(long)]
+    pub pp: Option<u32>,
+    /// Which rank --tp/--pp shows (default 0).
+    #[arg(long)]
+    pub rank: Option<u32>,
 }
 
 /// Parses a `--dtype` value.
@@ -185,7 +196,45 @@ pub fn run(a: &InspectArgs) -> Result<()> {
     if let Some(svg) = &a.svg {
         kiln::compiler::output::check_output(svg, &[&a.target]).map_err(anyhow::Error::msg)?;
     }
-    let parsed = source_graph(&a.target, a.config.as_deref())?;
+    let mut parsed = source_graph(&a.target, a.config.as_deref())?;
+    if a.rank.is_some() && a.tp.is_none() && a.pp.is_none() {
+        bail!("--rank picks a rank of --tp/--pp: add one of them");
+    }
+    if a.tp.is_some() || a.pp.is_some() {
+        let Some(g) = parsed.take() else {
+            bail!(
+                "--tp/--pp split a checkpoint or model file; an engine is already built \
+                 (inspect a rank engine itself)"
+            );
+        };
+        if a.plan {
+            bail!("--tp/--pp build CPU engines for now: a parallel GPU launch plan does not exist yet");
+        }
+        let (tp, pp) = (a.tp.unwrap_or(1), a.pp.unwrap_or(1));
+        let rank = a.rank.unwrap_or(0);
+        if tp == 0 || pp == 0 || rank >= tp.saturating_mul(pp) {
+            bail!("--rank {rank} is not a rank of --tp {tp} --pp {pp}");
+        }
+        let mut g = g;
+        if pp > 1 {
+            let (staged, plan) = kiln::compiler::rewrite::pipeline::stage(&g, pp, rank / tp)?;
+            eprintln!(
+                "pipeline stage {}: layers {}..{}, receives [{}], sends [{}]",
+                rank / tp,
+                plan.layers.start,
+                plan.layers.end,
+                plan.receives.join(", "),
+                plan.sends.join(", ")
+            );
+            g = staged;
+        }
+        if tp > 1 {
+            let (sharded, plan) = kiln::compiler::rewrite::shard::shard(&g, tp, rank % tp)?;
+            eprintln!("{}", plan.summary());
+            g = sharded;
+        }
+        parsed = Some(g);
+    }
     if let (true, Some(parsed)) = (a.plan, &parsed) {
         // The launch plan `kiln build --target cuda [--dtype bf16]` would record: the rewritten
         // graph, lowered (no kernels compiled).

@@ -183,7 +183,8 @@ pub fn node_data(node: &Node, child: &dyn Fn(Id) -> Data, leaves: &Leaves) -> Re
                     tys.push(d.ty().ok_or("an attribute where a tensor belongs")?);
                 }
                 let ty = infer(&op, &tys)?;
-                let konst = op_is_static(&op_dims(&op))
+                let konst = !op.is_collective()
+                    && op_is_static(&op_dims(&op))
                     && datas.iter().all(|d| d.tensor().is_some_and(|t| t.konst));
                 Ok(tensor(ty, konst))
             }

@@ -11,7 +11,9 @@
 //! - `bytes`: device-memory traffic: every input read once (a weight input is read in full, a
 //!   `Gather` reads only the rows it picks) plus the output written once;
 //! - `flops`: arithmetic (`2·m·n·k` for products, a few per element otherwise);
-//! - `launches`: 1 for a kernel, 0 otherwise.
+//! - `launches`: 1 for a kernel, 0 otherwise;
+//! - a collective (`AllReduce`, `AllGather` of a tensor-parallel rank) adds the bytes it sends
+//!   between GPUs, scaled by the ratio of device to NVLink bandwidth ([`LINK_BYTES_PER_NS`]).
 //!
 //! The constants come from the H100 measurements in `DESIGN.md`: 3 TB/s of copy bandwidth,
 //! 800 TFLOP/s of bf16 tensor-core throughput, and about 1 µs of per-kernel overhead (the gap
@@ -50,6 +52,8 @@ pub const LAUNCH_NS: f64 = 1000.0;
 pub const BYTES_PER_NS: f64 = 3000.0;
 /// Arithmetic throughput, flops per nanosecond (800 TFLOP/s).
 pub const FLOPS_PER_NS: f64 = 800_000.0;
+/// Bandwidth between two GPUs, bytes per nanosecond (NVLink 4: 450 GB/s each way).
+pub const LINK_BYTES_PER_NS: f64 = 450.0;
 /// Cost of deriving one weight at build time: a tie-breaker, not a run-time cost.
 pub const DERIVE_NS: f64 = 0.001;
 
@@ -199,8 +203,20 @@ pub fn op_cost(op: &Op, ins: &[InputInfo], out: &TensorType, konst: bool) -> Cos
         Op::Reduce { .. } | Op::Softmax { .. } => 5.0 * numel(ins[0].ty),
         _ => 4.0 * n_out,
     };
+    // A collective also moves data between GPUs: a ring all-reduce sends and receives
+    // 2·(n-1)/n of the buffer per rank, an all-gather (n-1)/n of the result; counted as device
+    // bytes at the ratio of the two bandwidths.
+    let link = match *op {
+        Op::AllReduce { ranks } => {
+            2.0 * f64::from(ranks.saturating_sub(1)) / f64::from(ranks) * bytes(out)
+        }
+        Op::AllGather { ranks, .. } => {
+            f64::from(ranks.saturating_sub(1)) / f64::from(ranks) * bytes(out)
+        }
+        _ => 0.0,
+    };
     Cost {
-        bytes: read + bytes(out),
+        bytes: read + bytes(out) + link * BYTES_PER_NS / LINK_BYTES_PER_NS,
         flops,
         launches: 1.0,
         derived: 0.0,
@@ -215,6 +231,7 @@ pub fn weight_only(graph: &Graph) -> Vec<bool> {
     for (id, n) in graph.nodes.iter().enumerate() {
         konst[id] = match &n.op {
             Op::Input { .. } => false,
+            op if op.is_collective() => false,
             Op::Weight { .. } | Op::Constant { .. } => true,
             op => {
                 let is_static = match op {

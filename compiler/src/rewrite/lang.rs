@@ -59,6 +59,12 @@ define_language! {
         "cast" = Cast([Id; 2]),
         // [len]
         "iota" = Iota(Id),
+        // Collectives and shards of a tensor-parallel rank. [x, dim:ranks]
+        "all_reduce" = AllReduce([Id; 2]),
+        // [x, axis, dim:ranks]
+        "all_gather" = AllGather([Id; 3]),
+        // [table, ids, dim:first]
+        "gather_shard" = GatherShard([Id; 3]),
         // Fused ops. [x, w, eps]
         "rmsnorm" = RmsNorm([Id; 3]),
         // [x, w]

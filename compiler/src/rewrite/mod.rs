@@ -19,8 +19,10 @@ pub mod extract;
 pub mod lang;
 pub mod ops;
 pub mod phases;
+pub mod pipeline;
 pub mod report;
 pub mod rules;
+pub mod shard;
 pub mod verify;
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use super::analysis::{Data, KilnGraph};
 use super::lang::{Attr, ConstValue, Node};
 use egg::Id;
-use kiln_runtime::ir::{BinaryOp, Op, ReduceOp, UnaryOp};
+use kiln_runtime::ir::{BinaryOp, Dim, Op, ReduceOp, UnaryOp};
 
 /// What an e-node is, seen from the graph.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +39,13 @@ fn dim(data: &dyn Fn(Id) -> Data, id: Id) -> Result<kiln_runtime::ir::Dim, Strin
         Attr::Dim(d) => Ok(d),
         other => Err(format!("expected a dim, got {other}")),
     }
+}
+
+fn ranks(data: &dyn Fn(Id) -> Data, id: Id) -> Result<u32, String> {
+    dim(data, id)?
+        .as_const()
+        .and_then(|r| u32::try_from(r).ok())
+        .ok_or_else(|| "a rank count that is not a whole number".to_string())
 }
 
 /// The sliding window of an attention whose queries see keys up to `lag` positions back: `inf`
@@ -117,6 +124,23 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
             other => Err(format!("expected a permutation, got {other}")),
         },
         N::Gather(xs) => op(Op::Gather, xs),
+        N::AllReduce([x, r]) => op(
+            Op::AllReduce {
+                ranks: ranks(data, *r)?,
+            },
+            &[*x],
+        ),
+        N::AllGather([x, a, r]) => op(
+            Op::AllGather {
+                axis: axis(data, *a)?,
+                ranks: ranks(data, *r)?,
+            },
+            &[*x],
+        ),
+        N::GatherShard([t, ids, f]) => match dim(data, *f)?.as_const() {
+            Some(first) => op(Op::GatherShard { first }, &[*t, *ids]),
+            None => Err("a symbolic first row of a gather shard".into()),
+        },
         N::Concat(xs) => {
             let (a, ins) = xs.split_first().ok_or("concat without an axis")?;
             op(
@@ -216,6 +240,17 @@ pub fn raise(eg: &mut KilnGraph, op: &Op, ins: &[Id]) -> Id {
         Op::Reshape { shape } => Node::Reshape([ins[0], a(Attr::Shape(shape.clone()))]),
         Op::Transpose { perm } => Node::Transpose([ins[0], a(Attr::Perm(perm.clone()))]),
         Op::Gather => Node::Gather([ins[0], ins[1]]),
+        Op::AllReduce { ranks } => {
+            Node::AllReduce([ins[0], a(Attr::Dim(Dim::c(i64::from(*ranks))))])
+        }
+        Op::AllGather { axis, ranks } => Node::AllGather([
+            ins[0],
+            a(Attr::Axis(*axis)),
+            a(Attr::Dim(Dim::c(i64::from(*ranks)))),
+        ]),
+        Op::GatherShard { first } => {
+            Node::GatherShard([ins[0], ins[1], a(Attr::Dim(Dim::c(*first)))])
+        }
         Op::Concat { axis } => {
             let mut xs = vec![a(Attr::Axis(*axis))];
             xs.extend_from_slice(ins);

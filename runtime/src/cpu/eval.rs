@@ -10,7 +10,7 @@ use crate::ir::{DType, Op, SymValues, TensorType};
 /// True if the op's result depends on no run-time symbol (given inputs that do not).
 pub(super) fn op_is_static(op: &Op) -> bool {
     match op {
-        Op::Input { .. } => false,
+        Op::Input { .. } | Op::AllReduce { .. } | Op::AllGather { .. } => false,
         Op::Iota { len } => len.as_const().is_some(),
         Op::Reshape { shape } => shape.iter().all(|d| d.as_const().is_some()),
         Op::Slice { start, end, .. } => start.as_const().is_some() && end.as_const().is_some(),
@@ -79,6 +79,17 @@ pub(super) fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result
             movement::gather(one(&mut ins), ids)?
         }
         Op::Concat { axis } => movement::concat(ins, *axis)?,
+        Op::GatherShard { first } => {
+            let ids = one(&mut ins);
+            movement::gather_shard(one(&mut ins), ids, *first)?
+        }
+        Op::AllReduce { ranks: 1 } | Op::AllGather { ranks: 1, .. } => one(&mut ins),
+        Op::AllReduce { ranks } | Op::AllGather { ranks, .. } => {
+            return Err(format!(
+                "this graph is one rank of {ranks} (built with --tp {ranks}): run it with its \
+                 group, every rank's engine together"
+            ))
+        }
         Op::Slice { axis, start, end } => {
             let x = one(&mut ins);
             let (s, e) = (dim(start)?, dim(end)?);

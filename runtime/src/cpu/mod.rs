@@ -37,11 +37,13 @@ mod tensor;
 #[cfg(test)]
 mod tests;
 
+use crate::collective::Collective;
 use crate::ir::dim::eval_shape;
 use crate::ir::{DType, Graph, GraphError, InputKind, NodeId, Op, SymValues};
 use eval::{check_type, eval_op, into_host, op_is_static, weight_tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use tensor::{is_int_storage, Tensor};
 
 /// A host tensor in `f32`, row-major. Integer and bool values are converted to `f32` (exact for
@@ -128,6 +130,39 @@ pub struct CpuExecutor {
     /// For each state update that concatenates new entries to its state (a KV-cache append):
     /// the binding and the axis.
     appends: Vec<Option<(usize, usize)>>,
+    /// The group of a sharded graph's `AllReduce`/`AllGather` ops (none: one rank).
+    collective: Option<Arc<dyn Collective>>,
+}
+
+/// Runs one collective op over `group`.
+fn collective(group: &dyn Collective, op: &Op, mut ins: Vec<Tensor>) -> Result<Tensor, String> {
+    let x = ins.pop().expect("arity checked by validation");
+    let (dtype, shape) = (x.dtype, x.shape.clone());
+    let mut data = x.into_vec::<f32>();
+    match *op {
+        Op::AllReduce { .. } => {
+            group.all_reduce_sum(&mut data)?;
+            Ok(Tensor::new(dtype, shape, data))
+        }
+        Op::AllGather { axis, .. } => {
+            let pieces = group
+                .all_gather(&data)?
+                .into_iter()
+                .map(|p| {
+                    if p.len() != data.len() {
+                        return Err(format!(
+                            "all-gather of {} values, a rank sent {}",
+                            data.len(),
+                            p.len()
+                        ));
+                    }
+                    Ok(Tensor::new(dtype, shape.clone(), p))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            movement::concat(pieces, axis)
+        }
+        _ => unreachable!("only collectives are dispatched here"),
+    }
 }
 
 /// The per-sequence-batch state of a run: the KV caches and the number of tokens they hold.
@@ -296,7 +331,26 @@ impl CpuExecutor {
             pinned,
             state_index,
             appends,
+            collective: None,
         })
+    }
+
+    /// Runs the graph's collectives (`AllReduce`, `AllGather`: a graph sharded by
+    /// `kiln build --tp`) over `group`, whose size must be the graph's.
+    pub fn with_collective(mut self, group: Arc<dyn Collective>) -> Result<CpuExecutor, ExecError> {
+        for n in &self.graph.nodes {
+            if let Op::AllReduce { ranks } | Op::AllGather { ranks, .. } = n.op {
+                if ranks as usize != group.ranks() {
+                    return Err(ExecError::Unsupported(format!(
+                        "node `{}` is a collective of {ranks} ranks, the group has {}",
+                        n.name,
+                        group.ranks()
+                    )));
+                }
+            }
+        }
+        self.collective = Some(group);
+        Ok(self)
     }
 
     /// The graph this executor runs.
@@ -323,7 +377,24 @@ impl CpuExecutor {
         tokens: &[i32],
         taps: &[&str],
     ) -> Result<StepOutput, ExecError> {
-        pool::with_pool(|| self.step_pooled(session, tokens, taps))
+        self.step_with(session, tokens, &BTreeMap::new(), taps)
+    }
+
+    /// [`CpuExecutor::step`] of a pipeline stage: `activations` holds, by node name, the values
+    /// of its `Activation` inputs (the previous stage's outputs).
+    pub fn step_with(
+        &self,
+        session: &mut CpuSession,
+        tokens: &[i32],
+        activations: &BTreeMap<String, HostTensor>,
+        taps: &[&str],
+    ) -> Result<StepOutput, ExecError> {
+        let out = pool::with_pool(|| self.step_pooled(session, tokens, activations, taps));
+        if let (Err(e), Some(group)) = (&out, &self.collective) {
+            // The other ranks would wait for this one at their next collective.
+            group.abort(&e.to_string());
+        }
+        out
     }
 
     /// [`CpuExecutor::step`], with large buffers recycled through the step's pool.
@@ -331,6 +402,7 @@ impl CpuExecutor {
         &self,
         session: &mut CpuSession,
         tokens: &[i32],
+        activations: &BTreeMap<String, HostTensor>,
         taps: &[&str],
     ) -> Result<StepOutput, ExecError> {
         let batch = session.batch;
@@ -366,7 +438,15 @@ impl CpuExecutor {
         let mut vals: Vec<Option<Tensor>> = vec![None; self.graph.nodes.len()];
         // States appended in place: (binding, update node, axis, length before the step).
         let mut appended = Vec::new();
-        let ran = self.run_nodes(session, tokens, syms, &pinned, &mut vals, &mut appended);
+        let ran = self.run_nodes(
+            session,
+            tokens,
+            activations,
+            syms,
+            &pinned,
+            &mut vals,
+            &mut appended,
+        );
         if let Err(e) = ran {
             // Give back the states whose buffers the step took: their old entries are intact.
             for (j, update, axis, len) in appended {
@@ -424,10 +504,12 @@ impl CpuExecutor {
 
     /// Evaluates the step-time nodes in order into `vals`, freeing each value after its last
     /// reader unless it is `pinned`.
+    #[allow(clippy::too_many_arguments)]
     fn run_nodes(
         &self,
         session: &mut CpuSession,
         tokens: &[i32],
+        activations: &BTreeMap<String, HostTensor>,
         syms: SymValues,
         pinned: &[bool],
         vals: &mut [Option<Tensor>],
@@ -453,6 +535,17 @@ impl CpuExecutor {
                 } => {
                     let pos = (past as i32..(past + seq) as i32).collect();
                     Tensor::new(DType::I32, vec![seq], pos)
+                }
+                Op::Input {
+                    kind: InputKind::Activation,
+                } => {
+                    let t = activations.get(&node.name).ok_or_else(|| {
+                        ExecError::Input(format!(
+                            "the step needs `{}` from the previous pipeline stage",
+                            node.name
+                        ))
+                    })?;
+                    Tensor::new(node.ty.dtype, t.shape.clone(), t.data.clone())
                 }
                 Op::Input {
                     kind: InputKind::State,
@@ -495,7 +588,11 @@ impl CpuExecutor {
                             }
                         }
                     }
-                    if let Some((j, axis)) = self.appends[id] {
+                    if let (Some(group), Op::AllReduce { .. } | Op::AllGather { .. }) =
+                        (&self.collective, op)
+                    {
+                        collective(group.as_ref(), op, ins).map_err(err)?
+                    } else if let Some((j, axis)) = self.appends[id] {
                         // A state's own update: append to its buffer, in place if the session's
                         // reference was the only other one.
                         let shape = movement::concat_shape(&ins, axis).map_err(err)?;

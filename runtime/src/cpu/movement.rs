@@ -38,6 +38,35 @@ pub(crate) fn gather(table: Tensor, ids: Tensor) -> Result<Tensor, String> {
     })
 }
 
+/// One rank's share of a vocabulary-parallel embedding: row `id - first` of the float `table`
+/// for ids in `first..first + rows`, zeros for the others.
+pub(crate) fn gather_shard(table: Tensor, ids: Tensor, first: i64) -> Result<Tensor, String> {
+    if ids.dtype != crate::ir::DType::I32 || table.rank() < 1 || is_int_storage(table.dtype) {
+        return Err(format!(
+            "GatherShard needs a float table and i32 ids, got {:?} and {}",
+            table.shape,
+            ids.dtype.name()
+        ));
+    }
+    let rows = table.shape[0] as i64;
+    let row_len: usize = table.shape[1..].iter().product();
+    let data = table.values::<f32>();
+    let ids_v = ids.values::<i32>();
+    let mut out = pool::with_capacity(ids_v.len() * row_len);
+    for &i in ids_v.iter() {
+        let local = i64::from(i) - first;
+        if (0..rows).contains(&local) {
+            let s = local as usize * row_len;
+            out.extend_from_slice(&data[s..s + row_len]);
+        } else {
+            out.extend(std::iter::repeat_n(0.0, row_len));
+        }
+    }
+    let mut shape = ids.shape.clone();
+    shape.extend_from_slice(&table.shape[1..]);
+    Ok(Tensor::new(table.dtype, shape, out))
+}
+
 /// The shape of the concatenation of `xs` along `axis`, or why they do not concatenate.
 pub(crate) fn concat_shape(xs: &[Tensor], axis: usize) -> Result<Vec<usize>, String> {
     let first = xs.first().ok_or("Concat needs at least one input")?;

@@ -67,7 +67,8 @@ fn arity(op: &Op, n: usize) -> Result<(), String> {
         Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. } => 0,
         Op::Unary(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::Reshape { .. } => 1,
         Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
-        Op::Binary(_) | Op::MatMul | Op::Gather => 2,
+        Op::AllReduce { .. } | Op::AllGather { .. } => 1,
+        Op::Binary(_) | Op::MatMul | Op::Gather | Op::GatherShard { .. } => 2,
         Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp => 2,
         Op::Where
         | Op::LinearAdd
@@ -226,7 +227,22 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
                 perm.iter().map(|&p| ins[0].shape[p].clone()).collect(),
             )
         }
-        Op::Gather => {
+        Op::AllReduce { ranks } | Op::AllGather { ranks, .. } if *ranks == 0 => {
+            Err(format!("{} over 0 ranks", op.name()))
+        }
+        Op::AllReduce { .. } => {
+            if !ins[0].dtype.is_float() {
+                return Err(format!("AllReduce needs a float input, got {}", ins[0]));
+            }
+            Ok(ins[0].clone())
+        }
+        Op::AllGather { axis, ranks } => {
+            check_axis(*axis, ins[0].rank())?;
+            let mut shape = ins[0].shape.clone();
+            shape[*axis] = shape[*axis].scale(i64::from(*ranks));
+            t(ins[0].dtype, shape)
+        }
+        Op::Gather | Op::GatherShard { .. } => {
             let (table, ids) = (ins[0], ins[1]);
             if ids.dtype != DType::I32 || table.rank() < 1 {
                 return Err(format!(

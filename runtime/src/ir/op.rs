@@ -124,6 +124,9 @@ pub enum InputKind {
     Positions,
     /// A recurrent state (a KV cache); its next value is the graph's `State::update` node.
     State,
+    /// A value the previous pipeline stage computed (`kiln build --pp`): the output of that
+    /// stage named like this node, supplied by the caller with the step.
+    Activation,
 }
 
 /// Element-wise functions of one tensor.
@@ -252,6 +255,29 @@ pub enum Op {
         dtype: DType,
     },
 
+    // ---- Collectives and shards: introduced by the sharding pass (`kiln build --tp`). ----
+    /// `[x]` → the element-wise sum of `x` over the `ranks` ranks of a tensor-parallel group
+    /// (every rank gets the same result; row-parallel products end in one).
+    AllReduce {
+        /// Ranks in the group.
+        ranks: u32,
+    },
+    /// `[x]` → the concatenation along `axis` of every rank's `x`, in rank order (column-split
+    /// logits become whole).
+    AllGather {
+        /// The axis the pieces are joined along.
+        axis: usize,
+        /// Ranks in the group.
+        ranks: u32,
+    },
+    /// `[table[r, …], ids]` → one rank's share of a vocabulary-parallel embedding: row
+    /// `id - first` of `table` for ids in `first..first + r`, zeros for every other id (the sum
+    /// over the ranks is the whole `Gather`).
+    GatherShard {
+        /// The vocabulary id of the table's first row.
+        first: i64,
+    },
+
     // ---- Fused ops: introduced by the rewriter, never written in model files. ----
     /// `[x[…, h], w[h]]` → `x / √(mean(x², last axis) + eps) · w`; statistics in f32.
     RmsNorm {
@@ -289,6 +315,12 @@ pub enum Op {
 }
 
 impl Op {
+    /// True for the collectives (`AllReduce`, `AllGather`): they exchange data between ranks at
+    /// run time, so they are never evaluated at build time, even over weights.
+    pub fn is_collective(&self) -> bool {
+        matches!(self, Op::AllReduce { .. } | Op::AllGather { .. })
+    }
+
     /// The op's name as written in model files (`MatMul`, `Add`, ...).
     pub fn name(&self) -> String {
         match self {
@@ -326,6 +358,9 @@ impl fmt::Display for Op {
             Op::Concat { axis } => write!(f, "Concat(axis={axis})"),
             Op::Slice { axis, start, end } => write!(f, "Slice(axis={axis}, {start}..{end})"),
             Op::Cast { dtype } => write!(f, "Cast({})", dtype.name()),
+            Op::AllReduce { ranks } => write!(f, "AllReduce(ranks={ranks})"),
+            Op::AllGather { axis, ranks } => write!(f, "AllGather(axis={axis}, ranks={ranks})"),
+            Op::GatherShard { first } => write!(f, "GatherShard(first={first})"),
             Op::RmsNorm { eps } => write!(f, "RmsNorm(eps={eps:e})"),
             Op::Rope { seq_axis } => write!(f, "Rope(seq_axis={seq_axis})"),
             Op::FusedAttention { scale, window: 0 } => write!(f, "FusedAttention(scale={scale})"),

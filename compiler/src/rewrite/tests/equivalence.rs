@@ -3,9 +3,8 @@
 //! relative L2 ≤ 1e-5 in f32 — for a prefill and two decode steps through the KV cache, on fresh
 //! random weights and tokens; bf16 lowering stays within 1e-2 of f32.
 
-use super::{executor, llama, rel_l2, tiny_config, Rng};
+use super::{executor, llama, rel_l2, run, tiny_config, Rng};
 use crate::rewrite::{optimize, RewriteOptions};
-use kiln_runtime::cpu::CpuExecutor;
 use kiln_runtime::ir::{DType, Graph};
 
 /// A random tiny config; `kind` 0 = MHA, 1 = GQA, 2 = MQA.
@@ -42,24 +41,6 @@ fn random_config(rng: &mut Rng, kind: usize) -> (serde_json::Value, String) {
 /// A KV-head count strictly between 1 and `heads` that divides it (GQA).
 fn d_for_gqa(heads: usize) -> usize {
     (2..heads).find(|k| heads.is_multiple_of(*k)).unwrap_or(1)
-}
-
-/// Logits of a prefill of `prompt` (per sequence) then one decode step per token of `next`.
-fn run(exec: &CpuExecutor, batch: usize, prompt: &[i32], next: &[Vec<i32>]) -> Vec<Vec<f32>> {
-    let mut session = exec.session(batch);
-    let mut all = vec![
-        exec.step(&mut session, prompt, &[]).unwrap().outputs["logits"]
-            .data
-            .clone(),
-    ];
-    for tokens in next {
-        all.push(
-            exec.step(&mut session, tokens, &[]).unwrap().outputs["logits"]
-                .data
-                .clone(),
-        );
-    }
-    all
 }
 
 fn logits_of(

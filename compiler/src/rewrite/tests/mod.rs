@@ -94,6 +94,22 @@ pub(super) fn executor(graph: &Graph, derived: &[DerivedWeight], seed: u64) -> C
     .unwrap()
 }
 
+/// Logits of a prefill of `prompt` (per sequence) then one decode step per token of `next`.
+pub(super) fn run(
+    exec: &CpuExecutor,
+    batch: usize,
+    prompt: &[i32],
+    next: &[Vec<i32>],
+) -> Vec<Vec<f32>> {
+    let mut session = exec.session(batch);
+    let mut all = vec![];
+    for tokens in std::iter::once(prompt).chain(next.iter().map(|t| t.as_slice())) {
+        let out = exec.step(&mut session, tokens, &[]).unwrap();
+        all.push(out.outputs["logits"].data.clone());
+    }
+    all
+}
+
 /// `‖a − b‖ / ‖b‖`.
 pub(super) fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "lengths differ");
