@@ -60,6 +60,7 @@ enum Command {
         #[arg(long)]
         allow_unused: bool,
         /// Store the linear layers' weights quantized: `int8` (per output channel, W8A16),
+        /// `fp8` (E4M3 per output channel, activations E4M3 per token: W8A8-FP8),
         /// `int4` (groups of --group columns with zero points, W4A16), `int4-sym` (groups,
         /// symmetric), `int4-awq` (int4 with activation-aware scales calibrated on --calib) or
         /// `int4-gptq` (int4 codes chosen by GPTQ from --calib activations).
@@ -83,6 +84,10 @@ enum Command {
         /// `kiln run OUTPUT --tp N`. CPU engines so far (the ranks run on threads).
         #[arg(long, default_value_t = 1)]
         tp: u32,
+        /// The KV cache in 8 bits: `int8` or `fp8` (E4M3), one scale per head and token
+        /// (default: the compute dtype). CPU engines so far.
+        #[arg(long)]
+        kv_cache: Option<String>,
         /// Pipeline parallelism: split the decoder layers into M consecutive stages (each
         /// sharded over --tp ranks); rank r is tensor-parallel rank r % N of stage r / N.
         #[arg(long, default_value_t = 1)]
@@ -584,6 +589,7 @@ fn build_options(
         allow_unused,
         calibration: quant.calibration()?,
         quant: quant.options()?,
+        kv_cache: None,
         tp: 1,
         pp: 1,
     })
@@ -632,6 +638,10 @@ impl QuantFlags {
                 bail!("--group applies to int4: int8 has one scale per output channel")
             }
             "int8" => DType::Int8,
+            "fp8" if self.group.is_some() => {
+                bail!("--group applies to int4: fp8 has one scale per output channel")
+            }
+            "fp8" => DType::Fp8,
             "int4" => DType::Int4 {
                 group,
                 zero_point: true,
@@ -645,12 +655,12 @@ impl QuantFlags {
                 group,
                 zero_point: true,
             },
-            "fp8" | "w8a8" => bail!(
-                "--quant {quant} is not supported yet (calibrated and 8-bit-activation formats \
-                 are still to come): use int8, int4, int4-sym, int4-awq or int4-gptq"
+            "w8a8" => bail!(
+                "--quant w8a8 (SmoothQuant INT8) is not supported yet: use int8, fp8, int4, \
+                 int4-sym, int4-awq or int4-gptq"
             ),
             other => {
-                bail!("unknown --quant `{other}`: int8, int4, int4-sym, int4-awq or int4-gptq")
+                bail!("unknown --quant `{other}`: int8, fp8, int4, int4-sym, int4-awq or int4-gptq")
             }
         };
         if let Some(bad) = self.skip.iter().find(|p| p.is_empty()) {
@@ -689,6 +699,7 @@ fn main() -> ExitCode {
             calib,
             tp,
             pp,
+            kv_cache,
         } => build_options(
             model,
             no_optimize,
@@ -703,7 +714,22 @@ fn main() -> ExitCode {
                 calib,
             },
         )
-        .map(|opts| BuildOptions { tp, pp, ..opts })
+        .and_then(|opts| {
+            let kv_cache = match kv_cache.as_deref() {
+                None => None,
+                Some("int8") => Some(kiln::runtime::ir::DType::Int8),
+                Some("fp8") => Some(kiln::runtime::ir::DType::Fp8),
+                Some(other) => {
+                    bail!("--kv-cache {other}: int8 or fp8 (leave it out for the compute dtype)")
+                }
+            };
+            Ok(BuildOptions {
+                tp,
+                pp,
+                kv_cache,
+                ..opts
+            })
+        })
         .and_then(|opts| cmd_build(&checkpoint, &output, opts)),
         Command::Run(args) => cmd_run(args),
         Command::Serve(args) => cli::serve::run(args),

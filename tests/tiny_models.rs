@@ -577,8 +577,14 @@ fn cli_quantized_builds_and_refusals() {
         args
     };
     for (extra, says) in [
-        (&["--quant", "fp8"][..], "--quant fp8 is not supported yet"),
-        (&["--quant", "w8a8"], "--quant w8a8 is not supported yet"),
+        (
+            &["--quant", "w8a8"][..],
+            "--quant w8a8 (SmoothQuant INT8) is not supported yet",
+        ),
+        (
+            &["--quant", "fp8", "--group", "64"],
+            "--group applies to int4",
+        ),
         (&["--quant", "int4-awq"], "the checkpoint has no tokenizer"),
         (&["--quant", "int4-gptq"], "the checkpoint has no tokenizer"),
         (
@@ -784,4 +790,70 @@ fn cli_parallel_build_and_run() {
     ]);
     assert!(text.contains("AllReduce(ranks=2)"), "{text}");
     assert!(text.contains("wq.tp1of2"), "{text}");
+}
+
+/// `--quant fp8` (W8A8) and `--kv-cache int8|fp8` build CPU engines whose logits stay close to
+/// the f32 engine's (and differ from them); the GPU builds and unknown formats are refused.
+#[test]
+fn cli_fp8_weights_and_8_bit_kv_caches() {
+    let cfg = TinyConfig::gqa();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    tiny::write_checkpoint(&ckpt, &cfg, &cfg.random_weights(), Storage::F32);
+    let logits = |flags: &[&str]| -> Vec<f32> {
+        let out = dir
+            .path()
+            .join(format!("e{}.kiln", flags.join("").replace('-', "")));
+        let mut args = vec![OsStr::new("build"), p(&ckpt), "-o".as_ref(), p(&out)];
+        args.extend(flags.iter().map(OsStr::new));
+        succeeds(&args);
+        let engine = Engine::open(&out).unwrap();
+        let exec = engine.cpu_executor().unwrap();
+        let mut s = exec.session(1);
+        let mut all = vec![];
+        for t in [&[3i32, 50, 7, 21][..], &[9], &[60]] {
+            all.extend(
+                exec.step(&mut s, t, &[]).unwrap().outputs["logits"]
+                    .data
+                    .clone(),
+            );
+        }
+        all
+    };
+    let want = logits(&[]);
+    for (flags, tol) in [
+        (&["--quant", "fp8"][..], 0.25),
+        (&["--kv-cache", "int8"], 0.02),
+        (&["--kv-cache", "fp8"], 0.06),
+        (&["--kv-cache", "fp8", "--dtype", "bf16"], 0.08),
+    ] {
+        let got = logits(flags);
+        let (mut num, mut den) = (0f64, 0f64);
+        for (a, b) in got.iter().zip(&want) {
+            num += f64::from(a - b).powi(2);
+            den += f64::from(*b).powi(2);
+        }
+        let e = (num / den).sqrt();
+        assert!(e > 0.0 && e < tol, "{flags:?}: relative L2 {e}");
+    }
+    let engine = dir.path().join("equantfp8.kiln");
+    let text = succeeds(&[OsStr::new("inspect"), p(&engine)]);
+    assert!(text.contains("fp8[48, 48] = Weight(fp8("), "{text}");
+    let engine = dir.path().join("ekvcacheint8.kiln");
+    let text = succeeds(&[OsStr::new("inspect"), p(&engine)]);
+    assert!(text.contains("KvQuant(int8)"), "{text}");
+    let other = dir.path().join("x.kiln");
+    for (extra, says) in [
+        (&["--kv-cache", "int4"][..], "--kv-cache int4: int8 or fp8"),
+        (
+            &["--kv-cache", "fp8", "--target", "cuda"],
+            "the GPU attention kernels read a 16-bit cache",
+        ),
+        (&["--quant", "fp8", "--target", "cuda"], "fp8"),
+    ] {
+        let mut args = vec![OsStr::new("build"), p(&ckpt), "-o".as_ref(), p(&other)];
+        args.extend(extra.iter().map(OsStr::new));
+        let err = fails(&args);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
 }

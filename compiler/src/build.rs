@@ -62,6 +62,8 @@ pub struct BuildOptions {
     pub calibration: Calibration,
     /// Tensor-parallel ranks per pipeline stage (`--tp`; 1: none).
     pub tp: u32,
+    /// The KV cache in 8 bits (`--kv-cache int8|fp8`; `None`: the compute dtype).
+    pub kv_cache: Option<DType>,
     /// Pipeline stages (`--pp`; 1: none). With `tp · pp` above 1 the build writes one engine
     /// per rank (`kiln_runtime::parallel::rank_path`), each with its rank's graph and weights.
     pub pp: u32,
@@ -77,6 +79,7 @@ impl Default for BuildOptions {
             allow_unused: false,
             quant: None,
             calibration: Calibration::default(),
+            kv_cache: None,
             tp: 1,
             pp: 1,
         }
@@ -561,11 +564,12 @@ pub fn build(
 /// graph, the config, the group size and the options that change the ranks' graphs.
 fn tp_group_id(graph: &Graph, config: &serde_json::Value, opts: &BuildOptions) -> String {
     let options = format!(
-        "{} {} {} {}",
+        "{} {} {} {} {:?}",
         opts.tp,
         opts.pp,
         opts.dtype.name(),
-        opts.no_optimize
+        opts.no_optimize,
+        opts.kv_cache.map(|d| d.name())
     );
     let meta: HashMap<String, String> = [
         ("graph".to_string(), graph.to_ron()),
@@ -668,6 +672,20 @@ fn build_rank(
             g
         }
         None => graph,
+    };
+    let expanded = match opts.kv_cache {
+        Some(format) => {
+            if opts.cuda_arch.is_some() {
+                return Err(BuildError::Other(format!(
+                    "--kv-cache {}: the GPU attention kernels read a 16-bit cache; an 8-bit \
+                     cache runs on the CPU so far (drop --target cuda or --kv-cache)",
+                    format.name()
+                )));
+            }
+            crate::rewrite::kv_cache::quantize_kv_cache(&expanded, format)
+                .map_err(BuildError::Other)?
+        }
+        None => expanded,
     };
     let (graph, derived, rewrite) = compile_graph(&expanded, opts)?;
     // A GPU engine: the launch plan and its kernels, compiled before reading any weight so a

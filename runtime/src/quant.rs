@@ -14,6 +14,10 @@
 //!   `zero = clamp(round(-min / scale), 0, 15)`, `q = clamp(round(w / scale) + zero, 0, 15)`,
 //!   `w = (q - zero) · scale`.
 //!
+//! - `Fp8`: `q` E4M3 `[n, k]` (NVIDIA's `e4m3fn`: 4 exponent bits, bias 7, 3 mantissa bits,
+//!   no infinities, ±448 at most); `scale` f32 `[n]`; `w = e4m3(q) · scale`, `scale =
+//!   max|w_row| / 448`, `q` the nearest E4M3 value to `w / scale` (ties to even). A linear op
+//!   reading it rounds its activations the same way, one scale per row ([`fp8_rows`]).
 //! - `Int4Awq { group: g }` (activation-aware, AWQ): the weight's columns are multiplied by
 //!   calibrated factors `s[c]` (`quantize_awq`), quantized as `Int4` with zero points, and
 //!   `w = (q - zero) · scale / s[c]`; `s` is stored as an f32 vector `colscale` `[k]`.
@@ -85,6 +89,10 @@ pub fn parts(format: DType, rows: usize, cols: usize) -> Option<Vec<Part>> {
             part("", S::I8, vec![rows, cols]),
             part(".scale", S::F32, vec![rows]),
         ],
+        DType::Fp8 => vec![
+            part("", S::F8_E4M3, vec![rows, cols]),
+            part(".scale", S::F32, vec![rows]),
+        ],
         DType::Int4 { group, zero_point } => {
             let g = groups(cols, group);
             let mut v = vec![
@@ -140,10 +148,93 @@ pub fn quantize(format: DType, w: &[f32], rows: usize, cols: usize) -> Result<Pa
                 p.q.extend(row.iter().map(|&v| code(v, s, 0, -127, 127) as i8 as u8));
             }
         }
+        DType::Fp8 => {
+            p.q.reserve(rows * cols);
+            for row in w.chunks_exact(cols.max(1)).take(rows) {
+                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let s = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+                p.scale.push(s);
+                p.q.extend(row.iter().map(|&v| e4m3(v / s)));
+            }
+        }
         DType::Int4 { group, zero_point } => int4(&mut p, w, group, zero_point)?,
         other => return Err(format!("{} is not a weight format", other.name())),
     }
     Ok(p)
+}
+
+/// The largest finite E4M3 value.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// The E4M3 (`e4m3fn`) code nearest to `v` (ties to even), saturating at ±448; NaN stays NaN.
+pub fn e4m3(v: f32) -> u8 {
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = v.abs();
+    if a.is_nan() {
+        return 0x7f;
+    }
+    if a >= E4M3_MAX {
+        return sign | 0x7e;
+    }
+    // Subnormals (and zero): steps of 2^-9 below 2^-6; 8 steps is the smallest normal.
+    if a < 1.0 / 64.0 {
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let e = ((a.to_bits() >> 23) & 0xff) as i32 - 127;
+    let q = (a / 2f32.powi(e - 3)).round_ties_even() as i32;
+    let (e, q) = if q == 16 { (e + 1, 8) } else { (e, q) };
+    sign | (((e + 7) as u8) << 3) | (q - 8) as u8
+}
+
+/// The value of an E4M3 (`e4m3fn`) code.
+pub fn from_e4m3(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (i32::from((b >> 3) & 0xf), f32::from(b & 7));
+    sign * match (e, m as u8) {
+        (15, 7) => f32::NAN,
+        (0, _) => m / 512.0,
+        _ => (1.0 + m / 8.0) * 2f32.powi(e - 7),
+    }
+}
+
+/// Rounds each vector of `d` values as a quantized KV cache stores it (`Op::KvQuant`): int8
+/// codes or E4M3 with the vector's own scale `max|v| / 127` (`/ 448`), in place.
+pub fn kv_round(x: &mut [f32], d: usize, format: DType) -> Result<(), String> {
+    match format {
+        DType::Fp8 => fp8_rows(x, d),
+        DType::Int8 => {
+            for v in x.chunks_mut(d.max(1)) {
+                let amax = v.iter().fold(0f32, |m, e| m.max(e.abs()));
+                if amax > 0.0 && amax.is_finite() {
+                    let s = amax / 127.0;
+                    for e in v {
+                        *e = (*e / s).round().clamp(-127.0, 127.0) * s;
+                    }
+                }
+            }
+        }
+        other => {
+            return Err(format!(
+                "a KV cache holds int8 or fp8, not {}",
+                other.name()
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// Rounds each row of `cols` values to E4M3 with its own scale (`max|row| / 448`), in place:
+/// the per-token dynamic quantization of the activations of a W8A8 product.
+pub fn fp8_rows(x: &mut [f32], cols: usize) {
+    for row in x.chunks_mut(cols.max(1)) {
+        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if amax > 0.0 && amax.is_finite() {
+            let s = amax / E4M3_MAX;
+            for v in row {
+                *v = from_e4m3(e4m3(*v / s)) * s;
+            }
+        }
+    }
 }
 
 /// Activation-aware int4 (`Int4Awq`): quantizes `w · diag(s)` with zero points and keeps `s`,
@@ -311,6 +402,16 @@ impl Packed {
                     );
                 }
             }
+            DType::Fp8 => {
+                for r in 0..rows {
+                    let s = self.scale[r];
+                    out.extend(
+                        self.q[r * cols..(r + 1) * cols]
+                            .iter()
+                            .map(|&q| from_e4m3(q) * s),
+                    );
+                }
+            }
             DType::Int4 { group, .. } | DType::Int4Awq { group } => {
                 let ng = groups(cols, group);
                 let half = cols.div_ceil(2);
@@ -337,7 +438,7 @@ impl Packed {
     pub fn to_bytes(&self) -> Vec<Vec<u8>> {
         let mut v = vec![self.q.clone()];
         v.push(match self.format {
-            DType::Int8 => self.scale.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            DType::Int8 | DType::Fp8 => self.scale.iter().flat_map(|s| s.to_le_bytes()).collect(),
             _ => self
                 .scale
                 .iter()
@@ -391,8 +492,11 @@ impl Packed {
                 ));
             }
         }
+        if format == DType::Fp8 && stored[0].iter().any(|&b| b & 0x7f == 0x7f) {
+            return Err("an fp8 weight holds a NaN code".into());
+        }
         let scale = match format {
-            DType::Int8 => stored[1]
+            DType::Int8 | DType::Fp8 => stored[1]
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
@@ -459,6 +563,59 @@ mod tests {
         let d: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
         let n: f32 = b.iter().map(|y| y * y).sum();
         (d / n).sqrt()
+    }
+
+    #[test]
+    fn e4m3_codes_round_to_nearest_even_and_saturate() {
+        for (v, code) in [
+            (0.0, 0x00),
+            (1.0, 0x38),
+            (-1.0, 0xb8),
+            (448.0, 0x7e),
+            (1e9, 0x7e),
+            (-1e9, 0xfe),
+            (1.0 / 512.0, 0x01),
+            (1.0 / 64.0, 0x08),
+            // 1.0625 is halfway between 1 and 1.125: to even (1.0); 1.1875 to 1.25.
+            (1.0625, 0x38),
+            (1.1875, 0x3a),
+            (240.0, 0x77),
+        ] {
+            assert_eq!(e4m3(v), code, "{v}");
+        }
+        for b in 0..=255u8 {
+            let v = from_e4m3(b);
+            if v.is_nan() {
+                assert_eq!(b & 0x7f, 0x7f);
+            } else {
+                assert_eq!(e4m3(v), if v == 0.0 { b & 0x80 } else { b }, "{b:#x} = {v}");
+            }
+        }
+        let mut x = vec![3.0, -0.001, 1.0, 0.0, 0.0, 0.0];
+        fp8_rows(&mut x, 3);
+        assert_eq!(x[0], 3.0);
+        assert!((x[2] - 1.0).abs() <= 1.0 / 16.0);
+        assert_eq!(&x[3..], &[0.0; 3]);
+    }
+
+    #[test]
+    fn fp8_weights_round_trip_within_the_format_step() {
+        let (n, k) = (5, 40);
+        let w = random(n * k, 3);
+        let p = quantize(DType::Fp8, &w, n, k).unwrap();
+        let back = Packed::from_bytes(
+            DType::Fp8,
+            n,
+            k,
+            &p.to_bytes()
+                .iter()
+                .map(|b| b.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        assert_eq!(back, p);
+        let e = rel_l2(&p.dequantize(), &w);
+        assert!(e > 0.0 && e < 0.04, "{e}");
     }
 
     const INT4: [DType; 2] = [

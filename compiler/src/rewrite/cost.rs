@@ -120,7 +120,7 @@ fn elem_bytes(d: DType) -> f64 {
         DType::F16 | DType::BF16 => 2.0,
         DType::Bool => 1.0,
         // The codes, plus a scale per row (int8: negligible) or per group (and a zero point).
-        DType::Int8 => 1.0,
+        DType::Int8 | DType::Fp8 => 1.0,
         DType::Int4 { group, zero_point } => {
             0.5 + (2.0 + f64::from(u8::from(zero_point))) / f64::from(group)
         }

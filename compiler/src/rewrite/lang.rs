@@ -65,6 +65,8 @@ define_language! {
         "all_gather" = AllGather([Id; 3]),
         // [table, ids, dim:first]
         "gather_shard" = GatherShard([Id; 3]),
+        // A quantized KV cache's rounding. [x, dtype:int8|fp8]
+        "kv_quant" = KvQuant([Id; 2]),
         // Fused ops. [x, w, eps]
         "rmsnorm" = RmsNorm([Id; 3]),
         // [x, w]

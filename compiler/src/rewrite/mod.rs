@@ -16,6 +16,7 @@ pub mod convert;
 pub mod cost;
 pub mod derive;
 pub mod extract;
+pub mod kv_cache;
 pub mod lang;
 pub mod ops;
 pub mod phases;

@@ -137,6 +137,10 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
             },
             &[*x],
         ),
+        N::KvQuant([x, d]) => match attr(data, *d)? {
+            Attr::DType(format) => op(Op::KvQuant { format }, &[*x]),
+            other => Err(format!("expected a dtype, got {other}")),
+        },
         N::GatherShard([t, ids, f]) => match dim(data, *f)?.as_const() {
             Some(first) => op(Op::GatherShard { first }, &[*t, *ids]),
             None => Err("a symbolic first row of a gather shard".into()),
@@ -248,6 +252,7 @@ pub fn raise(eg: &mut KilnGraph, op: &Op, ins: &[Id]) -> Id {
             a(Attr::Axis(*axis)),
             a(Attr::Dim(Dim::c(i64::from(*ranks)))),
         ]),
+        Op::KvQuant { format } => Node::KvQuant([ins[0], a(Attr::DType(*format))]),
         Op::GatherShard { first } => {
             Node::GatherShard([ins[0], ins[1], a(Attr::Dim(Dim::c(*first)))])
         }

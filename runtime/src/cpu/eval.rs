@@ -83,6 +83,14 @@ pub(super) fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result
             let ids = one(&mut ins);
             movement::gather_shard(one(&mut ins), ids, *first)?
         }
+        Op::KvQuant { format } => {
+            let x = one(&mut ins);
+            let (dtype, shape) = (x.dtype, x.shape.clone());
+            let d = *shape.last().unwrap_or(&1);
+            let mut v = x.into_vec::<f32>();
+            crate::quant::kv_round(&mut v, d, *format)?;
+            Tensor::new(dtype, shape, v)
+        }
         Op::AllReduce { ranks: 1 } | Op::AllGather { ranks: 1, .. } => one(&mut ins),
         Op::AllReduce { ranks } | Op::AllGather { ranks, .. } => {
             return Err(format!(
@@ -152,7 +160,7 @@ pub(super) fn weight_tensor(
     Ok(match ty.dtype {
         DType::F32 => Tensor::new(DType::F32, shape, data),
         // A weight format: `data` holds the dequantized values (`Engine::read_weight`).
-        DType::Int8 | DType::Int4 { .. } | DType::Int4Awq { .. } => {
+        DType::Int8 | DType::Fp8 | DType::Int4 { .. } | DType::Int4Awq { .. } => {
             Tensor::new(ty.dtype, shape, data)
         }
         DType::F16 | DType::BF16 => {

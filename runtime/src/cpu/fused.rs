@@ -114,6 +114,16 @@ fn rms_norm(x: Tensor, w: Tensor, eps: f32) -> Result<Tensor, String> {
 fn linear(x: Tensor, w: Tensor) -> Result<Tensor, String> {
     // A quantized weight holds its dequantized values (`quant.rs`): the product reads them as
     // they are, in f32, as the GPU kernels do after dequantizing in registers.
+    // An fp8 weight is read in W8A8: the activations are rounded to E4M3 per row first.
+    let x = if w.dtype == crate::ir::DType::Fp8 {
+        let (dtype, shape) = (x.dtype, x.shape.clone());
+        let cols = *shape.last().unwrap_or(&1);
+        let mut v = x.into_vec::<f32>();
+        crate::quant::fp8_rows(&mut v, cols);
+        Tensor::new(dtype, shape, v)
+    } else {
+        x
+    };
     let w = if w.dtype.is_weight_format() {
         w.with_dtype(x.dtype)
     } else {

@@ -118,6 +118,28 @@ fn linear_and_linear_add_match_matmul_of_the_transposed_weight() {
 }
 
 #[test]
+fn linear_with_an_fp8_weight_reads_its_activations_in_e4m3_per_row() {
+    let mut rng = Rng::new(7);
+    let (rows, k, n) = (3, 40, 6);
+    let x = rng.tensor(&[rows, k]);
+    let w = rng.tensor(&[n, k]);
+    let deq = crate::quant::round_trip(DType::Fp8, &w.to_vec::<f32>(), n, k).unwrap();
+    let w8 = Tensor::new(DType::Fp8, vec![n, k], deq.clone());
+    let mut xq = x.to_vec::<f32>();
+    crate::quant::fp8_rows(&mut xq, k);
+    let want = primitive_linear(
+        &Tensor::new(DType::F32, vec![rows, k], xq),
+        &Tensor::new(DType::F32, vec![n, k], deq.clone()),
+    );
+    let got = eval(&Op::Linear, vec![x.clone(), w8]).unwrap();
+    assert_close(&got, &want, 1e-6, "W8A8 fp8");
+    // …which differs from reading the activations as they are (W8A16).
+    let w16 = primitive_linear(&x, &Tensor::new(DType::F32, vec![n, k], deq));
+    let (a, b) = (got.to_vec::<f32>(), w16.to_vec::<f32>());
+    assert!(a.iter().zip(&b).any(|(p, q)| p != q));
+}
+
+#[test]
 fn gated_mlp_matches_silu_gate_times_up() {
     let mut rng = Rng::new(3);
     for (lead, k, f) in [

@@ -67,7 +67,7 @@ fn arity(op: &Op, n: usize) -> Result<(), String> {
         Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. } => 0,
         Op::Unary(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::Reshape { .. } => 1,
         Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
-        Op::AllReduce { .. } | Op::AllGather { .. } => 1,
+        Op::AllReduce { .. } | Op::AllGather { .. } | Op::KvQuant { .. } => 1,
         Op::Binary(_) | Op::MatMul | Op::Gather | Op::GatherShard { .. } => 2,
         Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp => 2,
         Op::Where
@@ -233,6 +233,18 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
         Op::AllReduce { .. } => {
             if !ins[0].dtype.is_float() {
                 return Err(format!("AllReduce needs a float input, got {}", ins[0]));
+            }
+            Ok(ins[0].clone())
+        }
+        Op::KvQuant { format } => {
+            if !matches!(format, DType::Int8 | DType::Fp8) {
+                return Err(format!(
+                    "a KV cache holds int8 or fp8, not {}",
+                    format.name()
+                ));
+            }
+            if !ins[0].dtype.is_float() || ins[0].rank() == 0 {
+                return Err(format!("KvQuant needs float vectors, got {}", ins[0]));
             }
             Ok(ins[0].clone())
         }

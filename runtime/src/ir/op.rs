@@ -33,6 +33,10 @@ pub enum DType {
         /// Asymmetric, with a zero point per group.
         zero_point: bool,
     },
+    /// Weight format: FP8 E4M3 (NVIDIA's `e4m3fn`: no infinities, largest value 448), one f32
+    /// scale per output row. Read in W8A8: a linear op with an fp8 weight rounds its
+    /// activations to E4M3 too, with one dynamic scale per row (token), as an FP8 GEMM does.
+    Fp8,
     /// Weight format: activation-aware int4 (AWQ): `Int4` with zero points, of the weight with
     /// each input column `c` multiplied by a calibrated factor `s[c]`, which the product divides
     /// back out (an f32 vector `[k]` stored beside the codes).
@@ -54,7 +58,7 @@ impl DType {
     pub fn is_weight_format(self) -> bool {
         matches!(
             self,
-            DType::Int8 | DType::Int4 { .. } | DType::Int4Awq { .. }
+            DType::Int8 | DType::Fp8 | DType::Int4 { .. } | DType::Int4Awq { .. }
         )
     }
     /// Lower-case name (`f32`, `bf16`, `int8`, `int4g128` (symmetric), `int4g128z` (with zero
@@ -67,6 +71,7 @@ impl DType {
             DType::I32 => "i32",
             DType::Bool => "bool",
             DType::Int8 => "int8",
+            DType::Fp8 => "fp8",
             DType::Int4 { group, zero_point } => match (group, zero_point) {
                 (32, false) => "int4g32",
                 (64, false) => "int4g64",
@@ -93,6 +98,7 @@ impl DType {
             "i32" => DType::I32,
             "bool" => DType::Bool,
             "int8" => DType::Int8,
+            "fp8" => DType::Fp8,
             _ => {
                 let rest = s.strip_prefix("int4g")?;
                 if let Some(digits) = rest.strip_suffix("awq") {
@@ -278,6 +284,15 @@ pub enum Op {
         first: i64,
     },
 
+    // ---- Cache formats: introduced by `kiln build --kv-cache`. ----
+    /// `[x[…, d]]` → `x` as a quantized KV cache holds it: each vector along the last axis (one
+    /// head of one token) rounded to `format` (`Int8`: codes in -127..=127, `Fp8`: E4M3) with
+    /// its own scale `max|vector| / 127` (`/ 448`), then scaled back.
+    KvQuant {
+        /// `Int8` or `Fp8`.
+        format: DType,
+    },
+
     // ---- Fused ops: introduced by the rewriter, never written in model files. ----
     /// `[x[…, h], w[h]]` → `x / √(mean(x², last axis) + eps) · w`; statistics in f32.
     RmsNorm {
@@ -361,6 +376,7 @@ impl fmt::Display for Op {
             Op::AllReduce { ranks } => write!(f, "AllReduce(ranks={ranks})"),
             Op::AllGather { axis, ranks } => write!(f, "AllGather(axis={axis}, ranks={ranks})"),
             Op::GatherShard { first } => write!(f, "GatherShard(first={first})"),
+            Op::KvQuant { format } => write!(f, "KvQuant({})", format.name()),
             Op::RmsNorm { eps } => write!(f, "RmsNorm(eps={eps:e})"),
             Op::Rope { seq_axis } => write!(f, "Rope(seq_axis={seq_axis})"),
             Op::FusedAttention { scale, window: 0 } => write!(f, "FusedAttention(scale={scale})"),
