@@ -158,6 +158,13 @@ enum Command {
         /// KV-cache capacity in tokens (--throughput).
         #[arg(long)]
         max_kv_tokens: Option<usize>,
+        /// The rank engines of a `kiln build --tp N` (ENGINE is the -o name), on the CPU
+        /// (--throughput).
+        #[arg(long)]
+        tp: Option<u32>,
+        /// The pipeline stages of the build (--throughput).
+        #[arg(long)]
+        pp: Option<u32>,
     },
     /// Feed given token sequences and record logits and greedy predictions (for checks).
     TeacherForce {
@@ -354,9 +361,15 @@ fn cmd_build(checkpoint: &Path, output: &Path, opts: BuildOptions) -> Result<()>
     for note in &report.notes {
         eprintln!("{note}");
     }
+    let (what, per) = match opts.tp * opts.pp {
+        1 => (output.display().to_string(), ""),
+        n => (
+            format!("{n} rank engines of {}", output.display()),
+            "rank 0: ",
+        ),
+    };
     eprintln!(
-        "built {} in {:.1}s: {} nodes, {} weights, {:.1}M parameters",
-        output.display(),
+        "built {what} in {:.1}s: {per}{} nodes, {} weights, {:.1}M parameters",
         t0.elapsed().as_secs_f64(),
         report.nodes,
         report.weights,
@@ -767,8 +780,11 @@ fn main() -> ExitCode {
             max_num_seqs,
             max_num_tokens,
             max_kv_tokens,
+            tp,
+            pp,
         } => {
             let offline_only = [
+                (tp.is_some() || pp.is_some(), "--tp/--pp"),
                 (requests.is_some(), "--requests"),
                 (input_std.is_some(), "--input-std"),
                 (output_std.is_some(), "--output-std"),
@@ -789,18 +805,27 @@ fn main() -> ExitCode {
                         "{flag} does not apply to --throughput (the scheduler picks the batches)"
                     )));
                 }
-                let args = device_of(&engine, device).and_then(|d| {
-                    Ok(cli::throughput::ThroughputArgs {
-                        requests: requests.unwrap_or(1000),
-                        io: cli::bench::parse_io(&io)?,
-                        std: (input_std.unwrap_or(0.0), output_std.unwrap_or(0.0)),
-                        max_num_seqs: max_num_seqs.unwrap_or(256),
-                        max_num_tokens,
-                        max_kv_tokens,
-                        device: d,
-                        json,
-                    })
-                });
+                let parallel = cli::serve::parallel_of(tp, pp, device.as_deref());
+                let device = match &parallel {
+                    Ok(Some(_)) => Ok("cpu".to_string()),
+                    _ => device_of(&engine, device),
+                };
+                let args =
+                    parallel
+                        .and_then(|p| device.map(|d| (p, d)))
+                        .and_then(|(parallel, d)| {
+                            Ok(cli::throughput::ThroughputArgs {
+                                parallel,
+                                requests: requests.unwrap_or(1000),
+                                io: cli::bench::parse_io(&io)?,
+                                std: (input_std.unwrap_or(0.0), output_std.unwrap_or(0.0)),
+                                max_num_seqs: max_num_seqs.unwrap_or(256),
+                                max_num_tokens,
+                                max_kv_tokens,
+                                device: d,
+                                json,
+                            })
+                        });
                 return finish(args.and_then(|a| cli::throughput::run(&engine, &a)));
             }
             if let Some((_, flag)) = offline_only.iter().find(|(on, _)| *on) {

@@ -726,6 +726,22 @@ fn cli_parallel_build_and_run() {
         "w1".as_ref(),
     ]);
     assert!(err.contains("tp.rank0-of-4.kiln"), "{err}");
+    // The scheduler drives the ranks too (`kiln bench --throughput`, `kiln serve`).
+    let json = succeeds(&[
+        OsStr::new("bench"),
+        p(&tp),
+        "--throughput".as_ref(),
+        "--tp".as_ref(),
+        "2".as_ref(),
+        "--requests".as_ref(),
+        "6".as_ref(),
+        "--io".as_ref(),
+        "8:4".as_ref(),
+        "--json".as_ref(),
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows[0]["requests"], 6, "{json}");
+    assert_eq!(rows[0]["output_tokens"], 24, "{json}");
     // Pipeline stages, alone and with tensor parallelism (3 layers: a stage per layer).
     for (flags, files) in [(&["--pp", "3"][..], 3), (&["--tp", "2", "--pp", "3"], 6)] {
         let out = dir.path().join(format!("pp{files}.kiln"));

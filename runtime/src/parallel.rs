@@ -7,9 +7,12 @@
 //! exchanging through an in-process [`LocalGroup`], the CPU executor on each.
 
 use crate::collective::{Collective, LocalGroup};
+use crate::cpu::paged::PagedKv;
 use crate::cpu::{CpuExecutor, CpuSession, HostTensor};
+use crate::cuda::{StepResult, Want};
 use crate::engine::{keys, Engine, EngineError};
 use crate::generate::{last_row, Decoder, GenerateError};
+use crate::serving::{BatchExecutor, SeqStep};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -174,32 +177,30 @@ impl<'e> ParallelCpuDecoder<'e> {
     }
 }
 
-/// Runs one step of every rank of a stage, each on its own thread; returns rank 0's outputs, or
-/// the failure of the lowest failing rank (a rank that fails aborts its group, so the others
-/// fail too, naming it).
-fn stage_step(
-    ranks: &mut [(&CpuExecutor, CpuSession)],
-    ids: &[i32],
-    acts: &BTreeMap<String, HostTensor>,
-) -> Result<BTreeMap<String, HostTensor>, GenerateError> {
-    let results: Vec<Result<BTreeMap<String, HostTensor>, GenerateError>> =
-        std::thread::scope(|s| {
-            let handles: Vec<_> = ranks
-                .iter_mut()
-                .map(|(exec, session)| {
-                    s.spawn(move || Ok(exec.step_with(session, ids, acts, &[])?.outputs))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(r, h)| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(GenerateError::NoLogits(format!("rank {r} panicked")))
-                    })
-                })
-                .collect()
-        });
+/// Runs `f` for every rank of a stage, each on its own thread; returns rank 0's result, or the
+/// failure of the lowest failing rank (a rank that fails aborts its group, so the others fail
+/// too, naming it).
+fn on_ranks<R: Send, T: Send>(
+    ranks: &mut [R],
+    f: impl Fn(&mut R) -> Result<T, GenerateError> + Sync,
+) -> Result<T, GenerateError> {
+    let results: Vec<Result<T, GenerateError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .iter_mut()
+            .map(|rank| {
+                let f = &f;
+                s.spawn(move || f(rank))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join()
+                    .unwrap_or_else(|_| Err(GenerateError::NoLogits(format!("rank {r} panicked"))))
+            })
+            .collect()
+    });
     let mut rank0 = None;
     for (r, res) in results.into_iter().enumerate() {
         let out = res?;
@@ -215,7 +216,10 @@ impl Decoder for ParallelCpuDecoder<'_> {
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let mut acts = BTreeMap::new();
         for ranks in &mut self.stages {
-            acts = stage_step(ranks, &ids, &acts)?;
+            let acts_in = &acts;
+            acts = on_ranks(ranks, |(exec, session)| {
+                Ok(exec.step_with(session, &ids, acts_in, &[])?.outputs)
+            })?;
         }
         let logits = acts.get("logits").ok_or_else(|| {
             GenerateError::NoLogits("the last stage's graph has no output named `logits`".into())
@@ -224,6 +228,137 @@ impl Decoder for ParallelCpuDecoder<'_> {
     }
     fn past(&self) -> usize {
         self.stages[0][0].1.past()
+    }
+}
+
+/// The scheduler's executor over a parallel build on the CPU: every rank keeps its own paged
+/// KV cache (its layers, its heads) under the block tables the scheduler shares among them. A
+/// step runs the sequences that sit at the same position and feed as many tokens as one batch
+/// through the stages in turn, every rank of a stage on its own thread.
+pub struct ParallelBatchExecutor {
+    stages: Vec<Vec<(CpuExecutor, PagedKv)>>,
+    vocab: usize,
+    max_batch: usize,
+    max_step_tokens: usize,
+}
+
+impl ParallelBatchExecutor {
+    /// `stages` (each a stage's executors in rank order) with caches of `kv_tokens` token slots
+    /// in blocks of `block`; steps of at most `max_batch` sequences and `max_step_tokens` tokens.
+    pub fn new(
+        stages: Vec<Vec<CpuExecutor>>,
+        block: usize,
+        kv_tokens: usize,
+        max_batch: usize,
+        max_step_tokens: usize,
+    ) -> Result<ParallelBatchExecutor, GenerateError> {
+        let vocab = stages
+            .last()
+            .and_then(|s| s.first())
+            .and_then(|e| e.graph().vocab())
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| {
+                GenerateError::NoLogits(
+                    "the last stage's graph has no `logits` output [batch, seq, vocab]".into(),
+                )
+            })?;
+        let blocks = kv_tokens.div_ceil(block);
+        let stages = stages
+            .into_iter()
+            .map(|ranks| {
+                ranks
+                    .into_iter()
+                    .map(|e| {
+                        let kv = PagedKv::new(&e, block, blocks)?;
+                        Ok((e, kv))
+                    })
+                    .collect::<Result<Vec<_>, crate::cpu::ExecError>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ParallelBatchExecutor {
+            stages,
+            vocab,
+            max_batch,
+            max_step_tokens,
+        })
+    }
+
+    /// Bytes of KV cache per token, all ranks together.
+    pub fn kv_bytes_per_token(stages: &[Vec<CpuExecutor>]) -> Result<usize, GenerateError> {
+        let mut total = 0;
+        for e in stages.iter().flatten() {
+            total += PagedKv::bytes_per_token(e)?;
+        }
+        Ok(total)
+    }
+
+    /// One batch of sequences at position `start`, through every stage; rank 0's last-stage
+    /// outputs.
+    fn run_group(
+        &mut self,
+        tables: &[&[u32]],
+        start: usize,
+        ids: &[i32],
+    ) -> Result<BTreeMap<String, HostTensor>, GenerateError> {
+        let mut acts = BTreeMap::new();
+        for ranks in &mut self.stages {
+            let acts_in = &acts;
+            acts = on_ranks(ranks, |(exec, kv)| {
+                let mut session = kv.gather(tables, start)?;
+                let out = exec.step_with(&mut session, ids, acts_in, &[])?;
+                kv.scatter(&session, tables, start)?;
+                Ok(out.outputs)
+            })?;
+        }
+        Ok(acts)
+    }
+}
+
+impl BatchExecutor for ParallelBatchExecutor {
+    fn block_size(&self) -> usize {
+        self.stages[0][0].1.block_size()
+    }
+    fn num_blocks(&self) -> usize {
+        self.stages[0][0].1.num_blocks()
+    }
+    fn vocab(&self) -> usize {
+        self.vocab
+    }
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+    fn max_step_tokens(&self) -> usize {
+        self.max_step_tokens
+    }
+
+    fn step(&mut self, seqs: &[SeqStep<'_>], _want: Want<'_>) -> Result<StepResult, GenerateError> {
+        // Sequences at the same position feeding as many tokens run as one batch; the batches
+        // one after the other (the ranks of a stage must meet at the same collectives).
+        let groups = crate::serving::executor::position_groups(seqs);
+        let vocab = self.vocab;
+        let mut logits = vec![0f32; seqs.len() * vocab];
+        for (start, n, members) in &groups {
+            let tables: Vec<&[u32]> = members.iter().map(|&i| seqs[i].blocks).collect();
+            let ids: Vec<i32> = members
+                .iter()
+                .flat_map(|&i| seqs[i].tokens.iter().map(|&t| t as i32))
+                .collect();
+            let out = self.run_group(&tables, *start, &ids)?;
+            let l = out.get("logits").ok_or_else(|| {
+                GenerateError::NoLogits("the last stage has no output named `logits`".into())
+            })?;
+            if l.data.len() != members.len() * n * vocab {
+                return Err(GenerateError::NoLogits(format!(
+                    "the `logits` output has shape {:?}, not [batch, seq, {vocab}]",
+                    l.shape
+                )));
+            }
+            for (b, &i) in members.iter().enumerate() {
+                let at = (b * n + n - 1) * vocab;
+                logits[i * vocab..(i + 1) * vocab].copy_from_slice(&l.data[at..at + vocab]);
+            }
+        }
+        Ok(StepResult::Logits(logits))
     }
 }
 

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use kiln::runtime::chat::ChatTemplate;
 use kiln::runtime::cuda::{CudaExecutor, CudaOptions};
 use kiln::runtime::engine::Engine;
+use kiln::runtime::parallel::{self, ParallelBatchExecutor};
 use kiln::runtime::serving::{CpuBatchExecutor, Scheduler, SchedulerConfig, ServeHandle};
 use kiln::runtime::tokenizer::Tokenizer;
 use kiln::serve::{router, sample_rate, App};
@@ -45,12 +46,49 @@ pub struct ServeArgs {
     /// Do not share KV blocks between requests with the same prompt prefix.
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// Serve the rank engines of a `kiln build --tp N [--pp M]` (ENGINE is the name given to
+    /// -o) together, on the CPU.
+    #[arg(long)]
+    pub tp: Option<u32>,
+    /// The pipeline stages of the build (with --tp, or alone).
+    #[arg(long)]
+    pub pp: Option<u32>,
+}
+
+/// The `(tp, pp)` of `--tp`/`--pp` (`None` without either), checked.
+pub fn parallel_of(
+    tp: Option<u32>,
+    pp: Option<u32>,
+    device: Option<&str>,
+) -> Result<Option<(u32, u32)>> {
+    if tp.is_none() && pp.is_none() {
+        return Ok(None);
+    }
+    let (tp, pp) = (tp.unwrap_or(1), pp.unwrap_or(1));
+    if tp == 0 || pp == 0 {
+        bail!("--tp and --pp count ranks and stages: at least 1");
+    }
+    if device.is_some_and(|d| d != "cpu") {
+        bail!("--tp/--pp run the ranks on the CPU (the NCCL GPU runtime is not built yet): drop --device cuda");
+    }
+    Ok(Some((tp, pp)))
+}
+
+/// The engine whose metadata (tokenizer, template, context) a run uses: the engine, or rank 0
+/// of a parallel build.
+pub fn open_first(engine: &Path, parallel: Option<(u32, u32)>) -> Result<Engine> {
+    Ok(match parallel {
+        Some((tp, pp)) => Engine::open(&kiln::runtime::parallel::rank_path(engine, 0, tp * pp))?,
+        None => Engine::open(engine)?,
+    })
 }
 
 /// The scheduler of an engine on a device, made on the scheduler's own thread.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_scheduler(
     engine: &Path,
     device: &str,
+    parallel: Option<(u32, u32)>,
     max_num_seqs: usize,
     max_num_tokens: usize,
     max_kv_tokens: Option<usize>,
@@ -59,27 +97,42 @@ pub fn spawn_scheduler(
 ) -> Result<(ServeHandle, std::thread::JoinHandle<()>)> {
     let path = engine.to_path_buf();
     let has_tok = tok.is_some();
-    let spawned = match device {
-        "cpu" => ServeHandle::spawn(move || {
+    let cfg = move |context| SchedulerConfig {
+        max_num_seqs,
+        max_num_tokens,
+        max_context: context,
+        prefix_caching,
+    };
+    // A CPU cache: 2 GiB worth of tokens unless told, and never more than the sequences can use.
+    let cpu_kv = move |per_token: usize, context: usize| {
+        max_kv_tokens.unwrap_or_else(|| {
+            ((2usize << 30) / per_token.max(1)).min(max_num_seqs.saturating_mul(context))
+        })
+    };
+    let spawned = match (device, parallel) {
+        (_, Some((tp, pp))) => ServeHandle::spawn(move || {
+            let engines = parallel::open_group(&path, tp, pp).map_err(|e| e.to_string())?;
+            let context = engines[0].generation.max_context;
+            let stages = parallel::cpu_executors(&engines, tp).map_err(|e| e.to_string())?;
+            let per_token =
+                ParallelBatchExecutor::kv_bytes_per_token(&stages).map_err(|e| e.to_string())?;
+            let kv = cpu_kv(per_token, context);
+            let batch = ParallelBatchExecutor::new(stages, 16, kv, max_num_seqs, max_num_tokens)
+                .map_err(|e| e.to_string())?;
+            Ok((Scheduler::new(batch, tok, cfg(context)), has_tok))
+        }),
+        ("cpu", None) => ServeHandle::spawn(move || {
             let engine = Engine::open(&path).map_err(|e| e.to_string())?;
             let exec = engine.cpu_executor().map_err(|e| e.to_string())?;
             let per_token =
                 CpuBatchExecutor::kv_bytes_per_token(&exec).map_err(|e| e.to_string())?;
             let context = engine.generation.max_context;
-            let kv = max_kv_tokens.unwrap_or_else(|| {
-                ((2usize << 30) / per_token.max(1)).min(max_num_seqs.saturating_mul(context))
-            });
+            let kv = cpu_kv(per_token, context);
             let batch = CpuBatchExecutor::new(exec, 16, kv, max_num_seqs, max_num_tokens)
                 .map_err(|e| e.to_string())?;
-            let cfg = SchedulerConfig {
-                max_num_seqs,
-                max_num_tokens,
-                max_context: context,
-                prefix_caching,
-            };
-            Ok((Scheduler::new(batch, tok, cfg), has_tok))
+            Ok((Scheduler::new(batch, tok, cfg(context)), has_tok))
         }),
-        "cuda" => ServeHandle::spawn(move || {
+        ("cuda", None) => ServeHandle::spawn(move || {
             let engine = Engine::open(&path).map_err(|e| e.to_string())?;
             let context = engine.generation.max_context;
             let opts = CudaOptions {
@@ -90,15 +143,9 @@ pub fn spawn_scheduler(
                 ..CudaOptions::default()
             };
             let exec = CudaExecutor::new(&engine, opts).map_err(|e| e.to_string())?;
-            let cfg = SchedulerConfig {
-                max_num_seqs,
-                max_num_tokens,
-                max_context: context,
-                prefix_caching,
-            };
-            Ok((Scheduler::new(exec, tok, cfg), has_tok))
+            Ok((Scheduler::new(exec, tok, cfg(context)), has_tok))
         }),
-        other => bail!("unknown device `{other}` (cpu or cuda)"),
+        (other, None) => bail!("unknown device `{other}` (cpu or cuda)"),
     };
     spawned.map_err(|e| anyhow::anyhow!("{}: {e}", engine.display()))
 }
@@ -114,7 +161,8 @@ pub fn default_max_num_tokens(device: &str) -> usize {
 
 /// Runs the server until SIGTERM or Ctrl-C.
 pub fn run(a: ServeArgs) -> Result<()> {
-    let engine = Engine::open(&a.engine)?;
+    let parallel = parallel_of(a.tp, a.pp, a.device.as_deref())?;
+    let engine = open_first(&a.engine, parallel)?;
     let device = a
         .device
         .clone()
@@ -157,6 +205,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (handle, join) = spawn_scheduler(
         &a.engine,
         &device,
+        parallel,
         a.max_num_seqs,
         max_num_tokens,
         a.max_kv_tokens,

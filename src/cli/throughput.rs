@@ -4,7 +4,6 @@
 //! each generates its exact output length; output tokens/s and requests/s.
 
 use anyhow::{bail, Result};
-use kiln::runtime::engine::Engine;
 use kiln::runtime::sampling::SamplingParams;
 use kiln::runtime::serving::{Event, Request};
 use std::path::Path;
@@ -28,6 +27,8 @@ pub struct ThroughputArgs {
     pub max_kv_tokens: Option<usize>,
     /// `cpu` or `cuda`.
     pub device: String,
+    /// The `(tp, pp)` of a parallel build's rank engines (`--tp`/`--pp`), run on the CPU.
+    pub parallel: Option<(u32, u32)>,
     /// JSON output.
     pub json: bool,
 }
@@ -93,7 +94,7 @@ pub fn run(engine_path: &Path, a: &ThroughputArgs) -> Result<()> {
     if a.requests == 0 {
         bail!("--requests must be at least 1");
     }
-    let engine = Engine::open(engine_path)?;
+    let engine = super::serve::open_first(engine_path, a.parallel)?;
     let vocab = engine
         .graph
         .vocab()
@@ -105,6 +106,7 @@ pub fn run(engine_path: &Path, a: &ThroughputArgs) -> Result<()> {
     let (handle, join) = super::serve::spawn_scheduler(
         engine_path,
         &a.device,
+        a.parallel,
         a.max_num_seqs,
         max_num_tokens,
         a.max_kv_tokens,

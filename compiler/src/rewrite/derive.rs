@@ -11,7 +11,7 @@
 
 use super::cost::weight_only;
 use kiln_runtime::cpu::{CpuExecutor, ExecError};
-use kiln_runtime::ir::{Graph, NodeId, Op, StateBinding};
+use kiln_runtime::ir::{Graph, NodeId, Op};
 
 /// Longest derived name spelled as an expression; longer ones are named after their node.
 const MAX_NAME: usize = 240;
@@ -204,19 +204,7 @@ pub fn fold_weights(g: &Graph) -> (Graph, Vec<DerivedWeight>) {
         out.nodes.push(node);
         map[id] = out.nodes.len() - 1;
     }
-    out.outputs = g
-        .outputs
-        .iter()
-        .map(|(n, o)| (n.clone(), map[*o]))
-        .collect();
-    out.states = g
-        .states
-        .iter()
-        .map(|s| StateBinding {
-            input: map[s.input],
-            update: map[s.update],
-        })
-        .collect();
+    out.copy_bindings(g, |i| map[i]);
     (out, derived)
 }
 

@@ -4,7 +4,7 @@
 //! (`max|v| / 127`, `/ 448`), as a cache storing codes plus one scale per head and token holds
 //! them. Attention then reads the rounded keys and values, old and new alike.
 
-use kiln_runtime::ir::{DType, Graph, NodeId, Op, StateBinding};
+use kiln_runtime::ir::{DType, Graph, NodeId, Op};
 use std::collections::HashMap;
 
 /// The graph with its KV-cache appends rounded to `format` (`Int8` or `Fp8`).
@@ -51,19 +51,7 @@ pub fn quantize_kv_cache(graph: &Graph, format: DType) -> Result<Graph, String> 
         };
         map.push(new_id);
     }
-    out.outputs = graph
-        .outputs
-        .iter()
-        .map(|(name, o)| (name.clone(), map[*o]))
-        .collect();
-    out.states = graph
-        .states
-        .iter()
-        .map(|s| StateBinding {
-            input: map[s.input],
-            update: map[s.update],
-        })
-        .collect();
+    out.copy_bindings(graph, |i| map[i]);
     Ok(out)
 }
 

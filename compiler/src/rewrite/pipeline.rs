@@ -353,7 +353,72 @@ mod tests {
             for (t, w) in feeds.iter().zip(&want) {
                 let e = rel_l2(&got.feed(t).unwrap(), w);
                 assert!(e <= 1e-5, "pp {pp} tp {tp}: {e:e}");
+                eprintln!("{pp} stages of {tp} ranks: relative L2 {e:.1e}");
             }
+        }
+    }
+
+    #[test]
+    fn the_scheduler_executor_of_a_parallel_build_matches_the_whole_one() {
+        use kiln_runtime::collective::{Collective, LocalGroup};
+        use kiln_runtime::cuda::{StepResult, Want};
+        use kiln_runtime::parallel::ParallelBatchExecutor;
+        use kiln_runtime::serving::{BatchExecutor, CpuBatchExecutor, SeqStep};
+        use std::sync::Arc;
+        let g = llama(&tiny_config(32, 2, 8, 2, 8, 48, 64, true));
+        let mut whole = CpuBatchExecutor::new(executor(&g, &[], 5), 4, 64, 8, 64).unwrap();
+        let stages: Vec<Vec<_>> = (0..2)
+            .map(|s| {
+                let (sg, _) = stage(&g, 2, s).unwrap();
+                LocalGroup::new(2)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, group)| {
+                        let (rg, _) = crate::rewrite::shard::shard(&sg, 2, r as u32).unwrap();
+                        let group: Arc<dyn Collective> = Arc::new(group);
+                        executor(&rg, &[], 5).with_collective(group).unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut parallel = ParallelBatchExecutor::new(stages, 4, 64, 8, 64).unwrap();
+        assert_eq!((parallel.vocab(), parallel.num_blocks()), (64, 16));
+        let (a, b): (&[u32], &[u32]) = (&[0, 1], &[2, 3]);
+        // A prefill of two sequences of different lengths, then decodes at different positions.
+        let steps: [Vec<SeqStep>; 2] = [
+            vec![
+                SeqStep {
+                    tokens: &[1, 2, 3, 4, 5],
+                    start: 0,
+                    blocks: a,
+                },
+                SeqStep {
+                    tokens: &[9, 8],
+                    start: 0,
+                    blocks: b,
+                },
+            ],
+            vec![
+                SeqStep {
+                    tokens: &[6],
+                    start: 5,
+                    blocks: a,
+                },
+                SeqStep {
+                    tokens: &[7],
+                    start: 2,
+                    blocks: b,
+                },
+            ],
+        ];
+        for seqs in &steps {
+            let (StepResult::Logits(w), StepResult::Logits(p)) = (
+                whole.step(seqs, Want::Logits).unwrap(),
+                parallel.step(seqs, Want::Logits).unwrap(),
+            ) else {
+                panic!("the CPU executors return logits");
+            };
+            assert!(rel_l2(&p, &w) <= 1e-5, "{:e}", rel_l2(&p, &w));
         }
     }
 }

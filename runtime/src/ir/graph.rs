@@ -164,6 +164,20 @@ impl Graph {
             })
     }
 
+    /// Sets this graph's outputs and state bindings to those of `from`, whose node `i` is node
+    /// `map(i)` here (for passes that rebuild a graph node by node).
+    pub fn copy_bindings(&mut self, from: &Graph, map: impl Fn(NodeId) -> NodeId) {
+        self.outputs = (from.outputs.iter())
+            .map(|(n, o)| (n.clone(), map(*o)))
+            .collect();
+        self.states = (from.states.iter())
+            .map(|s| StateBinding {
+                input: map(s.input),
+                update: map(s.update),
+            })
+            .collect();
+    }
+
     /// Number of nodes that read each node (outputs and state updates count as readers).
     pub fn use_counts(&self) -> Vec<usize> {
         let mut uses = vec![0; self.nodes.len()];

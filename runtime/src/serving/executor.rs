@@ -20,6 +20,22 @@ pub struct SeqStep<'a> {
     pub blocks: &'a [u32],
 }
 
+/// The sequences of a step that can run as one batch of the graph: those at the same position
+/// feeding as many tokens. Each group: `(start, tokens per sequence, indices into seqs)`.
+pub(crate) fn position_groups(seqs: &[SeqStep<'_>]) -> Vec<(usize, usize, Vec<usize>)> {
+    let mut groups: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        match groups
+            .iter_mut()
+            .find(|g| g.0 == s.start && g.1 == s.tokens.len())
+        {
+            Some(g) => g.2.push(i),
+            None => groups.push((s.start, s.tokens.len(), vec![i])),
+        }
+    }
+    groups
+}
+
 /// An executor the scheduler can drive.
 pub trait BatchExecutor {
     /// Token slots per KV block.
@@ -104,16 +120,7 @@ impl BatchExecutor for CpuBatchExecutor {
 
     fn step(&mut self, seqs: &[SeqStep<'_>], _want: Want<'_>) -> Result<StepResult, GenerateError> {
         // Sequences at the same position feeding as many tokens run as one batch of the graph.
-        let mut groups: Vec<(usize, usize, Vec<usize>)> = Vec::new();
-        for (i, s) in seqs.iter().enumerate() {
-            match groups
-                .iter_mut()
-                .find(|g| g.0 == s.start && g.1 == s.tokens.len())
-            {
-                Some(g) => g.2.push(i),
-                None => groups.push((s.start, s.tokens.len(), vec![i])),
-            }
-        }
+        let groups = position_groups(seqs);
         let (exec, kv, vocab) = (&self.exec, &self.kv, self.vocab);
         let ran: Vec<_> = groups
             .par_iter()
