@@ -231,10 +231,14 @@ impl Decoder for ParallelCpuDecoder<'_> {
     }
 }
 
+/// One batch of a step: its sequences' block tables, their common position, their tokens.
+type MicroBatch<'a> = (Vec<&'a [u32]>, usize, Vec<i32>);
+
 /// The scheduler's executor over a parallel build on the CPU: every rank keeps its own paged
 /// KV cache (its layers, its heads) under the block tables the scheduler shares among them. A
 /// step runs the sequences that sit at the same position and feed as many tokens as one batch
-/// through the stages in turn, every rank of a stage on its own thread.
+/// (a micro-batch), the batches pipelined through the stages, every rank of a stage on its own
+/// thread.
 pub struct ParallelBatchExecutor {
     stages: Vec<Vec<(CpuExecutor, PagedKv)>>,
     vocab: usize,
@@ -292,25 +296,59 @@ impl ParallelBatchExecutor {
         Ok(total)
     }
 
-    /// One batch of sequences at position `start`, through every stage; rank 0's last-stage
-    /// outputs.
-    fn run_group(
+    /// The batches of a step through every stage, pipelined: in wave `w`, stage `s` runs batch
+    /// `w - s`, all such pairs at once (each stage on its own ranks and collectives), so the
+    /// stages overlap as micro-batches do in a pipeline-parallel server. Returns each batch's
+    /// last-stage outputs (rank 0's).
+    fn run_batches(
         &mut self,
-        tables: &[&[u32]],
-        start: usize,
-        ids: &[i32],
-    ) -> Result<BTreeMap<String, HostTensor>, GenerateError> {
-        let mut acts = BTreeMap::new();
-        for ranks in &mut self.stages {
-            let acts_in = &acts;
-            acts = on_ranks(ranks, |(exec, kv)| {
-                let mut session = kv.gather(tables, start)?;
-                let out = exec.step_with(&mut session, ids, acts_in, &[])?;
-                kv.scatter(&session, tables, start)?;
-                Ok(out.outputs)
-            })?;
+        batches: &[MicroBatch<'_>],
+    ) -> Result<Vec<BTreeMap<String, HostTensor>>, GenerateError> {
+        let (n_batches, n_stages) = (batches.len(), self.stages.len());
+        let mut carry: Vec<BTreeMap<String, HostTensor>> = vec![BTreeMap::new(); n_batches];
+        for wave in 0..n_batches + n_stages - 1 {
+            let tasks: Vec<(usize, &mut Vec<(CpuExecutor, PagedKv)>)> = self
+                .stages
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(s, ranks)| {
+                    let b = wave.checked_sub(s)?;
+                    (b < n_batches).then_some((b, ranks))
+                })
+                .collect();
+            let carried = &carry;
+            let done: Vec<(usize, Result<_, GenerateError>)> = std::thread::scope(|sc| {
+                let handles: Vec<_> = tasks
+                    .into_iter()
+                    .map(|(b, ranks)| {
+                        let (tables, start, ids) = &batches[b];
+                        let acts = &carried[b];
+                        let h = sc.spawn(move || {
+                            on_ranks(ranks, |(exec, kv)| {
+                                let mut session = kv.gather(tables, *start)?;
+                                let out = exec.step_with(&mut session, ids, acts, &[])?;
+                                kv.scatter(&session, tables, *start)?;
+                                Ok(out.outputs)
+                            })
+                        });
+                        (b, h)
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|(b, h)| {
+                        let r = h.join().unwrap_or_else(|_| {
+                            Err(GenerateError::NoLogits("a pipeline stage panicked".into()))
+                        });
+                        (b, r)
+                    })
+                    .collect()
+            });
+            for (b, r) in done {
+                carry[b] = r?;
+            }
         }
-        Ok(acts)
+        Ok(carry)
     }
 }
 
@@ -333,17 +371,23 @@ impl BatchExecutor for ParallelBatchExecutor {
 
     fn step(&mut self, seqs: &[SeqStep<'_>], _want: Want<'_>) -> Result<StepResult, GenerateError> {
         // Sequences at the same position feeding as many tokens run as one batch; the batches
-        // one after the other (the ranks of a stage must meet at the same collectives).
+        // go through the stages as pipelined micro-batches.
         let groups = crate::serving::executor::position_groups(seqs);
         let vocab = self.vocab;
+        let batches: Vec<MicroBatch> = groups
+            .iter()
+            .map(|(start, _, members)| {
+                let tables = members.iter().map(|&i| seqs[i].blocks).collect();
+                let ids = members
+                    .iter()
+                    .flat_map(|&i| seqs[i].tokens.iter().map(|&t| t as i32))
+                    .collect();
+                (tables, *start, ids)
+            })
+            .collect();
+        let outs = self.run_batches(&batches)?;
         let mut logits = vec![0f32; seqs.len() * vocab];
-        for (start, n, members) in &groups {
-            let tables: Vec<&[u32]> = members.iter().map(|&i| seqs[i].blocks).collect();
-            let ids: Vec<i32> = members
-                .iter()
-                .flat_map(|&i| seqs[i].tokens.iter().map(|&t| t as i32))
-                .collect();
-            let out = self.run_group(&tables, *start, &ids)?;
+        for ((_, n, members), out) in groups.iter().zip(&outs) {
             let l = out.get("logits").ok_or_else(|| {
                 GenerateError::NoLogits("the last stage has no output named `logits`".into())
             })?;

@@ -365,60 +365,78 @@ mod tests {
         use kiln_runtime::parallel::ParallelBatchExecutor;
         use kiln_runtime::serving::{BatchExecutor, CpuBatchExecutor, SeqStep};
         use std::sync::Arc;
-        let g = llama(&tiny_config(32, 2, 8, 2, 8, 48, 64, true));
-        let mut whole = CpuBatchExecutor::new(executor(&g, &[], 5), 4, 64, 8, 64).unwrap();
-        let stages: Vec<Vec<_>> = (0..2)
-            .map(|s| {
-                let (sg, _) = stage(&g, 2, s).unwrap();
-                LocalGroup::new(2)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(r, group)| {
-                        let (rg, _) = crate::rewrite::shard::shard(&sg, 2, r as u32).unwrap();
-                        let group: Arc<dyn Collective> = Arc::new(group);
-                        executor(&rg, &[], 5).with_collective(group).unwrap()
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut parallel = ParallelBatchExecutor::new(stages, 4, 64, 8, 64).unwrap();
-        assert_eq!((parallel.vocab(), parallel.num_blocks()), (64, 16));
-        let (a, b): (&[u32], &[u32]) = (&[0, 1], &[2, 3]);
-        // A prefill of two sequences of different lengths, then decodes at different positions.
-        let steps: [Vec<SeqStep>; 2] = [
-            vec![
-                SeqStep {
-                    tokens: &[1, 2, 3, 4, 5],
-                    start: 0,
-                    blocks: a,
-                },
-                SeqStep {
-                    tokens: &[9, 8],
-                    start: 0,
-                    blocks: b,
-                },
-            ],
-            vec![
-                SeqStep {
-                    tokens: &[6],
-                    start: 5,
-                    blocks: a,
-                },
-                SeqStep {
-                    tokens: &[7],
-                    start: 2,
-                    blocks: b,
-                },
-            ],
-        ];
-        for seqs in &steps {
-            let (StepResult::Logits(w), StepResult::Logits(p)) = (
-                whole.step(seqs, Want::Logits).unwrap(),
-                parallel.step(seqs, Want::Logits).unwrap(),
-            ) else {
-                panic!("the CPU executors return logits");
-            };
-            assert!(rel_l2(&p, &w) <= 1e-5, "{:e}", rel_l2(&p, &w));
+        // (layers, stages, ranks per stage): the micro-batches overlap in 2 and 4 stages.
+        for (layers, pp, tp) in [(2, 2u32, 2u32), (4, 4, 1)] {
+            let g = llama(&tiny_config(32, layers, 8, 2, 8, 48, 64, true));
+            let mut whole = CpuBatchExecutor::new(executor(&g, &[], 5), 4, 64, 8, 64).unwrap();
+            let stages: Vec<Vec<_>> = (0..pp)
+                .map(|s| {
+                    let (sg, _) = stage(&g, pp, s).unwrap();
+                    LocalGroup::new(tp as usize)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(r, group)| {
+                            let (rg, _) = crate::rewrite::shard::shard(&sg, tp, r as u32).unwrap();
+                            let group: Arc<dyn Collective> = Arc::new(group);
+                            executor(&rg, &[], 5).with_collective(group).unwrap()
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut parallel = ParallelBatchExecutor::new(stages, 4, 64, 8, 64).unwrap();
+            assert_eq!((parallel.vocab(), parallel.num_blocks()), (64, 16));
+            let (a, b, c): (&[u32], &[u32], &[u32]) = (&[0, 1], &[2, 3], &[4, 5]);
+            // Prefills of three sequences of different lengths (three micro-batches), then
+            // decodes at three positions.
+            let steps: [Vec<SeqStep>; 2] = [
+                vec![
+                    SeqStep {
+                        tokens: &[1, 2, 3, 4, 5],
+                        start: 0,
+                        blocks: a,
+                    },
+                    SeqStep {
+                        tokens: &[9, 8],
+                        start: 0,
+                        blocks: b,
+                    },
+                    SeqStep {
+                        tokens: &[30, 31, 32],
+                        start: 0,
+                        blocks: c,
+                    },
+                ],
+                vec![
+                    SeqStep {
+                        tokens: &[6],
+                        start: 5,
+                        blocks: a,
+                    },
+                    SeqStep {
+                        tokens: &[7],
+                        start: 2,
+                        blocks: b,
+                    },
+                    SeqStep {
+                        tokens: &[33],
+                        start: 3,
+                        blocks: c,
+                    },
+                ],
+            ];
+            for seqs in &steps {
+                let (StepResult::Logits(w), StepResult::Logits(p)) = (
+                    whole.step(seqs, Want::Logits).unwrap(),
+                    parallel.step(seqs, Want::Logits).unwrap(),
+                ) else {
+                    panic!("the CPU executors return logits");
+                };
+                assert!(
+                    rel_l2(&p, &w) <= 1e-5,
+                    "pp {pp} tp {tp}: {:e}",
+                    rel_l2(&p, &w)
+                );
+            }
         }
     }
 }
