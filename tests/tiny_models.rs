@@ -776,6 +776,18 @@ fn cli_parallel_build_and_run() {
         "w1".as_ref(),
     ]);
     assert!(err.contains("another build"), "{err}");
+    // A rank that cannot initialize (a truncated engine) is named.
+    let bytes = std::fs::read(&ranks[0]).unwrap();
+    std::fs::write(&ranks[1], &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&[
+        OsStr::new("run"),
+        p(&tp),
+        "--tp".as_ref(),
+        "2".as_ref(),
+        "--prompt".as_ref(),
+        "w1".as_ref(),
+    ]);
+    assert!(err.contains("tp.rank1-of-2.kiln"), "{err}");
 
     for (extra, says) in [
         (&["--tp", "3"][..], "power of two"),
