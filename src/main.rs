@@ -437,18 +437,12 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         bail!("--system needs --chat (the system message goes into the chat template)");
     }
     let sampling = sampling_of(&a)?;
-    let (engine, mut exec) = match (a.tp, a.pp) {
-        (None, None) => load_engine(&a.engine, a.device.as_deref(), a.max_kv_tokens)?,
-        (tp, pp) => {
-            if a.device.as_deref().is_some_and(|d| d != "cpu") || a.max_kv_tokens.is_some() {
-                bail!(
-                    "--tp/--pp run the ranks on the CPU (the NCCL GPU runtime is not built \
-                     yet): drop --device cuda and --max-kv-tokens"
-                );
-            }
-            let (tp, pp) = (tp.unwrap_or(1), pp.unwrap_or(1));
-            if tp == 0 || pp == 0 {
-                bail!("--tp and --pp count ranks and stages: at least 1");
+    let parallel = cli::serve::parallel_of(a.tp, a.pp, a.device.as_deref())?;
+    let (engine, mut exec) = match parallel {
+        None => load_engine(&a.engine, a.device.as_deref(), a.max_kv_tokens)?,
+        Some((tp, pp)) => {
+            if a.max_kv_tokens.is_some() {
+                bail!("--max-kv-tokens sizes a GPU cache; --tp/--pp run the ranks on the CPU");
             }
             let pb = spinner("loading rank engines");
             let mut engines = parallel::open_group(&a.engine, tp, pp)?;

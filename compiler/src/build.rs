@@ -541,8 +541,11 @@ pub fn build(
     }
     let most = reports.iter().map(|r| r.parameters).max().unwrap_or(0);
     let mut report = reports.swap_remove(0);
-    for r in &reports {
-        report.notes.extend(r.notes.iter().cloned());
+    // The other ranks' notes, each once (every rank repeats the checkpoint's).
+    for note in reports.iter().flat_map(|r| &r.notes) {
+        if !report.notes.contains(note) {
+            report.notes.push(note.clone());
+        }
     }
     let files: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let flags = match (tp, pp) {
@@ -640,30 +643,11 @@ fn build_rank(
                 pp: opts.pp,
                 group: tp_group_id(&graph, &ckpt.config, opts),
             };
-            let failed = |e: String| BuildError::Other(format!("{model_name}: {e}"));
-            let mut g = graph;
-            if opts.pp > 1 {
-                let (staged, plan) = crate::rewrite::pipeline::stage(&g, opts.pp, info.stage())
-                    .map_err(|e| failed(e.to_string()))?;
-                if r % opts.tp == 0 {
-                    notes.push(format!(
-                        "pipeline stage {}: layers {}..{}, receives [{}], sends [{}]",
-                        info.stage(),
-                        plan.layers.start,
-                        plan.layers.end,
-                        plan.receives.join(", "),
-                        plan.sends.join(", ")
-                    ));
-                }
-                g = staged;
-            }
-            if opts.tp > 1 {
-                let (sharded, plan) = crate::rewrite::shard::shard(&g, opts.tp, r % opts.tp)
-                    .map_err(|e| failed(e.to_string()))?;
-                if r % opts.tp == 0 {
-                    notes.push(plan.summary());
-                }
-                g = sharded;
+            let (g, pass_notes) = crate::rewrite::parallel::rank_graph(&graph, opts.tp, opts.pp, r)
+                .map_err(|e| BuildError::Other(format!("{model_name}: {e}")))?;
+            // Each stage's first rank says what the passes did (the ranks of a stage agree).
+            if r % opts.tp == 0 {
+                notes.extend(pass_notes);
             }
             extra.push((
                 kiln_runtime::engine::keys::PARALLEL.to_string(),

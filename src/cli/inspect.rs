@@ -211,27 +211,11 @@ pub fn run(a: &InspectArgs) -> Result<()> {
             bail!("--tp/--pp build CPU engines for now: a parallel GPU launch plan does not exist yet");
         }
         let (tp, pp) = (a.tp.unwrap_or(1), a.pp.unwrap_or(1));
-        let rank = a.rank.unwrap_or(0);
-        if tp == 0 || pp == 0 || rank >= tp.saturating_mul(pp) {
-            bail!("--rank {rank} is not a rank of --tp {tp} --pp {pp}");
-        }
-        let mut g = g;
-        if pp > 1 {
-            let (staged, plan) = kiln::compiler::rewrite::pipeline::stage(&g, pp, rank / tp)?;
-            eprintln!(
-                "pipeline stage {}: layers {}..{}, receives [{}], sends [{}]",
-                rank / tp,
-                plan.layers.start,
-                plan.layers.end,
-                plan.receives.join(", "),
-                plan.sends.join(", ")
-            );
-            g = staged;
-        }
-        if tp > 1 {
-            let (sharded, plan) = kiln::compiler::rewrite::shard::shard(&g, tp, rank % tp)?;
-            eprintln!("{}", plan.summary());
-            g = sharded;
+        let (g, notes) =
+            kiln::compiler::rewrite::parallel::rank_graph(&g, tp, pp, a.rank.unwrap_or(0))
+                .map_err(anyhow::Error::msg)?;
+        for note in notes {
+            eprintln!("{note}");
         }
         parsed = Some(g);
     }

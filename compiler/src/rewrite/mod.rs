@@ -19,6 +19,7 @@ pub mod extract;
 pub mod kv_cache;
 pub mod lang;
 pub mod ops;
+pub mod parallel;
 pub mod phases;
 pub mod pipeline;
 pub mod report;

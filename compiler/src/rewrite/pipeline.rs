@@ -322,12 +322,36 @@ mod tests {
             .contains("2 decoder layers"));
     }
 
+    /// The CPU executors of every rank of a `tp × pp` split of `g` (stage-major), each stage's
+    /// ranks sharing one in-process group.
+    fn rank_executors(
+        g: &Graph,
+        pp: u32,
+        tp: u32,
+        seed: u64,
+    ) -> Vec<Vec<kiln_runtime::cpu::CpuExecutor>> {
+        use kiln_runtime::collective::{Collective, LocalGroup};
+        use std::sync::Arc;
+        (0..pp)
+            .map(|s| {
+                let (sg, _) = stage(g, pp, s).unwrap();
+                LocalGroup::new(tp as usize)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, group)| {
+                        let (rg, _) = crate::rewrite::shard::shard(&sg, tp, r as u32).unwrap();
+                        let group: Arc<dyn Collective> = Arc::new(group);
+                        executor(&rg, &[], seed).with_collective(group).unwrap()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     #[test]
     fn stages_of_sharded_ranks_match_the_whole_graph() {
-        use kiln_runtime::collective::{Collective, LocalGroup};
         use kiln_runtime::generate::{CpuDecoder, Decoder};
         use kiln_runtime::parallel::ParallelCpuDecoder;
-        use std::sync::Arc;
         // GQA, untied, 4 layers: 2 or 4 stages of 2 tensor-parallel ranks, 2 stages of 4.
         let g = llama(&tiny_config(32, 4, 8, 2, 8, 48, 64, false));
         let whole = executor(&g, &[], 21);
@@ -335,20 +359,7 @@ mod tests {
         let feeds: [&[u32]; 3] = [&[5, 63, 2, 17], &[9], &[40]];
         let want: Vec<Vec<f32>> = feeds.iter().map(|t| want.feed(t).unwrap()).collect();
         for (pp, tp) in [(2u32, 2u32), (4, 2), (2, 4)] {
-            let stages: Vec<Vec<_>> = (0..pp)
-                .map(|s| {
-                    let (sg, _) = stage(&g, pp, s).unwrap();
-                    LocalGroup::new(tp as usize)
-                        .into_iter()
-                        .enumerate()
-                        .map(|(r, group)| {
-                            let (rg, _) = crate::rewrite::shard::shard(&sg, tp, r as u32).unwrap();
-                            let group: Arc<dyn Collective> = Arc::new(group);
-                            executor(&rg, &[], 21).with_collective(group).unwrap()
-                        })
-                        .collect()
-                })
-                .collect();
+            let stages = rank_executors(&g, pp, tp, 21);
             let mut got = ParallelCpuDecoder::new(&stages);
             for (t, w) in feeds.iter().zip(&want) {
                 let e = rel_l2(&got.feed(t).unwrap(), w);
@@ -360,29 +371,14 @@ mod tests {
 
     #[test]
     fn the_scheduler_executor_of_a_parallel_build_matches_the_whole_one() {
-        use kiln_runtime::collective::{Collective, LocalGroup};
         use kiln_runtime::cuda::{StepResult, Want};
         use kiln_runtime::parallel::ParallelBatchExecutor;
         use kiln_runtime::serving::{BatchExecutor, CpuBatchExecutor, SeqStep};
-        use std::sync::Arc;
         // (layers, stages, ranks per stage): the micro-batches overlap in 2 and 4 stages.
         for (layers, pp, tp) in [(2, 2u32, 2u32), (4, 4, 1)] {
             let g = llama(&tiny_config(32, layers, 8, 2, 8, 48, 64, true));
             let mut whole = CpuBatchExecutor::new(executor(&g, &[], 5), 4, 64, 8, 64).unwrap();
-            let stages: Vec<Vec<_>> = (0..pp)
-                .map(|s| {
-                    let (sg, _) = stage(&g, pp, s).unwrap();
-                    LocalGroup::new(tp as usize)
-                        .into_iter()
-                        .enumerate()
-                        .map(|(r, group)| {
-                            let (rg, _) = crate::rewrite::shard::shard(&sg, tp, r as u32).unwrap();
-                            let group: Arc<dyn Collective> = Arc::new(group);
-                            executor(&rg, &[], 5).with_collective(group).unwrap()
-                        })
-                        .collect()
-                })
-                .collect();
+            let stages = rank_executors(&g, pp, tp, 5);
             let mut parallel = ParallelBatchExecutor::new(stages, 4, 64, 8, 64).unwrap();
             assert_eq!((parallel.vocab(), parallel.num_blocks()), (64, 16));
             let (a, b, c): (&[u32], &[u32], &[u32]) = (&[0, 1], &[2, 3], &[4, 5]);

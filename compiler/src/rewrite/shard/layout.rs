@@ -82,11 +82,6 @@ impl Layout {
         }
     }
 
-    /// True if every rank holds the same chunks of `axes` under both layouts (complete values).
-    pub fn same_chunks(&self, other: &Layout, axes: usize, n: u32) -> bool {
-        (0..n).all(|r| (0..axes).all(|a| self.chunk(a, r, n) == other.chunk(a, r, n)))
-    }
-
     /// The layout with its splits moved to other axes (`map[old] = new`, `None` dropping it).
     pub fn remap(&self, map: impl Fn(usize) -> Option<usize>) -> Layout {
         Layout {
@@ -108,27 +103,6 @@ impl Layout {
                 .expect("only constant axes divisible by their parts are split");
         }
         shape
-    }
-
-    /// Printed as `split(1/4, 2/2) partial 2`, `replicated`.
-    pub fn describe(&self) -> String {
-        let mut s = Vec::new();
-        if !self.splits.is_empty() {
-            let axes: Vec<String> = self
-                .splits
-                .iter()
-                .map(|(a, p)| format!("axis {a} in {p}"))
-                .collect();
-            s.push(format!("split {}", axes.join(", ")));
-        }
-        if self.partial > 1 {
-            s.push(format!("partial sum of {}", self.partial));
-        }
-        if s.is_empty() {
-            "replicated".into()
-        } else {
-            s.join(", ")
-        }
     }
 }
 

@@ -405,14 +405,6 @@ impl<'a> Pass<'a> {
                     .all(|r| want.chunk(a, r, self.n).0 / (q / p) == lay.chunk(a, r, self.n).0)
         });
         if !refines {
-            if std::env::var_os("KILN_SHARD_DEBUG").is_some() {
-                eprintln!(
-                    "gather {} {} for {:?}",
-                    self.g.nodes[id].name,
-                    v.layout.describe(),
-                    want
-                );
-            }
             self.veto.extend(v.origins.iter().copied());
             cur = self.gather(id, cur, &lay)?;
             lay = Layout::replicated();
@@ -693,28 +685,35 @@ impl<'a> Pass<'a> {
                 target = Layout::replicated();
             }
         }
-        let mut wants = Vec::with_capacity(node.inputs.len());
-        let mut ok = true;
-        for &i in &node.inputs {
-            let shift = out_rank - self.rank_of(i);
-            let shape = &self.g.nodes[i].ty.shape;
-            let w =
-                target.remap(|a| (a >= shift && shape[a - shift] != Dim::c(1)).then(|| a - shift));
-            // Broadcast axes are replicated: the operand's parts must still line up.
-            let w_out = w.remap(|a| Some(a + shift));
-            ok &= w_out.same_chunks(&target, out_rank, self.n) || w.is_replicated();
-            ok &= (0..self.n).all(|r| {
-                w.splits
-                    .iter()
-                    .all(|&(a, _)| w.chunk(a, r, self.n) == target.chunk(a + shift, r, self.n))
-            });
-            wants.push(w);
-        }
-        if !ok {
-            target = Layout::replicated();
-            wants = vec![Layout::replicated(); node.inputs.len()];
-        }
+        let wants: Option<Vec<Layout>> = node
+            .inputs
+            .iter()
+            .map(|&i| self.operand_layout(&target, i, out_rank))
+            .collect();
+        let (wants, target) = match wants {
+            Some(w) => (w, target),
+            None => (
+                vec![Layout::replicated(); node.inputs.len()],
+                Layout::replicated(),
+            ),
+        };
         self.emit_as(id, &wants, op.clone(), target)
+    }
+
+    /// The layout operand `i` needs so that, broadcast to `out_rank` axes (right-aligned), it
+    /// lines up with `target`: `target`'s splits on the operand's own axes, none on the axes it
+    /// broadcasts (size 1 or absent). `None` if its parts would then not be the ones every rank
+    /// needs.
+    fn operand_layout(&self, target: &Layout, i: NodeId, out_rank: usize) -> Option<Layout> {
+        let shift = out_rank - self.rank_of(i);
+        let shape = &self.g.nodes[i].ty.shape;
+        let w = target.remap(|a| (a >= shift && shape[a - shift] != Dim::c(1)).then(|| a - shift));
+        let lines_up = (0..self.n).all(|r| {
+            w.splits
+                .iter()
+                .all(|&(a, _)| w.chunk(a, r, self.n) == target.chunk(a + shift, r, self.n))
+        });
+        lines_up.then_some(w)
     }
 
     /// `a · b`: column- or row-parallel against a weight, per head for two activations.
@@ -763,21 +762,11 @@ impl<'a> Pass<'a> {
                 let ta = la.remap(|x| Some(x + sa));
                 let tb = lb.remap(|x| Some(x + sb));
                 let target = if ta.parts() >= tb.parts() { ta } else { tb };
-                let want = |i: NodeId, shift: usize, this: &Pass| {
-                    let shape = &this.g.nodes[i].ty.shape;
-                    target
-                        .remap(|x| (x >= shift && shape[x - shift] != Dim::c(1)).then(|| x - shift))
-                };
-                let (wa, wb) = (want(a, sa, self), want(b, sb, self));
-                let lines_up = |w: &Layout, shift: usize| {
-                    (0..self.n).all(|r| {
-                        w.splits.iter().all(|&(x, _)| {
-                            w.chunk(x, r, self.n) == target.chunk(x + shift, r, self.n)
-                        })
-                    })
-                };
-                if lines_up(&wa, sa) && lines_up(&wb, sb) {
-                    return self.emit_as(id, &[wa, wb], op, target.clone());
+                if let (Some(wa), Some(wb)) = (
+                    self.operand_layout(&target, a, out_rank),
+                    self.operand_layout(&target, b, out_rank),
+                ) {
+                    return self.emit_as(id, &[wa, wb], op, target);
                 }
             }
         }
