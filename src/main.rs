@@ -64,7 +64,8 @@ enum Command {
         /// `int4` (groups of --group columns with zero points, W4A16), `int4-sym` (groups,
         /// symmetric), `int4-awq` (int4 with activation-aware scales calibrated on --calib) or
         /// `int4-gptq` (int4 codes chosen by GPTQ from --calib activations).
-        /// CPU engines so far: the GPU kernels for these formats are not built yet.
+        /// GPU engines read `int8`, `int4`, `int4-sym` and `int4-gptq` (gemv_q.cu); `fp8` and
+        /// `int4-awq` run on the CPU so far (a GPU build of them is refused by name).
         #[arg(long)]
         quant: Option<String>,
         /// Columns per int4 scale: 32, 64 or 128 (default 128).

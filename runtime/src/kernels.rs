@@ -18,6 +18,10 @@ pub enum KernelFamily {
     Gemv,
     /// `gemv_tc<K, MMAX, EPI, OutT>` (tensor cores)
     GemvTc,
+    /// `gemv_q<K, EPI, FMT, G, OutT>` (quantized weights, tensor cores)
+    GemvQ,
+    /// `dequant<K, FMT, G>` (a quantized weight to bf16, for the prefill GEMM)
+    Dequant,
     /// `silu_mul<F>`
     SiluMul,
     /// `bias_rows<N>`
@@ -50,6 +54,8 @@ impl KernelFamily {
             KernelFamily::AddRmsNorm => "add_rmsnorm",
             KernelFamily::Gemv => "gemv",
             KernelFamily::GemvTc => "gemv_tc",
+            KernelFamily::GemvQ => "gemv_q",
+            KernelFamily::Dequant => "dequant",
             KernelFamily::SiluMul => "silu_mul",
             KernelFamily::BiasRows => "bias_rows",
             KernelFamily::RopeAppend => "rope_append",
@@ -92,6 +98,65 @@ impl OutType {
         match self {
             OutType::Bf16 => "__nv_bfloat16",
             OutType::F32 => "float",
+        }
+    }
+}
+
+/// A quantized weight format the GPU kernels read (`FMT` and `G` of `gemv_q.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum QuantFormat {
+    /// int8 codes, one f32 scale per row.
+    Int8,
+    /// int4 codes in groups of `group` columns, one f16 scale per group, with a u8 zero point
+    /// per group or the fixed zero 8.
+    Int4 {
+        /// Columns per group (32, 64 or 128).
+        group: usize,
+        /// With zero points.
+        zero_point: bool,
+    },
+}
+
+impl QuantFormat {
+    /// The format of a weight dtype, if the GPU kernels read it.
+    pub fn of(dtype: crate::ir::DType) -> Option<QuantFormat> {
+        use crate::ir::DType;
+        match dtype {
+            DType::Int8 => Some(QuantFormat::Int8),
+            DType::Int4 { group, zero_point } => Some(QuantFormat::Int4 {
+                group: group as usize,
+                zero_point,
+            }),
+            _ => None,
+        }
+    }
+
+    /// `FMT`: 1 int8, 2 int4 symmetric, 3 int4 with zero points.
+    pub fn code(self) -> usize {
+        match self {
+            QuantFormat::Int8 => 1,
+            QuantFormat::Int4 {
+                zero_point: false, ..
+            } => 2,
+            QuantFormat::Int4 {
+                zero_point: true, ..
+            } => 3,
+        }
+    }
+
+    /// `G`: the group size (0 for int8, whose scale is per row).
+    pub fn group(self) -> usize {
+        match self {
+            QuantFormat::Int8 => 0,
+            QuantFormat::Int4 { group, .. } => group,
+        }
+    }
+
+    /// Codes per 16-byte vector: `K` must be a multiple of it.
+    pub fn codes_per_vector(self) -> usize {
+        match self {
+            QuantFormat::Int8 => 16,
+            QuantFormat::Int4 { .. } => 32,
         }
     }
 }
@@ -145,6 +210,7 @@ mod threads {
     pub const EMBEDDING: u32 = 128;
     pub const GEMV_WARPS: u32 = 8;
     pub const ELEMENTWISE: u32 = 256;
+    pub const DEQUANT: u32 = 256;
     pub const ROPE_WARPS: u32 = 4;
     /// CTAs enough to fill an H100 (2 per SM): rope_append splits heads across CTAs up to this.
     pub const ROPE_CTAS: usize = 264;
@@ -256,6 +322,25 @@ impl KernelInstance {
             KernelFamily::GemvTc,
             ints.into_iter().chain([TemplateArg::Type(out)]).collect(),
         )
+    }
+
+    /// `gemv_q<K, EPI, FMT, G, OutT>(const bf16* x, int M, const u8* q, const void* scale,
+    /// const u8* zero, int N, const bf16* residual, OutT* out)`: the [`KernelInstance::gemv_tc`]
+    /// contract (M ≤ 8) with a quantized weight of `format` (`gemv_q.cu`'s header gives each
+    /// format's layout and arithmetic).
+    pub fn gemv_q(k: usize, epi: GemvEpilogue, format: QuantFormat, out: OutType) -> Self {
+        let ints =
+            [k, epi as usize, format.code(), format.group()].map(|v| TemplateArg::Int(v as i64));
+        Self::new(
+            KernelFamily::GemvQ,
+            ints.into_iter().chain([TemplateArg::Type(out)]).collect(),
+        )
+    }
+
+    /// `dequant<K, FMT, G>(const u8* q, const void* scale, const u8* zero, int R, bf16* out)`:
+    /// the `[R, K]` weight of `format` in bf16, as `gemv_q` reads it.
+    pub fn dequant(k: usize, format: QuantFormat) -> Self {
+        Self::ints(KernelFamily::Dequant, &[k, format.code(), format.group()])
     }
 
     /// `silu_mul<F>(const bf16* gu, bf16* out, int T)`.
@@ -407,6 +492,28 @@ impl KernelInstance {
                     16
                 };
                 one((rt.n.div_ceil(rows), 1, 1), threads::GEMV_WARPS * 32)
+            }
+            KernelFamily::GemvQ => {
+                // 8 weight rows per CTA for the residual epilogue, else 16 (`HR` in gemv_q.cu).
+                let rows = if self.int_arg(1) == GemvEpilogue::Residual as usize {
+                    8
+                } else {
+                    16
+                };
+                one((rt.n.div_ceil(rows), 1, 1), threads::GEMV_WARPS * 32)
+            }
+            KernelFamily::Dequant => {
+                // One thread per 16-byte code vector (16 int8 or 32 int4 codes) of `n` rows.
+                let per = if self.int_arg(1) == QuantFormat::Int8.code() {
+                    16
+                } else {
+                    32
+                };
+                let vectors = rt.n * self.int_arg(0) / per;
+                one(
+                    (vectors.div_ceil(threads::DEQUANT as usize), 1, 1),
+                    threads::DEQUANT,
+                )
             }
             KernelFamily::SiluMul | KernelFamily::BiasRows => {
                 let work = rt.tokens * self.int_arg(0) / 8;

@@ -5,6 +5,7 @@
 //! tokens (`T`, sequences of different lengths one after another) or its sequences (`B`).
 //! The KV cache is not a buffer: `RopeAppend` writes a layer's cache, `Attention` reads it.
 
+use crate::ir::DType;
 use serde::{Deserialize, Serialize};
 
 /// Index into `Plan::buffers`.
@@ -112,6 +113,12 @@ pub enum Launch {
         norm: Option<Norm>,
         /// Weight name.
         w: String,
+        /// How the weight is stored: `BF16`, or a weight format the GPU kernels read (`Int8`,
+        /// `Int4`): its parts are `w`, `w.scale` (and `w.zero`), laid out as
+        /// `kiln_runtime::quant` says. Absent in plans written before quantized GPU engines
+        /// (all bf16).
+        #[serde(default = "bf16")]
+        format: DType,
         /// Epilogue.
         epilogue: Epilogue,
         /// Output `[rows, n]` (or `n/2` when gated).
@@ -145,6 +152,10 @@ pub enum Launch {
         /// Output.
         out: BufId,
     },
+}
+
+fn bf16() -> DType {
+    DType::BF16
 }
 
 /// Attention geometry shared by every layer.
@@ -250,9 +261,15 @@ impl Plan {
                     x,
                     norm,
                     w,
+                    format,
                     epilogue,
                     out,
                 } => {
+                    let w = if *format == DType::BF16 {
+                        w.clone()
+                    } else {
+                        format!("{w}:{}", format.name())
+                    };
                     let norm = norm.as_ref().map_or(String::new(), |n| {
                         format!(" norm(w={}, eps={:e})", n.w, n.eps)
                     });
@@ -372,5 +389,64 @@ impl Plan {
             slots[slot] = (rows, last_use[b]);
             self.buffers[b].slot = slot;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Linear` records its weight's storage; plans written before quantized GPU engines (no
+    /// `format`) read as bf16, so their engines keep loading.
+    #[test]
+    fn linear_weight_format_round_trips_and_defaults_to_bf16() {
+        let mut plan = Plan {
+            attention: AttentionDims {
+                heads: 2,
+                kv_heads: 1,
+                head_dim: 64,
+            },
+            layers: 0,
+            buffers: vec![
+                Buffer {
+                    name: "x".into(),
+                    rows: Rows::Tokens,
+                    cols: 128,
+                    dtype: BufType::Bf16,
+                    slot: 0,
+                },
+                Buffer {
+                    name: "y".into(),
+                    rows: Rows::Tokens,
+                    cols: 64,
+                    dtype: BufType::Bf16,
+                    slot: 0,
+                },
+            ],
+            launches: vec![Launch::Linear {
+                x: 0,
+                norm: None,
+                w: "w".into(),
+                format: DType::Int4 {
+                    group: 64,
+                    zero_point: true,
+                },
+                epilogue: Epilogue::None,
+                out: 1,
+            }],
+            logits: 1,
+            vocab: 64,
+        };
+        assert_eq!(Plan::from_ron(&plan.to_ron()).unwrap(), plan);
+        assert!(plan.describe().contains("Linear w=w:int4g64z"));
+        let old = plan
+            .to_ron()
+            .replace("format:Int4(group:64,zero_point:true),", "");
+        assert!(!old.contains("format"), "{old}");
+        let Launch::Linear { format, .. } = &mut plan.launches[0] else {
+            unreachable!()
+        };
+        *format = DType::BF16;
+        assert_eq!(Plan::from_ron(&old).unwrap(), plan);
     }
 }

@@ -282,6 +282,89 @@ mod tests {
         assert_eq!(launches(kiln_runtime::ir::DType::F32), 30 * 6 + 3);
     }
 
+    /// `--quant` GPU engines: every projection but the output one (kept in 16 bits) records its
+    /// weight format in the plan; the launch count does not change (the quantized GEMV takes the
+    /// place of the bf16 one; a folded norm becomes its own launch only at run time); the
+    /// instances include the quantized GEMV and the prefill dequantization, each one the kernel
+    /// lists compile. Formats the kernels do not read are refused naming the weight.
+    #[test]
+    fn quantized_graphs_lower_with_their_weight_formats() {
+        use kiln_runtime::ir::DType;
+        use kiln_runtime::plan::Launch;
+        let cfg: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/smollm2-135m/config.json"
+        ))
+        .unwrap();
+        let g =
+            crate::build::graph_for(&crate::build::model_for(&cfg, None).unwrap(), &cfg).unwrap();
+        let optimize = |format| {
+            let opts = crate::rewrite::RewriteOptions {
+                dtype: DType::BF16,
+                quant: Some(crate::rewrite::rules::quant::QuantOptions {
+                    format,
+                    skip: crate::rewrite::rules::quant::DEFAULT_SKIP
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                }),
+                ..Default::default()
+            };
+            crate::rewrite::optimize(&g, &opts).unwrap().graph
+        };
+        let listed: Vec<String> =
+            super::super::kernels::llama_kernels(&super::super::kernels::LlamaDims::smollm2_135m())
+                .into_iter()
+                .map(|k| k.name_expr)
+                .collect();
+        for format in [
+            DType::Int8,
+            DType::Int4 {
+                group: 128,
+                zero_point: true,
+            },
+            DType::Int4 {
+                group: 128,
+                zero_point: false,
+            },
+        ] {
+            let plan = lower(&optimize(format)).unwrap();
+            assert_eq!(plan.launches.len(), 30 * 6 + 3, "{}", format.name());
+            let formats: Vec<DType> = plan
+                .launches
+                .iter()
+                .filter_map(|l| match l {
+                    Launch::Linear { format, .. } => Some(*format),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(formats.len(), 30 * 4 + 1);
+            assert_eq!(formats.iter().filter(|&&f| f == format).count(), 30 * 4);
+            assert_eq!(*formats.last().unwrap(), DType::BF16, "lm_head stays bf16");
+            assert!(plan.describe().contains(&format!(":{}", format.name())));
+            let instances = plan_instances(&plan, "sm_90");
+            for family in [
+                kiln_runtime::kernels::KernelFamily::GemvQ,
+                kiln_runtime::kernels::KernelFamily::Dequant,
+            ] {
+                assert!(instances.iter().any(|k| k.family == family), "{family:?}");
+            }
+            for k in instances {
+                assert!(
+                    listed.contains(&k.name_expr),
+                    "{} is launched but not in llama_kernels",
+                    k.name_expr
+                );
+            }
+        }
+        for format in [DType::Fp8, DType::Int4Awq { group: 128 }] {
+            let err = lower(&optimize(format)).unwrap_err();
+            assert!(
+                err.contains(format.name()) && err.contains("--target cpu"),
+                "{err}"
+            );
+        }
+    }
+
     fn cfg_theta(cfg: &serde_json::Value) -> f32 {
         cfg["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32
     }

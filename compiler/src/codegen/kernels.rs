@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::nvrtc::{self, CompileOptions, NvrtcError};
 pub use kiln_runtime::kernels::{
-    decode_splits, GemvEpilogue, KernelFamily, KernelInstance, LaunchDims, OutType, RuntimeSizes,
-    TemplateArg, DECODE_TILE,
+    decode_splits, GemvEpilogue, KernelFamily, KernelInstance, LaunchDims, OutType, QuantFormat,
+    RuntimeSizes, TemplateArg, DECODE_TILE,
 };
 
 /// The shared header every template includes as `"common.cuh"`.
@@ -36,6 +36,8 @@ pub enum TemplateFile {
     Gemv,
     /// `gemv_tc.cu`
     GemvTc,
+    /// `gemv_q.cu`
+    GemvQ,
     /// `elementwise.cu`
     Elementwise,
     /// `rope.cu`
@@ -54,11 +56,12 @@ pub enum TemplateFile {
 
 impl TemplateFile {
     /// Every template file.
-    pub const ALL: [TemplateFile; 11] = [
+    pub const ALL: [TemplateFile; 12] = [
         TemplateFile::Embedding,
         TemplateFile::RmsNorm,
         TemplateFile::Gemv,
         TemplateFile::GemvTc,
+        TemplateFile::GemvQ,
         TemplateFile::Elementwise,
         TemplateFile::Rope,
         TemplateFile::AttentionDecode,
@@ -75,6 +78,7 @@ impl TemplateFile {
             TemplateFile::RmsNorm => "rmsnorm.cu",
             TemplateFile::Gemv => "gemv.cu",
             TemplateFile::GemvTc => "gemv_tc.cu",
+            TemplateFile::GemvQ => "gemv_q.cu",
             TemplateFile::Elementwise => "elementwise.cu",
             TemplateFile::Rope => "rope.cu",
             TemplateFile::AttentionDecode => "attention_decode.cu",
@@ -101,6 +105,7 @@ impl TemplateFile {
             TemplateFile::RmsNorm => include_str!("../../../kernels_templates/rmsnorm.cu"),
             TemplateFile::Gemv => include_str!("../../../kernels_templates/gemv.cu"),
             TemplateFile::GemvTc => include_str!("../../../kernels_templates/gemv_tc.cu"),
+            TemplateFile::GemvQ => include_str!("../../../kernels_templates/gemv_q.cu"),
             TemplateFile::Elementwise => include_str!("../../../kernels_templates/elementwise.cu"),
             TemplateFile::Rope => include_str!("../../../kernels_templates/rope.cu"),
             TemplateFile::AttentionDecode => {
@@ -127,6 +132,7 @@ pub fn template_file(family: KernelFamily) -> TemplateFile {
         KernelFamily::RmsNorm | KernelFamily::AddRmsNorm => TemplateFile::RmsNorm,
         KernelFamily::Gemv => TemplateFile::Gemv,
         KernelFamily::GemvTc => TemplateFile::GemvTc,
+        KernelFamily::GemvQ | KernelFamily::Dequant => TemplateFile::GemvQ,
         KernelFamily::SiluMul | KernelFamily::BiasRows => TemplateFile::Elementwise,
         KernelFamily::RopeAppend => TemplateFile::Rope,
         KernelFamily::AttentionDecode | KernelFamily::AttentionDecodeMerge => {
@@ -213,7 +219,9 @@ impl LlamaDims {
 /// embedding; rmsnorm and add_rmsnorm; the decode GEMVs (QKV, O + residual, gate_up gated,
 /// down + residual, lm_head in f32, and plain bf16 forms of each K) on CUDA cores for MMAX
 /// buckets 1 (the first, third and fifth with the RMSNorm folded in) and `max_gemv_rows`, and on
-/// tensor cores for `max_gemv_rows`; the prefill gated-GEMM epilogue silu_mul; rope_append; decode
+/// tensor cores for `max_gemv_rows`; the quantized GEMVs and prefill dequantizations of the four
+/// fused projections (int8, int4 g128 with and without zero points, int4 g32 with zero points);
+/// the prefill gated-GEMM epilogue silu_mul; rope_append; decode
 /// attention and its merge; prefill attention (when the head size allows, on Hopper's warpgroup
 /// MMA and on mma.sync tensor cores; always the CUDA-core fallback); argmax and sample.
 pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
@@ -252,6 +260,31 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
     for &(k, epi, _, ty) in &gemvs {
         if k % 32 == 0 {
             out.push(KernelInstance::gemv_tc(k, mmax, epi, ty));
+        }
+    }
+    // Quantized projections (`--quant`): the decode GEMV and the prefill dequantization of the
+    // four fused projections, in each format the kernels read.
+    let formats = [
+        QuantFormat::Int8,
+        QuantFormat::Int4 {
+            group: 128,
+            zero_point: true,
+        },
+        QuantFormat::Int4 {
+            group: 128,
+            zero_point: false,
+        },
+        QuantFormat::Int4 {
+            group: 32,
+            zero_point: true,
+        },
+    ];
+    for f in formats {
+        for &(k, epi, _, ty) in &gemvs[..4] {
+            if k.is_multiple_of(f.codes_per_vector()) {
+                out.push(KernelInstance::gemv_q(k, epi, f, ty));
+                out.push(KernelInstance::dequant(k, f));
+            }
         }
     }
     out.extend([
@@ -406,6 +439,8 @@ mod tests {
                 KernelFamily::AddRmsNorm,
                 KernelFamily::Gemv,
                 KernelFamily::GemvTc,
+                KernelFamily::GemvQ,
+                KernelFamily::Dequant,
                 KernelFamily::SiluMul,
                 KernelFamily::RopeAppend,
                 KernelFamily::AttentionDecode,

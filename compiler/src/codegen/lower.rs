@@ -12,6 +12,7 @@
 //! fails the build instead of running slowly.
 
 use kiln_runtime::ir::{DType, Graph, InputKind, NodeId, Op};
+use kiln_runtime::kernels::QuantFormat;
 use kiln_runtime::plan::{
     AttentionDims, BufId, BufType, Buffer, Epilogue, Launch, Norm, Plan, Rows,
 };
@@ -117,12 +118,59 @@ impl<'g> Lowering<'g> {
         }
     }
 
-    /// A weight read by a GEMV/GEMM, norm or embedding kernel (stored in bf16).
+    /// A weight read by a norm or embedding kernel, or a bias (stored in bf16).
     fn weight(&self, id: NodeId, input: NodeId) -> Result<String, String> {
         match &self.vals[input] {
-            Val::Weight(w) => Ok(w.clone()),
+            Val::Weight(w) if !self.g.nodes[input].ty.dtype.is_weight_format() => Ok(w.clone()),
+            Val::Weight(w) => Err(self.err(
+                id,
+                &format!(
+                    "reads weight `{w}` stored as {}, which only the GPU's linear kernels read",
+                    self.g.nodes[input].ty.dtype.name()
+                ),
+            )),
             other => Err(self.err(id, &format!("needs a weight, got {other:?}"))),
         }
+    }
+
+    /// The weight of a `Linear`-like op and its storage: bf16, or a weight format the GPU
+    /// kernels read (int8, int4 with `k` a multiple of the kernels' 32-code vectors).
+    fn linear_weight(
+        &self,
+        id: NodeId,
+        input: NodeId,
+        k: usize,
+    ) -> Result<(String, DType), String> {
+        let dtype = self.g.nodes[input].ty.dtype;
+        let Val::Weight(w) = &self.vals[input] else {
+            return Err(self.err(id, &format!("needs a weight, got {:?}", self.vals[input])));
+        };
+        if !dtype.is_weight_format() {
+            return Ok((w.clone(), DType::BF16));
+        }
+        let Some(f) = QuantFormat::of(dtype) else {
+            return Err(self.err(
+                id,
+                &format!(
+                    "weight `{w}` is stored as {}, which the GPU kernels do not read yet (they \
+                     read int8 and int4 with or without zero points: --quant int8|int4|int4-gptq); \
+                     build this quantization for the CPU (--target cpu)",
+                    dtype.name()
+                ),
+            ));
+        };
+        if !k.is_multiple_of(f.codes_per_vector()) {
+            return Err(self.err(
+                id,
+                &format!(
+                    "weight `{w}` ({}) has {k} input columns; the GPU kernels need a multiple \
+                     of {}",
+                    dtype.name(),
+                    f.codes_per_vector()
+                ),
+            ));
+        }
+        Ok((w.clone(), dtype))
     }
 
     fn node(&mut self, id: NodeId) -> Result<Val, String> {
@@ -187,7 +235,7 @@ impl<'g> Lowering<'g> {
             },
             Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp => {
                 let (x, norm) = self.linear_input(id, ins[0])?;
-                let w = self.weight(id, ins[1])?;
+                let (w, format) = self.linear_weight(id, ins[1], self.buffers[x].cols)?;
                 let epilogue = match n.op {
                     Op::LinearAdd => Epilogue::Residual(self.whole(id, ins[2])?),
                     Op::LinearBias => Epilogue::Bias(self.weight(id, ins[2])?),
@@ -199,6 +247,7 @@ impl<'g> Lowering<'g> {
                     x,
                     norm,
                     w,
+                    format,
                     epilogue,
                     out,
                 });
@@ -363,17 +412,6 @@ impl<'g> Lowering<'g> {
 
 /// Lowers an optimized graph with a `logits` output to a launch plan.
 pub fn lower(g: &Graph) -> Result<Plan, String> {
-    if let Some((id, name)) = g
-        .weights()
-        .find(|&(id, _)| g.nodes[id].ty.dtype.is_weight_format())
-    {
-        return Err(format!(
-            "GPU lowering: weight `{name}` is stored as {}, and the GPU kernels read 16-bit \
-             weights only so far: build without --quant for the GPU, or run this quantization \
-             on the CPU (--target cpu)",
-            g.nodes[id].ty.dtype.name()
-        ));
-    }
     let logits_id = g
         .output("logits")
         .ok_or("GPU lowering: the graph has no `logits` output")?;
@@ -417,7 +455,7 @@ pub fn lower(g: &Graph) -> Result<Plan, String> {
             }
             // Gathering the last rows first also shrinks the final norm to them.
             let (x, norm) = l.linear_input(id, n.inputs[0])?;
-            let w = l.weight(id, n.inputs[1])?;
+            let (w, format) = l.linear_weight(id, n.inputs[1], l.buffers[x].cols)?;
             let last = l.buffers.len();
             l.buffers.push(Buffer {
                 name: format!("{}.last", l.buffers[x].name),
@@ -432,6 +470,7 @@ pub fn lower(g: &Graph) -> Result<Plan, String> {
                 x: last,
                 norm,
                 w,
+                format,
                 epilogue: Epilogue::None,
                 out,
             });

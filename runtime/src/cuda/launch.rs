@@ -7,8 +7,10 @@ use super::gemm_algos::{run_default, GemmAlgos, GemmShape, LtGemm};
 use super::kv_cache::BLOCK;
 use super::{CudaError, CudaOptions};
 use crate::engine::{keys, Engine};
+use crate::ir::DType;
 use crate::kernels::{
-    decode_splits, GemvEpilogue, KernelFamily, KernelInstance, LaunchDims, OutType, RuntimeSizes,
+    decode_splits, GemvEpilogue, KernelFamily, KernelInstance, LaunchDims, OutType, QuantFormat,
+    RuntimeSizes,
 };
 use crate::plan::{BufId, BufType, Epilogue, Launch, Norm, Plan};
 use cudarc::cublas::CudaBlas;
@@ -61,6 +63,15 @@ fn epilogue_kind(e: &Epilogue) -> GemvEpilogue {
         Epilogue::Gated => GemvEpilogue::Gated,
         Epilogue::Bias(_) => GemvEpilogue::Bias,
     }
+}
+
+/// The `residual` argument of a GEMV: the residual buffer, the bias weight, or null.
+fn epilogue_operand(p: &Ptrs, epi: &Epilogue) -> Result<u64, CudaError> {
+    Ok(match epi {
+        Epilogue::Residual(r) => p.buf(*r),
+        Epilogue::Bias(b) => p.w(b)?,
+        _ => 0,
+    })
 }
 
 fn out_type(t: BufType) -> OutType {
@@ -127,6 +138,7 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
             Launch::Linear {
                 x,
                 norm,
+                format,
                 epilogue,
                 out: o,
                 ..
@@ -136,8 +148,16 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
                     epilogue_kind(epilogue),
                     out_type(plan.buffers[*o].dtype),
                 );
-                out.push(gemv_instance(1, k, epi, norm.is_some(), ty));
-                out.push(gemv_instance(GEMV_MAX_ROWS, k, epi, norm.is_some(), ty));
+                match QuantFormat::of(*format) {
+                    Some(f) => {
+                        out.push(KernelInstance::gemv_q(k, epi, f, ty));
+                        out.push(KernelInstance::dequant(k, f));
+                    }
+                    None => {
+                        out.push(gemv_instance(1, k, epi, norm.is_some(), ty));
+                        out.push(gemv_instance(GEMV_MAX_ROWS, k, epi, norm.is_some(), ty));
+                    }
+                }
                 if norm.is_some() {
                     // Batched GEMVs and prefill GEMMs run the folded norm as a kernel of its own.
                     out.push(KernelInstance::rmsnorm(k));
@@ -181,9 +201,42 @@ pub fn check_weights(plan: &Plan, engine: &Engine) -> Result<(), CudaError> {
             Launch::Embedding { table, .. } => want(table, Dtype::BF16, None)?,
             Launch::RmsNorm { w, .. } => want(w, Dtype::BF16, None)?,
             Launch::Linear {
-                w, norm, epilogue, ..
+                x,
+                w,
+                format,
+                norm,
+                epilogue,
+                out,
             } => {
-                want(w, Dtype::BF16, None)?;
+                if *format == DType::BF16 {
+                    want(w, Dtype::BF16, None)?;
+                } else {
+                    let k = plan.buffers[*x].cols;
+                    let n =
+                        plan.buffers[*out].cols * if *epilogue == Epilogue::Gated { 2 } else { 1 };
+                    let parts = crate::quant::parts(*format, n, k).ok_or_else(|| {
+                        CudaError::Engine(format!(
+                            "weight `{w}`: the plan reads it as {}, not a weight format",
+                            format.name()
+                        ))
+                    })?;
+                    for p in parts {
+                        let name = format!("{w}{}", p.suffix);
+                        let (e, _) = engine
+                            .tensor(&name)
+                            .map_err(|e| CudaError::Engine(format!("weight `{name}`: {e}")))?;
+                        if e.dtype != p.dtype || e.shape != p.shape {
+                            return Err(CudaError::Engine(format!(
+                                "weight `{name}` is {:?} {:?}; the plan reads it as {:?} {:?} ({})",
+                                e.dtype,
+                                e.shape,
+                                p.dtype,
+                                p.shape,
+                                format.name()
+                            )));
+                        }
+                    }
+                }
                 if let Epilogue::Bias(b) = epilogue {
                     let rows = engine.tensor(w).map(|(e, _)| e.shape[0]).ok();
                     want(b, Dtype::BF16, rows)?;
@@ -264,6 +317,9 @@ pub struct Kernels {
     scratch: u64,
     /// Scratch for a prefill GEMM's normalized input (after `scratch`).
     norm_scratch: u64,
+    /// Scratch for the bf16 copy of a quantized weight that a prefill GEMM reads (after
+    /// `norm_scratch`).
+    weight_scratch: u64,
     /// While set, an event is recorded after every launch (`Kernels::timeline`).
     timeline: RefCell<Option<Timeline>>,
     weight_cols: HashMap<String, (usize, usize)>,
@@ -346,6 +402,7 @@ impl Kernels {
             gemm_algos,
             scratch: 0,
             norm_scratch: 0,
+            weight_scratch: 0,
             timeline: RefCell::new(None),
             weight_cols,
             pdl,
@@ -355,20 +412,29 @@ impl Kernels {
 
     /// Bytes of scratch the plan needs at the start of the arena: the gate/up product of a
     /// prefill GEMM or the split-KV partial results of decode attention, then the normalized
-    /// input of a prefill GEMM with a folded norm.
+    /// input of a prefill GEMM with a folded norm (or of any product with a quantized weight),
+    /// then the bf16 copy of a quantized weight that a prefill GEMM reads.
     pub fn scratch_bytes(plan: &Plan, opts: &CudaOptions) -> usize {
-        let normed = plan.launches.iter().filter_map(|l| match l {
+        let (first, normed) = Self::scratch_regions(plan, opts);
+        let dequantized = plan.launches.iter().filter_map(|l| match l {
             Launch::Linear {
-                x, norm: Some(_), ..
-            } => Some(plan.buffers[*x].cols * 2),
+                x,
+                format,
+                epilogue,
+                out,
+                ..
+            } if *format != DType::BF16 => {
+                let n = plan.buffers[*out].cols * if *epilogue == Epilogue::Gated { 2 } else { 1 };
+                Some(n * plan.buffers[*x].cols * 2)
+            }
             _ => None,
         });
-        Self::first_scratch_bytes(plan, opts)
-            + normed.max().unwrap_or(0) * opts.max_step_tokens.max(opts.max_batch)
+        first + normed + dequantized.max().unwrap_or(0)
     }
 
-    /// Bytes of the first scratch region (gate/up product or attention partials), 256-aligned.
-    fn first_scratch_bytes(plan: &Plan, opts: &CudaOptions) -> usize {
+    /// Bytes of the first two scratch regions (gate/up product or attention partials; the
+    /// normalized input), each 256-aligned.
+    fn scratch_regions(plan: &Plan, opts: &CudaOptions) -> (usize, usize) {
         let gated = plan.launches.iter().filter_map(|l| match l {
             Launch::Linear {
                 out,
@@ -381,13 +447,26 @@ impl Kernels {
         let a = plan.attention;
         let most = splits(1, a.kv_heads, opts.max_seq_len);
         let partials = opts.max_batch * a.heads * most * (a.head_dim + 2) * 4;
-        (gu.max(partials) + 1024).div_ceil(256) * 256
+        let normed = plan.launches.iter().filter_map(|l| match l {
+            Launch::Linear {
+                x, norm: Some(_), ..
+            } => Some(plan.buffers[*x].cols * 2),
+            _ => None,
+        });
+        let rows = opts.max_step_tokens.max(opts.max_batch);
+        let align = |b: usize| b.div_ceil(256) * 256;
+        (
+            align(gu.max(partials) + 1024),
+            align(normed.max().unwrap_or(0) * rows),
+        )
     }
 
     /// Sets where the scratch space of [`Kernels::scratch_bytes`] starts.
     pub fn set_scratch(&mut self, addr: u64, plan: &Plan, opts: &CudaOptions) {
+        let (first, normed) = Self::scratch_regions(plan, opts);
         self.scratch = addr;
-        self.norm_scratch = addr + Self::first_scratch_bytes(plan, opts) as u64;
+        self.norm_scratch = addr + first as u64;
+        self.weight_scratch = self.norm_scratch + normed as u64;
     }
 
     /// Starts recording an event after every launch (a per-kernel timeline of the next steps;
@@ -586,9 +665,13 @@ impl Kernels {
                 x,
                 norm,
                 w,
+                format,
                 epilogue,
                 out,
-            } => self.linear(stream, p, *x, norm.as_ref(), w, epilogue, *out),
+            } => match QuantFormat::of(*format) {
+                Some(f) => self.linear_quant(stream, p, *x, norm.as_ref(), w, f, epilogue, *out),
+                None => self.linear(stream, p, *x, norm.as_ref(), w, epilogue, *out),
+            },
             // A decode step's attention kernel rotates and appends itself.
             Launch::RopeAppend { .. } if p.t == p.b => Ok(()),
             Launch::RopeAppend {
@@ -724,11 +807,7 @@ impl Kernels {
             xp = dst;
         }
         if rows <= GEMV_MAX_ROWS {
-            let r = match epi {
-                Epilogue::Residual(r) => p.buf(*r),
-                Epilogue::Bias(b) => p.w(b)?,
-                _ => 0,
-            };
+            let r = epilogue_operand(p, epi)?;
             let (m, n) = (rows as i32, cols as i32);
             let fold = norm.is_some() && rows == 1;
             let inst = gemv_instance(rows, k, epilogue_kind(epi), fold, out_type(out_t));
@@ -740,6 +819,93 @@ impl Kernels {
             };
             return self.go(stream, &inst, sizes(rows, p.b, cols, 0), args);
         }
+        self.gemm(stream, p, xp, wp, n_rows, k, epi, out)
+    }
+
+    /// A `Linear` whose weight is in a weight format (`gemv_q.cu`): its norm, if any, into
+    /// scratch first (the quantized GEMV has no norm prologue); up to `GEMV_MAX_ROWS` rows the
+    /// quantized GEMV, else the weight dequantized to bf16 scratch and the prefill GEMM.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_quant(
+        &self,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+        x: BufId,
+        norm: Option<&Norm>,
+        w: &str,
+        f: QuantFormat,
+        epi: &Epilogue,
+        out: BufId,
+    ) -> Result<(), CudaError> {
+        let plan = p.plan;
+        let rows = p.rows(out);
+        let k = plan.buffers[x].cols;
+        let cols = plan.buffers[out].cols;
+        let n_rows = if *epi == Epilogue::Gated {
+            2 * cols
+        } else {
+            cols
+        };
+        let mut xp = p.buf(x);
+        if let Some(nm) = norm {
+            let (r, dst) = (rows as i32, self.norm_scratch);
+            self.go(
+                stream,
+                &KernelInstance::rmsnorm(k),
+                sizes(rows, p.b, 0, 0),
+                &[P(xp), P(p.w(&nm.w)?), P(dst), I(r), F(nm.eps)],
+            )?;
+            xp = dst;
+        }
+        let q = p.w(w)?;
+        let scale = p.w(&format!("{w}.scale"))?;
+        let zero = match f {
+            QuantFormat::Int4 {
+                zero_point: true, ..
+            } => p.w(&format!("{w}.zero"))?,
+            _ => 0,
+        };
+        if rows <= GEMV_MAX_ROWS {
+            let r = epilogue_operand(p, epi)?;
+            let inst =
+                KernelInstance::gemv_q(k, epilogue_kind(epi), f, out_type(plan.buffers[out].dtype));
+            let (m, n, o) = (rows as i32, cols as i32, p.buf(out));
+            return self.go(
+                stream,
+                &inst,
+                sizes(rows, p.b, cols, 0),
+                &[P(xp), I(m), P(q), P(scale), P(zero), I(n), P(r), P(o)],
+            );
+        }
+        let wq = self.weight_scratch;
+        self.go(
+            stream,
+            &KernelInstance::dequant(k, f),
+            sizes(0, p.b, n_rows, 0),
+            &[P(q), P(scale), P(zero), I(n_rows as i32), P(wq)],
+        )?;
+        self.gemm(stream, p, xp, wq, n_rows, k, epi, out)
+    }
+
+    /// A prefill product on cuBLAS(Lt) with its epilogue: `out = epi(x · wᵀ)`, `w` a bf16
+    /// `[n_rows, k]` matrix at `wp`, `x` at `xp` (already normalized).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+        xp: u64,
+        wp: u64,
+        n_rows: usize,
+        k: usize,
+        epi: &Epilogue,
+        out: BufId,
+    ) -> Result<(), CudaError> {
+        let plan = p.plan;
+        let rows = p.rows(out);
+        let o = p.buf(out);
+        let out_t = plan.buffers[out].dtype;
+        let cols = plan.buffers[out].cols;
         // cuBLAS: row-major C[rows, n] = X[rows, k] · W[n, k]ᵀ  ⇔  column-major Cᵀ = W · Xᵀ ("TN").
         // A residual is accumulated by the GEMM itself (beta = 1 over C = out), in place where
         // the plan put the output over the residual, else over a copy of it.
