@@ -12,7 +12,8 @@ and one per `--quant` format, then for each engine:
   (the quantization's own error, with top-1 agreement);
 - greedy tokens through `kiln serve`, each prompt alone and all together (quantized GEMV at
   M = 1 and M > 1 must agree; `--serve`);
-- `kiln bench`: decode step at batch 1 and 8, weight bytes and achieved bandwidth.
+- `kiln bench`: decode step at batch 1 and 8, weight bytes and achieved bandwidth (`--bench`),
+  and the per-kernel times of a batch-1 decode step (`--timeline`).
 
 Usage: python3 bench/quant_check.py [--kiln .dev/bin/kiln] [--models smollm2-135m,llama3-8b-2l]
        [--quant int8,int4,int4-sym] [--diff] [--serve] [--bench "--batch 1,8 --io 128:256"]
@@ -49,6 +50,7 @@ def main():
     ap.add_argument("--serve", action="store_true")
     ap.add_argument("--work", default=tempfile.gettempdir())
     ap.add_argument("--bench", action="append", default=[], help="`kiln bench` arguments for every engine")
+    ap.add_argument("--timeline", action="store_true", help="per-kernel times of a batch-1 decode step of every engine")
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
@@ -110,6 +112,9 @@ def main():
                         gb_s=round(r["weight_gb_per_s"], 1))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.timeline:
+                out, _ = run([args.kiln, "bench", engine, "--batch", "1", "--io", "128:16", "--timeline"])
+                print(f"timeline {name} {fmt}:\n{out[out.find('decode step'):]}", flush=True)
             os.remove(engine)
         shutil.rmtree(ckpt)
         del model

@@ -2,7 +2,9 @@
 // formats): the decode GEMV for M <= 8 rows on tensor cores, and the dequantization of a weight
 // to bf16 for the prefill GEMM (cuBLAS then runs it as a 16-bit weight).
 //
-//   gemv_q<K, EPI, FMT, G, OutT>(x, M, q, scale, zero, N, residual, out):
+//   gemv_q<K, EPI, FMT, G, NORM, OutT>(x, M, q, scale, zero, N, residual, out, norm_w, eps):
+//     NORM 1 (M = 1 only): x is first RMS-normalized with weight norm_w [K], as gemv.cu's NORM
+//             (the decoder layer's norm fused into the projection that consumes it)
 //     acc[m,n] = sum_k x[m,k] * w[n,k], w the dequantized weight:
 //       FMT 1 (int8):              w[n,k] = q[n,k] * scale[n]
 //                                  q i8 [N, K], scale f32 [N]; the MMA runs on the exact codes
@@ -35,7 +37,8 @@
 // m16n8k16 MMA; the k order inside a vector is the same permutation for A and B (int4 pairs
 // codes (j, j+4), so x pairs are rebuilt with byte permutes), which a dot product ignores.
 // Codes stream with ld.global.nc.L1::no_allocate, L2 fetching 256-byte blocks; the first group
-// is issued before kiln::pdl_sync(). Partial sums of the 8 warps meet in shared memory; warp 0
+// is issued before kiln::pdl_sync(). NORM: after pdl_sync every CTA normalizes the x row into
+// shared memory (K bf16) and the product reads x from there. Partial sums of the 8 warps meet in shared memory; warp 0
 // applies the scale (int8) and the epilogue. Cost is independent of M.
 // Launch: gemv_q grid (ceil(N / 16)), ceil(N / 8) for EPI 1, block GEMV_Q_WARPS*32 = 256;
 // dequant grid (ceil(R * K / PER / 256)), block 256. No dynamic shared memory.
@@ -118,15 +121,17 @@ __device__ __forceinline__ unsigned gemv_q_word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <int K, int EPI, int FMT, int G, typename OutT>
+template <int K, int EPI, int FMT, int G, int NORM, typename OutT>
 __global__ void __launch_bounds__(GEMV_Q_WARPS * 32)
 gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, const void* __restrict__ scale,
-       const unsigned char* __restrict__ zero, int N, const bf16* residual, OutT* out) {
+       const unsigned char* __restrict__ zero, int N, const bf16* residual, OutT* out,
+       const bf16* __restrict__ norm_w, float eps) {
   typedef QFmt<FMT> F;
   constexpr int PER = F::PER, CH = F::CH;
   static_assert(K % PER == 0, "gemv_q: K must be a multiple of 16 (int8) or 32 (int4)");
   static_assert(EPI >= 0 && EPI <= 3, "gemv_q: EPI is 0 (plain), 1 (+residual), 2 (gated) or 3 (+bias)");
   static_assert(FMT == 1 || (G == 32 || G == 64 || G == 128), "gemv_q: G is 32, 64 or 128");
+  static_assert(NORM == 0 || NORM == 1, "gemv_q: NORM is 0 or 1 (M = 1)");
   constexpr int NC = (K + CH - 1) / CH;  // chunks
   constexpr long long RB = (long long)K * F::BYTES_PER_2 / 2;  // bytes per weight row
   constexpr int NA = EPI == 2 ? 2 : 1;   // A tiles: the rows, or gate and up rows
@@ -143,7 +148,6 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
 #pragma unroll
     for (int h = 0; h < 2; ++h) row[a][h] = (long long)a * N + min(n0 + g + 8 * (h % HR), N - 1);
   const bool has_x = g < M;
-  const bf16* xp = x + (long long)(has_x ? g : 0) * K + PER * t;
 
   float acc[NA][4];
 #pragma unroll
@@ -177,6 +181,32 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
   };
   load_w(warp);
   kiln::pdl_sync();
+  __shared__ __align__(16) bf16 xs[NORM ? K : 8];
+  if (NORM) {
+    __shared__ float ss_red[32];
+    constexpr int NV = K / 8, PER_T = (NV + GEMV_Q_WARPS * 32 - 1) / (GEMV_Q_WARPS * 32);
+    uint4 xr[PER_T];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER_T; ++i) {
+      const int v = threadIdx.x + i * GEMV_Q_WARPS * 32;
+      if (v < NV) {
+        float f[8];
+        xr[i] = kiln::ld_cached16(x + v * 8);
+        kiln::unpack8(xr[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
+      }
+    }
+    const float r = rsqrtf(kiln::block_sum(ss, ss_red) * (1.0f / K) + eps);
+#pragma unroll
+    for (int i = 0; i < PER_T; ++i) {
+      const int v = threadIdx.x + i * GEMV_Q_WARPS * 32;
+      if (v < NV) reinterpret_cast<uint4*>(xs)[v] = kiln::rms_apply8(xr[i], kiln::ld_cached16(norm_w + v * 8), r);
+    }
+    __syncthreads();
+  }
+  const bf16* xp = (NORM ? xs : x + (long long)(has_x ? g : 0) * K) + PER * t;
   for (int c0 = warp; c0 < NC; c0 += GEMV_Q_WARPS * U) {
     if (c0 != warp) load_w(c0);
 #pragma unroll
@@ -188,7 +218,10 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
       unsigned xw[PER / 2];
 #pragma unroll
       for (int v = 0; v < PER / 8; ++v) {
-        const uint4 xv = live ? kiln::ld_cached16(xp + c * CH + 8 * v) : make_uint4(0, 0, 0, 0);
+        const bf16* xv_p = xp + c * CH + 8 * v;
+        const uint4 xv = !live ? make_uint4(0, 0, 0, 0)
+                         : NORM ? *reinterpret_cast<const uint4*>(xv_p)
+                                : kiln::ld_cached16(xv_p);
         xw[4 * v] = xv.x;
         xw[4 * v + 1] = xv.y;
         xw[4 * v + 2] = xv.z;

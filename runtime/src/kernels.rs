@@ -324,13 +324,26 @@ impl KernelInstance {
         )
     }
 
-    /// `gemv_q<K, EPI, FMT, G, OutT>(const bf16* x, int M, const u8* q, const void* scale,
-    /// const u8* zero, int N, const bf16* residual, OutT* out)`: the [`KernelInstance::gemv_tc`]
-    /// contract (M ≤ 8) with a quantized weight of `format` (`gemv_q.cu`'s header gives each
-    /// format's layout and arithmetic).
-    pub fn gemv_q(k: usize, epi: GemvEpilogue, format: QuantFormat, out: OutType) -> Self {
-        let ints =
-            [k, epi as usize, format.code(), format.group()].map(|v| TemplateArg::Int(v as i64));
+    /// `gemv_q<K, EPI, FMT, G, NORM, OutT>(const bf16* x, int M, const u8* q, const void* scale,
+    /// const u8* zero, int N, const bf16* residual, OutT* out, const bf16* norm_w, float eps)`:
+    /// the [`KernelInstance::gemv_tc`] contract (M ≤ 8) with a quantized weight of `format`
+    /// (`gemv_q.cu`'s header gives each format's layout and arithmetic); with `norm` (M = 1
+    /// only) each CTA first RMS-normalizes x into shared memory, as [`KernelInstance::gemv`].
+    pub fn gemv_q(
+        k: usize,
+        epi: GemvEpilogue,
+        format: QuantFormat,
+        norm: bool,
+        out: OutType,
+    ) -> Self {
+        let ints = [
+            k,
+            epi as usize,
+            format.code(),
+            format.group(),
+            usize::from(norm),
+        ]
+        .map(|v| TemplateArg::Int(v as i64));
         Self::new(
             KernelFamily::GemvQ,
             ints.into_iter().chain([TemplateArg::Type(out)]).collect(),

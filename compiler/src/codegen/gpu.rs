@@ -284,7 +284,8 @@ mod tests {
 
     /// `--quant` GPU engines: every projection but the output one (kept in 16 bits) records its
     /// weight format in the plan; the launch count does not change (the quantized GEMV takes the
-    /// place of the bf16 one; a folded norm becomes its own launch only at run time); the
+    /// place of the bf16 one, folding the norm at one row as the bf16 GEMV does; from two rows
+    /// the norm runs as its own kernel, as for bf16); the
     /// instances include the quantized GEMV and the prefill dequantization, each one the kernel
     /// lists compile. Formats the kernels do not read are refused naming the weight.
     #[test]

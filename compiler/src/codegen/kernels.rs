@@ -280,9 +280,12 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
         },
     ];
     for f in formats {
-        for &(k, epi, _, ty) in &gemvs[..4] {
+        for &(k, epi, norm, ty) in &gemvs[..4] {
             if k.is_multiple_of(f.codes_per_vector()) {
-                out.push(KernelInstance::gemv_q(k, epi, f, ty));
+                out.push(KernelInstance::gemv_q(k, epi, f, false, ty));
+                if norm {
+                    out.push(KernelInstance::gemv_q(k, epi, f, true, ty));
+                }
                 out.push(KernelInstance::dequant(k, f));
             }
         }

@@ -150,7 +150,10 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
                 );
                 match QuantFormat::of(*format) {
                     Some(f) => {
-                        out.push(KernelInstance::gemv_q(k, epi, f, ty));
+                        out.push(KernelInstance::gemv_q(k, epi, f, norm.is_some(), ty));
+                        if norm.is_some() {
+                            out.push(KernelInstance::gemv_q(k, epi, f, false, ty));
+                        }
                         out.push(KernelInstance::dequant(k, f));
                     }
                     None => {
@@ -822,9 +825,10 @@ impl Kernels {
         self.gemm(stream, p, xp, wp, n_rows, k, epi, out)
     }
 
-    /// A `Linear` whose weight is in a weight format (`gemv_q.cu`): its norm, if any, into
-    /// scratch first (the quantized GEMV has no norm prologue); up to `GEMV_MAX_ROWS` rows the
-    /// quantized GEMV, else the weight dequantized to bf16 scratch and the prefill GEMM.
+    /// A `Linear` whose weight is in a weight format (`gemv_q.cu`): for one row the quantized
+    /// GEMV with the norm, if any, folded into its prologue; up to `GEMV_MAX_ROWS` rows the norm
+    /// into scratch, then the quantized GEMV; beyond, the norm into scratch, the weight
+    /// dequantized to bf16 scratch and the prefill GEMM.
     #[allow(clippy::too_many_arguments)]
     fn linear_quant(
         &self,
@@ -847,13 +851,18 @@ impl Kernels {
             cols
         };
         let mut xp = p.buf(x);
-        if let Some(nm) = norm {
+        let (norm_w, eps) = match norm {
+            Some(nm) => (p.w(&nm.w)?, nm.eps),
+            None => (0, 0.0),
+        };
+        let fold = norm.is_some() && rows == 1;
+        if norm.is_some() && !fold {
             let (r, dst) = (rows as i32, self.norm_scratch);
             self.go(
                 stream,
                 &KernelInstance::rmsnorm(k),
                 sizes(rows, p.b, 0, 0),
-                &[P(xp), P(p.w(&nm.w)?), P(dst), I(r), F(nm.eps)],
+                &[P(xp), P(norm_w), P(dst), I(r), F(eps)],
             )?;
             xp = dst;
         }
@@ -867,14 +876,25 @@ impl Kernels {
         };
         if rows <= GEMV_MAX_ROWS {
             let r = epilogue_operand(p, epi)?;
-            let inst =
-                KernelInstance::gemv_q(k, epilogue_kind(epi), f, out_type(plan.buffers[out].dtype));
+            let ty = out_type(plan.buffers[out].dtype);
+            let inst = KernelInstance::gemv_q(k, epilogue_kind(epi), f, fold, ty);
             let (m, n, o) = (rows as i32, cols as i32, p.buf(out));
             return self.go(
                 stream,
                 &inst,
                 sizes(rows, p.b, cols, 0),
-                &[P(xp), I(m), P(q), P(scale), P(zero), I(n), P(r), P(o)],
+                &[
+                    P(xp),
+                    I(m),
+                    P(q),
+                    P(scale),
+                    P(zero),
+                    I(n),
+                    P(r),
+                    P(o),
+                    P(norm_w),
+                    F(eps),
+                ],
             );
         }
         let wq = self.weight_scratch;
