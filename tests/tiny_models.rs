@@ -607,8 +607,8 @@ fn cli_quantized_builds_and_refusals() {
             "--quant needs the rewriter",
         ),
         (
-            &["--quant", "int8", "--target", "cuda"],
-            "is stored as int8, and the GPU kernels read 16-bit weights only",
+            &["--quant", "fp8", "--target", "cuda"],
+            "is stored as fp8, which the GPU kernels do not read yet",
         ),
     ] {
         let err = fails(&build(extra));

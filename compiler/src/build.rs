@@ -11,7 +11,7 @@ use crate::rewrite::rules::quant::QuantOptions;
 use crate::rewrite::{optimize, RewriteOptions};
 use kiln_runtime::cpu::ExecError;
 use kiln_runtime::engine::GenerationConfig;
-use kiln_runtime::ir::{DType, Graph, NodeId};
+use kiln_runtime::ir::{DType, Graph, NodeId, Op};
 use kiln_runtime::parallel::{rank_path, RankInfo};
 use kiln_runtime::quant;
 use kiln_runtime::tokenizer::Tokenizer;
@@ -209,21 +209,10 @@ pub fn check_config_keys(model: &ModelFile, config: &serde_json::Value) -> Resul
         .flat_map(|keys| keys.split('|'))
         .filter_map(|k| k.split('.').next())
         .collect();
-    // transformers writes `quant_method: "gguf"` into the config of a model it dequantized from
-    // a GGUF file: its tensors are floats, as kiln reads them.
-    if let Some(q) = config.get("quantization_config").filter(|v| !v.is_null()) {
-        let method = q
-            .get("quant_method")
-            .and_then(|m| m.as_str())
-            .unwrap_or("unnamed");
-        if method != "gguf" {
-            return Err(BuildError::Other(format!(
-                "the checkpoint is pre-quantized (`quantization_config`, quant_method \
-                 `{method}`); kiln does not load quantized checkpoints as they are yet: build \
-                 from the 16-bit checkpoint with --quant int8|int4|int4-awq|int4-gptq"
-            )));
-        }
-    }
+    // A pre-quantized checkpoint kiln reads (AutoAWQ GEMM, GPTQ) is loaded as it is
+    // (`loader::prequant`); transformers' `gguf` marker means the tensors are floats; any other
+    // quantization is refused by name.
+    crate::loader::prequant::PreQuant::from_config(config).map_err(BuildError::Other)?;
     for (keys, accepted) in &model.requires {
         let Some((key, v)) = crate::model::params::config_value(config, keys) else {
             continue;
@@ -563,6 +552,104 @@ pub fn build(
     Ok(report)
 }
 
+/// The build options for a pre-quantized checkpoint: without `--quant`, its linear weights keep
+/// their format (the codes pass through the build unchanged, [`stored_packed`]) and every other
+/// matrix stays in 16 bits; with `--quant`, its dequantized values are quantized again (noted).
+fn prequantized_options(
+    ckpt: &Checkpoint,
+    opts: &BuildOptions,
+    notes: &mut Vec<String>,
+) -> Result<Option<BuildOptions>, BuildError> {
+    let Some(p) = ckpt.prequant else {
+        return Ok(None);
+    };
+    if !ckpt.tensors().iter().any(|(n, _)| ckpt.packed(n).is_some()) {
+        return Err(BuildError::Other(format!(
+            "config.json's `quantization_config` declares a pre-quantized checkpoint ({}), but \
+             no tensor is stored quantized (no `.qweight`)",
+            p.describe()
+        )));
+    }
+    if opts.quant.is_some() {
+        notes.push(format!(
+            "pre-quantized checkpoint ({}): --quant re-quantizes its dequantized weights",
+            p.describe()
+        ));
+        return Ok(None);
+    }
+    if opts.no_optimize {
+        notes.push(format!(
+            "pre-quantized checkpoint ({}): --no-optimize builds it dequantized",
+            p.describe()
+        ));
+        return Ok(None);
+    }
+    let mut skip: Vec<String> = crate::rewrite::rules::quant::DEFAULT_SKIP
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut kept = 0;
+    for (name, shape) in ckpt.tensors() {
+        match ckpt.packed(&name) {
+            Some(_) => kept += 1,
+            None if shape.len() == 2 => skip.push(name),
+            None => {}
+        }
+    }
+    notes.push(format!(
+        "pre-quantized checkpoint ({}): {kept} linear weights keep their int4 codes",
+        p.describe()
+    ));
+    Ok(Some(BuildOptions {
+        quant: Some(QuantOptions {
+            format: p.format(),
+            skip,
+        }),
+        ..opts.clone()
+    }))
+}
+
+/// The packed weight of a quantized recipe read from a pre-quantized checkpoint as stored:
+/// `source` reads such weights (through float casts, whose rounding the stored codes make
+/// moot) and stacks their rows (a fused QKV or gate/up). `None` for any other recipe, which is
+/// quantized from its values.
+fn stored_packed(
+    ckpt: &Checkpoint,
+    source: &DerivedWeight,
+    format: DType,
+) -> Option<Result<quant::Packed, crate::loader::LoadError>> {
+    ckpt.prequant?;
+    fn walk(
+        ckpt: &Checkpoint,
+        g: &Graph,
+        id: NodeId,
+        format: DType,
+    ) -> Option<Result<quant::Packed, crate::loader::LoadError>> {
+        let n = &g.nodes[id];
+        match &n.op {
+            Op::Cast { dtype } if dtype.is_float() => walk(ckpt, g, n.inputs[0], format),
+            Op::Weight { name } => match ckpt.packed(name)? {
+                Ok(p) if p.format == format => Some(Ok(p)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            },
+            Op::Concat { axis: 0 } => {
+                let mut parts = Vec::new();
+                for &i in &n.inputs {
+                    match walk(ckpt, g, i, format)? {
+                        Ok(p) => parts.push(p),
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+                quant::Packed::stack_rows(parts).map(Ok)
+            }
+            _ => None,
+        }
+    }
+    let &(_, out) = source.recipe.outputs.first()?;
+    walk(ckpt, &source.recipe, out, format)
+}
+
 /// The id shared by the rank engines of one tensor-parallel build: a hash of the unsharded
 /// graph, the config, the group size and the options that change the ranks' graphs.
 fn tp_group_id(graph: &Graph, config: &serde_json::Value, opts: &BuildOptions) -> String {
@@ -595,6 +682,9 @@ fn build_rank(
     inputs.extend(opts.model_file.as_deref());
     crate::output::check_output(out, &inputs).map_err(BuildError::Other)?;
     let ckpt = Checkpoint::open(checkpoint)?;
+    let mut notes = Vec::new();
+    let prequant_opts = prequantized_options(&ckpt, opts, &mut notes)?;
+    let opts = prequant_opts.as_ref().unwrap_or(opts);
     let model = model_for(&ckpt.config, opts.model_file.as_deref())?;
     let model_name = match &opts.model_file {
         Some(p) => p.display().to_string(),
@@ -604,7 +694,6 @@ fn build_rank(
     let available = ckpt.tensors();
     resolve_base_prefix(&mut graph, &available);
     check_weights(&graph, &available)?;
-    let mut notes = Vec::new();
     let unused = unused_weights(&graph, &available);
     if !unused.is_empty() {
         let shown = unused
@@ -786,7 +875,14 @@ fn build_rank(
                     let stats = calib_stats
                         .as_ref()
                         .and_then(|s| s.get(source_name(name, format)?));
+                    let stored = stored_packed(&ckpt, &source, format);
                     let packed = match (format, stats) {
+                        _ if stored.is_some() => {
+                            stored.expect("checked").map_err(|e| BuildError::Weight {
+                                name: name.into(),
+                                message: e.to_string(),
+                            })?
+                        }
                         (DType::Int4Awq { group }, Some(stats)) => {
                             let r = awq::search(&data, rows, cols, group, stats).map_err(bad)?;
                             calib_report.lock().expect("no panic while held").push((

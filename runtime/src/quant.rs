@@ -345,6 +345,35 @@ fn code(v: f32, s: f32, z: i32, lo: i32, hi: i32) -> i32 {
 }
 
 impl Packed {
+    /// The rows of `parts` one after another (a fused projection of weights quantized
+    /// separately); `None` if they differ in format or columns, or carry column factors.
+    pub fn stack_rows(parts: Vec<Packed>) -> Option<Packed> {
+        let first = parts.first()?;
+        let (format, cols) = (first.format, first.cols);
+        if parts
+            .iter()
+            .any(|p| p.format != format || p.cols != cols || !p.col_scale.is_empty())
+        {
+            return None;
+        }
+        let mut out = Packed {
+            format,
+            rows: 0,
+            cols,
+            q: Vec::new(),
+            scale: Vec::new(),
+            zero: Vec::new(),
+            col_scale: Vec::new(),
+        };
+        for p in parts {
+            out.rows += p.rows;
+            out.q.extend(p.q);
+            out.scale.extend(p.scale);
+            out.zero.extend(p.zero);
+        }
+        Some(out)
+    }
+
     /// An `Int4` weight from codes chosen elsewhere (GPTQ), one per element row-major, with
     /// their groups' scales (rounded to f16 here) and zero points.
     pub fn from_int4_codes(

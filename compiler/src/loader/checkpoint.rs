@@ -1,6 +1,7 @@
 //! A checkpoint, whatever its format: config, tensors by HF name, tokenizer and chat template.
 
 use super::gguf::GgufFile;
+use super::prequant::PreQuant;
 use super::safetensors_dir::SafetensorsDir;
 use super::LoadError;
 use serde_json::Value;
@@ -23,6 +24,8 @@ pub struct Checkpoint {
     pub bos_token: Option<String>,
     /// See `bos_token`.
     pub eos_token: Option<String>,
+    /// The packing of a pre-quantized HF checkpoint (AutoAWQ, GPTQ), if it is one.
+    pub prequant: Option<PreQuant>,
     store: Store,
 }
 
@@ -62,6 +65,7 @@ impl Checkpoint {
                 chat_template: gguf.chat_template().map(str::to_string),
                 tokenizer_json,
                 config,
+                prequant: None,
                 store: Store::Gguf(Box::new(gguf)),
             })
         } else if path.exists() {
@@ -100,29 +104,65 @@ impl Checkpoint {
                 .and_then(|t| t.as_str())
                 .map(str::to_string)
         };
+        // A quantization kiln does not read is refused by the build, naming the setting.
+        let prequant = PreQuant::from_config(&config).ok().flatten();
+        let store = SafetensorsDir::open(dir)?;
+        if let Some(p) = &prequant {
+            p.virtual_tensors(&store.tensors())
+                .map_err(|message| LoadError::Corrupt {
+                    file: dir.display().to_string(),
+                    message,
+                })?;
+        }
         Ok(Checkpoint {
+            prequant,
             bos_token: token_text(tc.as_ref().and_then(|t| t.get("bos_token"))),
             eos_token: token_text(tc.as_ref().and_then(|t| t.get("eos_token"))),
             chat_template,
             tokenizer_json,
             config,
-            store: Store::Safetensors(SafetensorsDir::open(dir)?),
+            store: Store::Safetensors(store),
         })
     }
 
-    /// Tensor names (HF naming) and shapes.
+    /// Tensor names (HF naming) and shapes; a pre-quantized linear weight is listed as the
+    /// `X.weight` `[out, in]` its parts (`X.qweight`, …) stand for.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         match &self.store {
-            Store::Safetensors(s) => s.tensors(),
+            Store::Safetensors(s) => match &self.prequant {
+                // `open` checked every part's shape through `virtual_tensors` once.
+                Some(p) => p.virtual_tensors(&s.tensors()).unwrap_or_default(),
+                None => s.tensors(),
+            },
             Store::Gguf(g) => g.tensors(),
         }
     }
 
-    /// Reads a tensor as f32 in HF layout.
+    /// Reads a tensor as f32 in HF layout (a pre-quantized weight dequantized).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        if let Some(p) = self.packed(name) {
+            return Ok(p?.dequantize());
+        }
         match &self.store {
             Store::Safetensors(s) => s.read_f32(name),
             Store::Gguf(g) => Ok(g.read_f32(name)?),
         }
+    }
+
+    /// A pre-quantized linear weight `X.weight` in kiln's packing, exactly as stored; `None`
+    /// for any other tensor.
+    pub fn packed(&self, name: &str) -> Option<Result<kiln_runtime::quant::Packed, LoadError>> {
+        let (Store::Safetensors(s), Some(p)) = (&self.store, &self.prequant) else {
+            return None;
+        };
+        let base = name.strip_suffix(".weight")?;
+        let qweight = format!("{base}.qweight");
+        s.contains(&qweight).then(|| {
+            p.packed(base, |n| s.read_raw(n).map_err(|e| e.to_string()))
+                .map_err(|message| LoadError::Corrupt {
+                    file: qweight.clone(),
+                    message,
+                })
+        })
     }
 }

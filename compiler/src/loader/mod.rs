@@ -8,6 +8,7 @@ mod gguf_quant;
 mod gguf_tokenizer;
 mod gguf_value;
 pub mod gguf_write;
+pub mod prequant;
 pub mod safetensors_dir;
 
 pub use checkpoint::Checkpoint;

@@ -119,6 +119,32 @@ impl SafetensorsDir {
             .collect()
     }
 
+    /// Whether the folder holds a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// A tensor's element type, shape and bytes as stored (little-endian).
+    pub fn read_raw(
+        &self,
+        name: &str,
+    ) -> Result<(safetensors::Dtype, Vec<usize>, Vec<u8>), LoadError> {
+        let (shard, _) = self
+            .index
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
+        let (path, mmap) = &self.shards[*shard];
+        let st = SafeTensors::deserialize(mmap).map_err(|e| LoadError::Corrupt {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let view = st.tensor(name).map_err(|e| LoadError::Corrupt {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok((view.dtype(), view.shape().to_vec(), view.data().to_vec()))
+    }
+
     /// Reads a tensor as f32 (from F32, F16 or BF16).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
         let (shard, _) = self

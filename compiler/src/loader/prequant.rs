@@ -1,0 +1,274 @@
+//! Pre-quantized HF checkpoints read as they are: AutoAWQ's GEMM packing and GPTQ's (v1 and v2
+//! zero points), 4-bit, groups along the input. Their linear weights are exactly kiln's
+//! `int4gGz` weight format (`(q − zero) · scale`, f16 scales, one zero point per group), so each
+//! `X.qweight`/`X.qzeros`/`X.scales` (`X.g_idx`) triple reads as a virtual tensor `X.weight`
+//! `[out, in]` whose packed form ([`PreQuant::packed`]) the build stores without re-quantizing.
+//!
+//! Layouts (`out` rows, `in` columns of the `nn.Linear`, `G` the group size, codes 4-bit):
+//! - AutoAWQ GEMM (`quant_method: "awq"`, `version: "gemm"`): `qweight` i32 `[in, out/8]`, the
+//!   code of output column `8j + ORDER[i]` in bits `4i..4i+4` of word `j` (ORDER = 0, 2, 4, 6,
+//!   1, 3, 5, 7); `qzeros` i32 `[in/G, out/8]` packed the same way; `scales` f16 `[in/G, out]`.
+//! - GPTQ (`quant_method: "gptq"`): `qweight` i32 `[in/8, out]`, the code of input row `8i + b`
+//!   in bits `4b..4b+4` of row `i`; `qzeros` i32 `[in/G, out/8]`, column `8j + b` in bits
+//!   `4b..`; `scales` f16 `[in/G, out]`; `g_idx` i32 `[in]`. `checkpoint_format: "gptq"` (v1,
+//!   the default) stores each zero point minus one, `"gptq_v2"` the zero point itself.
+//!   Act-order checkpoints (`desc_act`, a `g_idx` other than `k / G`) are refused: their groups
+//!   are not contiguous runs of columns.
+
+use kiln_runtime::ir::op::INT4_GROUPS;
+use kiln_runtime::ir::DType;
+use kiln_runtime::quant::Packed;
+use safetensors::Dtype;
+use serde_json::Value;
+
+/// Which packing a pre-quantized checkpoint uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// AutoAWQ, GEMM version.
+    AwqGemm,
+    /// GPTQ; `v2`: zero points stored as they are (else minus one).
+    Gptq {
+        /// `checkpoint_format: "gptq_v2"`.
+        v2: bool,
+    },
+}
+
+/// The quantization a checkpoint's `quantization_config` declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreQuant {
+    /// The packing.
+    pub method: Method,
+    /// Input columns per group.
+    pub group: usize,
+}
+
+/// The suffixes of the stored parts of one pre-quantized linear weight.
+const PARTS: [&str; 4] = [".qweight", ".qzeros", ".scales", ".g_idx"];
+
+/// A code or zero point by (output row, input column or group).
+type Lookup = Box<dyn Fn(usize, usize) -> u8>;
+
+/// One raw stored tensor: element type, shape, bytes (little-endian).
+pub type Raw = (Dtype, Vec<usize>, Vec<u8>);
+
+impl PreQuant {
+    /// The checkpoint's pre-quantization, from `config.json`'s `quantization_config`: `None`
+    /// without one (or for transformers' `gguf` marker: the tensors are floats); an error naming
+    /// the setting for a method or variant kiln does not read.
+    pub fn from_config(config: &Value) -> Result<Option<PreQuant>, String> {
+        let Some(q) = config.get("quantization_config").filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let method = q
+            .get("quant_method")
+            .and_then(Value::as_str)
+            .unwrap_or("unnamed");
+        let text = |key: &str| q.get(key).and_then(Value::as_str).map(str::to_lowercase);
+        let refuse = |what: String| {
+            Err(format!(
+                "the checkpoint is pre-quantized (quant_method `{method}`) with {what}, which \
+                 kiln does not read; kiln reads AutoAWQ GEMM and GPTQ checkpoints of 4 bits in \
+                 groups of 32, 64 or 128 without act-order (or build from the 16-bit checkpoint \
+                 with --quant)"
+            ))
+        };
+        let method = match method {
+            "gguf" => return Ok(None),
+            "awq" => {
+                let version = text("version").unwrap_or_else(|| "gemm".into());
+                if version != "gemm" {
+                    return refuse(format!("version `{version}`"));
+                }
+                if q.get("zero_point").and_then(Value::as_bool) == Some(false) {
+                    return refuse("zero_point false".into());
+                }
+                Method::AwqGemm
+            }
+            "gptq" => {
+                if q.get("desc_act").and_then(Value::as_bool) == Some(true) {
+                    return refuse("desc_act (act-order)".into());
+                }
+                let format = text("checkpoint_format")
+                    .or_else(|| text("format"))
+                    .unwrap_or_else(|| "gptq".into());
+                match format.as_str() {
+                    "gptq" => Method::Gptq { v2: false },
+                    "gptq_v2" => Method::Gptq { v2: true },
+                    other => return refuse(format!("checkpoint_format `{other}`")),
+                }
+            }
+            _ => return refuse("this method".into()),
+        };
+        let bits = q
+            .get("bits")
+            .or_else(|| q.get("w_bit"))
+            .and_then(Value::as_i64);
+        if bits != Some(4) {
+            return refuse(format!(
+                "bits {}",
+                bits.map_or("(absent)".into(), |b| b.to_string())
+            ));
+        }
+        let group = q
+            .get("group_size")
+            .or_else(|| q.get("q_group_size"))
+            .and_then(Value::as_i64)
+            .unwrap_or(-1);
+        if !INT4_GROUPS.iter().any(|&g| i64::from(g) == group) {
+            return refuse(format!("group_size {group}"));
+        }
+        Ok(Some(PreQuant {
+            method,
+            group: group as usize,
+        }))
+    }
+
+    /// The kiln weight format of its linear weights.
+    pub fn format(&self) -> DType {
+        DType::Int4 {
+            group: self.group as u16,
+            zero_point: true,
+        }
+    }
+
+    /// A one-line description for build notes.
+    pub fn describe(&self) -> String {
+        let m = match self.method {
+            Method::AwqGemm => "AutoAWQ GEMM",
+            Method::Gptq { v2: false } => "GPTQ",
+            Method::Gptq { v2: true } => "GPTQ v2",
+        };
+        format!("{m}, 4-bit, groups of {}", self.group)
+    }
+
+    /// The tensors as the model sees them: every `X.qweight` (with its `X.qzeros`, `X.scales`
+    /// and `X.g_idx`) becomes `X.weight` `[out, in]`; the other tensors stay.
+    pub fn virtual_tensors(
+        &self,
+        stored: &[(String, Vec<usize>)],
+    ) -> Result<Vec<(String, Vec<usize>)>, String> {
+        let mut out = Vec::with_capacity(stored.len());
+        for (name, shape) in stored {
+            if let Some(base) = name.strip_suffix(".qweight") {
+                let (o, i) = self.dims(base, shape)?;
+                out.push((format!("{base}.weight"), vec![o, i]));
+            } else if !PARTS.iter().any(|p| name.ends_with(p)) {
+                out.push((name.clone(), shape.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `[out, in]` of the linear whose `qweight` has `shape`.
+    fn dims(&self, base: &str, shape: &[usize]) -> Result<(usize, usize), String> {
+        let [a, b] = shape else {
+            return Err(format!(
+                "`{base}.qweight` has shape {shape:?}; expected 2 axes"
+            ));
+        };
+        Ok(match self.method {
+            Method::AwqGemm => (b * 8, *a),
+            Method::Gptq { .. } => (*b, a * 8),
+        })
+    }
+
+    /// The linear weight `X.weight` (`base` = `X`) in kiln's packing, exactly as stored:
+    /// `read` returns a stored tensor's raw bytes.
+    pub fn packed(
+        &self,
+        base: &str,
+        read: impl Fn(&str) -> Result<Raw, String>,
+    ) -> Result<Packed, String> {
+        let part = |suffix: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>, String> {
+            let name = format!("{base}{suffix}");
+            let (d, s, bytes) = read(&name)?;
+            if d != dtype || s != shape {
+                return Err(format!(
+                    "`{name}` is {d:?} {s:?}; {} expects {dtype:?} {shape:?}",
+                    self.describe()
+                ));
+            }
+            Ok(bytes)
+        };
+        let (_, qshape, _) = read(&format!("{base}.qweight"))?;
+        let (rows, cols) = self.dims(base, &qshape)?;
+        let g = self.group;
+        if !rows.is_multiple_of(8) || !cols.is_multiple_of(8) || !cols.is_multiple_of(g) {
+            return Err(format!(
+                "`{base}`: [{rows}, {cols}] does not split into 8-code words and groups of {g}"
+            ));
+        }
+        let groups = cols / g;
+        let words = |b: &[u8]| -> Vec<u32> {
+            b.chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let nib = |w: u32, i: usize| ((w >> (4 * i)) & 15) as u8;
+        let (code, zero): (Lookup, Lookup);
+        match self.method {
+            Method::AwqGemm => {
+                const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+                // Where output column c's code sits in its word.
+                let mut slot = [0usize; 8];
+                for (i, &c) in ORDER.iter().enumerate() {
+                    slot[c] = i;
+                }
+                let q = words(&part(".qweight", Dtype::I32, &[cols, rows / 8])?);
+                let z = words(&part(".qzeros", Dtype::I32, &[groups, rows / 8])?);
+                code = Box::new(move |n, k| nib(q[k * (rows / 8) + n / 8], slot[n % 8]));
+                zero = Box::new(move |n, gi| nib(z[gi * (rows / 8) + n / 8], slot[n % 8]));
+            }
+            Method::Gptq { v2 } => {
+                let q = words(&part(".qweight", Dtype::I32, &[cols / 8, rows])?);
+                let z = words(&part(".qzeros", Dtype::I32, &[groups, rows / 8])?);
+                let gidx = words(&part(".g_idx", Dtype::I32, &[cols])?);
+                if let Some(k) = (0..cols).find(|&k| gidx[k] as usize != k / g) {
+                    return Err(format!(
+                        "`{base}.g_idx` puts input column {k} in group {}, not {}: an act-order \
+                         (desc_act) checkpoint, which kiln does not read",
+                        gidx[k] as i32,
+                        k / g
+                    ));
+                }
+                let offset = u8::from(!v2);
+                code = Box::new(move |n, k| nib(q[(k / 8) * rows + n], k % 8));
+                // v1 stores zero − 1 in 4 bits: the stored 15 is a zero point of 16, which no
+                // 4-bit grid uses; such a checkpoint is malformed (checked below).
+                zero = Box::new(move |n, gi| nib(z[gi * (rows / 8) + n / 8], n % 8) + offset);
+            }
+        }
+        let scales = part(".scales", Dtype::F16, &[groups, rows])?;
+        let mut p = Packed {
+            format: self.format(),
+            rows,
+            cols,
+            q: vec![0; rows * cols / 2],
+            scale: vec![0.0; rows * groups],
+            zero: vec![0; rows * groups],
+            col_scale: Vec::new(),
+        };
+        for n in 0..rows {
+            for k in 0..cols {
+                p.q[n * cols / 2 + k / 2] |= code(n, k) << (4 * (k % 2));
+            }
+            for gi in 0..groups {
+                let z = zero(n, gi);
+                if z > 15 {
+                    return Err(format!(
+                        "`{base}.qzeros`: zero point {z} of row {n}, group {gi} is outside 0..=15"
+                    ));
+                }
+                p.zero[n * groups + gi] = z;
+                let at = 2 * (gi * rows + n);
+                p.scale[n * groups + gi] =
+                    half::f16::from_le_bytes([scales[at], scales[at + 1]]).to_f32();
+            }
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+#[path = "prequant_tests.rs"]
+mod tests;
