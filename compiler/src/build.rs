@@ -560,27 +560,24 @@ fn prequantized_options(
     opts: &BuildOptions,
     notes: &mut Vec<String>,
 ) -> Result<Option<BuildOptions>, BuildError> {
-    let Some(p) = ckpt.prequant else {
+    let Some((format, what)) = ckpt.stored_quantization() else {
         return Ok(None);
     };
-    if !ckpt.tensors().iter().any(|(n, _)| ckpt.packed(n).is_some()) {
+    if !ckpt.tensors().iter().any(|(n, _)| ckpt.stores_packed(n)) {
         return Err(BuildError::Other(format!(
-            "config.json's `quantization_config` declares a pre-quantized checkpoint ({}), but \
-             no tensor is stored quantized (no `.qweight`)",
-            p.describe()
+            "config.json's `quantization_config` declares a pre-quantized checkpoint ({what}), \
+             but no tensor is stored quantized (no `.qweight`)"
         )));
     }
     if opts.quant.is_some() {
         notes.push(format!(
-            "pre-quantized checkpoint ({}): --quant re-quantizes its dequantized weights",
-            p.describe()
+            "pre-quantized checkpoint ({what}): --quant re-quantizes its dequantized weights"
         ));
         return Ok(None);
     }
     if opts.no_optimize {
         notes.push(format!(
-            "pre-quantized checkpoint ({}): --no-optimize builds it dequantized",
-            p.describe()
+            "pre-quantized checkpoint ({what}): --no-optimize builds it dequantized"
         ));
         return Ok(None);
     }
@@ -590,21 +587,20 @@ fn prequantized_options(
         .collect();
     let mut kept = 0;
     for (name, shape) in ckpt.tensors() {
-        match ckpt.packed(&name) {
-            Some(_) => kept += 1,
-            None if shape.len() == 2 => skip.push(name),
-            None => {}
+        let default_skip = crate::rewrite::rules::quant::DEFAULT_SKIP
+            .iter()
+            .any(|p| crate::rewrite::rules::quant::skip_matches(p, &name));
+        if ckpt.stores_packed(&name) {
+            kept += usize::from(!default_skip);
+        } else if shape.len() == 2 {
+            skip.push(name);
         }
     }
     notes.push(format!(
-        "pre-quantized checkpoint ({}): {kept} linear weights keep their int4 codes",
-        p.describe()
+        "pre-quantized checkpoint ({what}): {kept} linear weights keep their int4 codes"
     ));
     Ok(Some(BuildOptions {
-        quant: Some(QuantOptions {
-            format: p.format(),
-            skip,
-        }),
+        quant: Some(QuantOptions { format, skip }),
         ..opts.clone()
     }))
 }
@@ -618,7 +614,7 @@ fn stored_packed(
     source: &DerivedWeight,
     format: DType,
 ) -> Option<Result<quant::Packed, crate::loader::LoadError>> {
-    ckpt.prequant?;
+    ckpt.stored_quantization()?;
     fn walk(
         ckpt: &Checkpoint,
         g: &Graph,

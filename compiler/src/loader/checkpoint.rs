@@ -140,8 +140,10 @@ impl Checkpoint {
 
     /// Reads a tensor as f32 in HF layout (a pre-quantized weight dequantized).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
-        if let Some(p) = self.packed(name) {
-            return Ok(p?.dequantize());
+        if self.prequant.is_some() {
+            if let Some(p) = self.packed(name) {
+                return Ok(p?.dequantize());
+            }
         }
         match &self.store {
             Store::Safetensors(s) => s.read_f32(name),
@@ -149,12 +151,45 @@ impl Checkpoint {
         }
     }
 
-    /// A pre-quantized linear weight `X.weight` in kiln's packing, exactly as stored; `None`
-    /// for any other tensor.
+    /// The weight format the checkpoint stores linear weights in, where kiln keeps them as they
+    /// are, with a description: AutoAWQ/GPTQ int4, or a GGUF's Q4_0 matrices (`int4g32`).
+    pub fn stored_quantization(&self) -> Option<(kiln_runtime::ir::DType, String)> {
+        match &self.store {
+            Store::Safetensors(_) => self.prequant.map(|p| (p.format(), p.describe())),
+            Store::Gguf(g) => g.has_q4_0_matrices().then(|| {
+                (
+                    kiln_runtime::ir::DType::Int4 {
+                        group: 32,
+                        zero_point: false,
+                    },
+                    "GGUF Q4_0: int4 in groups of 32, symmetric".to_string(),
+                )
+            }),
+        }
+    }
+
+    /// Whether [`Checkpoint::packed`] reads this tensor (without unpacking it).
+    pub fn stores_packed(&self, name: &str) -> bool {
+        match &self.store {
+            Store::Gguf(g) => g.is_q4_0_matrix(name),
+            Store::Safetensors(s) => {
+                self.prequant.is_some()
+                    && name
+                        .strip_suffix(".weight")
+                        .is_some_and(|b| s.contains(&format!("{b}.qweight")))
+            }
+        }
+    }
+
+    /// A pre-quantized linear weight `X.weight` (or a GGUF Q4_0 matrix) in kiln's packing,
+    /// exactly as stored; `None` for any other tensor.
     pub fn packed(&self, name: &str) -> Option<Result<kiln_runtime::quant::Packed, LoadError>> {
-        let (Store::Safetensors(s), Some(p)) = (&self.store, &self.prequant) else {
-            return None;
+        let s = match (&self.store, &self.prequant) {
+            (Store::Gguf(g), _) => return g.packed_q4_0(name).map(|r| r.map_err(LoadError::from)),
+            (Store::Safetensors(s), Some(_)) => s,
+            _ => return None,
         };
+        let p = self.prequant.as_ref()?;
         let base = name.strip_suffix(".weight")?;
         let qweight = format!("{base}.qweight");
         s.contains(&qweight).then(|| {

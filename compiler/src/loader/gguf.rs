@@ -470,9 +470,121 @@ impl GgufFile {
                 supported: gguf_quant::SUPPORTED_TYPES,
             }
         })?;
+        let Some((n_head, key)) = self.qk_heads(t)? else {
+            return Ok(values);
+        };
+        // HF rows = outermost GGUF dim; everything inside it is one row.
+        let rows = *t.dims.last().unwrap_or(&1);
+        let cols = t.n_elements.checked_div(rows).unwrap_or(0);
+        gguf_quant::unpermute_qk(&values, rows, cols, n_head).map_err(|msg| {
+            GgufError::BadTensorShape {
+                path: self.path.clone(),
+                tensor: hf_name.into(),
+                expected: format!("rows that split into {key} = {n_head} heads of an even size"),
+                found: msg,
+            }
+        })
+    }
+
+    /// Whether any 2-D tensor is stored as Q4_0 (the one GGML block format that is a kiln
+    /// weight format exactly: [`GgufFile::packed_q4_0`]).
+    pub fn has_q4_0_matrices(&self) -> bool {
+        self.tensors
+            .iter()
+            .any(|t| t.ty.name == "Q4_0" && t.dims.len() == 2)
+    }
+
+    /// A 2-D Q4_0 tensor as kiln's `int4g32` (symmetric) packing, exactly: ggml's block of 32
+    /// columns is one group, its f16 `d` the group's scale, and `(q − 8) · d` the value; byte
+    /// `j` of a block holds columns `j` (low nibble) and `j + 16` (high), which kiln stores as
+    /// columns `2j`, `2j + 1` of a byte. llama's Q/K rows are unpermuted as [`GgufFile::read_f32`]
+    /// does. `None` for any other type or shape.
+    pub fn packed_q4_0(
+        &self,
+        hf_name: &str,
+    ) -> Option<Result<kiln_runtime::quant::Packed, GgufError>> {
+        if !self.is_q4_0_matrix(hf_name) {
+            return None;
+        }
+        let t = self.tensor_info(hf_name)?;
+        let (cols, rows) = (t.dims[0], t.dims[1]);
+        let bytes = self.mmap.get(t.start..t.end)?;
+        let blocks = cols / 32;
+        if bytes.len() != rows * blocks * 18 {
+            return None;
+        }
+        // The GGUF row each HF row comes from: unpermuting a column of row indices.
+        let src: Vec<usize> = match self.hf_row_sources(t, hf_name, rows) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut p = kiln_runtime::quant::Packed {
+            format: kiln_runtime::ir::DType::Int4 {
+                group: 32,
+                zero_point: false,
+            },
+            rows,
+            cols,
+            q: vec![0; rows * cols / 2],
+            scale: vec![0.0; rows * blocks],
+            zero: Vec::new(),
+            col_scale: Vec::new(),
+        };
+        for (r, &g) in src.iter().enumerate() {
+            for b in 0..blocks {
+                let blk = &bytes[(g * blocks + b) * 18..][..18];
+                p.scale[r * blocks + b] = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                let codes = |j: usize| {
+                    if j < 16 {
+                        blk[2 + j] & 15
+                    } else {
+                        blk[2 + j - 16] >> 4
+                    }
+                };
+                let row = &mut p.q[r * cols / 2 + b * 16..][..16];
+                for (i, byte) in row.iter_mut().enumerate() {
+                    *byte = codes(2 * i) | (codes(2 * i + 1) << 4);
+                }
+            }
+        }
+        Some(Ok(p))
+    }
+
+    /// Whether [`GgufFile::packed_q4_0`] reads this tensor (a 2-D Q4_0 matrix).
+    pub fn is_q4_0_matrix(&self, hf_name: &str) -> bool {
+        self.tensor_info(hf_name).is_some_and(|t| {
+            t.ty.name == "Q4_0" && t.dims.len() == 2 && t.dims[0].is_multiple_of(32)
+        })
+    }
+
+    /// For each HF row of a `rows`-row tensor, the GGUF row it is read from (llama's Q/K
+    /// permutation undone, else the identity).
+    fn hf_row_sources(
+        &self,
+        t: &TensorInfo,
+        hf_name: &str,
+        rows: usize,
+    ) -> Result<Vec<usize>, GgufError> {
+        let Some((n_head, key)) = self.qk_heads(t)? else {
+            return Ok((0..rows).collect());
+        };
+        let index: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+        gguf_quant::unpermute_qk(&index, rows, 1, n_head)
+            .map(|v| v.into_iter().map(|r| r as usize).collect())
+            .map_err(|msg| GgufError::BadTensorShape {
+                path: self.path.clone(),
+                tensor: hf_name.into(),
+                expected: format!("rows that split into {key} = {n_head} heads of an even size"),
+                found: msg,
+            })
+    }
+
+    /// For a llama Q or K projection, the head count its rows were permuted with and the
+    /// metadata key that gives it; `None` for every other tensor.
+    fn qk_heads(&self, t: &TensorInfo) -> Result<Option<(usize, &'static str)>, GgufError> {
         let is_llama = self.architecture().ok() == Some("llama");
         let Some(is_q) = llama_qk(&t.gguf_name).filter(|_| is_llama) else {
-            return Ok(values);
+            return Ok(None);
         };
         let heads_key = "llama.attention.head_count";
         let heads = self.req_u64(heads_key)?;
@@ -482,18 +594,7 @@ impl GgufFile {
             let kv_key = "llama.attention.head_count_kv";
             (self.opt_u64(kv_key)?.unwrap_or(heads), kv_key)
         };
-        // HF rows = outermost GGUF dim; everything inside it is one row.
-        let rows = *t.dims.last().unwrap_or(&1);
-        let cols = t.n_elements.checked_div(rows).unwrap_or(0);
-        let n_head = usize::try_from(n_head).unwrap_or(usize::MAX);
-        gguf_quant::unpermute_qk(&values, rows, cols, n_head).map_err(|msg| {
-            GgufError::BadTensorShape {
-                path: self.path.clone(),
-                tensor: hf_name.into(),
-                expected: format!("rows that split into {key} = {n_head} heads of an even size"),
-                found: msg,
-            }
-        })
+        Ok(Some((usize::try_from(n_head).unwrap_or(usize::MAX), key)))
     }
 
     /// A HuggingFace `tokenizer.json` (as a JSON string) rebuilt from `tokenizer.ggml.*`

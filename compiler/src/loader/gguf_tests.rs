@@ -1257,6 +1257,21 @@ fn gguf_absurd_block_count_is_an_error_not_an_abort() {
 /// architecture `arch` (llama.cpp's tensor names, `<arch>.*` metadata, no Q/K permutation),
 /// builds it and checks the logits against transformers' (≤ 1e-4 relative L2).
 fn gguf_family_matches_transformers(family: &str, arch: &str, theta: f32, window: Option<u32>) {
+    let (dir, gguf, reference) = family_gguf(family, arch, theta, window, false);
+    check_gguf_logits(family, &dir, &gguf, &reference);
+}
+
+/// The tiny transformers checkpoint of `tests/fixtures/families/<family>` written as a GGUF of
+/// architecture `arch` (llama.cpp's tensor names, `<arch>.*` metadata, no Q/K permutation),
+/// its projections as Q4_0 blocks when `q4_0` (quantized by kiln's `int4g32` rule, which is
+/// llama.cpp's Q4_0 rule); with the fixture's reference (ids and logits).
+fn family_gguf(
+    family: &str,
+    arch: &str,
+    theta: f32,
+    window: Option<u32>,
+    q4_0: bool,
+) -> (tempfile::TempDir, PathBuf, Value) {
     let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join(format!("../tests/fixtures/families/{family}"));
     let cfg: Value =
@@ -1327,28 +1342,49 @@ fn gguf_family_matches_transformers(family: &str, arch: &str, theta: f32, window
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         let dims: Vec<u64> = view.shape().iter().rev().map(|&d| d as u64).collect();
-        w = w.f32_tensor(&gguf_name(&name), &dims, &values);
+        if q4_0 && name.ends_with("_proj.weight") {
+            w = w.tensor(
+                &gguf_name(&name),
+                &dims,
+                2,
+                q4_0_blocks(&values, view.shape()[1]),
+            );
+        } else {
+            w = w.f32_tensor(&gguf_name(&name), &dims, &values);
+        }
     }
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join(format!("{family}.gguf"));
     std::fs::write(&gguf, w.bytes()).unwrap();
-    let engine = dir.path().join(format!("{family}.kiln"));
-    crate::build::build(
-        &gguf,
-        &engine,
-        &crate::build::BuildOptions::default(),
-        &|_, _| {},
-    )
-    .unwrap();
-    let e = kiln_runtime::engine::Engine::open(&engine).unwrap();
-    assert_eq!(e.config["model_type"], family);
-    let exec = e.cpu_executor().unwrap();
-    let ids: Vec<i32> = reference["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap() as i32)
-        .collect();
+    (dir, gguf, reference)
+}
+
+/// Q4_0 blocks of a row-major matrix with `cols` columns (a multiple of 32): per block the f16
+/// scale, then byte `j` = code of column `j` | code of column `j + 16` << 4.
+fn q4_0_blocks(values: &[f32], cols: usize) -> Vec<u8> {
+    let rows = values.len() / cols;
+    let format = kiln_runtime::ir::DType::Int4 {
+        group: 32,
+        zero_point: false,
+    };
+    let p = kiln_runtime::quant::quantize(format, values, rows, cols).unwrap();
+    let code = |r: usize, c: usize| (p.q[r * cols / 2 + c / 2] >> (4 * (c % 2))) & 15;
+    let mut out = Vec::new();
+    for r in 0..rows {
+        for b in 0..cols / 32 {
+            out.extend(f16::from_f32(p.scale[r * cols / 32 + b]).to_le_bytes());
+            for j in 0..16 {
+                out.push(code(r, 32 * b + j) | (code(r, 32 * b + 16 + j) << 4));
+            }
+        }
+    }
+    out
+}
+
+/// Builds `gguf` and checks its logits on the reference ids against transformers' (≤ 1e-4).
+fn check_gguf_logits(family: &str, dir: &tempfile::TempDir, gguf: &Path, reference: &Value) {
+    let opts = crate::build::BuildOptions::default();
+    let got = gguf_logits(dir, gguf, reference, &opts, family);
     let want: Vec<f32> = reference["logits"]
         .as_array()
         .unwrap()
@@ -1360,17 +1396,112 @@ fn gguf_family_matches_transformers(family: &str, arch: &str, theta: f32, window
                 .map(|v| v.as_f64().unwrap() as f32)
         })
         .collect();
-    let mut session = exec.session(1);
-    let got = exec.step(&mut session, &ids, &[]).unwrap().outputs["logits"]
-        .data
-        .clone();
+    let err = rel_l2_f32(&got, &want);
+    assert!(err <= 1e-4, "{family} GGUF vs transformers: {err:.2e}");
+}
+
+fn rel_l2_f32(got: &[f32], want: &[f32]) -> f64 {
     let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(&want) {
+    for (g, w) in got.iter().zip(want) {
         num += (*g as f64 - *w as f64).powi(2);
         den += (*w as f64).powi(2);
     }
-    let err = (num / den).sqrt();
-    assert!(err <= 1e-4, "{family} GGUF vs transformers: {err:.2e}");
+    (num / den).sqrt()
+}
+
+/// The logits of the reference ids of an engine built from `gguf` with `opts` (written beside
+/// it as `<family>-<no_optimize>.kiln`).
+fn gguf_logits(
+    dir: &tempfile::TempDir,
+    gguf: &Path,
+    reference: &Value,
+    opts: &crate::build::BuildOptions,
+    family: &str,
+) -> Vec<f32> {
+    let engine = dir
+        .path()
+        .join(format!("{family}-{}.kiln", opts.no_optimize));
+    crate::build::build(gguf, &engine, opts, &|_, _| {}).unwrap();
+    let e = kiln_runtime::engine::Engine::open(&engine).unwrap();
+    assert_eq!(e.config["model_type"], family);
+    let exec = e.cpu_executor().unwrap();
+    let ids: Vec<i32> = reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap() as i32)
+        .collect();
+    let mut session = exec.session(1);
+    exec.step(&mut session, &ids, &[]).unwrap().outputs["logits"]
+        .data
+        .clone()
+}
+
+/// A GGUF whose projections are Q4_0 keeps them as `int4g32` codes (no --quant): the engine
+/// stores the blocks' codes and scales as they are, and computes what the dequantized GGUF
+/// computes (`--no-optimize` builds it dequantized).
+#[test]
+fn gguf_q4_0_projections_stay_4_bit() {
+    let (dir, gguf, reference) = family_gguf("qwen2", "qwen2", 1_000_000.0, None, true);
+    let opts = crate::build::BuildOptions::default();
+    let kept = gguf_logits(&dir, &gguf, &reference, &opts, "qwen2");
+    let plain = crate::build::BuildOptions {
+        no_optimize: true,
+        ..Default::default()
+    };
+    let dequantized = gguf_logits(&dir, &gguf, &reference, &plain, "qwen2");
+    let err = rel_l2_f32(&kept, &dequantized);
+    assert!(err <= 1e-5, "Q4_0 kept vs dequantized: {err:.2e}");
+    let e = kiln_runtime::engine::Engine::open(&dir.path().join("qwen2-false.kiln")).unwrap();
+    let codes: Vec<&str> = e
+        .tensor_names()
+        .filter(|n| n.starts_with("int4g32(") && n.ends_with(')'))
+        .collect();
+    // 2 layers × (fused qkv, o, fused gate/up, down).
+    assert_eq!(codes.len(), 8, "{codes:?}");
+    let f = GgufFile::open(&gguf).unwrap();
+    let down = f
+        .packed_q4_0("model.layers.1.mlp.down_proj.weight")
+        .unwrap()
+        .unwrap();
+    let (_, stored) = e
+        .tensor("int4g32(model.layers.1.mlp.down_proj.weight)")
+        .unwrap();
+    assert_eq!(stored, &down.q[..]);
+    assert_eq!(
+        down.dequantize(),
+        f.read_f32("model.layers.1.mlp.down_proj.weight").unwrap()
+    );
+}
+
+/// A llama GGUF's Q4_0 Q rows are stored permuted (llama.cpp's RoPE layout); the packed weight
+/// comes back in HF row order, as `read_f32` does.
+#[test]
+fn gguf_q4_0_llama_q_rows_are_unpermuted() {
+    let (rows, cols) = (8, 64);
+    let hf: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
+        .collect();
+    let stored = permute_qk(&hf, rows, cols, 2).unwrap();
+    let w = llama_meta(Writer::new()).tensor(
+        "blk.0.attn_q.weight",
+        &[cols as u64, rows as u64],
+        2,
+        q4_0_blocks(&stored, cols),
+    );
+    let f = open_writer(&w);
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let p = f.packed_q4_0(name).unwrap().unwrap();
+    let format = kiln_runtime::ir::DType::Int4 {
+        group: 32,
+        zero_point: false,
+    };
+    assert_eq!(
+        p,
+        kiln_runtime::quant::quantize(format, &hf, rows, cols).unwrap()
+    );
+    assert_eq!(p.dequantize(), f.read_f32(name).unwrap());
+    assert!(f.packed_q4_0("model.norm.weight").is_none());
 }
 
 /// A Qwen2 GGUF (llama's tensor names with q/k/v biases under `qwen2.*` metadata, no Q/K
