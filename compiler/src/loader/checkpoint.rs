@@ -172,12 +172,10 @@ impl Checkpoint {
     pub fn stores_packed(&self, name: &str) -> bool {
         match &self.store {
             Store::Gguf(g) => g.is_q4_0_matrix(name),
-            Store::Safetensors(s) => {
-                self.prequant.is_some()
-                    && name
-                        .strip_suffix(".weight")
-                        .is_some_and(|b| s.contains(&format!("{b}.qweight")))
-            }
+            Store::Safetensors(s) => self.prequant.is_some_and(|p| {
+                name.strip_suffix(".weight")
+                    .is_some_and(|b| s.contains(&format!("{b}{}", p.marker())))
+            }),
         }
     }
 
@@ -191,7 +189,7 @@ impl Checkpoint {
         };
         let p = self.prequant.as_ref()?;
         let base = name.strip_suffix(".weight")?;
-        let qweight = format!("{base}.qweight");
+        let qweight = format!("{base}{}", p.marker());
         s.contains(&qweight).then(|| {
             p.packed(base, |n| s.read_raw(n).map_err(|e| e.to_string()))
                 .map_err(|message| LoadError::Corrupt {

@@ -1,5 +1,5 @@
-//! Pre-quantized HF checkpoints read as they are: AutoAWQ's GEMM packing and GPTQ's (v1 and v2
-//! zero points), 4-bit, groups along the input. Their linear weights are exactly kiln's
+//! Pre-quantized HF checkpoints read as they are: AutoAWQ's GEMM packing, GPTQ's (v1 and v2
+//! zero points) and compressed-tensors' `pack-quantized` (W4A16), 4-bit, groups along the input. Their linear weights are exactly kiln's
 //! `int4gGz` weight format (`(q − zero) · scale`, f16 scales, one zero point per group), so each
 //! `X.qweight`/`X.qzeros`/`X.scales` (`X.g_idx`) triple reads as a virtual tensor `X.weight`
 //! `[out, in]` whose packed form ([`PreQuant::packed`]) the build stores without re-quantizing.
@@ -14,6 +14,13 @@
 //!   the default) stores each zero point minus one, `"gptq_v2"` the zero point itself.
 //!   Act-order checkpoints (`desc_act`, a `g_idx` other than `k / G`) are refused: their groups
 //!   are not contiguous runs of columns.
+//! - compressed-tensors (`quant_method: "compressed-tensors"`, `format: "pack-quantized"`, one
+//!   weight-only config group of 4-bit ints in groups): `X.weight_packed` i32 `[out, in/8]`, the
+//!   code + 8 of input column `8i + b` in bits `4b..` of word `i`; `X.weight_scale` `[out, in/G]`
+//!   (f16, bf16 or f32: each must be an f16 value, as kiln stores scales); when asymmetric,
+//!   `X.weight_zero_point` i32 `[out/8, in/G]` packed along the output rows, zero + 8 likewise;
+//!   `X.weight_shape` (and `X.weight_g_idx`, refused: act-order). Symmetric maps to `int4gG`,
+//!   asymmetric to `int4gGz` (kiln's zero point is the stored zero + 8).
 
 use kiln_runtime::ir::op::INT4_GROUPS;
 use kiln_runtime::ir::DType;
@@ -31,6 +38,11 @@ pub enum Method {
         /// `checkpoint_format: "gptq_v2"`.
         v2: bool,
     },
+    /// compressed-tensors `pack-quantized`.
+    CompressedTensors {
+        /// Symmetric (no zero points stored).
+        symmetric: bool,
+    },
 }
 
 /// The quantization a checkpoint's `quantization_config` declares.
@@ -42,8 +54,16 @@ pub struct PreQuant {
     pub group: usize,
 }
 
-/// The suffixes of the stored parts of one pre-quantized linear weight.
+/// The suffixes of the stored parts of one pre-quantized linear weight (AutoAWQ, GPTQ).
 const PARTS: [&str; 4] = [".qweight", ".qzeros", ".scales", ".g_idx"];
+/// The same for compressed-tensors.
+const CT_PARTS: [&str; 5] = [
+    ".weight_packed",
+    ".weight_scale",
+    ".weight_zero_point",
+    ".weight_shape",
+    ".weight_g_idx",
+];
 
 /// A code or zero point by (output row, input column or group).
 type Lookup = Box<dyn Fn(usize, usize) -> u8>;
@@ -97,6 +117,7 @@ impl PreQuant {
                     other => return refuse(format!("checkpoint_format `{other}`")),
                 }
             }
+            "compressed-tensors" => return compressed_tensors(q, refuse),
             _ => return refuse("this method".into()),
         };
         let bits = q
@@ -127,7 +148,16 @@ impl PreQuant {
     pub fn format(&self) -> DType {
         DType::Int4 {
             group: self.group as u16,
-            zero_point: true,
+            zero_point: self.method != Method::CompressedTensors { symmetric: true },
+        }
+    }
+
+    /// The suffix of the part that marks a pre-quantized linear `X` (`X.qweight`,
+    /// `X.weight_packed`).
+    pub fn marker(&self) -> &'static str {
+        match self.method {
+            Method::CompressedTensors { .. } => ".weight_packed",
+            _ => ".qweight",
         }
     }
 
@@ -137,6 +167,8 @@ impl PreQuant {
             Method::AwqGemm => "AutoAWQ GEMM",
             Method::Gptq { v2: false } => "GPTQ",
             Method::Gptq { v2: true } => "GPTQ v2",
+            Method::CompressedTensors { symmetric: true } => "compressed-tensors, symmetric",
+            Method::CompressedTensors { symmetric: false } => "compressed-tensors, zero points",
         };
         format!("{m}, 4-bit, groups of {}", self.group)
     }
@@ -147,12 +179,16 @@ impl PreQuant {
         &self,
         stored: &[(String, Vec<usize>)],
     ) -> Result<Vec<(String, Vec<usize>)>, String> {
+        let parts: &[&str] = match self.method {
+            Method::CompressedTensors { .. } => &CT_PARTS,
+            _ => &PARTS,
+        };
         let mut out = Vec::with_capacity(stored.len());
         for (name, shape) in stored {
-            if let Some(base) = name.strip_suffix(".qweight") {
+            if let Some(base) = name.strip_suffix(self.marker()) {
                 let (o, i) = self.dims(base, shape)?;
                 out.push((format!("{base}.weight"), vec![o, i]));
-            } else if !PARTS.iter().any(|p| name.ends_with(p)) {
+            } else if !parts.iter().any(|p| name.ends_with(p)) {
                 out.push((name.clone(), shape.clone()));
             }
         }
@@ -163,12 +199,14 @@ impl PreQuant {
     fn dims(&self, base: &str, shape: &[usize]) -> Result<(usize, usize), String> {
         let [a, b] = shape else {
             return Err(format!(
-                "`{base}.qweight` has shape {shape:?}; expected 2 axes"
+                "`{base}{}` has shape {shape:?}; expected 2 axes",
+                self.marker()
             ));
         };
         Ok(match self.method {
             Method::AwqGemm => (b * 8, *a),
             Method::Gptq { .. } => (*b, a * 8),
+            Method::CompressedTensors { .. } => (*a, b * 8),
         })
     }
 
@@ -190,7 +228,7 @@ impl PreQuant {
             }
             Ok(bytes)
         };
-        let (_, qshape, _) = read(&format!("{base}.qweight"))?;
+        let (_, qshape, _) = read(&format!("{base}{}", self.marker()))?;
         let (rows, cols) = self.dims(base, &qshape)?;
         let g = self.group;
         if !rows.is_multiple_of(8) || !cols.is_multiple_of(8) || !cols.is_multiple_of(g) {
@@ -204,6 +242,9 @@ impl PreQuant {
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect()
         };
+        if let Method::CompressedTensors { symmetric } = self.method {
+            return self.compressed_tensors(base, &read, rows, cols, symmetric);
+        }
         let nib = |w: u32, i: usize| ((w >> (4 * i)) & 15) as u8;
         let (code, zero): (Lookup, Lookup);
         match self.method {
@@ -237,6 +278,7 @@ impl PreQuant {
                 // 4-bit grid uses; such a checkpoint is malformed (checked below).
                 zero = Box::new(move |n, gi| nib(z[gi * (rows / 8) + n / 8], n % 8) + offset);
             }
+            Method::CompressedTensors { .. } => unreachable!("returned above"),
         }
         let scales = part(".scales", Dtype::F16, &[groups, rows])?;
         let mut p = Packed {
@@ -267,6 +309,133 @@ impl PreQuant {
         }
         Ok(p)
     }
+}
+
+impl PreQuant {
+    /// [`PreQuant::packed`] for compressed-tensors `pack-quantized`.
+    fn compressed_tensors(
+        &self,
+        base: &str,
+        read: &impl Fn(&str) -> Result<Raw, String>,
+        rows: usize,
+        cols: usize,
+        symmetric: bool,
+    ) -> Result<Packed, String> {
+        let groups = cols / self.group;
+        let words = |name: &str, shape: &[usize]| -> Result<Vec<u32>, String> {
+            let (d, s, b) = read(name)?;
+            if d != Dtype::I32 || s != shape {
+                return Err(format!("`{name}` is {d:?} {s:?}; expected I32 {shape:?}"));
+            }
+            Ok(b.chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let q = words(&format!("{base}.weight_packed"), &[rows, cols / 8])?;
+        let scale_name = format!("{base}.weight_scale");
+        let (d, s, b) = read(&scale_name)?;
+        if s != [rows, groups] {
+            return Err(format!(
+                "`{scale_name}` has shape {s:?}; expected {:?}",
+                [rows, groups]
+            ));
+        }
+        let scales = kiln_runtime::engine::widen_to_f32(d, &b)
+            .ok_or_else(|| format!("`{scale_name}` is {d:?}; expected a float type"))?;
+        if let Some(bad) = scales
+            .iter()
+            .find(|&&v| half::f16::from_f32(v).to_f32() != v)
+        {
+            return Err(format!(
+                "`{scale_name}` holds {bad:e}, which is not an f16 value (kiln stores int4 \
+                 scales in f16)"
+            ));
+        }
+        let zeros = if symmetric {
+            Vec::new()
+        } else {
+            words(&format!("{base}.weight_zero_point"), &[rows / 8, groups])?
+        };
+        let mut p = Packed {
+            format: self.format(),
+            rows,
+            cols,
+            q: vec![0; rows * cols / 2],
+            scale: scales
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect(),
+            zero: Vec::new(),
+            col_scale: Vec::new(),
+        };
+        for n in 0..rows {
+            for k in 0..cols {
+                let c = ((q[n * cols / 8 + k / 8] >> (4 * (k % 8))) & 15) as u8;
+                p.q[n * cols / 2 + k / 2] |= c << (4 * (k % 2));
+            }
+        }
+        if !symmetric {
+            p.zero = (0..rows)
+                .flat_map(|n| (0..groups).map(move |g| (n, g)))
+                .map(|(n, g)| ((zeros[(n / 8) * groups + g] >> (4 * (n % 8))) & 15) as u8)
+                .collect();
+        }
+        Ok(p)
+    }
+}
+
+/// The `quantization_config` of a compressed-tensors checkpoint: one weight-only config group
+/// of 4-bit ints in groups of 32, 64 or 128, packed (`pack-quantized`), without act-order.
+fn compressed_tensors(
+    q: &Value,
+    refuse: impl Fn(String) -> Result<Option<PreQuant>, String>,
+) -> Result<Option<PreQuant>, String> {
+    let format = q
+        .get("format")
+        .and_then(Value::as_str)
+        .unwrap_or("(absent)");
+    if format != "pack-quantized" {
+        return refuse(format!("format `{format}`"));
+    }
+    let groups: Vec<&Value> = q
+        .get("config_groups")
+        .and_then(Value::as_object)
+        .map(|m| m.values().collect())
+        .unwrap_or_default();
+    let [group] = groups.as_slice() else {
+        return refuse(format!("{} config groups (kiln reads one)", groups.len()));
+    };
+    if group.get("input_activations").is_some_and(|v| !v.is_null()) {
+        return refuse("quantized input activations".into());
+    }
+    let w = group.get("weights").cloned().unwrap_or(Value::Null);
+    let text = |k: &str| w.get(k).and_then(Value::as_str).unwrap_or("(absent)");
+    if w.get("num_bits").and_then(Value::as_i64) != Some(4) || text("type") != "int" {
+        return refuse(format!(
+            "weights of {} bits of type `{}`",
+            w.get("num_bits")
+                .map_or("(absent)".into(), |v| v.to_string()),
+            text("type")
+        ));
+    }
+    if text("strategy") != "group" {
+        return refuse(format!("strategy `{}`", text("strategy")));
+    }
+    if w.get("actorder")
+        .is_some_and(|v| !v.is_null() && v != false)
+    {
+        return refuse("actorder".into());
+    }
+    let size = w.get("group_size").and_then(Value::as_i64).unwrap_or(-1);
+    if !INT4_GROUPS.iter().any(|&g| i64::from(g) == size) {
+        return refuse(format!("group_size {size}"));
+    }
+    Ok(Some(PreQuant {
+        method: Method::CompressedTensors {
+            symmetric: w.get("symmetric").and_then(Value::as_bool).unwrap_or(true),
+        },
+        group: size as usize,
+    }))
 }
 
 #[cfg(test)]

@@ -95,6 +95,56 @@ fn gptq_parts(p: &quant::Packed, g: usize, v2: bool, g_idx: &[u32]) -> Parts {
     ]
 }
 
+/// compressed-tensors `pack-quantized` parts of `p` (symmetric: no zero points).
+fn ct_parts(p: &quant::Packed, g: usize, symmetric: bool) -> Parts {
+    let (rows, cols, groups) = (p.rows, p.cols, p.cols / g);
+    let mut qw = vec![0u32; rows * cols / 8];
+    for n in 0..rows {
+        for i in 0..cols / 8 {
+            for b in 0..8 {
+                qw[n * cols / 8 + i] |= code(p, n, 8 * i + b) << (4 * b);
+            }
+        }
+    }
+    let scales = f16_bytes(p.scale.iter().copied());
+    let shape = le_words(&[rows as u32, cols as u32]);
+    let mut parts = vec![
+        (
+            ".weight_packed",
+            Dtype::I32,
+            vec![rows, cols / 8],
+            le_words(&qw),
+        ),
+        (".weight_scale", Dtype::F16, vec![rows, groups], scales),
+        (".weight_shape", Dtype::I32, vec![2], shape),
+    ];
+    if !symmetric {
+        let mut zp = vec![0u32; rows / 8 * groups];
+        for j in 0..rows / 8 {
+            for gi in 0..groups {
+                for b in 0..8 {
+                    zp[j * groups + gi] |= u32::from(p.zero[(8 * j + b) * groups + gi]) << (4 * b);
+                }
+            }
+        }
+        parts.push((
+            ".weight_zero_point",
+            Dtype::I32,
+            vec![rows / 8, groups],
+            le_words(&zp),
+        ));
+    }
+    parts
+}
+
+fn ct_config(g: usize, symmetric: bool) -> Value {
+    json!({"quant_method": "compressed-tensors", "format": "pack-quantized",
+           "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": null,
+               "weights": {"num_bits": 4, "type": "int", "symmetric": symmetric,
+                           "strategy": "group", "group_size": g, "actorder": null}}},
+           "ignore": ["lm_head"]})
+}
+
 /// A random `[rows, cols]` weight quantized to int4 with zero points in groups of `g`, with no
 /// zero point of 0 (GPTQ v1 cannot store it).
 fn random_packed(rows: usize, cols: usize, g: usize, seed: u64) -> quant::Packed {
@@ -210,6 +260,23 @@ fn awq_and_gptq_packings_unpack_to_the_same_codes() {
                 ("n.weight".to_string(), vec![cols])
             ]
         );
+    }
+    for symmetric in [true, false] {
+        let ct = PreQuant {
+            method: Method::CompressedTensors { symmetric },
+            group: g,
+        };
+        let mut want = p.clone();
+        if symmetric {
+            // The symmetric format has the fixed zero 8 and stores no zero points.
+            want = random_packed(rows, cols, g, 7);
+            want.format = ct.format();
+            want.zero.clear();
+        }
+        let got = ct
+            .packed("l", reader(ct_parts(&want, g, symmetric), "l"))
+            .unwrap();
+        assert_eq!(got, want, "symmetric {symmetric}");
     }
     // Act-order: a g_idx that is not k / G.
     let mut shuffled = trivial.clone();
@@ -354,6 +421,12 @@ fn prequantized_checkpoints_build_with_their_codes() {
             Box::new(move |p: &quant::Packed| gptq_parts(p, g, true, &by_k(p.cols))),
         ),
     ];
+    let mut cases = cases;
+    cases.push((
+        "compressed_tensors",
+        ct_config(g, false),
+        Box::new(move |p: &quant::Packed| ct_parts(p, g, false)),
+    ));
     for (folder, qc, parts) in cases {
         let (got, int4, notes, down) = logits(&write(folder, Some(qc), &*parts));
         let stored = &packed
