@@ -206,7 +206,7 @@ impl GgufFile {
             .get("general.architecture")
             .and_then(|&i| metadata[i].1.as_str());
         // Architectures whose tensors follow llama's GGUF names (`blk.N.attn_q` …).
-        let llama_names = matches!(architecture, Some("llama" | "qwen2" | "phi3"));
+        let llama_names = matches!(architecture, Some("llama" | "qwen2" | "phi3" | "gemma"));
 
         let file_len = data.len() as u64;
         let mut tensors = Vec::with_capacity(infos.len());
@@ -394,15 +394,16 @@ impl GgufFile {
             .ok_or_else(|| self.bad_key("general.architecture", "a string", v))
     }
 
-    /// HuggingFace-style config.json synthesized from `{arch}.*` metadata, for arch "llama"
-    /// (error for others). Keys: `model_type` "llama", `architectures`, `hidden_size`,
+    /// HuggingFace-style config.json synthesized from `{arch}.*` metadata, for the archs
+    /// "llama", "qwen2", "phi3" and "gemma" (error for others). Keys: `model_type` (the arch),
+    /// `architectures`, `hidden_size`,
     /// `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`
     /// (default = heads), `head_dim` (`llama.attention.key_length`, else hidden / heads),
     /// `rms_norm_eps`, `rope_theta` (`llama.rope.freq_base`, default 10000.0; also given as
     /// `rope_parameters.rope_theta` like transformers ≥ 5), `rope_scaling` (only when
     /// `llama.rope.scaling.type` is present and not "none"), `max_position_embeddings`,
     /// `vocab_size` (`llama.vocab_size`, else the token list length, else the embedding rows),
-    /// `tie_word_embeddings` (true iff there is no `output.weight` tensor), `hidden_act` "silu",
+    /// `tie_word_embeddings` (true iff there is no `output.weight` tensor), `hidden_act` ("silu"; Gemma's "gelu_pytorch_tanh"),
     /// `attention_bias` / `mlp_bias` (whether such bias tensors exist), and `bos_token_id`,
     /// `eos_token_id`, `pad_token_id`, `unk_token_id` from `tokenizer.ggml.*` when present.
     pub fn hf_config(&self) -> Result<Value, GgufError> {
@@ -470,6 +471,10 @@ impl GgufFile {
                 supported: gguf_quant::SUPPORTED_TYPES,
             }
         })?;
+        if self.architecture().ok() == Some("gemma") && t.gguf_name.ends_with("norm.weight") {
+            // Stored as 1 + w by llama.cpp's converter; gemma.ron adds the one itself.
+            return Ok(values.into_iter().map(|v| v - 1.0).collect());
+        }
         let Some((n_head, key)) = self.qk_heads(t)? else {
             return Ok(values);
         };

@@ -5,7 +5,11 @@
 //! to Llama only); they map to `model_type: "qwen2"` (`models/qwen2.ron`). Phi-3 GGUFs
 //! (`phi3`) use the same names with fused `attn_qkv` and `ffn_up` (gate rows, then up rows)
 //! tensors, which are Phi-3's own `qkv_proj` and `gate_up_proj`, no Q/K permutation either, and
-//! a sliding window (`phi3.attention.sliding_window`); they map to `models/phi3.ron`.
+//! a sliding window (`phi3.attention.sliding_window`); they map to `models/phi3.ron`. Gemma
+//! GGUFs (`gemma`) use the same names, a head size of their own (`gemma.attention.key_length`),
+//! a tied output, GELU (tanh), and norm weights stored plus one (llama.cpp's converter adds the
+//! one that Gemma's RMSNorm adds; [`GgufFile::read_f32`] takes it off again); they map to
+//! `models/gemma.ron`.
 
 use serde_json::{json, Value};
 
@@ -73,11 +77,12 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
         "llama" => ("llama", "LlamaForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "phi3" => ("phi3", "Phi3ForCausalLM"),
+        "gemma" => ("gemma", "GemmaForCausalLM"),
         _ => {
             return Err(GgufError::Unsupported {
                 path: f.path().to_path_buf(),
                 what: "architecture for hf_config",
-                expected: "\"llama\", \"qwen2\" or \"phi3\"",
+                expected: "\"llama\", \"qwen2\", \"phi3\" or \"gemma\"",
                 found: arch.into(),
             })
         }
@@ -134,7 +139,15 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
     let fields = [
         ("architectures", json!([class])),
         ("model_type", json!(model_type)),
-        ("hidden_act", json!("silu")),
+        // Gemma's MLP is GELU (tanh)-gated; the others' SiLU-gated.
+        (
+            "hidden_act",
+            json!(if arch == "gemma" {
+                "gelu_pytorch_tanh"
+            } else {
+                "silu"
+            }),
+        ),
         ("hidden_size", json!(hidden)),
         ("intermediate_size", json!(intermediate)),
         ("num_hidden_layers", json!(layers)),

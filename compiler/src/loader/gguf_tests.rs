@@ -667,12 +667,12 @@ fn gguf_hf_config_defaults_and_errors() {
         "{err}"
     );
 
-    let other = Writer::new().kv("general.architecture", GgufValue::String("gemma".into()));
+    let other = Writer::new().kv("general.architecture", GgufValue::String("gemma3".into()));
     let f = open_writer(&other);
-    assert_eq!(f.architecture().unwrap(), "gemma");
+    assert_eq!(f.architecture().unwrap(), "gemma3");
     let err = f.hf_config().unwrap_err();
     assert!(matches!(err, GgufError::Unsupported { .. }));
-    assert!(err.to_string().contains("gemma"), "{err}");
+    assert!(err.to_string().contains("gemma3"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1307,6 +1307,9 @@ fn family_gguf(
     if let Some(window) = window {
         w = w.kv(&key("attention.sliding_window"), GgufValue::U32(window));
     }
+    if cfg.get("head_dim").is_some_and(|d| !d.is_null()) {
+        w = w.kv(&key("attention.key_length"), u("head_dim"));
+    }
     let gguf_name = |hf: &str| -> String {
         let hf = hf.strip_prefix("model.").unwrap_or(hf);
         match hf {
@@ -1342,6 +1345,13 @@ fn family_gguf(
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         let dims: Vec<u64> = view.shape().iter().rev().map(|&d| d as u64).collect();
+        // llama.cpp's converter stores Gemma's norm weights plus one (its RMSNorm multiplies by
+        // the weight, Gemma's by 1 + weight).
+        let values: Vec<f32> = if arch == "gemma" && name.ends_with("norm.weight") {
+            values.iter().map(|v| v + 1.0).collect()
+        } else {
+            values
+        };
         if q4_0 && name.ends_with("_proj.weight") {
             w = w.tensor(
                 &gguf_name(&name),
@@ -1502,6 +1512,14 @@ fn gguf_q4_0_llama_q_rows_are_unpermuted() {
     );
     assert_eq!(p.dequantize(), f.read_f32(name).unwrap());
     assert!(f.packed_q4_0("model.norm.weight").is_none());
+}
+
+/// A Gemma GGUF (llama's tensor names under `gemma.*` metadata, norm weights stored plus one,
+/// head size from `gemma.attention.key_length`, tied output) builds with `models/gemma.ron` and
+/// reproduces transformers' logits.
+#[test]
+fn gguf_gemma_builds_and_matches_transformers() {
+    gguf_family_matches_transformers("gemma", "gemma", 10_000.0, None);
 }
 
 /// A Qwen2 GGUF (llama's tensor names with q/k/v biases under `qwen2.*` metadata, no Q/K
