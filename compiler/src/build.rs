@@ -571,7 +571,8 @@ fn prequantized_options(
     }
     if opts.quant.is_some() {
         notes.push(format!(
-            "pre-quantized checkpoint ({what}): --quant re-quantizes its dequantized weights"
+            "pre-quantized checkpoint ({what}) built with --quant: weights not stored in that \
+             format are quantized again from their dequantized values"
         ));
         return Ok(None);
     }
@@ -607,7 +608,8 @@ fn prequantized_options(
 
 /// The packed weight of a quantized recipe read from a pre-quantized checkpoint as stored:
 /// `source` reads such weights (through float casts, whose rounding the stored codes make
-/// moot) and stacks their rows (a fused QKV or gate/up). `None` for any other recipe, which is
+/// moot), takes row ranges of them (Phi-3's fused `qkv_proj` split) and stacks rows (a fused QKV
+/// or gate/up). `None` for any other recipe, which is
 /// quantized from its values.
 fn stored_packed(
     ckpt: &Checkpoint,
@@ -629,6 +631,19 @@ fn stored_packed(
                 Ok(_) => None,
                 Err(e) => Some(Err(e)),
             },
+            Op::Slice {
+                axis: 0,
+                start,
+                end,
+            } => {
+                let (start, end) = (start.as_const()?, end.as_const()?);
+                match walk(ckpt, g, n.inputs[0], format)? {
+                    Ok(p) => p
+                        .row_range(usize::try_from(start).ok()?, usize::try_from(end).ok()?)
+                        .map(Ok),
+                    Err(e) => Some(Err(e)),
+                }
+            }
             Op::Concat { axis: 0 } => {
                 let mut parts = Vec::new();
                 for &i in &n.inputs {
@@ -832,6 +847,9 @@ fn build_rank(
         None
     };
     let calib_report = std::sync::Mutex::new(Vec::<(f32, f64, f64)>::new());
+    // Weights of a pre-quantized checkpoint quantized again from their values (not a row
+    // range or stack of stored weights): said in a note, since that rounds twice.
+    let requantized = std::sync::atomic::AtomicUsize::new(0);
     let wanted: Vec<(NodeId, &str)> = graph.weights().collect();
     let total = wanted.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
@@ -872,6 +890,9 @@ fn build_rank(
                         .as_ref()
                         .and_then(|s| s.get(source_name(name, format)?));
                     let stored = stored_packed(&ckpt, &source, format);
+                    if stored.is_none() && ckpt.stored_quantization().is_some() {
+                        requantized.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let packed = match (format, stats) {
                         _ if stored.is_some() => {
                             stored.expect("checked").map_err(|e| BuildError::Weight {
@@ -929,6 +950,13 @@ fn build_rank(
         })
         .collect::<Result<Vec<Vec<EngineTensor>>, BuildError>>()?;
     let weights: Vec<EngineTensor> = weights.into_iter().flatten().collect();
+    let requantized = requantized.into_inner();
+    if requantized > 0 {
+        notes.push(format!(
+            "{requantized} quantized weight(s) are not a stored weight's rows: quantized again \
+             from the checkpoint's dequantized values"
+        ));
+    }
     if calib_stats.is_some() {
         let r = calib_report.into_inner().expect("no panic while held");
         let (err, rtn): (f64, f64) = r.iter().fold((0.0, 0.0), |(a, b), x| (a + x.1, b + x.2));

@@ -345,6 +345,29 @@ fn code(v: f32, s: f32, z: i32, lo: i32, hi: i32) -> i32 {
 }
 
 impl Packed {
+    /// Rows `start..end` (a slice of a fused projection); `None` if out of range or the format
+    /// carries column factors.
+    pub fn row_range(&self, start: usize, end: usize) -> Option<Packed> {
+        if start > end || end > self.rows || !self.col_scale.is_empty() {
+            return None;
+        }
+        let per = |len: usize| len / self.rows.max(1);
+        let (q, s, z) = (
+            per(self.q.len()),
+            per(self.scale.len()),
+            per(self.zero.len()),
+        );
+        Some(Packed {
+            format: self.format,
+            rows: end - start,
+            cols: self.cols,
+            q: self.q[start * q..end * q].to_vec(),
+            scale: self.scale[start * s..end * s].to_vec(),
+            zero: self.zero[start * z..end * z].to_vec(),
+            col_scale: Vec::new(),
+        })
+    }
+
     /// The rows of `parts` one after another (a fused projection of weights quantized
     /// separately); `None` if they differ in format or columns, or carry column factors.
     pub fn stack_rows(parts: Vec<Packed>) -> Option<Packed> {

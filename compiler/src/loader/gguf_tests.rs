@@ -1394,7 +1394,7 @@ fn q4_0_blocks(values: &[f32], cols: usize) -> Vec<u8> {
 /// Builds `gguf` and checks its logits on the reference ids against transformers' (≤ 1e-4).
 fn check_gguf_logits(family: &str, dir: &tempfile::TempDir, gguf: &Path, reference: &Value) {
     let opts = crate::build::BuildOptions::default();
-    let got = gguf_logits(dir, gguf, reference, &opts, family);
+    let (got, _) = gguf_logits(dir, gguf, reference, &opts, family);
     let want: Vec<f32> = reference["logits"]
         .as_array()
         .unwrap()
@@ -1427,11 +1427,11 @@ fn gguf_logits(
     reference: &Value,
     opts: &crate::build::BuildOptions,
     family: &str,
-) -> Vec<f32> {
+) -> (Vec<f32>, Vec<String>) {
     let engine = dir
         .path()
         .join(format!("{family}-{}.kiln", opts.no_optimize));
-    crate::build::build(gguf, &engine, opts, &|_, _| {}).unwrap();
+    let report = crate::build::build(gguf, &engine, opts, &|_, _| {}).unwrap();
     let e = kiln_runtime::engine::Engine::open(&engine).unwrap();
     assert_eq!(e.config["model_type"], family);
     let exec = e.cpu_executor().unwrap();
@@ -1442,9 +1442,10 @@ fn gguf_logits(
         .map(|v| v.as_i64().unwrap() as i32)
         .collect();
     let mut session = exec.session(1);
-    exec.step(&mut session, &ids, &[]).unwrap().outputs["logits"]
+    let logits = exec.step(&mut session, &ids, &[]).unwrap().outputs["logits"]
         .data
-        .clone()
+        .clone();
+    (logits, report.notes)
 }
 
 /// A GGUF whose projections are Q4_0 keeps them as `int4g32` codes (no --quant): the engine
@@ -1452,36 +1453,52 @@ fn gguf_logits(
 /// computes (`--no-optimize` builds it dequantized).
 #[test]
 fn gguf_q4_0_projections_stay_4_bit() {
-    let (dir, gguf, reference) = family_gguf("qwen2", "qwen2", 1_000_000.0, None, true);
-    let opts = crate::build::BuildOptions::default();
-    let kept = gguf_logits(&dir, &gguf, &reference, &opts, "qwen2");
-    let plain = crate::build::BuildOptions {
-        no_optimize: true,
-        ..Default::default()
-    };
-    let dequantized = gguf_logits(&dir, &gguf, &reference, &plain, "qwen2");
-    let err = rel_l2_f32(&kept, &dequantized);
-    assert!(err <= 1e-5, "Q4_0 kept vs dequantized: {err:.2e}");
-    let e = kiln_runtime::engine::Engine::open(&dir.path().join("qwen2-false.kiln")).unwrap();
-    let codes: Vec<&str> = e
-        .tensor_names()
-        .filter(|n| n.starts_with("int4g32(") && n.ends_with(')'))
-        .collect();
-    // 2 layers × (fused qkv, o, fused gate/up, down).
-    assert_eq!(codes.len(), 8, "{codes:?}");
-    let f = GgufFile::open(&gguf).unwrap();
-    let down = f
-        .packed_q4_0("model.layers.1.mlp.down_proj.weight")
-        .unwrap()
-        .unwrap();
-    let (_, stored) = e
-        .tensor("int4g32(model.layers.1.mlp.down_proj.weight)")
-        .unwrap();
-    assert_eq!(stored, &down.q[..]);
-    assert_eq!(
-        down.dequantize(),
-        f.read_f32("model.layers.1.mlp.down_proj.weight").unwrap()
-    );
+    // Qwen2: separate q/k/v and gate/up (stacked by the fusions); Phi-3: fused qkv and gate/up
+    // tensors that its model file slices (row ranges of the stored codes).
+    for (family, window) in [("qwen2", None), ("phi3", Some(5))] {
+        let theta = if family == "qwen2" {
+            1_000_000.0
+        } else {
+            10_000.0
+        };
+        let (dir, gguf, reference) = family_gguf(family, family, theta, window, true);
+        let opts = crate::build::BuildOptions::default();
+        let (kept, notes) = gguf_logits(&dir, &gguf, &reference, &opts, family);
+        assert!(
+            notes.iter().any(|n| n.contains("GGUF Q4_0"))
+                && !notes.iter().any(|n| n.contains("quantized again")),
+            "{family}: {notes:?}"
+        );
+        let plain = crate::build::BuildOptions {
+            no_optimize: true,
+            ..Default::default()
+        };
+        let (dequantized, _) = gguf_logits(&dir, &gguf, &reference, &plain, family);
+        let err = rel_l2_f32(&kept, &dequantized);
+        assert!(err <= 1e-5, "{family}: Q4_0 kept vs dequantized: {err:.2e}");
+        let e =
+            kiln_runtime::engine::Engine::open(&dir.path().join(format!("{family}-false.kiln")))
+                .unwrap();
+        let codes: Vec<&str> = e
+            .tensor_names()
+            .filter(|n| n.starts_with("int4g32(") && n.ends_with(')'))
+            .collect();
+        // 2 layers × (fused qkv, o, fused gate/up, down).
+        assert_eq!(codes.len(), 8, "{family}: {codes:?}");
+        let f = GgufFile::open(&gguf).unwrap();
+        let down = f
+            .packed_q4_0("model.layers.1.mlp.down_proj.weight")
+            .unwrap()
+            .unwrap();
+        let (_, stored) = e
+            .tensor("int4g32(model.layers.1.mlp.down_proj.weight)")
+            .unwrap();
+        assert_eq!(stored, &down.q[..], "{family}");
+        assert_eq!(
+            down.dequantize(),
+            f.read_f32("model.layers.1.mlp.down_proj.weight").unwrap()
+        );
+    }
 }
 
 /// A llama GGUF's Q4_0 Q rows are stored permuted (llama.cpp's RoPE layout); the packed weight
