@@ -569,6 +569,12 @@ fn prequantized_options(
              but no tensor is stored quantized (no `.qweight`)"
         )));
     }
+    if opts.tp > 1 || opts.pp > 1 {
+        return Err(BuildError::Other(format!(
+            "a pre-quantized checkpoint ({what}) with --tp/--pp is not built yet (parallel \
+             builds with quantized weights are not): build it on one rank"
+        )));
+    }
     if opts.quant.is_some() {
         notes.push(format!(
             "pre-quantized checkpoint ({what}) built with --quant: weights not stored in that \

@@ -427,8 +427,27 @@ fn prequantized_checkpoints_build_with_their_codes() {
         ct_config(g, false),
         Box::new(move |p: &quant::Packed| ct_parts(p, g, false)),
     ));
+    let mut first = true;
     for (folder, qc, parts) in cases {
-        let (got, int4, notes, down) = logits(&write(folder, Some(qc), &*parts));
+        let ckpt = write(folder, Some(qc), &*parts);
+        if std::mem::take(&mut first) {
+            // Parallel builds of quantized weights are not built: refused by name.
+            let opts = crate::build::BuildOptions {
+                tp: 2,
+                ..Default::default()
+            };
+            let Err(err) =
+                crate::build::build(&ckpt, &dir.path().join("tp.kiln"), &opts, &|_, _| {})
+            else {
+                panic!("a --tp build of a pre-quantized checkpoint was not refused");
+            };
+            let err = err.to_string();
+            assert!(
+                err.contains("pre-quantized") && err.contains("--tp"),
+                "{err}"
+            );
+        }
+        let (got, int4, notes, down) = logits(&ckpt);
         let stored = &packed
             .iter()
             .find(|(b, _)| b == "model.layers.1.mlp.down_proj")
