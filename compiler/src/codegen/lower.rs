@@ -8,8 +8,10 @@
 //! Logits are computed for each sequence's last token only. An `RmsNorm` is folded into the
 //! `Linear` that consumes it (the GEMV normalizes its input as it loads it, the prefill path
 //! runs the norm just before its GEMM); it becomes a launch of its own only when something else
-//! reads it. Any op with no GPU lowering is an error that names the node, so an unfused graph
-//! fails the build instead of running slowly.
+//! reads it. A projection's weight may be stored in a weight format the GPU kernels read (int8,
+//! int4: recorded as `Launch::Linear::format`, run by `gemv_q.cu`); any other weight format is
+//! an error naming the weight. Any op with no GPU lowering is an error that names the node, so
+//! an unfused graph fails the build instead of running slowly.
 
 use kiln_runtime::ir::{DType, Graph, InputKind, NodeId, Op};
 use kiln_runtime::kernels::QuantFormat;
