@@ -80,6 +80,11 @@ enum Command {
         /// on the CPU.
         #[arg(long)]
         calib: Option<PathBuf>,
+        /// With `--quant int4-gptq`: quantize the columns by decreasing Hessian diagonal
+        /// (GPTQ's act-order), each group's scale fixed beforehand (static groups, so the
+        /// stored format is unchanged).
+        #[arg(long)]
+        act_order: bool,
         /// Tensor parallelism: shard the model over N ranks (a power of two) and write one
         /// engine per rank beside OUTPUT (`model.rank0-of-N.kiln`, …); run them together with
         /// `kiln run OUTPUT --tp N`. CPU engines so far (the ranks run on threads).
@@ -609,6 +614,7 @@ struct QuantFlags {
     group: Option<u16>,
     skip: Vec<String>,
     calib: Option<PathBuf>,
+    act_order: bool,
 }
 
 impl QuantFlags {
@@ -624,6 +630,10 @@ impl QuantFlags {
                 .with_context(|| format!("--calib {}", path.display()))?;
         }
         c.gptq = self.quant.as_deref() == Some("int4-gptq");
+        if self.act_order && !c.gptq {
+            bail!("--act-order orders GPTQ's columns: it needs --quant int4-gptq");
+        }
+        c.act_order = self.act_order;
         Ok(c)
     }
 
@@ -705,6 +715,7 @@ fn main() -> ExitCode {
             group,
             quant_skip,
             calib,
+            act_order,
             tp,
             pp,
             kv_cache,
@@ -720,6 +731,7 @@ fn main() -> ExitCode {
                 group,
                 skip: quant_skip,
                 calib,
+                act_order,
             },
         )
         .and_then(|opts| {

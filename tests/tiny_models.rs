@@ -593,6 +593,10 @@ fn cli_quantized_builds_and_refusals() {
         ),
         (&["--quant", "int5"], "unknown --quant `int5`"),
         (
+            &["--quant", "int4", "--act-order"],
+            "needs --quant int4-gptq",
+        ),
+        (
             &["--quant", "int4", "--group", "100"],
             "groups of 32, 64 or 128",
         ),

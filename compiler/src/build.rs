@@ -916,8 +916,15 @@ fn build_rank(
                             quant::quantize_awq(&r.weight, rows, cols, group, &r.s).map_err(bad)?
                         }
                         (DType::Int4 { group, .. }, Some(stats)) if gptq => {
-                            let p =
-                                gptq::gptq(&data, rows, cols, group, &stats.gram).map_err(bad)?;
+                            let p = gptq::gptq(
+                                &data,
+                                rows,
+                                cols,
+                                group,
+                                &stats.gram,
+                                opts.calibration.act_order,
+                            )
+                            .map_err(bad)?;
                             let (err, rtn) = output_errors(&data, &p, stats, format);
                             calib_report
                                 .lock()

@@ -22,6 +22,8 @@ pub struct Calibration {
     pub windows: usize,
     /// Choose int4 codes by GPTQ (`--quant int4-gptq`) instead of rounding to nearest.
     pub gptq: bool,
+    /// GPTQ in act-order with static groups (`--act-order`; `gptq::gptq`).
+    pub act_order: bool,
 }
 
 impl Default for Calibration {
@@ -30,6 +32,7 @@ impl Default for Calibration {
             text: DEFAULT_CALIBRATION_TEXT.to_string(),
             windows: 8,
             gptq: false,
+            act_order: false,
         }
     }
 }
