@@ -150,6 +150,36 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
+// RMS-normalizes one row x [K] (bf16) into shared memory xs [K] with weight w [K], rounding as
+// rms_apply8 does: the norm a GEMV folds into its prologue (gemv.cu, gemv_q.cu). Every one of
+// the block's THREADS threads must call it (block-wide sum); xs is complete on return.
+// `red` is [32] floats of shared scratch. K % 8 == 0, x, w and xs 16-byte aligned.
+template <int K, int THREADS>
+__device__ __forceinline__ void rms_row_to_smem(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                                float eps, bf16* xs, float* red) {
+  constexpr int NV = K / 8, PER = (NV + THREADS - 1) / THREADS;
+  uint4 xr[PER];
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int v = threadIdx.x + i * THREADS;
+    if (v < NV) {
+      float f[8];
+      xr[i] = ld_cached16(x + v * 8);
+      unpack8(xr[i], f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
+    }
+  }
+  const float r = rsqrtf(block_sum(ss, red) * (1.0f / K) + eps);
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int v = threadIdx.x + i * THREADS;
+    if (v < NV) reinterpret_cast<uint4*>(xs)[v] = rms_apply8(xr[i], ld_cached16(w + v * 8), r);
+  }
+  __syncthreads();
+}
+
 __device__ __forceinline__ float block_max(float v, float* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nwarps = (blockDim.x + 31) >> 5;

@@ -135,27 +135,7 @@ gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const
   if (NORM) {
     __shared__ __align__(16) bf16 xs[NORM ? K : 8];
     __shared__ float red[32];
-    constexpr int NV = K / 8, PER = (NV + GEMV_WARPS * 32 - 1) / (GEMV_WARPS * 32);
-    uint4 xr[PER];
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      const int v = threadIdx.x + i * GEMV_WARPS * 32;
-      if (v < NV) {
-        float f[8];
-        xr[i] = kiln::ld_cached16(x + v * 8);
-        kiln::unpack8(xr[i], f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
-      }
-    }
-    const float r = rsqrtf(kiln::block_sum(ss, red) * (1.0f / K) + eps);
-#pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      const int v = threadIdx.x + i * GEMV_WARPS * 32;
-      if (v < NV) reinterpret_cast<uint4*>(xs)[v] = kiln::rms_apply8(xr[i], kiln::ld_cached16(norm_w + v * 8), r);
-    }
-    __syncthreads();
+    kiln::rms_row_to_smem<K, GEMV_WARPS * 32>(x, norm_w, eps, xs, red);
     xk = xs + kp * C::SPAN;
   }
 #pragma unroll 1

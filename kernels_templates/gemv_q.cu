@@ -183,28 +183,8 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
   kiln::pdl_sync();
   __shared__ __align__(16) bf16 xs[NORM ? K : 8];
   if (NORM) {
-    __shared__ float ss_red[32];
-    constexpr int NV = K / 8, PER_T = (NV + GEMV_Q_WARPS * 32 - 1) / (GEMV_Q_WARPS * 32);
-    uint4 xr[PER_T];
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < PER_T; ++i) {
-      const int v = threadIdx.x + i * GEMV_Q_WARPS * 32;
-      if (v < NV) {
-        float f[8];
-        xr[i] = kiln::ld_cached16(x + v * 8);
-        kiln::unpack8(xr[i], f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
-      }
-    }
-    const float r = rsqrtf(kiln::block_sum(ss, ss_red) * (1.0f / K) + eps);
-#pragma unroll
-    for (int i = 0; i < PER_T; ++i) {
-      const int v = threadIdx.x + i * GEMV_Q_WARPS * 32;
-      if (v < NV) reinterpret_cast<uint4*>(xs)[v] = kiln::rms_apply8(xr[i], kiln::ld_cached16(norm_w + v * 8), r);
-    }
-    __syncthreads();
+    __shared__ float red[32];
+    kiln::rms_row_to_smem<K, GEMV_Q_WARPS * 32>(x, norm_w, eps, xs, red);
   }
   const bf16* xp = (NORM ? xs : x + (long long)(has_x ? g : 0) * K) + PER * t;
   for (int c0 = warp; c0 < NC; c0 += GEMV_Q_WARPS * U) {

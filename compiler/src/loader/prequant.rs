@@ -242,9 +242,6 @@ impl PreQuant {
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect()
         };
-        if let Method::CompressedTensors { symmetric } = self.method {
-            return self.compressed_tensors(base, &read, rows, cols, symmetric);
-        }
         let nib = |w: u32, i: usize| ((w >> (4 * i)) & 15) as u8;
         let (code, zero): (Lookup, Lookup);
         match self.method {
@@ -278,7 +275,9 @@ impl PreQuant {
                 // 4-bit grid uses; such a checkpoint is malformed (checked below).
                 zero = Box::new(move |n, gi| nib(z[gi * (rows / 8) + n / 8], n % 8) + offset);
             }
-            Method::CompressedTensors { .. } => unreachable!("returned above"),
+            Method::CompressedTensors { symmetric } => {
+                return self.compressed_tensors(base, &read, rows, cols, symmetric);
+            }
         }
         let scales = part(".scales", Dtype::F16, &[groups, rows])?;
         let mut p = Packed {

@@ -1,11 +1,13 @@
 //! Build-time quantization that needs more than the weights: calibration of a model on text
-//! (`calibrate.rs`) and AWQ's activation-aware scale search (`awq.rs`). The formats themselves
+//! (`calibrate.rs`), AWQ's activation-aware scale search (`awq.rs`), GPTQ (`gptq.rs`), and the
+//! codes a pre-quantized checkpoint already stores (`stored.rs`). The formats themselves
 //! (layout, packing, dequantization) are `kiln_runtime::quant`; the rules choosing them are
 //! `rewrite/rules/quant.rs`.
 
 pub mod awq;
 pub mod calibrate;
 pub mod gptq;
+pub mod stored;
 
 /// The calibration text shipped with kiln (`data/calib/python-docstrings.txt`, Python standard
 /// library docstrings, PSF license): `kiln build --quant int4-awq` uses it unless `--calib` names

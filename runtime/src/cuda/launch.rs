@@ -792,27 +792,15 @@ impl Kernels {
             .weight_cols
             .get(w)
             .ok_or_else(|| CudaError::Engine(format!("weight `{w}` is not a matrix")))?;
-        let (mut xp, wp, o) = (p.buf(x), p.w(w)?, p.buf(out));
-        let (norm_w, eps) = match norm {
-            Some(nm) => (p.w(&nm.w)?, nm.eps),
-            None => (0, 0.0),
-        };
+        let (wp, o) = (p.w(w)?, p.buf(out));
+        let (xp, fold) = self.normed_input(stream, p, x, norm, rows)?;
+        let (norm_w, eps) = fold.unwrap_or((0, 0.0));
+        let fold = fold.is_some();
         let out_t = plan.buffers[out].dtype;
         let cols = plan.buffers[out].cols;
-        if norm.is_some() && rows > 1 {
-            let (r, dst) = (rows as i32, self.norm_scratch);
-            self.go(
-                stream,
-                &KernelInstance::rmsnorm(k),
-                sizes(rows, p.b, 0, 0),
-                &[P(xp), P(norm_w), P(dst), I(r), F(eps)],
-            )?;
-            xp = dst;
-        }
         if rows <= GEMV_MAX_ROWS {
             let r = epilogue_operand(p, epi)?;
             let (m, n) = (rows as i32, cols as i32);
-            let fold = norm.is_some() && rows == 1;
             let inst = gemv_instance(rows, k, epilogue_kind(epi), fold, out_type(out_t));
             let args = [P(xp), I(m), P(wp), I(n), P(r), P(o), P(norm_w), F(eps)];
             let args = if inst.family == KernelFamily::Gemv {
@@ -823,6 +811,37 @@ impl Kernels {
             return self.go(stream, &inst, sizes(rows, p.b, cols, 0), args);
         }
         self.gemm(stream, p, xp, wp, n_rows, k, epi, out)
+    }
+
+    /// The input a projection's product reads and the norm its GEMV folds: at one row a folded
+    /// norm stays in the GEMV's prologue (returned as its weight pointer and epsilon); at more
+    /// rows it runs first as `rmsnorm` into scratch, which the product then reads.
+    fn normed_input(
+        &self,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+        x: BufId,
+        norm: Option<&Norm>,
+        rows: usize,
+    ) -> Result<(u64, Option<(u64, f32)>), CudaError> {
+        let xp = p.buf(x);
+        let Some(nm) = norm else {
+            return Ok((xp, None));
+        };
+        let (w, eps) = (p.w(&nm.w)?, nm.eps);
+        match rows {
+            0 => return Ok((xp, None)),
+            1 => return Ok((xp, Some((w, eps)))),
+            _ => {}
+        }
+        let (k, r, dst) = (p.plan.buffers[x].cols, rows as i32, self.norm_scratch);
+        self.go(
+            stream,
+            &KernelInstance::rmsnorm(k),
+            sizes(rows, p.b, 0, 0),
+            &[P(xp), P(w), P(dst), I(r), F(eps)],
+        )?;
+        Ok((dst, None))
     }
 
     /// A `Linear` whose weight is in a weight format (`gemv_q.cu`): for one row the quantized
@@ -850,22 +869,9 @@ impl Kernels {
         } else {
             cols
         };
-        let mut xp = p.buf(x);
-        let (norm_w, eps) = match norm {
-            Some(nm) => (p.w(&nm.w)?, nm.eps),
-            None => (0, 0.0),
-        };
-        let fold = norm.is_some() && rows == 1;
-        if norm.is_some() && !fold {
-            let (r, dst) = (rows as i32, self.norm_scratch);
-            self.go(
-                stream,
-                &KernelInstance::rmsnorm(k),
-                sizes(rows, p.b, 0, 0),
-                &[P(xp), P(norm_w), P(dst), I(r), F(eps)],
-            )?;
-            xp = dst;
-        }
+        let (xp, fold) = self.normed_input(stream, p, x, norm, rows)?;
+        let (norm_w, eps) = fold.unwrap_or((0, 0.0));
+        let fold = fold.is_some();
         let q = p.w(w)?;
         let scale = p.w(&format!("{w}.scale"))?;
         let zero = match f {

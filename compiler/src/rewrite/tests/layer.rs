@@ -87,3 +87,24 @@ fn rewriting_is_deterministic() {
         assert_eq!(a.derived, b.derived);
     }
 }
+
+/// `--kv-cache int8`: each layer's two cache appends read their new entries through `KvQuant`
+/// (pinned here with the rest of the optimized layer).
+#[test]
+fn optimized_gqa_decoder_layer_int8_kv_cache() {
+    let g = llama(&gqa());
+    let q = crate::rewrite::kv_cache::quantize_kv_cache(&g, DType::Int8).unwrap();
+    let out = optimize(&q, &RewriteOptions::default()).unwrap();
+    verified(&out.graph, &q);
+    let kv = out
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.name.starts_with("layers.1.") && matches!(n.op, Op::KvQuant { .. }))
+        .count();
+    assert_eq!(kv, 2);
+    insta::assert_snapshot!(
+        "llama_gqa_layer_int8_kv_cache",
+        text(&out.graph, Some("layers.1."))
+    );
+}

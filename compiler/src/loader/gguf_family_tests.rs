@@ -1,0 +1,307 @@
+//! GGUF files written from the tiny transformers checkpoints of `tests/fixtures/families/`
+//! (llama.cpp's tensor names and `<arch>.*` metadata, the projections as Q4_0 blocks where asked):
+//! each builds into an engine that reproduces transformers' logits, and Q4_0 projections keep
+//! their codes.
+
+use super::*;
+
+/// Writes the tiny transformers checkpoint of `tests/fixtures/families/<family>` as a GGUF of
+/// architecture `arch` (llama.cpp's tensor names, `<arch>.*` metadata, no Q/K permutation),
+/// builds it and checks the logits against transformers' (≤ 1e-4 relative L2).
+fn gguf_family_matches_transformers(family: &str, arch: &str, theta: f32, window: Option<u32>) {
+    let (dir, gguf, reference) = family_gguf(family, arch, theta, window, false);
+    check_gguf_logits(family, &dir, &gguf, &reference);
+}
+
+/// The tiny transformers checkpoint of `tests/fixtures/families/<family>` written as a GGUF of
+/// architecture `arch` (llama.cpp's tensor names, `<arch>.*` metadata, no Q/K permutation),
+/// its projections as Q4_0 blocks when `q4_0` (quantized by kiln's `int4g32` rule, which is
+/// llama.cpp's Q4_0 rule); with the fixture's reference (ids and logits).
+fn family_gguf(
+    family: &str,
+    arch: &str,
+    theta: f32,
+    window: Option<u32>,
+    q4_0: bool,
+) -> (tempfile::TempDir, PathBuf, Value) {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../tests/fixtures/families/{family}"));
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
+            .unwrap();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap())
+            .unwrap();
+    let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let u = |k: &str| GgufValue::U32(cfg[k].as_u64().unwrap() as u32);
+    let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
+    let tokens: Vec<String> = (0..vocab).map(|i| format!("t{i}")).collect();
+    let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut w = Writer::new()
+        .kv("general.architecture", GgufValue::String(arch.into()))
+        .kv(&key("embedding_length"), u("hidden_size"))
+        .kv(&key("feed_forward_length"), u("intermediate_size"))
+        .kv(&key("block_count"), u("num_hidden_layers"))
+        .kv(&key("attention.head_count"), u("num_attention_heads"))
+        .kv(&key("attention.head_count_kv"), u("num_key_value_heads"))
+        .kv(
+            &key("attention.layer_norm_rms_epsilon"),
+            GgufValue::F32(1e-5),
+        )
+        .kv(&key("rope.freq_base"), GgufValue::F32(theta))
+        .kv(&key("context_length"), u("max_position_embeddings"))
+        .kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+        .kv("tokenizer.ggml.pre", GgufValue::String("qwen2".into()))
+        .kv("tokenizer.ggml.tokens", strings(&token_refs))
+        .kv("tokenizer.ggml.merges", strings(&[]));
+    if let Some(window) = window {
+        w = w.kv(&key("attention.sliding_window"), GgufValue::U32(window));
+    }
+    if cfg.get("head_dim").is_some_and(|d| !d.is_null()) {
+        w = w.kv(&key("attention.key_length"), u("head_dim"));
+    }
+    let gguf_name = |hf: &str| -> String {
+        let hf = hf.strip_prefix("model.").unwrap_or(hf);
+        match hf {
+            "embed_tokens.weight" => return "token_embd.weight".into(),
+            "lm_head.weight" => return "output.weight".into(),
+            _ => {}
+        }
+        if let Some(rest) = hf.strip_prefix("norm.") {
+            return format!("output_norm.{rest}");
+        }
+        let rest = hf.strip_prefix("layers.").unwrap();
+        let (layer, part) = rest.split_once('.').unwrap();
+        let (stem, suffix) = part.rsplit_once('.').unwrap();
+        let g = match stem {
+            "input_layernorm" => "attn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.qkv_proj" => "attn_qkv",
+            "self_attn.o_proj" => "attn_output",
+            "post_attention_layernorm" => "ffn_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            other => panic!("unexpected tensor {other}"),
+        };
+        format!("blk.{layer}.{g}.{suffix}")
+    };
+    for (name, view) in st.tensors() {
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let dims: Vec<u64> = view.shape().iter().rev().map(|&d| d as u64).collect();
+        // llama.cpp's converter stores Gemma's norm weights plus one (its RMSNorm multiplies by
+        // the weight, Gemma's by 1 + weight).
+        let values: Vec<f32> = if arch == "gemma" && name.ends_with("norm.weight") {
+            values.iter().map(|v| v + 1.0).collect()
+        } else {
+            values
+        };
+        if q4_0 && name.ends_with("_proj.weight") {
+            w = w.tensor(
+                &gguf_name(&name),
+                &dims,
+                2,
+                q4_0_blocks(&values, view.shape()[1]),
+            );
+        } else {
+            w = w.f32_tensor(&gguf_name(&name), &dims, &values);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join(format!("{family}.gguf"));
+    std::fs::write(&gguf, w.bytes()).unwrap();
+    (dir, gguf, reference)
+}
+
+/// Q4_0 blocks of a row-major matrix with `cols` columns (a multiple of 32): per block the f16
+/// scale, then byte `j` = code of column `j` | code of column `j + 16` << 4.
+fn q4_0_blocks(values: &[f32], cols: usize) -> Vec<u8> {
+    let rows = values.len() / cols;
+    let format = kiln_runtime::ir::DType::Int4 {
+        group: 32,
+        zero_point: false,
+    };
+    let p = kiln_runtime::quant::quantize(format, values, rows, cols).unwrap();
+    let code = |r: usize, c: usize| (p.q[r * cols / 2 + c / 2] >> (4 * (c % 2))) & 15;
+    let mut out = Vec::new();
+    for r in 0..rows {
+        for b in 0..cols / 32 {
+            out.extend(f16::from_f32(p.scale[r * cols / 32 + b]).to_le_bytes());
+            for j in 0..16 {
+                out.push(code(r, 32 * b + j) | (code(r, 32 * b + 16 + j) << 4));
+            }
+        }
+    }
+    out
+}
+
+/// Builds `gguf` and checks its logits on the reference ids against transformers' (≤ 1e-4).
+fn check_gguf_logits(family: &str, dir: &tempfile::TempDir, gguf: &Path, reference: &Value) {
+    let opts = crate::build::BuildOptions::default();
+    let (got, _) = gguf_logits(dir, gguf, reference, &opts, family);
+    let want: Vec<f32> = reference["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+        })
+        .collect();
+    let err = rel_l2_f32(&got, &want);
+    assert!(err <= 1e-4, "{family} GGUF vs transformers: {err:.2e}");
+}
+
+fn rel_l2_f32(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += (*g as f64 - *w as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+/// The logits of the reference ids of an engine built from `gguf` with `opts` (written beside
+/// it as `<family>-<no_optimize>.kiln`).
+fn gguf_logits(
+    dir: &tempfile::TempDir,
+    gguf: &Path,
+    reference: &Value,
+    opts: &crate::build::BuildOptions,
+    family: &str,
+) -> (Vec<f32>, Vec<String>) {
+    let engine = dir
+        .path()
+        .join(format!("{family}-{}.kiln", opts.no_optimize));
+    let report = crate::build::build(gguf, &engine, opts, &|_, _| {}).unwrap();
+    let e = kiln_runtime::engine::Engine::open(&engine).unwrap();
+    assert_eq!(e.config["model_type"], family);
+    let exec = e.cpu_executor().unwrap();
+    let ids: Vec<i32> = reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap() as i32)
+        .collect();
+    let mut session = exec.session(1);
+    let logits = exec.step(&mut session, &ids, &[]).unwrap().outputs["logits"]
+        .data
+        .clone();
+    (logits, report.notes)
+}
+
+/// A GGUF whose projections are Q4_0 keeps them as `int4g32` codes (no --quant): the engine
+/// stores the blocks' codes and scales as they are, and computes what the dequantized GGUF
+/// computes (`--no-optimize` builds it dequantized).
+#[test]
+fn gguf_q4_0_projections_stay_4_bit() {
+    // Qwen2: separate q/k/v and gate/up (stacked by the fusions); Phi-3: fused qkv and gate/up
+    // tensors that its model file slices (row ranges of the stored codes).
+    for (family, window) in [("qwen2", None), ("phi3", Some(5))] {
+        let theta = if family == "qwen2" {
+            1_000_000.0
+        } else {
+            10_000.0
+        };
+        let (dir, gguf, reference) = family_gguf(family, family, theta, window, true);
+        let opts = crate::build::BuildOptions::default();
+        let (kept, notes) = gguf_logits(&dir, &gguf, &reference, &opts, family);
+        assert!(
+            notes.iter().any(|n| n.contains("GGUF Q4_0"))
+                && !notes.iter().any(|n| n.contains("quantized again")),
+            "{family}: {notes:?}"
+        );
+        let plain = crate::build::BuildOptions {
+            no_optimize: true,
+            ..Default::default()
+        };
+        let (dequantized, _) = gguf_logits(&dir, &gguf, &reference, &plain, family);
+        let err = rel_l2_f32(&kept, &dequantized);
+        assert!(err <= 1e-5, "{family}: Q4_0 kept vs dequantized: {err:.2e}");
+        let e =
+            kiln_runtime::engine::Engine::open(&dir.path().join(format!("{family}-false.kiln")))
+                .unwrap();
+        let codes: Vec<&str> = e
+            .tensor_names()
+            .filter(|n| n.starts_with("int4g32(") && n.ends_with(')'))
+            .collect();
+        // 2 layers × (fused qkv, o, fused gate/up, down).
+        assert_eq!(codes.len(), 8, "{family}: {codes:?}");
+        let f = GgufFile::open(&gguf).unwrap();
+        let down = f
+            .packed_q4_0("model.layers.1.mlp.down_proj.weight")
+            .unwrap()
+            .unwrap();
+        let (_, stored) = e
+            .tensor("int4g32(model.layers.1.mlp.down_proj.weight)")
+            .unwrap();
+        assert_eq!(stored, &down.q[..], "{family}");
+        assert_eq!(
+            down.dequantize(),
+            f.read_f32("model.layers.1.mlp.down_proj.weight").unwrap()
+        );
+    }
+}
+
+/// A llama GGUF's Q4_0 Q rows are stored permuted (llama.cpp's RoPE layout); the packed weight
+/// comes back in HF row order, as `read_f32` does.
+#[test]
+fn gguf_q4_0_llama_q_rows_are_unpermuted() {
+    let (rows, cols) = (8, 64);
+    let hf: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
+        .collect();
+    let stored = permute_qk(&hf, rows, cols, 2).unwrap();
+    let w = llama_meta(Writer::new()).tensor(
+        "blk.0.attn_q.weight",
+        &[cols as u64, rows as u64],
+        2,
+        q4_0_blocks(&stored, cols),
+    );
+    let f = open_writer(&w);
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let p = f.packed_q4_0(name).unwrap().unwrap();
+    let format = kiln_runtime::ir::DType::Int4 {
+        group: 32,
+        zero_point: false,
+    };
+    assert_eq!(
+        p,
+        kiln_runtime::quant::quantize(format, &hf, rows, cols).unwrap()
+    );
+    assert_eq!(p.dequantize(), f.read_f32(name).unwrap());
+    assert!(f.packed_q4_0("model.norm.weight").is_none());
+}
+
+/// A Gemma GGUF (llama's tensor names under `gemma.*` metadata, norm weights stored plus one,
+/// head size from `gemma.attention.key_length`, tied output) builds with `models/gemma.ron` and
+/// reproduces transformers' logits.
+#[test]
+fn gguf_gemma_builds_and_matches_transformers() {
+    gguf_family_matches_transformers("gemma", "gemma", 10_000.0, None);
+}
+
+/// A Qwen2 GGUF (llama's tensor names with q/k/v biases under `qwen2.*` metadata, no Q/K
+/// permutation) builds with `models/qwen2.ron` and reproduces transformers' logits.
+#[test]
+fn gguf_qwen2_builds_and_matches_transformers() {
+    gguf_family_matches_transformers("qwen2", "qwen2", 1_000_000.0, None);
+}
+
+/// A Phi-3 GGUF (fused `attn_qkv` and gate/up `ffn_up`, the sliding window under `phi3.*`)
+/// builds with `models/phi3.ron` and reproduces transformers' logits (the fixture's window of 5
+/// is shorter than its input).
+#[test]
+fn gguf_phi3_builds_and_matches_transformers() {
+    gguf_family_matches_transformers("phi3", "phi3", 10_000.0, Some(5));
+}
