@@ -1,5 +1,5 @@
-// gemv_q.cu — products with quantized weights (W8A16, W4A16; runtime/src/quant.rs defines the
-// formats): the decode GEMV for M <= 8 rows on tensor cores, and the dequantization of a weight
+// gemv_q.cu — products with quantized weights (W8A16, W4A16, GGUF Q8_0/Q4_1;
+// runtime/src/quant.rs defines the formats): the decode GEMV for M <= 8 rows on tensor cores, and the dequantization of a weight
 // to bf16 for the prefill GEMM (cuBLAS then runs it as a 16-bit weight).
 //
 //   gemv_q<K, EPI, FMT, G, NORM, OutT>(x, M, q, scale, zero, N, residual, out, norm_w, eps):
@@ -15,17 +15,23 @@
 //                                  j, 2j+1 in the high one), scale f16 [N, ceil(K/G)], zero u8
 //                                  [N, ceil(K/G)] (FMT 3 only; pass null for FMT 2).
 //                                  q - zero is exact in bf16; the product rounds once.
+//       FMT 4 (int4, minimum):     w[n,k] = bf16(q[n,k] * scale[n, k/G] + min[n, k/G])
+//                                  codes and scale as FMT 2; `zero` holds the minimums, f16
+//                                  [N, ceil(K/G)]. In f32 the product is exact and the sum
+//                                  rounds once, as llama.cpp's Q4_1 dequantization; then bf16.
+//       FMT 5 (int8, groups):      w[n,k] = bf16(q[n,k] * scale[n, k/G])
+//                                  q i8 [N, K], scale f16 [N, ceil(K/G)] (GGUF Q8_0 at G = 32).
 //     EPI 0: out = acc;  EPI 1: out = acc + residual[m,n] (may alias out);
 //     EPI 2: w has 2N rows (gate, then up): out = silu(x·w[n]) * (x·w[N+n])
 //     EPI 3: out = acc + residual[n] (residual: the bias, [N] bf16)
 //   One rounding to OutT (bf16, or float for logits) at the end.
 //
 //   dequant<K, FMT, G>(q, scale, zero, R, out): out[r,k] = w[r,k] in bf16 for r < R, k < K, with
-//     the same arithmetic as gemv_q (int8: bf16(q * scale), one rounding), so a prefill GEMM
-//     over `out` sees the weights a decode GEMV sees (int4: bit for bit).
+//     the same arithmetic as gemv_q (FMT 1: bf16(q * scale), one rounding), so a prefill GEMM
+//     over `out` sees the weights a decode GEMV sees (FMT 2 to 5: bit for bit).
 //
 // Layouts: x [M, K] bf16 row-major, 16-byte aligned; out [M, N] OutT; codes row-major with
-// K % 16 == 0 (int8) or K % 32 == 0 (int4), so every row starts 16-byte aligned; the last group
+// K % 16 == 0 (int8, FMT 1 and 5) or K % 32 == 0 (int4, FMT 2 to 4), so every row starts 16-byte aligned; the last group
 // of a row may be shorter than G (G need not divide K). 1 <= M <= 8, any N >= 1.
 // Scheme (gemv_q): gemv_tc.cu's, with a 16-byte code vector per lane and row: a CTA owns 16
 // weight rows (32 gated; 8 for the residual epilogue, the upper 8 A rows repeating the lower 8)
@@ -33,7 +39,8 @@
 // vector); in a chunk, lane (g = lane/4, t = lane%4) loads the vectors of rows g and g+8 at k
 // offset PER·t and the same PER columns of x row g. The codes become bf16 pairs in registers
 // (int8: byte -> f32 by the 2^23 magic number, exact; int4: two nibbles per 32-bit lane-op into
-// bf16 128+q, exact, minus 128+zero, times the scale) and each 4 codes of a row feed one
+// bf16 128+q, exact, minus 128+zero, times the scale; FMT 4 and 5 scale each code in f32 and
+// round once to bf16) and each 4 codes of a row feed one
 // m16n8k16 MMA; the k order inside a vector is the same permutation for A and B (int4 pairs
 // codes (j, j+4), so x pairs are rebuilt with byte permutes), which a dot product ignores.
 // Codes stream with ld.global.nc.L1::no_allocate, L2 fetching 256-byte blocks; the first group
@@ -57,10 +64,12 @@
 
 template <int FMT>
 struct QFmt {
-  static_assert(FMT >= 1 && FMT <= 3, "gemv_q: FMT is 1 (int8), 2 (int4) or 3 (int4 with zero points)");
-  static constexpr int PER = FMT == 1 ? 16 : 32;  // codes per 16-byte vector
+  static_assert(FMT >= 1 && FMT <= 5,
+                "gemv_q: FMT is 1 (int8), 2 (int4), 3 (int4, zero points), 4 (int4, minimum) or 5 (int8, groups)");
+  static constexpr bool INT8 = FMT == 1 || FMT == 5;
+  static constexpr int PER = INT8 ? 16 : 32;       // codes per 16-byte vector
   static constexpr int CH = 4 * PER;               // columns per chunk (4 lanes per row group)
-  static constexpr int BYTES_PER_2 = FMT == 1 ? 2 : 1;  // bytes per two codes
+  static constexpr int BYTES_PER_2 = INT8 ? 2 : 1;  // bytes per two codes
 };
 
 // Two int8 codes (bytes 2h, 2h+1 of w) as an exact bf16 pair (low half: byte 2h).
@@ -70,6 +79,14 @@ __device__ __forceinline__ unsigned gemv_q_i8pair(unsigned w, int h) {
   const float lo = __int_as_float(__byte_perm(u, 0x4B000000u, (2 * h) | 0x7440)) - 8388736.f;
   const float hi = __int_as_float(__byte_perm(u, 0x4B000000u, (2 * h + 1) | 0x7440)) - 8388736.f;
   return kiln::f2_to_bf2(lo, hi);
+}
+
+// gemv_q_i8pair scaled by `s` in f32, rounded once to bf16 (FMT 5).
+__device__ __forceinline__ unsigned gemv_q_i8pair_scaled(unsigned w, int h, float s) {
+  const unsigned u = w ^ 0x80808080u;
+  const float lo = __int_as_float(__byte_perm(u, 0x4B000000u, (2 * h) | 0x7440)) - 8388736.f;
+  const float hi = __int_as_float(__byte_perm(u, 0x4B000000u, (2 * h + 1) | 0x7440)) - 8388736.f;
+  return kiln::f2_to_bf2(lo * s, hi * s);
 }
 
 // The four bf16 pairs of one 32-bit word of int4 codes e0..e7 (e0 in the low nibble):
@@ -86,15 +103,34 @@ __device__ __forceinline__ void gemv_q_i4pairs(unsigned w, bf162 z2, bf162 s2, u
   }
 }
 
-// Group `gi` of weight row `row` (int4): its f16 scale bits, and its zero point (8 when
-// symmetric) in bits 16..23.
+// Group `gi` of weight row `row` (FMT 2 to 5): its f16 scale bits, and in bits 16..31 the zero
+// point (8 when symmetric; FMT 2, 3) or the f16 minimum's bits (FMT 4).
 template <int K, int FMT, int G>
 __device__ __forceinline__ unsigned gemv_q_group(const void* scale, const unsigned char* zero, long long row, int gi) {
   constexpr int GG = G > 0 ? G : 1;  // int8 (G = 0) has no groups
   constexpr int NG = (K + GG - 1) / GG;
   const unsigned bits = __ldg(reinterpret_cast<const unsigned short*>(scale) + row * NG + gi);
-  const unsigned z = FMT == 3 ? (unsigned)__ldg(zero + row * NG + gi) : 8u;
+  const unsigned z = FMT == 3   ? (unsigned)__ldg(zero + row * NG + gi)
+                     : FMT == 4 ? (unsigned)__ldg(reinterpret_cast<const unsigned short*>(zero) + row * NG + gi)
+                                : 8u;
   return bits | (z << 16);
+}
+
+// The f16 at bits 16*i of a group word, as f32.
+__device__ __forceinline__ float gemv_q_f16(unsigned sz, int i) {
+  return __half2float(__ushort_as_half((unsigned short)(sz >> (16 * i))));
+}
+
+// FMT 4: the four bf16 pairs of one 32-bit word of int4 codes e0..e7, p[j] = (e_j, e_{j+4}) *
+// s + m in f32 (the product exact), each rounded once to bf16.
+__device__ __forceinline__ void gemv_q_i4pairs_min(unsigned w, float s, float m, unsigned (&p)[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    unsigned v;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(w >> (4 * j)), "r"(0x000F000Fu), "r"(0x43004300u));
+    const float lo = __uint_as_float(v << 16) - 128.f, hi = __uint_as_float(v & 0xFFFF0000u) - 128.f;
+    p[j] = kiln::f2_to_bf2(fmaf(lo, s, m), fmaf(hi, s, m));
+  }
 }
 
 // The (128 + zero) and scale pairs of a group from gemv_q_group's word.
@@ -169,7 +205,7 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
               wv[u][a][h] = wv[u][a][0];
               sz[u][a][h] = sz[u][a][0];
             } else if (k < K) {
-              wv[u][a][h] = kiln::ld_stream16_256(q + row[a][h] * RB + (FMT == 1 ? k : k / 2));
+              wv[u][a][h] = kiln::ld_stream16_256(q + row[a][h] * RB + (F::INT8 ? k : k / 2));
               if (FMT != 1) sz[u][a][h] = gemv_q_group<K, FMT, G>(scale, zero, row[a][h], k / (G > 0 ? G : 1));
             } else {
               wv[u][a][h] = make_uint4(0, 0, 0, 0);
@@ -209,25 +245,45 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
       }
 #pragma unroll
       for (int a = 0; a < NA; ++a) {
-        if (FMT == 1) {
+        if (F::INT8) {
           // Word i holds codes 4i..4i+3: pairs (4i, 4i+1) and (4i+2, 4i+3), x words 2i and 2i+1.
+          const float s0 = FMT == 5 ? gemv_q_f16(sz[u][a][0], 0) : 1.f;
+          const float s1 = FMT == 5 ? gemv_q_f16(sz[u][a][1], 0) : 1.f;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const unsigned w0 = gemv_q_word(wv[u][a][0], i), w1 = gemv_q_word(wv[u][a][1], i);
-            gemv_q_mma(acc[a], gemv_q_i8pair(w0, 0), gemv_q_i8pair(w1, 0), gemv_q_i8pair(w0, 1),
-                       gemv_q_i8pair(w1, 1), xw[2 * i], xw[2 * i + 1]);
+            if (FMT == 1)
+              gemv_q_mma(acc[a], gemv_q_i8pair(w0, 0), gemv_q_i8pair(w1, 0), gemv_q_i8pair(w0, 1),
+                         gemv_q_i8pair(w1, 1), xw[2 * i], xw[2 * i + 1]);
+            else
+              gemv_q_mma(acc[a], gemv_q_i8pair_scaled(w0, 0, s0), gemv_q_i8pair_scaled(w1, 0, s1),
+                         gemv_q_i8pair_scaled(w0, 1, s0), gemv_q_i8pair_scaled(w1, 1, s1), xw[2 * i],
+                         xw[2 * i + 1]);
           }
         } else {
           bf162 z2[2], s2[2];
+          float sf[2], mf[2];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) gemv_q_unpack(sz[u][a][h], z2[h], s2[h]);
+          for (int h = 0; h < 2; ++h) {
+            if (FMT == 4) {
+              sf[h] = gemv_q_f16(sz[u][a][h], 0);
+              mf[h] = gemv_q_f16(sz[u][a][h], 1);
+            } else {
+              gemv_q_unpack(sz[u][a][h], z2[h], s2[h]);
+            }
+          }
           // Word i holds codes 8i..8i+7, paired (8i+j, 8i+j+4); x words 4i..4i+3 hold the x pairs
           // (8i, 8i+1) .. (8i+6, 8i+7), re-paired to match with byte permutes.
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             unsigned p0[4], p1[4];
-            gemv_q_i4pairs(gemv_q_word(wv[u][a][0], i), z2[0], s2[0], p0);
-            gemv_q_i4pairs(gemv_q_word(wv[u][a][1], i), z2[1], s2[1], p1);
+            if (FMT == 4) {
+              gemv_q_i4pairs_min(gemv_q_word(wv[u][a][0], i), sf[0], mf[0], p0);
+              gemv_q_i4pairs_min(gemv_q_word(wv[u][a][1], i), sf[1], mf[1], p1);
+            } else {
+              gemv_q_i4pairs(gemv_q_word(wv[u][a][0], i), z2[0], s2[0], p0);
+              gemv_q_i4pairs(gemv_q_word(wv[u][a][1], i), z2[1], s2[1], p1);
+            }
             const unsigned x0 = xw[4 * i], x1 = xw[4 * i + 1], x2 = xw[4 * i + 2], x3 = xw[4 * i + 3];
             const unsigned b0 = __byte_perm(x0, x2, 0x5410), b1 = __byte_perm(x0, x2, 0x7632);
             const unsigned b2 = __byte_perm(x1, x3, 0x5410), b3 = __byte_perm(x1, x3, 0x7632);
@@ -293,13 +349,14 @@ dequant(const unsigned char* __restrict__ q, const void* __restrict__ scale, con
   const long long r = v / VR;
   const int k = (int)(v - r * VR) * PER;
   const bool ok = r < R;
-  const uint4 c = ok ? kiln::ld_stream16(q + r * RB + (FMT == 1 ? k : k / 2)) : make_uint4(0, 0, 0, 0);
+  const uint4 c = ok ? kiln::ld_stream16(q + r * RB + (F::INT8 ? k : k / 2)) : make_uint4(0, 0, 0, 0);
   // `out` may still be read by the previous GEMM: write only after it completes.
   kiln::pdl_sync();
   if (!ok) return;
   uint4* dst = reinterpret_cast<uint4*>(out + r * K + k);
-  if (FMT == 1) {
-    const float s = __ldg(reinterpret_cast<const float*>(scale) + r);
+  if (F::INT8) {
+    const float s = FMT == 1 ? __ldg(reinterpret_cast<const float*>(scale) + r)
+                             : gemv_q_f16(gemv_q_group<K, FMT, G>(scale, zero, r, k / (G > 0 ? G : 1)), 0);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {  // 8 codes (two words) per 16-byte output vector
       float f[8];
@@ -312,11 +369,15 @@ dequant(const unsigned char* __restrict__ q, const void* __restrict__ scale, con
     }
   } else {
     bf162 z2, s2;
-    gemv_q_unpack(gemv_q_group<K, FMT, G>(scale, zero, r, k / (G > 0 ? G : 1)), z2, s2);
+    const unsigned sz = gemv_q_group<K, FMT, G>(scale, zero, r, k / (G > 0 ? G : 1));
+    gemv_q_unpack(sz, z2, s2);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // word i: codes 8i..8i+7, one 16-byte output vector
       unsigned p[4];
-      gemv_q_i4pairs(gemv_q_word(c, i), z2, s2, p);
+      if (FMT == 4)
+        gemv_q_i4pairs_min(gemv_q_word(c, i), gemv_q_f16(sz, 0), gemv_q_f16(sz, 1), p);
+      else
+        gemv_q_i4pairs(gemv_q_word(c, i), z2, s2, p);
       // p[j] = (e_j, e_{j+4}): back to column order (e0, e1), (e2, e3), ...
       uint4 o;
       o.x = __byte_perm(p[0], p[1], 0x5410);

@@ -63,9 +63,12 @@ enum Command {
         /// `fp8` (E4M3 per output channel, activations E4M3 per token: W8A8-FP8),
         /// `int4` (groups of --group columns with zero points, W4A16), `int4-sym` (groups,
         /// symmetric), `int4-awq` (int4 with activation-aware scales calibrated on --calib) or
-        /// `int4-gptq` (int4 codes chosen by GPTQ from --calib activations).
-        /// GPU engines read `int8`, `int4`, `int4-sym` and `int4-gptq` (gemv_q.cu); `fp8` and
-        /// `int4-awq` run on the CPU so far (a GPU build of them is refused by name).
+        /// `int4-gptq` (int4 codes chosen by GPTQ from --calib activations), or llama.cpp's
+        /// `q8_0` (int8, a scale per 32 columns) and `q4_1` (int4, a scale and a minimum per 32
+        /// columns). GPU engines read `int8`, `int4`, `int4-sym`, `int4-gptq`, `q8_0` and `q4_1`
+        /// (gemv_q.cu); `fp8` and `int4-awq` run on the CPU so far (a GPU build of them is
+        /// refused by name). A pre-quantized checkpoint (a GGUF's Q4_0, Q4_1 or Q8_0
+        /// projections, AutoAWQ, GPTQ) keeps its format without --quant; `none` dequantizes it.
         #[arg(long)]
         quant: Option<String>,
         /// Columns per int4 scale: 32, 64 or 128 (default 128).
@@ -601,6 +604,7 @@ fn build_options(
         cuda_arch,
         allow_unused,
         calibration: quant.calibration()?,
+        dequantize: quant.quant.as_deref() == Some("none"),
         quant: quant.options()?,
         kv_cache: None,
         tp: 1,
@@ -641,7 +645,7 @@ impl QuantFlags {
     fn options(self) -> Result<Option<kiln::compiler::rewrite::rules::quant::QuantOptions>> {
         use kiln::compiler::rewrite::rules::quant::{QuantOptions, DEFAULT_SKIP};
         use kiln::runtime::ir::{op::INT4_GROUPS, DType};
-        let Some(quant) = self.quant else {
+        let Some(quant) = self.quant.filter(|q| q != "none") else {
             if self.group.is_some() || !self.skip.is_empty() {
                 bail!("--group and --quant-skip apply to a quantized build: add --quant");
             }
@@ -669,16 +673,24 @@ impl QuantFlags {
                 zero_point: false,
             },
             "int4-awq" => DType::Int4Awq { group },
+            "q8_0" | "q4_1" if self.group.is_some() => {
+                bail!("--group applies to int4: llama.cpp's {quant} has groups of 32 columns")
+            }
+            "q8_0" => DType::Int8Group { group: 32 },
+            "q4_1" => DType::Int4Min { group: 32 },
             "int4-gptq" => DType::Int4 {
                 group,
                 zero_point: true,
             },
             "w8a8" => bail!(
                 "--quant w8a8 (SmoothQuant INT8) is not supported yet: use int8, fp8, int4, \
-                 int4-sym, int4-awq or int4-gptq"
+                 int4-sym, int4-awq, int4-gptq, q8_0 or q4_1"
             ),
             other => {
-                bail!("unknown --quant `{other}`: int8, fp8, int4, int4-sym, int4-awq or int4-gptq")
+                bail!(
+                    "unknown --quant `{other}`: int8, fp8, int4, int4-sym, int4-awq, int4-gptq, \
+                     q8_0 or q4_1"
+                )
             }
         };
         if let Some(bad) = self.skip.iter().find(|p| p.is_empty()) {

@@ -58,6 +58,9 @@ pub struct BuildOptions {
     pub allow_unused: bool,
     /// Store linear weights in a weight format (`--quant`, `--quant-skip`).
     pub quant: Option<QuantOptions>,
+    /// Dequantize a pre-quantized checkpoint's weights (GGUF blocks, AutoAWQ/GPTQ) to the
+    /// compute dtype instead of keeping their format (`--quant none`).
+    pub dequantize: bool,
     /// The text and length of calibration (`--calib`; AWQ).
     pub calibration: Calibration,
     /// Tensor-parallel ranks per pipeline stage (`--tp`; 1: none).
@@ -78,6 +81,7 @@ impl Default for BuildOptions {
             cuda_arch: None,
             allow_unused: false,
             quant: None,
+            dequantize: false,
             calibration: Calibration::default(),
             kv_cache: None,
             tp: 1,

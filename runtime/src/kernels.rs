@@ -115,6 +115,17 @@ pub enum QuantFormat {
         /// With zero points.
         zero_point: bool,
     },
+    /// int4 codes in groups of `group` columns, an f16 scale and an f16 minimum per group
+    /// (GGUF Q4_1).
+    Int4Min {
+        /// Columns per group (32, 64 or 128).
+        group: usize,
+    },
+    /// int8 codes in groups of `group` columns, one f16 scale per group (GGUF Q8_0).
+    Int8Group {
+        /// Columns per group (32, 64 or 128).
+        group: usize,
+    },
 }
 
 impl QuantFormat {
@@ -127,11 +138,18 @@ impl QuantFormat {
                 group: group as usize,
                 zero_point,
             }),
+            DType::Int4Min { group } => Some(QuantFormat::Int4Min {
+                group: group as usize,
+            }),
+            DType::Int8Group { group } => Some(QuantFormat::Int8Group {
+                group: group as usize,
+            }),
             _ => None,
         }
     }
 
-    /// `FMT`: 1 int8, 2 int4 symmetric, 3 int4 with zero points.
+    /// `FMT`: 1 int8, 2 int4 symmetric, 3 int4 with zero points, 4 int4 with a minimum, 5
+    /// grouped int8.
     pub fn code(self) -> usize {
         match self {
             QuantFormat::Int8 => 1,
@@ -141,6 +159,8 @@ impl QuantFormat {
             QuantFormat::Int4 {
                 zero_point: true, ..
             } => 3,
+            QuantFormat::Int4Min { .. } => 4,
+            QuantFormat::Int8Group { .. } => 5,
         }
     }
 
@@ -148,15 +168,35 @@ impl QuantFormat {
     pub fn group(self) -> usize {
         match self {
             QuantFormat::Int8 => 0,
-            QuantFormat::Int4 { group, .. } => group,
+            QuantFormat::Int4 { group, .. }
+            | QuantFormat::Int4Min { group }
+            | QuantFormat::Int8Group { group } => group,
         }
     }
 
     /// Codes per 16-byte vector: `K` must be a multiple of it.
     pub fn codes_per_vector(self) -> usize {
+        Self::codes_per_vector_of(self.code())
+    }
+
+    /// Codes per 16-byte vector of the format with `FMT` code `code`: 16 int8, 32 int4.
+    pub fn codes_per_vector_of(code: usize) -> usize {
+        if matches!(code, 1 | 5) {
+            16
+        } else {
+            32
+        }
+    }
+
+    /// The suffix of the stored part the kernels' third weight operand reads (`zero`): the
+    /// zero points or the minimums; `None` for formats without one.
+    pub fn third_part(self) -> Option<&'static str> {
         match self {
-            QuantFormat::Int8 => 16,
-            QuantFormat::Int4 { .. } => 32,
+            QuantFormat::Int4 {
+                zero_point: true, ..
+            } => Some(".zero"),
+            QuantFormat::Int4Min { .. } => Some(".min"),
+            _ => None,
         }
     }
 }
@@ -517,11 +557,7 @@ impl KernelInstance {
             }
             KernelFamily::Dequant => {
                 // One thread per 16-byte code vector (16 int8 or 32 int4 codes) of `n` rows.
-                let per = if self.int_arg(1) == QuantFormat::Int8.code() {
-                    16
-                } else {
-                    32
-                };
+                let per = QuantFormat::codes_per_vector_of(self.int_arg(1));
                 let vectors = rt.n * self.int_arg(0) / per;
                 one(
                     (vectors.div_ceil(threads::DEQUANT as usize), 1, 1),

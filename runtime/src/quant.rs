@@ -23,6 +23,14 @@
 //!   `w = (q - zero) · scale / s[c]`; `s` is stored as an f32 vector `colscale` `[k]`.
 //!   Without calibration (`quantize`), `s = 1`.
 //!
+//! - `Int8Group { group: g }` (llama.cpp's Q8_0 rule at `g` = 32): per group, `scale =
+//!   max|w| / 127` in f16, `q = clamp(round(w / scale), -127, 127)` i8 `[n, k]`, `w = q · scale`;
+//!   `scale` f16 `[n, ceil(k/g)]`.
+//! - `Int4Min { group: g }` (llama.cpp's Q4_1 rule at `g` = 32): per group, `min` and
+//!   `scale = (max - min) / 15` in f16, `q = clamp(round((w - min) / scale), 0, 15)`,
+//!   `w = q · scale + min` (in f32: the product is exact, so the sum rounds once); `min` f16
+//!   `[n, ceil(k/g)]` beside the scales.
+//!
 //!   Int4 codes: `q` u8 `[n, ceil(k/2)]`, column `2j` in the low nibble of byte `j`, `2j+1` in the
 //!   high one; `scale` f16 `[n, ceil(k/g)]`; `zero` u8 `[n, ceil(k/g)]` (asymmetric only). The
 //!   last group of a row may be shorter than `g` when `g` does not divide `k` (SmolLM2's 576).
@@ -50,12 +58,15 @@ pub struct Packed {
     pub zero: Vec<u8>,
     /// Per-input-column factors the weight was multiplied by (`Int4Awq`), else empty.
     pub col_scale: Vec<f32>,
+    /// Per-group minimums, f16 values as f32 (`Int4Min`), else empty.
+    pub min: Vec<f32>,
 }
 
 /// One stored part of a packed weight: suffix of its engine tensor name, element type, shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Part {
-    /// Appended to the weight's name (`""` for the codes, `.scale`, `.zero`).
+    /// Appended to the weight's name (`""` for the codes, `.scale`, `.zero`, `.colscale`,
+    /// `.min`).
     pub suffix: &'static str,
     /// Stored element type.
     pub dtype: safetensors::Dtype,
@@ -113,6 +124,18 @@ pub fn parts(format: DType, rows: usize, cols: usize) -> Option<Vec<Part>> {
                 part(".colscale", S::F32, vec![cols]),
             ]
         }
+        DType::Int8Group { group } => vec![
+            part("", S::I8, vec![rows, cols]),
+            part(".scale", S::F16, vec![rows, groups(cols, group)]),
+        ],
+        DType::Int4Min { group } => {
+            let g = groups(cols, group);
+            vec![
+                part("", S::U8, vec![rows, cols.div_ceil(2)]),
+                part(".scale", S::F16, vec![rows, g]),
+                part(".min", S::F16, vec![rows, g]),
+            ]
+        }
         _ => return None,
     })
 }
@@ -137,6 +160,7 @@ pub fn quantize(format: DType, w: &[f32], rows: usize, cols: usize) -> Result<Pa
         scale: Vec::new(),
         zero: Vec::new(),
         col_scale: Vec::new(),
+        min: Vec::new(),
     };
     match format {
         DType::Int8 => {
@@ -158,9 +182,56 @@ pub fn quantize(format: DType, w: &[f32], rows: usize, cols: usize) -> Result<Pa
             }
         }
         DType::Int4 { group, zero_point } => int4(&mut p, w, group, zero_point)?,
+        DType::Int8Group { group } => {
+            p.q.reserve(rows * cols);
+            for row in w.chunks_exact(cols.max(1)).take(rows) {
+                for vals in row.chunks(group as usize) {
+                    let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let s = f16_scale(amax / 127.0, format)?;
+                    p.scale.push(s);
+                    p.q.extend(vals.iter().map(|&v| code(v, s, 0, -127, 127) as i8 as u8));
+                }
+            }
+        }
+        DType::Int4Min { group } => {
+            let half = cols.div_ceil(2);
+            p.q = vec![0u8; rows * half];
+            for (r, row) in w.chunks_exact(cols.max(1)).take(rows).enumerate() {
+                for (gi, vals) in row.chunks(group as usize).enumerate() {
+                    let lo = vals.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                    let hi = vals.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let m = f16_scale(lo, format)?;
+                    let s = f16_scale((hi - m) / 15.0, format)?;
+                    p.scale.push(s);
+                    p.min.push(m);
+                    for (j, &v) in vals.iter().enumerate() {
+                        let c = gi * group as usize + j;
+                        let q = if s == 0.0 {
+                            0
+                        } else {
+                            ((v - m) / s).round().clamp(0.0, 15.0) as u8
+                        };
+                        p.q[r * half + c / 2] |= if c.is_multiple_of(2) { q } else { q << 4 };
+                    }
+                }
+            }
+        }
         other => return Err(format!("{} is not a weight format", other.name())),
     }
     Ok(p)
+}
+
+/// `v` rounded to f16 (a stored scale or minimum), or an error naming `format` if it overflows.
+fn f16_scale(v: f32, format: DType) -> Result<f32, String> {
+    let s = f16::from_f32(v).to_f32();
+    if s.is_finite() {
+        Ok(s)
+    } else {
+        Err(format!(
+            "a weight has values too large for the f16 scales of {}",
+            format.name()
+        ))
+    }
 }
 
 /// The largest finite E4M3 value.
@@ -266,6 +337,7 @@ pub fn quantize_awq(
         scale: Vec::new(),
         zero: Vec::new(),
         col_scale: s.to_vec(),
+        min: Vec::new(),
     };
     int4(&mut p, &scaled, group, true)?;
     Ok(p)
@@ -352,19 +424,17 @@ impl Packed {
             return None;
         }
         let per = |len: usize| len / self.rows.max(1);
-        let (q, s, z) = (
-            per(self.q.len()),
-            per(self.scale.len()),
-            per(self.zero.len()),
-        );
+        let rows = |v: &[f32]| v[start * per(v.len())..end * per(v.len())].to_vec();
+        let (q, z) = (per(self.q.len()), per(self.zero.len()));
         Some(Packed {
             format: self.format,
             rows: end - start,
             cols: self.cols,
             q: self.q[start * q..end * q].to_vec(),
-            scale: self.scale[start * s..end * s].to_vec(),
+            scale: rows(&self.scale),
             zero: self.zero[start * z..end * z].to_vec(),
             col_scale: Vec::new(),
+            min: rows(&self.min),
         })
     }
 
@@ -387,12 +457,14 @@ impl Packed {
             scale: Vec::new(),
             zero: Vec::new(),
             col_scale: Vec::new(),
+            min: Vec::new(),
         };
         for p in parts {
             out.rows += p.rows;
             out.q.extend(p.q);
             out.scale.extend(p.scale);
             out.zero.extend(p.zero);
+            out.min.extend(p.min);
         }
         Some(out)
     }
@@ -436,10 +508,11 @@ impl Packed {
             scale: scale.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
             zero,
             col_scale: Vec::new(),
+            min: Vec::new(),
         })
     }
 
-    /// The values the kernels compute with: `(q - zero) · scale` in f32, row-major.
+    /// The values the kernels compute with (see the module doc), in f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         let mut out = Vec::with_capacity(rows * cols);
@@ -481,6 +554,29 @@ impl Packed {
                     }
                 }
             }
+            DType::Int8Group { group } => {
+                let ng = groups(cols, group);
+                for r in 0..rows {
+                    let row = &self.q[r * cols..(r + 1) * cols];
+                    out.extend(
+                        row.iter().enumerate().map(|(c, &q)| {
+                            q as i8 as f32 * self.scale[r * ng + c / group as usize]
+                        }),
+                    );
+                }
+            }
+            DType::Int4Min { group } => {
+                let ng = groups(cols, group);
+                let half = cols.div_ceil(2);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let b = self.q[r * half + c / 2];
+                        let q = if c % 2 == 0 { b & 15 } else { b >> 4 };
+                        let gi = r * ng + c / group as usize;
+                        out.push(f32::from(q) * self.scale[gi] + self.min[gi]);
+                    }
+                }
+            }
             _ => unreachable!("a Packed holds a weight format"),
         }
         out
@@ -505,6 +601,14 @@ impl Packed {
                 self.col_scale
                     .iter()
                     .flat_map(|s| s.to_le_bytes())
+                    .collect(),
+            );
+        }
+        if !self.min.is_empty() {
+            v.push(
+                self.min
+                    .iter()
+                    .flat_map(|&m| f16::from_f32(m).to_le_bytes())
                     .collect(),
             );
         }
@@ -547,31 +651,36 @@ impl Packed {
         if format == DType::Fp8 && stored[0].iter().any(|&b| b & 0x7f == 0x7f) {
             return Err("an fp8 weight holds a NaN code".into());
         }
-        let scale = match format {
-            DType::Int8 | DType::Fp8 => stored[1]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            _ => stored[1]
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect::<Vec<f32>>(),
+        // A part's values as f32 (f32 or f16 little-endian), empty if the format has none.
+        let floats = |suffix: &str| -> Vec<f32> {
+            let Some((p, b)) = parts.iter().zip(stored).find(|(p, _)| p.suffix == suffix) else {
+                return Vec::new();
+            };
+            match p.dtype {
+                safetensors::Dtype::F32 => b
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                _ => b
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+            }
         };
-        if let Some(bad) = scale.iter().find(|s: &&f32| !s.is_finite()) {
+        let (scale, min) = (floats(".scale"), floats(".min"));
+        if let Some(bad) = scale.iter().chain(&min).find(|s| !s.is_finite()) {
             return Err(format!("a {} scale is {bad}", format.name()));
         }
-        let zero = stored.get(2).map(|z| z.to_vec()).unwrap_or_default();
+        let zero = parts
+            .iter()
+            .zip(stored)
+            .find(|(p, _)| p.suffix == ".zero")
+            .map(|(_, z)| z.to_vec())
+            .unwrap_or_default();
         if zero.iter().any(|&z| z > 15) {
             return Err(format!("a {} zero point is above 15", format.name()));
         }
-        let col_scale: Vec<f32> = stored
-            .get(3)
-            .map(|b| {
-                b.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let col_scale = floats(".colscale");
         if col_scale.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
             return Err(format!(
                 "a {} column factor is not a finite positive number",
@@ -586,6 +695,7 @@ impl Packed {
             scale,
             zero,
             col_scale,
+            min,
         })
     }
 }
@@ -722,6 +832,41 @@ mod tests {
         }
     }
 
+    /// llama.cpp's Q8_0 and Q4_1 rules (`int8g32`, `int4g32m`): every value within half a step
+    /// of its group (Q4_1: plus the minimum's f16 rounding), and the dequantization is ggml's
+    /// `q · d (+ m)`.
+    #[test]
+    fn grouped_int8_and_int4_with_a_minimum_follow_llama_cpp() {
+        let (n, k) = (3, 96);
+        let w = random(n * k, 5);
+        for f in [DType::Int8Group { group: 32 }, DType::Int4Min { group: 32 }] {
+            let p = quantize(f, &w, n, k).unwrap();
+            assert_eq!(p.scale.len(), n * 3, "{}", f.name());
+            let d = p.dequantize();
+            for (i, (&got, &want)) in d.iter().zip(&w).enumerate() {
+                let gi = i / 32;
+                let step = p.scale[gi];
+                let slack = p.min.get(gi).map_or(0.0, |m| m.abs() * 1e-3);
+                assert!(
+                    (got - want).abs() <= step * 0.5 + slack + 1e-7,
+                    "{} [{i}]: {got} vs {want} (step {step})",
+                    f.name()
+                );
+                let q = if p.min.is_empty() {
+                    f32::from(p.q[i] as i8) * step
+                } else {
+                    let c = (p.q[i / 2] >> (4 * (i % 2))) & 15;
+                    f32::from(c) * step + p.min[gi]
+                };
+                assert_eq!(got, q);
+            }
+            let e = rel_l2(&d, &w);
+            let bound = if p.min.is_empty() { 1e-2 } else { 0.1 };
+            assert!(e > 0.0 && e < bound, "{} rel L2 {e}", f.name());
+        }
+        assert_eq!(DType::from_name("int8g48"), None);
+    }
+
     #[test]
     fn symmetric_int4_keeps_the_extreme_exactly() {
         let mut w = vec![0.01f32; 32];
@@ -746,7 +891,11 @@ mod tests {
         let refs: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
         assert_eq!(Packed::from_bytes(f, 1, 5, &refs).unwrap(), p);
         assert!(Packed::from_bytes(f, 1, 7, &refs).is_err());
-        for f in INT4.into_iter().chain([DType::Int8]) {
+        for f in INT4.into_iter().chain([
+            DType::Int8,
+            DType::Int8Group { group: 32 },
+            DType::Int4Min { group: 32 },
+        ]) {
             let w = random(4 * 40, 3);
             let p = quantize(f, &w, 4, 40).unwrap();
             let bytes = p.to_bytes();
@@ -761,7 +910,11 @@ mod tests {
 
     #[test]
     fn zero_groups_and_bad_values() {
-        for f in INT4.into_iter().chain([DType::Int8]) {
+        for f in INT4.into_iter().chain([
+            DType::Int8,
+            DType::Int8Group { group: 32 },
+            DType::Int4Min { group: 32 },
+        ]) {
             assert_eq!(round_trip(f, &[0.0; 64], 2, 32).unwrap(), vec![0.0; 64]);
             assert!(quantize(f, &[f32::NAN; 4], 1, 4).is_err());
             assert!(quantize(f, &[1.0; 3], 1, 4).is_err());
@@ -777,6 +930,13 @@ mod tests {
                     group: g,
                     zero_point,
                 };
+                assert_eq!(DType::from_name(d.name()), Some(d));
+            }
+            for d in [
+                DType::Int4Awq { group: g },
+                DType::Int8Group { group: g },
+                DType::Int4Min { group: g },
+            ] {
                 assert_eq!(DType::from_name(d.name()), Some(d));
             }
         }

@@ -262,8 +262,8 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
             out.push(KernelInstance::gemv_tc(k, mmax, epi, ty));
         }
     }
-    // Quantized projections (`--quant`): the decode GEMV and the prefill dequantization of the
-    // four fused projections, in each format the kernels read.
+    // Quantized projections (`--quant`, GGUF Q4_1/Q8_0): the decode GEMV and the prefill
+    // dequantization of the four fused projections, in each format the kernels read.
     let formats = [
         QuantFormat::Int8,
         QuantFormat::Int4 {
@@ -278,6 +278,8 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
             group: 32,
             zero_point: true,
         },
+        QuantFormat::Int4Min { group: 32 },
+        QuantFormat::Int8Group { group: 32 },
     ];
     for f in formats {
         for &(k, epi, norm, ty) in &gemvs[..4] {

@@ -152,26 +152,21 @@ impl Checkpoint {
     }
 
     /// The weight format the checkpoint stores linear weights in, where kiln keeps them as they
-    /// are, with a description: AutoAWQ/GPTQ int4, or a GGUF's Q4_0 matrices (`int4g32`).
+    /// are, with a description: AutoAWQ/GPTQ int4, or a GGUF's Q4_0, Q4_1 or Q8_0 layer
+    /// matrices.
     pub fn stored_quantization(&self) -> Option<(kiln_runtime::ir::DType, String)> {
         match &self.store {
             Store::Safetensors(_) => self.prequant.map(|p| (p.format(), p.describe())),
-            Store::Gguf(g) => g.has_q4_0_matrices().then(|| {
-                (
-                    kiln_runtime::ir::DType::Int4 {
-                        group: 32,
-                        zero_point: false,
-                    },
-                    "GGUF Q4_0: int4 in groups of 32, symmetric".to_string(),
-                )
-            }),
+            Store::Gguf(g) => g
+                .kept_format()
+                .map(|(f, ty)| (f, format!("GGUF {ty}: {}", f.name()))),
         }
     }
 
     /// Whether [`Checkpoint::packed`] reads this tensor (without unpacking it).
     pub fn stores_packed(&self, name: &str) -> bool {
         match &self.store {
-            Store::Gguf(g) => g.is_q4_0_matrix(name),
+            Store::Gguf(g) => g.is_kept_matrix(name),
             Store::Safetensors(s) => self.prequant.is_some_and(|p| {
                 name.strip_suffix(".weight")
                     .is_some_and(|b| s.contains(&format!("{b}{}", p.marker())))
@@ -179,11 +174,13 @@ impl Checkpoint {
         }
     }
 
-    /// A pre-quantized linear weight `X.weight` (or a GGUF Q4_0 matrix) in kiln's packing,
+    /// A pre-quantized linear weight `X.weight` (or a GGUF Q4_0/Q4_1/Q8_0 matrix) in kiln's packing,
     /// exactly as stored; `None` for any other tensor.
     pub fn packed(&self, name: &str) -> Option<Result<kiln_runtime::quant::Packed, LoadError>> {
         let s = match (&self.store, &self.prequant) {
-            (Store::Gguf(g), _) => return g.packed_q4_0(name).map(|r| r.map_err(LoadError::from)),
+            (Store::Gguf(g), _) => {
+                return g.packed_matrix(name).map(|r| r.map_err(LoadError::from))
+            }
             (Store::Safetensors(s), Some(_)) => s,
             _ => return None,
         };

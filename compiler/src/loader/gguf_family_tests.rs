@@ -1,7 +1,7 @@
 //! GGUF files written from the tiny transformers checkpoints of `tests/fixtures/families/`
-//! (llama.cpp's tensor names and `<arch>.*` metadata, the projections as Q4_0 blocks where asked):
-//! each builds into an engine that reproduces transformers' logits, and Q4_0 projections keep
-//! their codes.
+//! (llama.cpp's tensor names and `<arch>.*` metadata, the projections as Q4_0, Q4_1 or Q8_0
+//! blocks where asked): each builds into an engine that reproduces transformers' logits, and
+//! such projections keep their codes.
 
 use super::*;
 
@@ -9,20 +9,20 @@ use super::*;
 /// architecture `arch` (llama.cpp's tensor names, `<arch>.*` metadata, no Q/K permutation),
 /// builds it and checks the logits against transformers' (≤ 1e-4 relative L2).
 fn gguf_family_matches_transformers(family: &str, arch: &str, theta: f32, window: Option<u32>) {
-    let (dir, gguf, reference) = family_gguf(family, arch, theta, window, false);
+    let (dir, gguf, reference) = family_gguf(family, arch, theta, window, None);
     check_gguf_logits(family, &dir, &gguf, &reference);
 }
 
 /// The tiny transformers checkpoint of `tests/fixtures/families/<family>` written as a GGUF of
 /// architecture `arch` (llama.cpp's tensor names, `<arch>.*` metadata, no Q/K permutation),
-/// its projections as Q4_0 blocks when `q4_0` (quantized by kiln's `int4g32` rule, which is
-/// llama.cpp's Q4_0 rule); with the fixture's reference (ids and logits).
+/// its projections as blocks of the GGML type `block` where given (`Q4_0`, `Q4_1`, `Q8_0`:
+/// [`ggml_blocks`]); with the fixture's reference (ids and logits).
 fn family_gguf(
     family: &str,
     arch: &str,
     theta: f32,
     window: Option<u32>,
-    q4_0: bool,
+    block: Option<&str>,
 ) -> (tempfile::TempDir, PathBuf, Value) {
     let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join(format!("../tests/fixtures/families/{family}"));
@@ -104,13 +104,9 @@ fn family_gguf(
         } else {
             values
         };
-        if q4_0 && name.ends_with("_proj.weight") {
-            w = w.tensor(
-                &gguf_name(&name),
-                &dims,
-                2,
-                q4_0_blocks(&values, view.shape()[1]),
-            );
+        if let Some(block) = block.filter(|_| name.ends_with("_proj.weight")) {
+            let (id, bytes) = ggml_blocks(block, &values, view.shape()[1]);
+            w = w.tensor(&gguf_name(&name), &dims, id, bytes);
         } else {
             w = w.f32_tensor(&gguf_name(&name), &dims, &values);
         }
@@ -121,26 +117,44 @@ fn family_gguf(
     (dir, gguf, reference)
 }
 
-/// Q4_0 blocks of a row-major matrix with `cols` columns (a multiple of 32): per block the f16
-/// scale, then byte `j` = code of column `j` | code of column `j + 16` << 4.
-fn q4_0_blocks(values: &[f32], cols: usize) -> Vec<u8> {
-    let rows = values.len() / cols;
-    let format = kiln_runtime::ir::DType::Int4 {
-        group: 32,
-        zero_point: false,
+/// The GGML type id and blocks of a row-major matrix with `cols` columns (a multiple of 32) as
+/// `block` (`Q4_0`, `Q4_1` or `Q8_0`), quantized by the kiln format with llama.cpp's rule
+/// (`int4g32`, `int4g32m`, `int8g32`): per block the f16 scale (and the f16 minimum: Q4_1),
+/// then Q8_0's 32 codes, or Q4's byte `j` = code of column `j` | code of column `j + 16` << 4.
+fn ggml_blocks(block: &str, values: &[f32], cols: usize) -> (u32, Vec<u8>) {
+    use kiln_runtime::ir::DType;
+    let (id, format) = match block {
+        "Q4_0" => (
+            2,
+            DType::Int4 {
+                group: 32,
+                zero_point: false,
+            },
+        ),
+        "Q4_1" => (3, DType::Int4Min { group: 32 }),
+        "Q8_0" => (8, DType::Int8Group { group: 32 }),
+        other => panic!("no blocks of {other}"),
     };
+    let rows = values.len() / cols;
     let p = kiln_runtime::quant::quantize(format, values, rows, cols).unwrap();
     let code = |r: usize, c: usize| (p.q[r * cols / 2 + c / 2] >> (4 * (c % 2))) & 15;
     let mut out = Vec::new();
     for r in 0..rows {
         for b in 0..cols / 32 {
             out.extend(f16::from_f32(p.scale[r * cols / 32 + b]).to_le_bytes());
+            if block == "Q8_0" {
+                out.extend(&p.q[r * cols + 32 * b..][..32]);
+                continue;
+            }
+            if block == "Q4_1" {
+                out.extend(f16::from_f32(p.min[r * cols / 32 + b]).to_le_bytes());
+            }
             for j in 0..16 {
                 out.push(code(r, 32 * b + j) | (code(r, 32 * b + 16 + j) << 4));
             }
         }
     }
-    out
+    (id, out)
 }
 
 /// Builds `gguf` and checks its logits on the reference ids against transformers' (≤ 1e-4).
@@ -200,24 +214,29 @@ fn gguf_logits(
     (logits, report.notes)
 }
 
-/// A GGUF whose projections are Q4_0 keeps them as `int4g32` codes (no --quant): the engine
-/// stores the blocks' codes and scales as they are, and computes what the dequantized GGUF
-/// computes (`--no-optimize` builds it dequantized).
+/// A GGUF whose projections are Q4_0, Q4_1 or Q8_0 keeps them as `int4g32`, `int4g32m` or
+/// `int8g32` codes (no --quant): the engine stores the blocks' codes and scales as they are, and
+/// computes what the dequantized GGUF computes (`--no-optimize` builds it dequantized).
 #[test]
-fn gguf_q4_0_projections_stay_4_bit() {
+fn gguf_block_projections_keep_their_codes() {
     // Qwen2: separate q/k/v and gate/up (stacked by the fusions); Phi-3: fused qkv and gate/up
     // tensors that its model file slices (row ranges of the stored codes).
-    for (family, window) in [("qwen2", None), ("phi3", Some(5))] {
+    for (family, window, block, format) in [
+        ("qwen2", None, "Q4_0", "int4g32"),
+        ("phi3", Some(5), "Q4_0", "int4g32"),
+        ("qwen2", None, "Q4_1", "int4g32m"),
+        ("phi3", Some(5), "Q8_0", "int8g32"),
+    ] {
         let theta = if family == "qwen2" {
             1_000_000.0
         } else {
             10_000.0
         };
-        let (dir, gguf, reference) = family_gguf(family, family, theta, window, true);
+        let (dir, gguf, reference) = family_gguf(family, family, theta, window, Some(block));
         let opts = crate::build::BuildOptions::default();
         let (kept, notes) = gguf_logits(&dir, &gguf, &reference, &opts, family);
         assert!(
-            notes.iter().any(|n| n.contains("GGUF Q4_0"))
+            notes.iter().any(|n| n.contains(&format!("GGUF {block}")))
                 && !notes.iter().any(|n| n.contains("quantized again")),
             "{family}: {notes:?}"
         );
@@ -227,25 +246,28 @@ fn gguf_q4_0_projections_stay_4_bit() {
         };
         let (dequantized, _) = gguf_logits(&dir, &gguf, &reference, &plain, family);
         let err = rel_l2_f32(&kept, &dequantized);
-        assert!(err <= 1e-5, "{family}: Q4_0 kept vs dequantized: {err:.2e}");
+        assert!(
+            err <= 1e-5,
+            "{family}: {block} kept vs dequantized: {err:.2e}"
+        );
         let e =
             kiln_runtime::engine::Engine::open(&dir.path().join(format!("{family}-false.kiln")))
                 .unwrap();
         let codes: Vec<&str> = e
             .tensor_names()
-            .filter(|n| n.starts_with("int4g32(") && n.ends_with(')'))
+            .filter(|n| n.starts_with(&format!("{format}(")) && n.ends_with(')'))
             .collect();
         // 2 layers × (fused qkv, o, fused gate/up, down).
-        assert_eq!(codes.len(), 8, "{family}: {codes:?}");
+        assert_eq!(codes.len(), 8, "{family} {block}: {codes:?}");
         let f = GgufFile::open(&gguf).unwrap();
         let down = f
-            .packed_q4_0("model.layers.1.mlp.down_proj.weight")
+            .packed_matrix("model.layers.1.mlp.down_proj.weight")
             .unwrap()
             .unwrap();
         let (_, stored) = e
-            .tensor("int4g32(model.layers.1.mlp.down_proj.weight)")
+            .tensor(&format!("{format}(model.layers.1.mlp.down_proj.weight)"))
             .unwrap();
-        assert_eq!(stored, &down.q[..], "{family}");
+        assert_eq!(stored, &down.q[..], "{family} {block}");
         assert_eq!(
             down.dequantize(),
             f.read_f32("model.layers.1.mlp.down_proj.weight").unwrap()
@@ -253,34 +275,47 @@ fn gguf_q4_0_projections_stay_4_bit() {
     }
 }
 
-/// A llama GGUF's Q4_0 Q rows are stored permuted (llama.cpp's RoPE layout); the packed weight
-/// comes back in HF row order, as `read_f32` does.
+/// A llama GGUF's Q/K rows are stored permuted (llama.cpp's RoPE layout); the packed weight of
+/// each block type comes back in HF row order, as `read_f32` does, and is exactly what kiln's
+/// format with llama.cpp's rule makes of the HF weight.
 #[test]
-fn gguf_q4_0_llama_q_rows_are_unpermuted() {
+fn gguf_block_llama_q_rows_are_unpermuted() {
+    use kiln_runtime::ir::DType;
     let (rows, cols) = (8, 64);
     let hf: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
         .collect();
     let stored = permute_qk(&hf, rows, cols, 2).unwrap();
-    let w = llama_meta(Writer::new()).tensor(
-        "blk.0.attn_q.weight",
-        &[cols as u64, rows as u64],
-        2,
-        q4_0_blocks(&stored, cols),
-    );
-    let f = open_writer(&w);
-    let name = "model.layers.0.self_attn.q_proj.weight";
-    let p = f.packed_q4_0(name).unwrap().unwrap();
-    let format = kiln_runtime::ir::DType::Int4 {
-        group: 32,
-        zero_point: false,
-    };
-    assert_eq!(
-        p,
-        kiln_runtime::quant::quantize(format, &hf, rows, cols).unwrap()
-    );
-    assert_eq!(p.dequantize(), f.read_f32(name).unwrap());
-    assert!(f.packed_q4_0("model.norm.weight").is_none());
+    for (block, format) in [
+        (
+            "Q4_0",
+            DType::Int4 {
+                group: 32,
+                zero_point: false,
+            },
+        ),
+        ("Q4_1", DType::Int4Min { group: 32 }),
+        ("Q8_0", DType::Int8Group { group: 32 }),
+    ] {
+        let (id, bytes) = ggml_blocks(block, &stored, cols);
+        let w = llama_meta(Writer::new()).tensor(
+            "blk.0.attn_q.weight",
+            &[cols as u64, rows as u64],
+            id,
+            bytes,
+        );
+        let f = open_writer(&w);
+        let name = "model.layers.0.self_attn.q_proj.weight";
+        let p = f.packed_matrix(name).unwrap().unwrap();
+        assert_eq!(
+            p,
+            kiln_runtime::quant::quantize(format, &hf, rows, cols).unwrap(),
+            "{block}"
+        );
+        // ggml's dequantization of the blocks, bit for bit.
+        assert_eq!(p.dequantize(), f.read_f32(name).unwrap(), "{block}");
+        assert!(f.packed_matrix("model.norm.weight").is_none());
+    }
 }
 
 /// A Gemma GGUF (llama's tensor names under `gemma.*` metadata, norm weights stored plus one,

@@ -288,6 +288,7 @@ impl PreQuant {
             scale: vec![0.0; rows * groups],
             zero: vec![0; rows * groups],
             col_scale: Vec::new(),
+            min: Vec::new(),
         };
         for n in 0..rows {
             for k in 0..cols {
@@ -366,6 +367,7 @@ impl PreQuant {
                 .collect(),
             zero: Vec::new(),
             col_scale: Vec::new(),
+            min: Vec::new(),
         };
         for n in 0..rows {
             for k in 0..cols {

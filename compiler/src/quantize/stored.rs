@@ -1,5 +1,6 @@
-//! Quantized weights a checkpoint already stores (AutoAWQ, GPTQ, compressed-tensors, GGUF Q4_0;
-//! `loader::prequant`, `GgufFile::packed_q4_0`): the build options that keep them as they are,
+//! Quantized weights a checkpoint already stores (AutoAWQ, GPTQ, compressed-tensors, GGUF
+//! Q4_0/Q4_1/Q8_0;
+//! `loader::prequant`, `GgufFile::packed_matrix`): the build options that keep them as they are,
 //! and the packed weight of a quantized recipe taken from the stored codes instead of
 //! re-quantizing dequantized values.
 
@@ -12,7 +13,8 @@ use kiln_runtime::quant;
 
 /// The build options for a pre-quantized checkpoint: without `--quant`, its linear weights keep
 /// their format (the codes pass through the build unchanged, [`stored_packed`]) and every other
-/// matrix stays in 16 bits; with `--quant`, its dequantized values are quantized again (noted).
+/// matrix stays in 16 bits; with `--quant`, its dequantized values are quantized again (noted);
+/// `--quant none` (or `--no-optimize`) builds it dequantized.
 pub fn prequantized_options(
     ckpt: &Checkpoint,
     opts: &BuildOptions,
@@ -40,9 +42,14 @@ pub fn prequantized_options(
         ));
         return Ok(None);
     }
-    if opts.no_optimize {
+    if opts.no_optimize || opts.dequantize {
+        let flag = if opts.dequantize {
+            "--quant none"
+        } else {
+            "--no-optimize"
+        };
         notes.push(format!(
-            "pre-quantized checkpoint ({what}): --no-optimize builds it dequantized"
+            "pre-quantized checkpoint ({what}): {flag} builds it dequantized"
         ));
         return Ok(None);
     }

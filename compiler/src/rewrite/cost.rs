@@ -125,6 +125,8 @@ fn elem_bytes(d: DType) -> f64 {
             0.5 + (2.0 + f64::from(u8::from(zero_point))) / f64::from(group)
         }
         DType::Int4Awq { group } => 0.5 + 3.0 / f64::from(group),
+        DType::Int8Group { group } => 1.0 + 2.0 / f64::from(group),
+        DType::Int4Min { group } => 0.5 + 4.0 / f64::from(group),
     }
 }
 

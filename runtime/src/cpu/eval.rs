@@ -159,10 +159,6 @@ pub(super) fn weight_tensor(
     }
     Ok(match ty.dtype {
         DType::F32 => Tensor::new(DType::F32, shape, data),
-        // A weight format: `data` holds the dequantized values (`Engine::read_weight`).
-        DType::Int8 | DType::Fp8 | DType::Int4 { .. } | DType::Int4Awq { .. } => {
-            Tensor::new(ty.dtype, shape, data)
-        }
         DType::F16 | DType::BF16 => {
             let v = data
                 .into_iter()
@@ -188,6 +184,8 @@ pub(super) fn weight_tensor(
             }
             Tensor::new(ty.dtype, shape, v)
         }
+        // A weight format: `data` holds the dequantized values (`Engine::read_weight`).
+        _ => Tensor::new(ty.dtype, shape, data),
     })
 }
 

@@ -874,11 +874,9 @@ impl Kernels {
         let fold = fold.is_some();
         let q = p.w(w)?;
         let scale = p.w(&format!("{w}.scale"))?;
-        let zero = match f {
-            QuantFormat::Int4 {
-                zero_point: true, ..
-            } => p.w(&format!("{w}.zero"))?,
-            _ => 0,
+        let zero = match f.third_part() {
+            Some(part) => p.w(&format!("{w}{part}"))?,
+            None => 0,
         };
         if rows <= GEMV_MAX_ROWS {
             let r = epilogue_operand(p, epi)?;

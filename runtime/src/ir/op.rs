@@ -44,6 +44,18 @@ pub enum DType {
         /// Input columns per scale: 32, 64 or 128 ([`INT4_GROUPS`]).
         group: u16,
     },
+    /// Weight format: int8 in groups of `group` consecutive input columns, one f16 scale per
+    /// group (llama.cpp's Q8_0 at group 32).
+    Int8Group {
+        /// Input columns per scale: 32, 64 or 128 ([`INT4_GROUPS`]).
+        group: u16,
+    },
+    /// Weight format: int4 codes `0..=15` in groups of `group` consecutive input columns, an f16
+    /// scale and an f16 minimum per group, `w = q · scale + min` (llama.cpp's Q4_1 at group 32).
+    Int4Min {
+        /// Input columns per scale: 32, 64 or 128 ([`INT4_GROUPS`]).
+        group: u16,
+    },
 }
 
 /// The group sizes an `Int4` weight format may have.
@@ -58,11 +70,16 @@ impl DType {
     pub fn is_weight_format(self) -> bool {
         matches!(
             self,
-            DType::Int8 | DType::Fp8 | DType::Int4 { .. } | DType::Int4Awq { .. }
+            DType::Int8
+                | DType::Fp8
+                | DType::Int4 { .. }
+                | DType::Int4Awq { .. }
+                | DType::Int8Group { .. }
+                | DType::Int4Min { .. }
         )
     }
     /// Lower-case name (`f32`, `bf16`, `int8`, `int4g128` (symmetric), `int4g128z` (with zero
-    /// points), ...).
+    /// points), `int8g32` (grouped int8), `int4g32m` (int4 with a minimum), ...).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -87,6 +104,18 @@ impl DType {
                 128 => "int4g128awq",
                 _ => "int4awq(unsupported group)",
             },
+            DType::Int8Group { group } => match group {
+                32 => "int8g32",
+                64 => "int8g64",
+                128 => "int8g128",
+                _ => "int8g(unsupported group)",
+            },
+            DType::Int4Min { group } => match group {
+                32 => "int4g32m",
+                64 => "int4g64m",
+                128 => "int4g128m",
+                _ => "int4m(unsupported group)",
+            },
         }
     }
     /// The dtype named `s` (the inverse of [`DType::name`]).
@@ -100,7 +129,19 @@ impl DType {
             "int8" => DType::Int8,
             "fp8" => DType::Fp8,
             _ => {
+                let group_of = |digits: &str| {
+                    digits
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|g| INT4_GROUPS.contains(g))
+                };
+                if let Some(digits) = s.strip_prefix("int8g") {
+                    return group_of(digits).map(|group| DType::Int8Group { group });
+                }
                 let rest = s.strip_prefix("int4g")?;
+                if let Some(digits) = rest.strip_suffix('m') {
+                    return group_of(digits).map(|group| DType::Int4Min { group });
+                }
                 if let Some(digits) = rest.strip_suffix("awq") {
                     let group: u16 = digits.parse().ok()?;
                     return INT4_GROUPS
