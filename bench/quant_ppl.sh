@@ -33,6 +33,8 @@ bf16|--quant none
 gguf-kept|
 q8_0|--quant q8_0
 int8|--quant int8
+fp8|--quant fp8
+fp8-skip-ends|--quant fp8 --quant-skip layers.0,layers.29
 int4-g128|--quant int4
 int4-sym-g128|--quant int4-sym
 int4-g32|--quant int4 --group 32

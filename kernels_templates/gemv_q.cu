@@ -1,4 +1,4 @@
-// gemv_q.cu — products with quantized weights (W8A16, W4A16, GGUF Q8_0/Q4_1;
+// gemv_q.cu — products with quantized weights (W8A16, W4A16, GGUF Q8_0/Q4_1, W8A8-FP8;
 // runtime/src/quant.rs defines the formats): the decode GEMV for M <= 8 rows on tensor cores, and the dequantization of a weight
 // to bf16 for the prefill GEMM (cuBLAS then runs it as a 16-bit weight).
 //
@@ -21,17 +21,28 @@
 //                                  rounds once, as llama.cpp's Q4_1 dequantization; then bf16.
 //       FMT 5 (int8, groups):      w[n,k] = bf16(q[n,k] * scale[n, k/G])
 //                                  q i8 [N, K], scale f16 [N, ceil(K/G)] (GGUF Q8_0 at G = 32).
+//       FMT 6 (fp8, W8A8):         acc[m,n] = sx[m] * scale[n] * sum_k e4m3(x[m,k] / sx[m]) * q[n,k]
+//                                  q E4M3 [N, K], scale f32 [N]; sx[m] = max_k |x[m,k]| / 448
+//                                  (1 for a zero row), each CTA computing it in its prologue;
+//                                  x rounds to E4M3 (x * (1/sx), nearest even, saturating) as
+//                                  the MMA operand, and the m16n8k32 E4M3 MMA sums the exact
+//                                  products in f32 (quant.rs's `fp8_rows` on the activations).
 //     EPI 0: out = acc;  EPI 1: out = acc + residual[m,n] (may alias out);
 //     EPI 2: w has 2N rows (gate, then up): out = silu(x·w[n]) * (x·w[N+n])
 //     EPI 3: out = acc + residual[n] (residual: the bias, [N] bf16)
 //   One rounding to OutT (bf16, or float for logits) at the end.
 //
 //   dequant<K, FMT, G>(q, scale, zero, R, out): out[r,k] = w[r,k] in bf16 for r < R, k < K, with
-//     the same arithmetic as gemv_q (FMT 1: bf16(q * scale), one rounding), so a prefill GEMM
-//     over `out` sees the weights a decode GEMV sees (FMT 2 to 5: bit for bit).
+//     the same arithmetic as gemv_q (FMT 1: bf16(q * scale), FMT 6: bf16(e4m3(q) * scale), one
+//     rounding each), so a prefill GEMM over `out` sees the weights a decode GEMV sees (FMT 2 to
+//     5: bit for bit).
+//
+//   act_fp8<K>(x, out, T): out[t,k] = bf16(e4m3(x[t,k] / s) * s), s = max_k |x[t,k]| / 448, for
+//     t < T: a W8A8 product's activations rounded per row for the prefill GEMM (FMT 6 rounds them
+//     itself). One CTA per row; out may alias x.
 //
 // Layouts: x [M, K] bf16 row-major, 16-byte aligned; out [M, N] OutT; codes row-major with
-// K % 16 == 0 (int8, FMT 1 and 5) or K % 32 == 0 (int4, FMT 2 to 4), so every row starts 16-byte aligned; the last group
+// K % 16 == 0 (one byte per code: FMT 1, 5, 6) or K % 32 == 0 (int4: FMT 2 to 4), so every row starts 16-byte aligned; the last group
 // of a row may be shorter than G (G need not divide K). 1 <= M <= 8, any N >= 1.
 // Scheme (gemv_q): gemv_tc.cu's, with a 16-byte code vector per lane and row: a CTA owns 16
 // weight rows (32 gated; 8 for the residual epilogue, the upper 8 A rows repeating the lower 8)
@@ -48,7 +59,8 @@
 // shared memory (K bf16) and the product reads x from there. Partial sums of the 8 warps meet in shared memory; warp 0
 // applies the scale (int8) and the epilogue. Cost is independent of M.
 // Launch: gemv_q grid (ceil(N / 16)), ceil(N / 8) for EPI 1, block GEMV_Q_WARPS*32 = 256;
-// dequant grid (ceil(R * K / PER / 256)), block 256. No dynamic shared memory.
+// dequant grid (ceil(R * K / PER / 256)), block 256; act_fp8 grid (T), block 256. No dynamic
+// shared memory.
 #include "common.cuh"
 #include <cuda_fp16.h>
 
@@ -64,13 +76,71 @@
 
 template <int FMT>
 struct QFmt {
-  static_assert(FMT >= 1 && FMT <= 5,
-                "gemv_q: FMT is 1 (int8), 2 (int4), 3 (int4, zero points), 4 (int4, minimum) or 5 (int8, groups)");
-  static constexpr bool INT8 = FMT == 1 || FMT == 5;
-  static constexpr int PER = INT8 ? 16 : 32;       // codes per 16-byte vector
+  static_assert(FMT >= 1 && FMT <= 6,
+                "gemv_q: FMT is 1 (int8), 2 (int4), 3 (int4, zero points), 4 (int4, minimum), 5 (int8, "
+                "groups) or 6 (fp8)");
+  static constexpr bool BYTE = FMT == 1 || FMT == 5 || FMT == 6;  // one byte per code
+  static constexpr int PER = BYTE ? 16 : 32;       // codes per 16-byte vector
   static constexpr int CH = 4 * PER;               // columns per chunk (4 lanes per row group)
-  static constexpr int BYTES_PER_2 = INT8 ? 2 : 1;  // bytes per two codes
+  static constexpr int BYTES_PER_2 = BYTE ? 2 : 1;  // bytes per two codes
 };
+
+#define FP8_MAX 448.f
+
+// Four bf16 values (pairs p0 = (x0, x1), p1 = (x2, x3), low halves first) times `inv`, rounded to
+// E4M3 (nearest even, saturating to +-448), x0 in the low byte.
+__device__ __forceinline__ unsigned gemv_q_e4m3x4(unsigned p0, unsigned p1, float inv) {
+  const float2 a = kiln::bf2_to_f2(p0), b = kiln::bf2_to_f2(p1);
+  unsigned short lo, hi;
+  // cvt ... d, a, b puts a in the upper byte.
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(a.y * inv), "f"(a.x * inv));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(b.y * inv), "f"(b.x * inv));
+  return (unsigned)lo | ((unsigned)hi << 16);
+}
+
+// The two E4M3 codes of bits 16h..16h+15 of w as an exact f16 pair (low half: the low byte).
+__device__ __forceinline__ float2 gemv_q_e4m3x2_to_f2(unsigned w, int h) {
+  const unsigned short c = (unsigned short)(w >> (16 * h));
+  unsigned r;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(c));
+  return __half22float2(*reinterpret_cast<__half2*>(&r));
+}
+
+// d += a · b  (m16n8k32, E4M3 inputs, f32 accumulators)
+__device__ __forceinline__ void gemv_q_mma_fp8(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// max |v| over the M rows of K bf16 at x (row stride K, 16-byte aligned) by the whole CTA of
+// NT threads; sx[m] = max / 448 (1 for a zero row). Ends with a barrier.
+template <int K, int NT>
+__device__ __forceinline__ void gemv_q_row_scales(const bf16* x, int M, float* sx, float (*red)[8]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int m = 0; m < M; ++m) {
+    float a = 0.f;
+    for (int i = threadIdx.x * 8; i < K; i += NT * 8) {
+      float f[8];
+      kiln::unpack8(*reinterpret_cast<const uint4*>(x + (long long)m * K + i), f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a = fmaxf(a, fabsf(f[j]));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    if (lane == 0) red[warp][m] = a;
+  }
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float a = 0.f;
+    for (int w = 0; w < NT / 32; ++w) a = fmaxf(a, red[w][threadIdx.x]);
+    sx[threadIdx.x] = a > 0.f ? a / FP8_MAX : 1.f;
+  }
+  __syncthreads();
+}
 
 // Two int8 codes (bytes 2h, 2h+1 of w) as an exact bf16 pair (low half: byte 2h).
 __device__ __forceinline__ unsigned gemv_q_i8pair(unsigned w, int h) {
@@ -166,7 +236,7 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
   constexpr int PER = F::PER, CH = F::CH;
   static_assert(K % PER == 0, "gemv_q: K must be a multiple of 16 (int8) or 32 (int4)");
   static_assert(EPI >= 0 && EPI <= 3, "gemv_q: EPI is 0 (plain), 1 (+residual), 2 (gated) or 3 (+bias)");
-  static_assert(FMT == 1 || (G == 32 || G == 64 || G == 128), "gemv_q: G is 32, 64 or 128");
+  static_assert(FMT == 1 || FMT == 6 || (G == 32 || G == 64 || G == 128), "gemv_q: G is 32, 64 or 128");
   static_assert(NORM == 0 || NORM == 1, "gemv_q: NORM is 0 or 1 (M = 1)");
   constexpr int NC = (K + CH - 1) / CH;  // chunks
   constexpr long long RB = (long long)K * F::BYTES_PER_2 / 2;  // bytes per weight row
@@ -205,8 +275,8 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
               wv[u][a][h] = wv[u][a][0];
               sz[u][a][h] = sz[u][a][0];
             } else if (k < K) {
-              wv[u][a][h] = kiln::ld_stream16_256(q + row[a][h] * RB + (F::INT8 ? k : k / 2));
-              if (FMT != 1) sz[u][a][h] = gemv_q_group<K, FMT, G>(scale, zero, row[a][h], k / (G > 0 ? G : 1));
+              wv[u][a][h] = kiln::ld_stream16_256(q + row[a][h] * RB + (F::BYTE ? k : k / 2));
+              if (FMT != 1 && FMT != 6) sz[u][a][h] = gemv_q_group<K, FMT, G>(scale, zero, row[a][h], k / (G > 0 ? G : 1));
             } else {
               wv[u][a][h] = make_uint4(0, 0, 0, 0);
               sz[u][a][h] = 0;
@@ -221,6 +291,14 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
   if (NORM) {
     __shared__ float red[32];
     kiln::rms_row_to_smem<K, GEMV_Q_WARPS * 32>(x, norm_w, eps, xs, red);
+  }
+  // FMT 6: each row's activation scale (quant.rs's fp8_rows), and the lane's reciprocal.
+  __shared__ float sx[8];
+  float inv_sx = 0.f;
+  if (FMT == 6) {
+    __shared__ float amax[GEMV_Q_WARPS][8];
+    gemv_q_row_scales<K, GEMV_Q_WARPS * 32>(NORM ? xs : x, M, sx, amax);
+    inv_sx = has_x ? 1.f / sx[g] : 0.f;
   }
   const bf16* xp = (NORM ? xs : x + (long long)(has_x ? g : 0) * K) + PER * t;
   for (int c0 = warp; c0 < NC; c0 += GEMV_Q_WARPS * U) {
@@ -243,9 +321,22 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
         xw[4 * v + 2] = xv.z;
         xw[4 * v + 3] = xv.w;
       }
+      unsigned xq[4];  // FMT 6: the 16 x values as E4M3 codes, 4 per word in k order
+      if (FMT == 6) {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) xq[w] = gemv_q_e4m3x4(xw[2 * w], xw[2 * w + 1], inv_sx);
+      }
 #pragma unroll
       for (int a = 0; a < NA; ++a) {
-        if (F::INT8) {
+        if (FMT == 6) {
+          // Words 2j, 2j+1 of a row's vector are the MMA's k slots 4t.. and 16+4t.. (a0/a2 row g,
+          // a1/a3 row g+8); x's words 2j, 2j+1 the same slots of B.
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            gemv_q_mma_fp8(acc[a], gemv_q_word(wv[u][a][0], 2 * j), gemv_q_word(wv[u][a][1], 2 * j),
+                           gemv_q_word(wv[u][a][0], 2 * j + 1), gemv_q_word(wv[u][a][1], 2 * j + 1), xq[2 * j],
+                           xq[2 * j + 1]);
+        } else if (F::BYTE) {
           // Word i holds codes 4i..4i+3: pairs (4i, 4i+1) and (4i+2, 4i+3), x words 2i and 2i+1.
           const float s0 = FMT == 5 ? gemv_q_f16(sz[u][a][0], 0) : 1.f;
           const float s1 = FMT == 5 ? gemv_q_f16(sz[u][a][1], 0) : 1.f;
@@ -322,6 +413,7 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
       for (int a = 0; a < NA; ++a) {
         r[a] = acc[a][i];
         if (FMT == 1) r[a] *= __ldg(reinterpret_cast<const float*>(scale) + (long long)a * N + n);
+        if (FMT == 6) r[a] *= __ldg(reinterpret_cast<const float*>(scale) + (long long)a * N + n) * sx[m];
       }
       float v;
       if (EPI == 2) {
@@ -349,12 +441,25 @@ dequant(const unsigned char* __restrict__ q, const void* __restrict__ scale, con
   const long long r = v / VR;
   const int k = (int)(v - r * VR) * PER;
   const bool ok = r < R;
-  const uint4 c = ok ? kiln::ld_stream16(q + r * RB + (F::INT8 ? k : k / 2)) : make_uint4(0, 0, 0, 0);
+  const uint4 c = ok ? kiln::ld_stream16(q + r * RB + (F::BYTE ? k : k / 2)) : make_uint4(0, 0, 0, 0);
   // `out` may still be read by the previous GEMM: write only after it completes.
   kiln::pdl_sync();
   if (!ok) return;
   uint4* dst = reinterpret_cast<uint4*>(out + r * K + k);
-  if (F::INT8) {
+  if (FMT == 6) {
+    const float s = __ldg(reinterpret_cast<const float*>(scale) + r);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // 8 codes (two words) per 16-byte output vector
+      float f[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 v = gemv_q_e4m3x2_to_f2(gemv_q_word(c, 2 * i + j / 2), j % 2);
+        f[2 * j] = v.x * s;
+        f[2 * j + 1] = v.y * s;
+      }
+      dst[i] = kiln::pack8(f);
+    }
+  } else if (F::BYTE) {
     const float s = FMT == 1 ? __ldg(reinterpret_cast<const float*>(scale) + r)
                              : gemv_q_f16(gemv_q_group<K, FMT, G>(scale, zero, r, k / (G > 0 ? G : 1)), 0);
 #pragma unroll
@@ -386,5 +491,39 @@ dequant(const unsigned char* __restrict__ q, const void* __restrict__ scale, con
       o.w = __byte_perm(p[2], p[3], 0x7632);
       dst[i] = o;
     }
+  }
+}
+
+template <int K>
+__global__ void __launch_bounds__(DEQUANT_THREADS) act_fp8(const bf16* x, bf16* out, int T) {
+  static_assert(K % 8 == 0, "act_fp8: K must be a multiple of 8");
+  constexpr int V = (K / 8 + DEQUANT_THREADS - 1) / DEQUANT_THREADS;  // 8-value vectors per thread
+  __shared__ float amax[DEQUANT_THREADS / 32][8];
+  __shared__ float sx[8];
+  const int t = blockIdx.x;
+  kiln::pdl_sync();
+  if (t >= T) return;
+  const bf16* xr = x + (long long)t * K;
+  uint4 v[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int k = (i * DEQUANT_THREADS + threadIdx.x) * 8;
+    v[i] = k < K ? *reinterpret_cast<const uint4*>(xr + k) : make_uint4(0, 0, 0, 0);
+  }
+  gemv_q_row_scales<K, DEQUANT_THREADS>(xr, 1, sx, amax);
+  const float s = sx[0], inv = 1.f / s;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int k = (i * DEQUANT_THREADS + threadIdx.x) * 8;
+    if (k >= K) continue;
+    const unsigned c0 = gemv_q_e4m3x4(v[i].x, v[i].y, inv), c1 = gemv_q_e4m3x4(v[i].z, v[i].w, inv);
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 a = gemv_q_e4m3x2_to_f2(j < 2 ? c0 : c1, j % 2);
+      f[2 * j] = a.x * s;
+      f[2 * j + 1] = a.y * s;
+    }
+    *reinterpret_cast<uint4*>(out + (long long)t * K + k) = kiln::pack8(f);
   }
 }

@@ -65,9 +65,8 @@ enum Command {
         /// symmetric), `int4-awq` (int4 with activation-aware scales calibrated on --calib) or
         /// `int4-gptq` (int4 codes chosen by GPTQ from --calib activations), or llama.cpp's
         /// `q8_0` (int8, a scale per 32 columns) and `q4_1` (int4, a scale and a minimum per 32
-        /// columns). GPU engines read `int8`, `int4`, `int4-sym`, `int4-gptq`, `q8_0` and `q4_1`
-        /// (gemv_q.cu); `fp8` and `int4-awq` run on the CPU so far (a GPU build of them is
-        /// refused by name). A pre-quantized checkpoint (a GGUF's Q4_0, Q4_1 or Q8_0
+        /// columns). GPU engines read all but `int4-awq` (gemv_q.cu), which runs on the CPU so
+        /// far (a GPU build of it is refused by name). A pre-quantized checkpoint (a GGUF's Q4_0, Q4_1 or Q8_0
         /// projections, AutoAWQ, GPTQ) keeps its format without --quant; `none` dequantizes it.
         #[arg(long)]
         quant: Option<String>,

@@ -22,6 +22,8 @@ pub enum KernelFamily {
     GemvQ,
     /// `dequant<K, FMT, G>` (a quantized weight to bf16, for the prefill GEMM)
     Dequant,
+    /// `act_fp8<K>` (activations rounded to E4M3 per row, for a W8A8 prefill GEMM)
+    ActFp8,
     /// `silu_mul<F>`
     SiluMul,
     /// `bias_rows<N>`
@@ -56,6 +58,7 @@ impl KernelFamily {
             KernelFamily::GemvTc => "gemv_tc",
             KernelFamily::GemvQ => "gemv_q",
             KernelFamily::Dequant => "dequant",
+            KernelFamily::ActFp8 => "act_fp8",
             KernelFamily::SiluMul => "silu_mul",
             KernelFamily::BiasRows => "bias_rows",
             KernelFamily::RopeAppend => "rope_append",
@@ -126,6 +129,8 @@ pub enum QuantFormat {
         /// Columns per group (32, 64 or 128).
         group: usize,
     },
+    /// E4M3 codes, one f32 scale per row; the activations rounded to E4M3 per row (W8A8).
+    Fp8,
 }
 
 impl QuantFormat {
@@ -144,12 +149,13 @@ impl QuantFormat {
             DType::Int8Group { group } => Some(QuantFormat::Int8Group {
                 group: group as usize,
             }),
+            DType::Fp8 => Some(QuantFormat::Fp8),
             _ => None,
         }
     }
 
     /// `FMT`: 1 int8, 2 int4 symmetric, 3 int4 with zero points, 4 int4 with a minimum, 5
-    /// grouped int8.
+    /// grouped int8, 6 fp8 (W8A8).
     pub fn code(self) -> usize {
         match self {
             QuantFormat::Int8 => 1,
@@ -161,13 +167,14 @@ impl QuantFormat {
             } => 3,
             QuantFormat::Int4Min { .. } => 4,
             QuantFormat::Int8Group { .. } => 5,
+            QuantFormat::Fp8 => 6,
         }
     }
 
-    /// `G`: the group size (0 for int8, whose scale is per row).
+    /// `G`: the group size (0 for int8 and fp8, whose scale is per row).
     pub fn group(self) -> usize {
         match self {
-            QuantFormat::Int8 => 0,
+            QuantFormat::Int8 | QuantFormat::Fp8 => 0,
             QuantFormat::Int4 { group, .. }
             | QuantFormat::Int4Min { group }
             | QuantFormat::Int8Group { group } => group,
@@ -179,9 +186,9 @@ impl QuantFormat {
         Self::codes_per_vector_of(self.code())
     }
 
-    /// Codes per 16-byte vector of the format with `FMT` code `code`: 16 int8, 32 int4.
+    /// Codes per 16-byte vector of the format with `FMT` code `code`: 16 int8 and fp8, 32 int4.
     pub fn codes_per_vector_of(code: usize) -> usize {
-        if matches!(code, 1 | 5) {
+        if matches!(code, 1 | 5 | 6) {
             16
         } else {
             32
@@ -396,6 +403,13 @@ impl KernelInstance {
         Self::ints(KernelFamily::Dequant, &[k, format.code(), format.group()])
     }
 
+    /// `act_fp8<K>(const bf16* x, bf16* out, int T)`: each of the `T` rows of `x` rounded to
+    /// E4M3 with its own scale (`max|row| / 448`), back in bf16 (the activations of a W8A8
+    /// prefill product; `out` may alias `x`).
+    pub fn act_fp8(k: usize) -> Self {
+        Self::ints(KernelFamily::ActFp8, &[k])
+    }
+
     /// `silu_mul<F>(const bf16* gu, bf16* out, int T)`.
     pub fn silu_mul(ffn: usize) -> Self {
         Self::ints(KernelFamily::SiluMul, &[ffn])
@@ -555,6 +569,7 @@ impl KernelInstance {
                 };
                 one((rt.n.div_ceil(rows), 1, 1), threads::GEMV_WARPS * 32)
             }
+            KernelFamily::ActFp8 => one((rt.tokens, 1, 1), threads::DEQUANT),
             KernelFamily::Dequant => {
                 // One thread per 16-byte code vector (16 int8 or 32 int4 codes) of `n` rows.
                 let per = QuantFormat::codes_per_vector_of(self.int_arg(1));

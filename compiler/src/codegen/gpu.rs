@@ -327,6 +327,9 @@ mod tests {
                 group: 128,
                 zero_point: false,
             },
+            DType::Int4Min { group: 32 },
+            DType::Int8Group { group: 32 },
+            DType::Fp8,
         ] {
             let plan = lower(&optimize(format)).unwrap();
             assert_eq!(plan.launches.len(), 30 * 6 + 3, "{}", format.name());
@@ -357,7 +360,8 @@ mod tests {
                 );
             }
         }
-        for format in [DType::Fp8, DType::Int4Awq { group: 128 }] {
+        {
+            let format = DType::Int4Awq { group: 128 };
             let err = lower(&optimize(format)).unwrap_err();
             assert!(
                 err.contains(format.name()) && err.contains("--target cpu"),

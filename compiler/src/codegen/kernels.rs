@@ -132,7 +132,7 @@ pub fn template_file(family: KernelFamily) -> TemplateFile {
         KernelFamily::RmsNorm | KernelFamily::AddRmsNorm => TemplateFile::RmsNorm,
         KernelFamily::Gemv => TemplateFile::Gemv,
         KernelFamily::GemvTc => TemplateFile::GemvTc,
-        KernelFamily::GemvQ | KernelFamily::Dequant => TemplateFile::GemvQ,
+        KernelFamily::GemvQ | KernelFamily::Dequant | KernelFamily::ActFp8 => TemplateFile::GemvQ,
         KernelFamily::SiluMul | KernelFamily::BiasRows => TemplateFile::Elementwise,
         KernelFamily::RopeAppend => TemplateFile::Rope,
         KernelFamily::AttentionDecode | KernelFamily::AttentionDecodeMerge => {
@@ -280,6 +280,7 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
         },
         QuantFormat::Int4Min { group: 32 },
         QuantFormat::Int8Group { group: 32 },
+        QuantFormat::Fp8,
     ];
     for f in formats {
         for &(k, epi, norm, ty) in &gemvs[..4] {
@@ -289,6 +290,9 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
                     out.push(KernelInstance::gemv_q(k, epi, f, true, ty));
                 }
                 out.push(KernelInstance::dequant(k, f));
+                if f == QuantFormat::Fp8 {
+                    out.push(KernelInstance::act_fp8(k));
+                }
             }
         }
     }
@@ -446,6 +450,7 @@ mod tests {
                 KernelFamily::GemvTc,
                 KernelFamily::GemvQ,
                 KernelFamily::Dequant,
+                KernelFamily::ActFp8,
                 KernelFamily::SiluMul,
                 KernelFamily::RopeAppend,
                 KernelFamily::AttentionDecode,

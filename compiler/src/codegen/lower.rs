@@ -155,8 +155,8 @@ impl<'g> Lowering<'g> {
                 id,
                 &format!(
                     "weight `{w}` is stored as {}, which the GPU kernels do not read yet (they \
-                     read int8, int4 with or without zero points and GGUF Q4_1/Q8_0: --quant \
-                     int8|int4|int4-sym|int4-gptq|q4_1|q8_0); \
+                     read int8, fp8, int4 with or without zero points and GGUF Q4_1/Q8_0: --quant \
+                     int8|fp8|int4|int4-sym|int4-gptq|q4_1|q8_0); \
                      build this quantization for the CPU (--target cpu)",
                     dtype.name()
                 ),

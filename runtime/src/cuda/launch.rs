@@ -155,6 +155,9 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
                             out.push(KernelInstance::gemv_q(k, epi, f, false, ty));
                         }
                         out.push(KernelInstance::dequant(k, f));
+                        if f == QuantFormat::Fp8 {
+                            out.push(KernelInstance::act_fp8(k));
+                        }
                     }
                     None => {
                         out.push(gemv_instance(1, k, epi, norm.is_some(), ty));
@@ -450,10 +453,11 @@ impl Kernels {
         let a = plan.attention;
         let most = splits(1, a.kv_heads, opts.max_seq_len);
         let partials = opts.max_batch * a.heads * most * (a.head_dim + 2) * 4;
+        // The normalized input of a folded norm, or the E4M3-rounded input of a W8A8 product.
         let normed = plan.launches.iter().filter_map(|l| match l {
             Launch::Linear {
-                x, norm: Some(_), ..
-            } => Some(plan.buffers[*x].cols * 2),
+                x, norm, format, ..
+            } if norm.is_some() || *format == DType::Fp8 => Some(plan.buffers[*x].cols * 2),
             _ => None,
         });
         let rows = opts.max_step_tokens.max(opts.max_batch);
@@ -846,8 +850,8 @@ impl Kernels {
 
     /// A `Linear` whose weight is in a weight format (`gemv_q.cu`): for one row the quantized
     /// GEMV with the norm, if any, folded into its prologue; up to `GEMV_MAX_ROWS` rows the norm
-    /// into scratch, then the quantized GEMV; beyond, the norm into scratch, the weight
-    /// dequantized to bf16 scratch and the prefill GEMM.
+    /// into scratch, then the quantized GEMV; beyond, the norm into scratch (fp8: the input
+    /// rounded to E4M3 there), the weight dequantized to bf16 scratch and the prefill GEMM.
     #[allow(clippy::too_many_arguments)]
     fn linear_quant(
         &self,
@@ -901,6 +905,19 @@ impl Kernels {
                 ],
             );
         }
+        let xp = if f == QuantFormat::Fp8 {
+            // W8A8: the activations rounded to E4M3 per row (in place over the normalized input).
+            let dst = self.norm_scratch;
+            self.go(
+                stream,
+                &KernelInstance::act_fp8(k),
+                sizes(rows, p.b, 0, 0),
+                &[P(xp), P(dst), I(rows as i32)],
+            )?;
+            dst
+        } else {
+            xp
+        };
         let wq = self.weight_scratch;
         self.go(
             stream,
