@@ -32,6 +32,7 @@ ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
 }
 
 CONFIGS = {
@@ -75,6 +76,16 @@ CONFIGS["phi3-mini"] = dict(arch="phi3", hidden_size=3072, intermediate_size=819
                             rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                             max_position_embeddings=4096, sliding_window=2047, pad_token_id=0)
 
+# Gemma-7B: GeGLU MLP (tanh GELU), RMSNorm gain 1 + w, the embedding times sqrt(hidden), head
+# size 256, tied embeddings; Gemma-2B has one KV head (MQA). transformers initializes the norm
+# weights to zero (gain 1); the check draws them at random (below).
+CONFIGS["gemma-7b"] = dict(arch="gemma", hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                           num_attention_heads=16, num_key_value_heads=16, head_dim=256, vocab_size=256000,
+                           rope_theta=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                           tie_word_embeddings=True, max_position_embeddings=8192)
+CONFIGS["gemma-2b"] = dict(CONFIGS["gemma-7b"], hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                           num_attention_heads=8, num_key_value_heads=1)
+
 # Two-layer variants: the same widths, heads and vocabularies, small enough for fp32 references.
 CONFIGS["llama3-8b-2l"] = dict(CONFIGS["llama3-8b"], num_hidden_layers=2)
 CONFIGS["llama2-7b-2l"] = dict(CONFIGS["llama2-7b"], num_hidden_layers=2)
@@ -82,6 +93,8 @@ CONFIGS["llama31-8b-2l"] = dict(CONFIGS["llama31-8b"], num_hidden_layers=2)
 CONFIGS["qwen25-7b-2l"] = dict(CONFIGS["qwen25-7b"], num_hidden_layers=2)
 CONFIGS["mistral-7b-2l"] = dict(CONFIGS["mistral-7b"], num_hidden_layers=2, sliding_window=64)
 CONFIGS["phi3-mini-2l"] = dict(CONFIGS["phi3-mini"], num_hidden_layers=2, sliding_window=64)
+CONFIGS["gemma-7b-2l"] = dict(CONFIGS["gemma-7b"], num_hidden_layers=2)
+CONFIGS["gemma-2b-2l"] = dict(CONFIGS["gemma-2b"], num_hidden_layers=2)
 
 
 def rel_l2(a, b):
@@ -261,7 +274,7 @@ def main():
             model = model_cls(cfg).to(torch.bfloat16).eval()
             with torch.no_grad():
                 for pname, p in model.named_parameters():
-                    if pname.endswith(".bias"):
+                    if pname.endswith(".bias") or (cfg.model_type == "gemma" and pname.endswith("norm.weight")):
                         p.normal_(0.0, 0.1)
         ckpt = os.path.join(args.work, f"ckpt-{name}")
         engine = os.path.join(args.work, f"{name}.kiln")

@@ -75,6 +75,14 @@ __device__ __forceinline__ unsigned int f2_to_bf2(float a, float b) {
   return *reinterpret_cast<unsigned int*>(&h);
 }
 
+// The gate activation of a gated MLP (GEMV epilogues EPI 2 and 4, silu_mul and gelu_mul):
+// ACT 0 SiLU g·σ(g); ACT 1 GELU's tanh approximation g·σ(2√(2/π)·(g + 0.044715·g³)).
+template <int ACT>
+__device__ __forceinline__ float gate_act(float g) {
+  const float z = ACT == 0 ? g : 1.5957691216057308f * (g + 0.044715f * (g * g * g));
+  return g / (1.f + __expf(-z));
+}
+
 // Unpack 8 bf16 (one uint4) into floats.
 __device__ __forceinline__ void unpack8(uint4 v, float* f) {
   float2 a = bf2_to_f2(v.x), b = bf2_to_f2(v.y), c = bf2_to_f2(v.z), d = bf2_to_f2(v.w);

@@ -10,6 +10,7 @@
 //     EPI 2: gated MLP, w has 2N rows (gate rows 0..N, then up rows N..2N):
 //            out[m,n] = silu(x·w[n]) * (x·w[N+n])
 //     EPI 3: out[m,n] = acc[m,n] + residual[n]    (residual: the bias, [N] bf16)
+//     EPI 4: EPI 2 with GELU (tanh approximation) for SiLU (GeGLU: Gemma)
 //   One rounding to OutT (bf16, or float for logits) at the end.
 //
 // Layouts: x [M, K] bf16 row-major; w [N, K] (or [2N, K]) bf16 row-major (nn.Linear's layout, no
@@ -42,9 +43,10 @@ template <int K, int MMAX, int EPI>
 struct GemvCfg {
   static_assert(K % 8 == 0, "gemv: K must be a multiple of 8");
   static_assert(MMAX >= 1 && MMAX <= 16, "gemv: 1 <= MMAX <= 16");
-  static_assert(EPI >= 0 && EPI <= 3, "gemv: EPI is 0 (plain), 1 (+residual), 2 (gated) or 3 (+bias)");
-  static constexpr int ROWS = (MMAX >= 4 && EPI != 2) ? 2 : 1;  // output columns per warp
-  static constexpr int NW = EPI == 2 ? 2 : 1;                   // weight rows per output column
+  static_assert(EPI >= 0 && EPI <= 4, "gemv: EPI is 0 (plain), 1 (+residual), 2 (gated), 3 (+bias) or 4 (GeGLU)");
+  static constexpr bool GATED = EPI == 2 || EPI == 4;
+  static constexpr int ROWS = (MMAX >= 4 && !GATED) ? 2 : 1;  // output columns per warp
+  static constexpr int NW = GATED ? 2 : 1;                    // weight rows per output column
   static constexpr int WR = ROWS * NW;                          // weight rows per warp
   static constexpr int UNROLL = GEMV_LOADS / WR > 0 ? GEMV_LOADS / WR : 1;  // vectors in flight per row
   static constexpr int KS =  // warps per output (split-K)
@@ -181,9 +183,9 @@ gemv(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const
       if (lane == (i & 31) && m < M && n0 + r < N) {
         const int n = n0 + r;
         float v;
-        if (EPI == 2) {
+        if (C::GATED) {
           const float g = acc[m][r * 2], u = acc[m][r * 2 + 1];
-          v = g / (1.f + __expf(-g)) * u;
+          v = kiln::gate_act<EPI == 4>(g) * u;
         } else {
           v = acc[m][r];
           if (EPI == 1) v += __bfloat162float(residual[(long long)m * N + n]);

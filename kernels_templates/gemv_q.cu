@@ -30,6 +30,7 @@
 //     EPI 0: out = acc;  EPI 1: out = acc + residual[m,n] (may alias out);
 //     EPI 2: w has 2N rows (gate, then up): out = silu(x·w[n]) * (x·w[N+n])
 //     EPI 3: out = acc + residual[n] (residual: the bias, [N] bf16)
+//     EPI 4: EPI 2 with GELU (tanh approximation) for SiLU (GeGLU)
 //   One rounding to OutT (bf16, or float for logits) at the end.
 //
 //   dequant<K, FMT, G>(q, scale, zero, R, out): out[r,k] = w[r,k] in bf16 for r < R, k < K, with
@@ -235,12 +236,14 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
   typedef QFmt<FMT> F;
   constexpr int PER = F::PER, CH = F::CH;
   static_assert(K % PER == 0, "gemv_q: K must be a multiple of 16 (int8) or 32 (int4)");
-  static_assert(EPI >= 0 && EPI <= 3, "gemv_q: EPI is 0 (plain), 1 (+residual), 2 (gated) or 3 (+bias)");
+  static_assert(EPI >= 0 && EPI <= 4,
+                "gemv_q: EPI is 0 (plain), 1 (+residual), 2 (gated), 3 (+bias) or 4 (GeGLU)");
+  constexpr bool GATED = EPI == 2 || EPI == 4;
   static_assert(FMT == 1 || FMT == 6 || (G == 32 || G == 64 || G == 128), "gemv_q: G is 32, 64 or 128");
   static_assert(NORM == 0 || NORM == 1, "gemv_q: NORM is 0 or 1 (M = 1)");
   constexpr int NC = (K + CH - 1) / CH;  // chunks
   constexpr long long RB = (long long)K * F::BYTES_PER_2 / 2;  // bytes per weight row
-  constexpr int NA = EPI == 2 ? 2 : 1;   // A tiles: the rows, or gate and up rows
+  constexpr int NA = GATED ? 2 : 1;      // A tiles: the rows, or gate and up rows
   constexpr int HR = EPI == 1 ? 1 : 2;   // distinct 8-row halves of the MMA's A tile
   constexpr int U = GEMV_Q_UNROLL;
   __shared__ float red[GEMV_Q_WARPS][NA * 4][32];
@@ -416,8 +419,8 @@ gemv_q(const bf16* __restrict__ x, int M, const unsigned char* __restrict__ q, c
         if (FMT == 6) r[a] *= __ldg(reinterpret_cast<const float*>(scale) + (long long)a * N + n) * sx[m];
       }
       float v;
-      if (EPI == 2) {
-        v = r[0] / (1.f + __expf(-r[0])) * r[NA - 1];
+      if (GATED) {
+        v = kiln::gate_act<EPI == 4>(r[0]) * r[NA - 1];
       } else {
         v = r[0];
         if (EPI == 1) v += __bfloat162float(residual[(long long)m * N + n]);

@@ -6,6 +6,7 @@
 //     EPI 0: out = acc;  EPI 1: out = acc + residual[m,n] (may alias out);
 //     EPI 2: w has 2N rows (gate, then up): out = silu(x·w[n]) * (x·w[N+n])
 //     EPI 3: out = acc + residual[n] (residual: the bias, [N] bf16)
+//     EPI 4: EPI 2 with GELU (tanh approximation) for SiLU (GeGLU)
 //
 // Layouts: x [M, K], w [N, K] (or [2N, K]) bf16 row-major, 16-byte aligned; out [M, N] OutT.
 // K % 32 == 0, 1 <= M <= MMAX <= 8, any N >= 1.
@@ -53,9 +54,11 @@ __global__ void __launch_bounds__(GEMV_TC_WARPS * 32)
 gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, const bf16* residual, OutT* out) {
   static_assert(K % 32 == 0, "gemv_tc: K must be a multiple of 32");
   static_assert(MMAX >= 1 && MMAX <= 8, "gemv_tc: 1 <= MMAX <= 8");
-  static_assert(EPI >= 0 && EPI <= 3, "gemv_tc: EPI is 0 (plain), 1 (+residual), 2 (gated) or 3 (+bias)");
+  static_assert(EPI >= 0 && EPI <= 4,
+                "gemv_tc: EPI is 0 (plain), 1 (+residual), 2 (gated), 3 (+bias) or 4 (GeGLU)");
   constexpr int NC = K / 32;                // 32-wide k chunks
-  constexpr int NA = EPI == 2 ? 2 : 1;      // A tiles: the rows, or gate and up rows
+  constexpr bool GATED = EPI == 2 || EPI == 4;
+  constexpr int NA = GATED ? 2 : 1;         // A tiles: the rows, or gate and up rows
   constexpr int U = GEMV_TC_UNROLL;
   __shared__ float red[GEMV_TC_WARPS][NA * 4][32];
 
@@ -140,9 +143,9 @@ gemv_tc(const bf16* __restrict__ x, int M, const bf16* __restrict__ w, int N, co
     const int m = 2 * t + (i & 1);
     if (n < N && m < M) {
       float v;
-      if (EPI == 2) {
+      if (GATED) {
         const float gt = acc[0][i], up = acc[NA - 1][i];
-        v = gt / (1.f + __expf(-gt)) * up;
+        v = kiln::gate_act<EPI == 4>(gt) * up;
       } else {
         v = acc[0][i];
         if (EPI == 1) v += __bfloat162float(residual[(long long)m * N + n]);

@@ -393,7 +393,8 @@ impl Report {
 // ---------------------------------------------------------------------------------------------
 // Checks
 
-fn check_embedding(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize) -> Res<()> {
+/// `embedding<h>` with `scale` (1: an exact copy; else one bf16 rounding of the product).
+fn check_embedding(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize, scale: f32) -> Res<()> {
     let vocab = 1000;
     let t = 9;
     let table = r.bf_vec(vocab * h, 1.0);
@@ -412,6 +413,7 @@ fn check_embedding(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize) -> Res<()> 
             Arg::P(g.ptr(&di)),
             Arg::P(g.ptr(&dout)),
             Arg::I(t as i32),
+            Arg::F(scale),
         ],
     )?;
     g.sync()?;
@@ -420,14 +422,14 @@ fn check_embedding(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize) -> Res<()> 
     for (i, &id) in ids.iter().enumerate() {
         if id >= 0 {
             for j in 0..h {
-                reference[i * h + j] = table[id as usize * h + j] as f64;
+                reference[i * h + j] = table[id as usize * h + j] as f64 * scale as f64;
             }
         }
     }
     rep.check(
-        format!("embedding<{h}> T={t}"),
+        format!("embedding<{h}> T={t} scale={scale}"),
         rel_l2(&out, &reference),
-        0.0,
+        if scale == 1.0 { 0.0 } else { 4e-3 },
     );
     Ok(())
 }
@@ -510,7 +512,11 @@ fn check_gemv(
     norm: bool,
     out_t: OutType,
 ) -> Res<()> {
-    let rows = if epi == GemvEpilogue::Gated { 2 * n } else { n };
+    let rows = if matches!(epi, GemvEpilogue::Gated | GemvEpilogue::GatedGelu) {
+        2 * n
+    } else {
+        n
+    };
     let norm = norm && !tc && mmax == 1;
     let x = r.bf_vec(m * k, 1.0);
     let w = r.bf_vec(rows * k, 0.05);
@@ -543,6 +549,11 @@ fn check_gemv(
                 GemvEpilogue::Gated => {
                     let (gt, up) = (dot(ni), dot(n + ni));
                     gt / (1.0 + (-gt).exp()) * up
+                }
+                GemvEpilogue::GatedGelu => {
+                    let (gt, up) = (dot(ni), dot(n + ni));
+                    let z = (8.0 / std::f64::consts::PI).sqrt() * (gt + 0.044715 * gt.powi(3));
+                    gt / (1.0 + (-z).exp()) * up
                 }
             }
         })
@@ -596,11 +607,15 @@ fn gemv_args(inst: &KernelInstance, ptrs: [u64; 5], m: usize, n: usize, eps: f32
 }
 
 fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
-    for f in [1536usize, 14336] {
+    for (f, gelu) in [(1536usize, false), (14336, false), (1000, true)] {
         let t = 3;
         let gu = r.bf_vec(t * 2 * f, 4.0);
         let (dgu, dout) = (g.up_bf(&gu)?, g.poison_bf(t * f)?);
-        let inst = KernelInstance::silu_mul(f);
+        let inst = if gelu {
+            KernelInstance::gelu_mul(f)
+        } else {
+            KernelInstance::silu_mul(f)
+        };
         g.launch(
             &inst,
             RuntimeSizes {
@@ -615,11 +630,16 @@ fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
             for j in 0..f {
                 let gt = gu[ti * 2 * f + j] as f64;
                 let up = gu[ti * 2 * f + f + j] as f64;
-                reference[ti * f + j] = gt / (1.0 + (-gt).exp()) * up;
+                let z = if gelu {
+                    (8.0 / std::f64::consts::PI).sqrt() * (gt + 0.044715 * gt.powi(3))
+                } else {
+                    gt
+                };
+                reference[ti * f + j] = gt / (1.0 + (-z).exp()) * up;
             }
         }
         rep.check(
-            format!("silu_mul<{f}> T={t}"),
+            format!("{}<{f}> T={t}", inst.family.function()),
             rel_l2(&g.down_bf(&dout)?, &reference),
             TOL,
         );
@@ -1319,7 +1339,11 @@ fn bench_gemv(
     norm: bool,
     out_t: OutType,
 ) -> Res<()> {
-    let rows = if epi == GemvEpilogue::Gated { 2 * n } else { n };
+    let rows = if matches!(epi, GemvEpilogue::Gated | GemvEpilogue::GatedGelu) {
+        2 * n
+    } else {
+        n
+    };
     let bytes = rows * k * 2;
     let gamma = g.random_bf(k, 9, 1.0)?;
     let copies = (600_000_000usize).div_ceil(bytes).clamp(1, 24);
@@ -1659,8 +1683,9 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
             Ok(())
         }
         "embedding" => {
-            check_embedding(g, r, rep, 576)?;
-            check_embedding(g, r, rep, 4096)
+            check_embedding(g, r, rep, 576, 1.0)?;
+            check_embedding(g, r, rep, 4096, 1.0)?;
+            check_embedding(g, r, rep, 3072, 55.425625)
         }
         "rmsnorm" => {
             check_rmsnorm(g, r, rep, 576)?;
@@ -1701,6 +1726,33 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
                 )?;
                 check_gemv(g, r, rep, tc, 576, 1537, 1, m1, Gated, true, OutType::Bf16)?;
                 check_gemv(g, r, rep, tc, 4096, 1031, 8, 8, Gated, true, OutType::Bf16)?;
+                // Gemma's GeGLU (hidden 3072).
+                check_gemv(
+                    g,
+                    r,
+                    rep,
+                    tc,
+                    3072,
+                    1000,
+                    1,
+                    m1,
+                    GatedGelu,
+                    true,
+                    OutType::Bf16,
+                )?;
+                check_gemv(
+                    g,
+                    r,
+                    rep,
+                    tc,
+                    3072,
+                    1031,
+                    8,
+                    8,
+                    GatedGelu,
+                    true,
+                    OutType::Bf16,
+                )?;
                 check_gemv(
                     g,
                     r,
@@ -1950,8 +2002,14 @@ fn main() {
             }
         }
     }
-    // Beyond the Llama shapes: the bias epilogue (Qwen2.5-7B's QKV) and its prefill fill.
+    // Beyond the Llama shapes: the bias epilogue (Qwen2.5-7B's QKV) and its prefill fill, and
+    // Gemma's GeGLU epilogue and scaled embedding.
     for k in [
+        KernelInstance::gemv(3072, 1, GemvEpilogue::GatedGelu, true, OutType::Bf16),
+        KernelInstance::gemv(3072, 8, GemvEpilogue::GatedGelu, false, OutType::Bf16),
+        KernelInstance::gemv_tc(3072, 8, GemvEpilogue::GatedGelu, OutType::Bf16),
+        KernelInstance::gelu_mul(1000),
+        KernelInstance::embedding(3072),
         KernelInstance::gemv(3584, 1, GemvEpilogue::Bias, true, OutType::Bf16),
         KernelInstance::gemv(3584, 8, GemvEpilogue::Bias, false, OutType::Bf16),
         KernelInstance::gemv_tc(3584, 8, GemvEpilogue::Bias, OutType::Bf16),

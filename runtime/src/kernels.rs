@@ -26,6 +26,8 @@ pub enum KernelFamily {
     ActFp8,
     /// `silu_mul<F>`
     SiluMul,
+    /// `gelu_mul<F>`
+    GeluMul,
     /// `bias_rows<N>`
     BiasRows,
     /// `rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
@@ -60,6 +62,7 @@ impl KernelFamily {
             KernelFamily::Dequant => "dequant",
             KernelFamily::ActFp8 => "act_fp8",
             KernelFamily::SiluMul => "silu_mul",
+            KernelFamily::GeluMul => "gelu_mul",
             KernelFamily::BiasRows => "bias_rows",
             KernelFamily::RopeAppend => "rope_append",
             KernelFamily::AttentionDecode => "attention_decode",
@@ -84,6 +87,8 @@ pub enum GemvEpilogue {
     Gated = 2,
     /// `out = x·Wᵀ + bias` (bias `[N]`, passed as the residual pointer)
     Bias = 3,
+    /// Gated with GELU (tanh approximation): `out = gelu(x·W_gᵀ) * (x·W_uᵀ)` (GeGLU).
+    GatedGelu = 4,
 }
 
 /// Element type of a kernel output.
@@ -331,7 +336,8 @@ impl KernelInstance {
         }
     }
 
-    /// `embedding<H>(const bf16* table, const int* ids, bf16* out, int T)`.
+    /// `embedding<H>(const bf16* table, const int* ids, bf16* out, int T, float scale)`: rows of
+    /// `table` by id, times `scale` (1: an exact copy).
     pub fn embedding(hidden: usize) -> Self {
         Self::ints(KernelFamily::Embedding, &[hidden])
     }
@@ -413,6 +419,12 @@ impl KernelInstance {
     /// `silu_mul<F>(const bf16* gu, bf16* out, int T)`.
     pub fn silu_mul(ffn: usize) -> Self {
         Self::ints(KernelFamily::SiluMul, &[ffn])
+    }
+
+    /// `gelu_mul<F>(const bf16* gu, bf16* out, int T)`: `silu_mul` with GELU's tanh
+    /// approximation (GeGLU).
+    pub fn gelu_mul(ffn: usize) -> Self {
+        Self::ints(KernelFamily::GeluMul, &[ffn])
     }
 
     /// `bias_rows<N>(const bf16* bias, bf16* out, int T)`: every row of `out` set to `bias`
@@ -579,7 +591,7 @@ impl KernelInstance {
                     threads::DEQUANT,
                 )
             }
-            KernelFamily::SiluMul | KernelFamily::BiasRows => {
+            KernelFamily::SiluMul | KernelFamily::GeluMul | KernelFamily::BiasRows => {
                 let work = rt.tokens * self.int_arg(0) / 8;
                 one(
                     (work.div_ceil(threads::ELEMENTWISE as usize).min(8192), 1, 1),
@@ -654,7 +666,8 @@ impl KernelInstance {
     pub fn gemv_cols_per_warp(&self) -> usize {
         let mmax = self.int_arg(1);
         let epi = self.int_arg(2);
-        if mmax >= 4 && epi != GemvEpilogue::Gated as usize {
+        let gated = epi == GemvEpilogue::Gated as usize || epi == GemvEpilogue::GatedGelu as usize;
+        if mmax >= 4 && !gated {
             2
         } else {
             1

@@ -65,6 +65,29 @@ pub enum Epilogue {
     Bias(String),
     /// `w` stacks gate over up rows: `y = silu(x·gᵀ) ⊙ (x·uᵀ)`.
     Gated,
+    /// `w` stacks gate over up rows: `y = gelu(x·gᵀ) ⊙ (x·uᵀ)`, GELU's tanh approximation
+    /// (GeGLU: Gemma).
+    GatedGelu,
+}
+
+impl Epilogue {
+    /// True for the gated MLPs, whose weight has twice the output's rows (gate, then up).
+    pub fn is_gated(&self) -> bool {
+        matches!(self, Epilogue::Gated | Epilogue::GatedGelu)
+    }
+
+    /// Weight rows of a product with `cols` outputs: twice `cols` for a gated MLP.
+    pub fn weight_rows(&self, cols: usize) -> usize {
+        if self.is_gated() {
+            2 * cols
+        } else {
+            cols
+        }
+    }
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 /// An RMSNorm folded into the `Linear` that consumes it: the one-row GEMV normalizes its input
@@ -84,6 +107,9 @@ pub enum Launch {
     Embedding {
         /// Embedding table (weight name).
         table: String,
+        /// Multiplies every gathered row (Gemma's `sqrt(hidden)`; 1 for a plain lookup).
+        #[serde(default = "one")]
+        scale: f32,
         /// Output buffer.
         out: BufId,
     },
@@ -250,8 +276,13 @@ impl Plan {
         );
         for (i, l) in self.launches.iter().enumerate() {
             let line = match l {
-                Launch::Embedding { table, out } => {
-                    format!("Embedding table={table} -> {}", buf(*out))
+                Launch::Embedding { table, scale, out } => {
+                    let scale = if *scale == 1.0 {
+                        String::new()
+                    } else {
+                        format!(" ×{scale}")
+                    };
+                    format!("Embedding table={table}{scale} -> {}", buf(*out))
                 }
                 Launch::GatherLast { x, out } => format!("GatherLast {} -> {}", buf(*x), buf(*out)),
                 Launch::RmsNorm { x, w, eps, out } => {
@@ -278,6 +309,7 @@ impl Plan {
                         Epilogue::Residual(r) => format!(" +residual {}", buf(*r)),
                         Epilogue::Bias(b) => format!(" +bias {b}"),
                         Epilogue::Gated => " gated(silu·up)".into(),
+                        Epilogue::GatedGelu => " gated(gelu·up)".into(),
                     };
                     format!("Linear w={w}{norm}{epi} {} -> {}", buf(*x), buf(*out))
                 }

@@ -260,6 +260,64 @@ mod tests {
         }
     }
 
+    /// Gemma lowers to the Llama launches with its differences in the launches' attributes:
+    /// the embedding scaled by `sqrt(hidden)` (8 in the fixture), the GeGLU MLP one gated
+    /// GEMV/GEMM with the GELU epilogue, the RMSNorm gain `1 + w` a derived weight, head size 32.
+    #[test]
+    fn gemma_lowers_with_a_scaled_embedding_and_a_gelu_gate() {
+        use kiln_runtime::plan::{Epilogue, Launch};
+        let path = format!(
+            "{}/../tests/fixtures/families/gemma/config.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let model = crate::build::model_for(&cfg, None).unwrap();
+        let g = crate::build::graph_for(&model, &cfg).unwrap();
+        let opts = crate::rewrite::RewriteOptions {
+            dtype: kiln_runtime::ir::DType::BF16,
+            ..Default::default()
+        };
+        let o = crate::rewrite::optimize(&g, &opts).unwrap();
+        let plan = lower(&o.graph).unwrap();
+        assert_eq!(plan.launches.len(), 2 * 6 + 3, "{}", plan.describe());
+        assert!(matches!(
+            plan.launches[0],
+            Launch::Embedding { scale, .. } if scale == 8.0
+        ));
+        let gates: Vec<&Epilogue> = plan
+            .launches
+            .iter()
+            .filter_map(|l| match l {
+                Launch::Linear { epilogue, .. } if epilogue.is_gated() => Some(epilogue),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(gates, [&Epilogue::GatedGelu, &Epilogue::GatedGelu]);
+        assert!(plan
+            .describe()
+            .contains("add(1,model.layers.0.input_layernorm.weight)"));
+        let instances = plan_instances(&plan, "sm_90");
+        for family in [
+            kiln_runtime::kernels::KernelFamily::GeluMul,
+            kiln_runtime::kernels::KernelFamily::Gemv,
+        ] {
+            assert!(instances.iter().any(|k| k.family == family), "{family:?}");
+        }
+        // An embedding read unscaled by anything else, or scaled by a tensor, is refused by name.
+        let mut g2 = g.clone();
+        let mul = g2
+            .nodes
+            .iter()
+            .position(|n| n.name == "x")
+            .expect("gemma.ron names the scaled embedding `x`");
+        let embedded = g2.nodes[mul].inputs[0];
+        g2.nodes[mul].inputs[1] = embedded;
+        let o2 = crate::rewrite::optimize(&g2, &opts).unwrap();
+        let err = lower(&o2.graph).unwrap_err();
+        assert!(err.contains("only an embedding times a constant"), "{err}");
+    }
+
     /// A bf16 graph of a tied model: the logits are a widening cast of a bf16 product; they
     /// lower to the same f32 lm_head GEMV (final norm folded) as the f32 graph's.
     #[test]

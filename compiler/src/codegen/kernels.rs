@@ -133,7 +133,9 @@ pub fn template_file(family: KernelFamily) -> TemplateFile {
         KernelFamily::Gemv => TemplateFile::Gemv,
         KernelFamily::GemvTc => TemplateFile::GemvTc,
         KernelFamily::GemvQ | KernelFamily::Dequant | KernelFamily::ActFp8 => TemplateFile::GemvQ,
-        KernelFamily::SiluMul | KernelFamily::BiasRows => TemplateFile::Elementwise,
+        KernelFamily::SiluMul | KernelFamily::GeluMul | KernelFamily::BiasRows => {
+            TemplateFile::Elementwise
+        }
         KernelFamily::RopeAppend => TemplateFile::Rope,
         KernelFamily::AttentionDecode | KernelFamily::AttentionDecodeMerge => {
             TemplateFile::AttentionDecode

@@ -13,7 +13,7 @@
 //! an error naming the weight. Any op with no GPU lowering is an error that names the node, so
 //! an unfused graph fails the build instead of running slowly.
 
-use kiln_runtime::ir::{DType, Graph, InputKind, NodeId, Op};
+use kiln_runtime::ir::{BinaryOp, DType, Graph, InputKind, NodeId, Op};
 use kiln_runtime::kernels::QuantFormat;
 use kiln_runtime::plan::{
     AttentionDims, BufId, BufType, Buffer, Epilogue, Launch, Norm, Plan, Rows,
@@ -176,6 +176,42 @@ impl<'g> Lowering<'g> {
         Ok((w.clone(), dtype))
     }
 
+    /// `embedding · c` with `c` a scalar constant (Gemma's `sqrt(hidden)`): the scale folds into
+    /// the embedding launch, which is the only reader of the gathered rows.
+    fn scaled_embedding(&mut self, id: NodeId) -> Result<Val, String> {
+        let ins = &self.g.nodes[id].inputs;
+        let scalar = |i: NodeId| match self.g.nodes[i].op {
+            Op::Constant { value } => Some(value),
+            _ => None,
+        };
+        let (rows, c) = match (scalar(ins[0]), scalar(ins[1])) {
+            (None, Some(c)) => (ins[0], c),
+            (Some(c), None) => (ins[1], c),
+            _ => return Err(self.err(id, "has no GPU kernel (only an embedding times a constant)")),
+        };
+        let readers = self
+            .g
+            .nodes
+            .iter()
+            .filter(|n| n.inputs.contains(&rows))
+            .count();
+        let Val::Cols { buf, off: 0, len } = self.vals[rows].clone() else {
+            return Err(self.err(id, "has no GPU kernel (only an embedding times a constant)"));
+        };
+        match self.launches.last_mut() {
+            Some(Launch::Embedding { scale, out, .. })
+                if *out == buf && len == self.buffers[buf].cols && readers == 1 =>
+            {
+                *scale *= c;
+                Ok(Val::Cols { buf, off: 0, len })
+            }
+            _ => Err(self.err(
+                id,
+                "has no GPU kernel (only an embedding times a constant, read by nothing else)",
+            )),
+        }
+    }
+
     fn node(&mut self, id: NodeId) -> Result<Val, String> {
         let n = &self.g.nodes[id];
         let ins = &n.inputs;
@@ -185,7 +221,7 @@ impl<'g> Lowering<'g> {
         if !widening
             && !matches!(
                 n.op,
-                Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp
+                Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu
             )
         {
             // Only a projection folds a norm into its product; anything else reads it launched.
@@ -222,7 +258,11 @@ impl<'g> Lowering<'g> {
                 };
                 let table = self.weight(id, ins[0])?;
                 let out = self.new_buf(id, Rows::Tokens, BufType::Bf16)?;
-                self.launches.push(Launch::Embedding { table, out });
+                self.launches.push(Launch::Embedding {
+                    table,
+                    scale: 1.0,
+                    out,
+                });
                 Val::Cols {
                     buf: out,
                     off: 0,
@@ -236,13 +276,14 @@ impl<'g> Lowering<'g> {
                     eps: *eps,
                 },
             },
-            Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp => {
+            Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu => {
                 let (x, norm) = self.linear_input(id, ins[0])?;
                 let (w, format) = self.linear_weight(id, ins[1], self.buffers[x].cols)?;
                 let epilogue = match n.op {
                     Op::LinearAdd => Epilogue::Residual(self.whole(id, ins[2])?),
                     Op::LinearBias => Epilogue::Bias(self.weight(id, ins[2])?),
                     Op::GatedMlp => Epilogue::Gated,
+                    Op::GatedGelu => Epilogue::GatedGelu,
                     _ => Epilogue::None,
                 };
                 let out = self.new_buf(id, self.buffers[x].rows, BufType::Bf16)?;
@@ -316,6 +357,7 @@ impl<'g> Lowering<'g> {
                 }
             },
             Op::FusedAttention { scale, window } => self.attention(id, *scale, *window)?,
+            Op::Binary(BinaryOp::Mul) => self.scaled_embedding(id)?,
             _ => {
                 return Err(self.err(
                     id,

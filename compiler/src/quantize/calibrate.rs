@@ -22,7 +22,7 @@ pub fn linear_inputs(g: &Graph) -> Vec<(String, String)> {
         .filter(|n| {
             matches!(
                 n.op,
-                Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp
+                Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu
             )
         })
         .filter_map(|n| match &g.nodes[n.inputs[1]].op {

@@ -190,7 +190,7 @@ pub fn op_cost(op: &Op, ins: &[InputInfo], out: &TensorType, konst: bool) -> Cos
             let a = ins[0].ty;
             2.0 * n_out * a.shape.last().map_or(1.0, |k| k.eval(&REFERENCE) as f64)
         }
-        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp => {
+        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu => {
             let rows = numel(ins[0].ty) / ins[1].ty.shape[1].eval(&REFERENCE).max(1) as f64;
             let w = numel(ins[1].ty);
             2.0 * rows * w + 4.0 * n_out

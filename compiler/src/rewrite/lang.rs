@@ -77,12 +77,16 @@ define_language! {
         "linear_bias" = LinearBias([Id; 3]),
         // [x, w_gate_up]
         "gated_mlp" = GatedMlp([Id; 2]),
+        // [x, w_gate_up]
+        "gated_gelu" = GatedGelu([Id; 2]),
         // [x, pos, inv_freq, seq_axis]
         "rope" = Rope([Id; 4]),
         // [q, k, v, scale, lag]: keys up to `lag` positions back are seen (`inf`: all, causal)
         "attention" = Attention([Id; 5]),
         // Helpers (never extracted). silu(g) = g · σ(g).
         "silu" = Silu(Id),
+        // gelu_tanh(g) = g · σ(2√(2/π)·(g + 0.044715·g³)).
+        "gelu_tanh" = GeluTanh(Id),
         // RoPE angle table [s, 2·half] of positions `pos`: `pos · inv_freq`, twice: [pos, inv_freq]
         "rope_angles" = RopeAngles([Id; 2]),
         // Causal mask [s, t]: -inf where key j > pos[i], else 0: [pos, t]
@@ -101,7 +105,11 @@ impl Node {
     pub fn is_helper(&self) -> bool {
         matches!(
             self,
-            Node::Silu(_) | Node::RopeAngles(_) | Node::CausalMask(_) | Node::WindowMask(_)
+            Node::Silu(_)
+                | Node::GeluTanh(_)
+                | Node::RopeAngles(_)
+                | Node::CausalMask(_)
+                | Node::WindowMask(_)
         )
     }
 }

@@ -89,7 +89,9 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
     match node {
         N::Const(_) | N::Weight(_) | N::Input(_) => Ok(Lowered::Leaf),
         N::Attr(_) => Ok(Lowered::Attr),
-        N::Silu(_) | N::RopeAngles(_) | N::CausalMask(_) | N::WindowMask(_) => Ok(Lowered::Helper),
+        N::Silu(_) | N::GeluTanh(_) | N::RopeAngles(_) | N::CausalMask(_) | N::WindowMask(_) => {
+            Ok(Lowered::Helper)
+        }
         N::Neg(x) => op(Op::Unary(UnaryOp::Neg), &[*x]),
         N::Exp(x) => op(Op::Unary(UnaryOp::Exp), &[*x]),
         N::Sqrt(x) => op(Op::Unary(UnaryOp::Sqrt), &[*x]),
@@ -182,6 +184,7 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
         N::LinearAdd(xs) => op(Op::LinearAdd, xs),
         N::LinearBias(xs) => op(Op::LinearBias, xs),
         N::GatedMlp(xs) => op(Op::GatedMlp, xs),
+        N::GatedGelu(xs) => op(Op::GatedGelu, xs),
         N::Rope([x, pos, freq, a]) => op(
             Op::Rope {
                 seq_axis: axis(data, *a)?,
@@ -276,6 +279,7 @@ pub fn raise(eg: &mut KilnGraph, op: &Op, ins: &[Id]) -> Id {
         Op::LinearAdd => Node::LinearAdd([ins[0], ins[1], ins[2]]),
         Op::LinearBias => Node::LinearBias([ins[0], ins[1], ins[2]]),
         Op::GatedMlp => Node::GatedMlp([ins[0], ins[1]]),
+        Op::GatedGelu => Node::GatedGelu([ins[0], ins[1]]),
         Op::Rope { seq_axis } => {
             let s = eg.add(Node::Attr(Attr::Axis(*seq_axis)));
             Node::Rope([ins[0], ins[1], ins[2], s])

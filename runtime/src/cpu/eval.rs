@@ -123,6 +123,7 @@ pub(super) fn eval_op(op: &Op, mut ins: Vec<Tensor>, syms: &SymValues) -> Result
         | Op::LinearAdd
         | Op::LinearBias
         | Op::GatedMlp
+        | Op::GatedGelu
         | Op::Rope { .. }
         | Op::FusedAttention { .. } => fused::eval(op, ins)?,
     })

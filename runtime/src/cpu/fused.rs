@@ -1,5 +1,5 @@
 //! Reference implementations of the fused ops the rewriter introduces (`RmsNorm`, `Linear`,
-//! `LinearAdd`, `LinearBias`, `GatedMlp`, `Rope`, `FusedAttention`), with exactly the semantics documented on
+//! `LinearAdd`, `LinearBias`, `GatedMlp`, `GatedGelu`, `Rope`, `FusedAttention`), with exactly the semantics documented on
 //! [`Op`].
 //!
 //! Each one computes what the chain of primitive ops it replaces computes, in the same order of
@@ -39,7 +39,8 @@ pub(crate) fn eval(op: &Op, ins: Vec<Tensor>) -> Result<Tensor, String> {
             let (x, w, b) = (next()?, next()?, next()?);
             elementwise::binary(BinaryOp::Add, linear(x, w)?, b)
         }
-        Op::GatedMlp => gated_mlp(next()?, next()?),
+        Op::GatedMlp => gated(next()?, next()?, silu),
+        Op::GatedGelu => gated(next()?, next()?, gelu_tanh),
         Op::Rope { seq_axis } => rope(next()?, next()?, next()?, *seq_axis),
         Op::FusedAttention { scale, window } => {
             attention(next()?, next()?, next()?, *scale, *window as usize)
@@ -146,13 +147,26 @@ fn linear(x: Tensor, w: Tensor) -> Result<Tensor, String> {
     Ok(y.reshape(vec![n]))
 }
 
-/// `silu(x · w[0..f]ᵀ) ⊙ (x · w[f..2f]ᵀ)` with `silu(g) = g · 1/(e^-g + 1)`.
-fn gated_mlp(x: Tensor, w: Tensor) -> Result<Tensor, String> {
+/// `silu(g) = g · 1/(e^-g + 1)`.
+fn silu(g: f32) -> f32 {
+    g * (1.0 / ((-g).exp() + 1.0))
+}
+
+/// GELU's tanh approximation in its sigmoid form, as Gemma's model file writes it:
+/// `g · 1/(e^-z + 1)`, `z = 2√(2/π) · (g + 0.044715 · g³)`.
+fn gelu_tanh(g: f32) -> f32 {
+    let k = 2.0 * (2.0 / std::f32::consts::PI).sqrt();
+    let z = k * (g + 0.044715 * (g * g * g));
+    g * (1.0 / ((-z).exp() + 1.0))
+}
+
+/// `act(x · w[0..f]ᵀ) ⊙ (x · w[f..2f]ᵀ)`: `GatedMlp` (`silu`) and `GatedGelu` (`gelu_tanh`).
+fn gated(x: Tensor, w: Tensor, act: fn(f32) -> f32) -> Result<Tensor, String> {
     let y = linear(x, w)?;
     let two_f = *y.shape.last().expect("linear keeps the rank");
     if two_f % 2 != 0 {
         return Err(format!(
-            "GatedMlp weight has an odd number of rows ({two_f})"
+            "a gated MLP weight has an odd number of rows ({two_f})"
         ));
     }
     let f = two_f / 2;
@@ -164,8 +178,7 @@ fn gated_mlp(x: Tensor, w: Tensor) -> Result<Tensor, String> {
     let rows = |(o, r): (&mut [f32], &[f32])| {
         let (g, u) = r.split_at(f);
         for ((d, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            let sig = 1.0 / ((-g).exp() + 1.0);
-            *d = (g * sig) * u;
+            *d = act(g) * u;
         }
     };
     if f > 0 && out.len() >= 2 * PAR_GRAIN {

@@ -163,6 +163,36 @@ fn gated_mlp_matches_silu_gate_times_up() {
     }
 }
 
+/// `GatedGelu` computes what `models/gemma.ron`'s `geglu` computes from primitives:
+/// `g · σ(2√(2/π) · (g + 0.044715 · g³)) · u`.
+#[test]
+fn gated_gelu_matches_gemmas_geglu() {
+    let mut rng = Rng::new(4);
+    for (lead, k, f) in [(vec![1, 1], 8, 12), (vec![2, 5], 24, 7)] {
+        let mut xs = lead.clone();
+        xs.push(k);
+        let x = rng.tensor(&xs);
+        let wg = rng.tensor(&[f, k]);
+        let wu = rng.tensor(&[f, k]);
+        let g = primitive_linear(&x, &wg);
+        let u = primitive_linear(&x, &wu);
+        let g3 = bin(BinaryOp::Mul, &bin(BinaryOp::Mul, &g, &g), &g);
+        let inner = bin(
+            BinaryOp::Add,
+            &g,
+            &bin(BinaryOp::Mul, &scalar(0.044715), &g3),
+        );
+        let k2 = 2.0 * (2.0 / std::f32::consts::PI).sqrt();
+        let z = bin(BinaryOp::Mul, &scalar(k2), &inner);
+        let e = unary(UnaryOp::Exp, unary(UnaryOp::Neg, z).unwrap()).unwrap();
+        let sig = unary(UnaryOp::Recip, bin(BinaryOp::Add, &e, &scalar(1.0))).unwrap();
+        let want = bin(BinaryOp::Mul, &bin(BinaryOp::Mul, &g, &sig), &u);
+        let w = concat(vec![wg, wu], 0).unwrap();
+        let got = eval(&Op::GatedGelu, vec![x, w]).unwrap();
+        assert_close(&got, &want, 1e-6, &format!("GatedGelu {xs:?} f={f}"));
+    }
+}
+
 /// `inv_freq[i] = 1 / theta^(2i/d)` as `models/llama.ron` computes it.
 fn inv_freq(d: usize, theta: f32) -> Tensor {
     let half = d / 2;

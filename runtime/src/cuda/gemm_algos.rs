@@ -66,7 +66,7 @@ impl GemmShape {
             n,
             k,
             // A gated projection's GEMM writes the gate/up product in bf16 (silu_mul follows).
-            f32_out: out == BufType::F32 && *epilogue != Epilogue::Gated,
+            f32_out: out == BufType::F32 && !epilogue.is_gated(),
             accumulate: matches!(epilogue, Epilogue::Residual(_) | Epilogue::Bias(_)),
         }
     }
@@ -83,11 +83,7 @@ pub fn plan_shapes(plan: &Plan) -> Vec<GemmShape> {
                 x, epilogue, out, ..
             } if plan.buffers[*out].rows == Rows::Tokens => {
                 let cols = plan.buffers[*out].cols;
-                let n = if *epilogue == Epilogue::Gated {
-                    2 * cols
-                } else {
-                    cols
-                };
+                let n = epilogue.weight_rows(cols);
                 Some(GemmShape::of(
                     n,
                     plan.buffers[*x].cols,

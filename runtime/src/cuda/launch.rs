@@ -61,6 +61,7 @@ fn epilogue_kind(e: &Epilogue) -> GemvEpilogue {
         Epilogue::None => GemvEpilogue::Plain,
         Epilogue::Residual(_) => GemvEpilogue::Residual,
         Epilogue::Gated => GemvEpilogue::Gated,
+        Epilogue::GatedGelu => GemvEpilogue::GatedGelu,
         Epilogue::Bias(_) => GemvEpilogue::Bias,
     }
 }
@@ -170,6 +171,9 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
                 }
                 match epilogue {
                     Epilogue::Gated => out.push(KernelInstance::silu_mul(plan.buffers[*o].cols)),
+                    Epilogue::GatedGelu => {
+                        out.push(KernelInstance::gelu_mul(plan.buffers[*o].cols))
+                    }
                     Epilogue::Bias(_) => out.push(KernelInstance::bias_rows(plan.buffers[*o].cols)),
                     _ => {}
                 }
@@ -218,8 +222,7 @@ pub fn check_weights(plan: &Plan, engine: &Engine) -> Result<(), CudaError> {
                     want(w, Dtype::BF16, None)?;
                 } else {
                     let k = plan.buffers[*x].cols;
-                    let n =
-                        plan.buffers[*out].cols * if *epilogue == Epilogue::Gated { 2 } else { 1 };
+                    let n = epilogue.weight_rows(plan.buffers[*out].cols);
                     let parts = crate::quant::parts(*format, n, k).ok_or_else(|| {
                         CudaError::Engine(format!(
                             "weight `{w}`: the plan reads it as {}, not a weight format",
@@ -430,7 +433,7 @@ impl Kernels {
                 out,
                 ..
             } if *format != DType::BF16 => {
-                let n = plan.buffers[*out].cols * if *epilogue == Epilogue::Gated { 2 } else { 1 };
+                let n = epilogue.weight_rows(plan.buffers[*out].cols);
                 Some(n * plan.buffers[*x].cols * 2)
             }
             _ => None,
@@ -442,11 +445,9 @@ impl Kernels {
     /// normalized input), each 256-aligned.
     fn scratch_regions(plan: &Plan, opts: &CudaOptions) -> (usize, usize) {
         let gated = plan.launches.iter().filter_map(|l| match l {
-            Launch::Linear {
-                out,
-                epilogue: Epilogue::Gated,
-                ..
-            } => Some(plan.buffers[*out].cols * 2),
+            Launch::Linear { out, epilogue, .. } if epilogue.is_gated() => {
+                Some(plan.buffers[*out].cols * 2)
+            }
             _ => None,
         });
         let gu = gated.max().unwrap_or(0) * 2 * opts.max_step_tokens;
@@ -644,9 +645,9 @@ impl Kernels {
             // Both are row gathers (`embedding`): table rows by token id, or each sequence's
             // last token row.
             Launch::Embedding { out, .. } | Launch::GatherLast { out, .. } => {
-                let (src, ids, rows) = match launch {
-                    Launch::Embedding { table, .. } => (p.w(table)?, p.tokens, p.t),
-                    Launch::GatherLast { x, .. } => (p.buf(*x), p.last_index, p.b),
+                let (src, ids, rows, scale) = match launch {
+                    Launch::Embedding { table, scale, .. } => (p.w(table)?, p.tokens, p.t, *scale),
+                    Launch::GatherLast { x, .. } => (p.buf(*x), p.last_index, p.b, 1.0),
                     _ => unreachable!(),
                 };
                 let k = KernelInstance::embedding(plan.buffers[*out].cols);
@@ -654,7 +655,7 @@ impl Kernels {
                     stream,
                     &k,
                     sizes(rows, p.b, 0, 0),
-                    &[P(src), P(ids), P(p.buf(*out)), I(rows as i32)],
+                    &[P(src), P(ids), P(p.buf(*out)), I(rows as i32), F(scale)],
                 )
             }
             Launch::RmsNorm { x, w, eps, out } => {
@@ -868,11 +869,7 @@ impl Kernels {
         let rows = p.rows(out);
         let k = plan.buffers[x].cols;
         let cols = plan.buffers[out].cols;
-        let n_rows = if *epi == Epilogue::Gated {
-            2 * cols
-        } else {
-            cols
-        };
+        let n_rows = epi.weight_rows(cols);
         let (xp, fold) = self.normed_input(stream, p, x, norm, rows)?;
         let (norm_w, eps) = fold.unwrap_or((0, 0.0));
         let fold = fold.is_some();
@@ -950,11 +947,7 @@ impl Kernels {
         // cuBLAS: row-major C[rows, n] = X[rows, k] · W[n, k]ᵀ  ⇔  column-major Cᵀ = W · Xᵀ ("TN").
         // A residual is accumulated by the GEMM itself (beta = 1 over C = out), in place where
         // the plan put the output over the residual, else over a copy of it.
-        let dst = if *epi == Epilogue::Gated {
-            self.scratch
-        } else {
-            o
-        };
+        let dst = if epi.is_gated() { self.scratch } else { o };
         if let Epilogue::Bias(b) = epi {
             // The bias rows first: the GEMM accumulates onto them (beta = 1).
             self.go(
@@ -995,14 +988,14 @@ impl Kernels {
             }
         };
         self.mark(stream, &format!("{how} gemm {rows}x{n_rows}x{k}"))?;
-        if *epi == Epilogue::Gated {
+        let gate = match epi {
+            Epilogue::Gated => Some(KernelInstance::silu_mul(cols)),
+            Epilogue::GatedGelu => Some(KernelInstance::gelu_mul(cols)),
+            _ => None,
+        };
+        if let Some(k) = gate {
             let r = rows as i32;
-            self.go(
-                stream,
-                &KernelInstance::silu_mul(cols),
-                sizes(rows, p.b, 0, 0),
-                &[P(dst), P(o), I(r)],
-            )?;
+            self.go(stream, &k, sizes(rows, p.b, 0, 0), &[P(dst), P(o), I(r)])?;
         }
         Ok(())
     }

@@ -69,7 +69,7 @@ fn arity(op: &Op, n: usize) -> Result<(), String> {
         Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
         Op::AllReduce { .. } | Op::AllGather { .. } | Op::KvQuant { .. } => 1,
         Op::Binary(_) | Op::MatMul | Op::Gather | Op::GatherShard { .. } => 2,
-        Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp => 2,
+        Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp | Op::GatedGelu => 2,
         Op::Where
         | Op::LinearAdd
         | Op::LinearBias
@@ -115,7 +115,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
     arity(op, ins.len())?;
     let linear = matches!(
         op,
-        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp
+        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu
     );
     if let Some(i) = ins.iter().position(|t| t.dtype.is_weight_format()) {
         if !(linear && i == 1) {
@@ -329,7 +329,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             }
             Ok(x.clone())
         }
-        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp => {
+        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu => {
             let (x, w) = (ins[0], ins[1]);
             let dtype = if w.dtype.is_weight_format() && x.dtype.is_float() {
                 x.dtype
@@ -345,9 +345,9 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             let mut shape = x.shape.clone();
             let n = w.shape[0].clone();
             *shape.last_mut().expect("rank ≥ 1") = match op {
-                Op::GatedMlp => n
+                Op::GatedMlp | Op::GatedGelu => n
                     .div(2)
-                    .ok_or_else(|| format!("GatedMlp weight {w} has an odd number of rows"))?,
+                    .ok_or_else(|| format!("{} weight {w} has an odd number of rows", op.name()))?,
                 _ => n,
             };
             if let Op::LinearBias = op {

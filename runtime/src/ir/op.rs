@@ -349,6 +349,10 @@ pub enum Op {
     /// `[x[…, k], w[2f, k]]` → `silu(x · w[0..f]ᵀ) ⊙ (x · w[f..2f]ᵀ)`: gate and up projections
     /// as one GEMM over the stacked weight, with a SiLU·mul epilogue.
     GatedMlp,
+    /// `[x[…, k], w[2f, k]]` → `gelu(x · w[0..f]ᵀ) ⊙ (x · w[f..2f]ᵀ)` with GELU's tanh
+    /// approximation `gelu(g) = g · σ(2√(2/π) · (g + 0.044715 · g³))` (GeGLU: Gemma's MLP), as
+    /// `GatedMlp` with a GELU·mul epilogue.
+    GatedGelu,
     /// `[x[…, d], pos[s], inv_freq[d/2]]` → rotary embedding of `x` over its last axis (HF
     /// "rotate_half" pairing `(i, i + d/2)`), angle `pos · inv_freq[i]` in f32; axis `seq_axis`
     /// of `x` has length `s` and is indexed by `pos`. `inv_freq` is whatever table the model

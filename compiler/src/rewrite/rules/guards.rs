@@ -42,6 +42,17 @@ pub fn scalar(c: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
     move |eg, s| data(eg, s, c).scalar().is_some()
 }
 
+/// `c` is a literal scalar constant within a relative `1e-6` of `value` (a constant a model
+/// file computes, such as `2 * sqrt(2 / pi)`).
+pub fn scalar_near(c: &str, value: f32) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
+    let c = var(c);
+    move |eg, s| {
+        data(eg, s, c)
+            .scalar()
+            .is_some_and(|v| (v - value).abs() <= value.abs() * 1e-6)
+    }
+}
+
 /// `x` has exactly `r` axes.
 pub fn rank(x: &str, r: usize) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
     let x = var(x);

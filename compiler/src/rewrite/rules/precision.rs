@@ -3,7 +3,7 @@
 //!
 //! - `lower-*`: each fused op on `f32` inputs gets an alternative that casts its inputs down, runs
 //!   in the low precision, and casts the result back up: `linear`, `linear_add`, `gated_mlp`,
-//!   `rmsnorm`, `rope`, `attention`, `gather` (the embedding lookup). This is *not* an exact
+//!   `gated_gelu`, `rmsnorm`, `rope`, `attention`, `gather` (the embedding lookup). This is *not* an exact
 //!   equality — it is the policy "these ops may run in low precision" — and the analysis checks it
 //!   like any rule: same shape, same (`f32`) dtype on both sides. What stays `f32` by construction:
 //!   RMSNorm statistics, the softmax inside `FusedAttention` and RoPE angles (the ops' kernels
@@ -54,6 +54,8 @@ pub fn rules(lo: DType) -> Vec<Rule> {
             => (format!("(cast (linear_bias (cast ?x dtype:{lo}) (cast ?w dtype:{lo}) (cast ?b dtype:{lo})) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-gated-mlp";  "(gated_mlp ?x ?w)"
             => (format!("(cast (gated_mlp (cast ?x dtype:{lo}) (cast ?w dtype:{lo})) dtype:f32)")) if dtype("?x", DType::F32)),
+        rule!("lower-gated-gelu"; "(gated_gelu ?x ?w)"
+            => (format!("(cast (gated_gelu (cast ?x dtype:{lo}) (cast ?w dtype:{lo})) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-rmsnorm";    "(rmsnorm ?x ?w ?eps)"
             => (format!("(cast (rmsnorm (cast ?x dtype:{lo}) (cast ?w dtype:{lo}) ?eps) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-rope";       "(rope ?x ?pos ?f ?ax)"

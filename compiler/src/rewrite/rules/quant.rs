@@ -94,6 +94,7 @@ pub fn rules(q: &QuantOptions) -> Vec<Rule> {
         rule!("quantize-linear-add";  "(linear_add ?x ?w ?r)"  => (format!("(linear_add ?x (cast ?w dtype:{f}) ?r)"))  if ok()),
         rule!("quantize-linear-bias"; "(linear_bias ?x ?w ?b)" => (format!("(linear_bias ?x (cast ?w dtype:{f}) ?b)")) if ok()),
         rule!("quantize-gated-mlp";   "(gated_mlp ?x ?w)"      => (format!("(gated_mlp ?x (cast ?w dtype:{f}))"))      if ok()),
+        rule!("quantize-gated-gelu";  "(gated_gelu ?x ?w)"     => (format!("(gated_gelu ?x (cast ?w dtype:{f}))"))     if ok()),
     ]
 }
 

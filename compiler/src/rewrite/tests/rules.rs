@@ -122,6 +122,29 @@ const GATED: &str = r#"
     Let("silu", Mul("g", "sig")),
     Let("act", Mul("silu", "u")),"#;
 
+/// Gemma's GeGLU as `models/gemma.ron` writes it: `g · σ(2√(2/π)·(g + 0.044715·g³)) · u`.
+const GEGLU: &str = r#"
+    Let("wg", Weight("wg", ["3 * h / 2", "h"])),
+    Let("wu", Weight("wu", ["3 * h / 2", "h"])),
+    Let("wgt", Transpose(x: "wg", perm: [1, 0])),
+    Let("wut", Transpose(x: "wu", perm: [1, 0])),
+    Let("g", MatMul("x", "wgt")),
+    Let("u", MatMul("x", "wut")),
+    Let("g2", Mul("g", "g")),
+    Let("g3", Mul("g2", "g")),
+    Let("c", Const("0.044715")),
+    Let("cg3", Mul("c", "g3")),
+    Let("inner", Add("g", "cg3")),
+    Let("k", Const("2 * sqrt(2 / 3.141592653589793)")),
+    Let("z", Mul("k", "inner")),
+    Let("nz", Neg("z")),
+    Let("e", Exp("nz")),
+    Let("one", Const("1")),
+    Let("den", Add("e", "one")),
+    Let("sig", Recip("den")),
+    Let("gelu", Mul("g", "sig")),
+    Let("act", Mul("gelu", "u")),"#;
+
 const QKV: &str = r#"
     Let("wq", Weight("wq", ["h", "h"])),
     Let("wk", Weight("wk", ["h / 2", "h"])),
@@ -198,6 +221,8 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("fuse_attention_window", "fuse-attention-window", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
         ("silu_from_sigmoid", "silu-from-sigmoid", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
         ("fuse_gated_mlp", "fuse-gated-mlp", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
+        ("gelu_tanh_from_sigmoid", "gelu-tanh-from-sigmoid", format!(r#"{GEGLU} Output("act", "act"),"#), 8, f32),
+        ("fuse_gated_gelu", "fuse-gated-gelu", format!(r#"{GEGLU} Output("act", "act"),"#), 8, f32),
         ("fuse_qkv", "fuse-qkv", QKV.to_string(), 8, f32),
         ("linear_bias_left", "linear-bias-left", QKV_BIAS.to_string(), 8, f32),
         ("linear_bias_right", "linear-bias-right", QKV_BIAS.to_string(), 8, f32),
@@ -211,6 +236,7 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("lower_linear", "lower-linear", format!(r#"{LINEAR} Output("y", "y"),"#), 4096, bf16),
         ("lower_linear_add", "lower-linear-add", format!(r#"{LINEAR} Let("z", Add("x", "y")), Output("z", "z"),"#), 4096, bf16),
         ("lower_gated_mlp", "lower-gated-mlp", format!(r#"{GATED} Output("act", "act"),"#), 4096, bf16),
+        ("lower_gated_gelu", "lower-gated-gelu", format!(r#"{GEGLU} Output("act", "act"),"#), 4096, bf16),
         ("lower_rmsnorm", "lower-rmsnorm", format!("{RMS} {norm} {}", project("y", "h")), 4096, bf16),
         ("lower_rope", "lower-rope", format!("{HEADS} {}", merge_heads("q")), 4096, bf16),
         ("lower_attention", "lower-attention", format!("{ATTENTION} {}", merge_heads("ctx")), 4096, bf16),
@@ -245,6 +271,7 @@ fn quant_cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("quantize_linear_add", "quantize-linear-add", format!(r#"{LINEAR} Let("z", Add("x", "y")), Output("z", "z"),"#), 8, f32),
         ("quantize_linear_bias", "quantize-linear-bias", QKV_BIAS.to_string(), 8, f32),
         ("quantize_gated_mlp", "quantize-gated-mlp", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
+        ("quantize_gated_gelu", "quantize-gated-gelu", format!(r#"{GEGLU} Output("act", "act"),"#), 8, f32),
         ("quantize_linear_bf16", "quantize-linear", format!(r#"{LINEAR} {}"#, project("y", "h")), 4096, bf16),
     ]
 }
