@@ -21,6 +21,12 @@
 //!   `X.weight_zero_point` i32 `[out/8, in/G]` packed along the output rows, zero + 8 likewise;
 //!   `X.weight_shape` (and `X.weight_g_idx`, refused: act-order). Symmetric maps to `int4gG`,
 //!   asymmetric to `int4gGz` (kiln's zero point is the stored zero + 8).
+//! - compressed-tensors FP8 (`format: "float-quantized"`, 8-bit float weights per channel or
+//!   per tensor, activations 8-bit float per token and dynamic: W8A8-FP8, RedHatAI's
+//!   "FP8-dynamic" checkpoints): `X.weight` E4M3 `[out, in]` as it is, `X.weight_scale` `[out,
+//!   1]` (channel) or one value (tensor), any float type: exactly kiln's `fp8` (a scale per
+//!   output row, activations rounded to E4M3 per token). Static activation scales
+//!   (`X.input_scale`) and FP8 weights with 16-bit activations are refused.
 
 use kiln_runtime::ir::op::INT4_GROUPS;
 use kiln_runtime::ir::DType;
@@ -43,6 +49,8 @@ pub enum Method {
         /// Symmetric (no zero points stored).
         symmetric: bool,
     },
+    /// compressed-tensors `float-quantized`: E4M3 weights, dynamic per-token activations.
+    CompressedFp8,
 }
 
 /// The quantization a checkpoint's `quantization_config` declares.
@@ -50,7 +58,7 @@ pub enum Method {
 pub struct PreQuant {
     /// The packing.
     pub method: Method,
-    /// Input columns per group.
+    /// Input columns per group (0 for FP8, whose scales are per row).
     pub group: usize,
 }
 
@@ -87,9 +95,10 @@ impl PreQuant {
         let refuse = |what: String| {
             Err(format!(
                 "the checkpoint is pre-quantized (quant_method `{method}`) with {what}, which \
-                 kiln does not read; kiln reads AutoAWQ GEMM and GPTQ checkpoints of 4 bits in \
-                 groups of 32, 64 or 128 without act-order (or build from the 16-bit checkpoint \
-                 with --quant)"
+                 kiln does not read; kiln reads AutoAWQ GEMM, GPTQ and compressed-tensors \
+                 checkpoints of 4 bits in groups of 32, 64 or 128 without act-order, and \
+                 compressed-tensors FP8 with dynamic per-token activations (or build from the \
+                 16-bit checkpoint with --quant)"
             ))
         };
         let method = match method {
@@ -146,6 +155,9 @@ impl PreQuant {
 
     /// The kiln weight format of its linear weights.
     pub fn format(&self) -> DType {
+        if self.method == Method::CompressedFp8 {
+            return DType::Fp8;
+        }
         DType::Int4 {
             group: self.group as u16,
             zero_point: self.method != Method::CompressedTensors { symmetric: true },
@@ -153,10 +165,11 @@ impl PreQuant {
     }
 
     /// The suffix of the part that marks a pre-quantized linear `X` (`X.qweight`,
-    /// `X.weight_packed`).
+    /// `X.weight_packed`, `X.weight_scale` beside an E4M3 `X.weight`).
     pub fn marker(&self) -> &'static str {
         match self.method {
             Method::CompressedTensors { .. } => ".weight_packed",
+            Method::CompressedFp8 => ".weight_scale",
             _ => ".qweight",
         }
     }
@@ -169,6 +182,11 @@ impl PreQuant {
             Method::Gptq { v2: true } => "GPTQ v2",
             Method::CompressedTensors { symmetric: true } => "compressed-tensors, symmetric",
             Method::CompressedTensors { symmetric: false } => "compressed-tensors, zero points",
+            Method::CompressedFp8 => {
+                return "compressed-tensors FP8, E4M3 weights per channel, dynamic per-token \
+                        activations"
+                    .into()
+            }
         };
         format!("{m}, 4-bit, groups of {}", self.group)
     }
@@ -181,6 +199,14 @@ impl PreQuant {
     ) -> Result<Vec<(String, Vec<usize>)>, String> {
         let parts: &[&str] = match self.method {
             Method::CompressedTensors { .. } => &CT_PARTS,
+            // `X.weight` is stored as it is; its scale is a part.
+            Method::CompressedFp8 => {
+                return Ok(stored
+                    .iter()
+                    .filter(|(n, _)| !n.ends_with(".weight_scale"))
+                    .cloned()
+                    .collect())
+            }
             _ => &PARTS,
         };
         let mut out = Vec::with_capacity(stored.len());
@@ -207,6 +233,7 @@ impl PreQuant {
             Method::AwqGemm => (b * 8, *a),
             Method::Gptq { .. } => (*b, a * 8),
             Method::CompressedTensors { .. } => (*a, b * 8),
+            Method::CompressedFp8 => (*a, *b),
         })
     }
 
@@ -228,6 +255,9 @@ impl PreQuant {
             }
             Ok(bytes)
         };
+        if self.method == Method::CompressedFp8 {
+            return fp8_packed(base, &read);
+        }
         let (_, qshape, _) = read(&format!("{base}{}", self.marker()))?;
         let (rows, cols) = self.dims(base, &qshape)?;
         let g = self.group;
@@ -278,6 +308,7 @@ impl PreQuant {
             Method::CompressedTensors { symmetric } => {
                 return self.compressed_tensors(base, &read, rows, cols, symmetric);
             }
+            Method::CompressedFp8 => unreachable!("read above"),
         }
         let scales = part(".scales", Dtype::F16, &[groups, rows])?;
         let mut p = Packed {
@@ -385,8 +416,41 @@ impl PreQuant {
     }
 }
 
+/// An FP8 checkpoint's linear weight `X.weight` (`base` = `X`) as kiln's `fp8`: the E4M3
+/// codes as they are, the per-channel (`[out, 1]`) or per-tensor scale as one f32 per row.
+fn fp8_packed(base: &str, read: &impl Fn(&str) -> Result<Raw, String>) -> Result<Packed, String> {
+    let name = format!("{base}.weight");
+    let (d, shape, q) = read(&name)?;
+    let [rows, cols] = shape[..] else {
+        return Err(format!("`{name}` has shape {shape:?}; expected 2 axes"));
+    };
+    if d != Dtype::F8_E4M3 {
+        return Err(format!(
+            "`{name}` is {d:?}; an FP8 checkpoint stores F8_E4M3 weights"
+        ));
+    }
+    let scale_name = format!("{base}.weight_scale");
+    let (sd, sshape, sb) = read(&scale_name)?;
+    let values = kiln_runtime::engine::widen_to_f32(sd, &sb)
+        .ok_or_else(|| format!("`{scale_name}` is {sd:?}; expected a float type"))?;
+    let scale = match (sshape.as_slice(), values.len()) {
+        ([] | [1] | [1, 1], 1) => vec![values[0]; rows],
+        ([r] | [r, 1], n) if *r == rows && n == rows => values,
+        _ => {
+            return Err(format!(
+                "`{scale_name}` has shape {sshape:?}; expected [{rows}, 1] (per channel) or one \
+                 value (per tensor)"
+            ))
+        }
+    };
+    let parts: Vec<Vec<u8>> = vec![q, scale.iter().flat_map(|s| s.to_le_bytes()).collect()];
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    Packed::from_bytes(DType::Fp8, rows, cols, &refs).map_err(|e| format!("`{name}`: {e}"))
+}
+
 /// The `quantization_config` of a compressed-tensors checkpoint: one weight-only config group
-/// of 4-bit ints in groups of 32, 64 or 128, packed (`pack-quantized`), without act-order.
+/// of 4-bit ints in groups of 32, 64 or 128, packed (`pack-quantized`), without act-order; or
+/// FP8 weights with dynamic FP8 activations (`float-quantized`).
 fn compressed_tensors(
     q: &Value,
     refuse: impl Fn(String) -> Result<Option<PreQuant>, String>,
@@ -395,6 +459,9 @@ fn compressed_tensors(
         .get("format")
         .and_then(Value::as_str)
         .unwrap_or("(absent)");
+    if format == "float-quantized" {
+        return compressed_fp8(q, refuse);
+    }
     if format != "pack-quantized" {
         return refuse(format!("format `{format}`"));
     }
@@ -436,6 +503,62 @@ fn compressed_tensors(
             symmetric: w.get("symmetric").and_then(Value::as_bool).unwrap_or(true),
         },
         group: size as usize,
+    }))
+}
+
+/// The `quantization_config` of a compressed-tensors FP8 checkpoint: one config group of 8-bit
+/// float weights per channel or per tensor with 8-bit float activations, dynamic per token.
+fn compressed_fp8(
+    q: &Value,
+    refuse: impl Fn(String) -> Result<Option<PreQuant>, String>,
+) -> Result<Option<PreQuant>, String> {
+    let groups: Vec<&Value> = q
+        .get("config_groups")
+        .and_then(Value::as_object)
+        .map(|m| m.values().collect())
+        .unwrap_or_default();
+    let [group] = groups.as_slice() else {
+        return refuse(format!("{} config groups (kiln reads one)", groups.len()));
+    };
+    let field = |part: &str, k: &str| group.get(part).and_then(|p| p.get(k)).cloned();
+    let text = |part: &str, k: &str| {
+        field(part, k)
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "(absent)".into())
+    };
+    let bits = |part: &str| field(part, "num_bits").and_then(|v| v.as_i64());
+    if bits("weights") != Some(8) || text("weights", "type") != "float" {
+        return refuse(format!(
+            "float-quantized weights of {} bits of type `{}`",
+            bits("weights").map_or("(absent)".into(), |b| b.to_string()),
+            text("weights", "type")
+        ));
+    }
+    let strategy = text("weights", "strategy");
+    if strategy != "channel" && strategy != "tensor" {
+        return refuse(format!("FP8 weights with strategy `{strategy}`"));
+    }
+    if group.get("input_activations").is_none_or(Value::is_null) {
+        return refuse(
+            "FP8 weights and 16-bit activations (kiln's fp8 rounds the activations to E4M3 too)"
+                .into(),
+        );
+    }
+    if bits("input_activations") != Some(8) || text("input_activations", "type") != "float" {
+        return refuse("activations that are not 8-bit floats".into());
+    }
+    if field("input_activations", "dynamic").and_then(|v| v.as_bool()) != Some(true) {
+        return refuse("static activation scales (input_scale)".into());
+    }
+    let act = text("input_activations", "strategy");
+    if act != "token" {
+        return refuse(format!(
+            "activation strategy `{act}` (kiln scales per token)"
+        ));
+    }
+    Ok(Some(PreQuant {
+        method: Method::CompressedFp8,
+        group: 0,
     }))
 }
 

@@ -176,6 +176,93 @@ fn reader(parts: Parts, base: &str) -> impl Fn(&str) -> Result<Raw, String> {
     move |n: &str| map.get(n).cloned().ok_or_else(|| format!("no `{n}`"))
 }
 
+/// A compressed-tensors FP8 `quantization_config` (RedHatAI's "FP8-dynamic"): E4M3 weights
+/// with `strategy` per channel or tensor, activations dynamic per token.
+fn fp8_config(strategy: &str, activations: Value) -> Value {
+    json!({"quant_method": "compressed-tensors", "format": "float-quantized",
+           "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": activations,
+               "weights": {"num_bits": 8, "type": "float", "symmetric": true,
+                           "strategy": strategy, "dynamic": false}}},
+           "ignore": ["lm_head"]})
+}
+
+fn fp8_dynamic() -> Value {
+    json!({"num_bits": 8, "type": "float", "symmetric": true, "strategy": "token", "dynamic": true})
+}
+
+#[test]
+fn fp8_configs_are_read_or_refused_by_name() {
+    let read = |q: Value| PreQuant::from_config(&json!({ "quantization_config": q }));
+    for strategy in ["channel", "tensor"] {
+        let p = read(fp8_config(strategy, fp8_dynamic())).unwrap().unwrap();
+        assert_eq!(p.method, Method::CompressedFp8);
+        assert_eq!(p.format(), DType::Fp8);
+    }
+    let mut stat = fp8_dynamic();
+    stat["dynamic"] = json!(false);
+    stat["strategy"] = json!("tensor");
+    for (q, why) in [
+        (fp8_config("channel", stat), "static activation scales"),
+        (fp8_config("channel", Value::Null), "16-bit activations"),
+        (fp8_config("block", fp8_dynamic()), "strategy `block`"),
+    ] {
+        let err = read(q).unwrap_err();
+        assert!(err.contains(why), "{err}");
+    }
+}
+
+/// FP8 weights unpack to kiln's `fp8` exactly: the codes as stored, a per-channel scale per row,
+/// a per-tensor scale repeated; mis-shaped scales and non-E4M3 weights are refused by name.
+#[test]
+fn fp8_weights_unpack_as_stored() {
+    let (rows, cols) = (6, 40);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+        .collect();
+    let p = quant::quantize(DType::Fp8, &w, rows, cols).unwrap();
+    let pq = PreQuant {
+        method: Method::CompressedFp8,
+        group: 0,
+    };
+    let f32s = |v: &[f32]| v.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>();
+    let weight = (".weight", Dtype::F8_E4M3, vec![rows, cols], p.q.clone());
+    let channel = (".weight_scale", Dtype::F32, vec![rows, 1], f32s(&p.scale));
+    let got = pq
+        .packed("m.w", reader(vec![weight.clone(), channel], "m.w"))
+        .unwrap();
+    assert_eq!(got, p);
+    let tensor = (".weight_scale", Dtype::F32, vec![], f32s(&[0.5]));
+    let got = pq
+        .packed("m.w", reader(vec![weight.clone(), tensor], "m.w"))
+        .unwrap();
+    assert_eq!(got.scale, vec![0.5; rows]);
+    assert_eq!(got.q, p.q);
+    let bad = (
+        ".weight_scale",
+        Dtype::F32,
+        vec![rows + 1, 1],
+        f32s(&vec![1.0; rows + 1]),
+    );
+    let err = pq
+        .packed("m.w", reader(vec![weight, bad], "m.w"))
+        .unwrap_err();
+    assert!(
+        err.contains("m.w.weight_scale") && err.contains("per channel"),
+        "{err}"
+    );
+    let f16w = (
+        ".weight",
+        Dtype::F16,
+        vec![rows, cols],
+        vec![0; rows * cols * 2],
+    );
+    let scale = (".weight_scale", Dtype::F32, vec![], f32s(&[1.0]));
+    let err = pq
+        .packed("m.w", reader(vec![f16w, scale], "m.w"))
+        .unwrap_err();
+    assert!(err.contains("F8_E4M3"), "{err}");
+}
+
 #[test]
 fn configs_are_read_or_refused_by_name() {
     let read = |q: Value| PreQuant::from_config(&json!({ "quantization_config": q }));
@@ -427,6 +514,71 @@ fn prequantized_checkpoints_build_with_their_codes() {
         ct_config(g, false),
         Box::new(move |p: &quant::Packed| ct_parts(p, g, false)),
     ));
+    // FP8-dynamic: the same weights' values as E4M3 per channel (W8A8: the engine also rounds
+    // activations, so its logits are compared with a --quant fp8 build of the dequantized
+    // checkpoint, which finds the same codes and scales).
+    let fp8_ckpt = write(
+        "fp8",
+        Some(fp8_config("channel", fp8_dynamic())),
+        &|p: &quant::Packed| {
+            let f = quant::quantize(DType::Fp8, &p.dequantize(), p.rows, p.cols).unwrap();
+            let scale = f.scale.iter().flat_map(|s| s.to_le_bytes()).collect();
+            vec![
+                (".weight", Dtype::F8_E4M3, vec![p.rows, p.cols], f.q),
+                (".weight_scale", Dtype::F32, vec![p.rows, 1], scale),
+            ]
+        },
+    );
+    {
+        let kept = fp8_ckpt.with_extension("kiln");
+        let report =
+            crate::build::build(&fp8_ckpt, &kept, &Default::default(), &|_, _| {}).unwrap();
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("14 linear weights keep their fp8 codes")),
+            "{:?}",
+            report.notes
+        );
+        let requant = dir.path().join("requant.kiln");
+        let opts = crate::build::BuildOptions {
+            quant: Some(crate::rewrite::rules::quant::QuantOptions {
+                format: DType::Fp8,
+                skip: crate::rewrite::rules::quant::DEFAULT_SKIP
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        let deq = dir.path().join("dequantized");
+        crate::build::build(&deq, &requant, &opts, &|_, _| {}).unwrap();
+        let run = |path: &std::path::Path| {
+            let e = kiln_runtime::engine::Engine::open(path).unwrap();
+            let exec = e.cpu_executor().unwrap();
+            let mut session = exec.session(1);
+            let ids: Vec<i32> = (0..12).map(|i| i * 37 % 128).collect();
+            let fp8 = e
+                .tensor_names()
+                .filter(|n| n.starts_with("fp8(") && n.ends_with(')'))
+                .count();
+            (
+                exec.step(&mut session, &ids, &[]).unwrap().outputs["logits"]
+                    .data
+                    .clone(),
+                fp8,
+            )
+        };
+        let ((a, na), (b, nb)) = (run(&kept), run(&requant));
+        assert_eq!((na, nb), (8, 8), "fp8 weights stored");
+        let err = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(err <= 1e-4, "fp8 kept vs re-quantized: {err:e}");
+    }
     let mut first = true;
     for (folder, qc, parts) in cases {
         let ckpt = write(folder, Some(qc), &*parts);
@@ -475,7 +627,7 @@ fn prequantized_checkpoints_build_with_their_codes() {
         assert!(
             notes
                 .iter()
-                .any(|n| n.contains("14 linear weights keep their int4 codes")),
+                .any(|n| n.contains("14 linear weights keep their int4g32z codes")),
             "{folder}: {notes:?}"
         );
     }

@@ -69,7 +69,8 @@ pub fn prequantized_options(
         }
     }
     notes.push(format!(
-        "pre-quantized checkpoint ({what}): {kept} linear weights keep their int4 codes"
+        "pre-quantized checkpoint ({what}): {kept} linear weights keep their {} codes",
+        format.name()
     ));
     Ok(Some(BuildOptions {
         quant: Some(QuantOptions { format, skip }),
