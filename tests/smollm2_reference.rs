@@ -29,7 +29,12 @@ fn built() -> &'static Built {
     BUILT.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("smollm2.kiln");
-        build(&demo_gguf(), &path, &BuildOptions::default(), &|_, _| {}).unwrap();
+        // The baseline: the GGUF's Q4_1 blocks dequantized to f32 (`--quant none`).
+        let opts = BuildOptions {
+            dequantize: true,
+            ..BuildOptions::default()
+        };
+        build(&demo_gguf(), &path, &opts, &|_, _| {}).unwrap();
         let engine = Engine::open(&path).unwrap();
         let exec = engine.cpu_executor().unwrap();
         let tok = Tokenizer::from_json(engine.tokenizer_json.as_deref().unwrap()).unwrap();
@@ -158,6 +163,43 @@ fn greedy_tokens_of_all_prompts() {
     }
 }
 
+/// Built as it is stored (no flag), the demo GGUF keeps its Q4_1 projections as `int4g32m`
+/// codes (a smaller engine) and computes what the dequantized baseline computes.
+#[test]
+fn q4_1_blocks_kept_compute_as_the_dequantized_model() {
+    let b = built();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kept.kiln");
+    let report = build(&demo_gguf(), &path, &BuildOptions::default(), &|_, _| {}).unwrap();
+    assert!(
+        report.notes.iter().any(|n| n.contains("GGUF Q4_1")
+            && n.contains("210 linear weights keep their int4g32m codes")),
+        "{:?}",
+        report.notes
+    );
+    let size = |f: &std::path::Path| std::fs::metadata(f).unwrap().len();
+    assert!(size(&path) * 2 < size(&b.path), "{}", size(&path));
+    let kept = Engine::open(&path).unwrap();
+    let exec = kept.cpu_executor().unwrap();
+    let prompt: Vec<i32> = (0..24).map(|i| (i * 997 + 17) % 49152).collect();
+    let logits = |e: &CpuExecutor| {
+        let mut s = e.session(1);
+        e.step(&mut s, &prompt, &[]).unwrap().outputs["logits"]
+            .data
+            .clone()
+    };
+    let (a, want) = (logits(&exec), logits(&b.exec));
+    let err = a
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        err <= 1e-3,
+        "kept Q4_1 vs dequantized: max |Δlogit| {err:e}"
+    );
+}
+
 #[test]
 fn engine_runs_like_the_graph_run_directly() {
     let b = built();
@@ -165,7 +207,14 @@ fn engine_runs_like_the_graph_run_directly() {
     let graph = graph_for(&model_for(&ckpt.config, None).unwrap(), &ckpt.config).unwrap();
     // The engine holds the rewritten graph; the model file's graph, run directly without the
     // rewriter, must generate the same tokens.
-    let (optimized, _, _) = compile_graph(&graph, &BuildOptions::default()).unwrap();
+    let (optimized, _, _) = compile_graph(
+        &graph,
+        &BuildOptions {
+            dequantize: true,
+            ..BuildOptions::default()
+        },
+    )
+    .unwrap();
     assert_eq!(optimized, b.engine.graph);
     assert_ne!(graph, b.engine.graph);
     let direct = CpuExecutor::new(graph, |name, _| {

@@ -610,10 +610,6 @@ fn cli_quantized_builds_and_refusals() {
             &["--quant", "int8", "--no-optimize"],
             "--quant needs the rewriter",
         ),
-        (
-            &["--quant", "fp8", "--target", "cuda"],
-            "is stored as fp8, which the GPU kernels do not read yet",
-        ),
     ] {
         let err = fails(&build(extra));
         assert!(err.contains(says), "{extra:?}: {err}");
@@ -881,7 +877,6 @@ fn cli_fp8_weights_and_8_bit_kv_caches() {
             &["--kv-cache", "fp8", "--target", "cuda"],
             "the GPU attention kernels read a 16-bit cache",
         ),
-        (&["--quant", "fp8", "--target", "cuda"], "fp8"),
     ] {
         let mut args = vec![OsStr::new("build"), p(&ckpt), "-o".as_ref(), p(&other)];
         args.extend(extra.iter().map(OsStr::new));
