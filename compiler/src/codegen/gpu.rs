@@ -281,10 +281,13 @@ mod tests {
         let o = crate::rewrite::optimize(&g, &opts).unwrap();
         let plan = lower(&o.graph).unwrap();
         assert_eq!(plan.launches.len(), 2 * 6 + 3, "{}", plan.describe());
-        assert!(matches!(
-            plan.launches[0],
-            Launch::Embedding { scale, .. } if scale == 8.0
-        ));
+        let Launch::Embedding { scale, out, .. } = plan.launches[0] else {
+            panic!("{}", plan.describe());
+        };
+        assert_eq!(scale, 8.0);
+        // The buffer holds the scaled value: it is named for the product, which `kiln diff`
+        // compares it with.
+        assert_eq!(plan.buffers[out].name, "x");
         let gates: Vec<&Epilogue> = plan
             .launches
             .iter()

@@ -203,6 +203,8 @@ impl<'g> Lowering<'g> {
                 if *out == buf && len == self.buffers[buf].cols && readers == 1 =>
             {
                 *scale *= c;
+                // The buffer now holds this node's value (`kiln diff` compares it with it).
+                self.buffers[buf].name = self.g.nodes[id].name.clone();
                 Ok(Val::Cols { buf, off: 0, len })
             }
             _ => Err(self.err(
