@@ -220,12 +220,7 @@ impl<'g> Lowering<'g> {
         // A widening cast of a pending norm stays pending (exact: the kernels read the bf16 norm
         // output either way), so the f32 logits product of a bf16 graph folds the final norm.
         let widening = matches!(n.op, Op::Cast { dtype: DType::F32 });
-        if !widening
-            && !matches!(
-                n.op,
-                Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu
-            )
-        {
+        if !widening && !n.op.is_linear() {
             // Only a projection folds a norm into its product; anything else reads it launched.
             for &i in ins {
                 if matches!(self.vals[i], Val::Normed { .. }) {

@@ -206,7 +206,10 @@ impl GgufFile {
             .get("general.architecture")
             .and_then(|&i| metadata[i].1.as_str());
         // Architectures whose tensors follow llama's GGUF names (`blk.N.attn_q` …).
-        let llama_names = matches!(architecture, Some("llama" | "qwen2" | "phi3" | "gemma"));
+        let llama_names = matches!(
+            architecture,
+            Some("llama" | "qwen2" | "phi3" | "gemma" | "gemma2")
+        );
 
         let file_len = data.len() as u64;
         let mut tensors = Vec::with_capacity(infos.len());
@@ -395,7 +398,7 @@ impl GgufFile {
     }
 
     /// HuggingFace-style config.json synthesized from `{arch}.*` metadata, for the archs
-    /// "llama", "qwen2", "phi3" and "gemma" (error for others). Keys: `model_type` (the arch),
+    /// "llama", "qwen2", "phi3", "gemma" and "gemma2" (error for others). Keys: `model_type` (the arch),
     /// `architectures`, `hidden_size`,
     /// `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`
     /// (default = heads), `head_dim` (`llama.attention.key_length`, else hidden / heads),
@@ -404,6 +407,8 @@ impl GgufFile {
     /// `llama.rope.scaling.type` is present and not "none"), `max_position_embeddings`,
     /// `vocab_size` (`llama.vocab_size`, else the token list length, else the embedding rows),
     /// `tie_word_embeddings` (true iff there is no `output.weight` tensor), `hidden_act` ("silu"; Gemma's "gelu_pytorch_tanh"),
+    /// Gemma-2's soft-caps and `query_pre_attn_scalar` (which GGUF does not store: llama.cpp's
+    /// rule, the head size, or hidden / heads for the 46-layer 27B),
     /// `attention_bias` / `mlp_bias` (whether such bias tensors exist), and `bos_token_id`,
     /// `eos_token_id`, `pad_token_id`, `unk_token_id` from `tokenizer.ggml.*` when present.
     pub fn hf_config(&self) -> Result<Value, GgufError> {
@@ -471,8 +476,10 @@ impl GgufFile {
                 supported: gguf_quant::SUPPORTED_TYPES,
             }
         })?;
-        if self.architecture().ok() == Some("gemma") && t.gguf_name.ends_with("norm.weight") {
-            // Stored as 1 + w by llama.cpp's converter; gemma.ron adds the one itself.
+        if matches!(self.architecture(), Ok("gemma" | "gemma2"))
+            && t.gguf_name.ends_with("norm.weight")
+        {
+            // Stored as 1 + w by llama.cpp's converter; gemma(2).ron adds the one itself.
             return Ok(values.into_iter().map(|v| v - 1.0).collect());
         }
         let Some((n_head, key)) = self.qk_heads(t)? else {

@@ -59,6 +59,11 @@ fn family_gguf(
     if let Some(window) = window {
         w = w.kv(&key("attention.sliding_window"), GgufValue::U32(window));
     }
+    for cap in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        if let Some(v) = cfg.get(cap).and_then(Value::as_f64) {
+            w = w.kv(&key(cap), GgufValue::F32(v as f32));
+        }
+    }
     if cfg.get("head_dim").is_some_and(|d| !d.is_null()) {
         w = w.kv(&key("attention.key_length"), u("head_dim"));
     }
@@ -82,7 +87,10 @@ fn family_gguf(
             "self_attn.v_proj" => "attn_v",
             "self_attn.qkv_proj" => "attn_qkv",
             "self_attn.o_proj" => "attn_output",
+            "post_attention_layernorm" if arch == "gemma2" => "post_attention_norm",
             "post_attention_layernorm" => "ffn_norm",
+            "pre_feedforward_layernorm" => "ffn_norm",
+            "post_feedforward_layernorm" => "post_ffw_norm",
             "mlp.gate_proj" => "ffn_gate",
             "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
             "mlp.down_proj" => "ffn_down",
@@ -99,7 +107,7 @@ fn family_gguf(
         let dims: Vec<u64> = view.shape().iter().rev().map(|&d| d as u64).collect();
         // llama.cpp's converter stores Gemma's norm weights plus one (its RMSNorm multiplies by
         // the weight, Gemma's by 1 + weight).
-        let values: Vec<f32> = if arch == "gemma" && name.ends_with("norm.weight") {
+        let values: Vec<f32> = if arch.starts_with("gemma") && name.ends_with("norm.weight") {
             values.iter().map(|v| v + 1.0).collect()
         } else {
             values
@@ -339,4 +347,39 @@ fn gguf_qwen2_builds_and_matches_transformers() {
 #[test]
 fn gguf_phi3_builds_and_matches_transformers() {
     gguf_family_matches_transformers("phi3", "phi3", 10_000.0, Some(5));
+}
+
+/// A Gemma-2 GGUF (Gemma's names plus `post_attention_norm`/`post_ffw_norm`, soft-caps under
+/// `gemma2.*`, the window on even layers) builds with `models/gemma2.ron`. GGUF does not store
+/// `query_pre_attn_scalar`: the config takes llama.cpp's rule (the head size, 32 here), so the
+/// engine computes what the checkpoint computes with that scalar (the fixture's own is 24).
+#[test]
+fn gguf_gemma2_builds_like_its_checkpoint_with_llama_cpps_query_scale() {
+    let (dir, gguf, reference) = family_gguf("gemma2", "gemma2", 10_000.0, Some(4), None);
+    let cfg = GgufFile::open(&gguf).unwrap().hf_config().unwrap();
+    assert_eq!(cfg["model_type"], "gemma2");
+    assert_eq!(cfg["query_pre_attn_scalar"], 32);
+    assert_eq!(cfg["attn_logit_softcapping"], 1.5);
+    assert_eq!(cfg["final_logit_softcapping"], 2.0);
+    let opts = crate::build::BuildOptions::default();
+    let (from_gguf, _) = gguf_logits(&dir, &gguf, &reference, &opts, "gemma2");
+    // The same checkpoint as safetensors, its scalar set to llama.cpp's.
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/families/gemma2");
+    let ckpt = dir.path().join("gemma2-st");
+    std::fs::create_dir(&ckpt).unwrap();
+    let mut st_cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
+            .unwrap();
+    st_cfg["query_pre_attn_scalar"] = 32.into();
+    std::fs::write(ckpt.join("config.json"), st_cfg.to_string()).unwrap();
+    std::fs::copy(
+        fixture.join("model.safetensors"),
+        ckpt.join("model.safetensors"),
+    )
+    .unwrap();
+    let (from_st, _) = gguf_logits(&dir, &ckpt, &reference, &opts, "gemma2");
+    // The norm weights travel as 1 + w in f32 (llama.cpp's convention), which rounds them.
+    let err = rel_l2_f32(&from_gguf, &from_st);
+    assert!(err <= 1e-4, "gemma2 GGUF vs checkpoint: {err:.2e}");
 }

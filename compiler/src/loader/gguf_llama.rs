@@ -9,7 +9,10 @@
 //! GGUFs (`gemma`) use the same names, a head size of their own (`gemma.attention.key_length`),
 //! a tied output, GELU (tanh), and norm weights stored plus one (llama.cpp's converter adds the
 //! one that Gemma's RMSNorm adds; [`GgufFile::read_f32`] takes it off again); they map to
-//! `models/gemma.ron`.
+//! `models/gemma.ron`. Gemma-2 GGUFs (`gemma2`) are Gemma's with four norms per layer
+//! (`attn_norm`, `post_attention_norm`, `ffn_norm` before the MLP, `post_ffw_norm`), soft-caps
+//! (`gemma2.attn_logit_softcapping`, `gemma2.final_logit_softcapping`) and a sliding window on
+//! even layers; they map to `models/gemma2.ron`.
 
 use serde_json::{json, Value};
 
@@ -41,19 +44,24 @@ pub(super) fn llama_hf_name(gguf: &str, arch: &str) -> String {
     if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
         return gguf.to_owned();
     }
-    let hf_part = match part {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_qkv" => "self_attn.qkv_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return gguf.to_owned(),
+    let hf_part = match (part, arch) {
+        ("post_attention_norm", "gemma2") => "post_attention_layernorm",
+        ("ffn_norm", "gemma2") => "pre_feedforward_layernorm",
+        ("post_ffw_norm", "gemma2") => "post_feedforward_layernorm",
+        _ => match part {
+            "attn_norm" => "input_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_qkv" => "self_attn.qkv_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_norm" => "post_attention_layernorm",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return gguf.to_owned(),
+        },
     };
     format!("model.layers.{layer}.{hf_part}.{suffix}")
 }
@@ -78,11 +86,12 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "phi3" => ("phi3", "Phi3ForCausalLM"),
         "gemma" => ("gemma", "GemmaForCausalLM"),
+        "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
         _ => {
             return Err(GgufError::Unsupported {
                 path: f.path().to_path_buf(),
                 what: "architecture for hf_config",
-                expected: "\"llama\", \"qwen2\", \"phi3\" or \"gemma\"",
+                expected: "\"llama\", \"qwen2\", \"phi3\", \"gemma\" or \"gemma2\"",
                 found: arch.into(),
             })
         }
@@ -142,7 +151,7 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
         // Gemma's MLP is GELU (tanh)-gated; the others' SiLU-gated.
         (
             "hidden_act",
-            json!(if arch == "gemma" {
+            json!(if arch.starts_with("gemma") {
                 "gelu_pytorch_tanh"
             } else {
                 "silu"
@@ -186,6 +195,22 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
     }
     if let Some(window) = f.opt_u64(&key("attention.sliding_window"))? {
         obj.insert("sliding_window".into(), json!(window));
+    }
+    if arch == "gemma2" {
+        for cap in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            if let Some(v) = f.opt_f64(&key(cap))? {
+                obj.insert(cap.into(), json!(v));
+            }
+        }
+        // Not in GGUF: llama.cpp scales queries by 1/sqrt(head size), or for the 27B (46
+        // layers) by 1/sqrt(hidden / heads), which transformers' configs state as
+        // `query_pre_attn_scalar`.
+        let scalar = if layers == 46 {
+            hidden / heads
+        } else {
+            head_dim
+        };
+        obj.insert("query_pre_attn_scalar".into(), json!(scalar));
     }
     let scaling_key = key("rope.scaling.type");
     if let Some(v) = f.metadata(&scaling_key) {

@@ -19,12 +19,7 @@ pub const SAMPLE_ROWS: usize = 64;
 pub fn linear_inputs(g: &Graph) -> Vec<(String, String)> {
     g.nodes
         .iter()
-        .filter(|n| {
-            matches!(
-                n.op,
-                Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu
-            )
-        })
+        .filter(|n| n.op.is_linear())
         .filter_map(|n| match &g.nodes[n.inputs[1]].op {
             Op::Weight { name } => Some((name.clone(), g.nodes[n.inputs[0]].name.clone())),
             _ => None,

@@ -113,10 +113,7 @@ pub const MAX_IOTA: i64 = 1 << 24;
 /// Leaf ops (`Input`, `Weight`) have declared types and are not inferred here.
 pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
     arity(op, ins.len())?;
-    let linear = matches!(
-        op,
-        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu
-    );
+    let linear = op.is_linear();
     if let Some(i) = ins.iter().position(|t| t.dtype.is_weight_format()) {
         if !(linear && i == 1) {
             return Err(format!(

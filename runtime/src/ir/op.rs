@@ -381,6 +381,16 @@ impl Op {
         matches!(self, Op::AllReduce { .. } | Op::AllGather { .. })
     }
 
+    /// True for the products with a weight (`x · wᵀ` and its fused epilogues): the ops whose
+    /// second input may be a weight format, whose norm input folds into the GEMV, and which
+    /// calibration observes.
+    pub fn is_linear(&self) -> bool {
+        matches!(
+            self,
+            Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu
+        )
+    }
+
     /// The op's name as written in model files (`MatMul`, `Add`, ...).
     pub fn name(&self) -> String {
         match self {
