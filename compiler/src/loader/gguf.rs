@@ -273,6 +273,8 @@ impl GgufFile {
             }
             let hf_name = if llama_names {
                 llama_hf_name(&gguf_name, architecture.unwrap_or_default())
+            } else if architecture == Some("gpt2") {
+                super::gguf_gpt2::hf_name(&gguf_name)
             } else {
                 gguf_name.clone()
             };
@@ -295,6 +297,24 @@ impl GgufFile {
             });
         }
 
+        // GPT-2's converter writes the tied output as a copy of the embedding: not a tensor of
+        // its own (the model file reads the embedding).
+        if architecture == Some("gpt2") {
+            let same = |a: &TensorInfo, b: &TensorInfo| {
+                a.dims == b.dims
+                    && a.ty == b.ty
+                    && data.get(a.start..a.end) == data.get(b.start..b.end)
+            };
+            if let (Some(&o), Some(&e)) = (
+                by_hf_name.get("lm_head.weight"),
+                by_hf_name.get("transformer.wte.weight"),
+            ) {
+                if same(&tensors[o], &tensors[e]) {
+                    by_hf_name.remove("lm_head.weight");
+                }
+            }
+        }
+
         Ok(GgufFile {
             path,
             mmap,
@@ -306,6 +326,12 @@ impl GgufFile {
             tensors,
             by_hf_name,
         })
+    }
+
+    /// Whether this tensor is stored transposed from the layout the HF checkpoint (and the
+    /// model file) has: GPT-2's Conv1D matrices.
+    fn transposed(&self, t: &TensorInfo) -> bool {
+        self.architecture().ok() == Some("gpt2") && super::gguf_gpt2::is_transposed(&t.gguf_name)
     }
 
     /// The path the file was opened from.
@@ -398,7 +424,8 @@ impl GgufFile {
     }
 
     /// HuggingFace-style config.json synthesized from `{arch}.*` metadata, for the archs
-    /// "llama", "qwen2", "phi3", "gemma" and "gemma2" (error for others). Keys: `model_type` (the arch),
+    /// "llama", "qwen2", "phi3", "gemma" and "gemma2" (and "gpt2": `gguf_gpt2.rs`; error for
+    /// others). Keys: `model_type` (the arch),
     /// `architectures`, `hidden_size`,
     /// `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`
     /// (default = heads), `head_dim` (`llama.attention.key_length`, else hidden / heads),
@@ -435,8 +462,11 @@ impl GgufFile {
         self.by_hf_name
             .iter()
             .map(|(name, &i)| {
-                let mut shape = self.tensors[i].dims.clone();
-                shape.reverse();
+                let t = &self.tensors[i];
+                let mut shape = t.dims.clone();
+                if !self.transposed(t) {
+                    shape.reverse();
+                }
                 (name.clone(), shape)
             })
             .collect()
@@ -476,6 +506,17 @@ impl GgufFile {
                 supported: gguf_quant::SUPPORTED_TYPES,
             }
         })?;
+        if self.transposed(t) {
+            // GGUF [out, in] (dims [in, out]) back to Conv1D's [in, out].
+            let (cols, rows) = (t.dims[0], t.dims[1]);
+            let mut out = vec![0f32; values.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    out[c * rows + r] = values[r * cols + c];
+                }
+            }
+            return Ok(out);
+        }
         if matches!(self.architecture(), Ok("gemma" | "gemma2"))
             && t.gguf_name.ends_with("norm.weight")
         {
@@ -513,6 +554,10 @@ impl GgufFile {
             "Q8_0" => Some(DType::Int8Group { group: 32 }),
             _ => None,
         };
+        // GPT-2's matrices are stored transposed from its model file's layout: not kept.
+        if self.architecture().ok() == Some("gpt2") {
+            return None;
+        }
         let mut counts: Vec<(&'static str, usize)> = Vec::new();
         for t in &self.tensors {
             if t.dims.len() == 2 && t.gguf_name.starts_with("blk.") && format(t.ty.name).is_some() {

@@ -383,3 +383,93 @@ fn gguf_gemma2_builds_like_its_checkpoint_with_llama_cpps_query_scale() {
     let err = rel_l2_f32(&from_gguf, &from_st);
     assert!(err <= 1e-4, "gemma2 GGUF vs checkpoint: {err:.2e}");
 }
+
+/// A GPT-2 GGUF as llama.cpp's converter writes it (`token_embd`, `position_embd`, `blk.N.*`
+/// with its four Conv1D matrices transposed to `[out, in]`, the tied output written as a copy of
+/// the embedding) builds with `models/gpt2.ron` and reproduces transformers' logits: the
+/// matrices are read back as Conv1D and the output copy is dropped.
+#[test]
+fn gguf_gpt2_builds_and_matches_transformers() {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/families/gpt2");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
+            .unwrap();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap())
+            .unwrap();
+    let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let u = |k: &str| GgufValue::U32(cfg[k].as_u64().unwrap() as u32);
+    let hidden = cfg["n_embd"].as_u64().unwrap() as u32;
+    let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
+    let tokens: Vec<String> = (0..vocab).map(|i| format!("t{i}")).collect();
+    let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let mut w = Writer::new()
+        .kv("general.architecture", GgufValue::String("gpt2".into()))
+        .kv("gpt2.embedding_length", u("n_embd"))
+        .kv("gpt2.feed_forward_length", GgufValue::U32(4 * hidden))
+        .kv("gpt2.block_count", u("n_layer"))
+        .kv("gpt2.attention.head_count", u("n_head"))
+        .kv("gpt2.context_length", u("n_positions"))
+        .kv("gpt2.attention.layer_norm_epsilon", GgufValue::F32(1e-5))
+        .kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+        .kv("tokenizer.ggml.pre", GgufValue::String("gpt-2".into()))
+        .kv("tokenizer.ggml.tokens", strings(&token_refs))
+        .kv("tokenizer.ggml.merges", strings(&[]));
+    let gguf_name = |hf: &str| -> String {
+        let hf = hf.strip_prefix("transformer.").unwrap();
+        let (stem, suffix) = hf.rsplit_once('.').unwrap();
+        let g = match stem {
+            "wte" => return format!("token_embd.{suffix}"),
+            "wpe" => return format!("position_embd.{suffix}"),
+            "ln_f" => return format!("output_norm.{suffix}"),
+            _ => stem,
+        };
+        let (layer, part) = g.strip_prefix("h.").unwrap().split_once('.').unwrap();
+        let p = match part {
+            "ln_1" => "attn_norm",
+            "attn.c_attn" => "attn_qkv",
+            "attn.c_proj" => "attn_output",
+            "ln_2" => "ffn_norm",
+            "mlp.c_fc" => "ffn_up",
+            "mlp.c_proj" => "ffn_down",
+            other => panic!("unexpected tensor {other}"),
+        };
+        format!("blk.{layer}.{p}.{suffix}")
+    };
+    for (name, view) in st.tensors() {
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let shape = view.shape().to_vec();
+        let conv1d = shape.len() == 2 && !name.contains(".wte.") && !name.contains(".wpe.");
+        let (values, dims): (Vec<f32>, Vec<u64>) = if conv1d {
+            // Conv1D [in, out] → [out, in] (ggml dims [in, out]), as llama.cpp's converter does.
+            let (rows, cols) = (shape[0], shape[1]);
+            let mut t = vec![0f32; values.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    t[c * rows + r] = values[r * cols + c];
+                }
+            }
+            (t, vec![rows as u64, cols as u64])
+        } else {
+            (values, shape.iter().rev().map(|&d| d as u64).collect())
+        };
+        if name == "transformer.wte.weight" {
+            w = w.f32_tensor("output.weight", &dims, &values);
+        }
+        w = w.f32_tensor(&gguf_name(&name), &dims, &values);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("gpt2.gguf");
+    std::fs::write(&gguf, w.bytes()).unwrap();
+    let f = GgufFile::open(&gguf).unwrap();
+    assert!(f.tensors().iter().all(|(n, _)| n != "lm_head.weight"));
+    assert!(f
+        .tensors()
+        .contains(&("transformer.h.0.attn.c_attn.weight".into(), vec![64, 192])));
+    check_gguf_logits("gpt2", &dir, &gguf, &reference);
+}

@@ -81,6 +81,9 @@ pub(super) fn llama_qk(gguf: &str) -> Option<bool> {
 /// See [`GgufFile::hf_config`].
 pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
     let arch = f.architecture()?;
+    if arch == "gpt2" {
+        return super::gguf_gpt2::hf_config(f);
+    }
     let (model_type, class) = match arch {
         "llama" => ("llama", "LlamaForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
@@ -91,7 +94,7 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<Value, GgufError> {
             return Err(GgufError::Unsupported {
                 path: f.path().to_path_buf(),
                 what: "architecture for hf_config",
-                expected: "\"llama\", \"qwen2\", \"phi3\", \"gemma\" or \"gemma2\"",
+                expected: "\"llama\", \"qwen2\", \"phi3\", \"gemma\", \"gemma2\" or \"gpt2\"",
                 found: arch.into(),
             })
         }
