@@ -163,6 +163,11 @@ impl Checkpoint {
         }
     }
 
+    /// True for a GGUF file (whose blocks are dequantized unless kept: [`Checkpoint::packed`]).
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.store, Store::Gguf(_))
+    }
+
     /// Whether [`Checkpoint::packed`] reads this tensor (without unpacking it).
     pub fn stores_packed(&self, name: &str) -> bool {
         match &self.store {

@@ -29,6 +29,14 @@ pub fn prequantized_options(
              but no tensor is stored quantized (no `.qweight`)"
         )));
     }
+    if (opts.tp > 1 || opts.pp > 1) && ckpt.is_gguf() {
+        // A GGUF's blocks have always been readable dequantized: the ranks get 16/32-bit weights.
+        notes.push(format!(
+            "{what}: --tp/--pp builds the blocks dequantized (parallel builds keep no quantized \
+             weights yet)"
+        ));
+        return Ok(None);
+    }
     if opts.tp > 1 || opts.pp > 1 {
         return Err(BuildError::Other(format!(
             "a pre-quantized checkpoint ({what}) with --tp/--pp is not built yet (parallel \
