@@ -1,6 +1,6 @@
 //! GGML tensor types as stored in GGUF files: the size table of every known type, dequantization
-//! to `f32` of the supported ones (F32, F16, BF16, Q8_0, Q4_0, Q4_1), and llama.cpp's Q/K row
-//! permutation and its inverse.
+//! to `f32` of the supported ones (F32, F16, BF16, Q8_0, Q4_0, Q4_1; Q5_0, Q5_1 and the k-quants
+//! Q4_K, Q5_K, Q6_K in `gguf_kquants.rs`), and llama.cpp's Q/K row permutation and its inverse.
 //!
 //! Dequantization follows ggml's reference code (`dequantize_row_*` in `ggml-quants.c`) exactly:
 //! the block scale `d` (and minimum `m`) are converted f16 → f32, and each value is computed in
@@ -78,7 +78,7 @@ pub fn ggml_type(id: u32) -> Option<GgmlType> {
 }
 
 /// Names of the types [`dequantize`] supports, for error messages.
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
+pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K";
 
 /// Elements each parallel task converts (a multiple of every supported block size).
 const ELEMS_PER_TASK: usize = 64 * 1024;
@@ -125,6 +125,15 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Option<Vec<f32>> {
                 *y1 = f32::from(q >> 4) * d + m;
             }
         }),
+        "Q5_0" => blocks(data, n, 32, 22, |b, o| super::gguf_kquants::q5(b, o, false)),
+        "Q5_1" => blocks(data, n, 32, 24, |b, o| super::gguf_kquants::q5(b, o, true)),
+        "Q4_K" => blocks(data, n, 256, 144, |b, o| {
+            super::gguf_kquants::q45_k(b, o, false)
+        }),
+        "Q5_K" => blocks(data, n, 256, 176, |b, o| {
+            super::gguf_kquants::q45_k(b, o, true)
+        }),
+        "Q6_K" => blocks(data, n, 256, 210, |b, o| super::gguf_kquants::q6_k(b, o)),
         _ => return None,
     };
     Some(out)

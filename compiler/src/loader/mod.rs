@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod gguf;
 mod gguf_gpt2;
+mod gguf_kquants;
 mod gguf_llama;
 mod gguf_parse;
 mod gguf_quant;
