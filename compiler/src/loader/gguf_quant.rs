@@ -133,7 +133,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Option<Vec<f32>> {
         "Q5_K" => blocks(data, n, 256, 176, |b, o| {
             super::gguf_kquants::q45_k(b, o, true)
         }),
-        "Q6_K" => blocks(data, n, 256, 210, |b, o| super::gguf_kquants::q6_k(b, o)),
+        "Q6_K" => blocks(data, n, 256, 210, super::gguf_kquants::q6_k),
         _ => return None,
     };
     Some(out)
