@@ -24,7 +24,7 @@ case "${1:-}" in
     shift
     steps=("$@")
     if [ ${#steps[@]} -eq 0 ]; then
-      steps=(info embedding rmsnorm gemv elementwise rope decode prefill argmax sample bench-gemv bench-attention bench-sample)
+      steps=(info embedding rmsnorm gemv elementwise quant rope decode prefill argmax sample bench-gemv bench-attention bench-sample)
     fi
     out=${OUT:-/tmp}
     log=$out/kernels.log
