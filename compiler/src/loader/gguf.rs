@@ -331,7 +331,9 @@ impl GgufFile {
     /// Whether this tensor is stored transposed from the layout the HF checkpoint (and the
     /// model file) has: GPT-2's Conv1D matrices.
     fn transposed(&self, t: &TensorInfo) -> bool {
-        self.architecture().ok() == Some("gpt2") && super::gguf_gpt2::is_transposed(&t.gguf_name)
+        t.dims.len() == 2
+            && self.architecture().ok() == Some("gpt2")
+            && super::gguf_gpt2::is_transposed(&t.gguf_name)
     }
 
     /// The path the file was opened from.

@@ -490,3 +490,23 @@ fn gguf_gpt2_builds_and_matches_transformers() {
         .contains(&("transformer.h.0.attn.c_attn.weight".into(), vec![64, 192])));
     check_gguf_logits("gpt2", &dir, &gguf, &reference);
 }
+
+/// A malformed GPT-2 GGUF whose Conv1D matrix is stored with one axis reads as it is stored
+/// (no transposition to attempt), without a panic.
+#[test]
+fn gguf_gpt2_one_axis_matrix_is_read_as_stored() {
+    let w = Writer::new()
+        .kv("general.architecture", GgufValue::String("gpt2".into()))
+        .f32_tensor(
+            "blk.0.attn_qkv.weight",
+            &[6],
+            &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        );
+    let f = open_writer(&w);
+    let name = "transformer.h.0.attn.c_attn.weight";
+    assert_eq!(f.tensors(), vec![(name.to_string(), vec![6])]);
+    assert_eq!(
+        f.read_f32(name).unwrap(),
+        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    );
+}
