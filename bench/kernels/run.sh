@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check and benchmark of the kernel templates (compiler/examples/kernel_check.rs).
+# GPU check and benchmark of the kernel templates (compiler/examples/kernel_check/).
 #
 #   bench/kernels/run.sh build        here: release-build the example and copy it, stripped, to
 #                                     .dev/bin/kernel_check (git-ignored; carry it to the GPU machine)

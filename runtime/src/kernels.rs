@@ -159,6 +159,22 @@ impl QuantFormat {
         }
     }
 
+    /// The weight dtype of this format (the inverse of [`QuantFormat::of`]).
+    pub fn dtype(self) -> crate::ir::DType {
+        use crate::ir::DType;
+        let g = |group: usize| group as u16;
+        match self {
+            QuantFormat::Int8 => DType::Int8,
+            QuantFormat::Int4 { group, zero_point } => DType::Int4 {
+                group: g(group),
+                zero_point,
+            },
+            QuantFormat::Int4Min { group } => DType::Int4Min { group: g(group) },
+            QuantFormat::Int8Group { group } => DType::Int8Group { group: g(group) },
+            QuantFormat::Fp8 => DType::Fp8,
+        }
+    }
+
     /// `FMT`: 1 int8, 2 int4 symmetric, 3 int4 with zero points, 4 int4 with a minimum, 5
     /// grouped int8, 6 fp8 (W8A8).
     pub fn code(self) -> usize {

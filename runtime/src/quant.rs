@@ -515,71 +515,41 @@ impl Packed {
     /// The values the kernels compute with (see the module doc), in f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
-        let mut out = Vec::with_capacity(rows * cols);
-        match self.format {
-            DType::Int8 => {
-                for r in 0..rows {
-                    let s = self.scale[r];
-                    out.extend(
-                        self.q[r * cols..(r + 1) * cols]
-                            .iter()
-                            .map(|&q| q as i8 as f32 * s),
-                    );
+        let half = cols.div_ceil(2);
+        let byte = |r: usize, c: usize| self.q[r * cols + c];
+        let nibble = |r: usize, c: usize| {
+            let b = self.q[r * half + c / 2];
+            if c.is_multiple_of(2) {
+                b & 15
+            } else {
+                b >> 4
+            }
+        };
+        // The index of the scale (and zero point, minimum) of element (r, c).
+        let group = |r: usize, c: usize, g: u16| r * groups(cols, g) + c / g as usize;
+        let value = |r: usize, c: usize| match self.format {
+            DType::Int8 => byte(r, c) as i8 as f32 * self.scale[r],
+            DType::Fp8 => from_e4m3(byte(r, c)) * self.scale[r],
+            DType::Int8Group { group: g } => byte(r, c) as i8 as f32 * self.scale[group(r, c, g)],
+            DType::Int4 { group: g, .. } | DType::Int4Awq { group: g } => {
+                let gi = group(r, c, g);
+                let z = self.zero.get(gi).copied().unwrap_or(8);
+                let v = (nibble(r, c) as i32 - z as i32) as f32 * self.scale[gi];
+                match self.col_scale.get(c) {
+                    Some(f) => v / f,
+                    None => v,
                 }
             }
-            DType::Fp8 => {
-                for r in 0..rows {
-                    let s = self.scale[r];
-                    out.extend(
-                        self.q[r * cols..(r + 1) * cols]
-                            .iter()
-                            .map(|&q| from_e4m3(q) * s),
-                    );
-                }
-            }
-            DType::Int4 { group, .. } | DType::Int4Awq { group } => {
-                let ng = groups(cols, group);
-                let half = cols.div_ceil(2);
-                for r in 0..rows {
-                    for c in 0..cols {
-                        let b = self.q[r * half + c / 2];
-                        let q = if c % 2 == 0 { b & 15 } else { b >> 4 };
-                        let gi = r * ng + c / group as usize;
-                        let z = self.zero.get(gi).copied().unwrap_or(8);
-                        let v = (q as i32 - z as i32) as f32 * self.scale[gi];
-                        out.push(match self.col_scale.get(c) {
-                            Some(f) => v / f,
-                            None => v,
-                        });
-                    }
-                }
-            }
-            DType::Int8Group { group } => {
-                let ng = groups(cols, group);
-                for r in 0..rows {
-                    let row = &self.q[r * cols..(r + 1) * cols];
-                    out.extend(
-                        row.iter().enumerate().map(|(c, &q)| {
-                            q as i8 as f32 * self.scale[r * ng + c / group as usize]
-                        }),
-                    );
-                }
-            }
-            DType::Int4Min { group } => {
-                let ng = groups(cols, group);
-                let half = cols.div_ceil(2);
-                for r in 0..rows {
-                    for c in 0..cols {
-                        let b = self.q[r * half + c / 2];
-                        let q = if c % 2 == 0 { b & 15 } else { b >> 4 };
-                        let gi = r * ng + c / group as usize;
-                        out.push(f32::from(q) * self.scale[gi] + self.min[gi]);
-                    }
-                }
+            DType::Int4Min { group: g } => {
+                let gi = group(r, c, g);
+                f32::from(nibble(r, c)) * self.scale[gi] + self.min[gi]
             }
             _ => unreachable!("a Packed holds a weight format"),
-        }
-        out
+        };
+        (0..rows)
+            .flat_map(|r| (0..cols).map(move |c| (r, c)))
+            .map(|(r, c)| value(r, c))
+            .collect()
     }
 
     /// The stored tensors, in [`parts`] order: little-endian bytes of each.

@@ -170,6 +170,30 @@ mod tests {
         }
     }
 
+    /// The `config.json` of `tests/fixtures/families/<family>`.
+    fn family_config(family: &str) -> serde_json::Value {
+        let path = format!(
+            "{}/../tests/fixtures/families/{family}/config.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn bf16_options() -> crate::rewrite::RewriteOptions {
+        crate::rewrite::RewriteOptions {
+            dtype: kiln_runtime::ir::DType::BF16,
+            ..Default::default()
+        }
+    }
+
+    /// The graph of a config's built-in model file, and its bf16 rewrite.
+    fn bf16_graph(cfg: &serde_json::Value) -> (Graph, crate::rewrite::Optimized) {
+        let model = crate::build::model_for(cfg, None).unwrap();
+        let g = crate::build::graph_for(&model, cfg).unwrap();
+        let o = crate::rewrite::optimize(&g, &bf16_options()).unwrap();
+        (g, o)
+    }
+
     /// The families whose layers differ from Llama's in a RoPE table (Llama 3.1's `llama3`
     /// scaling), q/k/v biases (Qwen2), a sliding window (Mistral, 4 keys in the fixture; Phi-3,
     /// 5) or fused checkpoint projections (Phi-3) lower to the Llama launches: the table is an f32 weight that rope_append and decode attention
@@ -184,24 +208,13 @@ mod tests {
             ("mistral", false),
             ("phi3", false),
         ] {
-            let path = format!(
-                "{}/../tests/fixtures/families/{family}/config.json",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let mut cfg: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            let mut cfg = family_config(family);
             // A head size the attention kernels take (the fixtures' is 16).
             cfg["hidden_size"] = 128.into();
             if cfg.get("head_dim").is_some() {
                 cfg["head_dim"] = 32.into();
             }
-            let model = crate::build::model_for(&cfg, None).unwrap();
-            let g = crate::build::graph_for(&model, &cfg).unwrap();
-            let opts = crate::rewrite::RewriteOptions {
-                dtype: kiln_runtime::ir::DType::BF16,
-                ..Default::default()
-            };
-            let o = crate::rewrite::optimize(&g, &opts).unwrap();
+            let (_, o) = bf16_graph(&cfg);
             let plan = lower(&o.graph).unwrap_or_else(|e| panic!("{family}: {e}"));
             // Six launches per layer; embedding, gather-last and lm_head (the final norm folded
             // into it through the widening cast of the bf16 graph).
@@ -266,19 +279,7 @@ mod tests {
     #[test]
     fn gemma_lowers_with_a_scaled_embedding_and_a_gelu_gate() {
         use kiln_runtime::plan::{Epilogue, Launch};
-        let path = format!(
-            "{}/../tests/fixtures/families/gemma/config.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let model = crate::build::model_for(&cfg, None).unwrap();
-        let g = crate::build::graph_for(&model, &cfg).unwrap();
-        let opts = crate::rewrite::RewriteOptions {
-            dtype: kiln_runtime::ir::DType::BF16,
-            ..Default::default()
-        };
-        let o = crate::rewrite::optimize(&g, &opts).unwrap();
+        let (g, o) = bf16_graph(&family_config("gemma"));
         let plan = lower(&o.graph).unwrap();
         assert_eq!(plan.launches.len(), 2 * 6 + 3, "{}", plan.describe());
         let Launch::Embedding { scale, out, .. } = plan.launches[0] else {
@@ -316,7 +317,7 @@ mod tests {
             .expect("gemma.ron names the scaled embedding `x`");
         let embedded = g2.nodes[mul].inputs[0];
         g2.nodes[mul].inputs[1] = embedded;
-        let o2 = crate::rewrite::optimize(&g2, &opts).unwrap();
+        let o2 = crate::rewrite::optimize(&g2, &bf16_options()).unwrap();
         let err = lower(&o2.graph).unwrap_err();
         assert!(err.contains("only an embedding times a constant"), "{err}");
     }

@@ -125,6 +125,27 @@ impl TemplateFile {
     }
 }
 
+/// The weight formats (and groups) whose `gemv_q`, `dequant` (and `act_fp8`) instances
+/// [`llama_kernels`] lists for the Llama shapes.
+pub const LISTED_WEIGHT_FORMATS: [QuantFormat; 7] = [
+    QuantFormat::Int8,
+    QuantFormat::Int4 {
+        group: 128,
+        zero_point: true,
+    },
+    QuantFormat::Int4 {
+        group: 128,
+        zero_point: false,
+    },
+    QuantFormat::Int4 {
+        group: 32,
+        zero_point: true,
+    },
+    QuantFormat::Int4Min { group: 32 },
+    QuantFormat::Int8Group { group: 32 },
+    QuantFormat::Fp8,
+];
+
 /// The template file that defines a kernel family.
 pub fn template_file(family: KernelFamily) -> TemplateFile {
     match family {
@@ -265,26 +286,8 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
         }
     }
     // Quantized projections (`--quant`, GGUF Q4_1/Q8_0): the decode GEMV and the prefill
-    // dequantization of the four fused projections, in each format the kernels read.
-    let formats = [
-        QuantFormat::Int8,
-        QuantFormat::Int4 {
-            group: 128,
-            zero_point: true,
-        },
-        QuantFormat::Int4 {
-            group: 128,
-            zero_point: false,
-        },
-        QuantFormat::Int4 {
-            group: 32,
-            zero_point: true,
-        },
-        QuantFormat::Int4Min { group: 32 },
-        QuantFormat::Int8Group { group: 32 },
-        QuantFormat::Fp8,
-    ];
-    for f in formats {
+    // dequantization of the four fused projections, in each listed format.
+    for f in LISTED_WEIGHT_FORMATS {
         for &(k, epi, norm, ty) in &gemvs[..4] {
             if k.is_multiple_of(f.codes_per_vector()) {
                 out.push(KernelInstance::gemv_q(k, epi, f, false, ty));

@@ -5,6 +5,25 @@
 
 use super::*;
 
+/// The `config.json`, `reference.json` and safetensors bytes of
+/// `tests/fixtures/families/<family>`.
+fn fixture(family: &str) -> (Value, Value, Vec<u8>) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../tests/fixtures/families/{family}"));
+    let json = |f: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+    };
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    (json("config.json"), json("reference.json"), bytes)
+}
+
+/// Little-endian f32 values (the fixtures store f32 tensors).
+fn f32_values(data: &[u8]) -> Vec<f32> {
+    data.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
 /// Writes the tiny transformers checkpoint of `tests/fixtures/families/<family>` as a GGUF of
 /// architecture `arch` (llama.cpp's tensor names, `<arch>.*` metadata, no Q/K permutation),
 /// builds it and checks the logits against transformers' (≤ 1e-4 relative L2).
@@ -24,15 +43,7 @@ fn family_gguf(
     window: Option<u32>,
     block: Option<&str>,
 ) -> (tempfile::TempDir, PathBuf, Value) {
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("../tests/fixtures/families/{family}"));
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
-            .unwrap();
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap())
-            .unwrap();
-    let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let (cfg, reference, bytes) = fixture(family);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let u = |k: &str| GgufValue::U32(cfg[k].as_u64().unwrap() as u32);
     let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
@@ -99,11 +110,7 @@ fn family_gguf(
         format!("blk.{layer}.{g}.{suffix}")
     };
     for (name, view) in st.tensors() {
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let values = f32_values(view.data());
         let dims: Vec<u64> = view.shape().iter().rev().map(|&d| d as u64).collect();
         // llama.cpp's converter stores Gemma's norm weights plus one (its RMSNorm multiplies by
         // the weight, Gemma's by 1 + weight).
@@ -381,20 +388,12 @@ fn gguf_gemma2_builds_like_its_checkpoint_with_llama_cpps_query_scale() {
     let opts = crate::build::BuildOptions::default();
     let (from_gguf, _) = gguf_logits(&dir, &gguf, &reference, &opts, "gemma2");
     // The same checkpoint as safetensors, its scalar set to llama.cpp's.
-    let fixture =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/families/gemma2");
     let ckpt = dir.path().join("gemma2-st");
     std::fs::create_dir(&ckpt).unwrap();
-    let mut st_cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
-            .unwrap();
+    let (mut st_cfg, _, bytes) = fixture("gemma2");
     st_cfg["query_pre_attn_scalar"] = 32.into();
     std::fs::write(ckpt.join("config.json"), st_cfg.to_string()).unwrap();
-    std::fs::copy(
-        fixture.join("model.safetensors"),
-        ckpt.join("model.safetensors"),
-    )
-    .unwrap();
+    std::fs::write(ckpt.join("model.safetensors"), bytes).unwrap();
     let (from_st, _) = gguf_logits(&dir, &ckpt, &reference, &opts, "gemma2");
     // The norm weights travel as 1 + w in f32 (llama.cpp's convention), which rounds them.
     let err = rel_l2_f32(&from_gguf, &from_st);
@@ -407,14 +406,7 @@ fn gguf_gemma2_builds_like_its_checkpoint_with_llama_cpps_query_scale() {
 /// matrices are read back as Conv1D and the output copy is dropped.
 #[test]
 fn gguf_gpt2_builds_and_matches_transformers() {
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/families/gpt2");
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
-            .unwrap();
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap())
-            .unwrap();
-    let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let (cfg, reference, bytes) = fixture("gpt2");
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let u = |k: &str| GgufValue::U32(cfg[k].as_u64().unwrap() as u32);
     let hidden = cfg["n_embd"].as_u64().unwrap() as u32;
@@ -455,11 +447,7 @@ fn gguf_gpt2_builds_and_matches_transformers() {
         format!("blk.{layer}.{p}.{suffix}")
     };
     for (name, view) in st.tensors() {
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let values = f32_values(view.data());
         let shape = view.shape().to_vec();
         let conv1d = shape.len() == 2 && !name.contains(".wte.") && !name.contains(".wpe.");
         let (values, dims): (Vec<f32>, Vec<u64>) = if conv1d {

@@ -459,10 +459,7 @@ fn compressed_tensors(
         .get("format")
         .and_then(Value::as_str)
         .unwrap_or("(absent)");
-    if format == "float-quantized" {
-        return compressed_fp8(q, refuse);
-    }
-    if format != "pack-quantized" {
+    if format != "pack-quantized" && format != "float-quantized" {
         return refuse(format!("format `{format}`"));
     }
     let groups: Vec<&Value> = q
@@ -473,6 +470,9 @@ fn compressed_tensors(
     let [group] = groups.as_slice() else {
         return refuse(format!("{} config groups (kiln reads one)", groups.len()));
     };
+    if format == "float-quantized" {
+        return compressed_fp8(group, refuse);
+    }
     if group.get("input_activations").is_some_and(|v| !v.is_null()) {
         return refuse("quantized input activations".into());
     }
@@ -506,20 +506,12 @@ fn compressed_tensors(
     }))
 }
 
-/// The `quantization_config` of a compressed-tensors FP8 checkpoint: one config group of 8-bit
-/// float weights per channel or per tensor with 8-bit float activations, dynamic per token.
+/// The one config group of a compressed-tensors FP8 checkpoint: 8-bit float weights per
+/// channel or per tensor with 8-bit float activations, dynamic per token.
 fn compressed_fp8(
-    q: &Value,
+    group: &Value,
     refuse: impl Fn(String) -> Result<Option<PreQuant>, String>,
 ) -> Result<Option<PreQuant>, String> {
-    let groups: Vec<&Value> = q
-        .get("config_groups")
-        .and_then(Value::as_object)
-        .map(|m| m.values().collect())
-        .unwrap_or_default();
-    let [group] = groups.as_slice() else {
-        return refuse(format!("{} config groups (kiln reads one)", groups.len()));
-    };
     let field = |part: &str, k: &str| group.get(part).and_then(|p| p.get(k)).cloned();
     let text = |part: &str, k: &str| {
         field(part, k)

@@ -139,14 +139,12 @@ fn linear_with_an_fp8_weight_reads_its_activations_in_e4m3_per_row() {
     assert!(a.iter().zip(&b).any(|(p, q)| p != q));
 }
 
-#[test]
-fn gated_mlp_matches_silu_gate_times_up() {
-    let mut rng = Rng::new(3);
-    for (lead, k, f) in [
-        (vec![1, 1], 8, 12),
-        (vec![2, 5], 24, 7),
-        (vec![1, 33], 64, 160),
-    ] {
+/// `op` over random inputs against its primitives: `g · 1/(e^-z(g) + 1) · u` with `g`, `u` the
+/// two products.
+fn check_gated(op: Op, seed: u64, cases: &[(Vec<usize>, usize, usize)], z: fn(&Tensor) -> Tensor) {
+    let mut rng = Rng::new(seed);
+    for (lead, k, f) in cases {
+        let (k, f) = (*k, *f);
         let mut xs = lead.clone();
         xs.push(k);
         let x = rng.tensor(&xs);
@@ -154,43 +152,40 @@ fn gated_mlp_matches_silu_gate_times_up() {
         let wu = rng.tensor(&[f, k]);
         let g = primitive_linear(&x, &wg);
         let u = primitive_linear(&x, &wu);
-        let e = unary(UnaryOp::Exp, unary(UnaryOp::Neg, g.clone()).unwrap()).unwrap();
+        let e = unary(UnaryOp::Exp, unary(UnaryOp::Neg, z(&g)).unwrap()).unwrap();
         let sig = unary(UnaryOp::Recip, bin(BinaryOp::Add, &e, &scalar(1.0))).unwrap();
         let want = bin(BinaryOp::Mul, &bin(BinaryOp::Mul, &g, &sig), &u);
         let w = concat(vec![wg, wu], 0).unwrap();
-        let got = eval(&Op::GatedMlp, vec![x, w]).unwrap();
-        assert_close(&got, &want, 1e-6, &format!("GatedMlp {xs:?} f={f}"));
+        let got = eval(&op, vec![x, w]).unwrap();
+        assert_close(&got, &want, 1e-6, &format!("{} {xs:?} f={f}", op.name()));
     }
+}
+
+#[test]
+fn gated_mlp_matches_silu_gate_times_up() {
+    let cases = [
+        (vec![1, 1], 8, 12),
+        (vec![2, 5], 24, 7),
+        (vec![1, 33], 64, 160),
+    ];
+    check_gated(Op::GatedMlp, 3, &cases, |g| g.clone());
 }
 
 /// `GatedGelu` computes what `models/gemma.ron`'s `geglu` computes from primitives:
 /// `g · σ(2√(2/π) · (g + 0.044715 · g³)) · u`.
 #[test]
 fn gated_gelu_matches_gemmas_geglu() {
-    let mut rng = Rng::new(4);
-    for (lead, k, f) in [(vec![1, 1], 8, 12), (vec![2, 5], 24, 7)] {
-        let mut xs = lead.clone();
-        xs.push(k);
-        let x = rng.tensor(&xs);
-        let wg = rng.tensor(&[f, k]);
-        let wu = rng.tensor(&[f, k]);
-        let g = primitive_linear(&x, &wg);
-        let u = primitive_linear(&x, &wu);
-        let g3 = bin(BinaryOp::Mul, &bin(BinaryOp::Mul, &g, &g), &g);
+    let cases = [(vec![1, 1], 8, 12), (vec![2, 5], 24, 7)];
+    check_gated(Op::GatedGelu, 4, &cases, |g| {
+        let g3 = bin(BinaryOp::Mul, &bin(BinaryOp::Mul, g, g), g);
         let inner = bin(
             BinaryOp::Add,
-            &g,
+            g,
             &bin(BinaryOp::Mul, &scalar(0.044715), &g3),
         );
         let k2 = 2.0 * (2.0 / std::f32::consts::PI).sqrt();
-        let z = bin(BinaryOp::Mul, &scalar(k2), &inner);
-        let e = unary(UnaryOp::Exp, unary(UnaryOp::Neg, z).unwrap()).unwrap();
-        let sig = unary(UnaryOp::Recip, bin(BinaryOp::Add, &e, &scalar(1.0))).unwrap();
-        let want = bin(BinaryOp::Mul, &bin(BinaryOp::Mul, &g, &sig), &u);
-        let w = concat(vec![wg, wu], 0).unwrap();
-        let got = eval(&Op::GatedGelu, vec![x, w]).unwrap();
-        assert_close(&got, &want, 1e-6, &format!("GatedGelu {xs:?} f={f}"));
-    }
+        bin(BinaryOp::Mul, &scalar(k2), &inner)
+    });
 }
 
 /// `inv_freq[i] = 1 / theta^(2i/d)` as `models/llama.ron` computes it.

@@ -107,13 +107,17 @@ fn windowed_attention() -> String {
     )
 }
 
-const GATED: &str = r#"
+/// `g`, `u`: the gate and up products of `x`, for the gated MLPs below.
+const GATE_UP: &str = r#"
     Let("wg", Weight("wg", ["3 * h / 2", "h"])),
     Let("wu", Weight("wu", ["3 * h / 2", "h"])),
     Let("wgt", Transpose(x: "wg", perm: [1, 0])),
     Let("wut", Transpose(x: "wu", perm: [1, 0])),
     Let("g", MatMul("x", "wgt")),
-    Let("u", MatMul("x", "wut")),
+    Let("u", MatMul("x", "wut")),"#;
+
+/// The SiLU-gated MLP: `g · σ(g) · u`.
+const SILU: &str = r#"
     Let("ng", Neg("g")),
     Let("e", Exp("ng")),
     Let("one", Const("1")),
@@ -123,13 +127,7 @@ const GATED: &str = r#"
     Let("act", Mul("silu", "u")),"#;
 
 /// Gemma's GeGLU as `models/gemma.ron` writes it: `g · σ(2√(2/π)·(g + 0.044715·g³)) · u`.
-const GEGLU: &str = r#"
-    Let("wg", Weight("wg", ["3 * h / 2", "h"])),
-    Let("wu", Weight("wu", ["3 * h / 2", "h"])),
-    Let("wgt", Transpose(x: "wg", perm: [1, 0])),
-    Let("wut", Transpose(x: "wu", perm: [1, 0])),
-    Let("g", MatMul("x", "wgt")),
-    Let("u", MatMul("x", "wut")),
+const GELU: &str = r#"
     Let("g2", Mul("g", "g")),
     Let("g3", Mul("g2", "g")),
     Let("c", Const("0.044715")),
@@ -219,10 +217,10 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("fuse_attention", "fuse-attention", format!(r#"{ATTENTION} Output("ctx", "ctx"),"#), 8, f32),
         ("window_mask", "window-mask", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
         ("fuse_attention_window", "fuse-attention-window", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
-        ("silu_from_sigmoid", "silu-from-sigmoid", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
-        ("fuse_gated_mlp", "fuse-gated-mlp", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
-        ("gelu_tanh_from_sigmoid", "gelu-tanh-from-sigmoid", format!(r#"{GEGLU} Output("act", "act"),"#), 8, f32),
-        ("fuse_gated_gelu", "fuse-gated-gelu", format!(r#"{GEGLU} Output("act", "act"),"#), 8, f32),
+        ("silu_from_sigmoid", "silu-from-sigmoid", format!(r#"{GATE_UP}{SILU} Output("act", "act"),"#), 8, f32),
+        ("fuse_gated_mlp", "fuse-gated-mlp", format!(r#"{GATE_UP}{SILU} Output("act", "act"),"#), 8, f32),
+        ("gelu_tanh_from_sigmoid", "gelu-tanh-from-sigmoid", format!(r#"{GATE_UP}{GELU} Output("act", "act"),"#), 8, f32),
+        ("fuse_gated_gelu", "fuse-gated-gelu", format!(r#"{GATE_UP}{GELU} Output("act", "act"),"#), 8, f32),
         ("fuse_qkv", "fuse-qkv", QKV.to_string(), 8, f32),
         ("linear_bias_left", "linear-bias-left", QKV_BIAS.to_string(), 8, f32),
         ("linear_bias_right", "linear-bias-right", QKV_BIAS.to_string(), 8, f32),
@@ -235,8 +233,8 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("cast_identity", "cast-identity", r#"Let("a", Cast(x: "x", dtype: F32)), Let("y", Neg("a")), Output("y", "y"),"#.into(), 8, f32),
         ("lower_linear", "lower-linear", format!(r#"{LINEAR} Output("y", "y"),"#), 4096, bf16),
         ("lower_linear_add", "lower-linear-add", format!(r#"{LINEAR} Let("z", Add("x", "y")), Output("z", "z"),"#), 4096, bf16),
-        ("lower_gated_mlp", "lower-gated-mlp", format!(r#"{GATED} Output("act", "act"),"#), 4096, bf16),
-        ("lower_gated_gelu", "lower-gated-gelu", format!(r#"{GEGLU} Output("act", "act"),"#), 4096, bf16),
+        ("lower_gated_mlp", "lower-gated-mlp", format!(r#"{GATE_UP}{SILU} Output("act", "act"),"#), 4096, bf16),
+        ("lower_gated_gelu", "lower-gated-gelu", format!(r#"{GATE_UP}{GELU} Output("act", "act"),"#), 4096, bf16),
         ("lower_rmsnorm", "lower-rmsnorm", format!("{RMS} {norm} {}", project("y", "h")), 4096, bf16),
         ("lower_rope", "lower-rope", format!("{HEADS} {}", merge_heads("q")), 4096, bf16),
         ("lower_attention", "lower-attention", format!("{ATTENTION} {}", merge_heads("ctx")), 4096, bf16),
@@ -270,8 +268,8 @@ fn quant_cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("quantize_linear", "quantize-linear", format!(r#"{LINEAR} Output("y", "y"),"#), 8, f32),
         ("quantize_linear_add", "quantize-linear-add", format!(r#"{LINEAR} Let("z", Add("x", "y")), Output("z", "z"),"#), 8, f32),
         ("quantize_linear_bias", "quantize-linear-bias", QKV_BIAS.to_string(), 8, f32),
-        ("quantize_gated_mlp", "quantize-gated-mlp", format!(r#"{GATED} Output("act", "act"),"#), 8, f32),
-        ("quantize_gated_gelu", "quantize-gated-gelu", format!(r#"{GEGLU} Output("act", "act"),"#), 8, f32),
+        ("quantize_gated_mlp", "quantize-gated-mlp", format!(r#"{GATE_UP}{SILU} Output("act", "act"),"#), 8, f32),
+        ("quantize_gated_gelu", "quantize-gated-gelu", format!(r#"{GATE_UP}{GELU} Output("act", "act"),"#), 8, f32),
         ("quantize_linear_bf16", "quantize-linear", format!(r#"{LINEAR} {}"#, project("y", "h")), 4096, bf16),
     ]
 }

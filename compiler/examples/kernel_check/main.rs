@@ -31,6 +31,8 @@ type Res<T> = Result<T, Box<dyn Error>>;
 
 /// Tolerance on the relative L2 error of bf16-output kernels.
 const TOL: f64 = 1e-2;
+
+mod quant;
 const BLOCK: usize = 16;
 const SMS: usize = 132;
 
@@ -498,6 +500,56 @@ fn check_rmsnorm(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize) -> Res<()> {
     Ok(())
 }
 
+/// What a GEMV's product reads: `x`, or with a folded norm `rmsnorm(x)·gamma` rounded to bf16
+/// as the kernel rounds it.
+fn gemv_input(x: &[f32], gamma: &[f32], k: usize, eps: f32, norm: bool) -> Vec<f32> {
+    if norm {
+        rms_ref(x, gamma, k, eps)
+            .iter()
+            .map(|&v| bfr(v as f32))
+            .collect()
+    } else {
+        x.to_vec()
+    }
+}
+
+/// The f64 reference of a GEMV with epilogue `epi`: `m` rows of `k` inputs `xin` onto `n`
+/// outputs by `w` (`2n` rows, gate then up, for the gated epilogues); `res` is the residual
+/// `[m, n]`, or the bias in its first `n` values.
+fn gemv_reference(
+    xin: &[f32],
+    w: &[f32],
+    res: &[f32],
+    (m, n, k): (usize, usize, usize),
+    epi: GemvEpilogue,
+) -> Vec<f64> {
+    (0..m * n)
+        .into_par_iter()
+        .map(|i| {
+            let (mi, ni) = (i / n, i % n);
+            let dot = |row: usize| -> f64 {
+                (0..k)
+                    .map(|j| xin[mi * k + j] as f64 * w[row * k + j] as f64)
+                    .sum()
+            };
+            match epi {
+                GemvEpilogue::Plain => dot(ni),
+                GemvEpilogue::Residual => dot(ni) + res[i] as f64,
+                GemvEpilogue::Bias => dot(ni) + res[ni] as f64,
+                GemvEpilogue::Gated => {
+                    let (gt, up) = (dot(ni), dot(n + ni));
+                    gt / (1.0 + (-gt).exp()) * up
+                }
+                GemvEpilogue::GatedGelu => {
+                    let (gt, up) = (dot(ni), dot(n + ni));
+                    let z = (8.0 / std::f64::consts::PI).sqrt() * (gt + 0.044715 * gt.powi(3));
+                    gt / (1.0 + (-z).exp()) * up
+                }
+            }
+        })
+        .collect()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn check_gemv(
     g: &Gpu,
@@ -523,41 +575,8 @@ fn check_gemv(
     let res = r.bf_vec(m * n, 1.0);
     let eps = 1e-5f32;
     let gamma: Vec<f32> = (0..k).map(|_| bfr(1.0 + r.sym(0.5))).collect();
-    // With a folded norm the product reads rmsnorm(x) (rounded to bf16, as the kernel does).
-    let xin: Vec<f32> = if norm {
-        rms_ref(&x, &gamma, k, eps)
-            .iter()
-            .map(|&v| bfr(v as f32))
-            .collect()
-    } else {
-        x.clone()
-    };
-    let reference: Vec<f64> = (0..m * n)
-        .into_par_iter()
-        .map(|i| {
-            let (mi, ni) = (i / n, i % n);
-            let dot = |row: usize| -> f64 {
-                (0..k)
-                    .map(|j| xin[mi * k + j] as f64 * w[row * k + j] as f64)
-                    .sum()
-            };
-            match epi {
-                GemvEpilogue::Plain => dot(ni),
-                GemvEpilogue::Residual => dot(ni) + res[i] as f64,
-                // The bias is the residual pointer's first N values.
-                GemvEpilogue::Bias => dot(ni) + res[ni] as f64,
-                GemvEpilogue::Gated => {
-                    let (gt, up) = (dot(ni), dot(n + ni));
-                    gt / (1.0 + (-gt).exp()) * up
-                }
-                GemvEpilogue::GatedGelu => {
-                    let (gt, up) = (dot(ni), dot(n + ni));
-                    let z = (8.0 / std::f64::consts::PI).sqrt() * (gt + 0.044715 * gt.powi(3));
-                    gt / (1.0 + (-z).exp()) * up
-                }
-            }
-        })
-        .collect();
+    let xin = gemv_input(&x, &gamma, k, eps, norm);
+    let reference = gemv_reference(&xin, &w, &res, (m, n, k), epi);
     let (dx, dw, dr, dg) = (g.up_bf(&x)?, g.up_bf(&w)?, g.up_bf(&res)?, g.up_bf(&gamma)?);
     let inst = if tc {
         KernelInstance::gemv_tc(k, mmax, epi, out_t)
@@ -604,182 +623,6 @@ fn gemv_args(inst: &KernelInstance, ptrs: [u64; 5], m: usize, n: usize, eps: f32
         args.extend([Arg::P(norm_w), Arg::F(eps)]);
     }
     args
-}
-
-/// `gemv_q` for every weight format the GPU reads, at SmolLM2's shapes (K 576 and 1536; plain,
-/// gated and residual epilogues; M = 1 with the folded norm, M = 5), and the prefill helpers
-/// `dequant` and `act_fp8`, against f64 products of `quant.rs`'s dequantized values (fp8: of the
-/// activations rounded per row as `quant::fp8_rows` rounds them).
-fn check_quant(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
-    use kiln_runtime::ir::DType;
-    use GemvEpilogue::{Gated, Plain, Residual};
-    let formats = [
-        DType::Int8,
-        DType::Int4 {
-            group: 128,
-            zero_point: true,
-        },
-        DType::Int4 {
-            group: 128,
-            zero_point: false,
-        },
-        DType::Int4 {
-            group: 32,
-            zero_point: true,
-        },
-        DType::Int4Min { group: 32 },
-        DType::Int8Group { group: 32 },
-        DType::Fp8,
-    ];
-    for format in formats {
-        for (k, n, epi) in [(576, 960, Plain), (576, 1536, Gated), (1536, 576, Residual)] {
-            for (m, norm) in [(1, epi != Residual), (5, false)] {
-                check_gemv_q(g, r, rep, format, (k, n, m), epi, norm)?;
-            }
-        }
-    }
-    for k in [576usize, 1536] {
-        let t = 7;
-        let x = r.bf_vec(t * k, 2.0);
-        let mut want = x.clone();
-        kiln_runtime::quant::fp8_rows(&mut want, k);
-        let (dx, dout) = (g.up_bf(&x)?, g.poison_bf(t * k)?);
-        let inst = KernelInstance::act_fp8(k);
-        let rt = RuntimeSizes {
-            tokens: t,
-            ..Default::default()
-        };
-        g.launch(
-            &inst,
-            rt,
-            &[Arg::P(g.ptr(&dx)), Arg::P(g.ptr(&dout)), Arg::I(t as i32)],
-        )?;
-        g.sync()?;
-        let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
-        rep.check(
-            format!("act_fp8<{k}> T={t}"),
-            rel_l2(&g.down_bf(&dout)?, &want),
-            4e-3,
-        );
-    }
-    Ok(())
-}
-
-/// One `gemv_q` instance (and, at M = 5, the `dequant` of its weight) against f64.
-fn check_gemv_q(
-    g: &Gpu,
-    r: &mut Rng,
-    rep: &mut Report,
-    format: kiln_runtime::ir::DType,
-    (k, n, m): (usize, usize, usize),
-    epi: GemvEpilogue,
-    norm: bool,
-) -> Res<()> {
-    use kiln_runtime::kernels::QuantFormat;
-    let f = QuantFormat::of(format).expect("a GPU weight format");
-    let rows = if epi == GemvEpilogue::Gated { 2 * n } else { n };
-    let w: Vec<f32> = (0..rows * k).map(|_| r.sym(0.05)).collect();
-    let p = kiln_runtime::quant::quantize(format, &w, rows, k).map_err(|e| e.to_string())?;
-    let wd = p.dequantize();
-    let parts = p.to_bytes();
-    let dparts: Vec<CudaSlice<u8>> = parts.iter().map(|b| g.up(b)).collect::<Res<_>>()?;
-    let part = |i: usize| dparts.get(i).map_or(0, |d| g.ptr(d));
-    // The third pointer is the zero points or the minimums (`QuantFormat::third_part`).
-    let third = if f.third_part().is_some() { part(2) } else { 0 };
-    let eps = 1e-5f32;
-    let x = r.bf_vec(m * k, 1.0);
-    let res = r.bf_vec(m * n, 1.0);
-    let gamma: Vec<f32> = (0..k).map(|_| bfr(1.0 + r.sym(0.5))).collect();
-    let mut xin: Vec<f32> = if norm {
-        rms_ref(&x, &gamma, k, eps)
-            .iter()
-            .map(|&v| bfr(v as f32))
-            .collect()
-    } else {
-        x.clone()
-    };
-    if format == kiln_runtime::ir::DType::Fp8 {
-        kiln_runtime::quant::fp8_rows(&mut xin, k);
-    }
-    let reference: Vec<f64> = (0..m * n)
-        .into_par_iter()
-        .map(|i| {
-            let (mi, ni) = (i / n, i % n);
-            let dot = |row: usize| -> f64 {
-                (0..k)
-                    .map(|j| xin[mi * k + j] as f64 * wd[row * k + j] as f64)
-                    .sum()
-            };
-            match epi {
-                GemvEpilogue::Residual => dot(ni) + res[i] as f64,
-                GemvEpilogue::Gated => {
-                    let (gt, up) = (dot(ni), dot(n + ni));
-                    gt / (1.0 + (-gt).exp()) * up
-                }
-                _ => dot(ni),
-            }
-        })
-        .collect();
-    let (dx, dr, dg, dout) = (
-        g.up_bf(&x)?,
-        g.up_bf(&res)?,
-        g.up_bf(&gamma)?,
-        g.poison_bf(m * n)?,
-    );
-    let inst = KernelInstance::gemv_q(k, epi, f, norm, OutType::Bf16);
-    let rt = RuntimeSizes {
-        n,
-        ..Default::default()
-    };
-    g.launch(
-        &inst,
-        rt,
-        &[
-            Arg::P(g.ptr(&dx)),
-            Arg::I(m as i32),
-            Arg::P(part(0)),
-            Arg::P(part(1)),
-            Arg::P(third),
-            Arg::I(n as i32),
-            Arg::P(g.ptr(&dr)),
-            Arg::P(g.ptr(&dout)),
-            Arg::P(if norm { g.ptr(&dg) } else { 0 }),
-            Arg::F(eps),
-        ],
-    )?;
-    g.sync()?;
-    rep.check(
-        format!("{} M={m} N={n}", inst.name_expr),
-        rel_l2(&g.down_bf(&dout)?, &reference),
-        TOL,
-    );
-    if m > 1 {
-        let inst = KernelInstance::dequant(k, f);
-        let dw = g.poison_bf(rows * k)?;
-        let rt = RuntimeSizes {
-            n: rows,
-            ..Default::default()
-        };
-        g.launch(
-            &inst,
-            rt,
-            &[
-                Arg::P(part(0)),
-                Arg::P(part(1)),
-                Arg::P(third),
-                Arg::I(rows as i32),
-                Arg::P(g.ptr(&dw)),
-            ],
-        )?;
-        g.sync()?;
-        let want: Vec<f64> = wd.iter().map(|&v| v as f64).collect();
-        rep.check(
-            format!("{} R={rows}", inst.name_expr),
-            rel_l2(&g.down_bf(&dw)?, &want),
-            TOL,
-        );
-    }
-    Ok(())
 }
 
 fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
@@ -1977,7 +1820,7 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
             Ok(())
         }
         "elementwise" => check_elementwise(g, r, rep),
-        "quant" => check_quant(g, r, rep),
+        "quant" => quant::check_quant(g, r, rep),
         "rope" => {
             // Few tokens: a warp per head; many: each warp rotates several heads.
             for t in [6, 300] {
