@@ -295,7 +295,11 @@ def main():
             worst = max(d["buffers"], key=lambda b: b["rel_l2"] or 0)
             rows.append(dict(model=name, diff_buffers=len(d["buffers"]), diff_compared=len(errs),
                              diff_max=max(errs), diff_worst=f"{worst['step']} {worst['buffer']}",
-                             diff_first_over=d["first_over"], diff_exit=p.returncode))
+                             diff_first_over=d["first_over"], diff_exit=p.returncode,
+                             diff_max_by_step={st: max((b["rel_l2"] for b in d["buffers"]
+                                                        if b["step"] == st and b["rel_l2"] is not None),
+                                                       default=None)
+                                               for st in ("prefill", "decode", "mixed")}))
             print(json.dumps(rows[-1]), flush=True)
         lengths = [[97], [31, 64, 100, 128]]
         for lens in lengths:

@@ -24,9 +24,9 @@
 // Masking only on tiles that cross the diagonal, the end of the keys or a window's first key (key
 // tiles wholly before the CTA's first row's window are not loaded). Rows and keys out of
 // range are zero-filled by cp.async and never stored.
-// Launch: grid (HEADS, ceil(T / 64), B) — y counts tiles from the longest one down (see
-// kiln::prefill_tile); tiles past a sequence's q_len exit at once — block PF_THREADS (128), no
-// dynamic shared memory.
+// Launch: grid (HEADS, ceil(Q / 64), B), Q the longest q_len (T at most) — y counts tiles from
+// the longest one down (see kiln::prefill_tile); tiles past a sequence's q_len exit at once —
+// block PF_THREADS (128), no dynamic shared memory.
 #include "common.cuh"
 
 #define PF_THREADS 128

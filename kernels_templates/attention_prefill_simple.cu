@@ -13,8 +13,8 @@
 // Scheme: a CTA owns PFS_Q = 32 query rows of one (sequence, head); 4 threads per row, each with a
 // quarter of the head dims in registers; K/V tiles of PFS_KT = 16 keys staged in shared memory;
 // online softmax in f32 (log2 units).
-// Launch: grid (HEADS, ceil(T / 32), B) (tile order: kiln::prefill_tile), block PFS_THREADS (128), no
-// dynamic shared memory.
+// Launch: grid (HEADS, ceil(Q / 32), B), Q the longest q_len (tile order: kiln::prefill_tile),
+// block PFS_THREADS (128), no dynamic shared memory.
 #include "common.cuh"
 
 #define PFS_THREADS 128

@@ -32,11 +32,10 @@
 // [PH_BC x D], then the mbarriers. Tiles are stored as column blocks of 64 elements (128-byte
 // rows), 16-byte chunk c of row r at chunk c ^ (r & 7): the 128-byte swizzle the wgmma
 // descriptors name.
-// Launch: grid (HEADS, ceil(T / 128), B) — y counts tiles from the longest one down
-// (kiln::prefill_tile); tiles past a sequence's q_len exit at once — block PH_THREADS (384),
-// dynamic shared memory
-// (128 + 2 * PH_STAGES * PH_BC) * HEAD_DIM * 2 + 1024 + 128 bytes (computed the same in
-// runtime/src/kernels.rs).
+// Launch: grid (HEADS, ceil(Q / 128), B), Q the longest q_len (T at most) — y counts tiles from
+// the longest one down (kiln::prefill_tile); tiles past a sequence's q_len exit at once — block
+// PH_THREADS (384), dynamic shared memory (128 + 2 * PH_STAGES * PH_BC) * HEAD_DIM * 2 + 1024
+// + 128 bytes (computed the same in runtime/src/kernels.rs).
 #include "common.cuh"
 
 #define PH_THREADS 384

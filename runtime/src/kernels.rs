@@ -271,6 +271,21 @@ pub struct RuntimeSizes {
     pub n: usize,
     /// Split-KV count of decode attention (see [`decode_splits`]).
     pub max_splits: usize,
+    /// Q: query rows of the step's longest sequence, which sizes the prefill attention grid
+    /// (0: not known, every tile of T).
+    pub longest_query: usize,
+}
+
+impl RuntimeSizes {
+    /// Query tiles of `rows` rows that the step's longest sequence needs.
+    fn query_tiles(&self, rows: usize) -> usize {
+        let q = if self.longest_query == 0 {
+            self.tokens
+        } else {
+            self.longest_query.min(self.tokens)
+        };
+        q.div_ceil(rows)
+    }
 }
 
 /// Threads per CTA of the templates (mirrors the `#define`s in the template files).
@@ -551,8 +566,8 @@ impl KernelInstance {
     /// - gemv, gemv_tc: grid from `n` (output columns);
     /// - silu_mul: from `tokens`;
     /// - attention_decode: (`max_splits`, kv heads, `batch`); the merge: (heads, `batch`);
-    /// - attention_prefill(_simple, _sm90): (heads, from `tokens`, `batch`): the longest query
-    ///   tiles of every head start first (`kiln::prefill_tile` in common.cuh);
+    /// - attention_prefill(_simple, _sm90): (heads, query tiles of `longest_query` (of `tokens`
+    ///   when 0), `batch`): the longest query tiles of every head start first (`kiln::prefill_tile` in common.cuh);
     /// - argmax, sample: grid `batch`.
     ///
     /// Grid dimensions are at least 1, so a step with no work still launches validly (the
@@ -634,7 +649,7 @@ impl KernelInstance {
             KernelFamily::AttentionPrefill => one(
                 (
                     self.int_arg(0),
-                    rt.tokens.div_ceil(threads::PREFILL_ROWS),
+                    rt.query_tiles(threads::PREFILL_ROWS),
                     rt.batch,
                 ),
                 threads::PREFILL,
@@ -642,7 +657,7 @@ impl KernelInstance {
             KernelFamily::AttentionPrefillSm90 => {
                 let rows = threads::PREFILL_SM90_ROWS;
                 let mut dims = one(
-                    (self.int_arg(0), rt.tokens.div_ceil(rows), rt.batch),
+                    (self.int_arg(0), rt.query_tiles(rows), rt.batch),
                     threads::PREFILL_SM90,
                 );
                 // Q tile, the K and V stages, 1024 bytes to align the swizzled tiles, barriers.
@@ -653,7 +668,7 @@ impl KernelInstance {
             KernelFamily::AttentionPrefillSimple => one(
                 (
                     self.int_arg(0),
-                    rt.tokens.div_ceil(threads::PREFILL_SIMPLE_ROWS),
+                    rt.query_tiles(threads::PREFILL_SIMPLE_ROWS),
                     rt.batch,
                 ),
                 threads::PREFILL_SIMPLE,

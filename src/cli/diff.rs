@@ -1,5 +1,7 @@
 //! `kiln diff`: runs a GPU engine's launch plan and its graph on the CPU executor side by side
-//! on a prompt (one prefill, then one decode step with the next greedy token), and prints, for
+//! on a prompt (one prefill, then one decode step with the next greedy token, then a mixed step:
+//! that sequence's next token beside a second sequence's prefill of the same prompt, as the
+//! serving scheduler batches them), and prints, for
 //! every buffer a launch writes, its relative L2 error against the graph node it holds (the
 //! buffer's name), marking the first that exceeds the tolerance. What proves a model on the
 //! GPU, buffer by buffer, and finds the first kernel that goes wrong.
@@ -55,6 +57,14 @@ fn as_buffer(node: &HostTensor, rows: usize, cols: usize) -> Option<Vec<f32>> {
     None
 }
 
+/// The CPU node of a buffer of one sequence's step, in the buffer's layout.
+fn alone(taps: &BTreeMap<String, HostTensor>) -> impl Fn(&TracedBuffer) -> Option<Vec<f32>> + '_ {
+    move |t| {
+        taps.get(&t.name)
+            .and_then(|node| as_buffer(node, t.rows, t.cols))
+    }
+}
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let (mut num, mut den) = (0f64, 0f64);
     for (x, y) in a.iter().zip(b) {
@@ -67,19 +77,17 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// Compares every traced buffer with `want(buffer)`, the CPU's value in its layout.
 fn compare(
     step: &'static str,
     traced: &[TracedBuffer],
-    taps: &BTreeMap<String, HostTensor>,
+    want: impl Fn(&TracedBuffer) -> Option<Vec<f32>>,
     tolerance: f64,
 ) -> Vec<Row> {
     traced
         .iter()
         .map(|t| {
-            let rel = taps
-                .get(&t.name)
-                .and_then(|node| as_buffer(node, t.rows, t.cols))
-                .map(|want| rel_l2(&t.values, &want));
+            let rel = want(t).map(|want| rel_l2(&t.values, &want));
             Row {
                 step,
                 launch: t.launch,
@@ -139,9 +147,9 @@ pub fn run(
         );
     }
     let opts = CudaOptions {
-        max_batch: 1,
-        max_step_tokens: ids.len(),
-        max_kv_tokens: Some(ids.len() + 64),
+        max_batch: 2,
+        max_step_tokens: ids.len() + 1,
+        max_kv_tokens: Some(2 * (ids.len() + 64)),
         max_seq_len: ids.len() + 16,
         cuda_graphs: false,
         ..CudaOptions::default()
@@ -163,6 +171,21 @@ pub fn run(
         seq,
         tokens: vec![next],
     }])?;
+    let after = decode
+        .last()
+        .map(|l| argmax(&l.values[l.values.len() - l.cols..]))
+        .context("the plan wrote no buffer")?;
+    let second = gpu.add_sequence();
+    let mixed = gpu.step_traced(&[
+        StepSeq {
+            seq,
+            tokens: vec![after],
+        },
+        StepSeq {
+            seq: second,
+            tokens: ids.clone(),
+        },
+    ])?;
 
     let graph = cpu.graph();
     let tap_names = |traced: &[TracedBuffer]| -> Vec<String> {
@@ -183,9 +206,28 @@ pub fn run(
     let names = tap_names(&decode);
     let taps: Vec<&str> = names.iter().map(String::as_str).collect();
     let out_decode = cpu.step(&mut session, &[next as i32], &taps)?;
+    let names = tap_names(&mixed);
+    let taps: Vec<&str> = names.iter().map(String::as_str).collect();
+    let out_next = cpu.step(&mut session, &[after as i32], &taps)?;
+    let out_second = cpu.step(&mut cpu.session(1), &cpu_ids, &taps)?;
 
-    let mut rows = compare("prefill", &prefill, &out_prefill.taps, tolerance);
-    rows.extend(compare("decode", &decode, &out_decode.taps, tolerance));
+    let mut rows = compare("prefill", &prefill, alone(&out_prefill.taps), tolerance);
+    rows.extend(compare(
+        "decode",
+        &decode,
+        alone(&out_decode.taps),
+        tolerance,
+    ));
+    // The mixed step's buffers hold the first sequence's row, then the second's rows (its
+    // prompt's, or its last for a buffer of one row per sequence).
+    let n = ids.len();
+    let together = |t: &TracedBuffer| {
+        let first = as_buffer(out_next.taps.get(&t.name)?, 1, t.cols)?;
+        let rest = if t.rows == 1 + n { n } else { 1 };
+        let second = as_buffer(out_second.taps.get(&t.name)?, rest, t.cols)?;
+        (t.rows == 1 + rest).then(|| [first, second].concat())
+    };
+    rows.extend(compare("mixed", &mixed, together, tolerance));
     let first_over = rows.iter().position(|r| r.over);
     if json {
         let v = serde_json::json!({

@@ -62,6 +62,11 @@ pub struct ThroughputRow {
     pub exec_share: f64,
     /// Mean tokens per step (prompt chunks and decodes).
     pub tokens_per_step: f64,
+    /// Steps that only decoded (no prompt chunk).
+    pub decode_steps: u64,
+    /// Share of the wall time inside those steps (`exec_share` minus this: steps with prompt
+    /// chunks).
+    pub decode_share: f64,
 }
 
 /// A seeded splitmix64, for reproducible prompts and lengths.
@@ -165,6 +170,8 @@ pub fn run(engine_path: &Path, a: &ThroughputArgs) -> Result<()> {
             tokens_per_step: (after.prompt_tokens - before.prompt_tokens + after.generated_tokens
                 - before.generated_tokens) as f64
                 / (after.steps - before.steps).max(1) as f64,
+            decode_steps: after.decode_steps - before.decode_steps,
+            decode_share: (after.decode_seconds - before.decode_seconds) / seconds,
         });
     }
     drop(handle);
@@ -173,7 +180,7 @@ pub fn run(engine_path: &Path, a: &ThroughputArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!(
-            "{:>8} {:>6} {:>6} {:>9} {:>10} {:>12} {:>12} {:>7} {:>8}",
+            "{:>8} {:>6} {:>6} {:>9} {:>10} {:>12} {:>12} {:>7} {:>8} {:>7} {:>7}",
             "requests",
             "input",
             "output",
@@ -182,11 +189,13 @@ pub fn run(engine_path: &Path, a: &ThroughputArgs) -> Result<()> {
             "out tok/s",
             "total tok/s",
             "steps",
-            "preempt"
+            "preempt",
+            "decode",
+            "in exec"
         );
         for r in &rows {
             println!(
-                "{:>8} {:>6} {:>6} {:>9.2} {:>10.2} {:>12.1} {:>12.1} {:>7} {:>8}",
+                "{:>8} {:>6} {:>6} {:>9.2} {:>10.2} {:>12.1} {:>12.1} {:>7} {:>8} {:>6.1}% {:>6.1}%",
                 r.requests,
                 r.input,
                 r.output,
@@ -195,7 +204,9 @@ pub fn run(engine_path: &Path, a: &ThroughputArgs) -> Result<()> {
                 r.output_tokens_per_s,
                 r.total_tokens_per_s,
                 r.steps,
-                r.preemptions
+                r.preemptions,
+                100.0 * r.decode_share,
+                100.0 * r.exec_share
             );
         }
     }

@@ -1089,6 +1089,7 @@ fn check_prefill(
             RuntimeSizes {
                 tokens: t,
                 batch: b_n,
+                longest_query: seqs.iter().map(|s| s.0).max().unwrap_or(0),
                 ..Default::default()
             },
             &[

@@ -488,6 +488,7 @@ mod tests {
             batch: 3,
             n: 4096,
             max_splits: 32,
+            longest_query: 0,
         };
         let d = KernelInstance::rmsnorm(576).launch_dims(&rt);
         assert_eq!((d.grid, d.block), ((2048, 1, 1), (96, 1, 1)));
@@ -522,6 +523,22 @@ mod tests {
         assert_eq!(
             (h.grid, h.block, h.shared_bytes),
             ((32, 16, 3), (384, 1, 1), (128 + 512) * 256 + 1024 + 128)
+        );
+        // Prefill tiles cover the longest sequence, not every token of the step: a step of 2048
+        // tokens whose longest chunk is 300 rows needs 3 tiles of 128 (5 of 64, 10 of 32).
+        let chunked = RuntimeSizes {
+            longest_query: 300,
+            ..rt
+        };
+        let tiles = |k: KernelInstance| k.launch_dims(&chunked).grid.1;
+        assert_eq!(
+            tiles(KernelInstance::attention_prefill_sm90(32, 8, 128, 16)),
+            3
+        );
+        assert_eq!(tiles(KernelInstance::attention_prefill(32, 8, 128, 16)), 5);
+        assert_eq!(
+            tiles(KernelInstance::attention_prefill_simple(32, 8, 256, 16)),
+            10
         );
         let silu = KernelInstance::silu_mul(14336).launch_dims(&rt);
         assert_eq!(silu.grid, (8192, 1, 1)); // 2048·14336/8 vectors, capped grid-stride

@@ -373,7 +373,7 @@ impl CudaExecutor {
 
     /// Reserves cache blocks for the step's own sequences (all or none), then writes the step's
     /// metadata. Returns (tokens, sequences).
-    fn prepare(&mut self, batch: &[StepSeq]) -> Result<(usize, usize), CudaError> {
+    fn prepare(&mut self, batch: &[StepSeq]) -> Result<StepShape, CudaError> {
         // Grow every sequence first; on any failure give back what this step took.
         let mut grown: Vec<(SeqId, usize)> = Vec::with_capacity(batch.len());
         let mut failed = None;
@@ -456,7 +456,7 @@ impl CudaExecutor {
         seqs: &[SeqStep<'_>],
         want: Want<'_>,
     ) -> Result<StepResult, CudaError> {
-        let (t, b) = write_meta(
+        let shape = write_meta(
             &mut self.host_meta,
             &self.meta.at,
             &self.opts,
@@ -466,17 +466,18 @@ impl CudaExecutor {
         match want {
             Want::Greedy => {
                 self.upload_meta()?;
-                Ok(StepResult::Tokens(self.run_greedy(t, b)?))
+                Ok(StepResult::Tokens(self.run_greedy(shape)?))
             }
             Want::Logits => {
                 self.upload_meta()?;
-                Ok(StepResult::Logits(self.run_logits(t, b)?))
+                Ok(StepResult::Logits(self.run_logits(shape)?))
             }
             Want::Sample(params) => {
-                if params.len() != b {
+                if params.len() != shape.seqs {
                     return Err(CudaError::Request(format!(
-                        "{} sampling settings for a step of {b} sequences",
-                        params.len()
+                        "{} sampling settings for a step of {} sequences",
+                        params.len(),
+                        shape.seqs
                     )));
                 }
                 write_sampling(&mut self.host_meta, &self.meta.at, params);
@@ -484,12 +485,12 @@ impl CudaExecutor {
                 let to = self.meta.at.len;
                 let mut dst = self.meta.buf.slice_mut(0..to);
                 self.stream.memcpy_htod(&self.host_meta[..to], &mut dst)?;
-                Ok(StepResult::Tokens(self.run_sample(t, b)?))
+                Ok(StepResult::Tokens(self.run_sample(shape)?))
             }
         }
     }
 
-    fn ptrs(&self, t: usize, b: usize) -> Ptrs<'_> {
+    fn ptrs(&self, shape: StepShape) -> Ptrs<'_> {
         let base = self.meta.buf.device_ptr(&self.stream).0;
         let at = |off: usize| base + (off * 4) as u64;
         Ptrs {
@@ -508,8 +509,10 @@ impl CudaExecutor {
             last_index: at(self.meta.at.last_index),
             out_tokens: at(self.meta.at.out_tokens),
             max_seq_len: self.opts.max_seq_len,
-            t,
-            b,
+            t: shape.tokens,
+            b: shape.seqs,
+            longest_query: shape.longest_query,
+            decodes: shape.decodes,
         }
     }
 
@@ -517,8 +520,9 @@ impl CudaExecutor {
     /// buffer's value right after it (as f32, `[rows, cols]`), in launch order: what `kiln
     /// diff` compares with the CPU executor. Slow by design (a synchronization per launch).
     pub fn step_traced(&mut self, batch: &[StepSeq]) -> Result<Vec<TracedBuffer>, CudaError> {
-        let (t, b) = self.prepare(batch)?;
-        let p = self.ptrs(t, b);
+        let shape = self.prepare(batch)?;
+        let (t, b) = (shape.tokens, shape.seqs);
+        let p = self.ptrs(shape);
         let (plan, stream) = (&self.plan, &self.stream);
         let mut traced = Vec::new();
         self.kernels.run_plan_with(stream, &p, |i| {
@@ -558,12 +562,13 @@ impl CudaExecutor {
 
     /// Runs one step and returns the `[B, vocab]` logits of each sequence's last token.
     pub fn step_logits(&mut self, batch: &[StepSeq]) -> Result<Vec<f32>, CudaError> {
-        let (t, b) = self.prepare(batch)?;
-        self.run_logits(t, b)
+        let shape = self.prepare(batch)?;
+        self.run_logits(shape)
     }
 
-    fn run_logits(&mut self, t: usize, b: usize) -> Result<Vec<f32>, CudaError> {
-        let p = self.ptrs(t, b);
+    fn run_logits(&mut self, shape: StepShape) -> Result<Vec<f32>, CudaError> {
+        let b = shape.seqs;
+        let p = self.ptrs(shape);
         self.kernels.run_plan(&self.stream, &p)?;
         let logits = p.buf(self.plan.logits);
         let mut host = vec![0f32; b * self.plan.vocab];
@@ -577,22 +582,23 @@ impl CudaExecutor {
 
     /// Runs one step and returns the greedy next token of each sequence (argmax on the device).
     pub fn step_greedy(&mut self, batch: &[StepSeq]) -> Result<Vec<u32>, CudaError> {
-        let (t, b) = self.prepare(batch)?;
-        self.run_greedy(t, b)
+        let shape = self.prepare(batch)?;
+        self.run_greedy(shape)
     }
 
-    fn run_greedy(&mut self, t: usize, b: usize) -> Result<Vec<u32>, CudaError> {
-        self.run_choosing(t, b, false)
+    fn run_greedy(&mut self, shape: StepShape) -> Result<Vec<u32>, CudaError> {
+        self.run_choosing(shape, false)
     }
 
-    fn run_sample(&mut self, t: usize, b: usize) -> Result<Vec<u32>, CudaError> {
-        self.run_choosing(t, b, true)
+    fn run_sample(&mut self, shape: StepShape) -> Result<Vec<u32>, CudaError> {
+        self.run_choosing(shape, true)
     }
 
     /// Runs the plan, then chooses each sequence's next token on the device (argmax, or a draw
     /// with the settings written after the step's metadata) and reads the tokens back.
-    fn run_choosing(&mut self, t: usize, b: usize, sample: bool) -> Result<Vec<u32>, CudaError> {
-        let p = self.ptrs(t, b);
+    fn run_choosing(&mut self, shape: StepShape, sample: bool) -> Result<Vec<u32>, CudaError> {
+        let (t, b) = (shape.tokens, shape.seqs);
+        let p = self.ptrs(shape);
         let out_tokens = p.out_tokens;
         let base = self.meta.buf.device_ptr(&self.stream).0;
         let at = |off: usize| base + (off * 4) as u64;
@@ -713,13 +719,27 @@ pub enum StepResult {
 /// Checks a step against the executor's sizes and writes its metadata (tokens, positions, cache
 /// slots, sequence lengths, query starts, block tables, last-token rows) into `h`. Returns
 /// (tokens, sequences). Nothing is uploaded.
+/// The sizes of one step, as its metadata was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StepShape {
+    /// Tokens (query rows) in the step.
+    tokens: usize,
+    /// Sequences in the step.
+    seqs: usize,
+    /// Query rows of its longest sequence (1 in a decode step).
+    longest_query: usize,
+    /// Leading sequences with one query row each (all of a decode step's): their attention runs
+    /// the decode kernel, which rotates and appends their token itself.
+    decodes: usize,
+}
+
 fn write_meta(
     h: &mut [i32],
     m: &MetaLayout,
     opts: &CudaOptions,
     total_blocks: usize,
     seqs: &[SeqStep<'_>],
-) -> Result<(usize, usize), CudaError> {
+) -> Result<StepShape, CudaError> {
     let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
     let b = seqs.len();
     if b == 0
@@ -765,7 +785,12 @@ fn write_meta(
             h[m.block_tables + i * m.max_blocks + k] = *blk as i32;
         }
     }
-    Ok((t, b))
+    Ok(StepShape {
+        tokens: t,
+        seqs: b,
+        longest_query: seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0),
+        decodes: seqs.iter().take_while(|s| s.tokens.len() == 1).count(),
+    })
 }
 
 #[cfg(test)]
@@ -797,7 +822,15 @@ mod tests {
                 blocks: &[3],
             },
         ];
-        assert_eq!(write_meta(&mut h, &m, &opts, 8, &seqs).unwrap(), (4, 2));
+        assert_eq!(
+            write_meta(&mut h, &m, &opts, 8, &seqs).unwrap(),
+            StepShape {
+                tokens: 4,
+                seqs: 2,
+                longest_query: 3,
+                decodes: 0
+            }
+        );
         assert_eq!(&h[m.tokens..m.tokens + 4], &[5, 6, 7, 9]);
         assert_eq!(&h[m.positions..m.positions + 4], &[15, 16, 17, 4]);
         let bs = BLOCK as i32;
@@ -824,6 +857,13 @@ mod tests {
         assert_eq!(f32::from_bits(h[m.temperature + 1] as u32), 0.7);
         assert_eq!(h[m.top_k], 40);
         assert_eq!(&h[m.seeds + 4..m.seeds + 8], &[5, 3, 11, 0]);
+        // Decodes ahead of the chunk are the leading one-row sequences; one after it is not.
+        let mixed = [seqs[1], seqs[1], seqs[0], seqs[1]];
+        let shape = write_meta(&mut h, &m, &opts, 8, &mixed).unwrap();
+        assert_eq!(
+            (shape.tokens, shape.decodes, shape.longest_query),
+            (6, 2, 3)
+        );
         // Too few blocks, a block id past the cache, too many sequences: refused.
         let short = [SeqStep {
             tokens: &a,

@@ -53,6 +53,7 @@ fn sizes(tokens: usize, batch: usize, n: usize, max_splits: usize) -> RuntimeSiz
         batch,
         n,
         max_splits,
+        longest_query: 0,
     }
 }
 
@@ -285,6 +286,12 @@ pub struct Ptrs<'a> {
     pub t: usize,
     /// Sequences in the step.
     pub b: usize,
+    /// Query rows of the step's longest sequence (sizes the prefill attention grid).
+    pub longest_query: usize,
+    /// Leading sequences with one query row each (every sequence of a decode step): the decode
+    /// attention kernel serves them and rotates and appends their token itself; the prefill
+    /// kernel serves the rest.
+    pub decodes: usize,
 }
 
 impl Ptrs<'_> {
@@ -640,7 +647,6 @@ impl Kernels {
     fn launch(&self, stream: &Arc<CudaStream>, p: &Ptrs, launch: &Launch) -> Result<(), CudaError> {
         let plan = p.plan;
         let a = plan.attention;
-        let (t, b) = (p.t as i32, p.b as i32);
         match launch {
             // Both are row gathers (`embedding`): table rows by token id, or each sequence's
             // last token row.
@@ -680,26 +686,30 @@ impl Kernels {
                 Some(f) => self.linear_quant(stream, p, *x, norm.as_ref(), w, f, epilogue, *out),
                 None => self.linear(stream, p, *x, norm.as_ref(), w, epilogue, *out),
             },
-            // A decode step's attention kernel rotates and appends itself.
-            Launch::RopeAppend { .. } if p.t == p.b => Ok(()),
+            // The decode attention kernel rotates and appends the leading one-row sequences'
+            // tokens itself (a decode step's every token).
+            Launch::RopeAppend { .. } if p.decodes == p.b => Ok(()),
             Launch::RopeAppend {
                 qkv,
                 layer,
                 inv_freq,
             } => {
-                let (q, kc, vc) = (p.buf(*qkv), p.k_cache(*layer), p.v_cache(*layer));
+                let d = p.decodes;
+                let row_bytes = plan.buffers[*qkv].cols * 2;
+                let q = p.buf(*qkv) + (d * row_bytes) as u64;
+                let (kc, vc) = (p.k_cache(*layer), p.v_cache(*layer));
                 let k = KernelInstance::rope_append(a.heads, a.kv_heads, a.head_dim, BLOCK);
                 self.go(
                     stream,
                     &k,
-                    sizes(p.t, p.b, 0, 0),
+                    sizes(p.t - d, p.b - d, 0, 0),
                     &[
                         P(q),
-                        P(p.positions),
-                        P(p.slots),
+                        P(p.positions + (d * 4) as u64),
+                        P(p.slots + (d * 4) as u64),
                         P(kc),
                         P(vc),
-                        I(t),
+                        I((p.t - d) as i32),
                         P(p.w(inv_freq)?),
                     ],
                 )
@@ -719,34 +729,46 @@ impl Kernels {
                     p.v_cache(*layer),
                     p.buf(*out),
                 );
-                if p.t != p.b {
-                    return self.go(
+                let d = p.decodes;
+                if d < p.b {
+                    // Sequences d.. (prompt chunks, and any one-row sequence after the first
+                    // chunk): their rows' keys are in the cache already (rope_append).
+                    let rest = |ptr: u64, stride: usize| ptr + (d * stride * 4) as u64;
+                    let rt = RuntimeSizes {
+                        longest_query: p.longest_query,
+                        ..sizes(p.t - d, p.b - d, 0, 0)
+                    };
+                    self.go(
                         stream,
                         &self.prefill_attention,
-                        sizes(p.t, p.b, 0, 0),
+                        rt,
                         &[
                             P(q),
                             P(kc),
                             P(vc),
-                            P(p.block_tables),
+                            P(rest(p.block_tables, p.max_blocks as usize)),
                             I(p.max_blocks),
-                            P(p.seq_lens),
-                            P(p.query_start),
+                            P(rest(p.seq_lens, 1)),
+                            P(rest(p.query_start, 1)),
                             P(o),
-                            I(b),
+                            I((p.b - d) as i32),
                             F(*scale),
                             I(w),
                         ],
-                    );
+                    )?;
                 }
-                let n = splits(p.b, a.kv_heads, p.max_seq_len);
+                if d == 0 {
+                    return Ok(());
+                }
+                // Sequences ..d: one token each, rows 0..d of the step.
+                let n = splits(d, a.kv_heads, p.max_seq_len);
                 let (po, ns) = (self.scratch, n as i32);
-                let pml = po + (p.b * a.heads * n * a.head_dim * 4) as u64;
+                let pml = po + (d * a.heads * n * a.head_dim * 4) as u64;
                 let k = KernelInstance::attention_decode(a.heads, a.kv_heads, a.head_dim, BLOCK);
                 self.go(
                     stream,
                     &k,
-                    sizes(p.t, p.b, 0, n),
+                    sizes(d, d, 0, n),
                     &[
                         P(q),
                         P(kc),
@@ -757,7 +779,7 @@ impl Kernels {
                         P(p.slots),
                         P(p.w(inv_freq)?),
                         P(o),
-                        I(b),
+                        I(d as i32),
                         F(*scale),
                         P(po),
                         P(pml),
@@ -770,8 +792,8 @@ impl Kernels {
                     self.go(
                         stream,
                         &k,
-                        sizes(p.t, p.b, 0, n),
-                        &[P(po), P(pml), P(p.seq_lens), P(o), I(b), I(ns), I(w)],
+                        sizes(d, d, 0, n),
+                        &[P(po), P(pml), P(p.seq_lens), P(o), I(d as i32), I(ns), I(w)],
                     )?;
                 }
                 Ok(())

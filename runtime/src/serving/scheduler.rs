@@ -164,6 +164,10 @@ pub struct SchedulerStats {
     /// Seconds spent inside the executor's steps (the rest of a run's time is the host's:
     /// planning, sampling on the host, detokenizing, reporting).
     pub exec_seconds: f64,
+    /// Steps that only decoded (one generated token per sequence, no prompt chunk).
+    pub decode_steps: u64,
+    /// Seconds inside those steps (the rest of `exec_seconds` ran steps with prompt chunks).
+    pub decode_seconds: f64,
 }
 
 /// A request in the scheduler.
@@ -483,9 +487,18 @@ impl<E: BatchExecutor> Scheduler<E> {
         } else {
             Want::Sample(&sampling)
         };
+        let decode_only = report.tokens == report.seqs
+            && plan
+                .iter()
+                .all(|&(i, _)| self.running[i].computed >= self.running[i].prompt_len);
         let t0 = std::time::Instant::now();
         let ran = self.exec.step(&steps, want);
-        self.stats.exec_seconds += t0.elapsed().as_secs_f64();
+        let took = t0.elapsed().as_secs_f64();
+        self.stats.exec_seconds += took;
+        if decode_only && ran.is_ok() {
+            self.stats.decode_steps += 1;
+            self.stats.decode_seconds += took;
+        }
         let out = match ran {
             Ok(l) => l,
             Err(e) => {
