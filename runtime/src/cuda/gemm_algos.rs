@@ -127,8 +127,8 @@ impl GemmAlgos {
 
 /// A cuBLASLt handle and its workspace.
 pub struct LtGemm {
-    handle: lt_sys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
+    pub(super) handle: lt_sys::cublasLtHandle_t,
+    pub(super) workspace: CudaSlice<u8>,
 }
 
 impl Drop for LtGemm {
@@ -201,7 +201,7 @@ impl Drop for Descs {
     }
 }
 
-fn lt_err(e: lt::CublasError) -> CudaError {
+pub(super) fn lt_err(e: lt::CublasError) -> CudaError {
     CudaError::Driver(format!("cuBLASLt: {e}"))
 }
 
