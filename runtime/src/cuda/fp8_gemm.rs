@@ -6,7 +6,7 @@
 //! shape (a GPU without FP8 tensor cores, an older cuBLASLt), [`Fp8Gemm::supports`] says so and
 //! the caller dequantizes the weight for a bf16 GEMM instead.
 
-use super::gemm_algos::{lt_err, LtGemm, WORKSPACE_BYTES};
+use super::gemm_algos::{heuristic, lt_err, LtGemm, WORKSPACE_BYTES};
 use super::CudaError;
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{CudaStream, DevicePtr};
@@ -79,26 +79,21 @@ impl Descs {
             unsafe { lt::set_matmul_desc_attribute(d.op, attr, v, len) }.map_err(lt_err)
         };
         set(A::CUBLASLT_MATMUL_DESC_TRANSA, &trans as *const i32 as _, 4)?;
-        set(
-            A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
-            &outer as *const _ as _,
-            4,
-        )?;
-        set(
-            A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
-            &outer as *const _ as _,
-            4,
-        )?;
-        set(
-            A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-            &w_scale as *const u64 as _,
-            8,
-        )?;
-        set(
-            A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-            &x_scale as *const u64 as _,
-            8,
-        )?;
+        for (mode, ptr, scale) in [
+            (
+                A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                &w_scale,
+            ),
+            (
+                A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                &x_scale,
+            ),
+        ] {
+            set(mode, &outer as *const _ as _, 4)?;
+            set(ptr, scale as *const u64 as _, 8)?;
+        }
         Ok(d)
     }
 }
@@ -126,40 +121,9 @@ impl Fp8Gemm {
     fn heuristic(&self, s: &Fp8Shape) -> Result<Option<[u64; 8]>, CudaError> {
         // Any non-null scale pointers: the heuristic reads the modes, not the values.
         let d = Descs::new(s, 256, 256)?;
-        let pref = lt::create_matmul_pref().map_err(lt_err)?;
-        let ws = WORKSPACE_BYTES;
-        // SAFETY: descriptors and preference are live; the result array has one slot.
-        unsafe {
-            let set = lt::set_matmul_pref_attribute(
-                pref,
-                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &ws as *const usize as *const _,
-                std::mem::size_of::<usize>(),
-            );
-            let mut result = std::mem::zeroed::<lt_sys::cublasLtMatmulHeuristicResult_t>();
-            let mut count = 0i32;
-            let got = set.and_then(|_| {
-                lt_sys::cublasLtMatmulAlgoGetHeuristic(
-                    self.lt.handle,
-                    d.op,
-                    d.layouts[0],
-                    d.layouts[1],
-                    d.layouts[2],
-                    d.layouts[2],
-                    pref,
-                    1,
-                    &mut result,
-                    &mut count,
-                )
-                .result()
-            });
-            let _ = lt::destroy_matmul_pref(pref);
-            got.map_err(lt_err)?;
-            Ok((count > 0
-                && result.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-                && result.workspaceSize <= WORKSPACE_BYTES)
-                .then_some(result.algo.data))
-        }
+        // SAFETY: the descriptors are live.
+        let found = unsafe { heuristic(self.lt.handle, d.op, d.layouts, 1)? };
+        Ok(found.first().copied())
     }
 
     /// `out[m, n] (+)= x_scale[m] · w_scale[n] · x[m, k] · w[n, k]ᵀ` with `algo` (from
