@@ -390,9 +390,12 @@ impl<E: BatchExecutor> Scheduler<E> {
         } else {
             Vec::new()
         };
-        // Blocks for the whole (re)computed prompt plus the first generated token.
+        // Blocks for the whole (re)computed prompt plus the first generated token, and one
+        // spare per running sequence (vLLM's watermark, sized by the batch): a sequence admitted
+        // into the last free blocks would make the next block any decode needs a preemption.
         let need = self.pool.blocks_for(s.tokens.len() + 1) - hits.len();
-        if self.pool.free() - self.pool.unused_among(&hits) < need {
+        let spare = self.running.len();
+        if self.pool.free() - self.pool.unused_among(&hits) < need + spare {
             return None;
         }
         let mut s = self.waiting.pop_front().expect("front exists");
