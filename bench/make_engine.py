@@ -4,6 +4,7 @@ initialization, bf16) and a word tokenizer (token i is `w{i}`), for benchmarks t
 model (bench/serve.sh). The checkpoint is removed once the engine is built.
 
 Usage: python3 bench/make_engine.py --model llama3-8b --out /tmp/llama3-8b.kiln [--kiln .dev/bin/kiln]
+       [--quant fp8]  (also /tmp/llama3-8b-fp8.kiln from the same weights)
 """
 import argparse, os, shutil, subprocess, sys, tempfile, time
 
@@ -19,6 +20,7 @@ def main():
     ap.add_argument("--kiln", default=".dev/bin/kiln")
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--quant", help="also build a `--quant` engine of the same weights, at OUT with the format before `.kiln`")
     args = ap.parse_args()
     conf = dict(CONFIGS[args.model])
     config_cls, model_cls = (getattr(transformers, c) for c in ARCHS[conf.pop("arch", "llama")])
@@ -35,6 +37,10 @@ def main():
     t0 = time.time()
     subprocess.run([args.kiln, "build", ckpt, "-o", args.out, "--target", "cuda"], check=True,
                    stdout=subprocess.DEVNULL)
+    if args.quant:
+        quant_out = args.out.removesuffix(".kiln") + f"-{args.quant}.kiln"
+        subprocess.run([args.kiln, "build", ckpt, "-o", quant_out, "--target", "cuda", "--quant", args.quant],
+                       check=True, stdout=subprocess.DEVNULL)
     shutil.rmtree(ckpt)
     print(f"{args.out}: {args.model} engine built in {time.time() - t0:.1f} s", file=sys.stderr)
 
