@@ -440,12 +440,11 @@ impl KernelInstance {
         Self::ints(KernelFamily::Dequant, &[k, format.code(), format.group()])
     }
 
-    /// `act_fp8<K, CODES>(const bf16* x, void* out, float* scales, int T)`: each of the `T` rows
-    /// of `x` rounded to E4M3 with its own scale (`max|row| / 448`): back in bf16 (`codes`
-    /// false: the activations of a W8A8 product on a bf16 GEMM; `out` may alias `x`), or as
-    /// E4M3 bytes with the row scales in `scales` (`codes`: the operands of an FP8 GEMM).
-    pub fn act_fp8(k: usize, codes: bool) -> Self {
-        Self::ints(KernelFamily::ActFp8, &[k, usize::from(codes)])
+    /// `act_fp8<K>(const bf16* x, bf16* out, int T)`: each of the `T` rows of `x` rounded to
+    /// E4M3 with its own scale (`max|row| / 448`), back in bf16 (the activations of a W8A8
+    /// prefill product; `out` may alias `x`).
+    pub fn act_fp8(k: usize) -> Self {
+        Self::ints(KernelFamily::ActFp8, &[k])
     }
 
     /// `silu_mul<F>(const bf16* gu, bf16* out, int T)`.

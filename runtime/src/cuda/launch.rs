@@ -3,7 +3,6 @@
 //! mirrors the templates' launch rules; argument lists follow the header comment of each file in
 //! `kernels_templates/`. Prefill GEMMs (more than `GEMV_MAX_ROWS` rows) go to cuBLAS.
 
-use super::fp8_gemm::{Fp8Gemm, Fp8Shape};
 use super::gemm_algos::{run_default, GemmAlgos, GemmShape, LtGemm};
 use super::kv_cache::BLOCK;
 use super::{CudaError, CudaOptions};
@@ -159,8 +158,7 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
                         }
                         out.push(KernelInstance::dequant(k, f));
                         if f == QuantFormat::Fp8 {
-                            out.push(KernelInstance::act_fp8(k, false));
-                            out.push(KernelInstance::act_fp8(k, true));
+                            out.push(KernelInstance::act_fp8(k));
                         }
                     }
                     None => {
@@ -290,10 +288,6 @@ pub struct Ptrs<'a> {
     pub b: usize,
     /// Query rows of the step's longest sequence (sizes the prefill attention grid).
     pub longest_query: usize,
-    /// Leading sequences with one query row each (every sequence of a decode step): the decode
-    /// attention kernel serves them and rotates and appends their token itself; the prefill
-    /// kernel serves the rest.
-    pub decodes: usize,
 }
 
 impl Ptrs<'_> {
@@ -327,30 +321,6 @@ struct Timeline {
     marks: Vec<(String, CudaEvent)>,
 }
 
-/// The operands of a GEMM.
-enum Product {
-    /// bf16 activations `x` `[rows, k]` and weight `w` `[n_rows, k]`.
-    Bf16 { x: u64, w: u64 },
-    /// E4M3 codes with per-row scales: the weight's (codes, scales) and the activations'.
-    Fp8 {
-        shape: Fp8Shape,
-        algo: [u64; 8],
-        w: (u64, u64),
-        x: (u64, u64),
-    },
-}
-
-/// Bytes of `rows × k` E4M3 activation codes, rounded up so that the row scales after them
-/// start 256-aligned.
-fn fp8_codes_bytes(rows: usize, k: usize) -> usize {
-    (rows * k).div_ceil(256) * 256
-}
-
-/// Bytes of an FP8 GEMM's activation operands: the codes, then one f32 scale per row.
-fn fp8_operand_bytes(rows: usize, k: usize) -> usize {
-    fp8_codes_bytes(rows, k) + rows * 4
-}
-
 /// The loaded kernels and the cuBLAS handle.
 pub struct Kernels {
     funcs: HashMap<String, CudaFunction>,
@@ -368,9 +338,6 @@ pub struct Kernels {
     /// The engine's per-shape cuBLASLt algorithms for prefill GEMMs, with a cuBLASLt handle
     /// (absent: cuBLAS's default algorithm for every GEMM).
     gemm_algos: Option<(GemmAlgos, LtGemm)>,
-    /// FP8 GEMMs for the W8A8 products of steps beyond the GEMV's rows (a plan with `fp8`
-    /// weights; absent, or without an algorithm for a shape: dequantize and run bf16).
-    fp8: Option<Fp8Gemm>,
     /// Launch with programmatic stream serialization (sm_90+): each kernel may start while the
     /// previous one drains, and waits for it in `kiln::pdl_sync()` (kernels_templates/common.cuh).
     pdl: bool,
@@ -441,20 +408,10 @@ impl Kernels {
             }
             None => None,
         };
-        let has_fp8 = plan
-            .launches
-            .iter()
-            .any(|l| matches!(l, Launch::Linear { format, .. } if *format == DType::Fp8));
-        let fp8 = if has_fp8 {
-            Some(Fp8Gemm::new(stream)?)
-        } else {
-            None
-        };
         Ok(Kernels {
             funcs,
             blas: CudaBlas::new(stream.clone())?,
             gemm_algos,
-            fp8,
             scratch: 0,
             norm_scratch: 0,
             weight_scratch: 0,
@@ -471,7 +428,6 @@ impl Kernels {
     /// then the bf16 copy of a quantized weight that a prefill GEMM reads.
     pub fn scratch_bytes(plan: &Plan, opts: &CudaOptions) -> usize {
         let (first, normed) = Self::scratch_regions(plan, opts);
-        let rows = opts.max_step_tokens.max(opts.max_batch);
         let dequantized = plan.launches.iter().filter_map(|l| match l {
             Launch::Linear {
                 x,
@@ -480,17 +436,8 @@ impl Kernels {
                 out,
                 ..
             } if *format != DType::BF16 => {
-                let (n, k) = (
-                    epilogue.weight_rows(plan.buffers[*out].cols),
-                    plan.buffers[*x].cols,
-                );
-                // An FP8 GEMM's activation codes and row scales instead, where larger.
-                let fp8 = if *format == DType::Fp8 {
-                    fp8_operand_bytes(rows, k)
-                } else {
-                    0
-                };
-                Some((n * k * 2).max(fp8))
+                let n = epilogue.weight_rows(plan.buffers[*out].cols);
+                Some(n * plan.buffers[*x].cols * 2)
             }
             _ => None,
         });
@@ -735,30 +682,26 @@ impl Kernels {
                 Some(f) => self.linear_quant(stream, p, *x, norm.as_ref(), w, f, epilogue, *out),
                 None => self.linear(stream, p, *x, norm.as_ref(), w, epilogue, *out),
             },
-            // The decode attention kernel rotates and appends the leading one-row sequences'
-            // tokens itself (a decode step's every token).
-            Launch::RopeAppend { .. } if p.decodes == p.b => Ok(()),
+            // A decode step's attention kernel rotates and appends itself.
+            Launch::RopeAppend { .. } if p.t == p.b => Ok(()),
             Launch::RopeAppend {
                 qkv,
                 layer,
                 inv_freq,
             } => {
-                let d = p.decodes;
-                let row_bytes = plan.buffers[*qkv].cols * 2;
-                let q = p.buf(*qkv) + (d * row_bytes) as u64;
-                let (kc, vc) = (p.k_cache(*layer), p.v_cache(*layer));
+                let (q, kc, vc) = (p.buf(*qkv), p.k_cache(*layer), p.v_cache(*layer));
                 let k = KernelInstance::rope_append(a.heads, a.kv_heads, a.head_dim, BLOCK);
                 self.go(
                     stream,
                     &k,
-                    sizes(p.t - d, p.b - d, 0, 0),
+                    sizes(p.t, p.b, 0, 0),
                     &[
                         P(q),
-                        P(p.positions + (d * 4) as u64),
-                        P(p.slots + (d * 4) as u64),
+                        P(p.positions),
+                        P(p.slots),
                         P(kc),
                         P(vc),
-                        I((p.t - d) as i32),
+                        I(p.t as i32),
                         P(p.w(inv_freq)?),
                     ],
                 )
@@ -778,16 +721,14 @@ impl Kernels {
                     p.v_cache(*layer),
                     p.buf(*out),
                 );
-                let d = p.decodes;
-                if d < p.b {
-                    // Sequences d.. (prompt chunks, and any one-row sequence after the first
-                    // chunk): their rows' keys are in the cache already (rope_append).
-                    let rest = |ptr: u64, stride: usize| ptr + (d * stride * 4) as u64;
+                let b = p.b as i32;
+                if p.t != p.b {
+                    // Tiles for the longest sequence's query rows, not for every token.
                     let rt = RuntimeSizes {
                         longest_query: p.longest_query,
-                        ..sizes(p.t - d, p.b - d, 0, 0)
+                        ..sizes(p.t, p.b, 0, 0)
                     };
-                    self.go(
+                    return self.go(
                         stream,
                         &self.prefill_attention,
                         rt,
@@ -795,29 +736,25 @@ impl Kernels {
                             P(q),
                             P(kc),
                             P(vc),
-                            P(rest(p.block_tables, p.max_blocks as usize)),
+                            P(p.block_tables),
                             I(p.max_blocks),
-                            P(rest(p.seq_lens, 1)),
-                            P(rest(p.query_start, 1)),
+                            P(p.seq_lens),
+                            P(p.query_start),
                             P(o),
-                            I((p.b - d) as i32),
+                            I(b),
                             F(*scale),
                             I(w),
                         ],
-                    )?;
+                    );
                 }
-                if d == 0 {
-                    return Ok(());
-                }
-                // Sequences ..d: one token each, rows 0..d of the step.
-                let n = splits(d, a.kv_heads, p.max_seq_len);
+                let n = splits(p.b, a.kv_heads, p.max_seq_len);
                 let (po, ns) = (self.scratch, n as i32);
-                let pml = po + (d * a.heads * n * a.head_dim * 4) as u64;
+                let pml = po + (p.b * a.heads * n * a.head_dim * 4) as u64;
                 let k = KernelInstance::attention_decode(a.heads, a.kv_heads, a.head_dim, BLOCK);
                 self.go(
                     stream,
                     &k,
-                    sizes(d, d, 0, n),
+                    sizes(p.t, p.b, 0, n),
                     &[
                         P(q),
                         P(kc),
@@ -828,7 +765,7 @@ impl Kernels {
                         P(p.slots),
                         P(p.w(inv_freq)?),
                         P(o),
-                        I(d as i32),
+                        I(b),
                         F(*scale),
                         P(po),
                         P(pml),
@@ -841,8 +778,8 @@ impl Kernels {
                     self.go(
                         stream,
                         &k,
-                        sizes(d, d, 0, n),
-                        &[P(po), P(pml), P(p.seq_lens), P(o), I(d as i32), I(ns), I(w)],
+                        sizes(p.t, p.b, 0, n),
+                        &[P(po), P(pml), P(p.seq_lens), P(o), I(b), I(ns), I(w)],
                     )?;
                 }
                 Ok(())
@@ -886,15 +823,7 @@ impl Kernels {
             };
             return self.go(stream, &inst, sizes(rows, p.b, cols, 0), args);
         }
-        self.gemm(
-            stream,
-            p,
-            Product::Bf16 { x: xp, w: wp },
-            n_rows,
-            k,
-            epi,
-            out,
-        )
+        self.gemm(stream, p, xp, wp, n_rows, k, epi, out)
     }
 
     /// The input a projection's product reads and the norm its GEMV folds: at one row a folded
@@ -981,43 +910,14 @@ impl Kernels {
                 ],
             );
         }
-        if f == QuantFormat::Fp8 {
-            let shape = Fp8Shape {
-                n: n_rows,
-                k,
-                m: rows,
-                accumulate: matches!(epi, Epilogue::Residual(_) | Epilogue::Bias(_)),
-            };
-            let bf16_out = plan.buffers[out].dtype == BufType::Bf16 || epi.is_gated();
-            let algo = self.fp8.as_ref().and_then(|g| g.supports(&shape));
-            if let (Some(algo), true) = (algo, bf16_out) {
-                // W8A8 on FP8 tensor cores: the activations' E4M3 codes and row scales (in the
-                // weight scratch, which this product does not need), then cuBLASLt.
-                let codes = self.weight_scratch;
-                let scales = codes + fp8_codes_bytes(rows, k) as u64;
-                self.go(
-                    stream,
-                    &KernelInstance::act_fp8(k, true),
-                    sizes(rows, p.b, 0, 0),
-                    &[P(xp), P(codes), P(scales), I(rows as i32)],
-                )?;
-                let product = Product::Fp8 {
-                    shape,
-                    algo,
-                    w: (q, scale),
-                    x: (codes, scales),
-                };
-                return self.gemm(stream, p, product, n_rows, k, epi, out);
-            }
-        }
         let xp = if f == QuantFormat::Fp8 {
             // W8A8: the activations rounded to E4M3 per row (in place over the normalized input).
             let dst = self.norm_scratch;
             self.go(
                 stream,
-                &KernelInstance::act_fp8(k, false),
+                &KernelInstance::act_fp8(k),
                 sizes(rows, p.b, 0, 0),
-                &[P(xp), P(dst), P(0), I(rows as i32)],
+                &[P(xp), P(dst), I(rows as i32)],
             )?;
             dst
         } else {
@@ -1030,25 +930,18 @@ impl Kernels {
             sizes(0, p.b, n_rows, 0),
             &[P(q), P(scale), P(zero), I(n_rows as i32), P(wq)],
         )?;
-        self.gemm(
-            stream,
-            p,
-            Product::Bf16 { x: xp, w: wq },
-            n_rows,
-            k,
-            epi,
-            out,
-        )
+        self.gemm(stream, p, xp, wq, n_rows, k, epi, out)
     }
 
-    /// A prefill product on cuBLAS(Lt) with its epilogue: `out = epi(x · wᵀ)` for a `[n_rows, k]`
-    /// weight, `x` already normalized.
+    /// A prefill product on cuBLAS(Lt) with its epilogue: `out = epi(x · wᵀ)`, `w` a bf16
+    /// `[n_rows, k]` matrix at `wp`, `x` at `xp` (already normalized).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
         stream: &Arc<CudaStream>,
         p: &Ptrs,
-        product: Product,
+        xp: u64,
+        wp: u64,
         n_rows: usize,
         k: usize,
         epi: &Epilogue,
@@ -1086,31 +979,20 @@ impl Kernels {
                 }
             }
         }
-        let how = match product {
-            Product::Fp8 { shape, algo, w, x } => {
-                let fp8 = self.fp8.as_ref().expect("an FP8 product has its handle");
-                // SAFETY: the codes and scales were written for these sizes (weights by the
-                // engine, activations by act_fp8); dst holds rows × n_rows bf16.
-                unsafe { fp8.run(stream, &shape, &algo, w, x, dst)? };
-                "cublasLt fp8"
-            }
-            Product::Bf16 { x: xp, w: wp } => {
-                // The algorithm chosen for this shape at build where there is one and it runs,
-                // else cuBLAS's default.
-                let shape = GemmShape::of(n_rows, k, epi, out_t);
-                let tuned = self.gemm_algos.as_ref().and_then(|(t, lt)| {
-                    let c = t.lookup(&shape, rows)?;
-                    // SAFETY: pointers address device buffers of the sizes the plan declares.
-                    unsafe { lt.run(stream, &shape, rows, &c.algo, wp, xp, dst) }.ok()
-                });
-                match tuned {
-                    Some(()) => "cublasLt",
-                    None => {
-                        // SAFETY: as above.
-                        unsafe { run_default(&self.blas, &shape, rows, wp, xp, dst)? };
-                        "cublas"
-                    }
-                }
+        // The algorithm chosen for this shape at build where there is one and it runs, else
+        // cuBLAS's default.
+        let shape = GemmShape::of(n_rows, k, epi, out_t);
+        let tuned = self.gemm_algos.as_ref().and_then(|(t, lt)| {
+            let c = t.lookup(&shape, rows)?;
+            // SAFETY: pointers address device buffers of the sizes the plan declares.
+            unsafe { lt.run(stream, &shape, rows, &c.algo, wp, xp, dst) }.ok()
+        });
+        let how = match tuned {
+            Some(()) => "cublasLt",
+            None => {
+                // SAFETY: as above.
+                unsafe { run_default(&self.blas, &shape, rows, wp, xp, dst)? };
+                "cublas"
             }
         };
         self.mark(stream, &format!("{how} gemm {rows}x{n_rows}x{k}"))?;
