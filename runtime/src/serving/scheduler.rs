@@ -390,12 +390,9 @@ impl<E: BatchExecutor> Scheduler<E> {
         } else {
             Vec::new()
         };
-        // Blocks for the whole (re)computed prompt plus the first generated token, and one
-        // spare per running sequence (vLLM's watermark, sized by the batch): a sequence admitted
-        // into the last free blocks would make the next block any decode needs a preemption.
+        // Blocks for the whole (re)computed prompt plus the first generated token.
         let need = self.pool.blocks_for(s.tokens.len() + 1) - hits.len();
-        let spare = self.running.len();
-        if self.pool.free() - self.pool.unused_among(&hits) < need + spare {
+        if self.pool.free() - self.pool.unused_among(&hits) < need {
             return None;
         }
         let mut s = self.waiting.pop_front().expect("front exists");
