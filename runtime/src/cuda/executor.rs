@@ -372,7 +372,7 @@ impl CudaExecutor {
     }
 
     /// Reserves cache blocks for the step's own sequences (all or none), then writes the step's
-    /// metadata. Returns (tokens, sequences).
+    /// metadata. Returns the step's sizes.
     fn prepare(&mut self, batch: &[StepSeq]) -> Result<StepShape, CudaError> {
         // Grow every sequence first; on any failure give back what this step took.
         let mut grown: Vec<(SeqId, usize)> = Vec::with_capacity(batch.len());
@@ -715,9 +715,6 @@ pub enum StepResult {
     Tokens(Vec<u32>),
 }
 
-/// Checks a step against the executor's sizes and writes its metadata (tokens, positions, cache
-/// slots, sequence lengths, query starts, block tables, last-token rows) into `h`. Returns
-/// (tokens, sequences). Nothing is uploaded.
 /// The sizes of one step, as its metadata was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct StepShape {
@@ -729,6 +726,9 @@ struct StepShape {
     longest_query: usize,
 }
 
+/// Checks a step against the executor's sizes and writes its metadata (tokens, positions, cache
+/// slots, sequence lengths, query starts, block tables, last-token rows) into `h`. Returns the
+/// step's sizes. Nothing is uploaded.
 fn write_meta(
     h: &mut [i32],
     m: &MetaLayout,
