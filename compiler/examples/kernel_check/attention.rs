@@ -178,6 +178,71 @@ pub(super) fn key_range(n: usize, window: usize) -> (usize, usize) {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Device pointers of one decode-attention launch (`attention_decode`'s arguments).
+pub(super) struct DecodePtrs {
+    pub(super) qkv: u64,
+    pub(super) k_cache: u64,
+    pub(super) v_cache: u64,
+    pub(super) tables: u64,
+    pub(super) max_blocks: usize,
+    pub(super) lens: u64,
+    pub(super) slots: u64,
+    pub(super) inv_freq: u64,
+    pub(super) out: u64,
+    pub(super) partial_o: u64,
+    pub(super) partial_ml: u64,
+}
+
+/// `attention_decode` over `rt.batch` sequences, then its merge where `rt.max_splits` > 1: the
+/// launch pair the runtime makes for a decode step.
+pub(super) fn launch_decode(
+    g: &Gpu,
+    (inst, merge): (&KernelInstance, &KernelInstance),
+    rt: RuntimeSizes,
+    p: &DecodePtrs,
+    scale: f32,
+    window: usize,
+) -> Res<()> {
+    let (b, splits, w) = (rt.batch as i32, rt.max_splits as i32, window as i32);
+    g.launch(
+        inst,
+        rt,
+        &[
+            Arg::P(p.qkv),
+            Arg::P(p.k_cache),
+            Arg::P(p.v_cache),
+            Arg::P(p.tables),
+            Arg::I(p.max_blocks as i32),
+            Arg::P(p.lens),
+            Arg::P(p.slots),
+            Arg::P(p.inv_freq),
+            Arg::P(p.out),
+            Arg::I(b),
+            Arg::F(scale),
+            Arg::P(p.partial_o),
+            Arg::P(p.partial_ml),
+            Arg::I(splits),
+            Arg::I(w),
+        ],
+    )?;
+    if splits > 1 {
+        g.launch(
+            merge,
+            rt,
+            &[
+                Arg::P(p.partial_o),
+                Arg::P(p.partial_ml),
+                Arg::P(p.lens),
+                Arg::P(p.out),
+                Arg::I(b),
+                Arg::I(splits),
+                Arg::I(w),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 pub(super) fn check_decode(
     g: &Gpu,
     r: &mut Rng,
@@ -243,42 +308,20 @@ pub(super) fn check_decode(
             max_splits: splits,
             ..Default::default()
         };
-        g.launch(
-            &inst,
-            rt,
-            &[
-                Arg::P(g.ptr(&dq)),
-                Arg::P(g.ptr(&dk)),
-                Arg::P(g.ptr(&dv)),
-                Arg::P(g.ptr(&dt)),
-                Arg::I(p.max_blocks as i32),
-                Arg::P(g.ptr(&dl)),
-                Arg::P(g.ptr(&ds)),
-                Arg::P(g.ptr(&df)),
-                Arg::P(g.ptr(&dout)),
-                Arg::I(b_n as i32),
-                Arg::F(scale as f32),
-                Arg::P(g.ptr(&po)),
-                Arg::P(g.ptr(&pml)),
-                Arg::I(splits as i32),
-                Arg::I(window as i32),
-            ],
-        )?;
-        if splits > 1 {
-            g.launch(
-                &merge,
-                rt,
-                &[
-                    Arg::P(g.ptr(&po)),
-                    Arg::P(g.ptr(&pml)),
-                    Arg::P(g.ptr(&dl)),
-                    Arg::P(g.ptr(&dout)),
-                    Arg::I(b_n as i32),
-                    Arg::I(splits as i32),
-                    Arg::I(window as i32),
-                ],
-            )?;
-        }
+        let ptrs = DecodePtrs {
+            qkv: g.ptr(&dq),
+            k_cache: g.ptr(&dk),
+            v_cache: g.ptr(&dv),
+            tables: g.ptr(&dt),
+            max_blocks: p.max_blocks,
+            lens: g.ptr(&dl),
+            slots: g.ptr(&ds),
+            inv_freq: g.ptr(&df),
+            out: g.ptr(&dout),
+            partial_o: g.ptr(&po),
+            partial_ml: g.ptr(&pml),
+        };
+        launch_decode(g, (&inst, &merge), rt, &ptrs, scale as f32, window)?;
         g.sync()?;
         rep.check(
             format!(

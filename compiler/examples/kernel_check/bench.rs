@@ -212,44 +212,21 @@ pub(super) fn bench_decode(
         ..Default::default()
     };
     let scale = 1.0 / (hd as f32).sqrt();
+    let ptrs = DecodePtrs {
+        qkv: g.ptr(&q),
+        k_cache: g.ptr(&kc),
+        v_cache: g.ptr(&vc),
+        tables: g.ptr(&dt),
+        max_blocks,
+        lens: g.ptr(&dl),
+        slots: g.ptr(&ds),
+        inv_freq: g.ptr(&df),
+        out: g.ptr(&out),
+        partial_o: g.ptr(&po),
+        partial_ml: g.ptr(&pml),
+    };
     let us = g.time_us(3, 30, |_| {
-        g.launch(
-            &inst,
-            rt,
-            &[
-                Arg::P(g.ptr(&q)),
-                Arg::P(g.ptr(&kc)),
-                Arg::P(g.ptr(&vc)),
-                Arg::P(g.ptr(&dt)),
-                Arg::I(max_blocks as i32),
-                Arg::P(g.ptr(&dl)),
-                Arg::P(g.ptr(&ds)),
-                Arg::P(g.ptr(&df)),
-                Arg::P(g.ptr(&out)),
-                Arg::I(b_n as i32),
-                Arg::F(scale),
-                Arg::P(g.ptr(&po)),
-                Arg::P(g.ptr(&pml)),
-                Arg::I(splits as i32),
-                Arg::I(0),
-            ],
-        )?;
-        if splits > 1 {
-            g.launch(
-                &merge,
-                rt,
-                &[
-                    Arg::P(g.ptr(&po)),
-                    Arg::P(g.ptr(&pml)),
-                    Arg::P(g.ptr(&dl)),
-                    Arg::P(g.ptr(&out)),
-                    Arg::I(b_n as i32),
-                    Arg::I(splits as i32),
-                    Arg::I(0),
-                ],
-            )?;
-        }
-        Ok(())
+        launch_decode(g, (&inst, &merge), rt, &ptrs, scale, 0)
     })?;
     let bytes = (b_n * l * kvrow * 2 * 2) as f64;
     rep.time(
