@@ -177,7 +177,6 @@ pub(super) fn key_range(n: usize, window: usize) -> (usize, usize) {
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Device pointers of one decode-attention launch (`attention_decode`'s arguments).
 pub(super) struct DecodePtrs {
     pub(super) qkv: u64,
@@ -243,6 +242,7 @@ pub(super) fn launch_decode(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn check_decode(
     g: &Gpu,
     r: &mut Rng,
