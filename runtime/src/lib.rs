@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod engine;
 pub mod generate;
 pub mod ir;
+pub mod kernel_args;
 pub mod kernels;
 pub mod parallel;
 pub mod plan;

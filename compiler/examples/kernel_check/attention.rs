@@ -68,15 +68,15 @@ pub(super) fn check_rope(
             tokens: t,
             ..Default::default()
         },
-        &[
-            Arg::P(g.ptr(&dq)),
-            Arg::P(g.ptr(&dp)),
-            Arg::P(g.ptr(&ds)),
-            Arg::P(g.ptr(&dk)),
-            Arg::P(g.ptr(&dv)),
-            Arg::I(t as i32),
-            Arg::P(g.ptr(&df)),
-        ],
+        &RopeAppendArgs {
+            qkv: g.ptr(&dq),
+            positions: g.ptr(&dp),
+            slot_mapping: g.ptr(&ds),
+            k_cache: g.ptr(&dk),
+            v_cache: g.ptr(&dv),
+            t: t as i32,
+            inv_freq: g.ptr(&df),
+        },
     )?;
     g.sync()?;
     let e = rel_l2(&g.down_bf(&dq)?, &q_ref)
@@ -206,37 +206,37 @@ pub(super) fn launch_decode(
     g.launch(
         inst,
         rt,
-        &[
-            Arg::P(p.qkv),
-            Arg::P(p.k_cache),
-            Arg::P(p.v_cache),
-            Arg::P(p.tables),
-            Arg::I(p.max_blocks as i32),
-            Arg::P(p.lens),
-            Arg::P(p.slots),
-            Arg::P(p.inv_freq),
-            Arg::P(p.out),
-            Arg::I(b),
-            Arg::F(scale),
-            Arg::P(p.partial_o),
-            Arg::P(p.partial_ml),
-            Arg::I(splits),
-            Arg::I(w),
-        ],
+        &AttentionDecodeArgs {
+            qkv: p.qkv,
+            k_cache: p.k_cache,
+            v_cache: p.v_cache,
+            block_tables: p.tables,
+            max_blocks: p.max_blocks as i32,
+            seq_lens: p.lens,
+            slot_mapping: p.slots,
+            inv_freq: p.inv_freq,
+            out: p.out,
+            b,
+            scale,
+            partial_o: p.partial_o,
+            partial_ml: p.partial_ml,
+            max_splits: splits,
+            window: w,
+        },
     )?;
     if splits > 1 {
         g.launch(
             merge,
             rt,
-            &[
-                Arg::P(p.partial_o),
-                Arg::P(p.partial_ml),
-                Arg::P(p.lens),
-                Arg::P(p.out),
-                Arg::I(b),
-                Arg::I(splits),
-                Arg::I(w),
-            ],
+            &DecodeMergeArgs {
+                partial_o: p.partial_o,
+                partial_ml: p.partial_ml,
+                seq_lens: p.lens,
+                out: p.out,
+                b,
+                max_splits: splits,
+                window: w,
+            },
         )?;
     }
     Ok(())
@@ -451,19 +451,19 @@ pub(super) fn check_prefill(
                 longest_query: seqs.iter().map(|s| s.0).max().unwrap_or(0),
                 ..Default::default()
             },
-            &[
-                Arg::P(g.ptr(&dq)),
-                Arg::P(g.ptr(&dk)),
-                Arg::P(g.ptr(&dv)),
-                Arg::P(g.ptr(&dt)),
-                Arg::I(p.max_blocks as i32),
-                Arg::P(g.ptr(&dl)),
-                Arg::P(g.ptr(&ds)),
-                Arg::P(g.ptr(&dout)),
-                Arg::I(b_n as i32),
-                Arg::F(scale as f32),
-                Arg::I(window as i32),
-            ],
+            &AttentionPrefillArgs {
+                qkv: g.ptr(&dq),
+                k_cache: g.ptr(&dk),
+                v_cache: g.ptr(&dv),
+                block_tables: g.ptr(&dt),
+                max_blocks: p.max_blocks as i32,
+                seq_lens: g.ptr(&dl),
+                query_start: g.ptr(&ds),
+                out: g.ptr(&dout),
+                b: b_n as i32,
+                scale: scale as f32,
+                window: window as i32,
+            },
         )?;
         g.sync()?;
         rep.check(

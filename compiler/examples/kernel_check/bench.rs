@@ -144,23 +144,14 @@ pub(super) fn bench_gemv(
         (format!("{}@{}", inst.name_expr, v.tag()), dims)
     };
     let us = g.time_us(5, 20, |i| {
-        g.launch_raw(
-            &name,
-            dims,
-            &gemv_args(
-                &inst,
-                [
-                    g.ptr(&x),
-                    g.ptr(&ws[i % copies]),
-                    g.ptr(&res),
-                    g.ptr(&out),
-                    g.ptr(&gamma),
-                ],
-                m,
-                n,
-                1e-5,
-            ),
-        )
+        let ptrs = [
+            g.ptr(&x),
+            g.ptr(&ws[i % copies]),
+            g.ptr(&res),
+            g.ptr(&out),
+            g.ptr(&gamma),
+        ];
+        launch_gemv(g, &inst, &name, dims, ptrs, m, n, 1e-5)
     })?;
     let gbs = bytes as f64 / us / 1e3;
     rep.time(
@@ -263,19 +254,19 @@ pub(super) fn bench_prefill(
                 batch: 1,
                 ..Default::default()
             },
-            &[
-                Arg::P(g.ptr(&q)),
-                Arg::P(g.ptr(&kc)),
-                Arg::P(g.ptr(&vc)),
-                Arg::P(g.ptr(&dt)),
-                Arg::I(max_blocks as i32),
-                Arg::P(g.ptr(&dl)),
-                Arg::P(g.ptr(&ds)),
-                Arg::P(g.ptr(&out)),
-                Arg::I(1),
-                Arg::F(scale),
-                Arg::I(0),
-            ],
+            &AttentionPrefillArgs {
+                qkv: g.ptr(&q),
+                k_cache: g.ptr(&kc),
+                v_cache: g.ptr(&vc),
+                block_tables: g.ptr(&dt),
+                max_blocks: max_blocks as i32,
+                seq_lens: g.ptr(&dl),
+                query_start: g.ptr(&ds),
+                out: g.ptr(&out),
+                b: 1,
+                scale,
+                window: 0,
+            },
         )
     })?;
     let flops = 4.0 * hd as f64 * heads as f64 * (t as f64) * (t as f64 + 1.0) / 2.0;
@@ -308,15 +299,15 @@ pub(super) fn bench_sample(g: &Gpu, rep: &mut Report, v: usize, b_n: usize) -> R
         g.launch(
             &KernelInstance::sample(),
             rt,
-            &[
-                Arg::P(g.ptr(&logits)),
-                Arg::I(v as i32),
-                Arg::P(g.ptr(&dt)),
-                Arg::P(g.ptr(&dk)),
-                Arg::P(g.ptr(&dp)),
-                Arg::P(g.ptr(&ds)),
-                Arg::P(g.ptr(&out)),
-            ],
+            &SampleArgs {
+                logits: g.ptr(&logits),
+                v: v as i32,
+                temperature: g.ptr(&dt),
+                top_k: g.ptr(&dk),
+                top_p: g.ptr(&dp),
+                seed_and_step: g.ptr(&ds),
+                out: g.ptr(&out),
+            },
         )
     })?;
     rep.time(
@@ -327,11 +318,11 @@ pub(super) fn bench_sample(g: &Gpu, rep: &mut Report, v: usize, b_n: usize) -> R
         g.launch(
             &KernelInstance::argmax(),
             rt,
-            &[
-                Arg::P(g.ptr(&logits)),
-                Arg::I(v as i32),
-                Arg::P(g.ptr(&out)),
-            ],
+            &ArgmaxArgs {
+                logits: g.ptr(&logits),
+                v: v as i32,
+                out: g.ptr(&out),
+            },
         )
     })?;
     rep.time(format!("argmax V={v} B={b_n}"), format!("{us:.1} µs"));

@@ -25,6 +25,7 @@ use kiln_compiler::codegen::kernels::{
     KernelInstance, LaunchDims, LlamaDims, OutType, RuntimeSizes, TemplateArg, TemplateFile,
 };
 use kiln_compiler::codegen::nvrtc;
+use kiln_runtime::kernel_args::*;
 use rayon::prelude::*;
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -117,14 +118,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 // ---------------------------------------------------------------------------------------------
 // GPU plumbing
-
-#[derive(Clone, Copy)]
-enum Arg {
-    P(u64),
-    I(i32),
-    L(i64),
-    F(f32),
-}
 
 struct Gpu {
     ctx: Arc<CudaContext>,
@@ -267,32 +260,45 @@ impl Gpu {
         Ok(self.stream.synchronize()?)
     }
 
-    fn launch_raw(&self, name: &str, dims: LaunchDims, args: &[Arg]) -> Res<()> {
-        let f = self
+    fn function(&self, name: &str) -> Res<&CudaFunction> {
+        Ok(self
             .funcs
             .get(name)
-            .ok_or_else(|| format!("kernel {name} not compiled"))?;
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::P(p) => b.arg(p),
-                Arg::I(i) => b.arg(i),
-                Arg::L(l) => b.arg(l),
-                Arg::F(x) => b.arg(x),
-            };
+            .ok_or_else(|| format!("kernel {name} not compiled"))?)
+    }
+
+    /// Launches the compiled kernel `name` (an instance's name, or a benchmark variant's) with
+    /// `dims` and the arguments of its signature.
+    fn launch_named<A: KernelArgs>(&self, name: &str, dims: LaunchDims, args: &A) -> Res<()> {
+        let f = self.function(name)?;
+        let mut params = args.addresses();
+        // SAFETY: `args` is the struct of the template's signature (checked against the
+        // template source by `kernel_args`'s test), its pointers address live device buffers;
+        // `params` points into `args`, alive for the call.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                dims.grid,
+                dims.block,
+                dims.shared_bytes,
+                self.stream.cu_stream(),
+                &mut params.ptrs[..params.len],
+            )
         }
-        let cfg = LaunchConfig {
-            grid_dim: dims.grid,
-            block_dim: dims.block,
-            shared_mem_bytes: dims.shared_bytes,
-        };
-        // SAFETY: the argument lists follow the template signatures documented in kernels.rs.
-        unsafe { b.launch(cfg) }.map_err(|e| format!("launch {name}: {e:?}"))?;
+        .map_err(|e| format!("launch {name}: {e:?}"))?;
         Ok(())
     }
 
-    fn launch(&self, k: &KernelInstance, rt: RuntimeSizes, args: &[Arg]) -> Res<()> {
-        self.launch_raw(&k.name_expr, k.launch_dims(&rt), args)
+    /// Launches instance `k` with its shape for `rt` and `args`, the struct of its signature.
+    fn launch<A: KernelArgs>(&self, k: &KernelInstance, rt: RuntimeSizes, args: &A) -> Res<()> {
+        if !A::FAMILIES.contains(&k.family) {
+            return Err(format!(
+                "{} launched with another signature's arguments",
+                k.name_expr
+            )
+            .into());
+        }
+        self.launch_named(&k.name_expr, k.launch_dims(&rt), args)
     }
 
     /// Random bf16 in [-scale, scale) on the device (for the large benchmark buffers).
@@ -303,16 +309,16 @@ impl Gpu {
             block: (256, 1, 1),
             shared_bytes: 0,
         };
-        self.launch_raw(
-            "fill_bf16",
-            dims,
-            &[
-                Arg::P(self.ptr(&s)),
-                Arg::L(n as i64),
-                Arg::P(seed),
-                Arg::F(scale),
-            ],
-        )?;
+        let mut b = self.stream.launch_builder(self.function("fill_bf16")?);
+        let (out, n) = (self.ptr(&s), n as i64);
+        b.arg(&out).arg(&n).arg(&seed).arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: dims.grid,
+            block_dim: dims.block,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `fill_bf16(bf16* out, long long n, unsigned long long seed, float scale)`.
+        unsafe { b.launch(cfg) }.map_err(|e| format!("launch fill_bf16: {e:?}"))?;
         Ok(s)
     }
 
@@ -416,13 +422,13 @@ fn check_embedding(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize, scale: f32)
             tokens: t,
             ..Default::default()
         },
-        &[
-            Arg::P(g.ptr(&dt)),
-            Arg::P(g.ptr(&di)),
-            Arg::P(g.ptr(&dout)),
-            Arg::I(t as i32),
-            Arg::F(scale),
-        ],
+        &EmbeddingArgs {
+            table: g.ptr(&dt),
+            ids: g.ptr(&di),
+            out: g.ptr(&dout),
+            t: t as i32,
+            scale,
+        },
     )?;
     g.sync()?;
     let out = g.down_bf(&dout)?;
@@ -468,13 +474,13 @@ fn check_rmsnorm(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize) -> Res<()> {
     g.launch(
         &KernelInstance::rmsnorm(h),
         rt,
-        &[
-            Arg::P(g.ptr(&dx)),
-            Arg::P(g.ptr(&dw)),
-            Arg::P(g.ptr(&dout)),
-            Arg::I(t as i32),
-            Arg::F(eps),
-        ],
+        &RmsNormArgs {
+            x: g.ptr(&dx),
+            w: g.ptr(&dw),
+            out: g.ptr(&dout),
+            t: t as i32,
+            eps,
+        },
     )?;
     g.sync()?;
     rep.check(
@@ -488,14 +494,14 @@ fn check_rmsnorm(g: &Gpu, r: &mut Rng, rep: &mut Report, h: usize) -> Res<()> {
     g.launch(
         &KernelInstance::add_rmsnorm(h),
         rt,
-        &[
-            Arg::P(g.ptr(&dres)),
-            Arg::P(g.ptr(&dx)),
-            Arg::P(g.ptr(&dw)),
-            Arg::P(g.ptr(&dout)),
-            Arg::I(t as i32),
-            Arg::F(eps),
-        ],
+        &AddRmsNormArgs {
+            residual: g.ptr(&dres),
+            x: g.ptr(&dx),
+            w: g.ptr(&dw),
+            out: g.ptr(&dout),
+            t: t as i32,
+            eps,
+        },
     )?;
     g.sync()?;
     let hsum: Vec<f32> = res.iter().zip(&x).map(|(a, b)| bfr(a + b)).collect();
@@ -599,7 +605,8 @@ fn check_gemv(
         OutType::F32 => g.ptr(&d_f32),
     };
     let ptrs = [g.ptr(&dx), g.ptr(&dw), g.ptr(&dr), dst, g.ptr(&dg)];
-    g.launch(&inst, rt, &gemv_args(&inst, ptrs, m, n, eps))?;
+    let dims = inst.launch_dims(&rt);
+    launch_gemv(g, &inst, &inst.name_expr, dims, ptrs, m, n, eps)?;
     g.sync()?;
     let out = match out_t {
         OutType::Bf16 => g.down_bf(&d_bf)?,
@@ -613,22 +620,45 @@ fn check_gemv(
     Ok(())
 }
 
-/// Arguments of a GEMV launch from its pointers `[x, w, residual, out, norm_w]`: `gemv` takes
-/// the norm weight and epsilon, `gemv_tc` stops after `out`.
-fn gemv_args(inst: &KernelInstance, ptrs: [u64; 5], m: usize, n: usize, eps: f32) -> Vec<Arg> {
-    let [x, w, r, out, norm_w] = ptrs;
-    let mut args = vec![
-        Arg::P(x),
-        Arg::I(m as i32),
-        Arg::P(w),
-        Arg::I(n as i32),
-        Arg::P(r),
-        Arg::P(out),
-    ];
+/// Launches the compiled kernel `name` of a GEMV instance (or of a benchmark variant of it)
+/// with its pointers `[x, w, residual, out, norm_w]`: `gemv` takes the norm weight and epsilon,
+/// `gemv_tc` stops after `out`.
+#[allow(clippy::too_many_arguments)]
+fn launch_gemv(
+    g: &Gpu,
+    inst: &KernelInstance,
+    name: &str,
+    dims: LaunchDims,
+    ptrs: [u64; 5],
+    m: usize,
+    n: usize,
+    eps: f32,
+) -> Res<()> {
+    let [x, w, residual, out, norm_w] = ptrs;
+    let (m, n) = (m as i32, n as i32);
     if inst.family == KernelFamily::Gemv {
-        args.extend([Arg::P(norm_w), Arg::F(eps)]);
+        let args = GemvArgs {
+            x,
+            m,
+            w,
+            n,
+            residual,
+            out,
+            norm_w,
+            eps,
+        };
+        g.launch_named(name, dims, &args)
+    } else {
+        let args = GemvTcArgs {
+            x,
+            m,
+            w,
+            n,
+            residual,
+            out,
+        };
+        g.launch_named(name, dims, &args)
     }
-    args
 }
 
 fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
@@ -647,7 +677,11 @@ fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
                 tokens: t,
                 ..Default::default()
             },
-            &[Arg::P(g.ptr(&dgu)), Arg::P(g.ptr(&dout)), Arg::I(t as i32)],
+            &GatedRowsArgs {
+                gu: g.ptr(&dgu),
+                out: g.ptr(&dout),
+                t: t as i32,
+            },
         )?;
         g.sync()?;
         let mut reference = vec![0f64; t * f];
@@ -680,7 +714,11 @@ fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
                 tokens: t,
                 ..Default::default()
             },
-            &[Arg::P(g.ptr(&db)), Arg::P(g.ptr(&dout)), Arg::I(t as i32)],
+            &BiasRowsArgs {
+                bias: g.ptr(&db),
+                out: g.ptr(&dout),
+                t: t as i32,
+            },
         )?;
         g.sync()?;
         let reference: Vec<f64> = (0..t * n).map(|i| bias[i % n] as f64).collect();
@@ -723,7 +761,11 @@ fn check_argmax(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
                 batch: b_n,
                 ..Default::default()
             },
-            &[Arg::P(g.ptr(&dl)), Arg::I(v as i32), Arg::P(g.ptr(&dout))],
+            &ArgmaxArgs {
+                logits: g.ptr(&dl),
+                v: v as i32,
+                out: g.ptr(&dout),
+            },
         )?;
         g.sync()?;
         let got = g.down(&dout)?;
@@ -773,15 +815,15 @@ fn run_sample(
             batch: rows,
             ..Default::default()
         },
-        &[
-            Arg::P(g.ptr(&dl)),
-            Arg::I(v as i32),
-            Arg::P(g.ptr(&dt)),
-            Arg::P(g.ptr(&dk)),
-            Arg::P(g.ptr(&dp)),
-            Arg::P(g.ptr(&ds)),
-            Arg::P(g.ptr(&dout)),
-        ],
+        &SampleArgs {
+            logits: g.ptr(&dl),
+            v: v as i32,
+            temperature: g.ptr(&dt),
+            top_k: g.ptr(&dk),
+            top_p: g.ptr(&dp),
+            seed_and_step: g.ptr(&ds),
+            out: g.ptr(&dout),
+        },
     )?;
     g.sync()?;
     g.down(&dout)

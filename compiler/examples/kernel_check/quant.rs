@@ -30,7 +30,11 @@ pub(super) fn check_quant(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
         g.launch(
             &inst,
             rt,
-            &[Arg::P(g.ptr(&dx)), Arg::P(g.ptr(&dout)), Arg::I(t as i32)],
+            &ActFp8Args {
+                x: g.ptr(&dx),
+                out: g.ptr(&dout),
+                t: t as i32,
+            },
         )?;
         g.sync()?;
         let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
@@ -86,18 +90,18 @@ fn check_gemv_q(
     g.launch(
         &inst,
         rt,
-        &[
-            Arg::P(g.ptr(&dx)),
-            Arg::I(m as i32),
-            Arg::P(part(0)),
-            Arg::P(part(1)),
-            Arg::P(third),
-            Arg::I(n as i32),
-            Arg::P(g.ptr(&dr)),
-            Arg::P(g.ptr(&dout)),
-            Arg::P(if norm { g.ptr(&dg) } else { 0 }),
-            Arg::F(eps),
-        ],
+        &GemvQArgs {
+            x: g.ptr(&dx),
+            m: m as i32,
+            q: part(0),
+            scale: part(1),
+            zero: third,
+            n: n as i32,
+            residual: g.ptr(&dr),
+            out: g.ptr(&dout),
+            norm_w: if norm { g.ptr(&dg) } else { 0 },
+            eps,
+        },
     )?;
     g.sync()?;
     rep.check(
@@ -115,13 +119,13 @@ fn check_gemv_q(
         g.launch(
             &inst,
             rt,
-            &[
-                Arg::P(part(0)),
-                Arg::P(part(1)),
-                Arg::P(third),
-                Arg::I(rows as i32),
-                Arg::P(g.ptr(&dw)),
-            ],
+            &DequantArgs {
+                q: part(0),
+                scale: part(1),
+                zero: third,
+                r: rows as i32,
+                out: g.ptr(&dw),
+            },
         )?;
         g.sync()?;
         let want: Vec<f64> = wd.iter().map(|&v| v as f64).collect();

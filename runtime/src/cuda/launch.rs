@@ -8,6 +8,7 @@ use super::kv_cache::BLOCK;
 use super::{CudaError, CudaOptions};
 use crate::engine::{keys, Engine};
 use crate::ir::DType;
+use crate::kernel_args::*;
 use crate::kernels::{
     decode_splits, GemvEpilogue, KernelFamily, KernelInstance, LaunchDims, OutType, QuantFormat,
     RuntimeSizes,
@@ -31,20 +32,6 @@ pub const SM_COUNT: usize = 132;
 pub fn splits(batch: usize, kv_heads: usize, max_seq_len: usize) -> usize {
     decode_splits(batch, kv_heads, max_seq_len, SM_COUNT)
 }
-
-/// Most arguments a kernel template takes (attention_decode: 14).
-const MAX_ARGS: usize = 16;
-
-/// One kernel argument, by value.
-enum Arg {
-    /// A device pointer.
-    Ptr(u64),
-    /// `int`
-    Int(i32),
-    /// `float`
-    Float(f32),
-}
-use Arg::{Float as F, Int as I, Ptr as P};
 
 /// Sizes of one launch (each kernel family reads the fields its launch rule names).
 fn sizes(tokens: usize, batch: usize, n: usize, max_splits: usize) -> RuntimeSizes {
@@ -519,34 +506,28 @@ impl Kernels {
         Ok(())
     }
 
-    /// Launches one kernel instance with its shape for `rt` and these arguments.
-    fn go(
+    /// Launches one kernel instance with its shape for `rt` and these arguments (the
+    /// struct of its template's signature: a struct of another signature is an error).
+    fn go<A: KernelArgs>(
         &self,
         stream: &Arc<CudaStream>,
         k: &KernelInstance,
         rt: RuntimeSizes,
-        args: &[Arg],
+        args: &A,
     ) -> Result<(), CudaError> {
         let f: &CudaFunction = self
             .funcs
             .get(&k.name_expr)
             .ok_or_else(|| CudaError::Engine(format!("kernel `{}` not loaded", k.name_expr)))?;
-        // Addresses of the argument values, on the stack: no allocation per launch.
-        let mut params = [std::ptr::null_mut::<std::ffi::c_void>(); MAX_ARGS];
-        if args.len() > MAX_ARGS {
+        if !A::FAMILIES.contains(&k.family) {
             return Err(CudaError::Engine(format!(
-                "kernel `{}` takes {} arguments, more than {MAX_ARGS}",
+                "kernel `{}` launched with the arguments of `{}`",
                 k.name_expr,
-                args.len()
+                A::FAMILIES[0].function()
             )));
         }
-        for (p, a) in params.iter_mut().zip(args) {
-            *p = match a {
-                Arg::Ptr(v) => v as *const u64 as *mut _,
-                Arg::Int(v) => v as *const i32 as *mut _,
-                Arg::Float(v) => v as *const f32 as *mut _,
-            };
-        }
+        // Addresses of the argument values, in `args`: no allocation per launch.
+        let mut params = args.addresses().ptrs;
         let d: LaunchDims = k.launch_dims(&rt);
         let mut attr = cu::CUlaunchAttribute {
             id: cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
@@ -567,9 +548,10 @@ impl Kernels {
             attrs: &mut attr,
             numAttrs: u32::from(self.pdl),
         };
-        // SAFETY: each caller passes exactly the arguments of the template's documented signature
-        // (kernels_templates/*.cu headers), pointing at device buffers sized by the plan; `params`
-        // points into `args`, which outlives the call (the driver copies the values at launch).
+        // SAFETY: `args` is the struct of this template's signature (checked above; the struct
+        // against the template source by `kernel_args`'s test), its pointers address device
+        // buffers sized by the plan; `params` points into `args`, which outlives the call (the
+        // driver copies the values at launch).
         unsafe {
             cu::cuLaunchKernelEx(
                 &cfg,
@@ -609,7 +591,11 @@ impl Kernels {
             stream,
             &KernelInstance::argmax(),
             sizes(0, p.b, 0, 0),
-            &[P(logits), I(v), P(p.out_tokens)],
+            &ArgmaxArgs {
+                logits,
+                v,
+                out: p.out_tokens,
+            },
         )
     }
 
@@ -628,15 +614,15 @@ impl Kernels {
             stream,
             &KernelInstance::sample(),
             sizes(0, p.b, 0, 0),
-            &[
-                P(logits),
-                I(v),
-                P(temperature),
-                P(top_k),
-                P(top_p),
-                P(seeds),
-                P(p.out_tokens),
-            ],
+            &SampleArgs {
+                logits,
+                v,
+                temperature,
+                top_k,
+                top_p,
+                seed_and_step: seeds,
+                out: p.out_tokens,
+            },
         )
     }
 
@@ -657,19 +643,26 @@ impl Kernels {
                     stream,
                     &k,
                     sizes(rows, p.b, 0, 0),
-                    &[P(src), P(ids), P(p.buf(*out)), I(rows as i32), F(scale)],
+                    &EmbeddingArgs {
+                        table: src,
+                        ids,
+                        out: p.buf(*out),
+                        t: rows as i32,
+                        scale,
+                    },
                 )
             }
             Launch::RmsNorm { x, w, eps, out } => {
                 let rows = p.rows(*out);
-                let (xp, wp, o, r) = (p.buf(*x), p.w(w)?, p.buf(*out), rows as i32);
                 let k = KernelInstance::rmsnorm(plan.buffers[*out].cols);
-                self.go(
-                    stream,
-                    &k,
-                    sizes(rows, p.b, 0, 0),
-                    &[P(xp), P(wp), P(o), I(r), F(*eps)],
-                )
+                let args = RmsNormArgs {
+                    x: p.buf(*x),
+                    w: p.w(w)?,
+                    out: p.buf(*out),
+                    t: rows as i32,
+                    eps: *eps,
+                };
+                self.go(stream, &k, sizes(rows, p.b, 0, 0), &args)
             }
             Launch::Linear {
                 x,
@@ -695,15 +688,15 @@ impl Kernels {
                     stream,
                     &k,
                     sizes(p.t, p.b, 0, 0),
-                    &[
-                        P(q),
-                        P(p.positions),
-                        P(p.slots),
-                        P(kc),
-                        P(vc),
-                        I(p.t as i32),
-                        P(p.w(inv_freq)?),
-                    ],
+                    &RopeAppendArgs {
+                        qkv: q,
+                        positions: p.positions,
+                        slot_mapping: p.slots,
+                        k_cache: kc,
+                        v_cache: vc,
+                        t: p.t as i32,
+                        inv_freq: p.w(inv_freq)?,
+                    },
                 )
             }
             Launch::Attention {
@@ -732,19 +725,19 @@ impl Kernels {
                         stream,
                         &self.prefill_attention,
                         rt,
-                        &[
-                            P(q),
-                            P(kc),
-                            P(vc),
-                            P(p.block_tables),
-                            I(p.max_blocks),
-                            P(p.seq_lens),
-                            P(p.query_start),
-                            P(o),
-                            I(b),
-                            F(*scale),
-                            I(w),
-                        ],
+                        &AttentionPrefillArgs {
+                            qkv: q,
+                            k_cache: kc,
+                            v_cache: vc,
+                            block_tables: p.block_tables,
+                            max_blocks: p.max_blocks,
+                            seq_lens: p.seq_lens,
+                            query_start: p.query_start,
+                            out: o,
+                            b,
+                            scale: *scale,
+                            window: w,
+                        },
                     );
                 }
                 let n = splits(p.b, a.kv_heads, p.max_seq_len);
@@ -755,23 +748,23 @@ impl Kernels {
                     stream,
                     &k,
                     sizes(p.t, p.b, 0, n),
-                    &[
-                        P(q),
-                        P(kc),
-                        P(vc),
-                        P(p.block_tables),
-                        I(p.max_blocks),
-                        P(p.seq_lens),
-                        P(p.slots),
-                        P(p.w(inv_freq)?),
-                        P(o),
-                        I(b),
-                        F(*scale),
-                        P(po),
-                        P(pml),
-                        I(ns),
-                        I(w),
-                    ],
+                    &AttentionDecodeArgs {
+                        qkv: q,
+                        k_cache: kc,
+                        v_cache: vc,
+                        block_tables: p.block_tables,
+                        max_blocks: p.max_blocks,
+                        seq_lens: p.seq_lens,
+                        slot_mapping: p.slots,
+                        inv_freq: p.w(inv_freq)?,
+                        out: o,
+                        b,
+                        scale: *scale,
+                        partial_o: po,
+                        partial_ml: pml,
+                        max_splits: ns,
+                        window: w,
+                    },
                 )?;
                 if n > 1 {
                     let k = KernelInstance::attention_decode_merge(a.heads, a.head_dim);
@@ -779,7 +772,15 @@ impl Kernels {
                         stream,
                         &k,
                         sizes(p.t, p.b, 0, n),
-                        &[P(po), P(pml), P(p.seq_lens), P(o), I(b), I(ns), I(w)],
+                        &DecodeMergeArgs {
+                            partial_o: po,
+                            partial_ml: pml,
+                            seq_lens: p.seq_lens,
+                            out: o,
+                            b,
+                            max_splits: ns,
+                            window: w,
+                        },
                     )?;
                 }
                 Ok(())
@@ -815,13 +816,31 @@ impl Kernels {
             let r = epilogue_operand(p, epi)?;
             let (m, n) = (rows as i32, cols as i32);
             let inst = gemv_instance(rows, k, epilogue_kind(epi), fold, out_type(out_t));
-            let args = [P(xp), I(m), P(wp), I(n), P(r), P(o), P(norm_w), F(eps)];
-            let args = if inst.family == KernelFamily::Gemv {
-                &args[..]
+            let rt = sizes(rows, p.b, cols, 0);
+            let (x, w, residual, out) = (xp, wp, r, o);
+            return if inst.family == KernelFamily::Gemv {
+                let args = GemvArgs {
+                    x,
+                    m,
+                    w,
+                    n,
+                    residual,
+                    out,
+                    norm_w,
+                    eps,
+                };
+                self.go(stream, &inst, rt, &args)
             } else {
-                &args[..6]
+                let args = GemvTcArgs {
+                    x,
+                    m,
+                    w,
+                    n,
+                    residual,
+                    out,
+                };
+                self.go(stream, &inst, rt, &args)
             };
-            return self.go(stream, &inst, sizes(rows, p.b, cols, 0), args);
         }
         self.gemm(stream, p, xp, wp, n_rows, k, epi, out)
     }
@@ -847,12 +866,19 @@ impl Kernels {
             1 => return Ok((xp, Some((w, eps)))),
             _ => {}
         }
-        let (k, r, dst) = (p.plan.buffers[x].cols, rows as i32, self.norm_scratch);
+        let (k, dst) = (p.plan.buffers[x].cols, self.norm_scratch);
+        let args = RmsNormArgs {
+            x: xp,
+            w,
+            out: dst,
+            t: rows as i32,
+            eps,
+        };
         self.go(
             stream,
             &KernelInstance::rmsnorm(k),
             sizes(rows, p.b, 0, 0),
-            &[P(xp), P(w), P(dst), I(r), F(eps)],
+            &args,
         )?;
         Ok((dst, None))
     }
@@ -896,18 +922,18 @@ impl Kernels {
                 stream,
                 &inst,
                 sizes(rows, p.b, cols, 0),
-                &[
-                    P(xp),
-                    I(m),
-                    P(q),
-                    P(scale),
-                    P(zero),
-                    I(n),
-                    P(r),
-                    P(o),
-                    P(norm_w),
-                    F(eps),
-                ],
+                &GemvQArgs {
+                    x: xp,
+                    m,
+                    q,
+                    scale,
+                    zero,
+                    n,
+                    residual: r,
+                    out: o,
+                    norm_w,
+                    eps,
+                },
             );
         }
         let xp = if f == QuantFormat::Fp8 {
@@ -917,7 +943,11 @@ impl Kernels {
                 stream,
                 &KernelInstance::act_fp8(k),
                 sizes(rows, p.b, 0, 0),
-                &[P(xp), P(dst), I(rows as i32)],
+                &ActFp8Args {
+                    x: xp,
+                    out: dst,
+                    t: rows as i32,
+                },
             )?;
             dst
         } else {
@@ -928,7 +958,13 @@ impl Kernels {
             stream,
             &KernelInstance::dequant(k, f),
             sizes(0, p.b, n_rows, 0),
-            &[P(q), P(scale), P(zero), I(n_rows as i32), P(wq)],
+            &DequantArgs {
+                q,
+                scale,
+                zero,
+                r: n_rows as i32,
+                out: wq,
+            },
         )?;
         self.gemm(stream, p, xp, wq, n_rows, k, epi, out)
     }
@@ -962,7 +998,11 @@ impl Kernels {
                 stream,
                 &KernelInstance::bias_rows(cols),
                 sizes(rows, p.b, 0, 0),
-                &[P(p.w(b)?), P(o), I(rows as i32)],
+                &BiasRowsArgs {
+                    bias: p.w(b)?,
+                    out: o,
+                    t: rows as i32,
+                },
             )?;
         }
         if let Epilogue::Residual(res) = epi {
@@ -1002,8 +1042,12 @@ impl Kernels {
             _ => None,
         };
         if let Some(k) = gate {
-            let r = rows as i32;
-            self.go(stream, &k, sizes(rows, p.b, 0, 0), &[P(dst), P(o), I(r)])?;
+            let args = GatedRowsArgs {
+                gu: dst,
+                out: o,
+                t: rows as i32,
+            };
+            self.go(stream, &k, sizes(rows, p.b, 0, 0), &args)?;
         }
         Ok(())
     }
