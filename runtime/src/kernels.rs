@@ -229,20 +229,156 @@ impl QuantFormat {
     }
 }
 
-/// One template argument.
+/// The shape constants of the attention templates: `<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum TemplateArg {
-    /// An integer constant.
-    Int(i64),
-    /// A type.
-    Type(OutType),
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (a divisor of `heads`).
+    pub kv_heads: usize,
+    /// Head size.
+    pub head_dim: usize,
+    /// Tokens per KV-cache block.
+    pub block: usize,
 }
 
-impl std::fmt::Display for TemplateArg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+/// A kernel template with its template arguments, named: one variant per family, its fields in
+/// the template's parameter order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kernel {
+    /// `embedding<H>`
+    Embedding { hidden: usize },
+    /// `rmsnorm<H>`
+    RmsNorm { hidden: usize },
+    /// `add_rmsnorm<H>`
+    AddRmsNorm { hidden: usize },
+    /// `gemv<K, MMAX, EPI, NORM, OutT>`
+    Gemv {
+        k: usize,
+        mmax: usize,
+        epi: GemvEpilogue,
+        norm: bool,
+        out: OutType,
+    },
+    /// `gemv_tc<K, MMAX, EPI, OutT>`
+    GemvTc {
+        k: usize,
+        mmax: usize,
+        epi: GemvEpilogue,
+        out: OutType,
+    },
+    /// `gemv_q<K, EPI, FMT, G, NORM, OutT>` (`FMT` and `G` from the format)
+    GemvQ {
+        k: usize,
+        epi: GemvEpilogue,
+        format: QuantFormat,
+        norm: bool,
+        out: OutType,
+    },
+    /// `dequant<K, FMT, G>`
+    Dequant { k: usize, format: QuantFormat },
+    /// `act_fp8<K>`
+    ActFp8 { k: usize },
+    /// `silu_mul<F>`
+    SiluMul { ffn: usize },
+    /// `gelu_mul<F>`
+    GeluMul { ffn: usize },
+    /// `bias_rows<N>`
+    BiasRows { n: usize },
+    /// `rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
+    RopeAppend(AttentionShape),
+    /// `attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
+    AttentionDecode(AttentionShape),
+    /// `attention_decode_merge<HEADS, HEAD_DIM>`
+    AttentionDecodeMerge { heads: usize, head_dim: usize },
+    /// `attention_prefill<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
+    AttentionPrefill(AttentionShape),
+    /// `attention_prefill_simple<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
+    AttentionPrefillSimple(AttentionShape),
+    /// `attention_prefill_sm90<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`
+    AttentionPrefillSm90(AttentionShape),
+    /// `argmax` (not a template)
+    Argmax,
+    /// `sample` (not a template)
+    Sample,
+}
+
+impl Kernel {
+    /// The template this is an instance of.
+    pub fn family(&self) -> KernelFamily {
+        use KernelFamily as F;
         match self {
-            TemplateArg::Int(v) => write!(f, "{v}"),
-            TemplateArg::Type(t) => f.write_str(t.cuda_name()),
+            Kernel::Embedding { .. } => F::Embedding,
+            Kernel::RmsNorm { .. } => F::RmsNorm,
+            Kernel::AddRmsNorm { .. } => F::AddRmsNorm,
+            Kernel::Gemv { .. } => F::Gemv,
+            Kernel::GemvTc { .. } => F::GemvTc,
+            Kernel::GemvQ { .. } => F::GemvQ,
+            Kernel::Dequant { .. } => F::Dequant,
+            Kernel::ActFp8 { .. } => F::ActFp8,
+            Kernel::SiluMul { .. } => F::SiluMul,
+            Kernel::GeluMul { .. } => F::GeluMul,
+            Kernel::BiasRows { .. } => F::BiasRows,
+            Kernel::RopeAppend(_) => F::RopeAppend,
+            Kernel::AttentionDecode(_) => F::AttentionDecode,
+            Kernel::AttentionDecodeMerge { .. } => F::AttentionDecodeMerge,
+            Kernel::AttentionPrefill(_) => F::AttentionPrefill,
+            Kernel::AttentionPrefillSimple(_) => F::AttentionPrefillSimple,
+            Kernel::AttentionPrefillSm90(_) => F::AttentionPrefillSm90,
+            Kernel::Argmax => F::Argmax,
+            Kernel::Sample => F::Sample,
+        }
+    }
+
+    /// The template arguments as C++ spells them, in order (empty for a plain function).
+    pub fn template_args(&self) -> Vec<String> {
+        let n = |v: usize| v.to_string();
+        let flag = |b: bool| n(usize::from(b));
+        let epi = |e: GemvEpilogue| n(e as usize);
+        let ty = |t: OutType| t.cuda_name().to_string();
+        match *self {
+            Kernel::Embedding { hidden } | Kernel::RmsNorm { hidden } => vec![n(hidden)],
+            Kernel::AddRmsNorm { hidden } => vec![n(hidden)],
+            Kernel::Gemv {
+                k,
+                mmax,
+                epi: e,
+                norm,
+                out,
+            } => vec![n(k), n(mmax), epi(e), flag(norm), ty(out)],
+            Kernel::GemvTc {
+                k,
+                mmax,
+                epi: e,
+                out,
+            } => vec![n(k), n(mmax), epi(e), ty(out)],
+            Kernel::GemvQ {
+                k,
+                epi: e,
+                format,
+                norm,
+                out,
+            } => vec![
+                n(k),
+                epi(e),
+                n(format.code()),
+                n(format.group()),
+                flag(norm),
+                ty(out),
+            ],
+            Kernel::Dequant { k, format } => vec![n(k), n(format.code()), n(format.group())],
+            Kernel::ActFp8 { k } => vec![n(k)],
+            Kernel::SiluMul { ffn } | Kernel::GeluMul { ffn } => vec![n(ffn)],
+            Kernel::BiasRows { n: cols } => vec![n(cols)],
+            Kernel::RopeAppend(a)
+            | Kernel::AttentionDecode(a)
+            | Kernel::AttentionPrefill(a)
+            | Kernel::AttentionPrefillSimple(a)
+            | Kernel::AttentionPrefillSm90(a) => {
+                vec![n(a.heads), n(a.kv_heads), n(a.head_dim), n(a.block)]
+            }
+            Kernel::AttentionDecodeMerge { heads, head_dim } => vec![n(heads), n(head_dim)],
+            Kernel::Argmax | Kernel::Sample => Vec::new(),
         }
     }
 }
@@ -330,58 +466,47 @@ fn clamp_grid(v: usize) -> u32 {
 /// One kernel template with its constants: what codegen compiles and the runtime launches.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KernelInstance {
-    /// The template.
+    /// The template and its arguments.
+    pub kernel: Kernel,
+    /// The template (`kernel.family()`).
     pub family: KernelFamily,
-    /// Its template arguments, in order.
-    pub args: Vec<TemplateArg>,
     /// The C++ name expression NVRTC instantiates (`rmsnorm<4096>`).
     pub name_expr: String,
 }
 
-impl KernelInstance {
-    fn new(family: KernelFamily, args: Vec<TemplateArg>) -> Self {
+impl From<Kernel> for KernelInstance {
+    fn from(kernel: Kernel) -> Self {
+        let family = kernel.family();
+        let args = kernel.template_args();
         let name_expr = if args.is_empty() {
             family.function().to_string()
         } else {
-            let list: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-            format!("{}<{}>", family.function(), list.join(", "))
+            format!("{}<{}>", family.function(), args.join(", "))
         };
         Self {
+            kernel,
             family,
-            args,
             name_expr,
         }
     }
+}
 
-    fn ints(family: KernelFamily, vals: &[usize]) -> Self {
-        Self::new(
-            family,
-            vals.iter().map(|&v| TemplateArg::Int(v as i64)).collect(),
-        )
-    }
-
-    fn int_arg(&self, i: usize) -> usize {
-        match self.args.get(i) {
-            Some(TemplateArg::Int(v)) => *v as usize,
-            _ => 0,
-        }
-    }
-
+impl KernelInstance {
     /// `embedding<H>(const bf16* table, const int* ids, bf16* out, int T, float scale)`: rows of
     /// `table` by id, times `scale` (1: an exact copy).
     pub fn embedding(hidden: usize) -> Self {
-        Self::ints(KernelFamily::Embedding, &[hidden])
+        Kernel::Embedding { hidden }.into()
     }
 
     /// `rmsnorm<H>(const bf16* x, const bf16* w, bf16* out, int T, float eps)`.
     pub fn rmsnorm(hidden: usize) -> Self {
-        Self::ints(KernelFamily::RmsNorm, &[hidden])
+        Kernel::RmsNorm { hidden }.into()
     }
 
     /// `add_rmsnorm<H>(bf16* residual, const bf16* x, const bf16* w, bf16* out, int T, float eps)`:
     /// `residual += x` (bf16), then `out = rmsnorm(residual)`.
     pub fn add_rmsnorm(hidden: usize) -> Self {
-        Self::ints(KernelFamily::AddRmsNorm, &[hidden])
+        Kernel::AddRmsNorm { hidden }.into()
     }
 
     /// `gemv<K, MMAX, EPI, NORM, OutT>(const bf16* x, int M, const bf16* w, int N,
@@ -390,22 +515,21 @@ impl KernelInstance {
     /// into shared memory. The fastest choice at M = 1 (use `mmax = 1`); from M = 2 it becomes
     /// ALU-bound: use [`KernelInstance::gemv_tc`] there (measured in `bench/RESULTS.md`).
     pub fn gemv(k: usize, mmax: usize, epi: GemvEpilogue, norm: bool, out: OutType) -> Self {
-        let ints = [k, mmax, epi as usize, usize::from(norm)].map(|v| TemplateArg::Int(v as i64));
-        Self::new(
-            KernelFamily::Gemv,
-            ints.into_iter().chain([TemplateArg::Type(out)]).collect(),
-        )
+        Kernel::Gemv {
+            k,
+            mmax,
+            epi,
+            norm,
+            out,
+        }
+        .into()
     }
 
     /// `gemv_tc<K, MMAX, EPI, OutT>(const bf16* x, int M, const bf16* w, int N,
     /// const bf16* residual, OutT* out)`: the un-normalized [`KernelInstance::gemv`] contract on
     /// tensor cores (`K % 32 == 0`, `mmax <= 8`; its cost does not depend on M).
     pub fn gemv_tc(k: usize, mmax: usize, epi: GemvEpilogue, out: OutType) -> Self {
-        let ints = [k, mmax, epi as usize].map(|v| TemplateArg::Int(v as i64));
-        Self::new(
-            KernelFamily::GemvTc,
-            ints.into_iter().chain([TemplateArg::Type(out)]).collect(),
-        )
+        Kernel::GemvTc { k, mmax, epi, out }.into()
     }
 
     /// `gemv_q<K, EPI, FMT, G, NORM, OutT>(const bf16* x, int M, const u8* q, const void* scale,
@@ -420,57 +544,56 @@ impl KernelInstance {
         norm: bool,
         out: OutType,
     ) -> Self {
-        let ints = [
+        Kernel::GemvQ {
             k,
-            epi as usize,
-            format.code(),
-            format.group(),
-            usize::from(norm),
-        ]
-        .map(|v| TemplateArg::Int(v as i64));
-        Self::new(
-            KernelFamily::GemvQ,
-            ints.into_iter().chain([TemplateArg::Type(out)]).collect(),
-        )
+            epi,
+            format,
+            norm,
+            out,
+        }
+        .into()
     }
 
     /// `dequant<K, FMT, G>(const u8* q, const void* scale, const u8* zero, int R, bf16* out)`:
     /// the `[R, K]` weight of `format` in bf16, as `gemv_q` reads it.
     pub fn dequant(k: usize, format: QuantFormat) -> Self {
-        Self::ints(KernelFamily::Dequant, &[k, format.code(), format.group()])
+        Kernel::Dequant { k, format }.into()
     }
 
     /// `act_fp8<K>(const bf16* x, bf16* out, int T)`: each of the `T` rows of `x` rounded to
     /// E4M3 with its own scale (`max|row| / 448`), back in bf16 (the activations of a W8A8
     /// prefill product; `out` may alias `x`).
     pub fn act_fp8(k: usize) -> Self {
-        Self::ints(KernelFamily::ActFp8, &[k])
+        Kernel::ActFp8 { k }.into()
     }
 
     /// `silu_mul<F>(const bf16* gu, bf16* out, int T)`.
     pub fn silu_mul(ffn: usize) -> Self {
-        Self::ints(KernelFamily::SiluMul, &[ffn])
+        Kernel::SiluMul { ffn }.into()
     }
 
     /// `gelu_mul<F>(const bf16* gu, bf16* out, int T)`: `silu_mul` with GELU's tanh
     /// approximation (GeGLU).
     pub fn gelu_mul(ffn: usize) -> Self {
-        Self::ints(KernelFamily::GeluMul, &[ffn])
+        Kernel::GeluMul { ffn }.into()
     }
 
     /// `bias_rows<N>(const bf16* bias, bf16* out, int T)`: every row of `out` set to `bias`
     /// (the prefill GEMM then accumulates onto it).
     pub fn bias_rows(n: usize) -> Self {
-        Self::ints(KernelFamily::BiasRows, &[n])
+        Kernel::BiasRows { n }.into()
     }
 
     /// `rope_append<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(bf16* qkv, const int* positions,
     /// const int* slot_mapping, bf16* k_cache, bf16* v_cache, int T, const float* inv_freq)`.
     pub fn rope_append(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
-        Self::ints(
-            KernelFamily::RopeAppend,
-            &[heads, kv_heads, head_dim, block],
-        )
+        Kernel::RopeAppend(AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            block,
+        })
+        .into()
     }
 
     /// `attention_decode<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(const bf16* qkv, bf16* k_cache,
@@ -479,26 +602,32 @@ impl KernelInstance {
     /// float* partial_ml, int max_splits, int window)`: RoPE and the KV-cache append of the step's
     /// token included; `window > 0` limits each query to its `window` most recent keys.
     pub fn attention_decode(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
-        Self::ints(
-            KernelFamily::AttentionDecode,
-            &[heads, kv_heads, head_dim, block],
-        )
+        Kernel::AttentionDecode(AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            block,
+        })
+        .into()
     }
 
     /// `attention_decode_merge<HEADS, HEAD_DIM>(const float* partial_o, const float* partial_ml,
     /// const int* seq_lens, bf16* out, int B, int max_splits, int window)`.
     pub fn attention_decode_merge(heads: usize, head_dim: usize) -> Self {
-        Self::ints(KernelFamily::AttentionDecodeMerge, &[heads, head_dim])
+        Kernel::AttentionDecodeMerge { heads, head_dim }.into()
     }
 
     /// `attention_prefill<HEADS, KV_HEADS, HEAD_DIM, BLOCK>(const bf16* qkv, const bf16* k_cache,
     /// const bf16* v_cache, const int* block_tables, int max_blocks, const int* seq_lens,
     /// const int* query_start, bf16* out, int B, float scale, int window)`; HEAD_DIM 64 or 128.
     pub fn attention_prefill(heads: usize, kv_heads: usize, head_dim: usize, block: usize) -> Self {
-        Self::ints(
-            KernelFamily::AttentionPrefill,
-            &[heads, kv_heads, head_dim, block],
-        )
+        Kernel::AttentionPrefill(AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            block,
+        })
+        .into()
     }
 
     /// Same signature as [`KernelInstance::attention_prefill`], on CUDA cores (any
@@ -509,10 +638,13 @@ impl KernelInstance {
         head_dim: usize,
         block: usize,
     ) -> Self {
-        Self::ints(
-            KernelFamily::AttentionPrefillSimple,
-            &[heads, kv_heads, head_dim, block],
-        )
+        Kernel::AttentionPrefillSimple(AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            block,
+        })
+        .into()
     }
 
     /// `attention_prefill_sm90<HEADS, KV_HEADS, HEAD_DIM, BLOCK>`: the
@@ -524,10 +656,13 @@ impl KernelInstance {
         head_dim: usize,
         block: usize,
     ) -> Self {
-        Self::ints(
-            KernelFamily::AttentionPrefillSm90,
-            &[heads, kv_heads, head_dim, block],
-        )
+        Kernel::AttentionPrefillSm90(AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            block,
+        })
+        .into()
     }
 
     /// The prefill attention for a head size on `arch` (`sm_90`, …): for head sizes 64 and 128
@@ -551,13 +686,13 @@ impl KernelInstance {
 
     /// `argmax(const float* logits, int V, int* out)`.
     pub fn argmax() -> Self {
-        Self::new(KernelFamily::Argmax, Vec::new())
+        Kernel::Argmax.into()
     }
 
     /// `sample(const float* logits, int V, const float* temperature, const int* top_k,
     /// const float* top_p, const unsigned long long* seed_and_step /*[B,2]*/, int* out)`.
     pub fn sample() -> Self {
-        Self::new(KernelFamily::Sample, Vec::new())
+        Kernel::Sample.into()
     }
 
     /// Launch shape for these runtime sizes:
@@ -578,10 +713,10 @@ impl KernelInstance {
             block: (block, 1, 1),
             shared_bytes: 0,
         };
-        match self.family {
-            KernelFamily::Embedding => one((rt.tokens, 1, 1), threads::EMBEDDING),
-            KernelFamily::RmsNorm | KernelFamily::AddRmsNorm => {
-                let vec = self.int_arg(0) / 8;
+        match self.kernel {
+            Kernel::Embedding { .. } => one((rt.tokens, 1, 1), threads::EMBEDDING),
+            Kernel::RmsNorm { hidden } | Kernel::AddRmsNorm { hidden } => {
+                let vec = hidden / 8;
                 let t = if vec >= 256 {
                     256
                 } else {
@@ -589,119 +724,107 @@ impl KernelInstance {
                 };
                 one((rt.tokens, 1, 1), t.max(32) as u32)
             }
-            KernelFamily::Gemv => {
+            Kernel::Gemv { .. } => {
                 let per_cta =
                     threads::GEMV_WARPS as usize / self.gemv_k_split() * self.gemv_cols_per_warp();
                 one((rt.n.div_ceil(per_cta), 1, 1), threads::GEMV_WARPS * 32)
             }
-            KernelFamily::GemvTc => {
-                // 8 weight rows per CTA for the residual epilogue, else 16 (`HR` in gemv_tc.cu).
-                let rows = if self.int_arg(2) == GemvEpilogue::Residual as usize {
-                    8
-                } else {
-                    16
-                };
+            // 8 weight rows per CTA for the residual epilogue, else 16 (`HR` in gemv_tc.cu and
+            // gemv_q.cu).
+            Kernel::GemvTc { epi, .. } | Kernel::GemvQ { epi, .. } => {
+                let rows = if epi == GemvEpilogue::Residual { 8 } else { 16 };
                 one((rt.n.div_ceil(rows), 1, 1), threads::GEMV_WARPS * 32)
             }
-            KernelFamily::GemvQ => {
-                // 8 weight rows per CTA for the residual epilogue, else 16 (`HR` in gemv_q.cu).
-                let rows = if self.int_arg(1) == GemvEpilogue::Residual as usize {
-                    8
-                } else {
-                    16
-                };
-                one((rt.n.div_ceil(rows), 1, 1), threads::GEMV_WARPS * 32)
-            }
-            KernelFamily::ActFp8 => one((rt.tokens, 1, 1), threads::DEQUANT),
-            KernelFamily::Dequant => {
+            Kernel::ActFp8 { .. } => one((rt.tokens, 1, 1), threads::DEQUANT),
+            Kernel::Dequant { k, format } => {
                 // One thread per 16-byte code vector (16 int8 or 32 int4 codes) of `n` rows.
-                let per = QuantFormat::codes_per_vector_of(self.int_arg(1));
-                let vectors = rt.n * self.int_arg(0) / per;
+                let vectors = rt.n * k / format.codes_per_vector();
                 one(
                     (vectors.div_ceil(threads::DEQUANT as usize), 1, 1),
                     threads::DEQUANT,
                 )
             }
-            KernelFamily::SiluMul | KernelFamily::GeluMul | KernelFamily::BiasRows => {
-                let work = rt.tokens * self.int_arg(0) / 8;
+            Kernel::SiluMul { ffn: width }
+            | Kernel::GeluMul { ffn: width }
+            | Kernel::BiasRows { n: width } => {
+                let work = rt.tokens * width / 8;
                 one(
                     (work.div_ceil(threads::ELEMENTWISE as usize).min(8192), 1, 1),
                     threads::ELEMENTWISE,
                 )
             }
-            KernelFamily::RopeAppend => {
+            Kernel::RopeAppend(a) => {
                 // A warp per head while there are few tokens (decode); fewer head groups as the
                 // tokens alone fill the GPU (each lane's cos/sin then serve more heads).
-                let heads = self.int_arg(0) + self.int_arg(1);
-                let groups = heads.div_ceil(threads::ROPE_WARPS as usize);
+                let groups = (a.heads + a.kv_heads).div_ceil(threads::ROPE_WARPS as usize);
                 let want = threads::ROPE_CTAS.div_ceil(rt.tokens.max(1));
                 one(
                     (rt.tokens, want.clamp(1, groups), 1),
                     threads::ROPE_WARPS * 32,
                 )
             }
-            KernelFamily::AttentionDecode => {
-                one((rt.max_splits, self.int_arg(1), rt.batch), threads::DECODE)
+            Kernel::AttentionDecode(a) => {
+                one((rt.max_splits, a.kv_heads, rt.batch), threads::DECODE)
             }
-            KernelFamily::AttentionDecodeMerge => {
-                one((self.int_arg(0), rt.batch, 1), self.int_arg(1) as u32)
+            Kernel::AttentionDecodeMerge { heads, head_dim } => {
+                one((heads, rt.batch, 1), head_dim as u32)
             }
-            KernelFamily::AttentionPrefill => one(
-                (
-                    self.int_arg(0),
-                    rt.query_tiles(threads::PREFILL_ROWS),
-                    rt.batch,
-                ),
+            Kernel::AttentionPrefill(a) => one(
+                (a.heads, rt.query_tiles(threads::PREFILL_ROWS), rt.batch),
                 threads::PREFILL,
             ),
-            KernelFamily::AttentionPrefillSm90 => {
+            Kernel::AttentionPrefillSm90(a) => {
                 let rows = threads::PREFILL_SM90_ROWS;
                 let mut dims = one(
-                    (self.int_arg(0), rt.query_tiles(rows), rt.batch),
+                    (a.heads, rt.query_tiles(rows), rt.batch),
                     threads::PREFILL_SM90,
                 );
                 // Q tile, the K and V stages, 1024 bytes to align the swizzled tiles, barriers.
                 let tiles = rows + 2 * threads::PREFILL_SM90_STAGE_KEYS;
-                dims.shared_bytes = (tiles * self.int_arg(2) * 2 + 1024 + 128) as u32;
+                dims.shared_bytes = (tiles * a.head_dim * 2 + 1024 + 128) as u32;
                 dims
             }
-            KernelFamily::AttentionPrefillSimple => one(
+            Kernel::AttentionPrefillSimple(a) => one(
                 (
-                    self.int_arg(0),
+                    a.heads,
                     rt.query_tiles(threads::PREFILL_SIMPLE_ROWS),
                     rt.batch,
                 ),
                 threads::PREFILL_SIMPLE,
             ),
-            KernelFamily::Argmax | KernelFamily::Sample => one((rt.batch, 1, 1), threads::SAMPLE),
+            Kernel::Argmax | Kernel::Sample => one((rt.batch, 1, 1), threads::SAMPLE),
         }
     }
 
-    /// Warps sharing one output of a `gemv` instance, each over 1/KS of K (`GemvCfg::KS` in
-    /// `gemv.cu`): for the residual GEMVs at M = 1 (N is the model width: too few rows to fill
-    /// the GPU with a warp per row) 4 when K ≤ 4096, else 2; 1 for the others.
+    /// Warps sharing one output of a `gemv` instance (`GemvCfg::KS` in `gemv.cu`): for the
+    /// residual GEMVs at M = 1 (N is the model width: too few rows to fill the GPU with a warp
+    /// per row) 4 when K ≤ 4096, else 2; 1 for the others and for other families.
     pub fn gemv_k_split(&self) -> usize {
-        let (k, mmax, epi) = (self.int_arg(0), self.int_arg(1), self.int_arg(2));
-        let residual_m1 = self.family == KernelFamily::Gemv
-            && mmax == 1
-            && epi == GemvEpilogue::Residual as usize;
-        match k {
-            _ if !residual_m1 => 1,
-            k if k <= 4096 && k % 32 == 0 => 4,
-            k if k % 16 == 0 => 2,
+        match self.kernel {
+            Kernel::Gemv {
+                k,
+                mmax: 1,
+                epi: GemvEpilogue::Residual,
+                ..
+            } => match k {
+                k if k <= 4096 && k % 32 == 0 => 4,
+                k if k % 16 == 0 => 2,
+                _ => 1,
+            },
             _ => 1,
         }
     }
 
-    /// Output columns per warp of a GEMV instance (`GemvCfg::ROWS` in `gemv.cu`).
+    /// Output columns per warp of a `gemv` instance (`GemvCfg::ROWS` in `gemv.cu`): 2 from
+    /// four rows up except for the gated epilogues, else 1 (and 1 for other families).
     pub fn gemv_cols_per_warp(&self) -> usize {
-        let mmax = self.int_arg(1);
-        let epi = self.int_arg(2);
-        let gated = epi == GemvEpilogue::Gated as usize || epi == GemvEpilogue::GatedGelu as usize;
-        if mmax >= 4 && !gated {
-            2
-        } else {
-            1
+        match self.kernel {
+            Kernel::Gemv { mmax, epi, .. }
+                if mmax >= 4 && !matches!(epi, GemvEpilogue::Gated | GemvEpilogue::GatedGelu) =>
+            {
+                2
+            }
+            _ => 1,
         }
     }
 }

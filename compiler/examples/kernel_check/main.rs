@@ -21,8 +21,8 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use half::bf16;
 use kiln_compiler::codegen::kernels::{
-    compile, decode_splits, llama_kernels, CompiledKernel, GemvEpilogue, KernelFamily,
-    KernelInstance, LaunchDims, LlamaDims, OutType, RuntimeSizes, TemplateArg, TemplateFile,
+    compile, decode_splits, llama_kernels, CompiledKernel, GemvEpilogue, Kernel, KernelFamily,
+    KernelInstance, LaunchDims, LlamaDims, OutType, RuntimeSizes, TemplateFile,
 };
 use kiln_compiler::codegen::nvrtc;
 use kiln_runtime::kernel_args::*;
@@ -1314,9 +1314,7 @@ fn main() {
     if steps.iter().any(|s| s == "bench-gemv") {
         let gemv: Vec<String> = instances
             .iter()
-            .filter(|k| {
-                k.family == KernelFamily::Gemv && k.args.get(1) == Some(&TemplateArg::Int(1))
-            })
+            .filter(|k| matches!(k.kernel, Kernel::Gemv { mmax: 1, .. }))
             .map(|k| k.name_expr.clone())
             .collect();
         let tc: Vec<String> = instances

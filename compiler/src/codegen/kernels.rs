@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::nvrtc::{self, CompileOptions, NvrtcError};
 pub use kiln_runtime::kernels::{
-    decode_splits, GemvEpilogue, KernelFamily, KernelInstance, LaunchDims, OutType, QuantFormat,
-    RuntimeSizes, TemplateArg, DECODE_TILE,
+    decode_splits, AttentionShape, GemvEpilogue, Kernel, KernelFamily, KernelInstance, LaunchDims,
+    OutType, QuantFormat, RuntimeSizes, DECODE_TILE,
 };
 
 /// The shared header every template includes as `"common.cuh"`.
