@@ -109,7 +109,7 @@ def main():
                 for r in json.loads(out):
                     row[f"bench_b{r['batch']}_{r['input']}:{r['output']}"] = dict(
                         step_ms=round(r["decode_step_ms"], 3), weight_gb=round(r["weight_bytes"] / 1e9, 3),
-                        gb_s=round(r["weight_gb_per_s"], 1))
+                        gb_s=round(r["weight_gb_per_s"], 1), ttft_ms=round(r["ttft_ms"], 2))
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.timeline:

@@ -38,9 +38,12 @@
 //     rounding each), so a prefill GEMM over `out` sees the weights a decode GEMV sees (FMT 2 to
 //     5: bit for bit).
 //
-//   act_fp8<K>(x, out, T): out[t,k] = bf16(e4m3(x[t,k] / s) * s), s = max_k |x[t,k]| / 448, for
-//     t < T: a W8A8 product's activations rounded per row for the prefill GEMM (FMT 6 rounds them
-//     itself). One CTA per row; out may alias x.
+//   act_fp8<K, CODES>(x, out, scales, T): for t < T, s = max_k |x[t,k]| / 448 (1 for a zero row):
+//     CODES 0: out[t,k] = bf16(e4m3(x[t,k] / s) * s) (bf16 [T, K]; may alias x): a W8A8
+//     product's activations rounded per row for a bf16 GEMM (FMT 6 rounds them itself);
+//     CODES 1: out[t,k] = e4m3(x[t,k] / s) (one byte each, [T, K]; must not alias x) and
+//     scales[t] = s (f32): the operands of an FP8 GEMM with per-row scales.
+//     One CTA per row.
 //
 // Layouts: x [M, K] bf16 row-major, 16-byte aligned; out [M, N] OutT; codes row-major with
 // K % 16 == 0 (one byte per code: FMT 1, 5, 6) or K % 32 == 0 (int4: FMT 2 to 4), so every row starts 16-byte aligned; the last group
@@ -497,8 +500,8 @@ dequant(const unsigned char* __restrict__ q, const void* __restrict__ scale, con
   }
 }
 
-template <int K>
-__global__ void __launch_bounds__(DEQUANT_THREADS) act_fp8(const bf16* x, bf16* out, int T) {
+template <int K, int CODES>
+__global__ void __launch_bounds__(DEQUANT_THREADS) act_fp8(const bf16* x, void* out, float* scales, int T) {
   static_assert(K % 8 == 0, "act_fp8: K must be a multiple of 8");
   constexpr int V = (K / 8 + DEQUANT_THREADS - 1) / DEQUANT_THREADS;  // 8-value vectors per thread
   __shared__ float amax[DEQUANT_THREADS / 32][8];
@@ -515,11 +518,16 @@ __global__ void __launch_bounds__(DEQUANT_THREADS) act_fp8(const bf16* x, bf16* 
   }
   gemv_q_row_scales<K, DEQUANT_THREADS>(xr, 1, sx, amax);
   const float s = sx[0], inv = 1.f / s;
+  if (CODES && threadIdx.x == 0) scales[t] = s;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     const int k = (i * DEQUANT_THREADS + threadIdx.x) * 8;
     if (k >= K) continue;
     const unsigned c0 = gemv_q_e4m3x4(v[i].x, v[i].y, inv), c1 = gemv_q_e4m3x4(v[i].z, v[i].w, inv);
+    if (CODES) {
+      *reinterpret_cast<uint2*>(static_cast<unsigned char*>(out) + (long long)t * K + k) = make_uint2(c0, c1);
+      continue;
+    }
     float f[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -527,6 +535,6 @@ __global__ void __launch_bounds__(DEQUANT_THREADS) act_fp8(const bf16* x, bf16* 
       f[2 * j] = a.x * s;
       f[2 * j + 1] = a.y * s;
     }
-    *reinterpret_cast<uint4*>(out + (long long)t * K + k) = kiln::pack8(f);
+    *reinterpret_cast<uint4*>(static_cast<bf16*>(out) + (long long)t * K + k) = kiln::pack8(f);
   }
 }

@@ -114,8 +114,9 @@ kernel_args! {
     /// `dequant`: `r` rows of a quantized weight to bf16 `out`.
     DequantArgs for [Dequant] { q: Ptr, scale: Ptr, zero: Ptr, r: Int, out: Ptr }
 
-    /// `act_fp8`: `t` rows of `x` rounded to E4M3 per row, back in bf16 (`out` may alias `x`).
-    ActFp8Args for [ActFp8] { x: Ptr, out: Ptr, t: Int }
+    /// `act_fp8`: `t` rows of `x` rounded to E4M3 per row, back in bf16 (`out` may alias `x`;
+    /// `scales` unused) or as E4M3 codes in `out` with the row scales in `scales`.
+    ActFp8Args for [ActFp8] { x: Ptr, out: Ptr, scales: Ptr, t: Int }
 
     /// `silu_mul`, `gelu_mul`: `out = act(gate) · up` over `t` rows of `gu` = `[gate | up]`.
     GatedRowsArgs for [SiluMul, GeluMul] { gu: Ptr, out: Ptr, t: Int }

@@ -22,7 +22,7 @@ pub enum KernelFamily {
     GemvQ,
     /// `dequant<K, FMT, G>` (a quantized weight to bf16, for the prefill GEMM)
     Dequant,
-    /// `act_fp8<K>` (activations rounded to E4M3 per row, for a W8A8 prefill GEMM)
+    /// `act_fp8<K, CODES>` (activations rounded to E4M3 per row: in bf16 or as codes and row scales)
     ActFp8,
     /// `silu_mul<F>`
     SiluMul,
@@ -277,8 +277,8 @@ pub enum Kernel {
     },
     /// `dequant<K, FMT, G>`
     Dequant { k: usize, format: QuantFormat },
-    /// `act_fp8<K>`
-    ActFp8 { k: usize },
+    /// `act_fp8<K, CODES>`
+    ActFp8 { k: usize, codes: bool },
     /// `silu_mul<F>`
     SiluMul { ffn: usize },
     /// `gelu_mul<F>`
@@ -367,7 +367,7 @@ impl Kernel {
                 ty(out),
             ],
             Kernel::Dequant { k, format } => vec![n(k), n(format.code()), n(format.group())],
-            Kernel::ActFp8 { k } => vec![n(k)],
+            Kernel::ActFp8 { k, codes } => vec![n(k), flag(codes)],
             Kernel::SiluMul { ffn } | Kernel::GeluMul { ffn } => vec![n(ffn)],
             Kernel::BiasRows { n: cols } => vec![n(cols)],
             Kernel::RopeAppend(a)
@@ -560,11 +560,12 @@ impl KernelInstance {
         Kernel::Dequant { k, format }.into()
     }
 
-    /// `act_fp8<K>(const bf16* x, bf16* out, int T)`: each of the `T` rows of `x` rounded to
-    /// E4M3 with its own scale (`max|row| / 448`), back in bf16 (the activations of a W8A8
-    /// prefill product; `out` may alias `x`).
-    pub fn act_fp8(k: usize) -> Self {
-        Kernel::ActFp8 { k }.into()
+    /// `act_fp8<K, CODES>(const bf16* x, void* out, float* scales, int T)`: each of the `T` rows
+    /// of `x` rounded to E4M3 with its own scale (`max|row| / 448`): back in bf16 (`codes`
+    /// false: the activations of a W8A8 product on a bf16 GEMM; `out` may alias `x`), or as
+    /// E4M3 bytes with the row scales in `scales` (`codes`: the operands of an FP8 GEMM).
+    pub fn act_fp8(k: usize, codes: bool) -> Self {
+        Kernel::ActFp8 { k, codes }.into()
     }
 
     /// `silu_mul<F>(const bf16* gu, bf16* out, int T)`.

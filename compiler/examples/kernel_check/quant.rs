@@ -21,28 +21,44 @@ pub(super) fn check_quant(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
         let x = r.bf_vec(t * k, 2.0);
         let mut want = x.clone();
         kiln_runtime::quant::fp8_rows(&mut want, k);
-        let (dx, dout) = (g.up_bf(&x)?, g.poison_bf(t * k)?);
-        let inst = KernelInstance::act_fp8(k);
+        let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
         let rt = RuntimeSizes {
             tokens: t,
             ..Default::default()
         };
-        g.launch(
-            &inst,
-            rt,
-            &ActFp8Args {
-                x: g.ptr(&dx),
-                out: g.ptr(&dout),
-                t: t as i32,
-            },
-        )?;
+        let dx = g.up_bf(&x)?;
+        // Rounded back to bf16.
+        let dout = g.poison_bf(t * k)?;
+        let args = ActFp8Args {
+            x: g.ptr(&dx),
+            out: g.ptr(&dout),
+            scales: 0,
+            t: t as i32,
+        };
+        g.launch(&KernelInstance::act_fp8(k, false), rt, &args)?;
         g.sync()?;
-        let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
         rep.check(
-            format!("act_fp8<{k}> T={t}"),
+            format!("act_fp8<{k}, 0> T={t}"),
             rel_l2(&g.down_bf(&dout)?, &want),
             4e-3,
         );
+        // As E4M3 codes and row scales (an FP8 GEMM's operands): code · scale is the same value.
+        let (codes, scales) = (g.up(&vec![0x7fu8; t * k])?, g.poison_f32(t)?);
+        let args = ActFp8Args {
+            x: g.ptr(&dx),
+            out: g.ptr(&codes),
+            scales: g.ptr(&scales),
+            t: t as i32,
+        };
+        g.launch(&KernelInstance::act_fp8(k, true), rt, &args)?;
+        g.sync()?;
+        let (c, sc) = (g.down(&codes)?, g.down(&scales)?);
+        let got: Vec<f32> = c
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| kiln_runtime::quant::from_e4m3(b) * sc[i / k])
+            .collect();
+        rep.check(format!("act_fp8<{k}, 1> T={t}"), rel_l2(&got, &want), 4e-3);
     }
     Ok(())
 }

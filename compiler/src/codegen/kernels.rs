@@ -296,7 +296,8 @@ pub fn llama_kernels(cfg: &LlamaDims) -> Vec<KernelInstance> {
                 }
                 out.push(KernelInstance::dequant(k, f));
                 if f == QuantFormat::Fp8 {
-                    out.push(KernelInstance::act_fp8(k));
+                    out.push(KernelInstance::act_fp8(k, false));
+                    out.push(KernelInstance::act_fp8(k, true));
                 }
             }
         }

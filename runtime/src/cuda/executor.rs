@@ -512,6 +512,7 @@ impl CudaExecutor {
             t: shape.tokens,
             b: shape.seqs,
             longest_query: shape.longest_query,
+            decodes: shape.decodes,
         }
     }
 
@@ -724,6 +725,9 @@ struct StepShape {
     seqs: usize,
     /// Query rows of its longest sequence (1 in a decode step).
     longest_query: usize,
+    /// Leading sequences with one query row each (all of a decode step's): their attention runs
+    /// the decode kernel, which rotates and appends their token itself.
+    decodes: usize,
 }
 
 /// Checks a step against the executor's sizes and writes its metadata (tokens, positions, cache
@@ -785,6 +789,7 @@ fn write_meta(
         tokens: t,
         seqs: b,
         longest_query: seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0),
+        decodes: seqs.iter().take_while(|s| s.tokens.len() == 1).count(),
     })
 }
 
@@ -822,7 +827,8 @@ mod tests {
             StepShape {
                 tokens: 4,
                 seqs: 2,
-                longest_query: 3
+                longest_query: 3,
+                decodes: 0
             }
         );
         assert_eq!(&h[m.tokens..m.tokens + 4], &[5, 6, 7, 9]);
@@ -851,10 +857,13 @@ mod tests {
         assert_eq!(f32::from_bits(h[m.temperature + 1] as u32), 0.7);
         assert_eq!(h[m.top_k], 40);
         assert_eq!(&h[m.seeds + 4..m.seeds + 8], &[5, 3, 11, 0]);
-        // Decodes beside a chunk: the longest query is the chunk's.
+        // Decodes ahead of the chunk are the leading one-row sequences; one after it is not.
         let mixed = [seqs[1], seqs[1], seqs[0], seqs[1]];
         let shape = write_meta(&mut h, &m, &opts, 8, &mixed).unwrap();
-        assert_eq!((shape.tokens, shape.longest_query), (6, 3));
+        assert_eq!(
+            (shape.tokens, shape.decodes, shape.longest_query),
+            (6, 2, 3)
+        );
         // Too few blocks, a block id past the cache, too many sequences: refused.
         let short = [SeqStep {
             tokens: &a,

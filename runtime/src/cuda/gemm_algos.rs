@@ -127,8 +127,8 @@ impl GemmAlgos {
 
 /// A cuBLASLt handle and its workspace.
 pub struct LtGemm {
-    handle: lt_sys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
+    pub(super) handle: lt_sys::cublasLtHandle_t,
+    pub(super) workspace: CudaSlice<u8>,
 }
 
 impl Drop for LtGemm {
@@ -201,7 +201,55 @@ impl Drop for Descs {
     }
 }
 
-fn lt_err(e: lt::CublasError) -> CudaError {
+/// Up to `most` algorithms cuBLASLt's heuristic offers for a product (`layouts`: A, B, and C = D),
+/// best guess first, each within [`WORKSPACE_BYTES`].
+///
+/// # Safety
+/// The handle and descriptors must be live.
+pub(super) unsafe fn heuristic(
+    handle: lt_sys::cublasLtHandle_t,
+    op: lt_sys::cublasLtMatmulDesc_t,
+    [a, b, c]: [lt_sys::cublasLtMatrixLayout_t; 3],
+    most: usize,
+) -> Result<Vec<[u64; 8]>, CudaError> {
+    let pref = lt::create_matmul_pref().map_err(lt_err)?;
+    let ws = WORKSPACE_BYTES;
+    let set = lt::set_matmul_pref_attribute(
+        pref,
+        lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+        &ws as *const usize as *const _,
+        std::mem::size_of::<usize>(),
+    );
+    let mut results = vec![std::mem::zeroed::<lt_sys::cublasLtMatmulHeuristicResult_t>(); most];
+    let mut count = 0i32;
+    let got = set.and_then(|_| {
+        lt_sys::cublasLtMatmulAlgoGetHeuristic(
+            handle,
+            op,
+            a,
+            b,
+            c,
+            c,
+            pref,
+            most as i32,
+            results.as_mut_ptr(),
+            &mut count,
+        )
+        .result()
+    });
+    let _ = lt::destroy_matmul_pref(pref);
+    got.map_err(lt_err)?;
+    Ok(results[..count.max(0) as usize]
+        .iter()
+        .filter(|r| {
+            r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && r.workspaceSize <= WORKSPACE_BYTES
+        })
+        .map(|r| r.algo.data)
+        .collect())
+}
+
+pub(super) fn lt_err(e: lt::CublasError) -> CudaError {
     CudaError::Driver(format!("cuBLASLt: {e}"))
 }
 
@@ -217,46 +265,8 @@ impl LtGemm {
     /// cuBLASLt's candidates for `shape` at `m` rows, best guess first.
     fn candidates(&self, shape: &GemmShape, m: usize) -> Result<Vec<[u64; 8]>, CudaError> {
         let d = Descs::new(shape, m)?;
-        let pref = lt::create_matmul_pref().map_err(lt_err)?;
-        let ws = WORKSPACE_BYTES;
-        let mut found = Vec::new();
-        // SAFETY: descriptors and preference are live; the result array has CANDIDATES slots.
-        unsafe {
-            let set = lt::set_matmul_pref_attribute(
-                pref,
-                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &ws as *const usize as *const _,
-                std::mem::size_of::<usize>(),
-            );
-            let mut results =
-                vec![std::mem::zeroed::<lt_sys::cublasLtMatmulHeuristicResult_t>(); CANDIDATES];
-            let mut count = 0i32;
-            let got = set.and_then(|_| {
-                lt_sys::cublasLtMatmulAlgoGetHeuristic(
-                    self.handle,
-                    d.op,
-                    d.a,
-                    d.b,
-                    d.c,
-                    d.c,
-                    pref,
-                    CANDIDATES as i32,
-                    results.as_mut_ptr(),
-                    &mut count,
-                )
-                .result()
-            });
-            let _ = lt::destroy_matmul_pref(pref);
-            got.map_err(lt_err)?;
-            for r in &results[..count.max(0) as usize] {
-                if r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-                    && r.workspaceSize <= WORKSPACE_BYTES
-                {
-                    found.push(r.algo.data);
-                }
-            }
-        }
-        Ok(found)
+        // SAFETY: the descriptors are live.
+        unsafe { heuristic(self.handle, d.op, [d.a, d.b, d.c], CANDIDATES) }
     }
 
     /// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ out when shape.accumulate)` with algorithm `algo`.

@@ -3,6 +3,7 @@
 //! mirrors the templates' launch rules; argument lists follow the header comment of each file in
 //! `kernels_templates/`. Prefill GEMMs (more than `GEMV_MAX_ROWS` rows) go to cuBLAS.
 
+use super::fp8_gemm::{Fp8Gemm, Fp8Shape};
 use super::gemm_algos::{run_default, GemmAlgos, GemmShape, LtGemm};
 use super::kv_cache::BLOCK;
 use super::{CudaError, CudaOptions};
@@ -145,7 +146,8 @@ pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
                         }
                         out.push(KernelInstance::dequant(k, f));
                         if f == QuantFormat::Fp8 {
-                            out.push(KernelInstance::act_fp8(k));
+                            out.push(KernelInstance::act_fp8(k, false));
+                            out.push(KernelInstance::act_fp8(k, true));
                         }
                     }
                     None => {
@@ -275,6 +277,10 @@ pub struct Ptrs<'a> {
     pub b: usize,
     /// Query rows of the step's longest sequence (sizes the prefill attention grid).
     pub longest_query: usize,
+    /// Leading sequences with one query row each (every sequence of a decode step): the decode
+    /// attention kernel serves them and rotates and appends their token itself; the prefill
+    /// kernel serves the rest.
+    pub decodes: usize,
 }
 
 impl Ptrs<'_> {
@@ -308,6 +314,30 @@ struct Timeline {
     marks: Vec<(String, CudaEvent)>,
 }
 
+/// The operands of a GEMM.
+enum Product {
+    /// bf16 activations `x` `[rows, k]` and weight `w` `[n_rows, k]`.
+    Bf16 { x: u64, w: u64 },
+    /// E4M3 codes with per-row scales: the weight's (codes, scales) and the activations'.
+    Fp8 {
+        shape: Fp8Shape,
+        algo: [u64; 8],
+        w: (u64, u64),
+        x: (u64, u64),
+    },
+}
+
+/// Bytes of `rows × k` E4M3 activation codes, rounded up so that the row scales after them
+/// start 256-aligned.
+fn fp8_codes_bytes(rows: usize, k: usize) -> usize {
+    (rows * k).div_ceil(256) * 256
+}
+
+/// Bytes of an FP8 GEMM's activation operands: the codes, then one f32 scale per row.
+fn fp8_operand_bytes(rows: usize, k: usize) -> usize {
+    fp8_codes_bytes(rows, k) + rows * 4
+}
+
 /// The loaded kernels and the cuBLAS handle.
 pub struct Kernels {
     funcs: HashMap<String, CudaFunction>,
@@ -325,6 +355,9 @@ pub struct Kernels {
     /// The engine's per-shape cuBLASLt algorithms for prefill GEMMs, with a cuBLASLt handle
     /// (absent: cuBLAS's default algorithm for every GEMM).
     gemm_algos: Option<(GemmAlgos, LtGemm)>,
+    /// FP8 GEMMs for the W8A8 products of steps beyond the GEMV's rows (a plan with `fp8`
+    /// weights; absent, or without an algorithm for a shape: dequantize and run bf16).
+    fp8: Option<Fp8Gemm>,
     /// Launch with programmatic stream serialization (sm_90+): each kernel may start while the
     /// previous one drains, and waits for it in `kiln::pdl_sync()` (kernels_templates/common.cuh).
     pdl: bool,
@@ -395,10 +428,20 @@ impl Kernels {
             }
             None => None,
         };
+        let has_fp8 = plan
+            .launches
+            .iter()
+            .any(|l| matches!(l, Launch::Linear { format, .. } if *format == DType::Fp8));
+        let fp8 = if has_fp8 {
+            Some(Fp8Gemm::new(stream)?)
+        } else {
+            None
+        };
         Ok(Kernels {
             funcs,
             blas: CudaBlas::new(stream.clone())?,
             gemm_algos,
+            fp8,
             scratch: 0,
             norm_scratch: 0,
             weight_scratch: 0,
@@ -415,6 +458,7 @@ impl Kernels {
     /// then the bf16 copy of a quantized weight that a prefill GEMM reads.
     pub fn scratch_bytes(plan: &Plan, opts: &CudaOptions) -> usize {
         let (first, normed) = Self::scratch_regions(plan, opts);
+        let rows = opts.max_step_tokens.max(opts.max_batch);
         let dequantized = plan.launches.iter().filter_map(|l| match l {
             Launch::Linear {
                 x,
@@ -423,8 +467,17 @@ impl Kernels {
                 out,
                 ..
             } if *format != DType::BF16 => {
-                let n = epilogue.weight_rows(plan.buffers[*out].cols);
-                Some(n * plan.buffers[*x].cols * 2)
+                let (n, k) = (
+                    epilogue.weight_rows(plan.buffers[*out].cols),
+                    plan.buffers[*x].cols,
+                );
+                // An FP8 GEMM's activation codes and row scales instead, where larger.
+                let fp8 = if *format == DType::Fp8 {
+                    fp8_operand_bytes(rows, k)
+                } else {
+                    0
+                };
+                Some((n * k * 2).max(fp8))
             }
             _ => None,
         });
@@ -675,26 +728,30 @@ impl Kernels {
                 Some(f) => self.linear_quant(stream, p, *x, norm.as_ref(), w, f, epilogue, *out),
                 None => self.linear(stream, p, *x, norm.as_ref(), w, epilogue, *out),
             },
-            // A decode step's attention kernel rotates and appends itself.
-            Launch::RopeAppend { .. } if p.t == p.b => Ok(()),
+            // The decode attention kernel rotates and appends the leading one-row sequences'
+            // tokens itself (a decode step's every token).
+            Launch::RopeAppend { .. } if p.decodes == p.b => Ok(()),
             Launch::RopeAppend {
                 qkv,
                 layer,
                 inv_freq,
             } => {
-                let (q, kc, vc) = (p.buf(*qkv), p.k_cache(*layer), p.v_cache(*layer));
+                let d = p.decodes;
+                let row_bytes = plan.buffers[*qkv].cols * 2;
+                let q = p.buf(*qkv) + (d * row_bytes) as u64;
+                let (kc, vc) = (p.k_cache(*layer), p.v_cache(*layer));
                 let k = KernelInstance::rope_append(a.heads, a.kv_heads, a.head_dim, BLOCK);
                 self.go(
                     stream,
                     &k,
-                    sizes(p.t, p.b, 0, 0),
+                    sizes(p.t - d, p.b - d, 0, 0),
                     &RopeAppendArgs {
                         qkv: q,
-                        positions: p.positions,
-                        slot_mapping: p.slots,
+                        positions: p.positions + (d * 4) as u64,
+                        slot_mapping: p.slots + (d * 4) as u64,
                         k_cache: kc,
                         v_cache: vc,
-                        t: p.t as i32,
+                        t: (p.t - d) as i32,
                         inv_freq: p.w(inv_freq)?,
                     },
                 )
@@ -714,14 +771,16 @@ impl Kernels {
                     p.v_cache(*layer),
                     p.buf(*out),
                 );
-                let b = p.b as i32;
-                if p.t != p.b {
-                    // Tiles for the longest sequence's query rows, not for every token.
+                let d = p.decodes;
+                if d < p.b {
+                    // Sequences d.. (prompt chunks, and any one-row sequence after the first
+                    // chunk): their rows' keys are in the cache already (rope_append).
+                    let rest = |ptr: u64, stride: usize| ptr + (d * stride * 4) as u64;
                     let rt = RuntimeSizes {
                         longest_query: p.longest_query,
-                        ..sizes(p.t, p.b, 0, 0)
+                        ..sizes(p.t - d, p.b - d, 0, 0)
                     };
-                    return self.go(
+                    self.go(
                         stream,
                         &self.prefill_attention,
                         rt,
@@ -729,25 +788,29 @@ impl Kernels {
                             qkv: q,
                             k_cache: kc,
                             v_cache: vc,
-                            block_tables: p.block_tables,
+                            block_tables: rest(p.block_tables, p.max_blocks as usize),
                             max_blocks: p.max_blocks,
-                            seq_lens: p.seq_lens,
-                            query_start: p.query_start,
+                            seq_lens: rest(p.seq_lens, 1),
+                            query_start: rest(p.query_start, 1),
                             out: o,
-                            b,
+                            b: (p.b - d) as i32,
                             scale: *scale,
                             window: w,
                         },
-                    );
+                    )?;
                 }
-                let n = splits(p.b, a.kv_heads, p.max_seq_len);
+                if d == 0 {
+                    return Ok(());
+                }
+                // Sequences ..d: one token each, rows 0..d of the step.
+                let n = splits(d, a.kv_heads, p.max_seq_len);
                 let (po, ns) = (self.scratch, n as i32);
-                let pml = po + (p.b * a.heads * n * a.head_dim * 4) as u64;
+                let pml = po + (d * a.heads * n * a.head_dim * 4) as u64;
                 let k = KernelInstance::attention_decode(a.heads, a.kv_heads, a.head_dim, BLOCK);
                 self.go(
                     stream,
                     &k,
-                    sizes(p.t, p.b, 0, n),
+                    sizes(d, d, 0, n),
                     &AttentionDecodeArgs {
                         qkv: q,
                         k_cache: kc,
@@ -758,7 +821,7 @@ impl Kernels {
                         slot_mapping: p.slots,
                         inv_freq: p.w(inv_freq)?,
                         out: o,
-                        b,
+                        b: d as i32,
                         scale: *scale,
                         partial_o: po,
                         partial_ml: pml,
@@ -771,13 +834,13 @@ impl Kernels {
                     self.go(
                         stream,
                         &k,
-                        sizes(p.t, p.b, 0, n),
+                        sizes(d, d, 0, n),
                         &DecodeMergeArgs {
                             partial_o: po,
                             partial_ml: pml,
                             seq_lens: p.seq_lens,
                             out: o,
-                            b,
+                            b: d as i32,
                             max_splits: ns,
                             window: w,
                         },
@@ -842,7 +905,15 @@ impl Kernels {
                 self.go(stream, &inst, rt, &args)
             };
         }
-        self.gemm(stream, p, xp, wp, n_rows, k, epi, out)
+        self.gemm(
+            stream,
+            p,
+            Product::Bf16 { x: xp, w: wp },
+            n_rows,
+            k,
+            epi,
+            out,
+        )
     }
 
     /// The input a projection's product reads and the norm its GEMV folds: at one row a folded
@@ -936,16 +1007,51 @@ impl Kernels {
                 },
             );
         }
+        if f == QuantFormat::Fp8 {
+            let shape = Fp8Shape {
+                n: n_rows,
+                k,
+                m: rows,
+                accumulate: matches!(epi, Epilogue::Residual(_) | Epilogue::Bias(_)),
+            };
+            let bf16_out = plan.buffers[out].dtype == BufType::Bf16 || epi.is_gated();
+            let algo = self.fp8.as_ref().and_then(|g| g.supports(&shape));
+            if let (Some(algo), true) = (algo, bf16_out) {
+                // W8A8 on FP8 tensor cores: the activations' E4M3 codes and row scales (in the
+                // weight scratch, which this product does not need), then cuBLASLt.
+                let codes = self.weight_scratch;
+                let scales = codes + fp8_codes_bytes(rows, k) as u64;
+                self.go(
+                    stream,
+                    &KernelInstance::act_fp8(k, true),
+                    sizes(rows, p.b, 0, 0),
+                    &ActFp8Args {
+                        x: xp,
+                        out: codes,
+                        scales,
+                        t: rows as i32,
+                    },
+                )?;
+                let product = Product::Fp8 {
+                    shape,
+                    algo,
+                    w: (q, scale),
+                    x: (codes, scales),
+                };
+                return self.gemm(stream, p, product, n_rows, k, epi, out);
+            }
+        }
         let xp = if f == QuantFormat::Fp8 {
             // W8A8: the activations rounded to E4M3 per row (in place over the normalized input).
             let dst = self.norm_scratch;
             self.go(
                 stream,
-                &KernelInstance::act_fp8(k),
+                &KernelInstance::act_fp8(k, false),
                 sizes(rows, p.b, 0, 0),
                 &ActFp8Args {
                     x: xp,
                     out: dst,
+                    scales: 0,
                     t: rows as i32,
                 },
             )?;
@@ -966,18 +1072,25 @@ impl Kernels {
                 out: wq,
             },
         )?;
-        self.gemm(stream, p, xp, wq, n_rows, k, epi, out)
+        self.gemm(
+            stream,
+            p,
+            Product::Bf16 { x: xp, w: wq },
+            n_rows,
+            k,
+            epi,
+            out,
+        )
     }
 
-    /// A prefill product on cuBLAS(Lt) with its epilogue: `out = epi(x · wᵀ)`, `w` a bf16
-    /// `[n_rows, k]` matrix at `wp`, `x` at `xp` (already normalized).
+    /// A prefill product on cuBLAS(Lt) with its epilogue: `out = epi(x · wᵀ)` for a `[n_rows, k]`
+    /// weight, `x` already normalized.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
         stream: &Arc<CudaStream>,
         p: &Ptrs,
-        xp: u64,
-        wp: u64,
+        product: Product,
         n_rows: usize,
         k: usize,
         epi: &Epilogue,
@@ -1019,20 +1132,31 @@ impl Kernels {
                 }
             }
         }
-        // The algorithm chosen for this shape at build where there is one and it runs, else
-        // cuBLAS's default.
-        let shape = GemmShape::of(n_rows, k, epi, out_t);
-        let tuned = self.gemm_algos.as_ref().and_then(|(t, lt)| {
-            let c = t.lookup(&shape, rows)?;
-            // SAFETY: pointers address device buffers of the sizes the plan declares.
-            unsafe { lt.run(stream, &shape, rows, &c.algo, wp, xp, dst) }.ok()
-        });
-        let how = match tuned {
-            Some(()) => "cublasLt",
-            None => {
-                // SAFETY: as above.
-                unsafe { run_default(&self.blas, &shape, rows, wp, xp, dst)? };
-                "cublas"
+        let how = match product {
+            Product::Fp8 { shape, algo, w, x } => {
+                let fp8 = self.fp8.as_ref().expect("an FP8 product has its handle");
+                // SAFETY: the codes and scales were written for these sizes (weights by the
+                // engine, activations by act_fp8); dst holds rows × n_rows bf16.
+                unsafe { fp8.run(stream, &shape, &algo, w, x, dst)? };
+                "cublasLt fp8"
+            }
+            Product::Bf16 { x: xp, w: wp } => {
+                // The algorithm chosen for this shape at build where there is one and it runs,
+                // else cuBLAS's default.
+                let shape = GemmShape::of(n_rows, k, epi, out_t);
+                let tuned = self.gemm_algos.as_ref().and_then(|(t, lt)| {
+                    let c = t.lookup(&shape, rows)?;
+                    // SAFETY: pointers address device buffers of the sizes the plan declares.
+                    unsafe { lt.run(stream, &shape, rows, &c.algo, wp, xp, dst) }.ok()
+                });
+                match tuned {
+                    Some(()) => "cublasLt",
+                    None => {
+                        // SAFETY: as above.
+                        unsafe { run_default(&self.blas, &shape, rows, wp, xp, dst)? };
+                        "cublas"
+                    }
+                }
             }
         };
         self.mark(stream, &format!("{how} gemm {rows}x{n_rows}x{k}"))?;

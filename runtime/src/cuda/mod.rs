@@ -7,6 +7,7 @@
 //! `CudaError::NoDevice` and the rest of kiln (the CPU path) works as before.
 
 mod executor;
+mod fp8_gemm;
 pub mod gemm_algos;
 pub mod kv_cache;
 mod launch;
