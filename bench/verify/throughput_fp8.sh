@@ -31,10 +31,10 @@ E=/tmp/llama3-8b.kiln
 timeout 170 python3 bench/make_engine.py --kiln .dev/bin/kiln --model llama3-8b --out $E --quant fp8 2>&1 | tail -1
 echo "== kiln 128:128,2048:128 x512"
 timeout 100 .dev/bin/kiln bench $E --throughput --io 128:128,2048:128 --requests 512 2>&1 | tail -3 | tee $OUT/tp-kiln.txt
+echo "== kiln-old 128:128,2048:128 x512"
+timeout 100 .dev/bin/kiln-old bench $E --throughput --io 128:128,2048:128 --requests 512 2>&1 | tail -3 | tee $OUT/tp-kiln-old.txt
 for e in $E /tmp/llama3-8b-fp8.kiln; do
   echo "== bench $e"
   timeout 45 .dev/bin/kiln bench $e --batch 1 --io 2048:16 2>&1 | tail -2 | tee -a $OUT/fp8-bench.txt
   timeout 45 .dev/bin/kiln bench $e --batch 32 --io 128:64 2>&1 | tail -2 | tee -a $OUT/fp8-bench.txt
 done
-echo "== kiln-old 128:128,2048:128 x512"
-timeout 100 .dev/bin/kiln-old bench $E --throughput --io 128:128,2048:128 --requests 512 2>&1 | tail -3 | tee $OUT/tp-kiln-old.txt
