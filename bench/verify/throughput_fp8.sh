@@ -38,3 +38,10 @@ for e in $E /tmp/llama3-8b-fp8.kiln; do
   timeout 45 .dev/bin/kiln bench $e --batch 1 --io 2048:16 2>&1 | tail -2 | tee -a $OUT/fp8-bench.txt
   timeout 45 .dev/bin/kiln bench $e --batch 32 --io 128:64 2>&1 | tail -2 | tee -a $OUT/fp8-bench.txt
 done
+# Whatever time the call has left: Gemma and Mistral (2 layers) end to end against transformers.
+left=$((560 - SECONDS))
+if [ $left -gt 60 ]; then
+  timeout $left python3 bench/gpu_check.py --models gemma-2b-2l,mistral-7b-2l --diff --cont 16 --work /tmp > $OUT/gpu_check.txt 2>&1
+  echo "gpu_check rc=$?"; grep "diff_max\|rel_l2\|Error\|error" $OUT/gpu_check.txt | cut -c1-600 | tail -10
+fi
+echo "elapsed ${SECONDS}s"
