@@ -28,7 +28,8 @@ use kiln_compiler::codegen::nvrtc;
 use kiln_runtime::kernel_args::*;
 use rayon::prelude::*;
 
-type Res<T> = Result<T, Box<dyn Error>>;
+/// A check's result: errors are the GPU's or NVRTC's, as text.
+pub type Res<T> = Result<T, Box<dyn Error>>;
 
 /// Tolerance on the relative L2 error of bf16-output kernels.
 const TOL: f64 = 1e-2;
@@ -46,9 +47,18 @@ const SMS: usize = 132;
 // ---------------------------------------------------------------------------------------------
 // Random numbers and bf16 helpers
 
-struct Rng(u64);
+/// splitmix64: the checks' random inputs.
+pub struct Rng(u64);
 
 impl Rng {
+    /// Seeded from the clock: every run draws fresh inputs.
+    pub fn from_clock() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Rng(seed)
+    }
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -119,7 +129,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // GPU plumbing
 
-struct Gpu {
+/// A CUDA context and stream with every checked kernel loaded.
+pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     funcs: HashMap<String, CudaFunction>,
@@ -208,7 +219,9 @@ fn compile_cached(instances: &[KernelInstance], arch: &str) -> Res<Vec<CompiledK
 }
 
 impl Gpu {
-    fn new(instances: &[KernelInstance], arch: &str) -> Res<Self> {
+    /// Compiles `instances` for `arch` (NVRTC, cached by `$KILN_KERNEL_CACHE`) and loads them
+    /// on GPU 0.
+    pub fn new(instances: &[KernelInstance], arch: &str) -> Res<Self> {
         let ctx = CudaContext::new(0)?;
         // SAFETY: raw pointers are used throughout; nothing relies on cudarc's event tracking.
         unsafe { ctx.disable_event_tracking() };
@@ -382,12 +395,24 @@ impl Gpu {
 // ---------------------------------------------------------------------------------------------
 // Results
 
-struct Report {
+/// The checks' results (name, error, tolerance, passed) and the benchmarks' timings, also
+/// printed as they come.
+#[derive(Default)]
+pub struct Report {
     checks: Vec<(String, f64, f64, bool)>,
     timings: Vec<(String, String)>,
 }
 
 impl Report {
+    /// The names of the failed checks with their errors and tolerances.
+    pub fn failures(&self) -> Vec<String> {
+        self.checks
+            .iter()
+            .filter(|c| !c.3)
+            .map(|(name, err, tol, _)| format!("{name}: {err:.3e} > {tol:.0e}"))
+            .collect()
+    }
+
     fn check(&mut self, name: impl Into<String>, err: f64, tol: f64) {
         let name = name.into();
         let ok = err <= tol;
@@ -938,7 +963,8 @@ const STEPS: [&str; 14] = [
     "bench-sample",
 ];
 
-fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
+/// Runs one step of [`STEPS`], adding its checks and timings to `rep`.
+pub fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
     use GemvEpilogue::*;
     match step {
         "info" => {
@@ -1255,21 +1281,9 @@ fn run_step(g: &Gpu, rep: &mut Report, r: &mut Rng, step: &str) -> Res<()> {
     }
 }
 
-fn main() {
-    // SAFETY: only probes whether libcuda can be dlopened (cudarc panics later if it cannot).
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        eprintln!(
-            "no CUDA driver (libcuda.so) on this machine: the kernel check needs an NVIDIA GPU"
-        );
-        std::process::exit(2);
-    }
-    let arch = std::env::var("KILN_ARCH").unwrap_or_else(|_| "sm_90".to_string());
-    let steps: Vec<String> = std::env::args().skip(1).collect();
-    let steps: Vec<String> = if steps.is_empty() {
-        STEPS.iter().map(|s| s.to_string()).collect()
-    } else {
-        steps
-    };
+/// Every kernel instance the checks and benchmarks launch on `arch`: the Llama configurations'
+/// instances and the other families' (the bias epilogue, Gemma's GeGLU and scaled embedding).
+pub fn kernel_instances(arch: &str) -> Vec<KernelInstance> {
     let mut instances: Vec<KernelInstance> = Vec::new();
     for cfg in [
         LlamaDims::smollm2_135m(),
@@ -1304,6 +1318,25 @@ fn main() {
     if arch != "sm_90" {
         instances.retain(|k| k.family != KernelFamily::AttentionPrefillSm90);
     }
+    instances
+}
+
+fn main() {
+    // SAFETY: only probes whether libcuda can be dlopened (cudarc panics later if it cannot).
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!(
+            "no CUDA driver (libcuda.so) on this machine: the kernel check needs an NVIDIA GPU"
+        );
+        std::process::exit(2);
+    }
+    let arch = std::env::var("KILN_ARCH").unwrap_or_else(|_| "sm_90".to_string());
+    let steps: Vec<String> = std::env::args().skip(1).collect();
+    let steps: Vec<String> = if steps.is_empty() {
+        STEPS.iter().map(|s| s.to_string()).collect()
+    } else {
+        steps
+    };
+    let instances = kernel_instances(&arch);
     let mut g = match Gpu::new(&instances, &arch) {
         Ok(g) => g,
         Err(e) => {
@@ -1336,15 +1369,8 @@ fn main() {
             }
         }
     }
-    let mut rep = Report {
-        checks: Vec::new(),
-        timings: Vec::new(),
-    };
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let mut r = Rng(seed);
+    let mut rep = Report::default();
+    let mut r = Rng::from_clock();
     let mut error = None;
     for step in &steps {
         println!("-- {step}");
