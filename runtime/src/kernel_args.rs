@@ -59,8 +59,9 @@ macro_rules! kernel_args {
         }
     )*) => {$(
         $(#[$doc])*
+        ///
+        /// Fields: the template's parameters (its header comment says what each holds).
         #[derive(Debug, Clone, Copy, PartialEq)]
-        #[allow(missing_docs)]
         pub struct $name {
             $(pub $field: arg_type!($kind),)*
         }
