@@ -39,7 +39,10 @@ fn check(step: &str) {
     // One step at a time on the shared stream; a panicked step leaves the lock usable.
     let g = gpu.lock().unwrap_or_else(|e| e.into_inner());
     let mut rep = Report::default();
-    if let Err(e) = run_step(&g, &mut rep, &mut Rng::from_clock(), step) {
+    let result = g
+        .bind()
+        .and_then(|()| run_step(&g, &mut rep, &mut Rng::from_clock(), step));
+    if let Err(e) = result {
         panic!("{step}: {e}");
     }
     let failed = rep.failures();

@@ -247,6 +247,12 @@ impl Gpu {
         Ok(Self { ctx, stream, funcs })
     }
 
+    /// Makes the context current on the calling thread (the raw launches need it; the tests
+    /// run steps on threads other than the one that created it).
+    pub fn bind(&self) -> Res<()> {
+        Ok(self.ctx.bind_to_thread()?)
+    }
+
     fn up<T: DeviceRepr>(&self, v: &[T]) -> Res<CudaSlice<T>> {
         Ok(self.stream.clone_htod(v)?)
     }
