@@ -209,7 +209,7 @@ impl CudaExecutor {
         check_arch(engine.metadata(keys::ARCH), cc)?;
         let stream = ctx.new_stream()?;
         let pdl = opts.pdl && cc.0 >= 9;
-        super::launch::check_weights(&plan, engine)?;
+        super::plan_needs::check_weights(&plan, engine)?;
         let mut kernels = Kernels::load(&ctx, &stream, engine, &plan, pdl)?;
 
         // Weights: one allocation, each tensor 256-byte aligned.
@@ -617,7 +617,7 @@ impl CudaExecutor {
         // and their arguments are the same for every step of a batch size.
         if self.opts.cuda_graphs
             && t == b
-            && b <= super::launch::GEMV_MAX_ROWS
+            && b <= super::plan_needs::GEMV_MAX_ROWS
             && !self.kernels.timeline_on()
         {
             let key = (b, sample);

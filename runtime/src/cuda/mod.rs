@@ -11,11 +11,12 @@ mod fp8_gemm;
 pub mod gemm_algos;
 pub mod kv_cache;
 mod launch;
+mod plan_needs;
 
 pub use executor::{
     CudaExecutor, CudaOptions, SampleParams, SeqId, StepResult, StepSeq, TracedBuffer, Want,
 };
-pub use launch::{allow_dynamic_smem, plan_instances, GEMV_MAX_ROWS};
+pub use plan_needs::{allow_dynamic_smem, plan_instances, GEMV_MAX_ROWS};
 
 /// The architecture name (`sm_90`) of a compute capability.
 fn sm_name((major, minor): (i32, i32)) -> String {
