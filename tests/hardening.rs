@@ -704,7 +704,10 @@ fn a_gpu_engine_without_a_gpu() {
     assert!(
         plan.contains("attention: 2 heads, 1 KV heads, head_dim 32")
             && plan.contains("Embedding table=model.embed_tokens.weight")
-            && plan.contains("Attention layer=1"),
+            && plan.contains("Attention layer=1")
+            // Each launch's kernels by the kind of step, template arguments named.
+            && plan.contains("1 row: Gemv { k: 64, mmax: 1, epi: Plain, norm: true, out: Bf16 }")
+            && plan.contains("leading one-row sequences (decodes): AttentionDecode(AttentionShape { heads: 2, kv_heads: 1, head_dim: 32, block: 16 })"),
         "{plan}"
     );
     let msg = fails(&["run", e, "--prompt", "w1 w2"]);

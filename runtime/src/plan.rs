@@ -247,10 +247,24 @@ impl Plan {
         ron::from_str(text).map_err(|e| format!("launch plan: {e}"))
     }
 
-    /// The plan as text, one launch per line with its buffers named (`name bf16[T, 576]`), for
-    /// `kiln inspect --plan`.
-    pub fn describe(&self) -> String {
-        use std::fmt::Write;
+    /// The plan's first line for `kiln inspect --plan`: attention shape, layers, vocabulary,
+    /// buffers and arena slots.
+    pub fn describe_header(&self) -> String {
+        let a = self.attention;
+        format!(
+            "attention: {} heads, {} KV heads, head_dim {}; {} layers; vocab {}; {} buffers in {} arena slots",
+            a.heads,
+            a.kv_heads,
+            a.head_dim,
+            self.layers,
+            self.vocab,
+            self.buffers.len(),
+            self.slot_row_bytes().len()
+        )
+    }
+
+    /// Launch `i` as text, its buffers named (`name bf16[T, 576] (slot 0)`).
+    pub fn describe_launch(&self, i: usize) -> String {
         let buf = |id: BufId| {
             let b = &self.buffers[id];
             let rows = match b.rows {
@@ -263,85 +277,80 @@ impl Plan {
             };
             format!("{} {ty}[{rows}, {}] (slot {})", b.name, b.cols, b.slot)
         };
-        let a = self.attention;
-        let mut out = format!(
-            "attention: {} heads, {} KV heads, head_dim {}; {} layers; vocab {}; {} buffers in {} arena slots\n",
-            a.heads,
-            a.kv_heads,
-            a.head_dim,
-            self.layers,
-            self.vocab,
-            self.buffers.len(),
-            self.slot_row_bytes().len()
-        );
-        for (i, l) in self.launches.iter().enumerate() {
-            let line = match l {
-                Launch::Embedding { table, scale, out } => {
-                    let scale = if *scale == 1.0 {
-                        String::new()
-                    } else {
-                        format!(" ×{scale}")
-                    };
-                    format!("Embedding table={table}{scale} -> {}", buf(*out))
-                }
-                Launch::GatherLast { x, out } => format!("GatherLast {} -> {}", buf(*x), buf(*out)),
-                Launch::RmsNorm { x, w, eps, out } => {
-                    format!("RmsNorm w={w} eps={eps:e} {} -> {}", buf(*x), buf(*out))
-                }
-                Launch::Linear {
-                    x,
-                    norm,
-                    w,
-                    format,
-                    epilogue,
-                    out,
-                } => {
-                    let w = if *format == DType::BF16 {
-                        w.clone()
-                    } else {
-                        format!("{w}:{}", format.name())
-                    };
-                    let norm = norm.as_ref().map_or(String::new(), |n| {
-                        format!(" norm(w={}, eps={:e})", n.w, n.eps)
-                    });
-                    let epi = match epilogue {
-                        Epilogue::None => String::new(),
-                        Epilogue::Residual(r) => format!(" +residual {}", buf(*r)),
-                        Epilogue::Bias(b) => format!(" +bias {b}"),
-                        Epilogue::Gated => " gated(silu·up)".into(),
-                        Epilogue::GatedGelu => " gated(gelu·up)".into(),
-                    };
-                    format!("Linear w={w}{norm}{epi} {} -> {}", buf(*x), buf(*out))
-                }
-                Launch::RopeAppend {
-                    qkv,
-                    layer,
-                    inv_freq,
-                } => {
-                    format!(
-                        "RopeAppend layer={layer} inv_freq={inv_freq} {} -> KV cache",
-                        buf(*qkv)
-                    )
-                }
-                Launch::Attention {
-                    qkv,
-                    layer,
-                    inv_freq,
-                    scale,
-                    window,
-                    out,
-                } => format!(
-                    "Attention layer={layer} inv_freq={inv_freq} scale={scale}{} {} -> {}",
-                    if *window > 0 {
-                        format!(" window={window}")
-                    } else {
-                        String::new()
-                    },
-                    buf(*qkv),
-                    buf(*out)
-                ),
-            };
-            let _ = writeln!(out, "{i:>4}  {line}");
+        match &self.launches[i] {
+            Launch::Embedding { table, scale, out } => {
+                let scale = if *scale == 1.0 {
+                    String::new()
+                } else {
+                    format!(" ×{scale}")
+                };
+                format!("Embedding table={table}{scale} -> {}", buf(*out))
+            }
+            Launch::GatherLast { x, out } => format!("GatherLast {} -> {}", buf(*x), buf(*out)),
+            Launch::RmsNorm { x, w, eps, out } => {
+                format!("RmsNorm w={w} eps={eps:e} {} -> {}", buf(*x), buf(*out))
+            }
+            Launch::Linear {
+                x,
+                norm,
+                w,
+                format,
+                epilogue,
+                out,
+            } => {
+                let w = if *format == DType::BF16 {
+                    w.clone()
+                } else {
+                    format!("{w}:{}", format.name())
+                };
+                let norm = norm.as_ref().map_or(String::new(), |n| {
+                    format!(" norm(w={}, eps={:e})", n.w, n.eps)
+                });
+                let epi = match epilogue {
+                    Epilogue::None => String::new(),
+                    Epilogue::Residual(r) => format!(" +residual {}", buf(*r)),
+                    Epilogue::Bias(b) => format!(" +bias {b}"),
+                    Epilogue::Gated => " gated(silu·up)".into(),
+                    Epilogue::GatedGelu => " gated(gelu·up)".into(),
+                };
+                format!("Linear w={w}{norm}{epi} {} -> {}", buf(*x), buf(*out))
+            }
+            Launch::RopeAppend {
+                qkv,
+                layer,
+                inv_freq,
+            } => {
+                format!(
+                    "RopeAppend layer={layer} inv_freq={inv_freq} {} -> KV cache",
+                    buf(*qkv)
+                )
+            }
+            Launch::Attention {
+                qkv,
+                layer,
+                inv_freq,
+                scale,
+                window,
+                out,
+            } => format!(
+                "Attention layer={layer} inv_freq={inv_freq} scale={scale}{} {} -> {}",
+                if *window > 0 {
+                    format!(" window={window}")
+                } else {
+                    String::new()
+                },
+                buf(*qkv),
+                buf(*out)
+            ),
+        }
+    }
+
+    /// The plan as text, one launch per line with its buffers named, for `kiln inspect --plan`.
+    pub fn describe(&self) -> String {
+        let mut out = self.describe_header();
+        out.push('\n');
+        for i in 0..self.launches.len() {
+            out += &format!("{i:>4}  {}\n", self.describe_launch(i));
         }
         out
     }

@@ -231,7 +231,8 @@ pub fn run(a: &InspectArgs) -> Result<()> {
         };
         let out = optimize(parsed, &opts)?;
         let plan = kiln::compiler::codegen::lower::lower(&out.graph).map_err(anyhow::Error::msg)?;
-        return emit(&plan.describe());
+        // The kernels `kiln build --target cuda` compiles by default (sm_90).
+        return emit(&kiln::runtime::cuda::describe_plan(&plan, "sm_90"));
     }
     let Some(parsed) = parsed else {
         // An engine: only its lowered graph exists.
@@ -249,7 +250,10 @@ pub fn run(a: &InspectArgs) -> Result<()> {
                     format!("{}: a CPU engine has no launch plan", a.target.display())
                 })?;
             let plan = kiln::runtime::plan::Plan::from_ron(text).map_err(anyhow::Error::msg)?;
-            return emit(&plan.describe());
+            let arch = engine
+                .metadata(kiln::runtime::engine::keys::ARCH)
+                .unwrap_or("sm_90");
+            return emit(&kiln::runtime::cuda::describe_plan(&plan, arch));
         }
         let formats = weight_formats(&engine);
         let g = engine.graph;

@@ -301,6 +301,17 @@ mod tests {
         assert!(plan
             .describe()
             .contains("add(1,model.layers.0.input_layernorm.weight)"));
+        // The gated projection's kernels by rows: the GEMV with the folded norm and the GELU
+        // epilogue at one row; the norm, then the tensor-core GEMV, up to 8; the norm, the
+        // GEMM and `gelu_mul` beyond.
+        let text = kiln_runtime::cuda::describe_plan(&plan, "sm_90");
+        for line in [
+            "1 row: Gemv { k: 64, mmax: 1, epi: GatedGelu, norm: true, out: Bf16 }",
+            "2-8 rows: RmsNorm { hidden: 64 } → GemvTc { k: 64, mmax: 8, epi: GatedGelu, out: Bf16 }",
+            "> 8 rows: RmsNorm { hidden: 64 } → cuBLAS(Lt) bf16 GEMM [rows, 192, 64] → GeluMul { ffn: 96 }",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
         let instances = plan_instances(&plan, "sm_90");
         for family in [
             kiln_runtime::kernels::KernelFamily::GeluMul,

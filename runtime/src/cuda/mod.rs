@@ -16,7 +16,10 @@ mod plan_needs;
 pub use executor::{
     CudaExecutor, CudaOptions, SampleParams, SeqId, StepResult, StepSeq, TracedBuffer, Want,
 };
-pub use plan_needs::{allow_dynamic_smem, plan_instances, GEMV_MAX_ROWS};
+pub use plan_needs::{
+    allow_dynamic_smem, describe_plan, launch_kernels, plan_instances, KernelUse, LaunchStep,
+    GEMV_MAX_ROWS,
+};
 
 /// The architecture name (`sm_90`) of a compute capability.
 fn sm_name((major, minor): (i32, i32)) -> String {

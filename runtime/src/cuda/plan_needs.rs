@@ -67,75 +67,194 @@ pub fn allow_dynamic_smem(
     Ok(())
 }
 
-/// Every kernel instance a plan launches on `arch` (`sm_90`, …): what the compiler compiles into
-/// the engine and the executor resolves by name expression.
-pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
+/// One step of a launch: a kernel instance, or a library product between them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LaunchStep {
+    /// A kernel of the engine.
+    Kernel(KernelInstance),
+    /// A cuBLAS(Lt) product, described.
+    Library(String),
+}
+
+/// The kernels one plan launch runs for steps of one kind (`when`), in launch order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelUse {
+    /// Which steps: "1 row", "2-8 rows", "> 8 rows", "decodes", "prompt chunks", "every step", …
+    pub when: &'static str,
+    /// What runs, in order.
+    pub steps: Vec<LaunchStep>,
+}
+
+/// What launch `l` of `plan` runs on `arch`, by the kind of step: the choices `launch.rs` makes
+/// at run time (GEMV or GEMM by rows, the folded norm's own kernel beyond one row, decode or
+/// prefill attention), listed once for the compiler ([`plan_instances`]) and `kiln inspect
+/// --plan`.
+pub fn launch_kernels(plan: &Plan, l: &Launch, arch: &str) -> Vec<KernelUse> {
+    use LaunchStep::{Kernel as K, Library as Lib};
     let a = plan.attention;
     let (h, kh, d) = (a.heads, a.kv_heads, a.head_dim);
-    let mut out = vec![
-        KernelInstance::rope_append(h, kh, d, BLOCK),
-        KernelInstance::attention_decode(h, kh, d, BLOCK),
-        KernelInstance::attention_decode_merge(h, d),
-        KernelInstance::attention_prefill_for(h, kh, d, BLOCK, arch),
-        KernelInstance::argmax(),
-        KernelInstance::sample(),
-    ];
+    let every = |k: KernelInstance| {
+        vec![KernelUse {
+            when: "every step",
+            steps: vec![K(k)],
+        }]
+    };
+    match l {
+        Launch::Embedding { out, .. } | Launch::GatherLast { out, .. } => {
+            every(KernelInstance::embedding(plan.buffers[*out].cols))
+        }
+        Launch::RmsNorm { out, .. } => every(KernelInstance::rmsnorm(plan.buffers[*out].cols)),
+        // A decode step's attention kernel rotates and appends its token itself.
+        Launch::RopeAppend { .. } => vec![KernelUse {
+            when: "rows after the leading one-row sequences",
+            steps: vec![K(KernelInstance::rope_append(h, kh, d, BLOCK))],
+        }],
+        Launch::Attention { .. } => vec![
+            KernelUse {
+                when: "leading one-row sequences (decodes)",
+                steps: vec![
+                    K(KernelInstance::attention_decode(h, kh, d, BLOCK)),
+                    K(KernelInstance::attention_decode_merge(h, d)),
+                ],
+            },
+            KernelUse {
+                when: "the other sequences (prompt chunks)",
+                steps: vec![K(KernelInstance::attention_prefill_for(
+                    h, kh, d, BLOCK, arch,
+                ))],
+            },
+        ],
+        Launch::Linear {
+            x,
+            norm,
+            format,
+            epilogue,
+            out,
+            ..
+        } => {
+            let (k, cols) = (plan.buffers[*x].cols, plan.buffers[*out].cols);
+            let (epi, ty) = (epilogue_kind(epilogue), out_type(plan.buffers[*out].dtype));
+            let folded = norm.is_some();
+            // Beyond one row a folded norm runs first, as a kernel of its own.
+            let norm_first = || folded.then(|| K(KernelInstance::rmsnorm(k)));
+            let n_rows = epilogue.weight_rows(cols);
+            // The prefill product with its epilogue: bias rows first, the gate after.
+            let gemm = |what: String| {
+                let bias = matches!(epilogue, Epilogue::Bias(_))
+                    .then(|| K(KernelInstance::bias_rows(cols)));
+                let gate = match epilogue {
+                    Epilogue::Gated => Some(K(KernelInstance::silu_mul(cols))),
+                    Epilogue::GatedGelu => Some(K(KernelInstance::gelu_mul(cols))),
+                    _ => None,
+                };
+                bias.into_iter()
+                    .chain([Lib(format!("{what} [rows, {n_rows}, {k}]"))])
+                    .chain(gate)
+                    .collect::<Vec<_>>()
+            };
+            let uses = |one: KernelInstance,
+                        few: KernelInstance,
+                        many: Vec<(&'static str, Vec<LaunchStep>)>| {
+                let mut v = vec![
+                    KernelUse {
+                        when: "1 row",
+                        steps: vec![K(one)],
+                    },
+                    KernelUse {
+                        when: "2-8 rows",
+                        steps: norm_first().into_iter().chain([K(few)]).collect(),
+                    },
+                ];
+                for (when, steps) in many {
+                    v.push(KernelUse {
+                        when,
+                        steps: norm_first().into_iter().chain(steps).collect(),
+                    });
+                }
+                v
+            };
+            match QuantFormat::of(*format) {
+                None => uses(
+                    gemv_instance(1, k, epi, folded, ty),
+                    gemv_instance(GEMV_MAX_ROWS, k, epi, folded, ty),
+                    vec![("> 8 rows", gemm("cuBLAS(Lt) bf16 GEMM".into()))],
+                ),
+                Some(f) => {
+                    let dequant = K(KernelInstance::dequant(k, f));
+                    let many = if f == QuantFormat::Fp8 {
+                        vec![
+                            (
+                                "> 8 rows",
+                                [K(KernelInstance::act_fp8(k, true))]
+                                    .into_iter()
+                                    .chain(gemm("cuBLASLt FP8 GEMM".into()))
+                                    .collect(),
+                            ),
+                            (
+                                "> 8 rows, no FP8 GEMM algorithm for the shape",
+                                [K(KernelInstance::act_fp8(k, false)), dequant]
+                                    .into_iter()
+                                    .chain(gemm("cuBLAS(Lt) bf16 GEMM".into()))
+                                    .collect(),
+                            ),
+                        ]
+                    } else {
+                        vec![(
+                            "> 8 rows",
+                            [dequant]
+                                .into_iter()
+                                .chain(gemm("cuBLAS(Lt) bf16 GEMM".into()))
+                                .collect(),
+                        )]
+                    };
+                    uses(
+                        KernelInstance::gemv_q(k, epi, f, folded, ty),
+                        KernelInstance::gemv_q(k, epi, f, false, ty),
+                        many,
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Every kernel instance a plan launches on `arch` (`sm_90`, …): what the compiler compiles into
+/// the engine and the executor resolves by name expression — those of every launch
+/// ([`launch_kernels`]) and sampling's.
+pub fn plan_instances(plan: &Plan, arch: &str) -> Vec<KernelInstance> {
+    let mut out = vec![KernelInstance::argmax(), KernelInstance::sample()];
     for l in &plan.launches {
-        match l {
-            Launch::Embedding { out: o, .. } | Launch::GatherLast { out: o, .. } => {
-                out.push(KernelInstance::embedding(plan.buffers[*o].cols))
-            }
-            Launch::RmsNorm { out: o, .. } => {
-                out.push(KernelInstance::rmsnorm(plan.buffers[*o].cols))
-            }
-            Launch::Linear {
-                x,
-                norm,
-                format,
-                epilogue,
-                out: o,
-                ..
-            } => {
-                let (k, epi, ty) = (
-                    plan.buffers[*x].cols,
-                    epilogue_kind(epilogue),
-                    out_type(plan.buffers[*o].dtype),
-                );
-                match QuantFormat::of(*format) {
-                    Some(f) => {
-                        out.push(KernelInstance::gemv_q(k, epi, f, norm.is_some(), ty));
-                        if norm.is_some() {
-                            out.push(KernelInstance::gemv_q(k, epi, f, false, ty));
-                        }
-                        out.push(KernelInstance::dequant(k, f));
-                        if f == QuantFormat::Fp8 {
-                            out.push(KernelInstance::act_fp8(k, false));
-                            out.push(KernelInstance::act_fp8(k, true));
-                        }
-                    }
-                    None => {
-                        out.push(gemv_instance(1, k, epi, norm.is_some(), ty));
-                        out.push(gemv_instance(GEMV_MAX_ROWS, k, epi, norm.is_some(), ty));
-                    }
-                }
-                if norm.is_some() {
-                    // Batched GEMVs and prefill GEMMs run the folded norm as a kernel of its own.
-                    out.push(KernelInstance::rmsnorm(k));
-                }
-                match epilogue {
-                    Epilogue::Gated => out.push(KernelInstance::silu_mul(plan.buffers[*o].cols)),
-                    Epilogue::GatedGelu => {
-                        out.push(KernelInstance::gelu_mul(plan.buffers[*o].cols))
-                    }
-                    Epilogue::Bias(_) => out.push(KernelInstance::bias_rows(plan.buffers[*o].cols)),
-                    _ => {}
+        for u in launch_kernels(plan, l, arch) {
+            for s in u.steps {
+                if let LaunchStep::Kernel(k) = s {
+                    out.push(k);
                 }
             }
-            Launch::RopeAppend { .. } | Launch::Attention { .. } => {}
         }
     }
     out.sort_by(|a, b| a.name_expr.cmp(&b.name_expr));
     out.dedup_by(|a, b| a.name_expr == b.name_expr);
+    out
+}
+
+/// The plan as `kiln inspect --plan` prints it: each launch, then what it runs on `arch` by
+/// the kind of step, every kernel with its template arguments named.
+pub fn describe_plan(plan: &Plan, arch: &str) -> String {
+    let mut out = format!("{}\nkernels for {arch}\n", plan.describe_header());
+    for (i, l) in plan.launches.iter().enumerate() {
+        out += &format!("{i:>4}  {}\n", plan.describe_launch(i));
+        for u in launch_kernels(plan, l, arch) {
+            let steps: Vec<String> = u
+                .steps
+                .iter()
+                .map(|s| match s {
+                    LaunchStep::Kernel(k) => format!("{:?}", k.kernel),
+                    LaunchStep::Library(what) => what.clone(),
+                })
+                .collect();
+            out += &format!("          {}: {}\n", u.when, steps.join(" → "));
+        }
+    }
     out
 }
 
