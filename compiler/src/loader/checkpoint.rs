@@ -26,6 +26,9 @@ pub struct Checkpoint {
     pub eos_token: Option<String>,
     /// The packing of a pre-quantized HF checkpoint (AutoAWQ, GPTQ), if it is one.
     pub prequant: Option<PreQuant>,
+    /// A GPTQ checkpoint stored act-order (some `g_idx` not `k / G`): its linear weights are
+    /// read dequantized, none kept as stored.
+    act_order: bool,
     store: Store,
 }
 
@@ -66,6 +69,7 @@ impl Checkpoint {
                 tokenizer_json,
                 config,
                 prequant: None,
+                act_order: false,
                 store: Store::Gguf(Box::new(gguf)),
             })
         } else if path.exists() {
@@ -107,15 +111,24 @@ impl Checkpoint {
         // A quantization kiln does not read is refused by the build, naming the setting.
         let prequant = PreQuant::from_config(&config).ok().flatten();
         let store = SafetensorsDir::open(dir)?;
+        let mut act_order = false;
         if let Some(p) = &prequant {
-            p.virtual_tensors(&store.tensors())
-                .map_err(|message| LoadError::Corrupt {
-                    file: dir.display().to_string(),
-                    message,
-                })?;
+            let corrupt = |message| LoadError::Corrupt {
+                file: dir.display().to_string(),
+                message,
+            };
+            p.virtual_tensors(&store.tensors()).map_err(corrupt)?;
+            for (name, _) in store.tensors() {
+                if let Some(base) = name.strip_suffix(p.marker()) {
+                    act_order |= p
+                        .is_act_order(base, |n| store.read_raw(n).map_err(|e| e.to_string()))
+                        .map_err(corrupt)?;
+                }
+            }
         }
         Ok(Checkpoint {
             prequant,
+            act_order,
             bos_token: token_text(tc.as_ref().and_then(|t| t.get("bos_token"))),
             eos_token: token_text(tc.as_ref().and_then(|t| t.get("eos_token"))),
             chat_template,
@@ -140,6 +153,21 @@ impl Checkpoint {
 
     /// Reads a tensor as f32 in HF layout (a pre-quantized weight dequantized).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        if let (true, Some(p), Store::Safetensors(s)) =
+            (self.act_order, &self.prequant, &self.store)
+        {
+            if let Some(base) = name.strip_suffix(".weight") {
+                let qweight = format!("{base}{}", p.marker());
+                if s.contains(&qweight) {
+                    return p
+                        .dequantized_act_order(base, |n| s.read_raw(n).map_err(|e| e.to_string()))
+                        .map_err(|message| LoadError::Corrupt {
+                            file: qweight,
+                            message,
+                        });
+                }
+            }
+        }
         if self.prequant.is_some() {
             if let Some(p) = self.packed(name) {
                 return Ok(p?.dequantize());
@@ -156,11 +184,19 @@ impl Checkpoint {
     /// matrices.
     pub fn stored_quantization(&self) -> Option<(kiln_runtime::ir::DType, String)> {
         match &self.store {
+            Store::Safetensors(_) if self.act_order => None,
             Store::Safetensors(_) => self.prequant.map(|p| (p.format(), p.describe())),
             Store::Gguf(g) => g
                 .kept_format()
                 .map(|(f, ty)| (f, format!("GGUF {ty}: {}", f.name()))),
         }
+    }
+
+    /// The pre-quantization this checkpoint stores but kiln reads dequantized, described: GPTQ
+    /// act-order (the build notes it).
+    pub fn dequantized_quantization(&self) -> Option<String> {
+        let p = self.prequant.filter(|_| self.act_order)?;
+        Some(format!("{}, act-order (desc_act)", p.describe()))
     }
 
     /// True for a GGUF file (whose blocks are dequantized unless kept: [`Checkpoint::packed`]).
@@ -172,6 +208,7 @@ impl Checkpoint {
     pub fn stores_packed(&self, name: &str) -> bool {
         match &self.store {
             Store::Gguf(g) => g.is_kept_matrix(name),
+            Store::Safetensors(_) if self.act_order => false,
             Store::Safetensors(s) => self.prequant.is_some_and(|p| {
                 name.strip_suffix(".weight")
                     .is_some_and(|b| s.contains(&format!("{b}{}", p.marker())))
@@ -186,7 +223,7 @@ impl Checkpoint {
             (Store::Gguf(g), _) => {
                 return g.packed_matrix(name).map(|r| r.map_err(LoadError::from))
             }
-            (Store::Safetensors(s), Some(_)) => s,
+            (Store::Safetensors(s), Some(_)) if !self.act_order => s,
             _ => return None,
         };
         let p = self.prequant.as_ref()?;

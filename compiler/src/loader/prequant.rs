@@ -12,8 +12,10 @@
 //!   in bits `4b..4b+4` of row `i`; `qzeros` i32 `[in/G, out/8]`, column `8j + b` in bits
 //!   `4b..`; `scales` f16 `[in/G, out]`; `g_idx` i32 `[in]`. `checkpoint_format: "gptq"` (v1,
 //!   the default) stores each zero point minus one, `"gptq_v2"` the zero point itself.
-//!   Act-order checkpoints (`desc_act`, a `g_idx` other than `k / G`) are refused: their groups
-//!   are not contiguous runs of columns.
+//!   Act-order checkpoints (`desc_act`) whose `g_idx` is `k / G` (static groups) are kiln's
+//!   format too; where `g_idx` puts columns in other groups, the groups are not contiguous runs
+//!   of columns, which kiln's int4 formats need: such a checkpoint is read dequantized, each
+//!   column with its own group's zero point and scale ([`PreQuant::dequantized_act_order`]).
 //! - compressed-tensors (`quant_method: "compressed-tensors"`, `format: "pack-quantized"`, one
 //!   weight-only config group of 4-bit ints in groups): `X.weight_packed` i32 `[out, in/8]`, the
 //!   code + 8 of input column `8i + b` in bits `4b..` of word `i`; `X.weight_scale` `[out, in/G]`
@@ -96,7 +98,8 @@ impl PreQuant {
             Err(format!(
                 "the checkpoint is pre-quantized (quant_method `{method}`) with {what}, which \
                  kiln does not read; kiln reads AutoAWQ GEMM, GPTQ and compressed-tensors \
-                 checkpoints of 4 bits in groups of 32, 64 or 128 without act-order, and \
+                 checkpoints of 4 bits in groups of 32, 64 or 128 (GPTQ act-order read \
+                 dequantized), and \
                  compressed-tensors FP8 with dynamic per-token activations (or build from the \
                  16-bit checkpoint with --quant)"
             ))
@@ -114,9 +117,8 @@ impl PreQuant {
                 Method::AwqGemm
             }
             "gptq" => {
-                if q.get("desc_act").and_then(Value::as_bool) == Some(true) {
-                    return refuse("desc_act (act-order)".into());
-                }
+                // `desc_act` (act-order) is told by each weight's `g_idx`: `k / G` (static
+                // groups) keeps the codes, any other is read dequantized.
                 let format = text("checkpoint_format")
                     .or_else(|| text("format"))
                     .unwrap_or_else(|| "gptq".into());
@@ -238,12 +240,66 @@ impl PreQuant {
     }
 
     /// The linear weight `X.weight` (`base` = `X`) in kiln's packing, exactly as stored:
-    /// `read` returns a stored tensor's raw bytes.
+    /// `read` returns a stored tensor's raw bytes. A GPTQ act-order weight (a `g_idx` other
+    /// than `k / G`) is an error: see [`PreQuant::dequantized_act_order`].
     pub fn packed(
         &self,
         base: &str,
         read: impl Fn(&str) -> Result<Raw, String>,
     ) -> Result<Packed, String> {
+        self.read_packed(base, &read, false).map(|(p, _)| p)
+    }
+
+    /// Whether the GPTQ weight `base` is stored act-order: its `g_idx` puts some input column in
+    /// a group other than `k / G` (false for other methods).
+    pub fn is_act_order(
+        &self,
+        base: &str,
+        read: impl Fn(&str) -> Result<Raw, String>,
+    ) -> Result<bool, String> {
+        if !matches!(self.method, Method::Gptq { .. }) {
+            return Ok(false);
+        }
+        let (d, s, b) = read(&format!("{base}.g_idx"))?;
+        if d != Dtype::I32 || s.len() != 1 {
+            return Err(format!("`{base}.g_idx` is {d:?} {s:?}; expected I32 [in]"));
+        }
+        Ok(b.chunks_exact(4).enumerate().any(|(k, c)| {
+            i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64 != (k / self.group) as i64
+        }))
+    }
+
+    /// A GPTQ weight `X.weight` `[out, in]` dequantized with each input column's group from
+    /// `X.g_idx` (act-order): `w[n, k] = (q[n, k] − zero[n, g]) · scale[g, n]`, `g = g_idx[k]`,
+    /// the value AutoGPTQ's and transformers' dequantization gives (f16 scales, exact in f32).
+    pub fn dequantized_act_order(
+        &self,
+        base: &str,
+        read: impl Fn(&str) -> Result<Raw, String>,
+    ) -> Result<Vec<f32>, String> {
+        let (p, g_idx) = self.read_packed(base, &read, true)?;
+        let (rows, cols) = (p.rows, p.cols);
+        let groups = cols / self.group;
+        let mut w = vec![0f32; rows * cols];
+        for n in 0..rows {
+            for k in 0..cols {
+                let g = g_idx.as_ref().map_or(k / self.group, |g| g[k] as usize);
+                let code = (p.q[n * cols / 2 + k / 2] >> (4 * (k % 2))) & 15;
+                let at = n * groups + g;
+                w[n * cols + k] = (f32::from(code) - f32::from(p.zero[at])) * p.scale[at];
+            }
+        }
+        Ok(w)
+    }
+
+    /// [`PreQuant::packed`], with a GPTQ weight's group index where `act_order` allows one
+    /// other than `k / G` (the packing's groups are then `g_idx`'s, not column runs).
+    fn read_packed(
+        &self,
+        base: &str,
+        read: &impl Fn(&str) -> Result<Raw, String>,
+        act_order: bool,
+    ) -> Result<(Packed, Option<Vec<u32>>), String> {
         let part = |suffix: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>, String> {
             let name = format!("{base}{suffix}");
             let (d, s, bytes) = read(&name)?;
@@ -256,7 +312,7 @@ impl PreQuant {
             Ok(bytes)
         };
         if self.method == Method::CompressedFp8 {
-            return fp8_packed(base, &read);
+            return fp8_packed(base, read).map(|p| (p, None));
         }
         let (_, qshape, _) = read(&format!("{base}{}", self.marker()))?;
         let (rows, cols) = self.dims(base, &qshape)?;
@@ -274,6 +330,7 @@ impl PreQuant {
         };
         let nib = |w: u32, i: usize| ((w >> (4 * i)) & 15) as u8;
         let (code, zero): (Lookup, Lookup);
+        let mut act_order_groups = None;
         match self.method {
             Method::AwqGemm => {
                 const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
@@ -291,13 +348,23 @@ impl PreQuant {
                 let q = words(&part(".qweight", Dtype::I32, &[cols / 8, rows])?);
                 let z = words(&part(".qzeros", Dtype::I32, &[groups, rows / 8])?);
                 let gidx = words(&part(".g_idx", Dtype::I32, &[cols])?);
-                if let Some(k) = (0..cols).find(|&k| gidx[k] as usize != k / g) {
+                if let Some(k) = (0..cols).find(|&k| gidx[k] as usize >= groups) {
                     return Err(format!(
-                        "`{base}.g_idx` puts input column {k} in group {}, not {}: an act-order \
-                         (desc_act) checkpoint, which kiln does not read",
-                        gidx[k] as i32,
-                        k / g
+                        "`{base}.g_idx` puts input column {k} in group {}, beyond its {groups} \
+                         groups",
+                        gidx[k] as i32
                     ));
+                }
+                if let Some(k) = (0..cols).find(|&k| gidx[k] as usize != k / g) {
+                    if !act_order {
+                        return Err(format!(
+                            "`{base}.g_idx` puts input column {k} in group {}, not {}: an \
+                             act-order (desc_act) weight, whose groups are not runs of columns",
+                            gidx[k] as i32,
+                            k / g
+                        ));
+                    }
+                    act_order_groups = Some(gidx);
                 }
                 let offset = u8::from(!v2);
                 code = Box::new(move |n, k| nib(q[(k / 8) * rows + n], k % 8));
@@ -306,7 +373,9 @@ impl PreQuant {
                 zero = Box::new(move |n, gi| nib(z[gi * (rows / 8) + n / 8], n % 8) + offset);
             }
             Method::CompressedTensors { symmetric } => {
-                return self.compressed_tensors(base, &read, rows, cols, symmetric);
+                return self
+                    .compressed_tensors(base, read, rows, cols, symmetric)
+                    .map(|p| (p, None));
             }
             Method::CompressedFp8 => unreachable!("read above"),
         }
@@ -338,7 +407,7 @@ impl PreQuant {
                     half::f16::from_le_bytes([scales[at], scales[at + 1]]).to_f32();
             }
         }
-        Ok(p)
+        Ok((p, act_order_groups))
     }
 }
 

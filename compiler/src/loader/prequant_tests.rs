@@ -285,14 +285,17 @@ fn configs_are_read_or_refused_by_name() {
         json!({"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "gptq_v2"}),
     );
     assert_eq!(v2.unwrap().unwrap().method, Method::Gptq { v2: true });
+    // Act-order is read (each weight's g_idx says whether its codes can be kept).
+    let act_order =
+        read(json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": true}));
+    assert_eq!(
+        act_order.unwrap().unwrap().method,
+        Method::Gptq { v2: false }
+    );
     for (q, why) in [
         (
             json!({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}),
             "version `gemv`",
-        ),
-        (
-            json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": true}),
-            "desc_act",
         ),
         (
             json!({"quant_method": "gptq", "bits": 8, "group_size": 128}),
@@ -507,6 +510,12 @@ fn prequantized_checkpoints_build_with_their_codes() {
             json!({"quant_method": "gptq", "bits": 4, "group_size": g, "checkpoint_format": "gptq_v2"}),
             Box::new(move |p: &quant::Packed| gptq_parts(p, g, true, &by_k(p.cols))),
         ),
+        // Act-order with static groups: `g_idx` is `k / G`, so the codes are kept.
+        (
+            "gptq_act_order_static",
+            json!({"quant_method": "gptq", "bits": 4, "group_size": g, "desc_act": true, "static_groups": true}),
+            Box::new(move |p: &quant::Packed| gptq_parts(p, g, false, &by_k(p.cols))),
+        ),
     ];
     let mut cases = cases;
     cases.push((
@@ -631,4 +640,38 @@ fn prequantized_checkpoints_build_with_their_codes() {
             "{folder}: {notes:?}"
         );
     }
+    // Act-order proper: the same values stored with the groups relabelled (group j's zero
+    // points and scales at position (j + 1) mod G, `g_idx[k] = (k / G + 1) mod G`), as GPTQ's
+    // act-order numbers groups in quantization order: read dequantized, exactly.
+    let act_order = write(
+        "gptq_act_order",
+        Some(json!({"quant_method": "gptq", "bits": 4, "group_size": g, "desc_act": true})),
+        &move |p: &quant::Packed| {
+            let groups = p.cols / g;
+            let shift = |j: usize| (j + 1) % groups;
+            let mut moved = p.clone();
+            for n in 0..p.rows {
+                for j in 0..groups {
+                    moved.zero[n * groups + shift(j)] = p.zero[n * groups + j];
+                    moved.scale[n * groups + shift(j)] = p.scale[n * groups + j];
+                }
+            }
+            let g_idx: Vec<u32> = (0..p.cols).map(|k| shift(k / g) as u32).collect();
+            gptq_parts(&moved, g, false, &g_idx)
+        },
+    );
+    let (got, int4, notes, _) = logits(&act_order);
+    assert!(int4.is_empty(), "act-order weights kept as codes: {int4:?}");
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err <= 1e-5, "act-order: {err:e}");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("act-order (desc_act)") && n.contains("read dequantized")),
+        "{notes:?}"
+    );
 }

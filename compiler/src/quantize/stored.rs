@@ -20,6 +20,18 @@ pub fn prequantized_options(
     opts: &BuildOptions,
     notes: &mut Vec<String>,
 ) -> Result<Option<BuildOptions>, BuildError> {
+    if let Some(what) = ckpt.dequantized_quantization() {
+        notes.push(format!(
+            "pre-quantized checkpoint ({what}): its g_idx puts input columns in groups that are \
+             not runs of columns, which kiln's int4 formats need, so its weights are read \
+             dequantized (exactly) and built unquantized{}",
+            if opts.quant.is_some() {
+                ", then quantized by --quant"
+            } else {
+                "; --quant int4 (or int4-gptq with calibration) quantizes them again"
+            }
+        ));
+    }
     let Some((format, what)) = ckpt.stored_quantization() else {
         return Ok(None);
     };
