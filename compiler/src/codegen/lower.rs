@@ -353,7 +353,14 @@ impl<'g> Lowering<'g> {
                     ))
                 }
             },
-            Op::FusedAttention { scale, window } => self.attention(id, *scale, *window)?,
+            Op::FusedAttention { softcap, .. } if *softcap > 0.0 => {
+                return Err(self.err(
+                    id,
+                    "attention with a logit soft-cap (Gemma-2) has no GPU kernel yet; build \
+                     this model for the CPU (--target cpu)",
+                ))
+            }
+            Op::FusedAttention { scale, window, .. } => self.attention(id, *scale, *window)?,
             Op::Binary(BinaryOp::Mul) => self.scaled_embedding(id)?,
             _ => {
                 return Err(self.err(

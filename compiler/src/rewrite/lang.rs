@@ -81,12 +81,15 @@ define_language! {
         "gated_gelu" = GatedGelu([Id; 2]),
         // [x, pos, inv_freq, seq_axis]
         "rope" = Rope([Id; 4]),
-        // [q, k, v, scale, lag]: keys up to `lag` positions back are seen (`inf`: all, causal)
-        "attention" = Attention([Id; 5]),
+        // [q, k, v, scale, lag, softcap]: keys up to `lag` positions back are seen (`inf`: all,
+        // causal); scores soft-capped at `softcap` (0: none)
+        "attention" = Attention([Id; 6]),
         // Helpers (never extracted). silu(g) = g · σ(g).
         "silu" = Silu(Id),
         // gelu_tanh(g) = g · σ(2√(2/π)·(g + 0.044715·g³)).
         "gelu_tanh" = GeluTanh(Id),
+        // softcap(x, cap) = cap · tanh(x / cap), cap a scalar (Gemma-2's logit soft-cap).
+        "softcap" = Softcap([Id; 2]),
         // RoPE angle table [s, 2·half] of positions `pos`: `pos · inv_freq`, twice: [pos, inv_freq]
         "rope_angles" = RopeAngles([Id; 2]),
         // Causal mask [s, t]: -inf where key j > pos[i], else 0: [pos, t]

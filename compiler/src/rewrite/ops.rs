@@ -89,9 +89,12 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
     match node {
         N::Const(_) | N::Weight(_) | N::Input(_) => Ok(Lowered::Leaf),
         N::Attr(_) => Ok(Lowered::Attr),
-        N::Silu(_) | N::GeluTanh(_) | N::RopeAngles(_) | N::CausalMask(_) | N::WindowMask(_) => {
-            Ok(Lowered::Helper)
-        }
+        N::Silu(_)
+        | N::GeluTanh(_)
+        | N::Softcap(_)
+        | N::RopeAngles(_)
+        | N::CausalMask(_)
+        | N::WindowMask(_) => Ok(Lowered::Helper),
         N::Neg(x) => op(Op::Unary(UnaryOp::Neg), &[*x]),
         N::Exp(x) => op(Op::Unary(UnaryOp::Exp), &[*x]),
         N::Sqrt(x) => op(Op::Unary(UnaryOp::Sqrt), &[*x]),
@@ -191,10 +194,11 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
             },
             &[*x, *pos, *freq],
         ),
-        N::Attention([q, k, v, s, lag]) => op(
+        N::Attention([q, k, v, s, lag, cap]) => op(
             Op::FusedAttention {
                 scale: scalar(data, *s)?,
                 window: window_of_lag(scalar(data, *lag)?)?,
+                softcap: scalar(data, *cap)?,
             },
             &[*q, *k, *v],
         ),
@@ -284,14 +288,19 @@ pub fn raise(eg: &mut KilnGraph, op: &Op, ins: &[Id]) -> Id {
             let s = eg.add(Node::Attr(Attr::Axis(*seq_axis)));
             Node::Rope([ins[0], ins[1], ins[2], s])
         }
-        Op::FusedAttention { scale, window } => {
+        Op::FusedAttention {
+            scale,
+            window,
+            softcap,
+        } => {
             let s = eg.add(Node::Const(ConstValue::new(*scale)));
+            let cap = eg.add(Node::Const(ConstValue::new(*softcap)));
             let lag = match window {
                 0 => f32::INFINITY,
                 w => (w - 1) as f32,
             };
             let lag = eg.add(Node::Const(ConstValue::new(lag)));
-            Node::Attention([ins[0], ins[1], ins[2], s, lag])
+            Node::Attention([ins[0], ins[1], ins[2], s, lag, cap])
         }
     };
     eg.add(n)

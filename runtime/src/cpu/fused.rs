@@ -42,9 +42,18 @@ pub(crate) fn eval(op: &Op, ins: Vec<Tensor>) -> Result<Tensor, String> {
         Op::GatedMlp => gated(next()?, next()?, silu),
         Op::GatedGelu => gated(next()?, next()?, gelu_tanh),
         Op::Rope { seq_axis } => rope(next()?, next()?, next()?, *seq_axis),
-        Op::FusedAttention { scale, window } => {
-            attention(next()?, next()?, next()?, *scale, *window as usize)
-        }
+        Op::FusedAttention {
+            scale,
+            window,
+            softcap,
+        } => attention(
+            next()?,
+            next()?,
+            next()?,
+            *scale,
+            *window as usize,
+            *softcap,
+        ),
         other => Err(format!("{} is not a fused op", other.name())),
     }
 }
@@ -244,9 +253,17 @@ fn rope(x: Tensor, pos: Tensor, inv_freq: Tensor, seq_axis: usize) -> Result<Ten
     Ok(Tensor::new(dtype, shape, v))
 }
 
-/// `softmax(q·kᵀ·scale + causal)·v` with grouped-query heads: `q [b, h, s, d]`, `k = v
-/// [b, kh, t, d]`; query `i` sees keys `0..=t-s+i`; query head `j` reads KV head `j / (h/kh)`.
-fn attention(q: Tensor, k: Tensor, v: Tensor, scale: f32, window: usize) -> Result<Tensor, String> {
+/// `softmax(cap(q·kᵀ·scale) + causal)·v` with grouped-query heads: `q [b, h, s, d]`, `k = v
+/// [b, kh, t, d]`; query `i` sees keys `0..=t-s+i`; query head `j` reads KV head `j / (h/kh)`;
+/// `cap(x) = softcap · tanh(x / softcap)` when `softcap > 0`.
+fn attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: f32,
+    window: usize,
+    softcap: f32,
+) -> Result<Tensor, String> {
     check_float("FusedAttention", &[&q, &k, &v])?;
     let ok = q.rank() == 4
         && k.rank() == 4
@@ -283,6 +300,8 @@ fn attention(q: Tensor, k: Tensor, v: Tensor, scale: f32, window: usize) -> Resu
         for (j, e) in r.iter_mut().enumerate() {
             *e = if j > last || j < first {
                 f32::NEG_INFINITY
+            } else if softcap > 0.0 {
+                softcap * (*e * scale / softcap).tanh()
             } else {
                 *e * scale
             };

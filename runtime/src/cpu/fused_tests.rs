@@ -254,15 +254,38 @@ fn rope_matches_the_model_file_tables() {
 }
 
 /// Attention as `models/llama.ron` writes it: grouped reshapes, scores, causal mask (with a
-/// sliding window of `window` keys when nonzero), softmax.
-fn primitive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Tensor {
+/// sliding window of `window` keys when nonzero), softmax; with `softcap > 0` the scaled scores
+/// are soft-capped first as `models/gemma2.ron` writes it, `cap · (2σ(2x/cap) − 1)`.
+fn primitive_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    window: usize,
+    softcap: f32,
+) -> Tensor {
     let (b, h, s, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (kh, t) = (k.shape[1], k.shape[2]);
     let qg = q.clone().reshape(vec![b, kh, h / kh, s, d]);
     let kg = k.clone().reshape(vec![b, kh, 1, t, d]);
     let vg = v.clone().reshape(vec![b, kh, 1, t, d]);
     let raw = matmul(qg, kg.permute(&[0, 1, 2, 4, 3])).unwrap();
-    let scaled = bin(BinaryOp::Mul, &raw, &scalar(scale));
+    let mut scaled = bin(BinaryOp::Mul, &raw, &scalar(scale));
+    if softcap > 0.0 {
+        let z2 = bin(
+            BinaryOp::Mul,
+            &bin(BinaryOp::Div, &scaled, &scalar(softcap)),
+            &scalar(2.0),
+        );
+        let e = unary(UnaryOp::Exp, unary(UnaryOp::Neg, z2).unwrap()).unwrap();
+        let sig = unary(UnaryOp::Recip, bin(BinaryOp::Add, &e, &scalar(1.0))).unwrap();
+        let t = bin(
+            BinaryOp::Sub,
+            &bin(BinaryOp::Mul, &sig, &scalar(2.0)),
+            &scalar(1.0),
+        );
+        scaled = bin(BinaryOp::Mul, &t, &scalar(softcap));
+    }
     let past = t - s;
     let mask: Vec<f32> = (0..s)
         .flat_map(|i| {
@@ -300,17 +323,26 @@ fn attention_matches_the_primitive_chain_for_mha_gqa_mqa() {
         let k = rng.tensor(&[b, kh, t, d]);
         let v = rng.tensor(&[b, kh, t, d]);
         let scale = 1.0 / (d as f32).sqrt();
-        // No window, and windows of 1, 3 and 6 keys (longer than some of the rows' contexts).
+        // No window, and windows of 1, 3 and 6 keys (longer than some of the rows' contexts);
+        // without and with a soft-cap (0.5: the capped scores differ from the plain ones).
         for window in [0u32, 1, 3, 6] {
-            let want = primitive_attention(&q, &k, &v, scale, window as usize);
-            let op = Op::FusedAttention { scale, window };
-            let got = eval(&op, vec![q.clone(), k.clone(), v.clone()]).unwrap();
-            assert_close(
-                &got,
-                &want,
-                1e-6,
-                &format!("attention h={h} kh={kh} s={s} past={past} window={window}"),
-            );
+            for softcap in [0.0f32, 0.5] {
+                let want = primitive_attention(&q, &k, &v, scale, window as usize, softcap);
+                let op = Op::FusedAttention {
+                    scale,
+                    window,
+                    softcap,
+                };
+                let got = eval(&op, vec![q.clone(), k.clone(), v.clone()]).unwrap();
+                assert_close(
+                    &got,
+                    &want,
+                    1e-6,
+                    &format!(
+                        "attention h={h} kh={kh} s={s} past={past} window={window} softcap={softcap}"
+                    ),
+                );
+            }
         }
     }
 }
@@ -334,6 +366,7 @@ fn fused_ops_refuse_bad_shapes_with_a_message() {
     let op = Op::FusedAttention {
         scale: 1.0,
         window: 0,
+        softcap: 0.0,
     };
     let err = eval(&op, vec![q, k.clone(), k]).unwrap_err();
     assert!(err.contains("kh dividing h"), "{err}");

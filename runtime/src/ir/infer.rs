@@ -394,9 +394,14 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> {
             }
             Ok(x.clone())
         }
-        Op::FusedAttention { scale, .. } => {
+        Op::FusedAttention { scale, softcap, .. } => {
             if !scale.is_finite() {
                 return Err(format!("FusedAttention scale {scale} is not finite"));
+            }
+            if !(softcap.is_finite() && *softcap >= 0.0) {
+                return Err(format!(
+                    "FusedAttention soft-cap {softcap} is not a finite non-negative number"
+                ));
             }
             let (q, k, v) = (ins[0], ins[1], ins[2]);
             same_float(op, q, k)?;

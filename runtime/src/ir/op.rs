@@ -362,15 +362,19 @@ pub enum Op {
         /// The axis of `x` that `pos` indexes.
         seq_axis: usize,
     },
-    /// `[q[b, h, s, d], k[b, kh, t, d], v[b, kh, t, d]]` → `softmax(q·kᵀ·scale + mask)·v`,
-    /// `[b, h, s, d]`. Query `i` sits at absolute position `p = t - s + i` and sees keys
-    /// `0..=p` (causal), or with a sliding window `w > 0` only the `w` most recent of them,
-    /// `p-w+1..=p` (Mistral). Grouped-query: query head `j` reads KV head `j / (h / kh)`.
+    /// `[q[b, h, s, d], k[b, kh, t, d], v[b, kh, t, d]]` → `softmax(cap(q·kᵀ·scale) + mask)·v`,
+    /// `[b, h, s, d]`, `cap(x) = softcap · tanh(x / softcap)` (Gemma-2's logit soft-cap; the
+    /// identity when `softcap` is 0). Query `i` sits at absolute position `p = t - s + i` and
+    /// sees keys `0..=p` (causal), or with a sliding window `w > 0` only the `w` most recent of
+    /// them, `p-w+1..=p` (Mistral). Grouped-query: query head `j` reads KV head `j / (h / kh)`.
     FusedAttention {
         /// Multiplies the scores (usually `1/√d`).
         scale: f32,
         /// Sliding window: how many keys up to its own position a query sees (0: all).
         window: u32,
+        /// Soft-cap of the scaled scores (0: none).
+        #[serde(default)]
+        softcap: f32,
     },
 }
 
@@ -434,9 +438,19 @@ impl fmt::Display for Op {
             Op::KvQuant { format } => write!(f, "KvQuant({})", format.name()),
             Op::RmsNorm { eps } => write!(f, "RmsNorm(eps={eps:e})"),
             Op::Rope { seq_axis } => write!(f, "Rope(seq_axis={seq_axis})"),
-            Op::FusedAttention { scale, window: 0 } => write!(f, "FusedAttention(scale={scale})"),
-            Op::FusedAttention { scale, window } => {
-                write!(f, "FusedAttention(scale={scale}, window={window})")
+            Op::FusedAttention {
+                scale,
+                window,
+                softcap,
+            } => {
+                write!(f, "FusedAttention(scale={scale}")?;
+                if *window > 0 {
+                    write!(f, ", window={window}")?;
+                }
+                if *softcap > 0.0 {
+                    write!(f, ", softcap={softcap}")?;
+                }
+                write!(f, ")")
             }
             other => write!(f, "{}", other.name()),
         }

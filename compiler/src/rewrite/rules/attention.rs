@@ -17,6 +17,10 @@
 //!   the executor) and `t = past + seq`, `s = seq`; the guards check exactly that, symbolically.
 //! - `fuse-attention-window`: the same with `window_mask(pos, t, c)`: `FusedAttention` with a
 //!   window of `c + 1` keys (the op's lag operand is `c`; `inf` for the causal one).
+//! - `softcap` (helper): `c · (2σ(2x/c) − 1)` with `c > 0` a literal, Gemma-2's
+//!   `c · tanh(x / c)` as its model file writes it, is `softcap(x, c)`.
+//! - `fuse-attention-softcap`, `fuse-attention-window-softcap`: the two fusions over
+//!   soft-capped scores, `FusedAttention` with that soft-cap (Gemma-2).
 
 use super::guards::{attr, input, scalar, ty};
 use super::{var, Rule};
@@ -94,13 +98,32 @@ fn whole(c: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
     }
 }
 
-/// Grouped attention's product chain over the scores plus `mask`.
-fn attention_pattern(mask: &str) -> String {
+/// `c` is a positive literal scalar (a soft-cap).
+fn positive(c: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
+    let c = var(c);
+    move |eg, s| {
+        eg[s[c]]
+            .data
+            .scalar()
+            .is_some_and(|v| v > 0.0 && v.is_finite())
+    }
+}
+
+/// Grouped attention's product chain over the scaled scores (soft-capped at `?cap` when
+/// `capped`) plus `mask`.
+fn attention_pattern(mask: &str, capped: bool) -> String {
+    let scores =
+        "(mul (matmul (reshape ?q ?qs) (transpose (reshape ?k ?ks) perm:[0,1,2,4,3])) ?scale)";
+    let scores = if capped {
+        format!("(softcap {scores} ?cap)")
+    } else {
+        scores.to_string()
+    };
     format!(
         "(reshape
            (matmul
              (softmax
-               (add (mul (matmul (reshape ?q ?qs) (transpose (reshape ?k ?ks) perm:[0,1,2,4,3])) ?scale)
+               (add {scores}
                     {mask})
                axis:4)
              (reshape ?v ?vs))
@@ -119,12 +142,24 @@ pub fn rules() -> Vec<Rule> {
             "(where (gt (sub (cast (reshape ?pos ?col) dtype:f32) (cast (iota ?t) dtype:f32)) ?c) -inf (causal_mask ?pos ?t))"
             => "(window_mask ?pos ?t ?c)"
             if input("?pos", InputKind::Positions) if column_of("?col", "?pos") if whole("?c")),
+        rule!("softcap";
+            "(mul (sub (mul (recip (add (exp (neg (mul (div ?x ?c) 2))) 1)) 2) 1) ?c)"
+                => "(softcap ?x ?c)"
+            if positive("?c")),
         rule!("fuse-attention";
-            (attention_pattern("(causal_mask ?pos ?t)")) => "(attention ?q ?k ?v ?scale inf)"
+            (attention_pattern("(causal_mask ?pos ?t)", false)) => "(attention ?q ?k ?v ?scale inf 0)"
             if scalar("?scale") if input("?pos", InputKind::Positions)
             if grouped_shapes(["?q", "?k", "?v", "?qs", "?ks", "?vs", "?os", "?t"])),
         rule!("fuse-attention-window";
-            (attention_pattern("(window_mask ?pos ?t ?c)")) => "(attention ?q ?k ?v ?scale ?c)"
+            (attention_pattern("(window_mask ?pos ?t ?c)", false)) => "(attention ?q ?k ?v ?scale ?c 0)"
+            if scalar("?scale") if input("?pos", InputKind::Positions)
+            if grouped_shapes(["?q", "?k", "?v", "?qs", "?ks", "?vs", "?os", "?t"])),
+        rule!("fuse-attention-softcap";
+            (attention_pattern("(causal_mask ?pos ?t)", true)) => "(attention ?q ?k ?v ?scale inf ?cap)"
+            if scalar("?scale") if input("?pos", InputKind::Positions)
+            if grouped_shapes(["?q", "?k", "?v", "?qs", "?ks", "?vs", "?os", "?t"])),
+        rule!("fuse-attention-window-softcap";
+            (attention_pattern("(window_mask ?pos ?t ?c)", true)) => "(attention ?q ?k ?v ?scale ?c ?cap)"
             if scalar("?scale") if input("?pos", InputKind::Positions)
             if grouped_shapes(["?q", "?k", "?v", "?qs", "?ks", "?vs", "?os", "?t"])),
     ]

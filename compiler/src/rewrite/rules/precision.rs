@@ -60,8 +60,8 @@ pub fn rules(lo: DType) -> Vec<Rule> {
             => (format!("(cast (rmsnorm (cast ?x dtype:{lo}) (cast ?w dtype:{lo}) ?eps) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-rope";       "(rope ?x ?pos ?f ?ax)"
             => (format!("(cast (rope (cast ?x dtype:{lo}) ?pos ?f ?ax) dtype:f32)")) if dtype("?x", DType::F32)),
-        rule!("lower-attention";  "(attention ?q ?k ?v ?s ?lag)"
-            => (format!("(cast (attention (cast ?q dtype:{lo}) (cast ?k dtype:{lo}) (cast ?v dtype:{lo}) ?s ?lag) dtype:f32)")) if dtype("?q", DType::F32)),
+        rule!("lower-attention";  "(attention ?q ?k ?v ?s ?lag ?cap)"
+            => (format!("(cast (attention (cast ?q dtype:{lo}) (cast ?k dtype:{lo}) (cast ?v dtype:{lo}) ?s ?lag ?cap) dtype:f32)")) if dtype("?q", DType::F32)),
         rule!("lower-gather";     "(gather ?t ?ids)"
             => (format!("(cast (gather (cast ?t dtype:{lo}) ?ids) dtype:f32)")) if dtype("?t", DType::F32)),
         rule!("cast-roundtrip";          "(cast (cast ?x dtype:f32) ?d)"          => "?x"                                if narrow_of("?x", "?d")),

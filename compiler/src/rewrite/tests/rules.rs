@@ -107,6 +107,27 @@ fn windowed_attention() -> String {
     )
 }
 
+/// `body` (an [`ATTENTION`]) with Gemma-2's soft-capped scores as `models/gemma2.ron` writes
+/// them: `cap · (2σ(2x/cap) − 1)`, cap 1.5.
+fn softcapped(body: &str) -> String {
+    body.replace(
+        r#"Let("scores", Add("s_scaled", "mask")),"#,
+        r#"Let("cap", Const("1.5")),
+    Let("cz", Div("s_scaled", "cap")),
+    Let("ctwo", Const("2")),
+    Let("cz2", Mul("cz", "ctwo")),
+    Let("cnz2", Neg("cz2")),
+    Let("ce", Exp("cnz2")),
+    Let("cone", Const("1")),
+    Let("cden", Add("ce", "cone")),
+    Let("csig", Recip("cden")),
+    Let("csig2", Mul("csig", "ctwo")),
+    Let("ct", Sub("csig2", "cone")),
+    Let("capped", Mul("ct", "cap")),
+    Let("scores", Add("capped", "mask")),"#,
+    )
+}
+
 /// `g`, `u`: the gate and up products of `x`, for the gated MLPs below.
 const GATE_UP: &str = r#"
     Let("wg", Weight("wg", ["3 * h / 2", "h"])),
@@ -217,6 +238,9 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("fuse_attention", "fuse-attention", format!(r#"{ATTENTION} Output("ctx", "ctx"),"#), 8, f32),
         ("window_mask", "window-mask", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
         ("fuse_attention_window", "fuse-attention-window", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
+        ("softcap", "softcap", format!(r#"{} Output("ctx", "ctx"),"#, softcapped(ATTENTION)), 8, f32),
+        ("fuse_attention_softcap", "fuse-attention-softcap", format!(r#"{} Output("ctx", "ctx"),"#, softcapped(ATTENTION)), 8, f32),
+        ("fuse_attention_window_softcap", "fuse-attention-window-softcap", format!(r#"{} Output("ctx", "ctx"),"#, softcapped(&windowed_attention())), 8, f32),
         ("silu_from_sigmoid", "silu-from-sigmoid", format!(r#"{GATE_UP}{SILU} Output("act", "act"),"#), 8, f32),
         ("fuse_gated_mlp", "fuse-gated-mlp", format!(r#"{GATE_UP}{SILU} Output("act", "act"),"#), 8, f32),
         ("gelu_tanh_from_sigmoid", "gelu-tanh-from-sigmoid", format!(r#"{GATE_UP}{GELU} Output("act", "act"),"#), 8, f32),
