@@ -87,26 +87,20 @@ fn grouped_shapes(
     }
 }
 
-/// `c` is a whole, non-negative literal scalar (a window's lag bound).
-fn whole(c: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
+/// `c` is a literal scalar for which `ok` holds.
+fn literal(c: &str, ok: fn(f32) -> bool) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
     let c = var(c);
-    move |eg, s| {
-        eg[s[c]]
-            .data
-            .scalar()
-            .is_some_and(|v| v >= 0.0 && v.fract() == 0.0 && v < u32::MAX as f32)
-    }
+    move |eg, s| eg[s[c]].data.scalar().is_some_and(ok)
 }
 
-/// `c` is a positive literal scalar (a soft-cap).
+/// `c` is a whole, non-negative literal scalar (a window's lag bound).
+fn whole(c: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
+    literal(c, |v| v >= 0.0 && v.fract() == 0.0 && v < u32::MAX as f32)
+}
+
+/// `c` is a positive, finite literal scalar (a soft-cap).
 fn positive(c: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
-    let c = var(c);
-    move |eg, s| {
-        eg[s[c]]
-            .data
-            .scalar()
-            .is_some_and(|v| v > 0.0 && v.is_finite())
-    }
+    literal(c, |v| v > 0.0 && v.is_finite())
 }
 
 /// Grouped attention's product chain over the scaled scores (soft-capped at `?cap` when
