@@ -4,7 +4,7 @@
 //! structs, so a kernel's argument list is written once; the test reads the `__global__`
 //! signatures in `kernels_templates/` and fails when a struct and its template disagree.
 
-use crate::kernels::KernelFamily;
+use crate::kernels::{KernelFamily, KernelInstance};
 
 /// Most parameters a kernel template takes (attention_decode: 15).
 pub const MAX_ARGS: usize = 16;
@@ -37,6 +37,20 @@ pub trait KernelArgs {
     const PARAMS: &'static [(&'static str, ArgKind)];
     /// The addresses of the values, in order.
     fn addresses(&self) -> ArgAddresses;
+
+    /// Whether these are `k`'s arguments: an error naming both signatures when `k`'s template
+    /// has another.
+    fn check(k: &KernelInstance) -> Result<(), String> {
+        if Self::FAMILIES.contains(&k.family()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "kernel `{}` launched with the arguments of `{}`",
+                k.name_expr,
+                Self::FAMILIES[0].function()
+            ))
+        }
+    }
 }
 
 macro_rules! arg_type {

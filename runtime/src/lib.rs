@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod parallel;
 pub mod plan;
 pub mod quant;
+pub mod quant_format;
 pub mod sampling;
 pub mod serving;
 pub mod tokenizer;

@@ -103,11 +103,7 @@ pub(super) fn bench_gemv(
     norm: bool,
     out_t: OutType,
 ) -> Res<()> {
-    let rows = if matches!(epi, GemvEpilogue::Gated | GemvEpilogue::GatedGelu) {
-        2 * n
-    } else {
-        n
-    };
+    let rows = epi.weight_rows(n);
     let bytes = rows * k * 2;
     let gamma = g.random_bf(k, 9, 1.0)?;
     let copies = (600_000_000usize).div_ceil(bytes).clamp(1, 24);

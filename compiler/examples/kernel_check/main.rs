@@ -310,13 +310,7 @@ impl Gpu {
 
     /// Launches instance `k` with its shape for `rt` and `args`, the struct of its signature.
     fn launch<A: KernelArgs>(&self, k: &KernelInstance, rt: RuntimeSizes, args: &A) -> Res<()> {
-        if !A::FAMILIES.contains(&k.family) {
-            return Err(format!(
-                "{} launched with another signature's arguments",
-                k.name_expr
-            )
-            .into());
-        }
+        A::check(k)?;
         self.launch_named(&k.name_expr, k.launch_dims(&rt), args)
     }
 
@@ -607,11 +601,7 @@ fn check_gemv(
     norm: bool,
     out_t: OutType,
 ) -> Res<()> {
-    let rows = if matches!(epi, GemvEpilogue::Gated | GemvEpilogue::GatedGelu) {
-        2 * n
-    } else {
-        n
-    };
+    let rows = epi.weight_rows(n);
     let norm = norm && !tc && mmax == 1;
     let x = r.bf_vec(m * k, 1.0);
     let w = r.bf_vec(rows * k, 0.05);
@@ -667,7 +657,7 @@ fn launch_gemv(
 ) -> Res<()> {
     let [x, w, residual, out, norm_w] = ptrs;
     let (m, n) = (m as i32, n as i32);
-    if inst.family == KernelFamily::Gemv {
+    if inst.family() == KernelFamily::Gemv {
         let args = GemvArgs {
             x,
             m,
@@ -729,7 +719,7 @@ fn check_elementwise(g: &Gpu, r: &mut Rng, rep: &mut Report) -> Res<()> {
             }
         }
         rep.check(
-            format!("{}<{f}> T={t}", inst.family.function()),
+            format!("{}<{f}> T={t}", inst.family().function()),
             rel_l2(&g.down_bf(&dout)?, &reference),
             TOL,
         );
@@ -1322,7 +1312,7 @@ pub fn kernel_instances(arch: &str) -> Vec<KernelInstance> {
     }
     // The wgmma kernels build only for sm_90 (as sm_90a).
     if arch != "sm_90" {
-        instances.retain(|k| k.family != KernelFamily::AttentionPrefillSm90);
+        instances.retain(|k| k.family() != KernelFamily::AttentionPrefillSm90);
     }
     instances
 }
@@ -1358,7 +1348,7 @@ fn main() {
             .collect();
         let tc: Vec<String> = instances
             .iter()
-            .filter(|k| k.family == KernelFamily::GemvTc)
+            .filter(|k| k.family() == KernelFamily::GemvTc)
             .map(|k| k.name_expr.clone())
             .collect();
         for v in GEMV_VARIANTS.iter().filter(|v| !v.is_default()) {

@@ -350,7 +350,7 @@ pub fn compile_with(
     nvrtc::ensure_nvrtc()?;
     let mut groups: BTreeMap<TemplateFile, Vec<String>> = BTreeMap::new();
     for k in instances {
-        let g = groups.entry(template_file(k.family)).or_default();
+        let g = groups.entry(template_file(k.family())).or_default();
         if !g.contains(&k.name_expr) {
             g.push(k.name_expr.clone());
         }
@@ -420,14 +420,14 @@ mod tests {
         );
         assert_eq!(KernelInstance::argmax().name_expr, "argmax");
         assert_eq!(
-            template_file(KernelInstance::silu_mul(14336).family),
+            template_file(KernelInstance::silu_mul(14336).family()),
             TemplateFile::Elementwise
         );
     }
 
     #[test]
     fn prefill_uses_tensor_cores_only_for_supported_head_sizes() {
-        let family = |hd, arch| KernelInstance::attention_prefill_for(32, 8, hd, 16, arch).family;
+        let family = |hd, arch| KernelInstance::attention_prefill_for(32, 8, hd, 16, arch).family();
         assert_eq!(family(128, "sm_90"), KernelFamily::AttentionPrefillSm90);
         assert_eq!(family(64, "sm_90"), KernelFamily::AttentionPrefillSm90);
         assert_eq!(family(128, "sm_80"), KernelFamily::AttentionPrefill);
@@ -447,7 +447,7 @@ mod tests {
             let ks = llama_kernels(&cfg);
             let names: std::collections::HashSet<_> = ks.iter().map(|k| &k.name_expr).collect();
             assert_eq!(names.len(), ks.len());
-            let families: std::collections::HashSet<_> = ks.iter().map(|k| k.family).collect();
+            let families: std::collections::HashSet<_> = ks.iter().map(|k| k.family()).collect();
             for f in [
                 KernelFamily::Embedding,
                 KernelFamily::RmsNorm,
@@ -472,9 +472,9 @@ mod tests {
             // Every template file's source is embedded and declares what the instances name.
             for k in &ks {
                 assert!(
-                    template_file(k.family)
+                    template_file(k.family())
                         .source()
-                        .contains(k.family.function()),
+                        .contains(k.family().function()),
                     "{}",
                     k.name_expr
                 );

@@ -1,7 +1,7 @@
 //! A checkpoint, whatever its format: config, tensors by HF name, tokenizer and chat template.
 
 use super::gguf::GgufFile;
-use super::prequant::PreQuant;
+use super::prequant::{PreQuant, Raw};
 use super::safetensors_dir::SafetensorsDir;
 use super::LoadError;
 use serde_json::Value;
@@ -153,19 +153,11 @@ impl Checkpoint {
 
     /// Reads a tensor as f32 in HF layout (a pre-quantized weight dequantized).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
-        if let (true, Some(p), Store::Safetensors(s)) =
-            (self.act_order, &self.prequant, &self.store)
-        {
-            if let Some(base) = name.strip_suffix(".weight") {
-                let qweight = format!("{base}{}", p.marker());
-                if s.contains(&qweight) {
-                    return p
-                        .dequantized_act_order(base, |n| s.read_raw(n).map_err(|e| e.to_string()))
-                        .map_err(|message| LoadError::Corrupt {
-                            file: qweight,
-                            message,
-                        });
-                }
+        if self.act_order {
+            if let Some(w) =
+                self.stored_parts(name, |p, base, read| p.dequantized_act_order(base, read))
+            {
+                return w;
             }
         }
         if self.prequant.is_some() {
@@ -219,22 +211,32 @@ impl Checkpoint {
     /// A pre-quantized linear weight `X.weight` (or a GGUF Q4_0/Q4_1/Q8_0 matrix) in kiln's packing,
     /// exactly as stored; `None` for any other tensor.
     pub fn packed(&self, name: &str) -> Option<Result<kiln_runtime::quant::Packed, LoadError>> {
-        let s = match (&self.store, &self.prequant) {
-            (Store::Gguf(g), _) => {
-                return g.packed_matrix(name).map(|r| r.map_err(LoadError::from))
-            }
-            (Store::Safetensors(s), Some(_)) if !self.act_order => s,
-            _ => return None,
+        match &self.store {
+            Store::Gguf(g) => g.packed_matrix(name).map(|r| r.map_err(LoadError::from)),
+            Store::Safetensors(_) if self.act_order => None,
+            Store::Safetensors(_) => self.stored_parts(name, |p, base, read| p.packed(base, read)),
+        }
+    }
+
+    /// `read` of the pre-quantized linear weight `name` (`X.weight`) from its stored parts
+    /// (`X.qweight`, …); `None` when `name` is not one.
+    fn stored_parts<T>(
+        &self,
+        name: &str,
+        read: impl Fn(&PreQuant, &str, &dyn Fn(&str) -> Result<Raw, String>) -> Result<T, String>,
+    ) -> Option<Result<T, LoadError>> {
+        let (Store::Safetensors(s), Some(p)) = (&self.store, &self.prequant) else {
+            return None;
         };
-        let p = self.prequant.as_ref()?;
         let base = name.strip_suffix(".weight")?;
         let qweight = format!("{base}{}", p.marker());
         s.contains(&qweight).then(|| {
-            p.packed(base, |n| s.read_raw(n).map_err(|e| e.to_string()))
-                .map_err(|message| LoadError::Corrupt {
+            read(p, base, &|n| s.read_raw(n).map_err(|e| e.to_string())).map_err(|message| {
+                LoadError::Corrupt {
                     file: qweight.clone(),
                     message,
-                })
+                }
+            })
         })
     }
 }

@@ -373,13 +373,7 @@ impl Kernels {
             .funcs
             .get(&k.name_expr)
             .ok_or_else(|| CudaError::Engine(format!("kernel `{}` not loaded", k.name_expr)))?;
-        if !A::FAMILIES.contains(&k.family) {
-            return Err(CudaError::Engine(format!(
-                "kernel `{}` launched with the arguments of `{}`",
-                k.name_expr,
-                A::FAMILIES[0].function()
-            )));
-        }
+        A::check(k).map_err(CudaError::Engine)?;
         // Addresses of the argument values, in `args`: no allocation per launch.
         let mut params = args.addresses().ptrs;
         let d: LaunchDims = k.launch_dims(&rt);
@@ -682,7 +676,7 @@ impl Kernels {
             let inst = gemv_instance(rows, k, epilogue_kind(epi), fold, out_type(out_t));
             let rt = sizes(rows, p.b, cols, 0);
             let (x, w, residual, out) = (xp, wp, r, o);
-            return if inst.family == KernelFamily::Gemv {
+            return if inst.family() == KernelFamily::Gemv {
                 let args = GemvArgs {
                     x,
                     m,
