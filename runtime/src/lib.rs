@@ -10,6 +10,8 @@ pub mod generate;
 pub mod ir;
 pub mod kernel_args;
 pub mod kernels;
+pub mod lower;
+pub mod ops;
 pub mod parallel;
 pub mod plan;
 pub mod quant;

@@ -230,7 +230,7 @@ pub fn run(a: &InspectArgs) -> Result<()> {
             ..RewriteOptions::default()
         };
         let out = optimize(parsed, &opts)?;
-        let plan = kiln::compiler::codegen::lower::lower(&out.graph).map_err(anyhow::Error::msg)?;
+        let plan = kiln::runtime::lower::lower(&out.graph).map_err(anyhow::Error::msg)?;
         // The kernels `kiln build --target cuda` compiles by default (sm_90).
         return emit(&kiln::runtime::cuda::describe_plan(&plan, "sm_90"));
     }

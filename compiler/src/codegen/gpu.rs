@@ -2,13 +2,13 @@
 //! compiled to CUBIN, and the engine metadata that ties them together.
 
 use super::kernels::compile;
-use super::lower::lower;
 use super::nvrtc;
 use crate::engine_writer::EngineTensor;
 use kiln_runtime::cuda::gemm_algos::{self, GemmAlgos};
 use kiln_runtime::cuda::plan_instances;
 use kiln_runtime::engine::keys;
 use kiln_runtime::ir::Graph;
+use kiln_runtime::lower::lower;
 use kiln_runtime::plan::Plan;
 use std::collections::BTreeMap;
 
@@ -107,6 +107,7 @@ fn tune_gemms(plan: &Plan, arch: &str) -> (Option<GemmAlgos>, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_runtime::ir::{BinaryOp, InputKind, Node, Op};
 
     #[test]
     fn every_kernel_the_runtime_launches_is_one_the_compiler_lists() {
@@ -445,5 +446,81 @@ mod tests {
 
     fn cfg_theta(cfg: &serde_json::Value) -> f32 {
         cfg["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32
+    }
+
+    /// The SmolLM2 fixture's optimized graph.
+    fn smollm2_optimized() -> Graph {
+        let cfg: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/smollm2-135m/config.json"
+        ))
+        .unwrap();
+        let model = crate::build::model_for(&cfg, None).unwrap();
+        let g = crate::build::graph_for(&model, &cfg).unwrap();
+        let opts = crate::rewrite::RewriteOptions::default();
+        crate::rewrite::optimize(&g, &opts).unwrap().graph
+    }
+
+    /// `g` with a node `positions+1` inserted before the first node that `pick` selects, read
+    /// by every selected node as its input `pick(node)`.
+    fn with_shifted_positions(g: &Graph, pick: impl Fn(&Node) -> Option<usize>) -> Graph {
+        let pos = g.input(InputKind::Positions).unwrap();
+        let mut out = Graph::default();
+        let mut map = Vec::with_capacity(g.nodes.len());
+        let mut shifted = None;
+        for n in &g.nodes {
+            let mut node = n.clone();
+            node.inputs = n.inputs.iter().map(|&i| map[i]).collect();
+            if let Some(k) = pick(n) {
+                let s = *shifted.get_or_insert_with(|| {
+                    out.nodes.push(Node {
+                        name: "one".into(),
+                        op: Op::Constant { value: 1.0 },
+                        inputs: vec![],
+                        ty: kiln_runtime::ir::TensorType::new(kiln_runtime::ir::DType::F32, vec![]),
+                    });
+                    out.nodes.push(Node {
+                        name: "positions+1".into(),
+                        op: Op::Binary(BinaryOp::Add),
+                        inputs: vec![map[pos], out.nodes.len() - 1],
+                        ty: g.nodes[pos].ty.clone(),
+                    });
+                    out.nodes.len() - 1
+                });
+                node.inputs[k] = s;
+            }
+            out.nodes.push(node);
+            map.push(out.nodes.len() - 1);
+        }
+        out.copy_bindings(g, |i| map[i]);
+        out
+    }
+
+    /// The fixture lowers; RoPE at anything but the step's positions, which the GPU kernels
+    /// would ignore, is refused naming the node and the positions.
+    #[test]
+    fn rope_at_computed_positions_is_refused_by_name() {
+        let g = smollm2_optimized();
+        assert!(lower(&g).is_ok());
+        let shifted = with_shifted_positions(&g, |n| matches!(n.op, Op::Rope { .. }).then_some(1));
+        let err = lower(&shifted).unwrap_err();
+        assert!(
+            err.contains("(Rope(") && err.contains("RoPE at positions `positions+1`"),
+            "{err}"
+        );
+    }
+
+    /// A launch that would read position arithmetic (no kernel computes it) is refused naming
+    /// the launch's node and the value, instead of reading nothing.
+    #[test]
+    fn a_launch_reading_position_arithmetic_is_refused_by_name() {
+        let g = with_shifted_positions(&smollm2_optimized(), |n| {
+            (n.op == Op::LinearAdd).then_some(2)
+        });
+        let err = lower(&g).unwrap_err();
+        assert!(
+            err.contains("(LinearAdd)")
+                && err.contains("reads `positions+1`, computed from positions, constants"),
+            "{err}"
+        );
     }
 }

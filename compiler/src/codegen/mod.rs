@@ -4,10 +4,11 @@
 //! - [`kernels`]: the instance descriptions, their launch shapes, the instance list of a Llama
 //!   model, and [`kernels::compile`].
 //! - [`nvrtc`]: the NVRTC driver (library and header discovery, CUBIN output, lowered names).
+//! - [`gpu`]: the engine's GPU artifacts: the launch plan (lowered by `kiln_runtime::lower`),
+//!   its kernels compiled, the GEMM algorithm table.
 
 pub mod gpu;
 pub mod kernels;
-pub mod lower;
 pub mod nvrtc;
 
 pub use kernels::{

@@ -11,7 +11,7 @@ use super::lang::{Attr, Node};
 use super::ops::{lower, Lowered};
 use egg::{Analysis, DidMerge, EGraph, Id, Symbol};
 use kiln_runtime::ir::infer::infer;
-use kiln_runtime::ir::{DType, Dim, InputKind, TensorType};
+use kiln_runtime::ir::{DType, InputKind, TensorType};
 use std::collections::HashMap;
 
 /// What the analysis knows about a tensor e-class.
@@ -184,9 +184,8 @@ pub fn node_data(node: &Node, child: &dyn Fn(Id) -> Data, leaves: &Leaves) -> Re
                     tys.push(d.ty().ok_or("an attribute where a tensor belongs")?);
                 }
                 let ty = infer(&op, &tys)?;
-                let konst = !op.is_collective()
-                    && op_is_static(&op_dims(&op))
-                    && datas.iter().all(|d| d.tensor().is_some_and(|t| t.konst));
+                let konst =
+                    op.is_static() && datas.iter().all(|d| d.tensor().is_some_and(|t| t.konst));
                 Ok(tensor(ty, konst))
             }
             Lowered::Leaf | Lowered::Helper | Lowered::Attr => {
@@ -194,23 +193,6 @@ pub fn node_data(node: &Node, child: &dyn Fn(Id) -> Data, leaves: &Leaves) -> Re
             }
         },
     }
-}
-
-/// The run-time sizes an op's result depends on beyond its inputs.
-fn op_dims(op: &kiln_runtime::ir::Op) -> Vec<Dim> {
-    use kiln_runtime::ir::Op;
-    match op {
-        Op::Iota { len } => vec![len.clone()],
-        Op::Reshape { shape } => shape.clone(),
-        Op::Slice { start, end, .. } => vec![start.clone(), end.clone()],
-        _ => vec![],
-    }
-}
-
-/// True if none of the sizes is symbolic (so the op on constant inputs is a constant), as the
-/// CPU executor decides what it evaluates at load time.
-fn op_is_static(dims: &[Dim]) -> bool {
-    dims.iter().all(|d| d.as_const().is_some())
 }
 
 impl Analysis<Node> for TypeAnalysis {

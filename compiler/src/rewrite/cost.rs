@@ -37,7 +37,8 @@
 //!
 //! Helper e-nodes cost infinity, so they are never extracted.
 
-use kiln_runtime::ir::{DType, Dim, Graph, InputKind, Op, SymValues, TensorType};
+use kiln_runtime::ir::{Graph, InputKind, Op, SymValues, TensorType};
+use kiln_runtime::ops::Sizes;
 use serde::Serialize;
 
 /// Symbol values at which costs are evaluated: one decode step of one sequence, 1k context.
@@ -114,32 +115,12 @@ impl Cost {
     }
 }
 
-fn elem_bytes(d: DType) -> f64 {
-    match d {
-        DType::F32 | DType::I32 => 4.0,
-        DType::F16 | DType::BF16 => 2.0,
-        DType::Bool => 1.0,
-        // The codes, plus a scale per row (int8: negligible) or per group (and a zero point).
-        DType::Int8 | DType::Fp8 => 1.0,
-        DType::Int4 { group, zero_point } => {
-            0.5 + (2.0 + f64::from(u8::from(zero_point))) / f64::from(group)
-        }
-        DType::Int4Awq { group } => 0.5 + 3.0 / f64::from(group),
-        DType::Int8Group { group } => 1.0 + 2.0 / f64::from(group),
-        DType::Int4Min { group } => 0.5 + 4.0 / f64::from(group),
-    }
-}
-
-fn numel(ty: &TensorType) -> f64 {
-    ty.shape
-        .iter()
-        .map(|d: &Dim| d.eval(&REFERENCE).max(0) as f64)
-        .product()
-}
-
 fn bytes(ty: &TensorType) -> f64 {
-    numel(ty) * elem_bytes(ty.dtype)
+    SIZES.bytes(ty)
 }
+
+/// Sizes at the reference step.
+const SIZES: Sizes = Sizes { syms: &REFERENCE };
 
 /// The kind of a node with op `op` (no inputs for leaves), given its inputs and whether it is
 /// weight-only itself.
@@ -179,47 +160,11 @@ pub fn op_cost(op: &Op, ins: &[InputInfo], out: &TensorType, konst: bool) -> Cos
         }
         Kind::Kernel => {}
     }
-    let n_out = numel(out);
-    let read: f64 = match op {
-        // A gather reads the rows it picks, not the table.
-        Op::Gather => bytes(out) + bytes(ins[1].ty),
-        _ => ins.iter().map(|i| bytes(i.ty)).sum(),
-    };
-    let flops = match op {
-        Op::MatMul => {
-            let a = ins[0].ty;
-            2.0 * n_out * a.shape.last().map_or(1.0, |k| k.eval(&REFERENCE) as f64)
-        }
-        Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu => {
-            let rows = numel(ins[0].ty) / ins[1].ty.shape[1].eval(&REFERENCE).max(1) as f64;
-            let w = numel(ins[1].ty);
-            2.0 * rows * w + 4.0 * n_out
-        }
-        Op::FusedAttention { .. } => {
-            let (q, k) = (ins[0].ty, ins[1].ty);
-            let t = k.shape[2].eval(&REFERENCE) as f64;
-            let d = q.shape[3].eval(&REFERENCE) as f64;
-            let rows = numel(q) / d.max(1.0);
-            rows * t * (4.0 * d + 5.0)
-        }
-        Op::Reduce { .. } | Op::Softmax { .. } => 5.0 * numel(ins[0].ty),
-        _ => 4.0 * n_out,
-    };
-    // A collective also moves data between GPUs: a ring all-reduce sends and receives
-    // 2·(n-1)/n of the buffer per rank, an all-gather (n-1)/n of the result; counted as device
-    // bytes at the ratio of the two bandwidths.
-    let link = match *op {
-        Op::AllReduce { ranks } => {
-            2.0 * f64::from(ranks.saturating_sub(1)) / f64::from(ranks) * bytes(out)
-        }
-        Op::AllGather { ranks, .. } => {
-            f64::from(ranks.saturating_sub(1)) / f64::from(ranks) * bytes(out)
-        }
-        _ => 0.0,
-    };
+    let tys: Vec<&TensorType> = ins.iter().map(|i| i.ty).collect();
+    let w = kiln_runtime::ops::work(op, &tys, out, &SIZES);
     Cost {
-        bytes: read + bytes(out) + link * BYTES_PER_NS / LINK_BYTES_PER_NS,
-        flops,
+        bytes: w.read + bytes(out) + w.link * BYTES_PER_NS / LINK_BYTES_PER_NS,
+        flops: w.flops,
         launches: 1.0,
         derived: 0.0,
     }
@@ -235,17 +180,7 @@ pub fn weight_only(graph: &Graph) -> Vec<bool> {
             Op::Input { .. } => false,
             op if op.is_collective() => false,
             Op::Weight { .. } | Op::Constant { .. } => true,
-            op => {
-                let is_static = match op {
-                    Op::Iota { len } => len.as_const().is_some(),
-                    Op::Reshape { shape } => shape.iter().all(|d| d.as_const().is_some()),
-                    Op::Slice { start, end, .. } => {
-                        start.as_const().is_some() && end.as_const().is_some()
-                    }
-                    _ => true,
-                };
-                is_static && n.inputs.iter().all(|&i| konst[i])
-            }
+            op => op.is_static() && n.inputs.iter().all(|&i| konst[i]),
         };
     }
     konst

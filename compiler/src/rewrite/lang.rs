@@ -103,20 +103,6 @@ define_language! {
     }
 }
 
-impl Node {
-    /// True for the helper nodes, which only shorten rules and must never be extracted.
-    pub fn is_helper(&self) -> bool {
-        matches!(
-            self,
-            Node::Silu(_)
-                | Node::GeluTanh(_)
-                | Node::RopeAngles(_)
-                | Node::CausalMask(_)
-                | Node::WindowMask(_)
-        )
-    }
-}
-
 /// A scalar `f32` constant, stored as its bits so that it can be hashed and ordered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConstValue(pub u32);

@@ -15,32 +15,33 @@
 //!   the step (`pool.rs`).
 //! - Kernels: `matmul.rs` (batched products; the streaming `x · Wᵀ` kernel of `simd.rs` for the
 //!   few rows of a decode step, `gemm` otherwise), `elementwise.rs`, `reduce.rs` (reductions and
-//!   softmax, with the `exp` of `math.rs`), `movement.rs` (gather, concat, KV append), `fused.rs`
-//!   (the rewriter's fused ops). Large work is spread over rayon's threads.
+//!   softmax, with the `exp` of `math.rs`), `movement.rs` (gather, concat, KV append); the ops'
+//!   CPU references, the fused ones included, are their op modules' (`crate::ops`), over these. Large work is spread over rayon's threads.
 //! - State inputs (KV caches) start empty (their shape with `past = 0`; zeros if that is not
 //!   empty) and take the value of their update node after each step. An update that is a
 //!   `Concat` of the state with new entries appends in place into spare room of the state's
 //!   buffer (which grows by doubling), so a decode step does not copy the cache. A failed step
 //!   leaves the session as it was.
 
-mod elementwise;
+pub(crate) mod elementwise;
 mod eval;
-mod fused;
 mod math;
-mod matmul;
-mod movement;
+pub(crate) mod matmul;
+pub(crate) mod movement;
 pub mod paged;
 mod pool;
-mod reduce;
+pub(crate) mod reduce;
+pub(crate) mod rows;
 mod simd;
-mod tensor;
+pub(crate) mod tensor;
 #[cfg(test)]
 mod tests;
 
 use crate::collective::Collective;
 use crate::ir::dim::eval_shape;
 use crate::ir::{DType, Graph, GraphError, InputKind, NodeId, Op, SymValues};
-use eval::{check_type, eval_op, into_host, op_is_static, weight_tensor};
+use crate::ops::eval as eval_op;
+use eval::{check_type, into_host, weight_tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
@@ -234,7 +235,7 @@ impl CpuExecutor {
                     node.name
                 )));
             }
-            is_const[id] = op_is_static(&node.op) && node.inputs.iter().all(|&i| is_const[i]);
+            is_const[id] = node.op.is_static() && node.inputs.iter().all(|&i| is_const[i]);
         }
         // Readers of each node among step-time nodes (plus outputs and states), and among
         // weight-only nodes.

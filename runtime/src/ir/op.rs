@@ -66,6 +66,21 @@ impl DType {
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
+    /// Bytes per element in device memory: a weight format's codes with its scales (and zero
+    /// points or minimums) spread over them (an int8 row's one scale is negligible).
+    pub fn bytes_per_element(self) -> f64 {
+        match self {
+            DType::F32 | DType::I32 => 4.0,
+            DType::F16 | DType::BF16 => 2.0,
+            DType::Bool | DType::Int8 | DType::Fp8 => 1.0,
+            DType::Int4 { group, zero_point } => {
+                0.5 + (2.0 + f64::from(u8::from(zero_point))) / f64::from(group)
+            }
+            DType::Int4Awq { group } => 0.5 + 3.0 / f64::from(group),
+            DType::Int8Group { group } => 1.0 + 2.0 / f64::from(group),
+            DType::Int4Min { group } => 0.5 + 4.0 / f64::from(group),
+        }
+    }
     /// True for the weight formats (quantized weights read by linear ops).
     pub fn is_weight_format(self) -> bool {
         matches!(
@@ -385,6 +400,94 @@ impl Op {
         matches!(self, Op::AllReduce { .. } | Op::AllGather { .. })
     }
 
+    /// How many inputs the op takes (`None`: one or more, `Concat`).
+    pub fn arity(&self) -> Option<usize> {
+        Some(match self {
+            Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. } => 0,
+            Op::Unary(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::Reshape { .. } => 1,
+            Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
+            Op::AllReduce { .. } | Op::AllGather { .. } | Op::KvQuant { .. } => 1,
+            Op::Binary(_) | Op::MatMul | Op::Gather | Op::GatherShard { .. } => 2,
+            Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp | Op::GatedGelu => 2,
+            Op::Where
+            | Op::LinearAdd
+            | Op::LinearBias
+            | Op::FusedAttention { .. }
+            | Op::Rope { .. } => 3,
+            Op::Concat { .. } => return None,
+        })
+    }
+
+    /// True if the op's result depends on no run-time symbol and no step (given inputs that do
+    /// not): what the CPU executor evaluates at load time and the cost model counts as a
+    /// build-time weight when all its inputs are weights or constants. Step inputs and the
+    /// collectives (which exchange data at run time) are not.
+    pub fn is_static(&self) -> bool {
+        match self {
+            Op::Input { .. } | Op::AllReduce { .. } | Op::AllGather { .. } => false,
+            Op::Iota { len } => len.as_const().is_some(),
+            Op::Reshape { shape } => shape.iter().all(|d| d.as_const().is_some()),
+            Op::Slice { start, end, .. } => start.as_const().is_some() && end.as_const().is_some(),
+            _ => true,
+        }
+    }
+
+    /// One op of every kind (every variant, every unary, binary and reduction function), with
+    /// representative attributes: the list that the rewriter's e-graph language is checked
+    /// against.
+    pub fn examples() -> Vec<Op> {
+        let mut ops = vec![
+            Op::Input {
+                kind: InputKind::Tokens,
+            },
+            Op::Weight { name: "w".into() },
+            Op::Constant { value: 0.5 },
+            Op::Iota { len: Dim::c(4) },
+            Op::Where,
+            Op::Softmax { axis: 1 },
+            Op::MatMul,
+            Op::Reshape {
+                shape: vec![Dim::c(2), Dim::c(3)],
+            },
+            Op::Transpose { perm: vec![1, 0] },
+            Op::Gather,
+            Op::Concat { axis: 0 },
+            Op::Slice {
+                axis: 1,
+                start: Dim::c(1),
+                end: Dim::c(3),
+            },
+            Op::Cast { dtype: DType::BF16 },
+            Op::AllReduce { ranks: 2 },
+            Op::AllGather { axis: 1, ranks: 2 },
+            Op::GatherShard { first: 8 },
+            Op::KvQuant { format: DType::Fp8 },
+            Op::RmsNorm { eps: 1e-5 },
+            Op::Linear,
+            Op::LinearAdd,
+            Op::LinearBias,
+            Op::GatedMlp,
+            Op::GatedGelu,
+            Op::Rope { seq_axis: 2 },
+            Op::FusedAttention {
+                scale: 0.125,
+                window: 4,
+                softcap: 30.0,
+            },
+        ];
+        use BinaryOp as B;
+        use ReduceOp as R;
+        use UnaryOp as U;
+        ops.extend([U::Neg, U::Exp, U::Sqrt, U::Rsqrt, U::Recip, U::Sin, U::Cos].map(Op::Unary));
+        ops.extend([B::Add, B::Sub, B::Mul, B::Div, B::Pow, B::Max, B::Greater].map(Op::Binary));
+        ops.extend([R::Sum, R::Mean, R::Max].map(|op| Op::Reduce {
+            op,
+            axis: 1,
+            keep_dim: true,
+        }));
+        ops
+    }
+
     /// True for the products with a weight (`x · wᵀ` and its fused epilogues): the ops whose
     /// second input may be a weight format, whose norm input folds into the GEMV, and which
     /// calibration observes.
@@ -454,5 +557,55 @@ impl fmt::Display for Op {
             }
             other => write!(f, "{}", other.name()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Op::examples` holds every variant: the index of each variant (an exhaustive match, so
+    /// a new variant fails to compile here until it is listed) is covered.
+    #[test]
+    fn examples_cover_every_variant() {
+        fn index(op: &Op) -> usize {
+            match op {
+                Op::Input { .. } => 0,
+                Op::Weight { .. } => 1,
+                Op::Constant { .. } => 2,
+                Op::Iota { .. } => 3,
+                Op::Unary(_) => 4,
+                Op::Binary(_) => 5,
+                Op::Where => 6,
+                Op::Reduce { .. } => 7,
+                Op::Softmax { .. } => 8,
+                Op::MatMul => 9,
+                Op::Reshape { .. } => 10,
+                Op::Transpose { .. } => 11,
+                Op::Gather => 12,
+                Op::Concat { .. } => 13,
+                Op::Slice { .. } => 14,
+                Op::Cast { .. } => 15,
+                Op::AllReduce { .. } => 16,
+                Op::AllGather { .. } => 17,
+                Op::GatherShard { .. } => 18,
+                Op::KvQuant { .. } => 19,
+                Op::RmsNorm { .. } => 20,
+                Op::Linear => 21,
+                Op::LinearAdd => 22,
+                Op::LinearBias => 23,
+                Op::GatedMlp => 24,
+                Op::GatedGelu => 25,
+                Op::Rope { .. } => 26,
+                Op::FusedAttention { .. } => 27,
+            }
+        }
+        let mut seen = [false; 28];
+        for op in Op::examples() {
+            seen[index(&op)] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "{seen:?}");
+        // And every unary, binary and reduction function.
+        assert_eq!(Op::examples().len(), 28 - 3 + 7 + 7 + 3);
     }
 }

@@ -1,10 +1,12 @@
 //! Tests of the rewriter: a snapshot per rule (`rules.rs`), the optimized Llama decoder layer
 //! (`layer.rs`) and of the other families (`families.rs`), numerical equivalence on random tiny Llamas (`equivalence.rs`), extraction and
-//! bad input (`extraction.rs`). The verifier runs before every snapshot.
+//! bad input (`extraction.rs`), the e-graph language against the IR's op list (`language.rs`). The
+//! verifier runs before every snapshot.
 
 mod equivalence;
 mod extraction;
 mod families;
+mod language;
 mod layer;
 mod rules;
 

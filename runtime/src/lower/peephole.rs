@@ -4,8 +4,8 @@
 //! own then fails the build in `finish`, naming its node).
 
 use super::{Lowered, Step, Val};
-use kiln_runtime::ir::NodeId;
-use kiln_runtime::plan::{BufId, Buffer, Epilogue, Launch, Norm, Rows};
+use crate::ir::NodeId;
+use crate::plan::{BufId, Buffer, Epilogue, Launch, Norm, Rows};
 
 /// Runs every pass, in order.
 pub(super) fn run(l: &mut Lowered) -> Result<(), String> {
@@ -19,7 +19,7 @@ pub(super) fn run(l: &mut Lowered) -> Result<(), String> {
 /// The step that writes `buf`, if any.
 fn writer(l: &Lowered, buf: BufId) -> Option<usize> {
     l.steps.iter().position(|s| match s {
-        Step::Launch(launch) => kiln_runtime::plan::Plan::reads_writes(launch).1 == Some(buf),
+        Step::Launch(launch) => crate::plan::Plan::reads_writes(launch).1 == Some(buf),
         Step::Scale { out, .. } | Step::Attention { out, .. } => *out == buf,
         Step::Rope { .. } | Step::Append { .. } => false,
     })
@@ -234,8 +234,8 @@ fn fold_norms(l: &mut Lowered) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_runtime::ir::Graph;
-    use kiln_runtime::plan::{AttentionDims, BufType};
+    use crate::ir::Graph;
+    use crate::plan::{AttentionDims, BufType};
 
     fn buf(name: &str, rows: Rows, cols: usize) -> Buffer {
         Buffer {
@@ -252,7 +252,7 @@ mod tests {
             x,
             norm: None,
             w: w.into(),
-            format: kiln_runtime::ir::DType::BF16,
+            format: crate::ir::DType::BF16,
             epilogue,
             out,
         })
@@ -342,7 +342,7 @@ mod tests {
                         eps: 1e-5
                     }),
                     w: "lm_head".into(),
-                    format: kiln_runtime::ir::DType::BF16,
+                    format: crate::ir::DType::BF16,
                     epilogue: Epilogue::None,
                     out: 3,
                 }),
@@ -394,15 +394,15 @@ mod tests {
     #[test]
     fn rope_and_appends_merge_into_rope_append() {
         let mut g = Graph::default();
-        g.nodes.push(kiln_runtime::ir::Node {
+        g.nodes.push(crate::ir::Node {
             name: "attn".into(),
-            op: kiln_runtime::ir::Op::FusedAttention {
+            op: crate::ir::Op::FusedAttention {
                 scale: 0.125,
                 window: 0,
                 softcap: 0.0,
             },
             inputs: vec![],
-            ty: kiln_runtime::ir::TensorType::new(kiln_runtime::ir::DType::BF16, vec![]),
+            ty: crate::ir::TensorType::new(crate::ir::DType::BF16, vec![]),
         });
         // heads 2, kv heads 1, head dim 32: q 0..64, k 64..96, v 96..128.
         let buffers = vec![buf("qkv", Rows::Tokens, 128), buf("attn", Rows::Tokens, 64)];

@@ -1,13 +1,22 @@
 //! Each fused op against the chain of primitive ops it replaces (as `models/llama.ron` writes
 //! them), on random non-zero data, over several shapes including odd ones.
 
-use super::super::elementwise::{binary, unary};
-use super::super::matmul::matmul;
-use super::super::movement::concat;
-use super::super::reduce::{reduce, softmax};
-use super::super::tensor::Tensor;
-use super::eval;
-use crate::ir::{BinaryOp, DType, Op, ReduceOp, UnaryOp};
+use crate::cpu::elementwise::{binary, unary};
+use crate::cpu::matmul::matmul;
+use crate::cpu::movement::concat;
+use crate::cpu::reduce::{reduce, softmax};
+use crate::cpu::tensor::Tensor;
+use crate::ir::{BinaryOp, DType, Op, ReduceOp, SymValues, UnaryOp};
+
+/// The op's CPU reference (`super::eval`) at one step's sizes.
+fn eval(op: &Op, ins: Vec<Tensor>) -> Result<Tensor, String> {
+    let syms = SymValues {
+        batch: 1,
+        seq: 1,
+        past: 0,
+    };
+    super::eval(op, ins, &syms)
+}
 
 struct Rng(u64);
 
@@ -192,7 +201,7 @@ fn gated_gelu_matches_gemmas_geglu() {
 fn inv_freq(d: usize, theta: f32) -> Tensor {
     let half = d / 2;
     let iota = Tensor::new(DType::I32, vec![half], (0..half as i32).collect());
-    let idx = super::super::elementwise::cast(iota, DType::F32);
+    let idx = crate::cpu::elementwise::cast(iota, DType::F32);
     let even = bin(BinaryOp::Mul, &idx, &scalar(2.0));
     let expo = bin(BinaryOp::Div, &even, &scalar(d as f32));
     unary(UnaryOp::Recip, bin(BinaryOp::Pow, &scalar(theta), &expo)).unwrap()
@@ -204,7 +213,7 @@ fn primitive_rope(x: &Tensor, pos: &[i32], inv: &Tensor) -> Tensor {
     let half = d / 2;
     let s = pos.len();
     let p = Tensor::new(DType::I32, vec![s], pos.to_vec());
-    let pf = super::super::elementwise::cast(p, DType::F32).reshape(vec![s, 1]);
+    let pf = crate::cpu::elementwise::cast(p, DType::F32).reshape(vec![s, 1]);
     let freqs = bin(BinaryOp::Mul, &pf, inv);
     let angles = concat(vec![freqs.clone(), freqs], 1).unwrap();
     let cos = unary(UnaryOp::Cos, angles.clone()).unwrap();

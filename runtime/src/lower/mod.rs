@@ -1,4 +1,4 @@
-//! Lowering for the GPU: the optimized graph → a launch plan (`kiln_runtime::plan::Plan`), in
+//! Lowering for the GPU: the optimized graph → a launch plan (`crate::plan::Plan`), in
 //! three stages, data flowing one way:
 //!
 //! 1. [`nodes`]: every graph node lowers on its own — a view of a buffer (`Reshape`,
@@ -20,12 +20,14 @@
 mod nodes;
 mod peephole;
 
-use kiln_runtime::ir::{Graph, NodeId};
-use kiln_runtime::plan::{AttentionDims, BufId, Buffer, Launch, Plan};
+pub(crate) use nodes::Nodes;
+
+use crate::ir::{Graph, NodeId};
+use crate::plan::{AttentionDims, BufId, Buffer, Launch, Plan};
 
 /// What a graph node is, seen from the GPU.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) enum Val {
+pub(crate) enum Val {
     /// Token ids.
     Tokens,
     /// The step's positions (kernels read them from the step's metadata).
@@ -60,7 +62,7 @@ pub(super) enum Val {
 
 /// One graph op lowered on its own, before the peepholes merge neighbours.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) enum Step {
+pub(crate) enum Step {
     /// A launch as the plan runs it.
     Launch(Launch),
     /// `out = x · c`, `c` a scalar constant (Gemma's `embedding · √hidden`). No kernel: folded
@@ -211,7 +213,7 @@ fn finish(l: Lowered) -> Result<Plan, String> {
 
 /// Rewrites a launch's buffer ids through `new_id`.
 fn renumber(launch: &mut Launch, new_id: &[BufId]) {
-    use kiln_runtime::plan::Epilogue;
+    use crate::plan::Epilogue;
     let mut ids: Vec<&mut BufId> = match launch {
         Launch::Embedding { out, .. } => vec![out],
         Launch::GatherLast { x, out } | Launch::RmsNorm { x, out, .. } => vec![x, out],
@@ -226,85 +228,5 @@ fn renumber(launch: &mut Launch, new_id: &[BufId]) {
     };
     for id in ids.iter_mut() {
         **id = new_id[**id];
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kiln_runtime::ir::{BinaryOp, InputKind, Node, Op};
-
-    /// The SmolLM2 fixture's optimized graph.
-    fn smollm2() -> Graph {
-        let cfg: serde_json::Value = serde_json::from_str(include_str!(
-            "../../../../tests/fixtures/smollm2-135m/config.json"
-        ))
-        .unwrap();
-        let model = crate::build::model_for(&cfg, None).unwrap();
-        let g = crate::build::graph_for(&model, &cfg).unwrap();
-        let opts = crate::rewrite::RewriteOptions::default();
-        crate::rewrite::optimize(&g, &opts).unwrap().graph
-    }
-
-    /// `g` with a node `positions+1` inserted before the first node that `pick` selects, read
-    /// by every selected node as its input `pick(node)`.
-    fn with_shifted_positions(g: &Graph, pick: impl Fn(&Node) -> Option<usize>) -> Graph {
-        let pos = g.input(InputKind::Positions).unwrap();
-        let mut out = Graph::default();
-        let mut map = Vec::with_capacity(g.nodes.len());
-        let mut shifted = None;
-        for n in &g.nodes {
-            let mut node = n.clone();
-            node.inputs = n.inputs.iter().map(|&i| map[i]).collect();
-            if let Some(k) = pick(n) {
-                let s = *shifted.get_or_insert_with(|| {
-                    out.nodes.push(Node {
-                        name: "one".into(),
-                        op: Op::Constant { value: 1.0 },
-                        inputs: vec![],
-                        ty: kiln_runtime::ir::TensorType::new(kiln_runtime::ir::DType::F32, vec![]),
-                    });
-                    out.nodes.push(Node {
-                        name: "positions+1".into(),
-                        op: Op::Binary(BinaryOp::Add),
-                        inputs: vec![map[pos], out.nodes.len() - 1],
-                        ty: g.nodes[pos].ty.clone(),
-                    });
-                    out.nodes.len() - 1
-                });
-                node.inputs[k] = s;
-            }
-            out.nodes.push(node);
-            map.push(out.nodes.len() - 1);
-        }
-        out.copy_bindings(g, |i| map[i]);
-        out
-    }
-
-    /// The fixture lowers; RoPE at anything but the step's positions, which the GPU kernels
-    /// would ignore, is refused naming the node and the positions.
-    #[test]
-    fn rope_at_computed_positions_is_refused_by_name() {
-        let g = smollm2();
-        assert!(lower(&g).is_ok());
-        let shifted = with_shifted_positions(&g, |n| matches!(n.op, Op::Rope { .. }).then_some(1));
-        let err = lower(&shifted).unwrap_err();
-        assert!(
-            err.contains("(Rope(") && err.contains("RoPE at positions `positions+1`"),
-            "{err}"
-        );
-    }
-
-    /// A launch that would read position arithmetic (no kernel computes it) is refused naming
-    /// the launch's node and the value, instead of reading nothing.
-    #[test]
-    fn a_launch_reading_position_arithmetic_is_refused_by_name() {
-        let g = with_shifted_positions(&smollm2(), |n| (n.op == Op::LinearAdd).then_some(2));
-        let err = lower(&g).unwrap_err();
-        assert!(
-            err.contains("(LinearAdd)")
-                && err.contains("reads `positions+1`, computed from positions, constants"),
-            "{err}"
-        );
     }
 }
