@@ -153,7 +153,6 @@ pub fn node_data(node: &Node, child: &dyn Fn(Id) -> Data, leaves: &Leaves) -> Re
             }))
         }
         Node::Silu(x) | Node::GeluTanh(x) => Ok(tensor(child_ty(*x)?, false)),
-        Node::Softcap([x, _]) => Ok(tensor(child_ty(*x)?, false)),
         Node::RopeAngles([pos, freq]) => {
             let pos = child_ty(*pos)?;
             let freq = child_ty(*freq)?;

@@ -84,12 +84,12 @@ define_language! {
         // [q, k, v, scale, lag, softcap]: keys up to `lag` positions back are seen (`inf`: all,
         // causal); scores soft-capped at `softcap` (0: none)
         "attention" = Attention([Id; 6]),
+        // cap · tanh(x / cap), cap a scalar: [x, cap] (Gemma-2's final-logit soft-cap).
+        "softcap" = Softcap([Id; 2]),
         // Helpers (never extracted). silu(g) = g · σ(g).
         "silu" = Silu(Id),
         // gelu_tanh(g) = g · σ(2√(2/π)·(g + 0.044715·g³)).
         "gelu_tanh" = GeluTanh(Id),
-        // softcap(x, cap) = cap · tanh(x / cap), cap a scalar (Gemma-2's logit soft-cap).
-        "softcap" = Softcap([Id; 2]),
         // RoPE angle table [s, 2·half] of positions `pos`: `pos · inv_freq`, twice: [pos, inv_freq]
         "rope_angles" = RopeAngles([Id; 2]),
         // Causal mask [s, t]: -inf where key j > pos[i], else 0: [pos, t]

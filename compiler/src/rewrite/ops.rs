@@ -89,12 +89,9 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
     match node {
         N::Const(_) | N::Weight(_) | N::Input(_) => Ok(Lowered::Leaf),
         N::Attr(_) => Ok(Lowered::Attr),
-        N::Silu(_)
-        | N::GeluTanh(_)
-        | N::Softcap(_)
-        | N::RopeAngles(_)
-        | N::CausalMask(_)
-        | N::WindowMask(_) => Ok(Lowered::Helper),
+        N::Silu(_) | N::GeluTanh(_) | N::RopeAngles(_) | N::CausalMask(_) | N::WindowMask(_) => {
+            Ok(Lowered::Helper)
+        }
         N::Neg(x) => op(Op::Unary(UnaryOp::Neg), &[*x]),
         N::Exp(x) => op(Op::Unary(UnaryOp::Exp), &[*x]),
         N::Sqrt(x) => op(Op::Unary(UnaryOp::Sqrt), &[*x]),
@@ -194,6 +191,12 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
             },
             &[*x, *pos, *freq],
         ),
+        N::Softcap([x, cap]) => op(
+            Op::Softcap {
+                cap: scalar(data, *cap)?,
+            },
+            &[*x],
+        ),
         N::Attention([q, k, v, s, lag, cap]) => op(
             Op::FusedAttention {
                 scale: scalar(data, *s)?,
@@ -287,6 +290,10 @@ pub fn raise(eg: &mut KilnGraph, op: &Op, ins: &[Id]) -> Id {
         Op::Rope { seq_axis } => {
             let s = eg.add(Node::Attr(Attr::Axis(*seq_axis)));
             Node::Rope([ins[0], ins[1], ins[2], s])
+        }
+        Op::Softcap { cap } => {
+            let c = eg.add(Node::Const(ConstValue::new(*cap)));
+            Node::Softcap([ins[0], c])
         }
         Op::FusedAttention {
             scale,

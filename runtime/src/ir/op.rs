@@ -377,6 +377,12 @@ pub enum Op {
         /// The axis of `x` that `pos` indexes.
         seq_axis: usize,
     },
+    /// `[x]` → `cap · tanh(x / cap)`, element-wise (Gemma-2's final-logit soft-cap; its
+    /// attention scores' cap is part of `FusedAttention`).
+    Softcap {
+        /// The cap, a positive number.
+        cap: f32,
+    },
     /// `[q[b, h, s, d], k[b, kh, t, d], v[b, kh, t, d]]` → `softmax(cap(q·kᵀ·scale) + mask)·v`,
     /// `[b, h, s, d]`, `cap(x) = softcap · tanh(x / softcap)` (Gemma-2's logit soft-cap; the
     /// identity when `softcap` is 0). Query `i` sits at absolute position `p = t - s + i` and
@@ -407,6 +413,7 @@ impl Op {
             Op::Unary(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::Reshape { .. } => 1,
             Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
             Op::AllReduce { .. } | Op::AllGather { .. } | Op::KvQuant { .. } => 1,
+            Op::Softcap { .. } => 1,
             Op::Binary(_) | Op::MatMul | Op::Gather | Op::GatherShard { .. } => 2,
             Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp | Op::GatedGelu => 2,
             Op::Where
@@ -469,6 +476,7 @@ impl Op {
             Op::GatedMlp,
             Op::GatedGelu,
             Op::Rope { seq_axis: 2 },
+            Op::Softcap { cap: 30.0 },
             Op::FusedAttention {
                 scale: 0.125,
                 window: 4,
@@ -541,6 +549,7 @@ impl fmt::Display for Op {
             Op::KvQuant { format } => write!(f, "KvQuant({})", format.name()),
             Op::RmsNorm { eps } => write!(f, "RmsNorm(eps={eps:e})"),
             Op::Rope { seq_axis } => write!(f, "Rope(seq_axis={seq_axis})"),
+            Op::Softcap { cap } => write!(f, "Softcap({cap})"),
             Op::FusedAttention {
                 scale,
                 window,
@@ -598,14 +607,15 @@ mod tests {
                 Op::GatedGelu => 25,
                 Op::Rope { .. } => 26,
                 Op::FusedAttention { .. } => 27,
+                Op::Softcap { .. } => 28,
             }
         }
-        let mut seen = [false; 28];
+        let mut seen = [false; 29];
         for op in Op::examples() {
             seen[index(&op)] = true;
         }
         assert!(seen.iter().all(|&s| s), "{seen:?}");
         // And every unary, binary and reduction function.
-        assert_eq!(Op::examples().len(), 28 - 3 + 7 + 7 + 3);
+        assert_eq!(Op::examples().len(), 29 - 3 + 7 + 7 + 3);
     }
 }

@@ -23,6 +23,7 @@ mod matmul;
 mod reduce;
 mod rms_norm;
 mod rope;
+mod softcap;
 #[cfg(test)]
 mod tests;
 mod view;
@@ -58,6 +59,7 @@ pub(crate) fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> 
             linear::infer(op, ins)
         }
         Op::Rope { seq_axis } => rope::infer(*seq_axis, ins[0], ins[1], ins[2]),
+        Op::Softcap { cap } => softcap::infer(*cap, ins[0]),
         Op::FusedAttention { scale, softcap, .. } => {
             attention::infer(op, (*scale, *softcap), ins[0], ins[1], ins[2])
         }
@@ -116,6 +118,7 @@ pub(crate) fn eval(op: &Op, ins: Vec<Tensor>, syms: &SymValues) -> Result<Tensor
             linear::eval(op, ins.collect())
         }
         Op::Rope { seq_axis } => rope::eval(*seq_axis, next()?, next()?, next()?),
+        Op::Softcap { cap } => softcap::eval(*cap, next()?),
         Op::FusedAttention {
             scale,
             window,
@@ -196,7 +199,8 @@ pub fn work(op: &Op, ins: &[&TensorType], out: &TensorType, s: &Sizes) -> Work {
         | Op::Concat { .. }
         | Op::KvQuant { .. }
         | Op::RmsNorm { .. }
-        | Op::Rope { .. } => {}
+        | Op::Rope { .. }
+        | Op::Softcap { .. } => {}
     }
     w
 }
@@ -235,7 +239,8 @@ pub(crate) fn lower(n: &mut Nodes, id: NodeId) -> Result<Val, String> {
         | Op::GatherShard { .. }
         | Op::AllReduce { .. }
         | Op::AllGather { .. }
-        | Op::KvQuant { .. } => Err(n.err(
+        | Op::KvQuant { .. }
+        | Op::Softcap { .. } => Err(n.err(
             id,
             "has no GPU kernel: the GPU backend runs the fused ops of Llama-shaped layers (with \
              the rewriter on); build this model for the CPU (--target cpu)",

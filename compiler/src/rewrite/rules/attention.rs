@@ -17,8 +17,8 @@
 //!   the executor) and `t = past + seq`, `s = seq`; the guards check exactly that, symbolically.
 //! - `fuse-attention-window`: the same with `window_mask(pos, t, c)`: `FusedAttention` with a
 //!   window of `c + 1` keys (the op's lag operand is `c`; `inf` for the causal one).
-//! - `softcap` (helper): `c · (2σ(2x/c) − 1)` with `c > 0` a literal, Gemma-2's
-//!   `c · tanh(x / c)` as its model file writes it, is `softcap(x, c)`.
+//! - `softcap`: `c · (2σ(2x/c) − 1)` with `c > 0` a literal, Gemma-2's `c · tanh(x / c)` as its
+//!   model file writes it, is `Softcap{c}` (one kernel for the final logits' cap).
 //! - `fuse-attention-softcap`, `fuse-attention-window-softcap`: the two fusions over
 //!   soft-capped scores, `FusedAttention` with that soft-cap (Gemma-2).
 

@@ -107,13 +107,12 @@ fn windowed_attention() -> String {
     )
 }
 
-/// `body` (an [`ATTENTION`]) with Gemma-2's soft-capped scores as `models/gemma2.ron` writes
-/// them: `cap · (2σ(2x/cap) − 1)`, cap 1.5.
-fn softcapped(body: &str) -> String {
-    body.replace(
-        r#"Let("scores", Add("s_scaled", "mask")),"#,
-        r#"Let("cap", Const("1.5")),
-    Let("cz", Div("s_scaled", "cap")),
+/// `out = cap · (2σ(2x/cap) − 1)`, Gemma-2's `cap · tanh(x / cap)` as `models/gemma2.ron`
+/// writes it.
+fn softcap_lets(x: &str, cap: &str, out: &str) -> String {
+    format!(
+        r#"Let("cap", Const("{cap}")),
+    Let("cz", Div("{x}", "cap")),
     Let("ctwo", Const("2")),
     Let("cz2", Mul("cz", "ctwo")),
     Let("cnz2", Neg("cz2")),
@@ -123,8 +122,19 @@ fn softcapped(body: &str) -> String {
     Let("csig", Recip("cden")),
     Let("csig2", Mul("csig", "ctwo")),
     Let("ct", Sub("csig2", "cone")),
-    Let("capped", Mul("ct", "cap")),
+    Let("{out}", Mul("ct", "cap")),"#
+    )
+}
+
+/// `body` (an [`ATTENTION`]) with Gemma-2's soft-capped scores, cap 1.5.
+fn softcapped(body: &str) -> String {
+    body.replace(
+        r#"Let("scores", Add("s_scaled", "mask")),"#,
+        &format!(
+            r#"{}
     Let("scores", Add("capped", "mask")),"#,
+            softcap_lets("s_scaled", "1.5", "capped")
+        ),
     )
 }
 
@@ -239,6 +249,7 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("window_mask", "window-mask", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
         ("fuse_attention_window", "fuse-attention-window", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
         ("softcap", "softcap", format!(r#"{} Output("ctx", "ctx"),"#, softcapped(ATTENTION)), 8, f32),
+        ("softcap_logits", "softcap", format!(r#"{LINEAR} {} Output("capped", "capped"),"#, softcap_lets("y", "30", "capped")), 8, f32),
         ("fuse_attention_softcap", "fuse-attention-softcap", format!(r#"{} Output("ctx", "ctx"),"#, softcapped(ATTENTION)), 8, f32),
         ("fuse_attention_window_softcap", "fuse-attention-window-softcap", format!(r#"{} Output("ctx", "ctx"),"#, softcapped(&windowed_attention())), 8, f32),
         ("silu_from_sigmoid", "silu-from-sigmoid", format!(r#"{GATE_UP}{SILU} Output("act", "act"),"#), 8, f32),
