@@ -9,7 +9,11 @@
 //!   RMSNorm statistics, the softmax inside `FusedAttention` and RoPE angles (the ops' kernels
 //!   compute them in `f32` whatever their I/O type), and the logits (the graph's outputs keep their
 //!   `f32` type; the last GEMM accumulates in `f32` and its up-cast fuses into its epilogue).
-//!   Primitive ops left unfused are not lowered.
+//!   Primitive ops left unfused are not lowered, but one:
+//! - `lower-add`: the sum of two `f32` activations of one shape (a residual add that no
+//!   projection's epilogue took: Gemma-2's `x + norm(attn)`, GPT-2's token + position embeddings)
+//!   runs in the low precision too, as transformers runs it in a bf16 model and the GPU computes
+//!   it; without it the residual stream, and every op after it, would stay `f32` on the CPU.
 //! - `cast-roundtrip`: `cast(cast(x, f32), t) = x` when `x` has type `t` ∈ {bf16, f16}: widening to
 //!   `f32` is exact, so narrowing back returns `x`. This removes the casts between two lowered ops.
 //! - `cast-before-*`: a cast commutes with views (`reshape`, `transpose`, `slice`, and a two-input
@@ -19,7 +23,7 @@
 //! The KV caches are retyped to the low precision before this phase (`phases.rs`), so the cache
 //! appends and attention read and write `bf16`/`f16` directly.
 
-use super::guards::{dtype, ty};
+use super::guards::{dtype, konst, ty};
 use super::{var, Rule};
 use crate::rewrite::analysis::KilnGraph;
 use crate::rewrite::lang::Attr;
@@ -33,6 +37,18 @@ fn narrow_of(x: &str, d: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + S
     move |eg, s| match (ty(eg, s, x), super::guards::attr(eg, s, d)) {
         (Some(t), Some(Attr::DType(d))) => t.dtype == *d && matches!(d, DType::BF16 | DType::F16),
         _ => false,
+    }
+}
+
+/// `x` and `y` are `f32` run-time values (not weight-only) of one shape.
+fn f32_activations(x: &str, y: &str) -> impl Fn(&KilnGraph, &Subst) -> bool + Send + Sync {
+    let (xv, yv) = (var(x), var(y));
+    let (kx, ky) = (konst(x), konst(y));
+    move |eg, s| {
+        matches!((ty(eg, s, xv), ty(eg, s, yv)), (Some(a), Some(b))
+            if a.dtype == DType::F32 && a == b)
+            && !kx(eg, s)
+            && !ky(eg, s)
     }
 }
 
@@ -64,6 +80,8 @@ pub fn rules(lo: DType) -> Vec<Rule> {
             => (format!("(cast (attention (cast ?q dtype:{lo}) (cast ?k dtype:{lo}) (cast ?v dtype:{lo}) ?s ?lag ?cap) dtype:f32)")) if dtype("?q", DType::F32)),
         rule!("lower-gather";     "(gather ?t ?ids)"
             => (format!("(cast (gather (cast ?t dtype:{lo}) ?ids) dtype:f32)")) if dtype("?t", DType::F32)),
+        rule!("lower-add";        "(add ?a ?b)"
+            => (format!("(cast (add (cast ?a dtype:{lo}) (cast ?b dtype:{lo})) dtype:f32)")) if f32_activations("?a", "?b")),
         rule!("cast-roundtrip";          "(cast (cast ?x dtype:f32) ?d)"          => "?x"                                if narrow_of("?x", "?d")),
         rule!("cast-before-reshape";     "(reshape (cast ?x ?d) ?s)"             => "(cast (reshape ?x ?s) ?d)"),
         rule!("cast-before-transpose";   "(transpose (cast ?x ?d) ?p)"           => "(cast (transpose ?x ?p) ?d)"),

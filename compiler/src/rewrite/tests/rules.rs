@@ -274,6 +274,7 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("lower_rope", "lower-rope", format!("{HEADS} {}", merge_heads("q")), 4096, bf16),
         ("lower_attention", "lower-attention", format!("{ATTENTION} {}", merge_heads("ctx")), 4096, bf16),
         ("lower_gather", "lower-gather", project("x", "h"), 4096, bf16),
+        ("lower_add", "lower-add", format!(r#"Let("pe", Weight("pe", ["16", "h"])), Let("p", Gather("pe", "tokens")), Let("s", Add("x", "p")), {}"#, project("s", "h")), 4096, bf16),
         ("cast_roundtrip", "cast-roundtrip", format!(r#"{LINEAR} {}"#, project("y", "h")), 4096, bf16),
         ("cast_before_reshape", "cast-before-reshape", format!(r#"{LINEAR} Let("r", Reshape(x: "y", shape: ["batch", "seq", "2", "h / 2"])), {}"#, project("r", "h / 2")), 4096, bf16),
         ("cast_before_transpose", "cast-before-transpose", format!(r#"{LINEAR} Let("t", Transpose(x: "y", perm: [1, 0, 2])), {}"#, project("t", "h")), 4096, bf16),
