@@ -152,7 +152,7 @@ pub fn node_data(node: &Node, child: &dyn Fn(Id) -> Data, leaves: &Leaves) -> Re
                 input: Some(*kind),
             }))
         }
-        Node::Silu(x) | Node::GeluTanh(x) => Ok(tensor(child_ty(*x)?, false)),
+        Node::Silu(x) => Ok(tensor(child_ty(*x)?, false)),
         Node::RopeAngles([pos, freq]) => {
             let pos = child_ty(*pos)?;
             let freq = child_ty(*freq)?;

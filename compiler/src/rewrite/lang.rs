@@ -69,6 +69,8 @@ define_language! {
         "kv_quant" = KvQuant([Id; 2]),
         // Fused ops. [x, w, eps]
         "rmsnorm" = RmsNorm([Id; 3]),
+        // [x, w, b, eps]
+        "layer_norm" = LayerNorm([Id; 4]),
         // [x, w]
         "linear" = Linear([Id; 2]),
         // [x, w, residual]
@@ -86,10 +88,11 @@ define_language! {
         "attention" = Attention([Id; 6]),
         // cap · tanh(x / cap), cap a scalar: [x, cap] (Gemma-2's final-logit soft-cap).
         "softcap" = Softcap([Id; 2]),
+        // gelu_tanh(g) = g · σ(2√(2/π)·(g + 0.044715·g³)): [x]
+        "gelu_tanh" = GeluTanh(Id),
         // Helpers (never extracted). silu(g) = g · σ(g).
         "silu" = Silu(Id),
-        // gelu_tanh(g) = g · σ(2√(2/π)·(g + 0.044715·g³)).
-        "gelu_tanh" = GeluTanh(Id),
+
         // RoPE angle table [s, 2·half] of positions `pos`: `pos · inv_freq`, twice: [pos, inv_freq]
         "rope_angles" = RopeAngles([Id; 2]),
         // Causal mask [s, t]: -inf where key j > pos[i], else 0: [pos, t]

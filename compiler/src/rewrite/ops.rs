@@ -89,9 +89,7 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
     match node {
         N::Const(_) | N::Weight(_) | N::Input(_) => Ok(Lowered::Leaf),
         N::Attr(_) => Ok(Lowered::Attr),
-        N::Silu(_) | N::GeluTanh(_) | N::RopeAngles(_) | N::CausalMask(_) | N::WindowMask(_) => {
-            Ok(Lowered::Helper)
-        }
+        N::Silu(_) | N::RopeAngles(_) | N::CausalMask(_) | N::WindowMask(_) => Ok(Lowered::Helper),
         N::Neg(x) => op(Op::Unary(UnaryOp::Neg), &[*x]),
         N::Exp(x) => op(Op::Unary(UnaryOp::Exp), &[*x]),
         N::Sqrt(x) => op(Op::Unary(UnaryOp::Sqrt), &[*x]),
@@ -180,6 +178,13 @@ pub fn lower(node: &Node, data: &dyn Fn(Id) -> Data) -> Result<Lowered, String> 
             },
             &[*x, *w],
         ),
+        N::LayerNorm([x, w, b, eps]) => op(
+            Op::LayerNorm {
+                eps: scalar(data, *eps)?,
+            },
+            &[*x, *w, *b],
+        ),
+        N::GeluTanh(x) => op(Op::GeluTanh, &[*x]),
         N::Linear(xs) => op(Op::Linear, xs),
         N::LinearAdd(xs) => op(Op::LinearAdd, xs),
         N::LinearBias(xs) => op(Op::LinearBias, xs),
@@ -282,6 +287,11 @@ pub fn raise(eg: &mut KilnGraph, op: &Op, ins: &[Id]) -> Id {
             let e = eg.add(Node::Const(ConstValue::new(*eps)));
             Node::RmsNorm([ins[0], ins[1], e])
         }
+        Op::LayerNorm { eps } => {
+            let e = eg.add(Node::Const(ConstValue::new(*eps)));
+            Node::LayerNorm([ins[0], ins[1], ins[2], e])
+        }
+        Op::GeluTanh => Node::GeluTanh(ins[0]),
         Op::Linear => Node::Linear([ins[0], ins[1]]),
         Op::LinearAdd => Node::LinearAdd([ins[0], ins[1], ins[2]]),
         Op::LinearBias => Node::LinearBias([ins[0], ins[1], ins[2]]),

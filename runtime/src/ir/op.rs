@@ -355,6 +355,15 @@ pub enum Op {
         /// Added to the mean square.
         eps: f32,
     },
+    /// `[x[…, h], w[h], b[h]]` → `(x − mean(x)) / √(var(x) + eps) · w + b` over the last axis
+    /// (LayerNorm: GPT-2); statistics in f32.
+    LayerNorm {
+        /// Added to the variance.
+        eps: f32,
+    },
+    /// `[x]` → `x · σ(2√(2/π) · (x + 0.044715 · x³))`, element-wise: GELU's tanh approximation
+    /// (GPT-2's MLP activation; Gemma's gated one is `GatedGelu`).
+    GeluTanh,
     /// `[x[…, k], w[n, k]]` → `x · wᵀ` (`w` in checkpoint layout, `[out, in]`).
     Linear,
     /// `[x[…, k], w[n, k], r[…, n]]` → `x · wᵀ + r` (a GEMM with a residual-add epilogue).
@@ -413,10 +422,11 @@ impl Op {
             Op::Unary(_) | Op::Reduce { .. } | Op::Softmax { .. } | Op::Reshape { .. } => 1,
             Op::Transpose { .. } | Op::Slice { .. } | Op::Cast { .. } => 1,
             Op::AllReduce { .. } | Op::AllGather { .. } | Op::KvQuant { .. } => 1,
-            Op::Softcap { .. } => 1,
+            Op::Softcap { .. } | Op::GeluTanh => 1,
             Op::Binary(_) | Op::MatMul | Op::Gather | Op::GatherShard { .. } => 2,
             Op::RmsNorm { .. } | Op::Linear | Op::GatedMlp | Op::GatedGelu => 2,
             Op::Where
+            | Op::LayerNorm { .. }
             | Op::LinearAdd
             | Op::LinearBias
             | Op::FusedAttention { .. }
@@ -470,6 +480,8 @@ impl Op {
             Op::GatherShard { first: 8 },
             Op::KvQuant { format: DType::Fp8 },
             Op::RmsNorm { eps: 1e-5 },
+            Op::LayerNorm { eps: 1e-5 },
+            Op::GeluTanh,
             Op::Linear,
             Op::LinearAdd,
             Op::LinearBias,
@@ -548,6 +560,7 @@ impl fmt::Display for Op {
             Op::GatherShard { first } => write!(f, "GatherShard(first={first})"),
             Op::KvQuant { format } => write!(f, "KvQuant({})", format.name()),
             Op::RmsNorm { eps } => write!(f, "RmsNorm(eps={eps:e})"),
+            Op::LayerNorm { eps } => write!(f, "LayerNorm(eps={eps:e})"),
             Op::Rope { seq_axis } => write!(f, "Rope(seq_axis={seq_axis})"),
             Op::Softcap { cap } => write!(f, "Softcap({cap})"),
             Op::FusedAttention {
@@ -608,14 +621,16 @@ mod tests {
                 Op::Rope { .. } => 26,
                 Op::FusedAttention { .. } => 27,
                 Op::Softcap { .. } => 28,
+                Op::LayerNorm { .. } => 29,
+                Op::GeluTanh => 30,
             }
         }
-        let mut seen = [false; 29];
+        let mut seen = [false; 31];
         for op in Op::examples() {
             seen[index(&op)] = true;
         }
         assert!(seen.iter().all(|&s| s), "{seen:?}");
         // And every unary, binary and reduction function.
-        assert_eq!(Op::examples().len(), 29 - 3 + 7 + 7 + 3);
+        assert_eq!(Op::examples().len(), 31 - 3 + 7 + 7 + 3);
     }
 }

@@ -75,7 +75,7 @@ pub(super) fn eval(op: &Op, ins: Vec<Tensor>) -> Result<Tensor, String> {
             binary(BinaryOp::Add, linear(x, w)?, ins.next().expect("arity"))
         }
         Op::GatedMlp => gated(x, w, silu),
-        Op::GatedGelu => gated(x, w, gelu_tanh),
+        Op::GatedGelu => gated(x, w, super::gelu::gelu_tanh),
         _ => linear(x, w),
     }
 }
@@ -120,14 +120,6 @@ fn linear(x: Tensor, w: Tensor) -> Result<Tensor, String> {
 /// `silu(g) = g · 1/(e^-g + 1)`, as the model file writes it.
 fn silu(g: f32) -> f32 {
     g * (1.0 / ((-g).exp() + 1.0))
-}
-
-/// GELU's tanh approximation in its sigmoid form, as Gemma's model file writes it:
-/// `g · 1/(e^-z + 1)`, `z = 2√(2/π) · (g + 0.044715 · g³)`.
-fn gelu_tanh(g: f32) -> f32 {
-    let k = 2.0 * (2.0 / std::f32::consts::PI).sqrt();
-    let z = k * (g + 0.044715 * (g * g * g));
-    g * (1.0 / ((-z).exp() + 1.0))
 }
 
 /// `act(x · w[0..f]ᵀ) ⊙ (x · w[f..2f]ᵀ)`.

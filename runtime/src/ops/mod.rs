@@ -16,7 +16,9 @@ mod collective;
 mod concat;
 mod elementwise;
 mod gather;
+mod gelu;
 mod kv_quant;
+mod layer_norm;
 mod leaf;
 mod linear;
 mod matmul;
@@ -55,6 +57,8 @@ pub(crate) fn infer(op: &Op, ins: &[&TensorType]) -> Result<TensorType, String> 
         Op::AllGather { axis, ranks } => collective::infer_all_gather(*axis, *ranks, ins[0]),
         Op::KvQuant { format } => kv_quant::infer(*format, ins[0]),
         Op::RmsNorm { eps } => rms_norm::infer(*eps, ins[0], ins[1]),
+        Op::LayerNorm { eps } => layer_norm::infer(*eps, ins[0], ins[1], ins[2]),
+        Op::GeluTanh => gelu::infer(ins[0]),
         Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu => {
             linear::infer(op, ins)
         }
@@ -114,6 +118,8 @@ pub(crate) fn eval(op: &Op, ins: Vec<Tensor>, syms: &SymValues) -> Result<Tensor
         Op::AllReduce { ranks } | Op::AllGather { ranks, .. } => collective::eval(*ranks, next()?),
         Op::KvQuant { format } => kv_quant::eval(*format, next()?),
         Op::RmsNorm { eps } => rms_norm::eval(*eps, next()?, next()?),
+        Op::LayerNorm { eps } => layer_norm::eval(*eps, next()?, next()?, next()?),
+        Op::GeluTanh => gelu::eval(next()?),
         Op::Linear | Op::LinearAdd | Op::LinearBias | Op::GatedMlp | Op::GatedGelu => {
             linear::eval(op, ins.collect())
         }
@@ -199,6 +205,8 @@ pub fn work(op: &Op, ins: &[&TensorType], out: &TensorType, s: &Sizes) -> Work {
         | Op::Concat { .. }
         | Op::KvQuant { .. }
         | Op::RmsNorm { .. }
+        | Op::LayerNorm { .. }
+        | Op::GeluTanh
         | Op::Rope { .. }
         | Op::Softcap { .. } => {}
     }
@@ -240,6 +248,8 @@ pub(crate) fn lower(n: &mut Nodes, id: NodeId) -> Result<Val, String> {
         | Op::AllReduce { .. }
         | Op::AllGather { .. }
         | Op::KvQuant { .. }
+        | Op::LayerNorm { .. }
+        | Op::GeluTanh
         | Op::Softcap { .. } => Err(n.err(
             id,
             "has no GPU kernel: the GPU backend runs the fused ops of Llama-shaped layers (with \

@@ -94,6 +94,57 @@ fn rms_norm_matches_its_primitive_chain() {
     }
 }
 
+/// LayerNorm as GPT-2's model file writes it: the centred row's RMSNorm chain, plus the bias.
+#[test]
+fn layer_norm_matches_its_primitive_chain() {
+    let mut rng = Rng::new(11);
+    for shape in [
+        vec![1, 1, 8],
+        vec![2, 3, 768],
+        vec![5, 7],
+        vec![3, 1, 2, 13],
+    ] {
+        let (x, h) = (rng.tensor(&shape), *shape.last().unwrap());
+        let (w, b) = (rng.tensor(&[h]), rng.tensor(&[h]));
+        let axis = shape.len() - 1;
+        let eps = 1e-5;
+        let mu = reduce(ReduceOp::Mean, x.clone(), axis, true).unwrap();
+        let xc = bin(BinaryOp::Sub, &x, &mu);
+        let var = reduce(ReduceOp::Mean, bin(BinaryOp::Mul, &xc, &xc), axis, true).unwrap();
+        let inv = unary(UnaryOp::Rsqrt, bin(BinaryOp::Add, &var, &scalar(eps))).unwrap();
+        let want = bin(
+            BinaryOp::Add,
+            &bin(BinaryOp::Mul, &bin(BinaryOp::Mul, &xc, &inv), &w),
+            &b,
+        );
+        let got = eval(&Op::LayerNorm { eps }, vec![x, w, b]).unwrap();
+        assert_close(&got, &want, 1e-6, &format!("LayerNorm {shape:?}"));
+    }
+}
+
+/// GELU (tanh approximation) as the model files write it, in sigmoid form.
+#[test]
+fn gelu_tanh_matches_its_primitive_chain() {
+    let mut rng = Rng::new(12);
+    let g = rng.tensor(&[3, 257]);
+    let k = scalar(2.0 * (2.0 / std::f32::consts::PI).sqrt());
+    let g3 = bin(BinaryOp::Mul, &bin(BinaryOp::Mul, &g, &g), &g);
+    let inner = bin(
+        BinaryOp::Add,
+        &g,
+        &bin(BinaryOp::Mul, &scalar(0.044715), &g3),
+    );
+    let z = unary(UnaryOp::Neg, bin(BinaryOp::Mul, &k, &inner)).unwrap();
+    let den = bin(
+        BinaryOp::Add,
+        &unary(UnaryOp::Exp, z).unwrap(),
+        &scalar(1.0),
+    );
+    let want = bin(BinaryOp::Mul, &g, &unary(UnaryOp::Recip, den).unwrap());
+    let got = eval(&Op::GeluTanh, vec![g]).unwrap();
+    assert_close(&got, &want, 1e-6, "GeluTanh");
+}
+
 #[test]
 fn linear_and_linear_add_match_matmul_of_the_transposed_weight() {
     let mut rng = Rng::new(2);

@@ -5,7 +5,7 @@
 //!
 //! - `silu-from-sigmoid` (helper): `g · 1/(e^-g + 1)` is `silu(g)`, by definition. `silu` is a
 //!   helper e-node: it only shortens the next rule and is never extracted.
-//! - `gelu-tanh-from-sigmoid` (helper): `g · 1/(e^-(k·(g + c·g³)) + 1)` with `k = 2√(2/π)` and
+//! - `gelu-tanh-from-sigmoid`: `g · 1/(e^-(k·(g + c·g³)) + 1)` with `k = 2√(2/π)` and
 //!   `c = 0.044715` (literal constants, guarded) is `gelu_tanh(g)`, GELU's tanh approximation
 //!   (`(1 + tanh(z/2)) / 2 = σ(z)`), written as `models/gemma.ron` writes it.
 //! - `fuse-gated-mlp`: `GatedMlp[x, w]` is defined as `silu(x·w[0..f]ᵀ) ⊙ (x·w[f..2f]ᵀ)`; with

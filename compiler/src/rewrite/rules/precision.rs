@@ -3,7 +3,8 @@
 //!
 //! - `lower-*`: each fused op on `f32` inputs gets an alternative that casts its inputs down, runs
 //!   in the low precision, and casts the result back up: `linear`, `linear_add`, `gated_mlp`,
-//!   `gated_gelu`, `rmsnorm`, `rope`, `attention`, `gather` (the embedding lookup). This is *not* an exact
+//!   `gated_gelu`, `rmsnorm`, `layer_norm`, `gelu_tanh`, `rope`, `attention`, `gather` (the
+//!   embedding lookup). This is *not* an exact
 //!   equality — it is the policy "these ops may run in low precision" — and the analysis checks it
 //!   like any rule: same shape, same (`f32`) dtype on both sides. What stays `f32` by construction:
 //!   RMSNorm statistics, the softmax inside `FusedAttention` and RoPE angles (the ops' kernels
@@ -74,6 +75,10 @@ pub fn rules(lo: DType) -> Vec<Rule> {
             => (format!("(cast (gated_gelu (cast ?x dtype:{lo}) (cast ?w dtype:{lo})) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-rmsnorm";    "(rmsnorm ?x ?w ?eps)"
             => (format!("(cast (rmsnorm (cast ?x dtype:{lo}) (cast ?w dtype:{lo}) ?eps) dtype:f32)")) if dtype("?x", DType::F32)),
+        rule!("lower-layer-norm"; "(layer_norm ?x ?w ?b ?eps)"
+            => (format!("(cast (layer_norm (cast ?x dtype:{lo}) (cast ?w dtype:{lo}) (cast ?b dtype:{lo}) ?eps) dtype:f32)")) if dtype("?x", DType::F32)),
+        rule!("lower-gelu";       "(gelu_tanh ?x)"
+            => (format!("(cast (gelu_tanh (cast ?x dtype:{lo})) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-rope";       "(rope ?x ?pos ?f ?ax)"
             => (format!("(cast (rope (cast ?x dtype:{lo}) ?pos ?f ?ax) dtype:f32)")) if dtype("?x", DType::F32)),
         rule!("lower-attention";  "(attention ?q ?k ?v ?s ?lag ?cap)"

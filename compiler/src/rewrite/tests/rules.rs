@@ -174,6 +174,37 @@ const GELU: &str = r#"
     Let("gelu", Mul("g", "sig")),
     Let("act", Mul("gelu", "u")),"#;
 
+/// GPT-2's LayerNorm of `x` as `models/gpt2.ron` writes it, into `y`.
+const LAYER_NORM: &str = r#"
+    Let("g", Weight("g", ["h"])),
+    Let("b", Weight("b", ["h"])),
+    Let("mu", Mean(x: "x", axis: -1)),
+    Let("xc", Sub("x", "mu")),
+    Let("sq", Mul("xc", "xc")),
+    Let("var", Mean(x: "sq", axis: -1)),
+    Let("eps", Const("1e-5")),
+    Let("var_eps", Add("var", "eps")),
+    Let("inv", Rsqrt("var_eps")),
+    Let("xn", Mul("xc", "inv")),
+    Let("scaled", Mul("xn", "g")),
+    Let("y", Add("scaled", "b")),"#;
+
+/// GPT-2's Conv1D projection `g = x · w + bw` (`w` stored `[in, out]`).
+const CONV1D: &str = r#"
+    Let("w", Weight("w", ["h", "h"])),
+    Let("bw", Weight("bw", ["h"])),
+    Let("xw", MatMul("x", "w")),
+    Let("g", Add("xw", "bw")),"#;
+
+/// GPT-2's MLP activation: GELU (tanh approximation, sigmoid form) of a Conv1D projection `g`,
+/// not gated, into `gelu`.
+fn gelu_of_conv1d() -> String {
+    format!(
+        "{CONV1D} {}",
+        GELU.replace(r#"Let("act", Mul("gelu", "u")),"#, "")
+    )
+}
+
 const QKV: &str = r#"
     Let("wq", Weight("wq", ["h", "h"])),
     Let("wk", Weight("wk", ["h / 2", "h"])),
@@ -249,6 +280,9 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("window_mask", "window-mask", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
         ("fuse_attention_window", "fuse-attention-window", format!(r#"{} Output("ctx", "ctx"),"#, windowed_attention()), 8, f32),
         ("softcap", "softcap", format!(r#"{} Output("ctx", "ctx"),"#, softcapped(ATTENTION)), 8, f32),
+        ("fuse_layernorm", "fuse-layernorm", format!(r#"{LAYER_NORM} Output("y", "y"),"#), 8, f32),
+        ("linear_from_matmul_in_out", "linear-from-matmul-in-out", format!(r#"{CONV1D} Output("g", "g"),"#), 8, f32),
+        ("gelu_tanh", "gelu-tanh-from-sigmoid", format!(r#"{} Output("gelu", "gelu"),"#, gelu_of_conv1d()), 8, f32),
         ("softcap_logits", "softcap", format!(r#"{LINEAR} {} Output("capped", "capped"),"#, softcap_lets("y", "30", "capped")), 8, f32),
         ("fuse_attention_softcap", "fuse-attention-softcap", format!(r#"{} Output("ctx", "ctx"),"#, softcapped(ATTENTION)), 8, f32),
         ("fuse_attention_window_softcap", "fuse-attention-window-softcap", format!(r#"{} Output("ctx", "ctx"),"#, softcapped(&windowed_attention())), 8, f32),
@@ -274,6 +308,8 @@ fn cases() -> Vec<(&'static str, &'static str, String, usize, DType)> {
         ("lower_rope", "lower-rope", format!("{HEADS} {}", merge_heads("q")), 4096, bf16),
         ("lower_attention", "lower-attention", format!("{ATTENTION} {}", merge_heads("ctx")), 4096, bf16),
         ("lower_gather", "lower-gather", project("x", "h"), 4096, bf16),
+        ("lower_layer_norm", "lower-layer-norm", format!("{LAYER_NORM} {}", project("y", "h")), 4096, bf16),
+        ("lower_gelu", "lower-gelu", format!(r#"{} {}"#, gelu_of_conv1d(), project("gelu", "h")), 4096, bf16),
         ("lower_add", "lower-add", format!(r#"Let("pe", Weight("pe", ["16", "h"])), Let("p", Gather("pe", "tokens")), Let("s", Add("x", "p")), {}"#, project("s", "h")), 4096, bf16),
         ("cast_roundtrip", "cast-roundtrip", format!(r#"{LINEAR} {}"#, project("y", "h")), 4096, bf16),
         ("cast_before_reshape", "cast-before-reshape", format!(r#"{LINEAR} Let("r", Reshape(x: "y", shape: ["batch", "seq", "2", "h / 2"])), {}"#, project("r", "h / 2")), 4096, bf16),
