@@ -334,6 +334,130 @@ mod tests {
         assert!(err.contains("only an embedding times a constant"), "{err}");
     }
 
+    /// Deterministic values in [-0.5, 0.5) for a checkpoint weight, from its name (norm gains
+    /// around 1, as trained models have them).
+    fn random_weight(name: &str, shape: &[usize]) -> Vec<f32> {
+        let mut s = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        }) | 1;
+        let n: usize = shape.iter().product();
+        let gain = name.contains("norm") || name.contains("ln_");
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                if gain {
+                    1.0 + 0.2 * u
+                } else {
+                    0.1 * u
+                }
+            })
+            .collect()
+    }
+
+    /// The launch plan of each family that lowers, run on the CPU launch by launch
+    /// (`kiln_runtime::lower::interpret`), against the CPU executor on its graph with the same
+    /// random weights: a prefill of 7 tokens, then two decode steps; the last token's logits
+    /// agree to bf16's rounding. This checks on any machine what the lowering and its
+    /// peepholes (the folded norms and scale, RoPE + appends, the logits' gather) compute,
+    /// and that no buffer is read after its arena slot was reused.
+    #[test]
+    fn lowered_plans_compute_their_graphs_on_the_cpu() {
+        use kiln_runtime::cpu::CpuExecutor;
+        use kiln_runtime::lower::interpret::PlanInterpreter;
+        let smol: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/smollm2-135m/config.json"
+        ))
+        .unwrap();
+        let mut smol = smol;
+        smol["num_hidden_layers"] = 2.into();
+        let mut cases = vec![("smollm2", smol, None)];
+        for family in ["llama31", "qwen2", "mistral", "phi3", "gemma"] {
+            let mut cfg = family_config(family);
+            cfg["hidden_size"] = 128.into();
+            if cfg.get("head_dim").is_some() {
+                cfg["head_dim"] = 32.into();
+            }
+            cases.push((family, cfg, None));
+        }
+        let fp8 = kiln_runtime::ir::DType::Fp8;
+        let mut q = family_config("llama31");
+        q["hidden_size"] = 128.into();
+        q["head_dim"] = 32.into();
+        cases.push(("llama31 fp8", q, Some(fp8)));
+        for (name, cfg, quant) in cases {
+            let model = crate::build::model_for(&cfg, None).unwrap();
+            let g = crate::build::graph_for(&model, &cfg).unwrap();
+            let opts = crate::rewrite::RewriteOptions {
+                quant: quant.map(|format| crate::rewrite::rules::quant::QuantOptions {
+                    format,
+                    skip: crate::rewrite::rules::quant::DEFAULT_SKIP
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                }),
+                ..bf16_options()
+            };
+            let o = crate::rewrite::optimize(&g, &opts).unwrap();
+            let value = |w: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
+                match o.derived.iter().find(|d| d.name == w) {
+                    Some(d) => {
+                        crate::rewrite::derive::evaluate(d, |src, s| Ok(random_weight(src, s)))
+                            .map_err(|e| e.to_string())
+                    }
+                    None => Ok(random_weight(w, shape)),
+                }
+            };
+            let shape_of = |w: &str| -> Vec<usize> {
+                let (id, _) = o.graph.weights().find(|&(_, n)| n == w).unwrap();
+                let ty = &o.graph.nodes[id].ty;
+                ty.shape
+                    .iter()
+                    .map(|d| d.as_const().unwrap() as usize)
+                    .collect()
+            };
+            let exec = CpuExecutor::new(o.graph.clone(), |w, shape| {
+                value(w, shape).map_err(|message| kiln_runtime::cpu::ExecError::Weight {
+                    name: w.into(),
+                    message,
+                })
+            })
+            .unwrap();
+            let plan = lower(&o.graph).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let read = |w: &str| {
+                let shape = shape_of(w);
+                value(w, &shape).map(|v| (v, shape))
+            };
+            let mut interp = PlanInterpreter::new(&plan, &read).unwrap();
+            let mut session = exec.session(1);
+            let vocab = plan.vocab;
+            for (step, tokens) in [vec![3u32, 17, 5, 9, 60, 2, 11], vec![7], vec![30]]
+                .into_iter()
+                .enumerate()
+            {
+                let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+                let out = exec.step(&mut session, &ids, &[]).unwrap();
+                let logits = &out.outputs["logits"].data;
+                let want = &logits[logits.len() - vocab..];
+                let got = interp.step(&tokens).unwrap();
+                let (num, den) = got.iter().zip(want).fold((0f64, 0f64), |(n, d), (a, b)| {
+                    (n + ((a - b) as f64).powi(2), d + (*b as f64).powi(2))
+                });
+                let err = (num / den).sqrt();
+                // fp8 activations: a value within a bf16 rounding of an E4M3 boundary takes the
+                // neighbouring code (as on the GPU, `bench/RESULTS.md`).
+                let tol = if quant.is_some() { 1e-1 } else { 2e-2 };
+                eprintln!("{name} step {step}: logits relative L2 {err:.3e}");
+                assert!(
+                    err < tol,
+                    "{name} step {step}: logits differ by {err:.3e} (relative L2)"
+                );
+            }
+        }
+    }
+
     /// A bf16 graph of a tied model: the logits are a widening cast of a bf16 product; they
     /// lower to the same f32 lm_head GEMV (final norm folded) as the f32 graph's.
     #[test]

@@ -13,10 +13,13 @@
 //! 3. [`finish`]: a step left without a kernel fails the build naming its node; buffers no
 //!    launch uses are dropped and the rest get arena slots.
 //!
+//! [`interpret`] runs a plan on the CPU, launch by launch: the lowering's oracle in the tests.
+//!
 //! Any op with no lowering fails naming the node, and a value computed from positions,
 //! constants and weights alone (which no kernel computes) fails where a launch needs it: nothing
 //! the graph says is absorbed silently.
 
+pub mod interpret;
 mod nodes;
 mod peephole;
 
