@@ -46,7 +46,7 @@ enum Command {
         #[arg(long)]
         no_optimize: bool,
         /// Compute precision: f32 (the CPU default), or bf16/f16 through precision lowering.
-        /// GPU engines compute in bf16.
+        /// GPU engines compute in bf16, their graph too (the default with `--target cuda`).
         #[arg(long, value_parser = cli::inspect::parse_dtype)]
         dtype: Option<kiln::runtime::ir::DType>,
         /// `cpu` (an f32 engine for the CPU executor) or `cuda` (bf16 weights, CUDA kernels).
@@ -599,7 +599,13 @@ fn build_options(
     Ok(BuildOptions {
         model_file: model,
         no_optimize,
-        dtype: dtype.unwrap_or(DType::F32),
+        // A GPU engine computes in bf16, and its graph says so (the CPU graph `kiln diff`
+        // compares with is the one the kernels compute).
+        dtype: dtype.unwrap_or(if cuda_arch.is_some() {
+            DType::BF16
+        } else {
+            DType::F32
+        }),
         cuda_arch,
         allow_unused,
         calibration: quant.calibration()?,

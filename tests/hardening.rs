@@ -703,7 +703,8 @@ fn a_gpu_engine_without_a_gpu() {
     let plan = succeeds(&["inspect", e, "--plan"]);
     assert!(
         plan.contains("attention: 2 heads, 1 KV heads, head_dim 32")
-            && plan.contains("Embedding table=model.embed_tokens.weight")
+            // The graph computes in bf16, as the kernels do (its weights rounded once, derived).
+            && plan.contains("Embedding table=bf16(model.embed_tokens.weight)")
             && plan.contains("Attention layer=1")
             // Each launch's kernels by the kind of step, template arguments named.
             && plan.contains("1 row: Gemv { k: 64, mmax: 1, epi: Plain, norm: true, out: Bf16 }")
