@@ -1,11 +1,12 @@
 //! Lowering for the GPU: the optimized graph → a launch plan (`crate::plan::Plan`), in
 //! three stages, data flowing one way:
 //!
-//! 1. [`nodes`]: every graph node lowers on its own — a view of a buffer (`Reshape`,
-//!    `Transpose`, `Cast`, `Slice` of the last axis cost nothing), or one [`Step`]: a launch as
-//!    the plan runs it (`Embedding`, `RmsNorm`, `Linear` with its epilogue, `GatherLast` of the
-//!    logits' rows), or an op that has no kernel of its own (`Rope`, a KV-cache append, a
-//!    constant scale, `FusedAttention` over roped and appended columns).
+//! 1. [`nodes`]: every graph node lowers on its own, through its op module's `lower`
+//!    (`crate::ops`) — a view of a buffer (`Reshape`, `Transpose`, `Cast`, `Slice` of the last
+//!    axis cost nothing), or one [`Step`]: a launch as the plan runs it (`Embedding`, `RmsNorm`,
+//!    `Linear` with its epilogue, `GatherLast` of the logits' rows), or an op that has no kernel
+//!    of its own (`Rope`, a KV-cache append, a constant scale, `FusedAttention` over roped and
+//!    appended columns).
 //! 2. [`peephole`]: the merges that save launches, each a pass with its own tests — the
 //!    embedding's constant scale into the embedding, RoPE and both cache appends into one
 //!    `RopeAppend` before the attention, the logits' row gather before the final norm, an
