@@ -337,23 +337,13 @@ mod tests {
     /// Deterministic values in [-0.5, 0.5) for a checkpoint weight, from its name (norm gains
     /// around 1, as trained models have them).
     fn random_weight(name: &str, shape: &[usize]) -> Vec<f32> {
-        let mut s = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        }) | 1;
-        let n: usize = shape.iter().product();
+        });
         let gain = name.contains("norm") || name.contains("ln_");
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                if gain {
-                    1.0 + 0.2 * u
-                } else {
-                    0.1 * u
-                }
-            })
+        crate::quantize::tests::random(shape.iter().product(), seed)
+            .into_iter()
+            .map(|u| if gain { 1.0 + 0.2 * u } else { 0.1 * u })
             .collect()
     }
 

@@ -10,6 +10,8 @@
 //! same computation: here `RopeAppend` always runs.
 
 use crate::ir::DType;
+use crate::ops::gelu::gelu_tanh;
+use crate::ops::linear::silu;
 use crate::plan::{BufType, Epilogue, Launch, Plan, Rows};
 
 /// A weight's values by name, dequantized to f32, with its shape.
@@ -31,17 +33,9 @@ pub struct PlanInterpreter<'p> {
     past: usize,
 }
 
+/// `x` rounded to bf16, as a kernel stores it.
 fn bf(x: f32) -> f32 {
-    half::bf16::from_f32(x).to_f32()
-}
-
-fn silu(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
-}
-
-fn gelu_tanh(g: f32) -> f32 {
-    let k = 2.0 * (2.0 / std::f32::consts::PI).sqrt();
-    g / (1.0 + (-(k * (g + 0.044715 * g * g * g))).exp())
+    crate::cpu::elementwise::round_to(DType::BF16, x)
 }
 
 /// `bf16(w · bf16(x · r))` of one row, `r = 1/√(mean(x²) + eps)` (rmsnorm.cu's rounding).

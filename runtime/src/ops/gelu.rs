@@ -16,7 +16,7 @@ pub(super) fn infer(x: &TensorType) -> Result<TensorType, String> {
 
 /// `g · 1/(e^-z + 1)`, `z = 2√(2/π) · (g + 0.044715 · g³)`, in the order the model files write
 /// it.
-pub(super) fn gelu_tanh(g: f32) -> f32 {
+pub(crate) fn gelu_tanh(g: f32) -> f32 {
     let k = 2.0 * (2.0 / std::f32::consts::PI).sqrt();
     let z = k * (g + 0.044715 * (g * g * g));
     g * (1.0 / ((-z).exp() + 1.0))

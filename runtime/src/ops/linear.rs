@@ -118,7 +118,7 @@ fn linear(x: Tensor, w: Tensor) -> Result<Tensor, String> {
 }
 
 /// `silu(g) = g · 1/(e^-g + 1)`, as the model file writes it.
-fn silu(g: f32) -> f32 {
+pub(crate) fn silu(g: f32) -> f32 {
     g * (1.0 / ((-g).exp() + 1.0))
 }
 
